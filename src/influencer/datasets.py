@@ -1,0 +1,121 @@
+"""Real data sets that ship with scikit-learn or are generated offline, split and scaled.
+
+Every loader returns a :class:`Split` of tensors with a fixed, seeded train/test split, so
+experiments and tests are reproducible without any download.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import Tensor
+
+
+@dataclass(frozen=True)
+class Split:
+    """A train/test split. Inputs ``(n, ...)`` floating, labels ``(n,)`` int64."""
+
+    name: str
+    x_train: Tensor
+    y_train: Tensor
+    x_test: Tensor
+    y_test: Tensor
+    classes: tuple[str, ...]
+    feature_names: tuple[str, ...] = ()
+
+    @property
+    def train(self) -> tuple[Tensor, Tensor]:
+        return self.x_train, self.y_train
+
+    @property
+    def test(self) -> tuple[Tensor, Tensor]:
+        return self.x_test, self.y_test
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+
+def _split(
+    name: str,
+    x: np.ndarray,
+    y: np.ndarray,
+    test_fraction: float,
+    seed: int,
+    dtype: torch.dtype | None,
+    classes: tuple[str, ...],
+    feature_names: tuple[str, ...] = (),
+    standardize: bool = False,
+) -> Split:
+    if not 0.0 < test_fraction < 1.0:
+        raise ValueError(f"test_fraction must be in (0, 1), got {test_fraction}")
+    rng = np.random.default_rng(seed)
+    order = rng.permutation(len(x))
+    n_test = int(round(test_fraction * len(x)))
+    test, train = order[:n_test], order[n_test:]
+    x = x.astype(np.float64)
+    if standardize:  # statistics of the training part only
+        mean, std = x[train].mean(0), x[train].std(0)
+        x = (x - mean) / np.where(std > 0, std, 1.0)
+    dt = dtype or torch.get_default_dtype()
+
+    def t(a: np.ndarray) -> Tensor:
+        return torch.from_numpy(np.ascontiguousarray(a)).to(dt)
+
+    def lab(a: np.ndarray) -> Tensor:
+        return torch.from_numpy(np.ascontiguousarray(a)).to(torch.int64)
+
+    return Split(name, t(x[train]), lab(y[train]), t(x[test]), lab(y[test]), classes, feature_names)
+
+
+def load_digits(
+    test_fraction: float = 0.25, seed: int = 0, images: bool = False, dtype: torch.dtype | None = None
+) -> Split:
+    """scikit-learn's 1,797 handwritten digits, pixels scaled to [0, 1].
+
+    ``images=True`` gives ``(n, 1, 8, 8)`` for CNNs; otherwise flat ``(n, 64)``.
+    """
+    from sklearn.datasets import load_digits as sk
+
+    d = sk()
+    x = d.data / 16.0
+    if images:
+        x = x.reshape(-1, 1, 8, 8)
+    return _split("digits", x, d.target, test_fraction, seed, dtype, tuple(str(c) for c in range(10)))
+
+
+def load_tabular(
+    name: str, test_fraction: float = 0.25, seed: int = 0, dtype: torch.dtype | None = None
+) -> Split:
+    """``breast_cancer``, ``wine`` or ``iris`` from scikit-learn, standardised on the training part."""
+    from sklearn import datasets
+
+    loaders = {
+        "breast_cancer": datasets.load_breast_cancer,
+        "wine": datasets.load_wine,
+        "iris": datasets.load_iris,
+    }
+    if name not in loaders:
+        raise ValueError(f"unknown data set {name!r}; choose from {sorted(loaders)}")
+    d = loaders[name]()
+    return _split(
+        name, d.data, d.target, test_fraction, seed, dtype,
+        tuple(str(c) for c in d.target_names), tuple(str(f) for f in d.feature_names), standardize=True,
+    )
+
+
+def load_mnist1d(
+    num_samples: int = 4000, test_fraction: float = 0.2, seed: int = 0, dtype: torch.dtype | None = None
+) -> Split:
+    """MNIST-1D (Greydanus 2020), generated procedurally (no download): ``(n, 40)`` signals, 10 classes."""
+    from mnist1d.data import get_dataset_args, make_dataset
+
+    args = get_dataset_args()
+    args.num_samples = num_samples
+    args.seed = seed
+    d = make_dataset(args)
+    x = np.concatenate([d["x"], d["x_test"]])
+    y = np.concatenate([d["y"], d["y_test"]])
+    return _split("mnist1d", x, y, test_fraction, seed, dtype, tuple(str(c) for c in range(10)))

@@ -1,0 +1,58 @@
+"""The interface every inverse-Hessian estimator shares.
+
+An :class:`Estimator` is a frozen, validated configuration. ``fit(curvature)`` does the expensive
+work once (a dense factorisation, a Krylov basis, a scale estimate) and returns a :class:`Solver`
+whose ``solve(V)`` applies ``(H + damping * I)^-1`` to each row of ``V`` ``(k, p)``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from abc import ABC, abstractmethod
+from typing import Any, ClassVar
+
+from torch import Tensor
+
+from influencer.curvature import Curvature
+from influencer.errors import ConfigError
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Estimator(ABC):
+    """Configuration of an inverse-Hessian method. ``damping`` lambda >= 0 adds ``lambda * I`` to H."""
+
+    damping: float = 0.0
+    name: ClassVar[str] = "estimator"
+
+    def __post_init__(self) -> None:
+        if not (isinstance(self.damping, (int, float)) and math.isfinite(self.damping) and self.damping >= 0):
+            raise ConfigError(
+                f"{type(self).__name__}: damping must be a finite number >= 0, got {self.damping!r}"
+            )
+
+    @abstractmethod
+    def fit(self, curvature: Curvature) -> Solver:
+        """Prepare to apply ``(H + damping I)^-1`` for the curvature ``H``."""
+
+    def settings(self) -> dict[str, Any]:
+        """JSON-able settings, e.g. for cache fingerprints and reports."""
+        return {"estimator": self.name, **dataclasses.asdict(self)}
+
+
+class Solver(ABC):
+    """A fitted estimator: applies the (approximate) damped inverse Hessian."""
+
+    info: dict[str, Any]
+
+    @abstractmethod
+    def solve(self, vectors: Tensor) -> Tensor:
+        """``(H + damping I)^-1 v`` for each row of ``vectors`` ``(k, p)``; returns ``(k, p)``."""
+
+
+def require_positive(name: str, value: float, minimum: float = 0.0, integer: bool = False) -> None:
+    """Raise :class:`ConfigError` unless ``value > minimum`` (and an int when ``integer``)."""
+    if integer and not isinstance(value, int):
+        raise ConfigError(f"{name} must be an integer, got {value!r}")
+    if not (isinstance(value, (int, float)) and math.isfinite(value) and value > minimum):
+        raise ConfigError(f"{name} must be a finite number > {minimum}, got {value!r}")

@@ -1,0 +1,244 @@
+"""A model and its task as pure functions of one flat parameter vector theta ``(p,)``.
+
+Everything differentiable in the library goes through :class:`ModelFunction`:
+
+* per-example gradients: ``vmap(grad(.))`` over a batch -> ``(B, p)``;
+* Hessian-vector products: forward-over-reverse, ``jvp(grad(.))``, vmapped over ``(k, p)`` vectors;
+* Gauss-Newton-vector products: ``J^T H_out J v`` via ``jvp``, an output-space HVP and ``vjp``.
+
+Working on a flat theta keeps every estimator a plain linear-algebra routine on ``(k, p)`` tensors.
+Only the chosen parameters are in theta; the rest of the module's parameters and buffers are held
+fixed. The module itself is never mutated: its state is passed to ``functional_call``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call, grad, jvp, vjp, vmap
+from torch.utils._pytree import tree_map
+
+from influencer.data import batch_size_of, to_device
+from influencer.errors import TaskError
+from influencer.task import Batch, Task
+
+
+class _Bound(nn.Module):
+    """Runs ``fn(model, *args)`` so that ``functional_call`` can swap the model's state."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, fn: Callable[..., Any], *args: Any) -> Any:
+        return fn(self.model, *args)
+
+
+def select_parameters(model: nn.Module, params: Sequence[str] | str | None) -> list[str]:
+    """Names of the parameters influence is computed over.
+
+    ``None``: every parameter with ``requires_grad``. Otherwise each entry is a parameter name
+    (``"fc.weight"``) or a module prefix (``"fc"`` selects ``fc.weight`` and ``fc.bias``).
+    """
+    named = dict(model.named_parameters())
+    if not named:
+        raise TaskError("the model has no parameters")
+    if params is None:
+        names = [n for n, p in named.items() if p.requires_grad]
+        if not names:
+            raise TaskError("no parameter requires grad; pass params=[...] to choose which to use")
+        return names
+    wanted = [params] if isinstance(params, str) else list(params)
+    names = []
+    for w in wanted:
+        hits = [n for n in named if n == w or n.startswith(w + ".")]
+        if not hits:
+            raise TaskError(f"no parameter or module named {w!r}; the model has: {', '.join(named)}")
+        names.extend(h for h in hits if h not in names)
+    return names
+
+
+class ModelFunction:
+    """``model`` + ``task`` as functions of flat parameters ``theta`` of length ``p``."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        task: Task,
+        params: Sequence[str] | str | None = None,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        model.eval()  # influence is defined for the deterministic (inference-mode) model
+        self.model = model
+        self.task = task
+        self.bound = _Bound(model)
+        self.names = select_parameters(model, params)
+        named = dict(model.named_parameters())
+        first = named[self.names[0]]
+        self.device = torch.device(device) if device is not None else first.device
+        self.dtype = dtype if dtype is not None else first.dtype
+
+        def place(t: Tensor) -> Tensor:
+            t = t.detach().to(self.device)
+            return t.to(self.dtype) if t.is_floating_point() else t
+
+        # The full state (params + buffers) is passed to functional_call, so the module's own
+        # tensors are never read and the module can stay where it is.
+        self.fixed = {
+            "model." + n: place(t) for n, t in [*named.items(), *model.named_buffers()] if n not in self.names
+        }
+        self.fixed_param_keys = ["model." + n for n in named if n not in self.names]
+        self.shapes = [tuple(named[n].shape) for n in self.names]
+        self.numels = [math.prod(s) for s in self.shapes]
+        self.theta0 = torch.cat([place(named[n]).reshape(-1) for n in self.names])
+        self.p = int(self.theta0.numel())
+
+    # ---- parameters ---------------------------------------------------------------------------
+
+    def unflatten(self, theta: Tensor) -> dict[str, Tensor]:
+        """Flat ``(p,)`` -> ``{name: tensor}`` for the chosen parameters."""
+        parts = torch.split(theta, self.numels)
+        return {n: t.view(s) for n, t, s in zip(self.names, parts, self.shapes, strict=True)}
+
+    def state(self, theta: Tensor) -> dict[str, Tensor]:
+        return {**self.fixed, **{"model." + n: t for n, t in self.unflatten(theta).items()}}
+
+    def param_dict(self, theta: Tensor) -> dict[str, Tensor]:
+        """All model parameters (chosen ones from ``theta``) as the regulariser sees them."""
+        fixed = {k[len("model.") :]: self.fixed[k] for k in self.fixed_param_keys}
+        return {**fixed, **self.unflatten(theta)}
+
+    def load_into(self, theta: Tensor) -> None:
+        """Copy ``theta`` into the module's parameters (e.g. after an influence update)."""
+        named = dict(self.model.named_parameters())
+        with torch.no_grad():
+            for n, t in self.unflatten(theta).items():
+                named[n].copy_(t.to(named[n].device, named[n].dtype))
+
+    def cast(self, dtype: torch.dtype) -> ModelFunction:
+        """A copy that computes in ``dtype`` (e.g. float64 for exact references)."""
+        other = object.__new__(ModelFunction)
+        other.__dict__.update(self.__dict__)
+        other.dtype = dtype
+        other.fixed = {k: v.to(dtype) if v.is_floating_point() else v for k, v in self.fixed.items()}
+        other.theta0 = self.theta0.to(dtype)
+        return other
+
+    def prepare(self, batch: Batch) -> Batch:
+        """Move a batch to this function's device and floating dtype."""
+        return to_device(batch, self.device, self.dtype)
+
+    # ---- scalar functions of theta --------------------------------------------------------------
+
+    def _call(self, method: Callable[..., Any], theta: Tensor, *args: Any) -> Any:
+        return functional_call(self.bound, self.state(theta), (method, *args))
+
+    def loss(self, theta: Tensor, batch: Batch) -> Tensor:
+        """Per-example training loss ``(B,)``."""
+        return self._call(self.task.loss, theta, batch)
+
+    def measurement(self, theta: Tensor, batch: Batch) -> Tensor:
+        """Per-example test measurement ``(B,)``."""
+        return self._call(self.task.measurement, theta, batch)
+
+    def outputs(self, theta: Tensor, batch: Batch) -> Tensor:
+        return self._call(self.task.outputs, theta, batch)
+
+    def regularizer(self, theta: Tensor) -> Tensor:
+        r = self.task.regularizer(self.param_dict(theta))
+        return torch.as_tensor(r, dtype=theta.dtype, device=theta.device)
+
+    def objective(self, theta: Tensor, batch: Batch, weight: float) -> Tensor:
+        """``weight * sum_i (loss_i + Omega)`` over the batch; with weight 1/n, batches sum to J."""
+        losses = self.loss(theta, batch)
+        return weight * (losses.sum() + losses.shape[0] * self.regularizer(theta))
+
+    def check(self, batch: Batch) -> None:
+        """Validate the task's outputs on a real batch; raise :class:`TaskError` naming the fix."""
+        b = batch_size_of(batch)
+        with torch.no_grad():
+            for name, fn in (("loss", self.loss), ("measurement", self.measurement)):
+                out = fn(self.theta0, batch)
+                if not isinstance(out, Tensor):
+                    raise TaskError(f"Task.{name} must return a tensor, got {type(out).__name__}")
+                if out.shape != (b,):
+                    hint = (
+                        " It looks reduced: compute it with reduction='none'."
+                        if out.ndim == 0
+                        else " Sum or average any per-output dimensions so each example has one value."
+                    )
+                    raise TaskError(
+                        f"Task.{name} must return one value per example, shape ({b},), for a batch of "
+                        f"{b}; got shape {tuple(out.shape)}.{hint}"
+                    )
+                if not out.is_floating_point():
+                    raise TaskError(f"Task.{name} must return floating values, got {out.dtype}")
+                if not torch.isfinite(out).all():
+                    raise TaskError(
+                        f"Task.{name} is not finite for some examples of the first batch "
+                        "(NaN or inf): check the inputs and the model's weights"
+                    )
+            reg = self.regularizer(self.theta0)
+            if reg.ndim != 0 or not torch.isfinite(reg):
+                raise TaskError(f"Task.regularizer must return a finite scalar, got {reg}")
+
+    # ---- derivatives ---------------------------------------------------------------------------
+
+    def _per_example(self, fn: Callable[[Tensor, Batch], Tensor], theta: Tensor, batch: Batch) -> Tensor:
+        def single(t: Tensor, example: Batch) -> Tensor:
+            one = tree_map(lambda x: x.unsqueeze(0) if isinstance(x, Tensor) else x, example)
+            return fn(t, one).sum()
+
+        return vmap(grad(single), in_dims=(None, 0))(theta, batch)
+
+    def loss_grads(self, theta: Tensor, batch: Batch) -> Tensor:
+        """Per-example gradients of ``loss_i + Omega`` (the i-th term of the objective), ``(B, p)``."""
+        g = self._per_example(self.loss, theta, batch)
+        reg_grad = grad(self.regularizer)(theta)
+        return g + reg_grad
+
+    def measurement_grads(self, theta: Tensor, batch: Batch) -> Tensor:
+        """Per-example gradients of the test measurement, ``(B, p)`` (no regulariser)."""
+        return self._per_example(self.measurement, theta, batch)
+
+    def hvp(self, theta: Tensor, batch: Batch, vectors: Tensor, weight: float) -> Tensor:
+        """``(weight * Hessian of sum_i (loss_i + Omega)) @ v`` for each row v of ``(k, p)``."""
+        g = grad(lambda t: self.objective(t, batch, weight))
+
+        def one(v: Tensor) -> Tensor:
+            return jvp(g, (theta,), (v,))[1]
+
+        return vmap(one)(vectors)
+
+    def ggn_vp(self, theta: Tensor, batch: Batch, vectors: Tensor, weight: float) -> Tensor:
+        """Generalised Gauss-Newton ``J^T H_out J v`` (+ exact regulariser Hessian), ``(k, p)``.
+
+        Positive semi-definite whenever the loss is convex in the outputs (cross-entropy, squared
+        error, smooth hinge), unlike the Hessian of a non-convex network.
+        """
+        if not self.task.supports_gauss_newton:
+            raise TaskError(
+                "Gauss-Newton curvature needs a task that defines outputs(model, batch) and "
+                "output_loss(outputs, batch) instead of overriding loss(); or use curvature='hessian'"
+            )
+
+        def out_fn(t: Tensor) -> Tensor:
+            return self.outputs(t, batch)
+
+        def out_loss(o: Tensor) -> Tensor:
+            return weight * self.task.output_loss(o, batch).sum()
+
+        outputs, pullback = vjp(out_fn, theta)
+        reg_grad = grad(lambda t: weight * batch_size_of(batch) * self.regularizer(t))
+
+        def one(v: Tensor) -> Tensor:
+            jv = jvp(out_fn, (theta,), (v,))[1]
+            hjv = jvp(grad(out_loss), (outputs,), (jv,))[1]
+            return pullback(hjv)[0] + jvp(reg_grad, (theta,), (v,))[1]
+
+        return vmap(one)(vectors)

@@ -1,0 +1,238 @@
+"""The influence engine: training examples' influence on a model's test predictions.
+
+Usage::
+
+    inf = Influence(model, ClassificationTask(weight_decay=1e-3), train=(X, y), estimator=CG(damping=1e-3))
+    inf.fit()                                # curvature + inverse-Hessian estimator
+    s = inf.scores((X_test, y_test))         # (m, n); positive = helpful (see influencer.scores)
+    top = top_k(s, k=5)                      # most helpful / harmful training ids per test example
+
+Scores are computed the efficient way round: one inverse-HVP per *test* example
+(``s_test = H^-1 grad f(test)``), then a stream of training-gradient chunks, each ``(c, p)``,
+dotted with ``s_test``. The ``n x p`` gradient matrix is never held in memory.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.func import grad
+
+from influencer.curvature import Curvature, CurvatureKind
+from influencer.data import Examples, as_examples
+from influencer.errors import ConfigError, DataError, NonFiniteError
+from influencer.estimators import CG, Estimator, Solver
+from influencer.functional import ModelFunction
+from influencer.progress import progress_bar
+from influencer.scores import removal_scores, up_loss_from_scores
+from influencer.task import Task
+
+
+class Influence:
+    """Influence functions for ``model`` trained with ``task`` on ``train``.
+
+    Args:
+        model: the trained ``nn.Module`` (put in eval mode; its weights are never modified).
+        task: per-example loss, measurement and regulariser (:mod:`influencer.task`).
+        train: the training data, in any form :func:`influencer.data.as_examples` accepts, in the
+            order that defines training ids.
+        estimator: inverse-Hessian method (default ``CG()``, undamped).
+        curvature: ``"hessian"`` or ``"gauss_newton"`` (positive semi-definite for non-convex nets).
+        params: parameter names or module prefixes to compute influence over (default: all).
+        hessian_indices: training ids the curvature is estimated on (default: all); see
+            :mod:`influencer.samplers` for representative subsets.
+        batch_size: examples per chunk for per-example gradients.
+        hessian_batch_size: examples per chunk for Hessian-vector products.
+        solve_batch: right-hand sides per inverse-HVP call (bounds memory for many test points).
+        device: where to compute (``"cpu"``, ``"cuda"``, ...); default the model's device.
+        dtype: compute dtype (e.g. ``torch.float64``); default the model's.
+        progress: show progress bars.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        task: Task,
+        train: Any,
+        *,
+        estimator: Estimator | None = None,
+        curvature: CurvatureKind = "hessian",
+        params: Sequence[str] | str | None = None,
+        hessian_indices: Sequence[int] | Tensor | None = None,
+        batch_size: int = 128,
+        hessian_batch_size: int = 512,
+        solve_batch: int = 256,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+        progress: bool = False,
+    ) -> None:
+        if min(batch_size, hessian_batch_size, solve_batch) < 1:
+            raise ConfigError("batch_size, hessian_batch_size and solve_batch must be >= 1")
+        if not isinstance(task, Task):
+            raise ConfigError(f"task must be an influencer.Task, got {type(task).__name__}")
+        self.fn = ModelFunction(model, task, params, device, dtype)
+        self.train = as_examples(train)
+        self.estimator = estimator if estimator is not None else CG()
+        if not isinstance(self.estimator, Estimator):
+            raise ConfigError(
+                f"estimator must be an influencer Estimator, got {type(self.estimator).__name__}"
+            )
+        self.curvature_kind = curvature
+        self.hessian_indices = hessian_indices
+        self.batch_size = batch_size
+        self.hessian_batch_size = hessian_batch_size
+        self.solve_batch = solve_batch
+        self.progress = progress
+        self.curvature: Curvature | None = None
+        self._solver: Solver | None = None
+        self._reg_grad = grad(self.fn.regularizer)(self.theta)
+
+    # ---- basic facts ---------------------------------------------------------------------------
+
+    @property
+    def n(self) -> int:
+        """Number of training examples (the 1/n in every score)."""
+        return len(self.train)
+
+    @property
+    def p(self) -> int:
+        """Number of parameters influence is computed over."""
+        return self.fn.p
+
+    @property
+    def theta(self) -> Tensor:
+        """The trained parameters, flat ``(p,)``."""
+        return self.fn.theta0
+
+    @property
+    def device(self) -> torch.device:
+        return self.fn.device
+
+    @property
+    def solver(self) -> Solver:
+        if self._solver is None:
+            raise ConfigError("call fit() before computing influence")
+        return self._solver
+
+    def fit(self) -> Influence:
+        """Check the task on real data, build the curvature and fit the estimator."""
+        self.fn.check(self.fn.prepare(self.train.take(torch.arange(min(2, self.n)))))
+        self.curvature = Curvature(
+            self.fn,
+            self.theta,
+            self.train,
+            self.hessian_indices,
+            self.curvature_kind,
+            self.hessian_batch_size,
+            progress=self.progress,
+        )
+        self._solver = self.estimator.fit(self.curvature)
+        return self
+
+    # ---- gradients -----------------------------------------------------------------------------
+
+    def _examples(self, data: Any) -> Examples:
+        ex = as_examples(data)
+        if ex is not self.train and ex.example_spec() != self.train.example_spec():
+            mine = ", ".join(f"{tuple(s)} {d}" for s, d in self.train.example_spec())
+            theirs = ", ".join(f"{tuple(s)} {d}" for s, d in ex.example_spec())
+            raise DataError(
+                f"these examples do not match the training data: each training example has tensors "
+                f"[{mine}] (shape per example, dtype) but these have [{theirs}]. Pass data "
+                "preprocessed the same way as the training set"
+            )
+        return ex
+
+    def _checked(self, g: Tensor, idx: Tensor, what: str) -> Tensor:
+        bad = ~torch.isfinite(g).all(dim=1)
+        if bad.any():
+            ids = idx[bad.cpu()][:10].tolist()
+            raise NonFiniteError(
+                f"the {what} gradient is NaN or infinite for example(s) {ids}: check those inputs, "
+                "the loss (e.g. log of 0) and the model's weights; use float64 if it overflows"
+            )
+        return g
+
+    def train_gradients(
+        self, indices: Sequence[int] | Tensor | None = None, desc: str = "training gradients"
+    ) -> Iterator[tuple[Tensor, Tensor]]:
+        """Yield ``(ids, G)`` chunks of per-example objective gradients ``g_i``, ``G`` ``(c, p)``."""
+        idx = self.train.check_indices(indices)
+        chunks = self.train.chunks(self.batch_size, idx)
+        total = -(-len(idx) // self.batch_size)
+        for ids, batch in progress_bar(chunks, desc, self.progress, total=total, unit="batch"):
+            g = self.fn.loss_grads(self.theta, self.fn.prepare(batch))
+            yield ids, self._checked(g, ids, "training-loss")
+
+    def gradients(self, data: Any, kind: str = "measurement") -> Tensor:
+        """Per-example gradients ``(m, p)`` of the measurement (default) or of ``loss + Omega``."""
+        if kind not in ("measurement", "loss"):
+            raise ConfigError(f"kind must be 'measurement' or 'loss', got {kind!r}")
+        ex = self._examples(data)
+        method = self.fn.measurement_grads if kind == "measurement" else self.fn.loss_grads
+        out = []
+        for ids, batch in ex.chunks(self.batch_size):
+            out.append(self._checked(method(self.theta, self.fn.prepare(batch)), ids, kind))
+        return torch.cat(out)
+
+    # ---- inverse HVPs --------------------------------------------------------------------------
+
+    def inverse_hvp(self, vectors: Tensor) -> Tensor:
+        """``(H + damping I)^-1 v`` for each row of ``(k, p)``, in chunks of ``solve_batch``."""
+        v = vectors.reshape(-1, self.p).to(self.theta)
+        parts = [
+            self.solver.solve(v[i : i + self.solve_batch])
+            for i in progress_bar(
+                range(0, len(v), self.solve_batch),
+                "inverse HVPs",
+                self.progress and len(v) > self.solve_batch,
+            )
+        ]
+        return torch.cat(parts).reshape(vectors.shape)
+
+    def test_directions(self, test: Any) -> Tensor:
+        """``s_test = H^-1 grad f(z_test)`` for each test example, ``(m, p)``."""
+        return self.inverse_hvp(self.gradients(test, "measurement"))
+
+    # ---- influence -----------------------------------------------------------------------------
+
+    def scores(self, test: Any, train_indices: Sequence[int] | Tensor | None = None) -> Tensor:
+        """Removal scores ``(m, c)`` of training examples (default all) on each test example.
+
+        Positive = helpful, negative = harmful (see :mod:`influencer.scores`).
+        """
+        directions = self.test_directions(test)
+        return self.scores_from_directions(directions, train_indices)
+
+    def scores_from_directions(
+        self, directions: Tensor, train_indices: Sequence[int] | Tensor | None = None
+    ) -> Tensor:
+        """Scores ``(m, c)`` from precomputed ``s_test`` directions ``(m, p)``."""
+        cols = [removal_scores(directions, g, self.n) for _, g in self.train_gradients(train_indices)]
+        return torch.cat(cols, dim=1)
+
+    def influence_up_loss(self, test: Any, train_indices: Sequence[int] | Tensor | None = None) -> Tensor:
+        """The paper's ``I_up,loss`` ``(m, c)`` = ``-grad f(test)^T H^-1 g_i`` (unscaled)."""
+        return up_loss_from_scores(self.scores(test, train_indices), self.n)
+
+    def influence_up_params(self, train_indices: Sequence[int] | Tensor) -> Tensor:
+        """The paper's ``I_up,params`` ``(c, p)`` = ``-H^-1 g_i``: d theta / d(up-weight of z_i)."""
+        return torch.cat([-self.inverse_hvp(g) for _, g in self.train_gradients(train_indices)])
+
+    def removal_params(self, train_indices: Sequence[int] | Tensor) -> Tensor:
+        """Predicted parameter change ``(1/n) H^-1 sum_{i in S} g_i`` ``(p,)`` if ids S are removed."""
+        total = torch.zeros_like(self.theta)
+        for _, g in self.train_gradients(train_indices):
+            total += g.sum(0)
+        return self.inverse_hvp(total[None])[0] / self.n
+
+    def self_influence(self, indices: Sequence[int] | Tensor | None = None) -> Tensor:
+        """Self-influence ``(c,)``: ``(1/n) grad loss(z_i)^T H^-1 g_i``, the score of z_i on itself."""
+        out = []
+        for _, g in self.train_gradients(indices, desc="self-influence"):
+            loss_grad = g - self._reg_grad  # g_i includes grad Omega; the loss itself does not
+            out.append((loss_grad * self.inverse_hvp(g)).sum(1) / self.n)
+        return torch.cat(out)
