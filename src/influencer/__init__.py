@@ -16,7 +16,7 @@ from influencer.errors import (
     NonFiniteError,
     TaskError,
 )
-from influencer.estimators import CG, Arnoldi, Estimator, Exact, Identity, LiSSA, Solver
+from influencer.estimators import CG, EKFAC, KFAC, Arnoldi, Estimator, Exact, Identity, LiSSA, Solver
 from influencer.functional import ModelFunction
 from influencer.influence import Influence
 from influencer.losses import hinge, smooth_hinge
@@ -27,6 +27,8 @@ __version__ = "0.1.0"
 
 __all__ = [
     "CG",
+    "EKFAC",
+    "KFAC",
     "Arnoldi",
     "ClassificationTask",
     "ConfigError",

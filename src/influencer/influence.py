@@ -136,7 +136,12 @@ class Influence:
 
     def _examples(self, data: Any) -> Examples:
         ex = as_examples(data)
-        if ex is not self.train and ex.example_spec() != self.train.example_spec():
+
+        def kinds(e: Examples) -> list[tuple[tuple[int, ...], bool]]:
+            # Floating precision may differ (batches are cast to the compute dtype); kind may not.
+            return [(s, d.is_floating_point) for s, d in e.example_spec()]
+
+        if ex is not self.train and kinds(ex) != kinds(self.train):
             mine = ", ".join(f"{tuple(s)} {d}" for s, d in self.train.example_spec())
             theirs = ", ".join(f"{tuple(s)} {d}" for s, d in ex.example_spec())
             raise DataError(

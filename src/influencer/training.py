@@ -145,3 +145,23 @@ def train_minibatch(
         history.append(total / len(data))
     model.eval()
     return history
+
+
+def train_lbfgs(
+    model: torch.nn.Module,
+    task: Task,
+    train: Any,
+    *,
+    params: Sequence[str] | str | None = None,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype | None = None,
+    **options: Any,
+) -> torch.nn.Module:
+    """Train ``model`` in place to the optimum of ``mean loss + Omega`` (see :func:`fit_lbfgs`).
+
+    ``params`` limits training to some parameters (the rest stay fixed); ``options`` go to
+    :func:`fit_lbfgs`. Returns the model, in eval mode.
+    """
+    fn = ModelFunction(model, task, params, device, dtype)
+    fn.load_into(fit_lbfgs(fn, as_examples(train), **options))
+    return model

@@ -3,8 +3,10 @@
 from influencer.estimators.arnoldi import Arnoldi
 from influencer.estimators.base import Estimator, Solver
 from influencer.estimators.cg import CG
+from influencer.estimators.ekfac import EKFAC
 from influencer.estimators.exact import Exact
 from influencer.estimators.identity import Identity
+from influencer.estimators.kfac import KFAC
 from influencer.estimators.lissa import LiSSA
 
-__all__ = ["CG", "Arnoldi", "Estimator", "Exact", "Identity", "LiSSA", "Solver"]
+__all__ = ["CG", "EKFAC", "KFAC", "Arnoldi", "Estimator", "Exact", "Identity", "LiSSA", "Solver"]

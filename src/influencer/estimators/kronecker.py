@@ -1,0 +1,498 @@
+"""Shared machinery of the Kronecker-factored estimators (K-FAC, EK-FAC).
+
+The curvature is approximated layer by layer (block-diagonal across layers). A layer maps inputs
+``a`` to pre-activations ``s = W a (+ b)``; with the bias as an extra input column of ones, its
+parameters form one ``(d_out, d_in)`` matrix ``[W | b]`` and a backpropagated output direction
+gives the per-example gradient ``sum_t g_t a_t^T`` over the layer's positions ``t`` (one for a
+dense input; every output pixel of a convolution, Grosse & Martens 2016; every token of a
+sequence). The Gauss-Newton block of the layer is then approximated by ``S ⊗ A`` with
+
+    A = (1/P) sum_{i,t} a_it a_it^T    (d_in, d_in): mean over all P (example, position) rows,
+    S = (1/m) sum_{i,t} g_it g_it^T    (d_out, d_out): mean over the m examples, summed over positions,
+
+so ``S ⊗ A`` has the scale of the per-example curvature (``T E[aa^T] ⊗ E[gg^T]`` for T positions,
+the "expand" convention of KFC, Grosse et al. 2023 and Eschenhagen et al. 2023). Flat parameters
+are stored row-major, so the block acts as ``X -> S X A^T`` on ``X`` ``(d_out, d_in)``.
+
+The output directions ``g`` are backpropagated from the model's outputs (see ``fisher`` below);
+activations and output gradients are captured by forward hooks and tensor hooks while the model
+runs under ``functional_call``, one chunk of examples at a time.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import math
+import warnings
+from collections.abc import Iterator
+from typing import Any, ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.func import functional_call, grad, jvp, vmap
+
+from influencer.curvature import Curvature
+from influencer.errors import ConfigError, IndefiniteHessianError
+from influencer.estimators.base import Estimator, Solver, require_positive
+from influencer.functional import ModelFunction
+from influencer.progress import progress_bar
+
+FISHERS = ("exact", "sampled", "empirical")
+_MAX_OUTPUTS = 1024  # the exact/sampled output-Hessian factor is (B, D, D)
+
+
+# ---- layers ------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Layer:
+    """One ``nn.Linear`` or ``nn.Conv2d`` whose weight and/or bias are among the chosen parameters.
+
+    ``index`` ``(d_out * d_in,)``: positions in flat theta such that ``theta[index].view(d_out,
+    d_in)`` is ``[W | b]`` (weight flattened to ``(d_out, fan_in)``, then the bias column).
+    """
+
+    name: str
+    module: nn.Module
+    index: Tensor
+    d_out: int
+    d_in: int
+    weight: bool  # the weight is chosen (else only the bias column is modelled)
+    bias: bool
+
+    def inputs(self, x: Tensor, batch: int) -> Tensor:
+        """Layer input -> activation rows ``(B, T, d_in)`` (patches for a convolution)."""
+        m = self.module
+        if x.ndim < 2 or x.shape[0] != batch:
+            raise ConfigError(
+                f"layer {self.name!r} got an input of shape {tuple(x.shape)} for a batch of {batch} "
+                "examples; K-FAC needs the batch dimension first in every chosen layer's input"
+            )
+        if isinstance(m, nn.Conv2d):
+            if x.ndim != 4:
+                raise ConfigError(f"conv layer {self.name!r} needs (B, C, H, W) inputs, got {tuple(x.shape)}")
+            pad = m._reversed_padding_repeated_twice  # covers 'same' (possibly asymmetric) and ints
+            if any(pad):
+                x = F.pad(x, pad, mode="constant" if m.padding_mode == "zeros" else m.padding_mode)
+            rows = F.unfold(x, m.kernel_size, dilation=m.dilation, stride=m.stride).transpose(1, 2)
+        else:
+            rows = x.reshape(batch, -1, x.shape[-1])
+        rows = rows.detach()
+        if not self.weight:
+            rows = rows[..., :0]
+        if self.bias:
+            return torch.cat([rows, rows.new_ones(*rows.shape[:-1], 1)], dim=-1)
+        # A copy, so that the model editing its input in place later cannot change what was seen.
+        return rows.clone() if isinstance(m, nn.Linear) else rows
+
+    def output_grads(self, g: Tensor, batch: int) -> Tensor:
+        """Gradient w.r.t. the layer output -> rows ``(B, T, d_out)`` matching :meth:`inputs`."""
+        if isinstance(self.module, nn.Conv2d):
+            return g.detach().flatten(2).transpose(1, 2)
+        return g.detach().reshape(batch, -1, g.shape[-1])
+
+
+def find_layers(fn: ModelFunction) -> list[Layer]:
+    """The supported layers covering every chosen parameter, or a :class:`ConfigError`."""
+    modules = dict(fn.model.named_modules())
+    offsets = dict(zip(fn.names, itertools.accumulate([0, *fn.numels]), strict=False))
+    chosen: dict[str, dict[str, str]] = {}
+    bad = []
+    for name in fn.names:
+        path, _, attr = name.rpartition(".")
+        module = modules.get(path)
+        if isinstance(module, (nn.Linear, nn.Conv2d)) and attr in ("weight", "bias"):
+            chosen.setdefault(path, {})[attr] = name
+        else:
+            bad.append(name)
+    if bad:
+        ok = [n for n, m in modules.items() if isinstance(m, (nn.Linear, nn.Conv2d))]
+        raise ConfigError(
+            f"K-FAC/EK-FAC model only nn.Linear and nn.Conv2d layers (weight and bias); these chosen "
+            f"parameters are not in one: {', '.join(bad)}. Choose params=[...] covering Linear/Conv2d "
+            f"layers only (this model has: {', '.join(repr(n) for n in ok) or 'none'}), or use CG, "
+            "LiSSA or Arnoldi for the other parameters"
+        )
+    owners: dict[int, dict[int, str]] = {}  # parameter -> {module: a name it has there}
+    for mname, module in fn.model.named_modules(remove_duplicate=False):
+        for pname, p in module.named_parameters(recurse=False):
+            owners.setdefault(id(p), {}).setdefault(id(module), f"{mname}.{pname}" if mname else pname)
+    named = dict(fn.model.named_parameters())
+    layers = []
+    for path, parts in chosen.items():
+        module = modules[path]
+        for n in parts.values():
+            holders = owners[id(named[n])]
+            if len(holders) > 1:
+                raise ConfigError(
+                    f"parameter {n!r} is shared by several modules ({', '.join(holders.values())}); K-FAC "
+                    "models each parameter as one layer's: leave it out of params=[...] or use CG/Arnoldi"
+                )
+        if isinstance(module, nn.Conv2d) and module.groups != 1:
+            raise ConfigError(f"conv layer {path!r} has groups={module.groups}; K-FAC supports groups=1 only")
+        d_out = module.weight.shape[0]
+        fan_in = math.prod(module.weight.shape[1:])
+        cols = []
+        if "weight" in parts:
+            w0 = offsets[parts["weight"]]
+            cols.append(w0 + torch.arange(d_out)[:, None] * fan_in + torch.arange(fan_in))
+        if "bias" in parts:
+            cols.append(offsets[parts["bias"]] + torch.arange(d_out)[:, None])
+        index = torch.cat(cols, dim=1)  # (d_out, d_in)
+        layers.append(
+            Layer(
+                path or "<model>",
+                module,
+                index.reshape(-1).to(fn.device),
+                d_out,
+                index.shape[1],
+                "weight" in parts,
+                "bias" in parts,
+            )
+        )
+    return layers
+
+
+# ---- capture -----------------------------------------------------------------------------------
+
+
+class _Capture:
+    """Hooks on the layers' modules: activation rows per call; output-gradient rows per backward."""
+
+    def __init__(self, layers: list[Layer]) -> None:
+        self.layers = layers
+        self.batch = 0
+        self.acts: list[list[Tensor]] = []
+        self.grads: list[dict[int, Tensor]] = []
+        self.handles: list[Any] = []
+
+    def __enter__(self) -> _Capture:
+        for i, layer in enumerate(self.layers):
+            self.handles.append(layer.module.register_forward_hook(self._forward(i)))
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for h in self.handles:
+            h.remove()
+
+    def start(self, batch: int) -> None:
+        self.batch = batch
+        self.acts = [[] for _ in self.layers]
+
+    def _forward(self, i: int):
+        def hook(module: nn.Module, inputs: tuple[Any, ...], output: Tensor) -> None:
+            layer, k = self.layers[i], len(self.acts[i])
+            self.acts[i].append(layer.inputs(inputs[0], self.batch))
+            if not output.requires_grad:
+                raise ConfigError(f"layer {layer.name!r} ran without autograd (torch.no_grad in the task?)")
+            # A tensor hook registered now sees the gradient of this output even if the model later
+            # modifies it in place (e.g. ReLU(inplace=True)).
+            output.register_hook(lambda g: self.grads[i].__setitem__(k, layer.output_grads(g, self.batch)))
+
+        return hook
+
+    def gradient_rows(self) -> list[list[Tensor]]:
+        """Per layer, per call: output-gradient rows ``(B, T, d_out)`` (zero if it had none)."""
+        out = []
+        for i, layer in enumerate(self.layers):
+            calls = []
+            for k, a in enumerate(self.acts[i]):
+                g = self.grads[i].get(k)
+                calls.append(g if g is not None else a.new_zeros(*a.shape[:2], layer.d_out))
+            out.append(calls)
+        return out
+
+
+def output_hessian_factor(fn: ModelFunction, outputs: Tensor, batch: Any) -> Tensor:
+    """``L`` ``(B, D, D)`` with ``L_b L_b^T`` = Hessian of ``output_loss_b`` in the ``D`` outputs.
+
+    Eigenvalues below zero (a loss non-convex in the outputs) are dropped: the Gauss-Newton
+    matrix is then its positive semi-definite part.
+    """
+    b, d = outputs.shape[0], outputs[0].numel()
+    if d > _MAX_OUTPUTS:
+        raise ConfigError(
+            f"the model has {d} outputs per example; the exact output-Hessian factor needs D x D per "
+            f"example (limit {_MAX_OUTPUTS}). Use fisher='empirical'"
+        )
+    flat = outputs.detach().reshape(b, d)
+    g = grad(lambda o: fn.task.output_loss(o.reshape(outputs.shape), batch).sum())
+    basis = torch.eye(d, dtype=flat.dtype, device=flat.device)[:, None, :].expand(d, b, d)
+    cols = vmap(lambda v: jvp(g, (flat,), (v,))[1])(basis)  # (D, B, D): column c of each H_b
+    h = cols.permute(1, 2, 0)
+    values, vectors = torch.linalg.eigh(0.5 * (h + h.mT))
+    return vectors * values.clamp_min(0).sqrt()[:, None, :]
+
+
+def sweep(
+    curvature: Curvature, layers: list[Layer], fisher: str, samples: int, seed: int, desc: str
+) -> Iterator[tuple[int, list[list[Tensor]], Iterator[tuple[list[list[Tensor]], float]]]]:
+    """For each chunk of the curvature's examples: ``(B, acts, directions)``.
+
+    ``acts[l][k]`` are the activation rows ``(B, T, d_in)`` of layer l's k-th call; iterating
+    ``directions`` runs one backward pass per output direction and yields the output-gradient rows
+    (same nesting, ``(B, T, d_out)``) with the direction's weight. The weighted sum over directions
+    of ``g g^T`` has, per example, the expectation of the chosen Fisher.
+    """
+    fn = curvature.fn
+    theta = curvature.theta.detach().requires_grad_(True)
+    gen = torch.Generator().manual_seed(seed)
+    chunks = curvature.data.chunks(curvature.batch_size, curvature.indices)
+    total = -(-curvature.n // curvature.batch_size)
+    checked = False
+    with _Capture(layers) as cap:
+        for ids, raw in progress_bar(chunks, desc, curvature.progress, total=total, unit="batch"):
+            batch = fn.prepare(raw)
+            cap.start(len(ids))
+            with torch.enable_grad():
+                method = fn.task.loss if fisher == "empirical" else fn.task.outputs
+                out = functional_call(fn.bound, fn.state(theta), (method, batch))
+            for i, layer in enumerate(layers):
+                if not cap.acts[i]:
+                    raise ConfigError(
+                        f"layer {layer.name!r} was not called by the model's forward (its weights may be "
+                        "used functionally); leave it out of params=[...] or use CG/Arnoldi"
+                    )
+            directions = _directions(fn, out, batch, fisher, samples, gen)
+
+            def run(directions=directions, out=out) -> Iterator[tuple[list[list[Tensor]], float]]:
+                nonlocal checked
+                for cot, weight, last in directions:
+                    cap.grads = [{} for _ in layers]
+                    g_theta = torch.autograd.grad(out, theta, cot, retain_graph=not last)[0]
+                    rows = cap.gradient_rows()
+                    if not checked and last:  # the last exact direction has the largest curvature
+                        check_layer_model(layers, cap.acts, rows, g_theta)
+                        checked = True
+                    yield rows, weight
+
+            yield len(ids), cap.acts, run()
+
+
+def _directions(fn: ModelFunction, out: Tensor, batch: Any, fisher: str, samples: int, gen: torch.Generator):
+    """Output cotangents ``(B, ...)`` to backpropagate, with weights: ``(cot, weight, is_last)``."""
+    if fisher == "empirical":
+        yield torch.ones_like(out), 1.0, True
+        return
+    factor = output_hessian_factor(fn, out, batch)  # (B, D, D)
+    if fisher == "sampled":
+        z = torch.randn(*factor.shape[:2], samples, generator=gen, dtype=factor.dtype).to(factor.device)
+        factor = factor @ z  # (B, D, samples): E[(L z)(L z)^T] = L L^T
+    cols = factor.shape[-1]
+    weight = 1.0 / samples if fisher == "sampled" else 1.0
+    for c in range(cols):
+        yield factor[..., c].reshape(out.shape), weight, c == cols - 1
+
+
+def check_layer_model(layers: list[Layer], acts: list[list[Tensor]], grads: list[list[Tensor]], g: Tensor):
+    """Raise unless ``sum_{i,t} g a^T`` per layer equals autograd's gradient of those parameters.
+
+    It fails when a layer's weights are also used outside its forward (tied or functional use),
+    or when its input is not batch-first: cases the layer model cannot represent.
+    """
+    for layer, a_calls, g_calls in zip(layers, acts, grads, strict=True):
+        rebuilt = sum(torch.einsum("bto,bti->oi", gr, a) for gr, a in zip(g_calls, a_calls, strict=True))
+        true = g[layer.index].view(layer.d_out, layer.d_in)
+        tol = max(1000 * torch.finfo(g.dtype).eps, 1e-9) * (float(true.norm()) + 1e-30)
+        if float((rebuilt - true).norm()) > tol:
+            raise ConfigError(
+                f"layer {layer.name!r}: gradients rebuilt from its inputs and output gradients do not "
+                "match autograd's (relative error "
+                f"{float((rebuilt - true).norm()) / (float(true.norm()) + 1e-30):.2g}). Its parameters are "
+                "probably used outside the module's forward (weight tying, F.linear on module.weight) "
+                "or its input is not batch-first; leave it out of params=[...] or use CG/Arnoldi"
+            )
+
+
+# ---- factors and eigenbases --------------------------------------------------------------------
+
+
+def covariance_factors(
+    curvature: Curvature, layers: list[Layer], fisher: str = "exact", samples: int = 1, seed: int = 0
+) -> list[tuple[Tensor, Tensor]]:
+    """Per layer ``(A (d_in, d_in), S (d_out, d_out))`` as defined in the module docstring."""
+    dtype, device = curvature.dtype, curvature.device
+    A = [torch.zeros(layer.d_in, layer.d_in, dtype=dtype, device=device) for layer in layers]
+    S = [torch.zeros(layer.d_out, layer.d_out, dtype=dtype, device=device) for layer in layers]
+    rows = [0] * len(layers)
+    n = 0
+    for b, acts, directions in sweep(curvature, layers, fisher, samples, seed, "K-FAC factors"):
+        n += b
+        for i, calls in enumerate(acts):
+            for a in calls:
+                a = a.flatten(0, 1)  # (B*T, d_in)
+                A[i] += a.T @ a
+                rows[i] += a.shape[0]
+        for grads, weight in directions:
+            for i, calls in enumerate(grads):
+                for g in calls:
+                    g = g.flatten(0, 1)  # (B*T, d_out)
+                    S[i] += weight * (g.T @ g)
+    return [(a / r, s / n) for a, s, r in zip(A, S, rows, strict=True)]
+
+
+def eigenbasis(m: Tensor) -> tuple[Tensor, Tensor]:
+    """Eigenvalues (clamped at 0: the factors are PSD) and eigenvectors of a symmetric factor."""
+    values, vectors = torch.linalg.eigh(0.5 * (m + m.T).to(torch.float64))
+    return values.clamp_min(0).to(m.dtype), vectors.to(m.dtype)
+
+
+def regularizer_curvature(fn: ModelFunction, theta: Tensor, layers: list[Layer], seed: int) -> list[float]:
+    """Per layer ``c`` with ``Hess(Omega) ~ c I`` on that layer's block; exact for L2 weight decay.
+
+    The Hessian of Omega is probed with one Gaussian vector. If it is not a multiple of the
+    identity per layer (e.g. decay on weights but not biases) each block gets its mean curvature,
+    with a warning: K-FAC's eigenbasis cannot hold a general regulariser Hessian exactly.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    v = torch.randn(theta.shape, generator=gen, dtype=theta.dtype).to(theta.device)
+    hv = jvp(grad(fn.regularizer), (theta,), (v,))[1]
+    out, residual = [], 0.0
+    for layer in layers:
+        vl, hl = v[layer.index], hv[layer.index]
+        c = float(vl @ hl) / float(vl @ vl)
+        out.append(c)
+        residual += float((hl - c * vl).pow(2).sum())
+    if residual > (1e-6 * float(hv.norm())) ** 2:
+        warnings.warn(
+            "the task's regularizer Hessian is not a multiple of the identity on each layer; K-FAC "
+            "includes it as each layer's average curvature (exact only for L2 weight decay on all "
+            "parameters of a layer)",
+            RuntimeWarning,
+            stacklevel=4,
+        )
+    return out
+
+
+# ---- configuration and solver ------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class KroneckerEstimator(Estimator):
+    """Settings shared by :class:`KFAC` and :class:`EKFAC`.
+
+    ``fisher`` chooses how the expectation over outputs is taken (both equal the Gauss-Newton
+    matrix ``J^T H_out J`` in expectation; for cross-entropy and squared error it is the true
+    Fisher of the model's predictive distribution):
+
+    * ``"exact"``: each example's output Hessian ``H_out = L L^T`` is factored and every column of
+      ``L`` is backpropagated: ``D`` backward passes per chunk for ``D`` outputs (exact expectation;
+      no sampling noise). Needs a task with ``outputs`` and ``output_loss``.
+    * ``"sampled"``: ``samples`` random directions ``L z``, ``z ~ N(0, I)``: an unbiased Monte-Carlo
+      estimate costing ``samples`` backward passes (for many outputs).
+    * ``"empirical"``: the gradient of each example's actual loss (the empirical Fisher): one
+      backward pass, works for any task, but biased away from the optimum's curvature.
+
+    The curvature is always this positive semi-definite Gauss-Newton approximation, whatever
+    ``Influence(curvature=...)`` says. The regulariser's Hessian is added per layer (exact for L2
+    weight decay, see :func:`regularizer_curvature`), then ``damping`` and ``relative_damping``
+    times the layer's mean eigenvalue (Grosse et al. 2023 use 0.1).
+    """
+
+    fisher: str = "exact"
+    samples: int = 1
+    seed: int = 0
+    relative_damping: float = 0.0
+    name: ClassVar[str] = "kronecker"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.fisher not in FISHERS:
+            raise ConfigError(f"{type(self).__name__}.fisher must be one of {FISHERS}, got {self.fisher!r}")
+        require_positive(f"{type(self).__name__}.samples", self.samples, integer=True)
+        if not isinstance(self.seed, int):
+            raise ConfigError(f"{type(self).__name__}.seed must be an integer, got {self.seed!r}")
+        if not (
+            isinstance(self.relative_damping, (int, float))
+            and math.isfinite(self.relative_damping)
+            and self.relative_damping >= 0
+        ):
+            raise ConfigError(
+                f"{type(self).__name__}.relative_damping must be a finite number >= 0, "
+                f"got {self.relative_damping!r}"
+            )
+
+    def factors(self, curvature: Curvature) -> tuple[list[Layer], list[tuple[Tensor, Tensor]]]:
+        """The layers and their ``(A, S)`` factors for this curvature's examples and parameters."""
+        if self.fisher != "empirical" and not curvature.fn.task.supports_gauss_newton:
+            raise ConfigError(
+                f"fisher={self.fisher!r} needs a task with outputs(model, batch) and output_loss(outputs, "
+                "batch) (the built-in tasks have them); for a task that overrides loss(), use "
+                "fisher='empirical'"
+            )
+        layers = find_layers(curvature.fn)
+        return layers, covariance_factors(curvature, layers, self.fisher, self.samples, self.seed)
+
+    def solver(
+        self,
+        curvature: Curvature,
+        layers: list[Layer],
+        factors: list[tuple[Tensor, Tensor]],
+        bases: list[tuple[Tensor, Tensor]],
+        values: list[Tensor],
+    ) -> KroneckerSolver:
+        reg = regularizer_curvature(curvature.fn, curvature.theta, layers, self.seed)
+        return KroneckerSolver(layers, factors, bases, values, reg, self, curvature.p)
+
+
+class KroneckerSolver(Solver):
+    """``V -> Q_S [(Q_S^T V Q_A) / (values + c + damping)] Q_A^T`` per layer block.
+
+    ``factors[l] = (A, S)``; ``bases[l] = (Q_S (d_out, d_out), Q_A (d_in, d_in))``, their
+    eigenvectors; ``values[l]`` ``(d_out, d_in)`` are the curvature's eigenvalues in that basis
+    (``d_S d_A^T`` for K-FAC, fitted ones for EK-FAC); ``c`` is the regulariser's curvature.
+    """
+
+    def __init__(
+        self,
+        layers: list[Layer],
+        factors: list[tuple[Tensor, Tensor]],
+        bases: list[tuple[Tensor, Tensor]],
+        values: list[Tensor],
+        reg: list[float],
+        config: KroneckerEstimator,
+        p: int,
+    ) -> None:
+        self.layers, self.factors, self.bases, self.p = layers, factors, bases, p
+        self.values = [v + c for v, c in zip(values, reg, strict=True)]  # curvature incl. Omega
+        self.damped = []
+        for layer, v in zip(layers, self.values, strict=True):
+            d = v + config.damping + config.relative_damping * float(v.mean())
+            lo, hi = float(d.min()), float(d.max())
+            if lo <= max(abs(hi), 1e-30) * torch.finfo(d.dtype).eps * 10:
+                raise IndefiniteHessianError(
+                    f"the {config.name} curvature of layer {layer.name!r} plus damping ({config.damping:g}) "
+                    f"is singular or indefinite: eigenvalues in [{lo:.3g}, {hi:.3g}]. Pass damping > 0 "
+                    f"(e.g. damping={max(abs(hi) * 1e-3, 1e-8):.2g}) or relative_damping (e.g. 0.1)"
+                )
+            self.damped.append(d)
+        self.info = {
+            "layers": [layer.name for layer in layers],
+            "fisher": config.fisher,
+            "regularizer_curvature": reg,
+            "min_eigenvalue": min(float(v.min()) for v in self.values),
+            "max_eigenvalue": max(float(v.max()) for v in self.values),
+        }
+
+    def solve(self, vectors: Tensor) -> Tensor:
+        v = vectors.reshape(-1, self.p).to(self.damped[0])
+        out = torch.empty_like(v)
+        k = v.shape[0]
+        for layer, (qs, qa), d in zip(self.layers, self.bases, self.damped, strict=True):
+            block = v[:, layer.index].view(k, layer.d_out, layer.d_in)
+            rotated = (qs.T @ block @ qa) / d  # (k, d_out, d_in) in the eigenbasis
+            out[:, layer.index] = (qs @ rotated @ qa.T).reshape(k, -1)
+        return out.reshape(vectors.shape).to(vectors.dtype)
+
+    def dense(self) -> Tensor:
+        """The approximated curvature (without damping) as a ``(p, p)`` matrix (small models only)."""
+        if self.p > 20_000:
+            raise ConfigError(f"dense() would build a {self.p}x{self.p} matrix; it is meant for small models")
+        ref = self.values[0]
+        m = torch.zeros(self.p, self.p, dtype=ref.dtype, device=ref.device)
+        for layer, (qs, qa), v in zip(self.layers, self.bases, self.values, strict=True):
+            q = torch.kron(qs, qa)  # eigenvectors of S ⊗ A in row-major [W | b] layout
+            m[layer.index[:, None], layer.index[None, :]] = (q * v.reshape(-1)) @ q.T
+        return m

@@ -1,0 +1,58 @@
+"""Shared fixtures: small real data sets and models trained to the optimum, in float64."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from influencer import ClassificationTask
+from influencer.datasets import Split, load_digits
+from influencer.functional import ModelFunction
+from influencer.models import MLP, LogisticRegression
+from influencer.training import fit_lbfgs, train_minibatch
+
+
+@pytest.fixture(scope="session")
+def digits() -> Split:
+    return load_digits(dtype=torch.float64)
+
+
+@pytest.fixture(scope="session")
+def digits_small(digits: Split) -> Split:
+    """300 training and 20 test digits: small enough for dense references."""
+    return Split(
+        "digits-small",
+        digits.x_train[:300],
+        digits.y_train[:300],
+        digits.x_test[:20],
+        digits.y_test[:20],
+        digits.classes,
+    )
+
+
+def fit_to_optimum(model: torch.nn.Module, task, train) -> torch.nn.Module:
+    """Train ``model`` in place to the optimum of ``task`` on ``train`` (L-BFGS, float64)."""
+    from influencer.data import as_examples
+
+    fn = ModelFunction(model, task)
+    fn.load_into(fit_lbfgs(fn, as_examples(train)))
+    return model
+
+
+@pytest.fixture(scope="session")
+def logistic_small(digits_small: Split) -> tuple[torch.nn.Module, ClassificationTask]:
+    torch.manual_seed(0)
+    task = ClassificationTask(weight_decay=1e-2)
+    model = LogisticRegression(64, 10).double()
+    return fit_to_optimum(model, task, digits_small.train), task
+
+
+@pytest.fixture(scope="session")
+def mlp_small(digits_small: Split) -> tuple[torch.nn.Module, ClassificationTask]:
+    """A tanh MLP (p = 64*12+12 + 12*10+10 = 910) trained with Adam: not at an exact optimum, so
+    its Hessian may be indefinite; tests use damping or the Gauss-Newton curvature."""
+    torch.manual_seed(0)
+    task = ClassificationTask(weight_decay=1e-3)
+    model = MLP(64, (12,), 10).double()
+    train_minibatch(model, task, digits_small.train, epochs=40, lr=1e-2, batch_size=32)
+    return model, task

@@ -1,0 +1,179 @@
+"""Inverse-HVP estimators against a dense float64 solve, and their failure modes."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from influencer import (
+    CG,
+    Arnoldi,
+    ConfigError,
+    ConvergenceError,
+    Curvature,
+    Exact,
+    Identity,
+    IndefiniteHessianError,
+    LiSSA,
+)
+from influencer.data import as_examples
+from influencer.functional import ModelFunction
+
+
+@pytest.fixture(scope="module")
+def logistic_curvature(digits_small, logistic_small) -> Curvature:
+    model, task = logistic_small
+    fn = ModelFunction(model, task)
+    return Curvature(fn, fn.theta0, as_examples(digits_small.train), batch_size=128)
+
+
+@pytest.fixture(scope="module")
+def dense_h(logistic_curvature) -> torch.Tensor:
+    return logistic_curvature.dense()
+
+
+@pytest.fixture(scope="module")
+def rhs(logistic_curvature) -> torch.Tensor:
+    return torch.randn(
+        6, logistic_curvature.p, generator=torch.Generator().manual_seed(0), dtype=torch.float64
+    )
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).norm() / b.norm())
+
+
+def test_dense_hessian_is_symmetric_and_matches_products(logistic_curvature, dense_h, rhs):
+    assert dense_h.shape == (650, 650)
+    torch.testing.assert_close(dense_h, dense_h.T)
+    torch.testing.assert_close(logistic_curvature.matvec(rhs), rhs @ dense_h, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("damping", [0.0, 0.05])
+def test_exact_solves_the_damped_system(logistic_curvature, dense_h, rhs, damping):
+    x = Exact(damping=damping).fit(logistic_curvature).solve(rhs)
+    a = dense_h + damping * torch.eye(650, dtype=torch.float64)
+    torch.testing.assert_close(x, torch.linalg.solve(a, rhs.T).T, rtol=1e-9, atol=1e-10)
+
+
+def test_cg_agrees_with_exact_to_1e_6(logistic_curvature, rhs):
+    exact = Exact().fit(logistic_curvature).solve(rhs)
+    solver = CG(tol=1e-10).fit(logistic_curvature)
+    x = solver.solve(rhs)
+    assert rel_err(x, exact) < 1e-6
+    assert solver.info["max_relative_residual"] <= 1e-10
+    # Each right-hand side is its own CG run: solving one column alone gives the same answer.
+    torch.testing.assert_close(solver.solve(rhs[2:3]), x[2:3], rtol=1e-8, atol=1e-12)
+
+
+def test_cg_warns_when_it_runs_out_of_iterations(logistic_curvature, rhs):
+    with pytest.warns(RuntimeWarning, match="max_iter=3"):
+        CG(max_iter=3).fit(logistic_curvature).solve(rhs)
+
+
+def test_lissa_with_full_batches_is_the_truncated_neumann_series(logistic_curvature, dense_h, rhs):
+    """With every step on all examples LiSSA is deterministic: h/scale = sum_j (I - A/s)^j v / s."""
+    depth, scale, damping = 30, 2.0, 0.01
+    est = LiSSA(depth=depth, scale=scale, damping=damping, batch_size=10_000)
+    x = est.fit(logistic_curvature).solve(rhs[:2])
+    a = dense_h + damping * torch.eye(650, dtype=torch.float64)
+    step = torch.eye(650, dtype=torch.float64) - a / scale
+    term, total = rhs[:2].T.clone(), rhs[:2].T.clone()
+    for _ in range(depth):
+        term = step @ term
+        total += term
+    torch.testing.assert_close(x, (total / scale).T, rtol=1e-9, atol=1e-12)
+
+
+def test_lissa_converges_to_exact_and_repeats_reduce_noise(logistic_curvature, rhs):
+    exact = Exact(damping=0.01).fit(logistic_curvature).solve(rhs[:3])
+    one = LiSSA(depth=150, batch_size=100, damping=0.01, seed=1).fit(logistic_curvature).solve(rhs[:3])
+    many = (
+        LiSSA(depth=150, batch_size=100, damping=0.01, seed=1, repeats=3)
+        .fit(logistic_curvature)
+        .solve(rhs[:3])
+    )
+    corr = torch.corrcoef(torch.stack([one.flatten(), exact.flatten()]))[0, 1]
+    assert corr > 0.95
+    assert rel_err(many, exact) < rel_err(one, exact)
+
+
+def test_lissa_is_invariant_to_how_columns_are_grouped(logistic_curvature, rhs):
+    solver = LiSSA(depth=50, batch_size=32, damping=0.01).fit(logistic_curvature)
+    torch.testing.assert_close(solver.solve(rhs[1:2]), solver.solve(rhs)[1:2])
+
+
+def test_lissa_with_too_small_a_scale_diverges_with_a_clear_error(logistic_curvature, rhs):
+    with pytest.raises(ConvergenceError, match="Increase scale"):
+        LiSSA(depth=500, scale=0.05, batch_size=64).fit(logistic_curvature).solve(rhs[:1])
+
+
+def test_arnoldi_full_rank_is_exact_and_low_rank_is_the_top_eigenspace(logistic_curvature, dense_h, rhs):
+    small = torch.linalg.eigh(dense_h)
+    full = Arnoldi(rank=650, iterations=650).fit(logistic_curvature).solve(rhs)
+    torch.testing.assert_close(full, torch.linalg.solve(dense_h, rhs.T).T, rtol=1e-6, atol=1e-6)
+    solver = Arnoldi(rank=10, iterations=120, damping=0.1).fit(logistic_curvature)
+    vals, vecs = small.eigenvalues[-10:], small.eigenvectors[:, -10:]
+    torch.testing.assert_close(solver.values.sort().values, vals, rtol=1e-8, atol=1e-10)
+    expected = ((rhs @ vecs) / (vals + 0.1)) @ vecs.T
+    torch.testing.assert_close(solver.solve(rhs), expected, rtol=1e-6, atol=1e-8)
+
+
+def test_identity_returns_the_vectors(logistic_curvature, rhs):
+    torch.testing.assert_close(Identity().fit(logistic_curvature).solve(rhs), rhs)
+
+
+def test_indefinite_hessian_without_damping_is_refused(digits_small, mlp_small):
+    model, task = mlp_small
+    fn = ModelFunction(model, task)
+    curv = Curvature(fn, fn.theta0, as_examples(digits_small.train))
+    h = curv.dense()
+    lo = float(torch.linalg.eigvalsh(h)[0])
+    assert lo < 0, "fixture expected to have negative curvature"
+    with pytest.raises(IndefiniteHessianError, match="damping"):
+        Exact().fit(curv)
+    with pytest.raises(IndefiniteHessianError, match="damping"):
+        CG().fit(curv).solve(torch.linalg.eigh(h).eigenvectors[:, :1].T)
+    # enough damping makes it well posed, and Gauss-Newton is positive semi-definite
+    Exact(damping=-2 * lo).fit(curv)
+    ggn = Curvature(fn, fn.theta0, as_examples(digits_small.train), kind="gauss_newton")
+    assert float(torch.linalg.eigvalsh(ggn.dense())[0]) > -1e-10
+
+
+@pytest.mark.parametrize(
+    ("make", "match"),
+    [
+        (lambda: CG(damping=-1.0), "damping"),
+        (lambda: CG(damping=float("nan")), "damping"),
+        (lambda: CG(max_iter=0), "max_iter"),
+        (lambda: LiSSA(depth=0), "depth"),
+        (lambda: LiSSA(depth=10.5), "depth"),
+        (lambda: LiSSA(scale=0.0), "scale"),
+        (lambda: Arnoldi(rank=20, iterations=10), "iterations"),
+        (lambda: Identity(damping=0.1), "damping"),
+        (lambda: Exact(max_params=0), "max_params"),
+    ],
+)
+def test_invalid_settings_are_rejected_on_construction(make, match):
+    with pytest.raises(ConfigError, match=match):
+        make()
+
+
+def test_settings_are_frozen_and_json_ready():
+    est = LiSSA(depth=7, damping=0.1)
+    with pytest.raises(AttributeError):
+        est.depth = 8  # type: ignore[misc]
+    assert est.settings() == {
+        "estimator": "lissa",
+        "damping": 0.1,
+        "depth": 7,
+        "repeats": 1,
+        "scale": None,
+        "batch_size": 32,
+        "seed": 0,
+    }
+
+
+def test_exact_refuses_models_too_large_to_form_h(logistic_curvature):
+    with pytest.raises(ConfigError, match="CG, LiSSA or Arnoldi"):
+        Exact(max_params=100).fit(logistic_curvature)
