@@ -7,13 +7,11 @@ approximation. H is never formed unless :meth:`Curvature.dense` is asked for.
 
 from __future__ import annotations
 
-import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Literal
 
 import torch
 from torch import Tensor
-from torch.func import grad, linearize, vmap
 from torch.utils._pytree import tree_flatten
 
 from influencer.data import Examples, TensorExamples
@@ -55,8 +53,6 @@ class Curvature:
         self.progress = progress
         self._product = fn.hvp if kind == "hessian" else fn.ggn_vp
         self._cached: list | None = None
-        self._linearized: list[Callable[[Tensor], Tensor]] | None = None
-        self._narrow_calls = 0  # products with few vectors, where tracing pays off
 
     @property
     def n(self) -> int:
@@ -109,49 +105,13 @@ class Curvature:
         ]
         return torch.cat(outs)
 
-    def _linear_maps(self) -> list[Callable[[Tensor], Tensor]] | None:
-        """Per-batch HVP maps traced once by ``torch.func.linearize`` (held batches only).
-
-        Tracing forward-over-reverse once and replaying it for every vector is several times
-        faster than a fresh ``jvp(grad(.))`` per product, which matters for CG and Arnoldi.
-        """
-        if self._linearized is not None or self.kind != "hessian":
-            return self._linearized
-        batches = self._batches()
-        if not isinstance(batches, list):
-            return None
-        maps = []
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")  # fx constant-folding chatter
-                for batch in batches:
-                    g = grad(lambda t, b=batch: self.fn.objective(t, b, 1.0 / self.n))
-                    maps.append(linearize(g, self.theta)[1])
-        except Exception:  # tracing can fail on exotic models; plain jvp always works
-            self._product_only = True
-            return None
-        self._linearized = maps
-        return maps
-
     def matvec(self, vectors: Tensor) -> Tensor:
         """``H @ v`` for each row of ``vectors`` ``(k, p)`` (or a single ``(p,)``), same shape."""
         single = vectors.ndim == 1
         v = vectors.reshape(-1, self.p).to(self.theta)
         out = torch.zeros_like(v)
-        # Tracing costs about as much as a few dozen single-vector products per batch, so it is
-        # done only once the operator is evidently being applied repeatedly to few vectors
-        # (CG, Arnoldi, power iteration); wide blocks already amortise jvp's overhead via vmap.
-        if v.shape[0] <= 8:
-            self._narrow_calls += 1
-        use_maps = self._narrow_calls >= 3 and not getattr(self, "_product_only", False)
-        maps = self._linear_maps() if use_maps else None
-        if maps is not None:
-            for lin in maps:
-                for i in range(0, v.shape[0], self.vector_batch):
-                    out[i : i + self.vector_batch] += vmap(lin)(v[i : i + self.vector_batch])
-        else:
-            for batch in self._batches():
-                out += self._apply(batch, v, 1.0 / self.n)
+        for batch in self._batches():
+            out += self._apply(batch, v, 1.0 / self.n)
         if not torch.isfinite(out).all():
             raise NonFiniteError(
                 "a Hessian-vector product is not finite: the loss or its second derivatives overflow "

@@ -52,10 +52,10 @@ def fit_lbfgs(
     """Parameters ``(p,)`` minimising ``J`` over examples ``indices`` (default all), from ``theta0``.
 
     L-BFGS's line search stops once ``J`` is flat to machine precision, which can leave the
-    gradient around 1e-9; up to ``newton_steps`` Newton steps then polish it to round-off. Each
-    step applies ``inverse_hessian`` ``(1, p) -> (1, p)`` when given (any fixed approximation of
-    ``H^-1`` near the optimum converges, e.g. the full-data Hessian when refitting without a few
-    points), else solves with the exact Hessian at the current point by CG.
+    gradient around 1e-9; Newton steps then polish it to round-off: first up to ``newton_steps``
+    steps with ``inverse_hessian`` ``(1, p) -> (1, p)`` when given (a fixed approximation of
+    ``H^-1`` near the optimum, e.g. the full-data Hessian when refitting without a few points),
+    then up to ``newton_steps`` exact Newton-CG steps at the current point.
     Raises :class:`ConvergenceError` if max ``|grad J|`` is still above ``grad_tol`` (relative to
     ``max(1, |J|)``).
     """
@@ -91,13 +91,24 @@ def fit_lbfgs(
             return theta.detach()
         if newton_steps and float(g.abs().max()) <= 1e-7:
             break
+    # Cheap chord steps with the fixed inverse first; exact Newton-CG steps if those stall (the
+    # fixed curvature can be far off when a removed point carried much of it, e.g. an SVM margin).
+    for _ in range(newton_steps if inverse_hessian is not None else 0):
+        step = inverse_hessian(g[None])[0]
+        with torch.no_grad():
+            theta -= step
+        new_g, done = gradient()
+        if done:
+            return theta.detach()
+        if float(new_g.abs().max()) >= float(g.abs().max()):
+            with torch.no_grad():  # no progress: undo and go exact
+                theta += step
+            break
+        g = new_g
     for _ in range(newton_steps):
-        if inverse_hessian is not None:
-            step = inverse_hessian(g[None])[0]
-        else:
-            curvature = Curvature(fn, theta.detach(), data, idx, batch_size=batch_size)
-            # A Newton step only has to shrink an already tiny gradient, so a loose solve suffices.
-            step = CG(tol=1e-4, max_iter=500).fit(curvature).solve(g[None])[0]
+        curvature = Curvature(fn, theta.detach(), data, idx, batch_size=batch_size)
+        # A Newton step only has to shrink an already small gradient, so a loose solve suffices.
+        step = CG(tol=1e-4, max_iter=500).fit(curvature).solve(g[None])[0]
         with torch.no_grad():
             theta -= step
         g, done = gradient()

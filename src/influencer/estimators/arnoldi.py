@@ -24,7 +24,9 @@ class Arnoldi(Estimator):
     """``iterations`` HVP passes build a Krylov basis; the top ``rank`` Ritz pairs are kept.
 
     For a symmetric H, Arnoldi is the Lanczos recursion; the basis is fully re-orthogonalised
-    so the Ritz pairs stay accurate. Memory: ``(iterations + 1) x p``.
+    so the Ritz pairs stay accurate, and restarted when it becomes invariant so that repeated
+    eigenvalues are resolved. ``iterations = rank = p`` recovers the exact inverse.
+    Memory: ``(iterations + 1) x p``.
     """
 
     rank: int = 50
@@ -65,9 +67,21 @@ def lanczos(curvature: Curvature, iterations: int, seed: int = 0) -> tuple[Tenso
         # Two rounds of Gram-Schmidt against the whole basis keep it orthogonal in floating point.
         for _ in range(2):
             w -= basis[: j + 1].T @ (basis[: j + 1] @ w)
+        if j == iterations - 1:
+            break
         beta = float(w.norm())
-        if beta <= 1e-10 * max(abs(a) for a in alphas) or j == iterations - 1:
-            break  # the Krylov space is invariant: its Ritz pairs are exact
+        if beta <= 1e-10 * max(abs(a) for a in alphas):
+            # The Krylov space is invariant (its Ritz pairs are exact). A single start vector sees
+            # one direction per distinct eigenvalue, so restart from a fresh orthogonal direction
+            # to resolve repeated eigenvalues; T gets a zero off-diagonal entry there.
+            w = torch.randn(p, generator=gen, dtype=dtype).to(device)
+            for _ in range(2):
+                w -= basis[: j + 1].T @ (basis[: j + 1] @ w)
+            if float(w.norm()) <= 1e-8:
+                break  # the basis already spans the whole space
+            betas.append(0.0)
+            basis[j + 1] = w / w.norm()
+            continue
         betas.append(beta)
         basis[j + 1] = w / beta
     m = len(alphas)

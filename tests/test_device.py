@@ -1,0 +1,42 @@
+"""The same influence on CUDA as on the CPU (runs where a GPU exists)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from influencer import CG, EKFAC, Arnoldi, Exact, Influence, LiSSA
+from influencer.validation import leave_one_out
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device on this machine")
+
+
+@cuda
+@pytest.mark.parametrize(
+    "estimator",
+    [
+        Exact(),
+        CG(tol=1e-10),
+        LiSSA(depth=100, batch_size=50, damping=0.01),
+        Arnoldi(rank=40, iterations=80),
+        EKFAC(),
+    ],
+    ids=lambda e: e.name if hasattr(e, "name") else str(e),
+)
+def test_cuda_scores_equal_cpu_scores(digits_small, logistic_small, estimator):
+    model, task = logistic_small
+    test = (digits_small.x_test[:4], digits_small.y_test[:4])
+    cpu = Influence(model, task, digits_small.train, estimator=estimator).fit().scores(test)
+    gpu = Influence(model, task, digits_small.train, estimator=estimator, device="cuda").fit().scores(test)
+    assert gpu.device.type == "cuda"
+    torch.testing.assert_close(gpu.cpu(), cpu, rtol=1e-6, atol=1e-12)
+
+
+@cuda
+def test_cuda_self_influence_and_leave_one_out(digits_small, logistic_small):
+    model, task = logistic_small
+    inf = Influence(model, task, digits_small.train, estimator=Exact(), device="cuda").fit()
+    cpu = Influence(model, task, digits_small.train, estimator=Exact()).fit()
+    torch.testing.assert_close(inf.self_influence().cpu(), cpu.self_influence(), rtol=1e-8, atol=1e-14)
+    result = leave_one_out(inf, (digits_small.x_test[:1], digits_small.y_test[:1]), k=10)
+    assert result.pearson > 0.95
