@@ -15,6 +15,7 @@ from torch import Tensor
 from torch.utils._pytree import tree_flatten
 
 from influencer.data import Examples, TensorExamples
+from influencer.distributed import all_reduce_sum, shard
 from influencer.errors import ConfigError, NonFiniteError
 from influencer.functional import ModelFunction
 from influencer.progress import progress_bar
@@ -36,6 +37,7 @@ class Curvature:
         batch_size: int = 256,
         vector_batch: int = 64,
         progress: bool = False,
+        distributed: bool = False,
     ) -> None:
         if kind not in ("hessian", "gauss_newton"):
             raise ConfigError(f"curvature must be 'hessian' or 'gauss_newton', got {kind!r}")
@@ -51,6 +53,9 @@ class Curvature:
         self.batch_size = batch_size
         self.vector_batch = vector_batch
         self.progress = progress
+        self.distributed = distributed
+        # Under torch.distributed each rank sums its block of the examples (see distributed.py).
+        self.local_indices = shard(self.indices) if distributed else self.indices
         self._product = fn.hvp if kind == "hessian" else fn.ggn_vp
         self._cached: list | None = None
 
@@ -88,12 +93,12 @@ class Curvature:
     def _batches(self):
         if self._cached is not None:
             return self._cached
-        batches = (self.fn.prepare(b) for _, b in self.data.chunks(self.batch_size, self.indices))
-        if not isinstance(self.data, TensorExamples):
+        batches = (self.fn.prepare(b) for _, b in self.data.chunks(self.batch_size, self.local_indices))
+        if not isinstance(self.data, TensorExamples) or len(self.local_indices) == 0:
             return batches
-        first = next(iter(self.data.chunks(self.batch_size, self.indices[:1])))[1]
+        first = self.data.take(self.local_indices[:1])
         per_example = sum(x.element_size() * x.numel() for x in tree_flatten(first)[0] if torch.is_tensor(x))
-        if per_example * self.n <= _CACHE_BYTES:
+        if per_example * len(self.local_indices) <= _CACHE_BYTES:
             self._cached = list(batches)
             return self._cached
         return batches
@@ -112,6 +117,8 @@ class Curvature:
         out = torch.zeros_like(v)
         for batch in self._batches():
             out += self._apply(batch, v, 1.0 / self.n)
+        if self.distributed:
+            all_reduce_sum(out)
         if not torch.isfinite(out).all():
             raise NonFiniteError(
                 "a Hessian-vector product is not finite: the loss or its second derivatives overflow "
@@ -122,9 +129,16 @@ class Curvature:
     def sample_matvec(self, vectors: Tensor, generator: torch.Generator, batch_size: int) -> Tensor:
         """Unbiased stochastic ``H @ v`` from one random minibatch of the examples, ``(k, p)``."""
         pick = torch.randperm(self.n, generator=generator)[: min(batch_size, self.n)]
-        idx = self.indices[pick]
-        batch = self.fn.prepare(self.data.take(idx))
-        return self._apply(batch, vectors.to(self.theta), 1.0 / len(idx))
+        weight = 1.0 / len(pick)
+        v = vectors.to(self.theta)
+        if not self.distributed:
+            return self._apply(self.fn.prepare(self.data.take(self.indices[pick])), v, weight)
+        # Every rank drew the same minibatch (same generator state); each takes a block of it.
+        mine = shard(pick)
+        out = torch.zeros_like(v)
+        if len(mine):
+            out += self._apply(self.fn.prepare(self.data.take(self.indices[mine])), v, weight)
+        return all_reduce_sum(out)
 
     def dense(self, dtype: torch.dtype | None = None, block: int = 256) -> Tensor:
         """The full symmetric ``(p, p)`` matrix, built from ``p`` products (small models only)."""

@@ -23,6 +23,7 @@ from torch.func import grad
 
 from influencer.curvature import Curvature, CurvatureKind
 from influencer.data import Examples, as_examples
+from influencer.distributed import all_gather_blocks, all_reduce_sum, shard
 from influencer.errors import ConfigError, DataError, NonFiniteError
 from influencer.estimators import CG, Estimator, Solver
 from influencer.functional import ModelFunction
@@ -50,6 +51,8 @@ class Influence:
         device: where to compute (``"cpu"``, ``"cuda"``, ...); default the model's device.
         dtype: compute dtype (e.g. ``torch.float64``); default the model's.
         progress: show progress bars.
+        distributed: split the work between the ranks of an initialised ``torch.distributed``
+            process group (see :mod:`influencer.distributed`); every rank gets the full results.
     """
 
     def __init__(
@@ -68,6 +71,7 @@ class Influence:
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
         progress: bool = False,
+        distributed: bool = False,
     ) -> None:
         if min(batch_size, hessian_batch_size, solve_batch) < 1:
             raise ConfigError("batch_size, hessian_batch_size and solve_batch must be >= 1")
@@ -86,6 +90,7 @@ class Influence:
         self.hessian_batch_size = hessian_batch_size
         self.solve_batch = solve_batch
         self.progress = progress
+        self.distributed = distributed
         self.curvature: Curvature | None = None
         self._solver: Solver | None = None
         self._reg_grad = grad(self.fn.regularizer)(self.theta)
@@ -164,8 +169,13 @@ class Influence:
     def train_gradients(
         self, indices: Sequence[int] | Tensor | None = None, desc: str = "training gradients"
     ) -> Iterator[tuple[Tensor, Tensor]]:
-        """Yield ``(ids, G)`` chunks of per-example objective gradients ``g_i``, ``G`` ``(c, p)``."""
+        """Yield ``(ids, G)`` chunks of per-example objective gradients ``g_i``, ``G`` ``(c, p)``.
+
+        With ``distributed=True`` each rank yields only its own block of ``indices``.
+        """
         idx = self.train.check_indices(indices)
+        if self.distributed:
+            idx = shard(idx)
         chunks = self.train.chunks(self.batch_size, idx)
         total = -(-len(idx) // self.batch_size)
         for ids, batch in progress_bar(chunks, desc, self.progress, total=total, unit="batch"):
@@ -217,7 +227,8 @@ class Influence:
     ) -> Tensor:
         """Scores ``(m, c)`` from precomputed ``s_test`` directions ``(m, p)``."""
         cols = [removal_scores(directions, g, self.n) for _, g in self.train_gradients(train_indices)]
-        return torch.cat(cols, dim=1)
+        local = torch.cat(cols, dim=1) if cols else directions.new_zeros(directions.shape[0], 0)
+        return all_gather_blocks(local, dim=1) if self.distributed else local
 
     def influence_up_loss(self, test: Any, train_indices: Sequence[int] | Tensor | None = None) -> Tensor:
         """The paper's ``I_up,loss`` ``(m, c)`` = ``-grad f(test)^T H^-1 g_i`` (unscaled)."""
@@ -225,13 +236,17 @@ class Influence:
 
     def influence_up_params(self, train_indices: Sequence[int] | Tensor) -> Tensor:
         """The paper's ``I_up,params`` ``(c, p)`` = ``-H^-1 g_i``: d theta / d(up-weight of z_i)."""
-        return torch.cat([-self.inverse_hvp(g) for _, g in self.train_gradients(train_indices)])
+        parts = [-self.inverse_hvp(g) for _, g in self.train_gradients(train_indices)]
+        local = torch.cat(parts) if parts else self.theta.new_zeros(0, self.p)
+        return all_gather_blocks(local, dim=0) if self.distributed else local
 
     def removal_params(self, train_indices: Sequence[int] | Tensor) -> Tensor:
         """Predicted parameter change ``(1/n) H^-1 sum_{i in S} g_i`` ``(p,)`` if ids S are removed."""
         total = torch.zeros_like(self.theta)
         for _, g in self.train_gradients(train_indices):
             total += g.sum(0)
+        if self.distributed:
+            all_reduce_sum(total)
         return self.inverse_hvp(total[None])[0] / self.n
 
     def self_influence(self, indices: Sequence[int] | Tensor | None = None) -> Tensor:
@@ -240,4 +255,5 @@ class Influence:
         for _, g in self.train_gradients(indices, desc="self-influence"):
             loss_grad = g - self._reg_grad  # g_i includes grad Omega; the loss itself does not
             out.append((loss_grad * self.inverse_hvp(g)).sum(1) / self.n)
-        return torch.cat(out)
+        local = torch.cat(out) if out else self.theta.new_zeros(0)
+        return all_gather_blocks(local, dim=0) if self.distributed else local
