@@ -60,7 +60,9 @@ def test_hvp_matches_dense_double_backward_hessian(digits_small):
     params = dict(model.named_parameters())
     h = dense_hessian(model, lambda: task.loss(model, (x, y)).mean() + task.regularizer(params))
     v = torch.randn(4, fn.p, dtype=torch.float64)
-    torch.testing.assert_close(fn.hvp(fn.theta0, (x, y), v, 1.0 / 40), v @ h, rtol=1e-9, atol=1e-11)
+    product = fn.hvp(fn.theta0, (x, y), v, 1.0 / 40) + fn.regularizer_hvp(fn.theta0, v)
+    torch.testing.assert_close(product, v @ h, rtol=1e-9, atol=1e-11)
+    torch.testing.assert_close(fn.regularizer_hvp(fn.theta0, v), 0.1 * v)
 
 
 def test_gauss_newton_product_matches_explicit_jacobians(digits_small):
@@ -78,7 +80,8 @@ def test_gauss_newton_product_matches_explicit_jacobians(digits_small):
         ggn += jac[i].T @ h_out @ jac[i] / 6
     ggn += 0.05 * torch.eye(fn.p, dtype=torch.float64)  # Hessian of the L2 penalty
     v = torch.randn(3, fn.p, dtype=torch.float64)
-    torch.testing.assert_close(fn.ggn_vp(theta, (x, y), v, 1.0 / 6), v @ ggn, rtol=1e-9, atol=1e-11)
+    product = fn.ggn_vp(theta, (x, y), v, 1.0 / 6) + fn.regularizer_hvp(theta, v)
+    torch.testing.assert_close(product, v @ ggn, rtol=1e-9, atol=1e-11)
 
 
 def test_gauss_newton_equals_hessian_for_linear_least_squares(digits_small):

@@ -78,16 +78,19 @@ class Curvature:
 
     def cast(self, dtype: torch.dtype) -> Curvature:
         """The same operator computed in ``dtype`` (float64 for exact references)."""
-        fn = self.fn.cast(dtype)
+        return self._copy(self.fn.cast(dtype), self.theta.to(dtype), self.vector_batch)
+
+    def _copy(self, fn: ModelFunction, theta: Tensor, vector_batch: int) -> Curvature:
         return Curvature(
             fn,
-            self.theta.to(dtype),
+            theta,
             self.data,
             self.indices,
             self.kind,
             self.batch_size,
-            self.vector_batch,
+            vector_batch,
             self.progress,
+            self.distributed,
         )
 
     def _batches(self):
@@ -110,6 +113,13 @@ class Curvature:
         ]
         return torch.cat(outs)
 
+    def _regularizer(self, v: Tensor) -> Tensor:
+        parts = [
+            self.fn.regularizer_hvp(self.theta, v[i : i + self.vector_batch])
+            for i in range(0, v.shape[0], self.vector_batch)
+        ]
+        return torch.cat(parts)
+
     def matvec(self, vectors: Tensor) -> Tensor:
         """``H @ v`` for each row of ``vectors`` ``(k, p)`` (or a single ``(p,)``), same shape."""
         single = vectors.ndim == 1
@@ -119,6 +129,7 @@ class Curvature:
             out += self._apply(batch, v, 1.0 / self.n)
         if self.distributed:
             all_reduce_sum(out)
+        out += self._regularizer(v)
         if not torch.isfinite(out).all():
             raise NonFiniteError(
                 "a Hessian-vector product is not finite: the loss or its second derivatives overflow "
@@ -132,17 +143,21 @@ class Curvature:
         weight = 1.0 / len(pick)
         v = vectors.to(self.theta)
         if not self.distributed:
-            return self._apply(self.fn.prepare(self.data.take(self.indices[pick])), v, weight)
-        # Every rank drew the same minibatch (same generator state); each takes a block of it.
-        mine = shard(pick)
-        out = torch.zeros_like(v)
-        if len(mine):
-            out += self._apply(self.fn.prepare(self.data.take(self.indices[mine])), v, weight)
-        return all_reduce_sum(out)
+            out = self._apply(self.fn.prepare(self.data.take(self.indices[pick])), v, weight)
+        else:
+            # Every rank drew the same minibatch (same generator state); each takes a block of it.
+            mine = shard(pick)
+            out = torch.zeros_like(v)
+            if len(mine):
+                out += self._apply(self.fn.prepare(self.data.take(self.indices[mine])), v, weight)
+            all_reduce_sum(out)
+        return out + self._regularizer(v)
 
     def dense(self, dtype: torch.dtype | None = None, block: int = 256) -> Tensor:
         """The full symmetric ``(p, p)`` matrix, built from ``p`` products (small models only)."""
-        op = self if dtype is None or dtype == self.dtype else self.cast(dtype)
+        fn = self.fn if dtype is None or dtype == self.dtype else self.fn.cast(dtype)
+        # one vmapped product per block of columns: few, wide products are fastest here
+        op = self._copy(fn, self.theta.to(fn.dtype), max(self.vector_batch, block))
         eye = torch.eye(self.p, dtype=op.dtype, device=op.device)
         cols = [
             op.matvec(eye[i : i + block])

@@ -197,7 +197,7 @@ class Influence:
 
     def inverse_hvp(self, vectors: Tensor) -> Tensor:
         """``(H + damping I)^-1 v`` for each row of ``(k, p)``, in chunks of ``solve_batch``."""
-        v = vectors.reshape(-1, self.p).to(self.theta)
+        v = vectors.detach().reshape(-1, self.p).to(self.theta)
         parts = [
             self.solver.solve(v[i : i + self.solve_batch])
             for i in progress_bar(

@@ -46,7 +46,7 @@ class CGSolver(Solver):
 
     def solve(self, vectors: Tensor) -> Tensor:
         cfg = self.config
-        b = vectors.reshape(-1, self.curvature.p).to(self.curvature.theta)
+        b = vectors.detach().reshape(-1, self.curvature.p).to(self.curvature.theta)
         x = torch.zeros_like(b)
         r = b.clone()
         d = r.clone()

@@ -60,7 +60,7 @@ class LiSSASolver(Solver):
 
     def solve(self, vectors: Tensor) -> Tensor:
         cfg = self.config
-        v = vectors.reshape(-1, self.curvature.p).to(self.curvature.theta)
+        v = vectors.detach().reshape(-1, self.curvature.p).to(self.curvature.theta)
         # A fresh generator per call: the same column always sees the same minibatches, so results
         # do not depend on how right-hand sides are grouped into calls.
         gen = torch.Generator().manual_seed(cfg.seed)

@@ -1,0 +1,213 @@
+"""Exact, CG, LiSSA and Arnoldi in influencer vs captum, dattri and pyDVL, on the same problems.
+
+For each problem (a float64 model trained to the optimum of mean cross-entropy + L2), every
+library computes influence scores of all training points on the same test points with the same
+hyperparameters. Reported per (problem, method, library):
+
+* ``time_s``: wall time of fit + scores (the library's own setup included, training excluded);
+* ``ratio``: ``time_s`` / influencer's ``time_s`` for the same method (> 1: slower than ours);
+* ``pearson``, ``spearman``, ``rel_err``: agreement of the scores, mapped to our convention (see
+  ``peers.py``), with OUR exact float64 scores over all ``n_test x n_train`` pairs.
+
+Run inside the benchmark environment (``bash benchmarks/setup.sh``)::
+
+    .venv-bench/bin/python benchmarks/bench_estimators.py            # full run, CPU
+    .venv-bench/bin/python benchmarks/bench_estimators.py --quick    # smoke run, < 1 minute
+    .venv-bench/bin/python benchmarks/bench_estimators.py --device cuda --json out/bench.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import traceback
+import warnings
+
+os.environ.setdefault("TQDM_DISABLE", "1")  # dattri and pyDVL draw progress bars by default
+
+import torch
+from common import (
+    Problem,
+    ProblemSpec,
+    agreement,
+    format_table,
+    machine,
+    make_problem,
+    stopwatch,
+    versions,
+    write_json,
+)
+from peers import LIBRARIES, METHODS, NotAvailableError, Ours, Resolved, Settings, largest_eigenvalue_bound
+
+FULL_PROBLEMS = (
+    ProblemSpec("logreg-digits", hidden=(), weight_decay=1e-3, n_test=10),
+    ProblemSpec("mlp-digits", hidden=(32,), weight_decay=1e-2, n_test=10),
+)
+QUICK_PROBLEMS = (ProblemSpec("logreg-digits-300", hidden=(), weight_decay=1e-3, n_train=300, n_test=4),)
+FULL_SETTINGS = Settings()
+QUICK_SETTINGS = Settings(lissa_depth=100, arnoldi_rank=20, arnoldi_iterations=40)
+QUICK_LIBRARIES = ("influencer", "captum", "pydvl")  # dattri's per-vector LiSSA is slow for a smoke run
+PACKAGES = ("influencer", "torch", "captum", "dattri", "pyDVL")
+
+
+def describe_error(exc: BaseException) -> str:
+    """``Type: message``, or ``Type in file:function`` when the message is empty."""
+    text = str(exc).strip()
+    if not text:
+        frame = traceback.extract_tb(exc.__traceback__)[-1]
+        text = f"in {'/'.join(frame.filename.split('/')[-2:])}:{frame.name}"
+    return f"{type(exc).__name__}: {text}"[:300]
+
+
+def run_problem(
+    problem: Problem, settings: Settings, methods: list[str], libraries: list[str]
+) -> tuple[dict, list[dict]]:
+    """All (method, library) rows for one problem; ours first, since peers reuse what it found."""
+    ours = Ours()
+    device = problem.device
+    # Our exact float64 scores are the reference every row is compared with.
+    with stopwatch(device) as t:
+        reference = ours.scores("exact", problem, Resolved(settings, 1.0, 1))
+    exact_info = ours.last_info
+    scale = settings.lissa_scale or largest_eigenvalue_bound(exact_info["max_eigenvalue"])
+    resolved = Resolved(settings, scale, settings.cg_max_iter)
+    rows: list[dict] = []
+    for method in methods:
+        base_time = None
+        for lib in libraries:
+            row = {"problem": problem.spec.name, "method": method, "library": lib}
+            try:
+                if lib == "influencer" and method == "exact":
+                    scores, seconds = reference, t["seconds"]
+                    row["info"] = {k: exact_info[k] for k in ("min_eigenvalue", "max_eigenvalue")}
+                else:
+                    runner = ours if lib == "influencer" else LIBRARIES[lib]()
+                    with stopwatch(device) as tt:
+                        scores = runner.scores(method, problem, resolved)
+                    seconds = tt["seconds"]
+                    if lib == "influencer":
+                        row["info"] = {k: v for k, v in ours.last_info.items() if k != "eigenvalues"}
+                        if method == "cg":
+                            resolved.cg_iterations = int(ours.last_info["iterations"])
+            except NotAvailableError:
+                rows.append({**row, "status": "n/a"})
+                continue
+            except Exception as exc:  # a peer failing is a result, not a reason to stop
+                traceback.print_exc(limit=4, file=sys.stderr)
+                rows.append({**row, "status": "error", "error": describe_error(exc)})
+                continue
+            if lib == "influencer":
+                base_time = seconds
+            row.update(status="ok", seconds=seconds, **agreement(scores, reference))
+            row["ratio"] = seconds / base_time if base_time else None
+            rows.append(row)
+    summary = {
+        "spec": problem.spec,
+        "n_train": problem.n,
+        "n_test": int(problem.x_test.shape[0]),
+        "num_params": problem.p,
+        "train_seconds": problem.train_seconds,
+        "lissa_scale": scale,
+        "cg_iterations_ours": resolved.cg_iterations if "cg" in methods else None,
+        "hessian_eigenvalue_range": [exact_info["min_eigenvalue"], exact_info["max_eigenvalue"]],
+    }
+    return summary, rows
+
+
+def render(summary: dict, rows: list[dict], settings: Settings) -> str:
+    spec: ProblemSpec = summary["spec"]
+    model = "logistic regression" if not spec.hidden else f"MLP {spec.hidden} tanh"
+    lo, hi = summary["hessian_eigenvalue_range"]
+    head = [
+        f"{spec.name}: {model}, n_train={summary['n_train']}, n_test={summary['n_test']}, "
+        f"p={summary['num_params']}, weight_decay={spec.weight_decay:g}, float64",
+        f"  damping={settings.damping:g} (eigenvalues of H + damping in [{lo:.3g}, {hi:.3g}]); "
+        f"CG tol={settings.cg_tol:g} relative residual (ours took {summary['cg_iterations_ours']} "
+        "iterations; dattri has no tolerance and runs that many)",
+        f"  LiSSA depth={settings.lissa_depth} batch={settings.lissa_batch} repeats={settings.lissa_repeats} "
+        f"scale={summary['lissa_scale']:.4g} (1.5 x largest eigenvalue); "
+        f"Arnoldi rank={settings.arnoldi_rank} Krylov dim={settings.arnoldi_iterations}",
+    ]
+    table = []
+    for r in rows:
+        if r["status"] == "ok":
+            table.append(
+                [
+                    r["method"],
+                    r["library"],
+                    r["seconds"],
+                    r["ratio"],
+                    r["pearson"],
+                    r["spearman"],
+                    r["rel_err"],
+                    "",
+                ]
+            )
+        else:
+            note = "not implemented" if r["status"] == "n/a" else "error: " + r["error"][:60]
+            table.append([r["method"], r["library"], None, None, None, None, None, note])
+    header = ["method", "library", "time_s", "ratio", "pearson", "spearman", "rel_err", "note"]
+    return "\n".join([*head, "", format_table(table, header, align="llrrrrrl")])
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="reduced smoke run (< 1 minute on a CPU)")
+    parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
+    parser.add_argument("--methods", default=",".join(METHODS), help=f"comma list of {', '.join(METHODS)}")
+    parser.add_argument("--libraries", default=None, help=f"comma list of {', '.join(LIBRARIES)}")
+    parser.add_argument("--problems", default=None, help="comma list of problem names (default: all)")
+    parser.add_argument("--lissa-depth", type=int, default=None)
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    parser.add_argument("--json", default=None, metavar="PATH", help="also write machine-readable results")
+    args = parser.parse_args(argv)
+
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda given but CUDA is not available")
+    specs = QUICK_PROBLEMS if args.quick else FULL_PROBLEMS
+    if args.problems:
+        wanted = args.problems.split(",")
+        specs = tuple(s for s in specs if s.name in wanted)
+        if not specs:
+            parser.error(f"no problem among {wanted}")
+    settings = QUICK_SETTINGS if args.quick else FULL_SETTINGS
+    if args.lissa_depth:
+        import dataclasses
+
+        settings = dataclasses.replace(settings, lissa_depth=args.lissa_depth)
+    methods = [m for m in args.methods.split(",") if m]
+    if unknown := set(methods) - set(METHODS):
+        parser.error(f"unknown methods {sorted(unknown)}")
+    libraries = (
+        args.libraries.split(",") if args.libraries else list(QUICK_LIBRARIES if args.quick else LIBRARIES)
+    )
+    if unknown := set(libraries) - set(LIBRARIES):
+        parser.error(f"unknown libraries {sorted(unknown)}")
+    if "influencer" not in libraries:
+        libraries.insert(0, "influencer")  # the reference and the time ratios come from it
+
+    env = {"machine": machine(device), "versions": versions(PACKAGES), "device": str(device)}
+    print(f"device={device}  " + "  ".join(f"{k}={v}" for k, v in env["versions"].items()))
+    print("machine: " + ", ".join(f"{k}={v}" for k, v in env["machine"].items()))
+    results = []
+    for spec in specs:
+        problem = make_problem(spec, device)
+        summary, rows = run_problem(problem, settings, methods, libraries)
+        print()
+        print(render(summary, rows, settings), flush=True)
+        results.append({**summary, "rows": rows})
+    if args.json:
+        write_json(args.json, {**env, "settings": settings, "problems": results})
+        print(f"\nwrote {args.json}")
+    failed = [r for p in results for r in p["rows"] if r["library"] == "influencer" and r["status"] != "ok"]
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,256 @@
+"""Shared pieces of the benchmarks: the problems, their training, metrics, timing and tables.
+
+A :class:`Problem` is a model + data set trained to a (local) optimum of
+``J(theta) = mean_i CE_i(theta) + weight_decay / 2 * ||theta||^2`` in float64 with L-BFGS, so that
+every influence method (ours and the peers') differentiates the very same objective at the very
+same parameters. Reference scores are our ``Exact`` estimator in float64.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import gc
+import importlib
+import json
+import platform
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from importlib import metadata
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from influencer import ClassificationTask
+from influencer.data import as_examples
+from influencer.datasets import load_digits
+from influencer.functional import ModelFunction
+from influencer.models import MLP, LogisticRegression
+from influencer.stats import pearson, spearman
+from influencer.training import fit_lbfgs
+
+
+@dataclasses.dataclass(frozen=True)
+class ProblemSpec:
+    """Which model and data: ``hidden=()`` is multinomial logistic regression."""
+
+    name: str
+    hidden: tuple[int, ...] = ()
+    weight_decay: float = 1e-3
+    n_train: int | None = None  # None: the whole training split
+    n_test: int = 10
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.weight_decay <= 0:
+            raise ValueError("weight_decay must be > 0 so the optimum is unique and well posed")
+        if self.n_test < 1 or (self.n_train is not None and self.n_train < 2):
+            raise ValueError("need n_test >= 1 and n_train >= 2")
+
+
+@dataclasses.dataclass
+class Problem:
+    """A trained float64 model with its data, on ``device``."""
+
+    spec: ProblemSpec
+    model: nn.Module
+    task: ClassificationTask
+    x_train: Tensor  # (n, 64)
+    y_train: Tensor  # (n,)
+    x_test: Tensor  # (m, 64)
+    y_test: Tensor  # (m,)
+    device: torch.device
+    train_seconds: float
+
+    @property
+    def n(self) -> int:
+        return int(self.x_train.shape[0])
+
+    @property
+    def p(self) -> int:
+        return sum(q.numel() for q in self.model.parameters())
+
+    @property
+    def weight_decay(self) -> float:
+        return self.spec.weight_decay
+
+    @property
+    def train(self) -> tuple[Tensor, Tensor]:
+        return self.x_train, self.y_train
+
+    @property
+    def test(self) -> tuple[Tensor, Tensor]:
+        return self.x_test, self.y_test
+
+    def fresh_model(self) -> nn.Module:
+        """An independent copy, so no library can disturb the weights another one sees."""
+        return copy.deepcopy(self.model)
+
+
+def build_model(spec: ProblemSpec, num_features: int, num_classes: int) -> nn.Module:
+    if spec.hidden:
+        return MLP(num_features, spec.hidden, num_classes)
+    return LogisticRegression(num_features, num_classes)
+
+
+def make_problem(spec: ProblemSpec, device: torch.device | str = "cpu") -> Problem:
+    """Digits (scikit-learn's bundled 8x8 images), trained to ``grad J ~ 0`` in float64."""
+    device = torch.device(device)
+    split = load_digits(dtype=torch.float64, seed=spec.seed)
+    x_train, y_train = split.x_train, split.y_train
+    if spec.n_train is not None:
+        x_train, y_train = x_train[: spec.n_train], y_train[: spec.n_train]
+    x_test, y_test = split.x_test[: spec.n_test], split.y_test[: spec.n_test]
+    torch.manual_seed(spec.seed)
+    model = build_model(spec, x_train.shape[1], split.num_classes).to(device, torch.float64)
+    task = ClassificationTask(weight_decay=spec.weight_decay)
+    fn = ModelFunction(model, task)
+    start = time.perf_counter()
+    # A network is first brought near a minimum by Adam: L-BFGS from the initialisation alone can
+    # stall on a plateau. The polish to a stationary point is what makes influence well defined.
+    if spec.hidden:
+        from influencer.training import train_minibatch
+
+        train_minibatch(model, task, (x_train, y_train), epochs=60, lr=1e-2, batch_size=64, seed=spec.seed)
+        fn = ModelFunction(model, task)
+    theta = fit_lbfgs(fn, as_examples((x_train.to(device), y_train.to(device))), grad_tol=1e-10)
+    fn.load_into(theta)
+    model.eval()
+    seconds = time.perf_counter() - start
+    move = {"device": device}
+    return Problem(
+        spec,
+        model,
+        task,
+        x_train.to(**move),
+        y_train.to(**move),
+        x_test.to(**move),
+        y_test.to(**move),
+        device,
+        seconds,
+    )
+
+
+# ---- timing --------------------------------------------------------------------------------------
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@contextmanager
+def stopwatch(device: torch.device) -> Iterator[dict[str, float]]:
+    """``with stopwatch(dev) as t: ...`` then ``t["seconds"]``; waits for queued GPU work."""
+    out: dict[str, float] = {}
+    gc.collect()
+    synchronize(device)
+    start = time.perf_counter()
+    try:
+        yield out
+    finally:
+        synchronize(device)
+        out["seconds"] = time.perf_counter() - start
+
+
+# ---- metrics -------------------------------------------------------------------------------------
+
+
+def agreement(scores: Tensor, reference: Tensor) -> dict[str, float]:
+    """Pearson, Spearman (over all ``m x n`` pairs) and relative error ``||s - ref|| / ||ref||``."""
+    a = scores.detach().double().cpu().numpy().reshape(-1)
+    b = reference.detach().double().cpu().numpy().reshape(-1)
+    if a.shape != b.shape:
+        raise ValueError(f"scores have {a.size} entries, the reference {b.size}")
+    if not np.isfinite(a).all():
+        return {"pearson": float("nan"), "spearman": float("nan"), "rel_err": float("nan")}
+    rel = float(np.linalg.norm(a - b) / np.linalg.norm(b))
+    return {"pearson": pearson(a, b), "spearman": spearman(a, b), "rel_err": rel}
+
+
+# ---- environment ---------------------------------------------------------------------------------
+
+
+def versions(packages: Sequence[str]) -> dict[str, str]:
+    out = {}
+    for name in packages:
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            # Importable without being installed (e.g. from a source tree on PYTHONPATH)?
+            try:
+                out[name] = getattr(importlib.import_module(name.lower()), "__version__", "unknown")
+            except ImportError:
+                out[name] = "not installed"
+    return out
+
+
+def machine(device: torch.device) -> dict[str, Any]:
+    info: dict[str, Any] = {
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "processor": _cpu_name(),
+        "torch_threads": torch.get_num_threads(),
+    }
+    if device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(device)
+    return info
+
+
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+# ---- tables --------------------------------------------------------------------------------------
+
+
+def format_table(rows: Sequence[Sequence[Any]], header: Sequence[str], align: str | None = None) -> str:
+    """Fixed-width text table; ``align`` is one of ``l``/``r`` per column (default: text left)."""
+    cells = [[str(h) for h in header]] + [[_cell(v) for v in row] for row in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
+    align = align or "".join(
+        "l" if not rows or isinstance(rows[0][i], str) else "r" for i in range(len(header))
+    )
+
+    def line(row: Sequence[str]) -> str:
+        parts = [c.ljust(w) if a == "l" else c.rjust(w) for c, w, a in zip(row, widths, align, strict=True)]
+        return "  ".join(parts).rstrip()
+
+    rule = "  ".join("-" * w for w in widths)
+    return "\n".join([line(cells[0]), rule, *(line(r) for r in cells[1:])])
+
+
+def _cell(value: Any) -> str:
+    if value is None:
+        return "n/a"
+    if isinstance(value, float):
+        if value != value:
+            return "nan"
+        return f"{value:.3g}" if abs(value) < 1e-2 or abs(value) >= 1e4 else f"{value:.4g}"
+    return str(value)
+
+
+def write_json(path: str, payload: dict[str, Any]) -> None:
+    with open(path, "w") as f:
+        json.dump(payload, f, indent=2, default=_jsonable)
+        f.write("\n")
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, float) and value != value:
+        return None
+    if dataclasses.is_dataclass(value):
+        return dataclasses.asdict(value)
+    if isinstance(value, (torch.device, torch.dtype)):
+        return str(value)
+    raise TypeError(f"cannot write {type(value).__name__} to JSON")
