@@ -147,3 +147,20 @@ def test_custom_task_with_dict_batches():
     torch.testing.assert_close(g, torch.cat([2 * r[:, None] * batch["x"], 2 * r[:, None]], dim=1))
     with pytest.raises(TaskError, match="output_loss"):
         fn.ggn_vp(fn.theta0, batch, fn.theta0[None], 1.0)
+
+
+def test_regulariser_curvature_shortcut_matches_autodiff():
+    class CustomPenalty(ClassificationTask):
+        def regularizer(self, params):
+            return sum((p**4).sum() for p in params.values())
+
+    model = MLP(4, (3,), 2).double()
+    v = torch.randn(3, sum(p.numel() for p in model.parameters()), dtype=torch.float64)
+    l2 = ModelFunction(model, ClassificationTask(weight_decay=0.3))
+    assert ClassificationTask(weight_decay=0.3).regularizer_curvature() == 0.3
+    assert Task().regularizer_curvature() == 0.0
+    assert CustomPenalty().regularizer_curvature() is None  # overriding the penalty disables it
+    torch.testing.assert_close(l2.regularizer_hvp(l2.theta0, v), 0.3 * v)
+    quartic = ModelFunction(model, CustomPenalty())
+    expected = v * 12 * quartic.theta0**2  # Hessian of sum t^4 is diag(12 t^2)
+    torch.testing.assert_close(quartic.regularizer_hvp(quartic.theta0, v), expected)

@@ -222,6 +222,9 @@ class ModelFunction:
 
     def regularizer_hvp(self, theta: Tensor, vectors: Tensor) -> Tensor:
         """``Hessian of Omega @ v`` for each row of ``(k, p)`` (``weight_decay * v`` for L2)."""
+        constant = self.task.regularizer_curvature()
+        if constant is not None:
+            return constant * vectors
         g = grad(self.regularizer)
 
         def one(v: Tensor) -> Tensor:

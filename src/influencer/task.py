@@ -59,6 +59,14 @@ class Task:
         """Penalty Omega(theta) added once to the mean training loss. Default: 0."""
         return 0.0
 
+    def regularizer_curvature(self) -> float | None:
+        """``c`` when the Hessian of Omega is ``c * I`` (``Omega = c/2 ||theta||^2``), else None.
+
+        Lets Hessian-vector products skip differentiating the penalty twice. Tasks that override
+        :meth:`regularizer` with anything but that L2 form must leave this returning None.
+        """
+        return 0.0 if type(self).regularizer is Task.regularizer else None
+
     @property
     def supports_gauss_newton(self) -> bool:
         """True when the loss is split into outputs and a loss of the outputs."""
@@ -86,6 +94,10 @@ class _Decayed(Task):
 
     def regularizer(self, params: Mapping[str, Tensor]) -> Tensor | float:
         return l2_penalty(params, self.weight_decay)
+
+    def regularizer_curvature(self) -> float | None:
+        # Only when the subclass kept this L2 penalty.
+        return self.weight_decay if type(self).regularizer is _Decayed.regularizer else None
 
     def settings(self) -> dict[str, Any]:
         return {"task": type(self).__qualname__, "weight_decay": self.weight_decay}
