@@ -2,6 +2,12 @@
 
 from __future__ import annotations
 
+import os
+
+# OpenMP threads sleep instead of spinning while they wait: on a small shared CPU spinning threads
+# starve every other process (and each other), making small tensor work many times slower.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 import pytest
 import torch
 

@@ -1,0 +1,142 @@
+"""The `influencer` command: the README's job end to end, TOML + flag overrides, clear errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from explain_support import TASK_MODULE
+from influencer.cli import cli
+
+TINY_DIGITS = ["--train-size", "120", "--epochs", "1", "--num-test", "2", "--top-k", "3", "--no-progress"]
+
+
+def _command() -> list[str]:
+    script = Path(sys.executable).parent / "influencer"
+    if script.exists():
+        return [str(script)]
+    found = shutil.which("influencer")
+    return [found] if found else [sys.executable, "-m", "influencer.cli"]
+
+
+def test_explain_end_to_end_on_the_digits_cnn(tmp_path):
+    out = tmp_path / "run"
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    proc = subprocess.run(
+        [*_command(), "explain", "--out", str(out), *TINY_DIGITS],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+        cwd=tmp_path,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert f"Report: {out / 'report.html'}" in proc.stdout
+    log = proc.stderr
+    for line in (
+        "training SmallCNN on 120 digit images",
+        "test accuracy:",
+        "Most helpful IDs:",
+        "Most harmful IDs:",
+    ):
+        assert line in log
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["job"] == "SmallCNN on scikit-learn digits" and summary["n_train"] == 120
+    assert summary["parameters"] == ["head.weight", "head.bias"]
+    assert len(summary["tests"]) == 2 and all(len(t["helpful_ids"]) == 3 for t in summary["tests"])
+    page = (out / "report.html").read_text()
+    assert page.count("<img ") == 2 * (1 + 2 * 3) + 1
+    assert (out / "explain.log").read_text().count("Most helpful IDs:") == 2
+
+    # The same command again: the trained model, the gradients and the solves all come from the cache.
+    again = CliRunner().invoke(cli, ["explain", "--out", str(out), *TINY_DIGITS, "--quiet"])
+    assert again.exit_code == 0, again.output
+    second = (out / "explain.log").read_text().split("influencer explain: run directory")[-1]
+    assert "loaded the trained SmallCNN from the cache" in second and "training SmallCNN" not in second
+    assert "training gradients: 1 of 1 chunks reused" in second and "test directions: 2 of 2 reused" in second
+    assert json.loads((out / "summary.json").read_text())["tests"] == summary["tests"]
+
+
+@pytest.fixture
+def task_module(tmp_path, monkeypatch):
+    (tmp_path / "tiny_job.py").write_text(TASK_MODULE)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    return "tiny_job:build"
+
+
+def test_toml_config_with_flag_overrides(tmp_path, task_module):
+    config = tmp_path / "job.toml"
+    config.write_text(
+        f'task = "{task_module}"\nout = "{tmp_path / "run"}"\ntop_k = 2\ndamping = 0.01\ntest_ids = [1, 2]\n'
+        "progress = false\n\n[estimator_options]\ntol = 1e-7\n"
+    )
+    result = CliRunner().invoke(
+        cli, ["explain", "--config", str(config), "--top-k", "4", "-o", "max_iter=300", "--test-ids", "3,1"]
+    )
+    assert result.exit_code == 0, result.output
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert [t["test_id"] for t in summary["tests"]] == [3, 1]  # flag beats file
+    assert all(len(t["harmful_ids"]) == 4 for t in summary["tests"])
+    assert summary["estimator"] == {"estimator": "cg", "damping": 0.01, "tol": 1e-7, "max_iter": 300}
+    assert summary["job"] == task_module
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--config", "{tmp}/bad.toml"], "unknown setting 'dampng' (did you mean 'damping'?)"),
+        (["--estimator", "cgg"], "unknown estimator 'cgg'"),
+        (["-o", "depth=3"], "estimator 'cg' has no option 'depth'"),
+        (["--task", "no_such_module:build"], "no module named 'no_such_module'"),
+        (["--test-ids", "1,x"], "expected comma-separated integers"),
+        (["--test-ids", "999"], "out of range: the test set has 20"),
+        (["--curvature", "fisher"], "'fisher' is not one of 'hessian', 'gauss_newton'"),
+    ],
+)
+def test_clear_errors(tmp_path, task_module, args, message):
+    (tmp_path / "bad.toml").write_text("dampng = 0.1\n")
+    args = [a.replace("{tmp}", str(tmp_path)) for a in args]
+    base = ["explain", "--task", task_module, "--out", str(tmp_path / "run"), "--quiet"]
+    result = CliRunner().invoke(cli, [*base, *args])
+    assert result.exit_code != 0
+    assert message in result.output
+    assert "Traceback" not in result.output
+
+
+def test_cuda_when_there_is_none(tmp_path, task_module):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    result = CliRunner().invoke(
+        cli, ["explain", "--task", task_module, "--out", str(tmp_path / "r"), "--device", "cuda"]
+    )
+    assert (
+        result.exit_code == 1
+        and "torch sees no CUDA GPU" in result.output
+        and "--device cpu" in result.output
+    )
+
+
+def test_help_lists_the_options():
+    result = CliRunner().invoke(cli, ["explain", "--help"])
+    assert result.exit_code == 0
+    for flag in (
+        "--task",
+        "--estimator",
+        "--damping",
+        "--test-ids",
+        "--top-k",
+        "--device",
+        "--out",
+        "--config",
+    ):
+        assert flag in result.output
+    assert CliRunner().invoke(cli, ["--version"]).output.startswith("influencer, version")
