@@ -13,9 +13,8 @@ import torch
 
 from influencer import ClassificationTask
 from influencer.datasets import Split, load_digits
-from influencer.functional import ModelFunction
 from influencer.models import MLP, LogisticRegression
-from influencer.training import fit_lbfgs, train_minibatch
+from influencer.training import train_lbfgs, train_minibatch
 
 
 @pytest.fixture(scope="session")
@@ -36,21 +35,12 @@ def digits_small(digits: Split) -> Split:
     )
 
 
-def fit_to_optimum(model: torch.nn.Module, task, train) -> torch.nn.Module:
-    """Train ``model`` in place to the optimum of ``task`` on ``train`` (L-BFGS, float64)."""
-    from influencer.data import as_examples
-
-    fn = ModelFunction(model, task)
-    fn.load_into(fit_lbfgs(fn, as_examples(train)))
-    return model
-
-
 @pytest.fixture(scope="session")
 def logistic_small(digits_small: Split) -> tuple[torch.nn.Module, ClassificationTask]:
     torch.manual_seed(0)
     task = ClassificationTask(weight_decay=1e-2)
     model = LogisticRegression(64, 10).double()
-    return fit_to_optimum(model, task, digits_small.train), task
+    return train_lbfgs(model, task, digits_small.train), task
 
 
 @pytest.fixture(scope="session")

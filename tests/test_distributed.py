@@ -64,7 +64,9 @@ def test_two_ranks_give_the_single_process_results(tmp_path: Path, digits):
     for name, expected in single.items():
         for rank in (0, 1):
             got = torch.from_numpy(np.load(tmp_path / f"rank{rank}_{name}.npy"))
-            torch.testing.assert_close(got, expected, rtol=1e-8, atol=1e-13, msg=f"{name} on rank {rank}")
+            # Sharded sums round differently: allow round-off relative to the array's scale.
+            atol = 1e-12 * float(expected.abs().max())
+            torch.testing.assert_close(got, expected, rtol=1e-8, atol=atol, msg=f"{name} on rank {rank}")
 
 
 def test_without_a_process_group_everything_is_local():

@@ -144,7 +144,18 @@ def test_self_influence_is_the_diagonal_of_train_on_train_scores(digits_small, l
     x, y = digits_small.train
     pairwise = inf.scores((x[ids], y[ids]), train_indices=ids)
     torch.testing.assert_close(inf.self_influence(ids), pairwise.diagonal(), rtol=1e-10, atol=1e-14)
-    assert (inf.self_influence() > 0).all()
+
+
+def test_self_influence_without_a_regulariser_is_a_positive_quadratic_form(digits_small, logistic_small):
+    # Without Omega, g_i = grad loss_i and self-influence is g_i^T (H + damping I)^-1 g_i / n > 0.
+    model, _ = logistic_small
+    inf = Influence(model, ClassificationTask(), digits_small.train, estimator=Exact(damping=1e-2)).fit()
+    si = inf.self_influence()
+    g = torch.cat([g for _, g in inf.train_gradients()])
+    h = inf.curvature.dense() + 1e-2 * torch.eye(inf.p, dtype=g.dtype)
+    expected = (g * torch.linalg.solve(h, g.T).T).sum(1) / inf.n
+    torch.testing.assert_close(si, expected, rtol=1e-8, atol=1e-14)
+    assert (si > 0).all()
 
 
 def test_removal_params_is_the_sum_of_up_params(digits_small, logistic_small):

@@ -18,10 +18,18 @@ from influencer.errors import (
 )
 from influencer.estimators import CG, EKFAC, KFAC, Arnoldi, Estimator, Exact, Identity, LiSSA, Solver
 from influencer.functional import ModelFunction
+from influencer.group import group_influence, group_params
 from influencer.influence import Influence
+from influencer.kernels import RBFKernelModel
 from influencer.losses import hinge, smooth_hinge
+from influencer.mislabels import rank_for_review
+from influencer.model_comparison import compare_models
+from influencer.perturbation import FeatureAttribution, PerturbationInfluence, check_perturbation
+from influencer.poisoning import PoisonConfig, PoisoningAttack
 from influencer.scores import TopK, top_k
 from influencer.task import ClassificationTask, RegressionTask, SmoothHingeTask, Task
+from influencer.unlearning import ClassRemoval
+from influencer.validation import leave_one_out
 
 __version__ = "0.1.0"
 
@@ -30,6 +38,7 @@ __all__ = [
     "EKFAC",
     "KFAC",
     "Arnoldi",
+    "ClassRemoval",
     "ClassificationTask",
     "ConfigError",
     "ConvergenceError",
@@ -38,6 +47,7 @@ __all__ = [
     "Estimator",
     "Exact",
     "Examples",
+    "FeatureAttribution",
     "Identity",
     "IndefiniteHessianError",
     "Influence",
@@ -45,6 +55,10 @@ __all__ = [
     "LiSSA",
     "ModelFunction",
     "NonFiniteError",
+    "PerturbationInfluence",
+    "PoisonConfig",
+    "PoisoningAttack",
+    "RBFKernelModel",
     "RegressionTask",
     "SmoothHingeTask",
     "Solver",
@@ -52,7 +66,13 @@ __all__ = [
     "TaskError",
     "TopK",
     "as_examples",
+    "check_perturbation",
+    "compare_models",
+    "group_influence",
+    "group_params",
     "hinge",
+    "leave_one_out",
+    "rank_for_review",
     "smooth_hinge",
     "top_k",
 ]

@@ -101,8 +101,15 @@ def load_tabular(
         raise ValueError(f"unknown data set {name!r}; choose from {sorted(loaders)}")
     d = loaders[name]()
     return _split(
-        name, d.data, d.target, test_fraction, seed, dtype,
-        tuple(str(c) for c in d.target_names), tuple(str(f) for f in d.feature_names), standardize=True,
+        name,
+        d.data,
+        d.target,
+        test_fraction,
+        seed,
+        dtype,
+        tuple(str(c) for c in d.target_names),
+        tuple(str(f) for f in d.feature_names),
+        standardize=True,
     )
 
 

@@ -139,7 +139,8 @@ class Influence:
 
     # ---- gradients -----------------------------------------------------------------------------
 
-    def _examples(self, data: Any) -> Examples:
+    def examples(self, data: Any) -> Examples:
+        """``data`` as :class:`~influencer.data.Examples`, checked to be shaped like the training data."""
         ex = as_examples(data)
 
         def kinds(e: Examples) -> list[tuple[tuple[int, ...], bool]]:
@@ -186,7 +187,7 @@ class Influence:
         """Per-example gradients ``(m, p)`` of the measurement (default) or of ``loss + Omega``."""
         if kind not in ("measurement", "loss"):
             raise ConfigError(f"kind must be 'measurement' or 'loss', got {kind!r}")
-        ex = self._examples(data)
+        ex = self.examples(data)
         method = self.fn.measurement_grads if kind == "measurement" else self.fn.loss_grads
         out = []
         for ids, batch in ex.chunks(self.batch_size):

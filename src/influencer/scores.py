@@ -16,8 +16,10 @@ The paper's quantities are also available unscaled, with the paper's signs:
 
 * ``I_up,loss(z_i, z_test) = -grad f(z_test)^T H^-1 g_i  = -n * score``
 * ``I_up,params(z_i) = -H^-1 g_i``  (d theta / d epsilon when ``z_i`` is up-weighted by epsilon)
-* self-influence ``score(z_i, z_i) = (1/n) grad loss(z_i)^T H^-1 g_i`` (>= 0 for a positive-definite
-  H: how much a point's own loss relies on having trained on it)
+* self-influence ``score(z_i, z_i) = (1/n) grad loss(z_i)^T H^-1 g_i``: how much a point's own loss
+  relies on having trained on it. Without a regulariser ``g_i = grad loss(z_i)`` and it is a
+  quadratic form, ``>= 0`` for a positive-definite H; with one, ``g_i = grad loss(z_i) + grad Omega``
+  and a point the model already fits (a tiny loss gradient) can score slightly below zero.
 """
 
 from __future__ import annotations

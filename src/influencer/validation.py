@@ -140,7 +140,7 @@ def leave_one_out(
 
     fn = influence.fn.cast(torch.float64) if float64 else influence.fn
     retrain = retrain or lbfgs_retrainer()
-    test_batch = fn.prepare(influence._examples(test).take(torch.arange(1)))
+    test_batch = fn.prepare(influence.examples(test).take(torch.arange(1)))
     everyone = torch.arange(influence.n)
 
     def measure(theta: Tensor) -> float:
