@@ -39,7 +39,7 @@ from influencer.influence import Influence
 from influencer.kernels import RBFKernelModel
 from influencer.models import SmallCNN
 from influencer.stats import pearson, spearman
-from influencer.task import ClassificationTask, SmoothHingeTask
+from influencer.task import ClassificationTask, SmoothHingeTask, classes_from_outputs
 from influencer.training import train_lbfgs, train_minibatch
 
 
@@ -306,10 +306,7 @@ def compare_models(
 def _predicted_classes(inf: Influence, batch: Any) -> Tensor:
     """Argmax of the logits, or the sign (-1/+1) of a single score, at the influence's theta."""
     with torch.no_grad():
-        out = inf.fn.outputs(inf.theta, batch)
-    if out.ndim == 1 or out.shape[-1] == 1:
-        return torch.where(out.reshape(-1) >= 0, 1, -1)
-    return out.argmax(dim=-1)
+        return classes_from_outputs(inf.fn.outputs(inf.theta, batch))
 
 
 # ---- the paper's experiment on digits ----------------------------------------------------------

@@ -52,7 +52,7 @@ from influencer.perturbation import (
 )
 from influencer.progress import progress_bar
 from influencer.stats import pearson
-from influencer.task import ClassificationTask, Task
+from influencer.task import ClassificationTask, Task, classes_from_outputs
 from influencer.training import fit_lbfgs, objective_and_grad, train_minibatch
 
 _CHUNK = 256  # examples per forward pass when encoding, pulling back and scoring
@@ -267,10 +267,7 @@ class PoisonSummary:
 def _predict(fn: ModelFunction, theta: Tensor, batch: Any) -> Tensor:
     """Class predictions ``(B,)`` as :func:`influencer.task.predictions` makes them."""
     with torch.no_grad():
-        out = fn.outputs(theta, batch)
-    if out.ndim == 1 or out.shape[-1] == 1:
-        return torch.where(out.reshape(-1) >= 0, 1, -1)
-    return out.argmax(dim=-1)
+        return classes_from_outputs(fn.outputs(theta, batch))
 
 
 class _Encoded(Examples):

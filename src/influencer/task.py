@@ -139,10 +139,14 @@ class SmoothHingeTask(_Decayed):
         return {**super().settings(), "temperature": self.temperature}
 
 
-def predictions(task: Task, model: nn.Module, batch: Batch) -> Tensor:
-    """Class predictions from the task's outputs: argmax for multi-class, sign for one score."""
-    with torch.no_grad():
-        out = task.outputs(model, batch)
+def classes_from_outputs(out: Tensor) -> Tensor:
+    """Class predictions ``(B,)`` from outputs ``(B, C)``: argmax, or the sign (-1/+1) of one score."""
     if out.ndim == 1 or out.shape[-1] == 1:
         return torch.where(out.reshape(-1) >= 0, 1, -1)
     return out.argmax(dim=-1)
+
+
+def predictions(task: Task, model: nn.Module, batch: Batch) -> Tensor:
+    """Class predictions from the task's outputs: argmax for multi-class, sign for one score."""
+    with torch.no_grad():
+        return classes_from_outputs(task.outputs(model, batch))

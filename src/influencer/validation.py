@@ -32,11 +32,14 @@ from influencer.training import fit_lbfgs
 Retrainer = Callable[[ModelFunction, Examples, Tensor, Tensor], Tensor]
 
 
-def lbfgs_retrainer(max_iter: int = 2000, grad_tol: float = 1e-10, exact_max_params: int = 5000) -> Retrainer:
+def lbfgs_retrainer(
+    max_iter: int = 2000, grad_tol: float = 1e-10, exact_max_params: int = 5000, newton_steps: int = 5
+) -> Retrainer:
     """Retrain to the optimum with full-batch L-BFGS (for convex objectives).
 
     The first call (on all the data) also factorises the Hessian at that optimum; later calls,
-    which drop a few points, polish L-BFGS's answer with Newton steps preconditioned by it.
+    which drop a few points, polish L-BFGS's answer with up to ``newton_steps`` Newton steps
+    preconditioned by it, then as many exact Newton-CG steps (see :func:`fit_lbfgs`).
     """
     polish: list[Callable[[Tensor], Tensor]] = []
 
@@ -48,6 +51,7 @@ def lbfgs_retrainer(max_iter: int = 2000, grad_tol: float = 1e-10, exact_max_par
             theta,
             max_iter=max_iter,
             grad_tol=grad_tol,
+            newton_steps=newton_steps,
             inverse_hessian=polish[0] if polish else None,
         )
         if not polish:
