@@ -137,6 +137,8 @@ def test_help_lists_the_options():
         "--device",
         "--out",
         "--config",
+        "--hessian-size",
+        "--hessian-sampler",
     ):
         assert flag in result.output
     assert CliRunner().invoke(cli, ["--version"]).output.startswith("influencer, version")

@@ -54,6 +54,8 @@ def test_toml_file(tmp_path):
         ({"train_size": 1}, "train_size must be >= 2"),
         ({"lr": 0.0}, "lr must be > 0"),
         ({"dtype": "float16"}, "dtype must be one of float32, float64"),
+        ({"hessian_size": 0}, "hessian_size must be >= 1"),
+        ({"hessian_sampler": "logits"}, "unknown hessian_sampler 'logits'; choose one of"),
     ],
 )
 def test_bad_settings_are_refused_with_the_fix(values, message):

@@ -20,6 +20,7 @@ from influencer.errors import ConfigError, TaskError
 from influencer.explain import Evaluation, choose_test_ids, explain
 from influencer.functional import ModelFunction
 from influencer.jobs import Job, as_job, digits_job, load_job
+from influencer.samplers import SamplerContext, make_sampler
 from influencer.store import MANIFEST, RunStore, hash_module
 
 CHUNK = 32  # 120 training examples -> chunks of 32, 32, 32, 24
@@ -142,6 +143,39 @@ def test_changed_damping_resolves_but_keeps_the_gradients(tmp_path, monkeypatch,
     assert spy.grad_chunks == 0 and spy.solves == 2
     assert "directions: inputs changed (settings: estimator.damping 0.001 -> 0.01)" in caplog.text
     assert f"training gradients: {N_CHUNKS} of {N_CHUNKS} chunks reused" in caplog.text
+
+
+def test_hessian_subset_matches_the_api_and_only_resolves(tmp_path, monkeypatch, caplog, finished):
+    job = tiny_job()
+    spy = Spy(monkeypatch)
+    with caplog.at_level(logging.INFO, logger="influencer"):
+        result = explain(config(tmp_path, hessian_size=40, hessian_sampler="logit"), job, console=False)
+    assert spy.grad_chunks == 0 and spy.solves == 2  # gradients reused; curvature changed
+    assert "curvature estimated on 40 of 120 training examples (logit sampler, seed 0)" in caplog.text
+    assert "directions: inputs changed (settings: hessian_examples" in caplog.text
+
+    context = SamplerContext(job.model, job.task, job.train, batch_size=CHUNK)
+    ids = make_sampler("logit").select(context, 40, seed=0)
+    exact = Exact(damping=1e-3)
+    inf = Influence(job.model, job.task, job.train, estimator=exact, hessian_indices=ids, dtype=torch.float64)
+    inf.fit()
+    expected = inf.scores(job.test.take(torch.tensor([0, 7]))).numpy()
+    np.testing.assert_allclose(result.scores, expected, rtol=1e-12, atol=1e-18)
+    assert not np.allclose(result.scores, finished, rtol=1e-3)  # a different curvature really was used
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["hessian_examples"] == 40 and summary["hessian_sampler"] == "logit"
+    report = (tmp_path / "run" / "report.html").read_text()
+    assert "estimated on 40 of 120 training examples (logit sampler)" in report
+
+    # Another seed draws another subset: solved again, never served from the first subset's cache.
+    spy.solves = 0
+    explain(config(tmp_path, hessian_size=40, hessian_sampler="logit", seed=1), job, console=False)
+    assert spy.solves == 2
+
+
+def test_hessian_subset_larger_than_the_data_is_refused(tmp_path):
+    with pytest.raises(ConfigError, match="hessian_size 500 is more than the 120 training examples"):
+        explain(config(tmp_path, hessian_size=500), tiny_job(), console=False)
 
 
 @pytest.mark.parametrize("change", ["weights", "training data"])

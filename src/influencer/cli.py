@@ -20,6 +20,7 @@ import click
 from influencer import __version__
 from influencer.config import CURVATURES, DTYPES, ExplainConfig, parse_option, read_toml
 from influencer.errors import InfluencerError
+from influencer.samplers import SAMPLERS
 
 
 def _ints(text: str | None) -> tuple[int, ...] | None:
@@ -68,6 +69,16 @@ def cli() -> None:
 )
 @click.option(
     "--curvature", type=click.Choice(CURVATURES), help="Hessian or Gauss-Newton.  [default: hessian]"
+)
+@click.option(
+    "--hessian-size",
+    type=int,
+    help="Estimate the curvature on this many training examples.  [default: all]",
+)
+@click.option(
+    "--hessian-sampler",
+    type=click.Choice(sorted(SAMPLERS)),
+    help="How --hessian-size examples are chosen (class, feature, logit: representative).  [default: random]",
 )
 @click.option("--params", help="Parameters/modules to compute influence over, comma-separated, or 'all'.")
 @click.option("--dtype", type=click.Choice(DTYPES), help="Compute dtype for influence.  [default: float64]")

@@ -32,6 +32,7 @@ from typing import Any
 
 from influencer.errors import ConfigError
 from influencer.estimators import Estimator
+from influencer.samplers import SAMPLERS, Sampler, make_sampler
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -109,6 +110,11 @@ class ExplainConfig:
     device: str = "cpu"
     batch_size: int = 128  # examples per training-gradient chunk (one cached file each)
     hessian_batch_size: int | None = None  # examples per HVP batch; None: the job's choice, else 512
+    # Estimate the curvature on a subset of this many training examples (None: all of them), drawn
+    # by a sampler of influencer.samplers with `seed`: "random", or a representative one ("class",
+    # "feature", "logit") that gives less variable scores than random at the same size.
+    hessian_size: int | None = None
+    hessian_sampler: str = "random"
 
     # training of the built-in digits job (ignored for a user task)
     train_size: int | None = None  # use only the first N training images
@@ -143,7 +149,15 @@ class ExplainConfig:
                 raise ConfigError(f"test_ids has duplicates: {list(self.test_ids)}")
         if self.params is not None and (not self.params or not all(self.params)):
             raise ConfigError("params must name at least one parameter or module (or 'all'), without blanks")
-        for name in ("num_test", "top_k", "batch_size", "hessian_batch_size", "epochs", "train_batch_size"):
+        for name in (
+            "num_test",
+            "top_k",
+            "batch_size",
+            "hessian_batch_size",
+            "hessian_size",
+            "epochs",
+            "train_batch_size",
+        ):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.channels < 1:
@@ -163,6 +177,7 @@ class ExplainConfig:
         if not self.out.strip():
             raise ConfigError("out (the run directory) must not be empty")
         self.make_estimator()  # validates the estimator's name and options
+        self.make_sampler()
 
     # ---- derived objects ------------------------------------------------------------------------
 
@@ -194,6 +209,15 @@ class ExplainConfig:
             raise
         except (TypeError, ValueError) as exc:
             raise ConfigError(f"estimator {self.estimator!r}: {exc}") from exc
+
+    def make_sampler(self) -> Sampler:
+        """The sampler that chooses the curvature's examples when ``hessian_size`` is set."""
+        if self.hessian_sampler not in SAMPLERS:
+            raise ConfigError(
+                f"unknown hessian_sampler {self.hessian_sampler!r}; choose one of {', '.join(SAMPLERS)}"
+                + _did_you_mean(self.hessian_sampler, list(SAMPLERS))
+            )
+        return make_sampler(self.hessian_sampler)
 
     # ---- serialisation ----------------------------------------------------------------------------
 

@@ -40,6 +40,7 @@ from influencer.influence import Influence
 from influencer.jobs import Job, digits_job, inputs_of, labels_of, load_job
 from influencer.progress import progress_bar
 from influencer.report import Card, ExampleView, Panel, influence_distance_png, render_report
+from influencer.samplers import SamplerContext
 from influencer.scores import TopK, removal_scores, top_k
 from influencer.store import RunStore, Section, hash_examples, hash_json, hash_module, hash_tensors
 
@@ -184,6 +185,7 @@ def _run(config: ExplainConfig, job: Job | None, store: RunStore, device: torch.
         params = _params(config, job)
         dtype = torch.float64 if config.dtype == "float64" else torch.float32
         estimator = config.make_estimator()
+        hessian_ids = choose_hessian_ids(config, job, device)
         inf = Influence(
             job.model,
             job.task,
@@ -193,6 +195,7 @@ def _run(config: ExplainConfig, job: Job | None, store: RunStore, device: torch.
             params=params,  # type: ignore[arg-type]
             batch_size=config.batch_size,
             hessian_batch_size=config.hessian_batch_size or job.hessian_batch_size or 512,
+            hessian_indices=hessian_ids,
             device=device,
             dtype=dtype,
             progress=config.progress,
@@ -216,7 +219,12 @@ def _run(config: ExplainConfig, job: Job | None, store: RunStore, device: torch.
             "dtype": config.dtype,
             "chunk": config.batch_size,
         }
-        solve_settings = {**grad_settings, "estimator": estimator.settings(), "curvature": config.curvature}
+        solve_settings = {
+            **grad_settings,
+            "estimator": estimator.settings(),
+            "curvature": config.curvature,
+            "hessian_examples": _hessian_examples(config, hessian_ids),
+        }
         solve_settings.pop("chunk")
 
         with clock("directions"):
@@ -343,6 +351,34 @@ def evaluate(job: Job, device: torch.device, config: ExplainConfig) -> Evaluatio
         return Evaluation(y, None, loss, None, False)
     accuracy = float((pred == y).mean()) if y is not None else None
     return Evaluation(y, pred, loss, accuracy, True)
+
+
+def choose_hessian_ids(config: ExplainConfig, job: Job, device: torch.device) -> Tensor | None:
+    """Training ids ``(hessian_size,)`` the curvature is estimated on, or None for all of them."""
+    if config.hessian_size is None:
+        return None
+    if config.hessian_size > len(job.train):
+        raise ConfigError(
+            f"hessian_size {config.hessian_size} is more than the {len(job.train)} training examples; "
+            "lower it, or leave it unset to use them all"
+        )
+    context = SamplerContext(job.model, job.task, job.train, device=device, batch_size=config.batch_size)
+    ids = config.make_sampler().select(context, config.hessian_size, seed=config.seed)
+    log.info(
+        "curvature estimated on %d of %d training examples (%s sampler, seed %d)",
+        len(ids),
+        len(job.train),
+        config.hessian_sampler,
+        config.seed,
+    )
+    return ids
+
+
+def _hessian_examples(config: ExplainConfig, ids: Tensor | None) -> dict[str, Any] | str:
+    """What the curvature was estimated on, for the cache fingerprint and the report."""
+    if ids is None:
+        return "all"
+    return {"sampler": config.hessian_sampler, "seed": config.seed, "ids": hash_json(ids.tolist())}
 
 
 def choose_test_ids(config: ExplainConfig, evaluation: Evaluation, n_test: int) -> np.ndarray:
@@ -582,7 +618,7 @@ def write_outputs(
         ("test accuracy", f"{100 * evaluation.accuracy:.2f}%" if evaluation.accuracy is not None else "n/a"),
         ("influence over", f"{inf.p} parameters ({_names(inf.fn.names)})"),
         ("estimator", f"{inf.estimator.name} {_settings_text(inf.estimator.settings())}"),
-        ("curvature", config.curvature),
+        ("curvature", config.curvature + _hessian_text(config, inf)),
         ("solver", _info(directions.meta.get("solver", {})).strip("()") or "n/a"),
         ("computed in", config.dtype + " on " + str(inf.device)),
     ]
@@ -599,6 +635,13 @@ def write_outputs(
     )
     files["report"] = store.write_text("report.html", page)
     return files
+
+
+def _hessian_text(config: ExplainConfig, inf: Influence) -> str:
+    if config.hessian_size is None:
+        return ""
+    n, sampler = config.hessian_size, config.hessian_sampler
+    return f", estimated on {n} of {inf.n} training examples ({sampler} sampler)"
 
 
 def _settings_text(settings: dict[str, Any]) -> str:
@@ -649,6 +692,8 @@ def _summary(
             "parameters": inf.fn.names,
             "estimator": _jsonable(inf.estimator.settings()),
             "curvature": config.curvature,
+            "hessian_examples": config.hessian_size or inf.n,
+            "hessian_sampler": config.hessian_sampler if config.hessian_size else None,
             "dtype": config.dtype,
             "device": str(inf.device),
             "solver": _jsonable(directions.meta.get("solver", {})),
