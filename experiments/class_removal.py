@@ -25,6 +25,7 @@ from influencer import CG, ClassificationTask, LiSSA
 from influencer.datasets import load_digits, load_mnist1d
 from influencer.estimators import Estimator
 from influencer.models import MLP
+from influencer.plotting import pyplot, save_png
 from influencer.samplers import SAMPLERS, make_sampler
 from influencer.unlearning import RemovalComparison, TrainingRecipe, compare_with_retraining
 
@@ -81,10 +82,7 @@ def make_estimator(name: str, damping: float, seed: int = 0) -> Estimator:
 
 
 def plot(results: list[RemovalComparison], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     classes = [r.forget_class for r in results]
     x = np.arange(len(classes))
@@ -103,8 +101,7 @@ def plot(results: list[RemovalComparison], path: Path) -> None:
         ax.set_title(label, fontsize=9)
     axes[0].legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    save_png(fig, path)
 
 
 def main() -> None:

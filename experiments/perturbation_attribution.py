@@ -28,6 +28,7 @@ from influencer.datasets import load_digits
 from influencer.functional import ModelFunction
 from influencer.models import LogisticRegression
 from influencer.perturbation import PerturbationInfluence, check_perturbation
+from influencer.plotting import pyplot, save_png
 from influencer.training import fit_lbfgs
 
 
@@ -114,10 +115,7 @@ def plot_attribution(
     ids: torch.Tensor,
     path: Path,
 ) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, axes = plt.subplots(len(ids), 4, figsize=(6.6, 1.75 * len(ids)), dpi=120, squeeze=False)
     for row, i, img, eff, g in zip(axes, ids.tolist(), images, effects, gxi, strict=True):
@@ -138,8 +136,7 @@ def plot_attribution(
             ax.set_xticks([])
             ax.set_yticks([])
     fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    save_png(fig, path)
 
 
 if __name__ == "__main__":

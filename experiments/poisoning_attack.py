@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from influencer.datasets import Split
+from influencer.plotting import pyplot, save_png
 from influencer.poisoning import PoisonConfig, PoisonSummary, poison_digits
 
 
@@ -107,10 +108,7 @@ def main() -> None:
 
 
 def plot_rates(overall: dict, args: argparse.Namespace, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, ax = plt.subplots(figsize=(4.8, 3.6), dpi=120)
     for name, rates in overall.items():
@@ -128,16 +126,12 @@ def plot_rates(overall: dict, args: argparse.Namespace, path: Path) -> None:
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    save_png(fig, path)
 
 
 def plot_examples(summary: PoisonSummary, data: Split, path: Path, rows: int = 4) -> None:
     """Target, clean training image, poisoned image and their difference, for successful attacks."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     wins = [r for b in summary.budgets for r in summary.results[b] if r.success][:rows]
     if not wins:
@@ -164,8 +158,7 @@ def plot_examples(summary: PoisonSummary, data: Split, path: Path, rows: int = 4
             ax.set_xticks([])
             ax.set_yticks([])
     fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    save_png(fig, path)
 
 
 if __name__ == "__main__":

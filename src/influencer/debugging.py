@@ -29,6 +29,7 @@ from influencer.estimators import Exact
 from influencer.influence import Influence
 from influencer.models import LogisticRegression
 from influencer.perturbation import PerturbationInfluence
+from influencer.plotting import pyplot, save_png
 from influencer.task import ClassificationTask
 from influencer.training import train_lbfgs
 from influencer.validation import leave_one_out
@@ -191,10 +192,7 @@ class MismatchDebugResult:
 
     def plot(self, path: str | Path) -> Path:
         """Three panels: top scores by group, influence vs data shares, attribution of the top point."""
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+        plt = pyplot()
 
         fig, axes = plt.subplots(1, 3, figsize=(14, 4.2), dpi=110)
         order = np.argsort(-np.abs(self.scores))[:30]
@@ -244,11 +242,7 @@ class MismatchDebugResult:
         axes[2].set_xlabel("gradient x input of the score")
         axes[2].set_title("features carrying the most influential point's score", fontsize=9)
         fig.tight_layout()
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(path)
-        plt.close(fig)
-        return path
+        return save_png(fig, path)
 
 
 def _fit_logistic(

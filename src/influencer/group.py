@@ -56,6 +56,7 @@ from torch import Tensor
 
 from influencer.errors import ConfigError, DataError
 from influencer.influence import Influence
+from influencer.plotting import pyplot, save_png
 from influencer.progress import progress_bar
 from influencer.stats import pearson, spearman
 from influencer.validation import Retrainer, lbfgs_retrainer
@@ -344,10 +345,7 @@ class GroupComparison:
 
     def plot(self, path: str | Path, test_index: int = 0) -> Path:
         """Correlation vs group size per kind, and predicted-vs-actual scatters, saved as PNG."""
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+        plt = pyplot()
 
         kinds = list(dict.fromkeys(self.kinds.tolist()))
         rows = [r for r in self.table() if r["fraction"] != "all"]
@@ -398,11 +396,7 @@ class GroupComparison:
             ax.set_title(f"{kind} groups (test example {test_index})", fontsize=9)
             ax.legend(fontsize=7)
         fig.tight_layout()
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(path)
-        plt.close(fig)
-        return path
+        return save_png(fig, path)
 
 
 def compare_group_influence(

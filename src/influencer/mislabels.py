@@ -33,6 +33,7 @@ from influencer.errors import ConfigError, ConvergenceError, DataError
 from influencer.estimators import Estimator, Exact
 from influencer.functional import ModelFunction
 from influencer.influence import Influence
+from influencer.plotting import pyplot, save_png
 from influencer.progress import progress_bar
 from influencer.task import Task, predictions
 from influencer.training import fit_lbfgs, train_minibatch
@@ -289,10 +290,7 @@ class MislabelResult:
 
     def plot(self, path: str | Path, title: str = "Fixing mislabelled examples") -> Path:
         """Two panels vs fraction checked: flips found, and test accuracy after fixing (PNG)."""
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+        plt = pyplot()
 
         x = 100 * self.check_fractions
         fig, axes = plt.subplots(1, 2, figsize=(9, 3.8), dpi=120)
@@ -316,11 +314,7 @@ class MislabelResult:
             ax.legend(fontsize=8)
         fig.suptitle(f"{title} ({self.flip_fraction:.0%} flipped, {len(self.seeds)} seeds)", fontsize=10)
         fig.tight_layout()
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(path)
-        plt.close(fig)
-        return path
+        return save_png(fig, path)
 
 
 def simulate_fixing(

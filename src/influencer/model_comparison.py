@@ -38,6 +38,7 @@ from influencer.estimators import Exact
 from influencer.influence import Influence
 from influencer.kernels import RBFKernelModel
 from influencer.models import SmallCNN
+from influencer.plotting import pyplot, save_png
 from influencer.stats import pearson, spearman
 from influencer.task import ClassificationTask, SmoothHingeTask, classes_from_outputs
 from influencer.training import train_lbfgs, train_minibatch
@@ -116,10 +117,7 @@ class ModelComparison:
     ) -> Path:
         """Influence vs distance per model (one test example) and, given ``images=(x_train, x_test)``,
         the test image with each model's most helpful training images. Saved as PNG."""
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+        plt = pyplot()
 
         names = self.names
         show_images = images is not None
@@ -178,11 +176,7 @@ class ModelComparison:
                     ax.set_title(f"#{i + 1}: {label_name[labels[t]]}\nd={d[t]:.1f}", fontsize=6)
                     ax.axis("off")
         fig.tight_layout()
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(path)
-        plt.close(fig)
-        return path
+        return save_png(fig, path)
 
     def summary(self) -> dict[str, Any]:
         return {

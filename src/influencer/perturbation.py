@@ -41,6 +41,7 @@ from influencer.data import Examples, as_examples
 from influencer.errors import ConfigError, DataError, NonFiniteError
 from influencer.functional import ModelFunction
 from influencer.influence import Influence
+from influencer.plotting import predicted_vs_actual
 from influencer.progress import progress_bar
 from influencer.stats import pearson, spearman
 from influencer.task import Batch
@@ -380,25 +381,15 @@ class PerturbationCheck:
 
     def plot(self, path: str | Path, title: str = "Perturbing one training input") -> Path:
         """Scatter of actual vs predicted with the identity line, saved as PNG."""
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
-        fig, ax = plt.subplots(figsize=(4.5, 4.5), dpi=120)
-        ax.scatter(self.actual, self.predicted, s=14, alpha=0.8)
-        lo = float(min(self.actual.min(), self.predicted.min()))
-        hi = float(max(self.actual.max(), self.predicted.max()))
-        ax.plot([lo, hi], [lo, hi], color="gray", lw=1, ls="--")
-        ax.set_xlabel("actual change in test loss (retrained)")
-        ax.set_ylabel("predicted change (I_pert / n . delta)")
-        ax.set_title(f"{title}\nPearson R = {self.pearson:.3f}, Spearman = {self.spearman:.3f}", fontsize=9)
-        fig.tight_layout()
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(path)
-        plt.close(fig)
-        return path
+        return predicted_vs_actual(
+            path,
+            self.predicted,
+            self.actual,
+            title=title,
+            ylabel="predicted change (I_pert / n . delta)",
+            pearson=self.pearson,
+            spearman=self.spearman,
+        )
 
 
 def check_perturbation(

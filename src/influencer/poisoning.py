@@ -50,6 +50,7 @@ from influencer.perturbation import (
     mixed_gradients,
     replace_input,
 )
+from influencer.plotting import pyplot, save_png
 from influencer.progress import progress_bar
 from influencer.stats import pearson
 from influencer.task import ClassificationTask, Task, classes_from_outputs
@@ -239,10 +240,7 @@ class PoisonSummary:
 
     def plot(self, path: str | Path, title: str = "Training-set poisoning") -> Path:
         """Success rate against the number of poisoned images, saved as PNG."""
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+        plt = pyplot()
 
         fig, ax = plt.subplots(figsize=(4.5, 3.5), dpi=120)
         rates = [self.success_rate(b) for b in self.budgets]
@@ -257,11 +255,7 @@ class PoisonSummary:
         )
         ax.grid(alpha=0.3)
         fig.tight_layout()
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(path)
-        plt.close(fig)
-        return path
+        return save_png(fig, path)
 
 
 def _predict(fn: ModelFunction, theta: Tensor, batch: Any) -> Tensor:

@@ -22,6 +22,8 @@ from collections.abc import Sequence
 import numpy as np
 from torch import Tensor
 
+from influencer.plotting import pyplot
+
 # Marks the document once every <img> has decoded: a headless browser can check the report
 # rendered (data-images-ok / data-images-broken on <body>).
 _CHECK_SCRIPT = (
@@ -161,10 +163,7 @@ def influence_distance_png(
 ) -> bytes:
     """One panel per test example: score ``(m, n)`` against input distance ``(m, n)`` to each
     training example, coloured by whether its label matches the test label (Koh & Liang, Fig. 1)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     m = len(scores)
     cols = min(m, 4)

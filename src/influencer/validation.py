@@ -24,6 +24,7 @@ from influencer.errors import ConfigError
 from influencer.estimators import CG, Exact
 from influencer.functional import ModelFunction
 from influencer.influence import Influence
+from influencer.plotting import predicted_vs_actual
 from influencer.progress import progress_bar
 from influencer.stats import pearson, spearman
 from influencer.training import fit_lbfgs
@@ -76,25 +77,15 @@ class LOOResult:
 
     def plot(self, path: str | Path, title: str = "Leave-one-out retraining") -> Path:
         """Scatter of actual vs predicted with the identity line, saved as PNG."""
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
-        fig, ax = plt.subplots(figsize=(4.5, 4.5), dpi=120)
-        ax.scatter(self.actual, self.predicted, s=14, alpha=0.8)
-        lo = float(min(self.actual.min(), self.predicted.min()))
-        hi = float(max(self.actual.max(), self.predicted.max()))
-        ax.plot([lo, hi], [lo, hi], color="gray", lw=1, ls="--")
-        ax.set_xlabel("actual change in test loss (retrained)")
-        ax.set_ylabel("predicted change (influence)")
-        ax.set_title(f"{title}\nPearson R = {self.pearson:.3f}, Spearman = {self.spearman:.3f}", fontsize=9)
-        fig.tight_layout()
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(path)
-        plt.close(fig)
-        return path
+        return predicted_vs_actual(
+            path,
+            self.predicted,
+            self.actual,
+            title=title,
+            ylabel="predicted change (influence)",
+            pearson=self.pearson,
+            spearman=self.spearman,
+        )
 
     def summary(self) -> dict[str, Any]:
         return {

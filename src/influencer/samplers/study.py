@@ -31,6 +31,7 @@ from torch import Tensor
 
 from influencer.data import as_examples
 from influencer.errors import ConfigError
+from influencer.plotting import pyplot, save_png
 from influencer.progress import progress_bar
 from influencer.samplers.base import Sampler
 from influencer.unlearning import ClassRemoval
@@ -229,10 +230,7 @@ class SamplerStudy:
 
     def plot(self, out_dir: str | Path) -> list[Path]:
         """PNG plots of F1, stability and cost against subset size, one line per sampler."""
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+        plt = pyplot()
 
         out_dir = Path(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -280,10 +278,7 @@ class SamplerStudy:
             ax.set_title(title, fontsize=9)
             ax.legend(fontsize=8)
             fig.tight_layout()
-            path = out_dir / f"{key}.png"
-            fig.savefig(path)
-            plt.close(fig)
-            paths.append(path)
+            paths.append(save_png(fig, out_dir / f"{key}.png"))
         return paths
 
 
