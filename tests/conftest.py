@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 
 # OpenMP threads sleep instead of spinning while they wait: on a small shared CPU spinning threads
 # starve every other process (and each other), making small tensor work many times slower.
@@ -15,6 +16,15 @@ from influencer import ClassificationTask
 from influencer.datasets import Split, load_digits
 from influencer.models import MLP, LogisticRegression
 from influencer.training import train_lbfgs, train_minibatch
+
+
+@pytest.fixture(scope="module")
+def one_thread() -> Iterator[None]:
+    """Tiny models: intra-op threads only add contention on a shared CPU (opt in per module)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="session")
