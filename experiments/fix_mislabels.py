@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 from influencer import ClassificationTask
-from influencer.datasets import load_digits, load_mnist1d, load_tabular
+from influencer.datasets import load_dataset
 from influencer.kernels import RBFKernelModel
 from influencer.mislabels import MislabelConfig, simulate_fixing, subsample
 from influencer.models import LogisticRegression
@@ -48,12 +48,7 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=Path("out/fix_mislabels"))
     args = ap.parse_args()
 
-    if args.data == "digits":
-        split = load_digits(dtype=torch.float64)
-    elif args.data == "mnist1d":
-        split = load_mnist1d(2000, dtype=torch.float64)
-    else:
-        split = load_tabular(args.data, dtype=torch.float64)
+    split = load_dataset(args.data, dtype=torch.float64)
     split = subsample(split, args.n_train or None)
     x = split.x_train
     classes = split.num_classes

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from influencer import ClassificationTask, Exact, Influence
-from influencer.datasets import load_digits, load_mnist1d, load_tabular
+from influencer.datasets import load_dataset
 from influencer.group import compare_group_influence, make_groups
 from influencer.models import LogisticRegression
 from influencer.training import train_lbfgs
@@ -38,12 +38,7 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=Path("out/group_influence"))
     args = ap.parse_args()
 
-    if args.data == "digits":
-        split = load_digits(dtype=torch.float64)
-    elif args.data == "mnist1d":
-        split = load_mnist1d(2000, dtype=torch.float64)
-    else:
-        split = load_tabular(args.data, dtype=torch.float64)
+    split = load_dataset(args.data, dtype=torch.float64)
     torch.manual_seed(args.seeds)
     model = LogisticRegression(split.x_train.shape[1], split.num_classes).double()
     task = ClassificationTask(weight_decay=args.weight_decay)

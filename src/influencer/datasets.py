@@ -12,6 +12,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from influencer.errors import ConfigError
+
 
 @dataclass(frozen=True)
 class Split:
@@ -38,7 +40,7 @@ class Split:
         return len(self.classes)
 
 
-def _split(
+def split_arrays(
     name: str,
     x: np.ndarray,
     y: np.ndarray,
@@ -47,18 +49,24 @@ def _split(
     dtype: torch.dtype | None,
     classes: tuple[str, ...],
     feature_names: tuple[str, ...] = (),
-    standardize: bool = False,
+    standardize: bool | np.ndarray = False,
 ) -> Split:
+    """Seeded train/test split of ``x`` ``(n, ...)`` and ``y`` ``(n,)``.
+
+    ``standardize``: ``True`` scales every feature to zero mean and unit variance on the training
+    part; a boolean mask over the features scales only those it marks (e.g. not a 0/1 indicator).
+    """
     if not 0.0 < test_fraction < 1.0:
-        raise ValueError(f"test_fraction must be in (0, 1), got {test_fraction}")
+        raise ConfigError(f"test_fraction must be in (0, 1), got {test_fraction}")
     rng = np.random.default_rng(seed)
     order = rng.permutation(len(x))
     n_test = round(test_fraction * len(x))
     test, train = order[:n_test], order[n_test:]
     x = x.astype(np.float64)
-    if standardize:  # statistics of the training part only
+    if standardize is not False:  # statistics of the training part only
         mean, std = x[train].mean(0), x[train].std(0)
-        x = (x - mean) / np.where(std > 0, std, 1.0)
+        scaled = (x - mean) / np.where(std > 0, std, 1.0)
+        x = scaled if standardize is True else np.where(np.asarray(standardize, dtype=bool), scaled, x)
     dt = dtype or torch.get_default_dtype()
 
     def t(a: np.ndarray) -> Tensor:
@@ -83,7 +91,7 @@ def load_digits(
     x = d.data / 16.0
     if images:
         x = x.reshape(-1, 1, 8, 8)
-    return _split("digits", x, d.target, test_fraction, seed, dtype, tuple(str(c) for c in range(10)))
+    return split_arrays("digits", x, d.target, test_fraction, seed, dtype, tuple(str(c) for c in range(10)))
 
 
 def load_tabular(
@@ -100,7 +108,7 @@ def load_tabular(
     if name not in loaders:
         raise ValueError(f"unknown data set {name!r}; choose from {sorted(loaders)}")
     d = loaders[name]()
-    return _split(
+    return split_arrays(
         name,
         d.data,
         d.target,
@@ -111,6 +119,15 @@ def load_tabular(
         tuple(str(f) for f in d.feature_names),
         standardize=True,
     )
+
+
+def load_dataset(name: str, dtype: torch.dtype | None = None, mnist1d_samples: int = 2000) -> Split:
+    """A data set by name: ``digits``, ``mnist1d`` (``mnist1d_samples`` signals) or a tabular one."""
+    if name == "digits":
+        return load_digits(dtype=dtype)
+    if name == "mnist1d":
+        return load_mnist1d(mnist1d_samples, dtype=dtype)
+    return load_tabular(name, dtype=dtype)
 
 
 def load_mnist1d(
@@ -125,4 +142,4 @@ def load_mnist1d(
     d = make_dataset(args)
     x = np.concatenate([d["x"], d["x_test"]])
     y = np.concatenate([d["y"], d["y_test"]])
-    return _split("mnist1d", x, y, test_fraction, seed, dtype, tuple(str(c) for c in range(10)))
+    return split_arrays("mnist1d", x, y, test_fraction, seed, dtype, tuple(str(c) for c in range(10)))

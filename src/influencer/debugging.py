@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from influencer.datasets import Split
+from influencer.datasets import Split, split_arrays
 from influencer.errors import ConfigError, DataError
 from influencer.estimators import Exact
 from influencer.influence import Influence
@@ -61,26 +61,20 @@ def load_diabetes_subgroup(
 
     d = load_diabetes(scaled=False)
     x, target = np.asarray(d.data, dtype=np.float64), np.asarray(d.target)
-    if not 0.0 < test_fraction < 1.0:
-        raise ConfigError(f"test_fraction must be in (0, 1), got {test_fraction}")
-    rng = np.random.default_rng(seed)
-    order = rng.permutation(len(x))
-    n_test = round(test_fraction * len(x))
-    test, train = order[:n_test], order[n_test:]
-    mean, std = x[train].mean(0), x[train].std(0)
-    scaled = (x - mean) / np.where(std > 0, std, 1.0)
     subgroup = (x[:, 0] < age_below).astype(np.float64)[:, None]
-    features = np.concatenate([scaled, subgroup], axis=1)
+    features = np.concatenate([x, subgroup], axis=1)
     labels = (target > np.median(target)).astype(np.int64)
-    dt = dtype or torch.get_default_dtype()
-    return Split(
+    scaled = np.arange(features.shape[1]) < x.shape[1]  # all but the 0/1 subgroup column
+    return split_arrays(
         "diabetes",
-        torch.from_numpy(features[train]).to(dt),
-        torch.from_numpy(labels[train]),
-        torch.from_numpy(features[test]).to(dt),
-        torch.from_numpy(labels[test]),
+        features,
+        labels,
+        test_fraction,
+        seed,
+        dtype,
         ("low progression", "high progression"),
         (*_DIABETES_NAMES, f"age<{age_below:g}"),
+        standardize=scaled,
     )
 
 
