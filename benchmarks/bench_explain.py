@@ -34,11 +34,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from influencer.config import ExplainConfig
-from influencer.datasets import load_digits
-from influencer.explain import explain
+from influencer.app.config import ExplainConfig
+from influencer.app.pipeline import explain
 from influencer.models import SmallCNN
-from influencer.task import ClassificationTask
+from influencer.paper.datasets import load_digits
+from influencer.tasks import ClassificationTask
 from influencer.training import train_minibatch
 
 STAGES = ("build", "evaluate", "fit", "directions", "gradients", "report", "total")
@@ -98,13 +98,13 @@ def bench_device(device: str, base: ExplainConfig) -> dict[str, Any]:
 def agreement(base: ExplainConfig, device: str, top: int = 10) -> dict[str, Any]:
     """Default scores vs influence over the whole network (GGN, exact float64 solve)."""
     from influencer import Exact, Influence
-    from influencer.stats import spearman
+    from influencer._kernel.stats import spearman
 
     with tempfile.TemporaryDirectory(prefix="bench-explain-") as tmp:
         config = base.replace(out=str(Path(tmp) / "run"), device=device, progress=False)
         result = explain(config, console=False)
-        from influencer.jobs import digits_job
-        from influencer.store import RunStore
+        from influencer.app.jobs import digits_job
+        from influencer.app.store import RunStore
 
         with RunStore(config.out) as store:
             job = digits_job(config.replace(params=("all",)), store, torch.device(device))  # the whole CNN

@@ -25,11 +25,11 @@ import torch
 from torch import Tensor, nn
 
 from influencer import ClassificationTask
+from influencer._kernel.functional import ModelFunction
+from influencer._kernel.stats import pearson, spearman
 from influencer.data import as_examples
-from influencer.datasets import load_digits
-from influencer.functional import ModelFunction
 from influencer.models import MLP, LogisticRegression
-from influencer.stats import pearson, spearman
+from influencer.paper.datasets import load_digits
 from influencer.training import fit_lbfgs
 
 

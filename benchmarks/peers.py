@@ -1,6 +1,7 @@
 """One adapter per library: the same method on the same problem, mapped to our score convention.
 
-Our convention (``influencer.scores``): ``score[j, i] = (1/n) grad f(test_j)^T (H + damping I)^-1 g_i``
+Our convention (``influencer._kernel.scores``):
+``score[j, i] = (1/n) grad f(test_j)^T (H + damping I)^-1 g_i``
 with ``H`` the Hessian of ``J = mean_i CE_i + Omega``, ``Omega = weight_decay / 2 ||theta||^2``,
 ``g_i = grad(CE_i + Omega)`` and ``f`` the test cross-entropy: the predicted change of the test loss
 when ``z_i`` is removed, positive = helpful, scale ``1/n``.

@@ -22,12 +22,12 @@ import numpy as np
 import torch
 
 from influencer import CG, ClassificationTask, LiSSA
-from influencer.datasets import load_digits, load_mnist1d
 from influencer.estimators import Estimator
 from influencer.models import MLP
-from influencer.plotting import pyplot, save_png
+from influencer.paper.datasets import load_digits, load_mnist1d
+from influencer.paper.plotting import pyplot, save_png
 from influencer.samplers import SAMPLERS, make_sampler
-from influencer.unlearning import RemovalComparison, TrainingRecipe, compare_with_retraining
+from influencer.uses.unlearning import RemovalComparison, TrainingRecipe, compare_with_retraining
 
 
 @dataclass

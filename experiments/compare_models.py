@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from influencer.model_comparison import DigitsComparisonConfig, digits_comparison
+from influencer.uses.comparison import DigitsComparisonConfig, digits_comparison
 
 
 def main() -> None:

@@ -25,10 +25,10 @@ from pathlib import Path
 import torch
 
 from influencer import ClassificationTask
-from influencer.datasets import load_dataset
-from influencer.kernels import RBFKernelModel
-from influencer.mislabels import MislabelConfig, simulate_fixing, subsample
 from influencer.models import LogisticRegression
+from influencer.models.kernels import RBFKernelModel
+from influencer.paper.datasets import load_dataset
+from influencer.uses.mislabels import MislabelConfig, simulate_fixing, subsample
 
 
 def main() -> None:

@@ -20,10 +20,10 @@ from pathlib import Path
 import torch
 
 from influencer import ClassificationTask, Exact, Influence
-from influencer.datasets import load_dataset
-from influencer.group import compare_group_influence, make_groups
 from influencer.models import LogisticRegression
+from influencer.paper.datasets import load_dataset
 from influencer.training import train_lbfgs
+from influencer.uses.group import compare_group_influence, make_groups
 
 
 def main() -> None:

@@ -28,9 +28,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from class_removal import make_estimator, prepare
 
+from influencer.paper.sampler_study import run_sampler_study
 from influencer.samplers import SAMPLERS, make_sampler
-from influencer.samplers.study import run_sampler_study
-from influencer.unlearning import ClassRemoval
+from influencer.uses.unlearning import ClassRemoval
 
 
 def main() -> None:

@@ -23,13 +23,13 @@ from pathlib import Path
 import torch
 
 from influencer import ClassificationTask, Exact, Influence, top_k
+from influencer._kernel.functional import ModelFunction
 from influencer.data import as_examples
-from influencer.datasets import load_digits
-from influencer.functional import ModelFunction
 from influencer.models import LogisticRegression
-from influencer.perturbation import PerturbationInfluence, check_perturbation
-from influencer.plotting import pyplot, save_png
+from influencer.paper.datasets import load_digits
+from influencer.paper.plotting import pyplot, save_png
 from influencer.training import fit_lbfgs
+from influencer.uses.perturbation import PerturbationInfluence, check_perturbation
 
 
 def main() -> None:

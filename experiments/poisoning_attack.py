@@ -21,9 +21,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from influencer.datasets import Split
-from influencer.plotting import pyplot, save_png
-from influencer.poisoning import PoisonConfig, PoisonSummary, poison_digits
+from influencer.paper.datasets import Split
+from influencer.paper.plotting import pyplot, save_png
+from influencer.uses.poisoning import PoisonConfig, PoisonSummary, poison_digits
 
 
 def main() -> None:

@@ -9,8 +9,8 @@ import torch
 from torch import nn
 
 from influencer import ClassificationTask
-from influencer.datasets import load_digits
-from influencer.jobs import Job
+from influencer.app.jobs import Job
+from influencer.paper.datasets import load_digits
 from influencer.training import train_minibatch
 
 # A user's job module, as `--task tiny_job:build` would import it.
@@ -18,7 +18,7 @@ TASK_MODULE = textwrap.dedent(
     """
     import torch
     from influencer import ClassificationTask
-    from influencer.datasets import load_digits
+    from influencer.paper.datasets import load_digits
     from influencer.training import train_minibatch
 
 

@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from influencer import ConfigError, DataError
-from influencer.datasets import Split
-from influencer.debugging import (
+from influencer.paper.datasets import Split
+from influencer.uses.debugging import (
     MismatchDebugResult,
     debug_domain_mismatch,
     load_diabetes_subgroup,

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from influencer import CG, EKFAC, Arnoldi, Exact, Influence, LiSSA
-from influencer.validation import leave_one_out
+from influencer.uses.validation import leave_one_out
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device on this machine")
 

@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from influencer import CG, ClassificationTask, Exact, Influence, LiSSA
-from influencer.distributed import all_gather_blocks, rank_and_size, shard
+from influencer._kernel.distributed import all_gather_blocks, rank_and_size, shard
 from influencer.models import LogisticRegression
 from influencer.training import train_lbfgs
 

@@ -14,14 +14,14 @@ import torch
 
 from explain_support import TASK_MODULE, tiny_job
 from influencer import CG, Exact, Influence, RegressionTask, top_k
-from influencer.config import ExplainConfig
-from influencer.datasets import load_tabular
+from influencer._kernel.functional import ModelFunction
+from influencer.app.config import ExplainConfig
+from influencer.app.jobs import Job, as_job, digits_job, load_job
+from influencer.app.pipeline import Evaluation, choose_test_ids, explain
+from influencer.app.store import MANIFEST, RunStore, hash_module
 from influencer.errors import ConfigError, TaskError
-from influencer.explain import Evaluation, choose_test_ids, explain
-from influencer.functional import ModelFunction
-from influencer.jobs import Job, as_job, digits_job, load_job
+from influencer.paper.datasets import load_tabular
 from influencer.samplers import SamplerContext, make_sampler
-from influencer.store import MANIFEST, RunStore, hash_module
 
 CHUNK = 32  # 120 training examples -> chunks of 32, 32, 32, 24
 N_CHUNKS = 4
@@ -295,7 +295,7 @@ def test_build_results_in_every_form(tmp_path, monkeypatch):
 
 
 def test_digits_job_trains_once_and_its_feature_view_equals_the_network_head(tmp_path, monkeypatch):
-    import influencer.jobs as jobs
+    import influencer.app.jobs as jobs
 
     trainings = []
     real_train = jobs.train_minibatch

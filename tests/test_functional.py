@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from influencer import ClassificationTask, RegressionTask, Task, TaskError
-from influencer.functional import ModelFunction, select_parameters
+from influencer._kernel.functional import ModelFunction, select_parameters
 from influencer.models import MLP
 
 

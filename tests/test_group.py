@@ -7,8 +7,10 @@ import torch
 from torch import nn
 
 from influencer import ClassificationTask, ConfigError, DataError, Exact, Influence, RegressionTask
-from influencer.datasets import load_tabular
-from influencer.group import (
+from influencer.models import LogisticRegression
+from influencer.paper.datasets import load_tabular
+from influencer.training import fit_lbfgs, train_lbfgs
+from influencer.uses.group import (
     GroupComparison,
     compare_group_influence,
     group_curvature_product,
@@ -17,8 +19,6 @@ from influencer.group import (
     make_groups,
     retrain_without_groups,
 )
-from influencer.models import LogisticRegression
-from influencer.training import fit_lbfgs, train_lbfgs
 
 LAM = 0.05
 

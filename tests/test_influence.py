@@ -8,7 +8,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 from influencer import CG, ClassificationTask, Exact, Influence, LiSSA, RegressionTask, top_k
-from influencer.stats import pearson
+from influencer._kernel.stats import pearson
 from influencer.testing import dense_reference_scores, ridge_reference
 
 

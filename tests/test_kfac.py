@@ -16,15 +16,15 @@ from torch import nn
 from torch.func import jacrev, vmap
 
 from influencer import ClassificationTask, ConfigError, Exact, IndefiniteHessianError, Influence
-from influencer.curvature import Curvature
+from influencer._kernel.curvature import Curvature
+from influencer._kernel.functional import ModelFunction
+from influencer._kernel.stats import pearson
 from influencer.data import as_examples
-from influencer.datasets import load_digits, load_tabular
 from influencer.estimators.ekfac import EKFAC, corrected_eigenvalues
 from influencer.estimators.kfac import KFAC
 from influencer.estimators.kronecker import covariance_factors, eigenbasis, find_layers
-from influencer.functional import ModelFunction
-from influencer.stats import pearson
-from influencer.task import RegressionTask, Task
+from influencer.paper.datasets import load_digits, load_tabular
+from influencer.tasks import RegressionTask, Task
 from influencer.training import train_minibatch
 
 F64 = torch.float64

@@ -8,10 +8,10 @@ import torch
 from torch import nn
 
 from influencer import CG, ClassificationTask, Exact, Influence, SmoothHingeTask
+from influencer._kernel.functional import ModelFunction
 from influencer.data import as_examples
-from influencer.functional import ModelFunction
 from influencer.training import fit_lbfgs
-from influencer.validation import leave_one_out
+from influencer.uses.validation import leave_one_out
 
 
 def fit(model: nn.Module, task, train) -> nn.Module:

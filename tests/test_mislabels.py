@@ -7,9 +7,10 @@ import torch
 import torch.nn.functional as F
 
 from influencer import ClassificationTask, ConfigError, DataError, Exact, Influence
-from influencer.datasets import load_digits, load_tabular
-from influencer.kernels import RBFKernelModel
-from influencer.mislabels import (
+from influencer.models import LogisticRegression
+from influencer.models.kernels import RBFKernelModel
+from influencer.paper.datasets import load_digits, load_tabular
+from influencer.uses.mislabels import (
     MislabelConfig,
     flip_labels,
     lbfgs_trainer,
@@ -18,7 +19,6 @@ from influencer.mislabels import (
     subsample,
     training_losses,
 )
-from influencer.models import LogisticRegression
 
 
 @pytest.fixture(scope="module")
@@ -93,7 +93,7 @@ def test_self_influence_finds_flips_that_loss_and_random_miss(digits):
 def test_plot(digits, tmp_path):
     import numpy as np
 
-    from influencer.mislabels import MislabelResult
+    from influencer.uses.mislabels import MislabelResult
 
     found = np.random.default_rng(0).uniform(size=(3, 2, 2))
     res = MislabelResult(

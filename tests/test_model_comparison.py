@@ -7,14 +7,14 @@ import pytest
 import torch
 
 from influencer import CG, ConfigError, DataError, Exact, Influence, SmoothHingeTask
-from influencer.kernels import RBFKernelModel, median_gamma
-from influencer.model_comparison import (
+from influencer.models.kernels import RBFKernelModel, median_gamma
+from influencer.training import objective_and_grad, train_lbfgs
+from influencer.uses.comparison import (
     DigitsComparisonConfig,
     compare_models,
     digits_comparison,
     two_class_digits,
 )
-from influencer.training import objective_and_grad, train_lbfgs
 
 
 @pytest.fixture(scope="module")

@@ -10,11 +10,12 @@ import torch
 from torch import Tensor, nn
 
 from influencer import ClassificationTask, DataError, Exact, Influence, Task
+from influencer._kernel.functional import ModelFunction
 from influencer.data import as_examples
-from influencer.datasets import Split, load_digits, load_tabular
-from influencer.functional import ModelFunction
 from influencer.models import MLP, LogisticRegression, SmallCNN
-from influencer.perturbation import (
+from influencer.paper.datasets import Split, load_digits, load_tabular
+from influencer.training import fit_lbfgs
+from influencer.uses.perturbation import (
     PatchedExamples,
     PerturbationInfluence,
     check_perturbation,
@@ -22,7 +23,6 @@ from influencer.perturbation import (
     replace_input,
     top_features,
 )
-from influencer.training import fit_lbfgs
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

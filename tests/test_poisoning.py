@@ -9,12 +9,12 @@ import torch
 from torch import nn
 
 from influencer import ClassificationTask, ConfigError, DataError
+from influencer._kernel.functional import ModelFunction
 from influencer.data import as_examples
-from influencer.datasets import Split
-from influencer.functional import ModelFunction
 from influencer.models import SmallCNN
-from influencer.poisoning import PoisonConfig, PoisoningAttack, binary_digits
+from influencer.paper.datasets import Split
 from influencer.training import fit_lbfgs
+from influencer.uses.poisoning import PoisonConfig, PoisoningAttack, binary_digits
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

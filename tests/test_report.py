@@ -17,9 +17,9 @@ import torch
 from PIL import Image
 
 from explain_support import tiny_job
-from influencer.config import ExplainConfig
-from influencer.explain import explain
-from influencer.report import Card, ExampleView, Panel, image_layout, png_bytes, render_report
+from influencer.app.config import ExplainConfig
+from influencer.app.pipeline import explain
+from influencer.app.report import Card, ExampleView, Panel, image_layout, png_bytes, render_report
 
 HOSTILE = "<script>alert('x')</script>&\"'"
 

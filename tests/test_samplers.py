@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from influencer import CG, ClassificationTask, ConfigError, Influence
-from influencer.datasets import load_digits
 from influencer.models import MLP
+from influencer.paper.datasets import load_digits
 from influencer.samplers import (
     SAMPLERS,
     ClassStratifiedSampler,
@@ -26,7 +26,7 @@ from influencer.samplers import (
 )
 from influencer.samplers.logits import confidence
 from influencer.training import train_minibatch
-from influencer.unlearning import ClassRemoval
+from influencer.uses.unlearning import ClassRemoval
 
 
 @pytest.fixture(scope="module")

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from scipy import stats as sp
 
-from influencer.stats import pearson, ranks, spearman
+from influencer._kernel.stats import pearson, ranks, spearman
 
 
 def test_pearson_and_spearman_match_scipy():

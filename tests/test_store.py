@@ -12,8 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from influencer.data import DatasetExamples, as_examples
-from influencer.store import (
+from influencer.app.store import (
     MANIFEST,
     RunStore,
     StoreError,
@@ -24,6 +23,7 @@ from influencer.store import (
     hash_tensors,
     read_array,
 )
+from influencer.data import DatasetExamples, as_examples
 
 COMPONENTS = {"model weights": "a" * 64, "training data": "b" * 64, "settings": "c" * 64}
 
@@ -164,7 +164,7 @@ def test_an_entry_is_listed_only_once_written(tmp_path, monkeypatch):
     with RunStore(tmp_path) as store:
         s = store.section("gradients", COMPONENTS)
         s.save("c0", np.zeros(2))
-        monkeypatch.setattr("influencer.store.atomic_write_bytes", _fail_for_npy(atomic_write_bytes))
+        monkeypatch.setattr("influencer.app.store.atomic_write_bytes", _fail_for_npy(atomic_write_bytes))
         with pytest.raises(OSError):
             s.save("c1", np.zeros(2))
     with RunStore(tmp_path) as store:

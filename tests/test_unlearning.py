@@ -8,14 +8,14 @@ import torch.nn.functional as F
 from torch.func import functional_call, jacrev, vmap
 
 from influencer import CG, ClassificationTask, ConfigError, DataError, Exact, LiSSA
+from influencer._kernel.functional import ModelFunction
 from influencer.data import as_examples
-from influencer.datasets import load_digits, load_tabular
-from influencer.functional import ModelFunction
 from influencer.models import MLP, LogisticRegression
+from influencer.paper.datasets import load_digits, load_tabular
+from influencer.paper.sampler_study import PeakMemory, run_sampler_study
 from influencer.samplers import LogitSampler, RandomSampler
-from influencer.samplers.study import PeakMemory, run_sampler_study
 from influencer.training import fit_lbfgs
-from influencer.unlearning import (
+from influencer.uses.unlearning import (
     ClassRemoval,
     TrainingRecipe,
     compare_with_retraining,

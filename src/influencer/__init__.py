@@ -1,13 +1,13 @@
 """influencer: explain a PyTorch model's predictions by its training data (influence functions).
 
-Sign convention (see :mod:`influencer.scores`): a score is the predicted change of the test
+Sign convention (see :mod:`influencer._kernel.scores`): a score is the predicted change of the test
 measurement if the training example were removed; with the default measurement (the test loss),
 positive = helpful, negative = harmful.
 """
 
-from influencer.curvature import Curvature
-from influencer.data import Examples, as_examples
-from influencer.errors import (
+from influencer._kernel.curvature import Curvature
+from influencer._kernel.data import Examples, as_examples
+from influencer._kernel.errors import (
     ConfigError,
     ConvergenceError,
     DataError,
@@ -16,20 +16,20 @@ from influencer.errors import (
     NonFiniteError,
     TaskError,
 )
+from influencer._kernel.functional import ModelFunction
+from influencer._kernel.losses import hinge, smooth_hinge
+from influencer._kernel.scores import TopK, top_k
+from influencer._kernel.task import ClassificationTask, RegressionTask, SmoothHingeTask, Task
 from influencer.estimators import CG, EKFAC, KFAC, Arnoldi, Estimator, Exact, Identity, LiSSA, Solver
-from influencer.functional import ModelFunction
-from influencer.group import group_influence, group_params
 from influencer.influence import Influence
-from influencer.kernels import RBFKernelModel
-from influencer.losses import hinge, smooth_hinge
-from influencer.mislabels import rank_for_review
-from influencer.model_comparison import compare_models
-from influencer.perturbation import FeatureAttribution, PerturbationInfluence, check_perturbation
-from influencer.poisoning import PoisonConfig, PoisoningAttack
-from influencer.scores import TopK, top_k
-from influencer.task import ClassificationTask, RegressionTask, SmoothHingeTask, Task
-from influencer.unlearning import ClassRemoval
-from influencer.validation import leave_one_out
+from influencer.models.kernels import RBFKernelModel
+from influencer.uses.comparison import compare_models
+from influencer.uses.group import group_influence, group_params
+from influencer.uses.mislabels import rank_for_review
+from influencer.uses.perturbation import FeatureAttribution, PerturbationInfluence, check_perturbation
+from influencer.uses.poisoning import PoisonConfig, PoisoningAttack
+from influencer.uses.unlearning import ClassRemoval
+from influencer.uses.validation import leave_one_out
 
 __version__ = "0.1.0"
 

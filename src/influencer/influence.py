@@ -4,7 +4,7 @@ Usage::
 
     inf = Influence(model, ClassificationTask(weight_decay=1e-3), train=(X, y), estimator=CG(damping=1e-3))
     inf.fit()                                # curvature + inverse-Hessian estimator
-    s = inf.scores((X_test, y_test))         # (m, n); positive = helpful (see influencer.scores)
+    s = inf.scores((X_test, y_test))         # (m, n); positive = helpful (see influencer._kernel.scores)
     top = top_k(s, k=5)                      # most helpful / harmful training ids per test example
 
 Scores are computed the efficient way round: one inverse-HVP per *test* example
@@ -21,15 +21,15 @@ import torch
 from torch import Tensor, nn
 from torch.func import grad
 
-from influencer.curvature import Curvature, CurvatureKind
-from influencer.data import Examples, as_examples
-from influencer.distributed import all_gather_blocks, all_reduce_sum, shard
-from influencer.errors import ConfigError, DataError, NonFiniteError
+from influencer._kernel.curvature import Curvature, CurvatureKind
+from influencer._kernel.data import Examples, as_examples
+from influencer._kernel.distributed import all_gather_blocks, all_reduce_sum, shard
+from influencer._kernel.errors import ConfigError, DataError, NonFiniteError
+from influencer._kernel.functional import ModelFunction
+from influencer._kernel.progress import progress_bar
+from influencer._kernel.scores import removal_scores, up_loss_from_scores
+from influencer._kernel.task import Task
 from influencer.estimators import CG, Estimator, Solver
-from influencer.functional import ModelFunction
-from influencer.progress import progress_bar
-from influencer.scores import removal_scores, up_loss_from_scores
-from influencer.task import Task
 
 
 class Influence:
@@ -37,8 +37,8 @@ class Influence:
 
     Args:
         model: the trained ``nn.Module`` (put in eval mode; its weights are never modified).
-        task: per-example loss, measurement and regulariser (:mod:`influencer.task`).
-        train: the training data, in any form :func:`influencer.data.as_examples` accepts, in the
+        task: per-example loss, measurement and regulariser (:mod:`influencer._kernel.task`).
+        train: the training data, in any form :func:`influencer._kernel.data.as_examples` accepts, in the
             order that defines training ids.
         estimator: inverse-Hessian method (default ``CG()``, undamped).
         curvature: ``"hessian"`` or ``"gauss_newton"`` (positive semi-definite for non-convex nets).
@@ -52,7 +52,7 @@ class Influence:
         dtype: compute dtype (e.g. ``torch.float64``); default the model's.
         progress: show progress bars.
         distributed: split the work between the ranks of an initialised ``torch.distributed``
-            process group (see :mod:`influencer.distributed`); every rank gets the full results.
+            process group (see :mod:`influencer._kernel.distributed`); every rank gets the full results.
     """
 
     def __init__(
@@ -218,7 +218,7 @@ class Influence:
     def scores(self, test: Any, train_indices: Sequence[int] | Tensor | None = None) -> Tensor:
         """Removal scores ``(m, c)`` of training examples (default all) on each test example.
 
-        Positive = helpful, negative = harmful (see :mod:`influencer.scores`).
+        Positive = helpful, negative = harmful (see :mod:`influencer._kernel.scores`).
         """
         directions = self.test_directions(test)
         return self.scores_from_directions(directions, train_indices)

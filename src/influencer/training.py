@@ -14,13 +14,13 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from influencer.curvature import Curvature
-from influencer.data import Examples, as_examples, to_device
-from influencer.errors import ConvergenceError
+from influencer._kernel.curvature import Curvature
+from influencer._kernel.data import Examples, as_examples, to_device
+from influencer._kernel.errors import ConvergenceError
+from influencer._kernel.functional import ModelFunction
+from influencer._kernel.progress import progress_bar
+from influencer._kernel.task import Task
 from influencer.estimators.cg import CG
-from influencer.functional import ModelFunction
-from influencer.progress import progress_bar
-from influencer.task import Task
 
 
 def objective_and_grad(

@@ -13,10 +13,10 @@ import dataclasses
 import torch
 from torch import Tensor
 
-from influencer.curvature import Curvature
-from influencer.errors import ConfigError, IndefiniteHessianError
+from influencer._kernel.curvature import Curvature
+from influencer._kernel.errors import ConfigError, IndefiniteHessianError
+from influencer._kernel.progress import progress_bar
 from influencer.estimators.base import Estimator, Solver, require_positive
-from influencer.progress import progress_bar
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

@@ -14,8 +14,8 @@ from typing import Any, ClassVar
 
 from torch import Tensor
 
-from influencer.curvature import Curvature
-from influencer.errors import ConfigError
+from influencer._kernel.curvature import Curvature
+from influencer._kernel.errors import ConfigError
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

@@ -8,8 +8,8 @@ import warnings
 import torch
 from torch import Tensor
 
-from influencer.curvature import Curvature
-from influencer.errors import IndefiniteHessianError, NonFiniteError
+from influencer._kernel.curvature import Curvature
+from influencer._kernel.errors import IndefiniteHessianError, NonFiniteError
 from influencer.estimators.base import Estimator, Solver, require_positive
 
 

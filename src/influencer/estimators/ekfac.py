@@ -17,7 +17,7 @@ import dataclasses
 import torch
 from torch import Tensor
 
-from influencer.curvature import Curvature
+from influencer._kernel.curvature import Curvature
 from influencer.estimators.kronecker import KroneckerEstimator, KroneckerSolver, Layer, eigenbasis, sweep
 
 _CHUNK_ELEMENTS = 2**24  # per-example gradient elements held at once

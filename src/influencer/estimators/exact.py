@@ -7,8 +7,8 @@ import dataclasses
 import torch
 from torch import Tensor
 
-from influencer.curvature import Curvature
-from influencer.errors import ConfigError, IndefiniteHessianError
+from influencer._kernel.curvature import Curvature
+from influencer._kernel.errors import ConfigError, IndefiniteHessianError
 from influencer.estimators.base import Estimator, Solver, require_positive
 
 

@@ -6,8 +6,8 @@ import dataclasses
 
 from torch import Tensor
 
-from influencer.curvature import Curvature
-from influencer.errors import ConfigError
+from influencer._kernel.curvature import Curvature
+from influencer._kernel.errors import ConfigError
 from influencer.estimators.base import Estimator, Solver
 
 

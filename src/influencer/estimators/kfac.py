@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from influencer.curvature import Curvature
+from influencer._kernel.curvature import Curvature
 from influencer.estimators.kronecker import KroneckerEstimator, KroneckerSolver, eigenbasis
 
 

@@ -33,11 +33,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call, grad, jvp, vmap
 
-from influencer.curvature import Curvature
-from influencer.errors import ConfigError, IndefiniteHessianError
+from influencer._kernel.curvature import Curvature
+from influencer._kernel.errors import ConfigError, IndefiniteHessianError
+from influencer._kernel.functional import ModelFunction
+from influencer._kernel.progress import progress_bar
 from influencer.estimators.base import Estimator, Solver, require_positive
-from influencer.functional import ModelFunction
-from influencer.progress import progress_bar
 
 FISHERS = ("exact", "sampled", "empirical")
 _MAX_OUTPUTS = 1024  # the exact/sampled output-Hessian factor is (B, D, D)

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from influencer.errors import ConfigError
+from influencer._kernel.errors import ConfigError
 from influencer.samplers.base import Sampler, StratifiedSampler, draw_stratified, largest_remainder
 from influencer.samplers.classes import ClassStratifiedSampler
 from influencer.samplers.context import SamplerContext

@@ -22,7 +22,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
-from influencer.errors import ConfigError
+from influencer._kernel.errors import ConfigError
 from influencer.samplers.context import SamplerContext
 
 

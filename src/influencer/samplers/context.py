@@ -13,10 +13,10 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from influencer.data import Examples, as_examples
-from influencer.errors import ConfigError, DataError, TaskError
-from influencer.functional import ModelFunction
-from influencer.task import Task
+from influencer._kernel.data import Examples, as_examples
+from influencer._kernel.errors import ConfigError, DataError, TaskError
+from influencer._kernel.functional import ModelFunction
+from influencer._kernel.task import Task
 
 
 class SamplerContext:
@@ -24,7 +24,7 @@ class SamplerContext:
 
     Args:
         model: the trained model (not modified).
-        task: its :class:`~influencer.task.Task`.
+        task: its :class:`~influencer.tasks.Task`.
         train: training data in any form :func:`~influencer.data.as_examples` accepts.
         pool: training ids a subset may be drawn from (e.g. the retained data when a class is
             removed); default all.
@@ -32,7 +32,7 @@ class SamplerContext:
             position 1 of each batch (``(inputs, labels)`` data).
         device: where forward passes run; default the model's.
         batch_size: examples per forward chunk.
-        fn: an existing :class:`~influencer.functional.ModelFunction` to share (its device and
+        fn: an existing :class:`~influencer._kernel.functional.ModelFunction` to share (its device and
             dtype are used); see :meth:`from_influence`.
     """
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from influencer.errors import ConfigError
+from influencer._kernel.errors import ConfigError
 
 
 def _nearest(points: Tensor, centers: Tensor, chunk: int) -> tuple[Tensor, Tensor]:

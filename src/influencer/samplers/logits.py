@@ -7,7 +7,7 @@ import dataclasses
 import torch
 from torch import Tensor
 
-from influencer.errors import ConfigError
+from influencer._kernel.errors import ConfigError
 from influencer.samplers.base import StratifiedSampler, auto_strata
 from influencer.samplers.context import SamplerContext
 

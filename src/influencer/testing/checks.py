@@ -14,11 +14,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from influencer.data import as_examples
+from influencer._kernel.data import as_examples
+from influencer._kernel.stats import pearson, spearman
+from influencer._kernel.task import Task
 from influencer.estimators import Estimator, Exact
 from influencer.influence import Influence
-from influencer.stats import pearson, spearman
-from influencer.task import Task
 
 
 @dataclass(frozen=True)

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from influencer.task import Task
+from influencer._kernel.task import Task
 
 
 @dataclass(frozen=True)

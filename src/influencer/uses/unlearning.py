@@ -8,7 +8,7 @@ step on ``J_R`` gives::
     theta_new = theta + (1/(n - |S|)) H_R^-1 sum_{z in S} g_z
 
 with ``H_R`` the Hessian of ``J_R``, estimated on a (representative) subset of the *retained*
-data. This is the removal convention of :mod:`influencer.scores` (removing ``S`` moves ``theta`` by
+data. This is the removal convention of :mod:`influencer._kernel.scores` (removing ``S`` moves ``theta`` by
 ``+(1/n) H^-1 sum g_z`` to first order) with the exact scale ``1/(n - |S|)`` of the retained
 objective instead of ``1/n``. For a network ``H_R`` is indefinite, so the default curvature is
 the Gauss-Newton matrix with damping. An optional step-size search scales the update by the
@@ -31,13 +31,13 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from influencer.curvature import Curvature, CurvatureKind
-from influencer.data import Examples, as_examples, to_device
-from influencer.errors import ConfigError, DataError, NonFiniteError
+from influencer._kernel.curvature import Curvature, CurvatureKind
+from influencer._kernel.data import Examples, as_examples, to_device
+from influencer._kernel.errors import ConfigError, DataError, NonFiniteError
+from influencer._kernel.functional import ModelFunction
+from influencer._kernel.task import Task, predictions
 from influencer.estimators import CG, Estimator, LiSSA
-from influencer.functional import ModelFunction
 from influencer.samplers import Sampler, SamplerContext
-from influencer.task import Task, predictions
 from influencer.training import train_minibatch
 
 

@@ -11,7 +11,7 @@ go in an ``[estimator_options]`` table::
     depth = 500
     batch_size = 64
 
-Command-line flags override file values (see :mod:`influencer.cli`). Unknown keys are refused with
+Command-line flags override file values (see :mod:`influencer.app.cli`). Unknown keys are refused with
 the list of valid ones, so a typo never silently falls back to a default.
 """
 
@@ -30,7 +30,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from influencer.errors import ConfigError
+from influencer._kernel.errors import ConfigError
 from influencer.estimators import Estimator
 from influencer.samplers import SAMPLERS, Sampler, make_sampler
 
@@ -81,7 +81,7 @@ class ExplainConfig:
     """Everything ``influencer explain`` does, in one place.
 
     The defaults explain the built-in job (a small CNN on scikit-learn's digits); ``task`` names a
-    function ``module:function`` returning the user's own job instead (see :mod:`influencer.jobs`).
+    function ``module:function`` returning the user's own job instead (see :mod:`influencer.app.jobs`).
     """
 
     # what to explain

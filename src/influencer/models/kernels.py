@@ -3,7 +3,7 @@
 :class:`RBFKernelModel` computes ``f(x) = W k(x) + b`` with ``k(x)_j = exp(-gamma ||x - c_j||^2)``
 for fixed centres ``c_j`` (the training points, as in an RBF-kernel SVM, or a subset of landmarks).
 The centres are a buffer and only the linear head is a parameter, so with any convex loss
-(:class:`~influencer.task.SmoothHingeTask` for an SVM, :class:`~influencer.task.ClassificationTask`
+(:class:`~influencer.tasks.SmoothHingeTask` for an SVM, :class:`~influencer.tasks.ClassificationTask`
 for kernel logistic regression) plus weight decay the objective is strictly convex in the parameters
 influence is computed over, and :func:`~influencer.training.train_lbfgs` reaches its unique optimum.
 
@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from influencer.errors import ConfigError, DataError
+from influencer._kernel.errors import ConfigError, DataError
 
 
 def squared_distances(x: Tensor, centers: Tensor) -> Tensor:

@@ -9,7 +9,7 @@ A task is the only thing a user writes to plug a model into influencer. It says
   objective (default: none).
 
 The training objective the library assumes is ``J(theta) = mean_i loss_i(theta) + Omega(theta)``,
-and the library owns every reduction, sign and 1/n scale from there on (see :mod:`influencer.scores`).
+and the library owns every reduction, sign and 1/n scale from there on (see :mod:`influencer._kernel.scores`).
 
 Tasks that split ``loss`` into ``outputs(model, batch)`` and ``output_loss(outputs, batch)``
 (the built-ins do) also support the Gauss-Newton curvature, which needs the loss as a function of
@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from influencer.losses import smooth_hinge
+from influencer._kernel.losses import smooth_hinge
 
 Batch = Any  # a pytree (tensor, tuple, list or dict of tensors) with a leading batch dimension
 

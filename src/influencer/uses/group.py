@@ -1,6 +1,6 @@
 r"""Group influence: the effect of removing a whole set ``U`` of training examples at once.
 
-Notation (as in :mod:`influencer.scores`): ``J(theta) = (1/n) sum_{i in S} l_i(theta)`` with
+Notation (as in :mod:`influencer._kernel.scores`): ``J(theta) = (1/n) sum_{i in S} l_i(theta)`` with
 ``l_i = loss_i + Omega``, minimised at ``theta*``; ``H`` its Hessian (plus any damping ``lambda I``);
 ``g_i = grad l_i(theta*)``. For a group ``U`` of ``m = |U|`` examples let ``q = m / n``,
 
@@ -54,12 +54,12 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from influencer.errors import ConfigError, DataError
+from influencer._kernel.errors import ConfigError, DataError
+from influencer._kernel.progress import progress_bar
+from influencer._kernel.stats import pearson, spearman
 from influencer.influence import Influence
-from influencer.plotting import pyplot, save_png
-from influencer.progress import progress_bar
-from influencer.stats import pearson, spearman
-from influencer.validation import Retrainer, lbfgs_retrainer
+from influencer.paper.plotting import pyplot, save_png
+from influencer.uses.validation import Retrainer, lbfgs_retrainer
 
 GroupKind = Literal["random", "same_class"]
 
@@ -145,7 +145,7 @@ def group_params(influence: Influence, groups: Sequence[Sequence[int] | Tensor])
 class GroupInfluence:
     """Predicted change of each test measurement ``(k, m)`` when each of ``k`` groups is removed.
 
-    Same sign convention as single-example scores (:mod:`influencer.scores`): with the test loss
+    Same sign convention as single-example scores (:mod:`influencer._kernel.scores`): with the test loss
     as measurement, positive = the group is helpful (removing it raises the test loss).
     """
 

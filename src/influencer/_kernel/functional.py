@@ -23,9 +23,9 @@ from torch import Tensor, nn
 from torch.func import functional_call, grad, jvp, vjp, vmap
 from torch.utils._pytree import tree_map
 
-from influencer.data import batch_size_of, to_device
-from influencer.errors import TaskError
-from influencer.task import Batch, Task
+from influencer._kernel.data import batch_size_of, to_device
+from influencer._kernel.errors import TaskError
+from influencer._kernel.task import Batch, Task
 
 
 class _Bound(nn.Module):

@@ -1,11 +1,11 @@
-"""The ``influencer`` command line, thin over :func:`influencer.explain.explain`.
+"""The ``influencer`` command line, thin over :func:`influencer.app.pipeline.explain`.
 
     influencer explain                                  # the built-in digits CNN, end to end
     influencer explain --test-ids 3,17 --top-k 8        # choose what to explain
     influencer explain --task mypkg.jobs:build --estimator lissa -o depth=500 --device cuda
     influencer explain --config job.toml --damping 0.01 # a TOML file, with flags overriding it
 
-Every flag corresponds to a field of :class:`influencer.config.ExplainConfig`; only the flags that
+Every flag corresponds to a field of :class:`influencer.app.config.ExplainConfig`; only the flags that
 are given override the file's (or the default) values.
 """
 
@@ -18,8 +18,8 @@ from typing import Any
 import click
 
 from influencer import __version__
-from influencer.config import CURVATURES, DTYPES, ExplainConfig, parse_option, read_toml
-from influencer.errors import InfluencerError
+from influencer._kernel.errors import InfluencerError
+from influencer.app.config import CURVATURES, DTYPES, ExplainConfig, parse_option, read_toml
 from influencer.samplers import SAMPLERS
 
 
@@ -102,7 +102,7 @@ def explain(config_file: str | None, estimator_option: tuple[str, ...], quiet: b
     influence_vs_distance.png to the run directory. A second run with the same inputs reuses the
     cached gradients and solves; an interrupted run resumes.
     """
-    from influencer.explain import explain as run
+    from influencer.app.pipeline import explain as run
 
     try:
         if quiet and flags.get("progress") is None:

@@ -3,7 +3,7 @@
 A user's job comes from a function named on the command line, ``--task package.module:build``;
 ``build()`` takes no arguments and returns a :class:`Job`, a dict with the same keys, or a tuple
 ``(task, model, train, test)``. The model must already be trained; data can be in any form
-:func:`influencer.data.as_examples` accepts.
+:func:`influencer._kernel.data.as_examples` accepts.
 
 Without ``--task`` the built-in job is used: :class:`influencer.models.SmallCNN` trained on
 scikit-learn's bundled 8x8 digit images (no download), with its weights cached in the run directory.
@@ -22,12 +22,12 @@ import numpy as np
 import torch
 from torch import nn
 
-from influencer.config import ExplainConfig
-from influencer.data import as_examples
-from influencer.errors import ConfigError, ConvergenceError, TaskError
-from influencer.functional import ModelFunction
-from influencer.store import RunStore, hash_json, hash_tensors
-from influencer.task import ClassificationTask, Task
+from influencer._kernel.data import as_examples
+from influencer._kernel.errors import ConfigError, ConvergenceError, TaskError
+from influencer._kernel.functional import ModelFunction
+from influencer._kernel.task import ClassificationTask, Task
+from influencer.app.config import ExplainConfig
+from influencer.app.store import RunStore, hash_json, hash_tensors
 from influencer.training import fit_lbfgs, train_minibatch
 
 log = logging.getLogger("influencer.explain")
@@ -113,7 +113,7 @@ def as_job(result: Any, source: str = "build()") -> Job:
         return Job(*result)
     raise ConfigError(
         f"{source} must return (task, model, train, test), a dict with those keys, or an "
-        f"influencer.jobs.Job; got {type(result).__name__}"
+        f"influencer.app.jobs.Job; got {type(result).__name__}"
         + (f" of length {len(result)}" if isinstance(result, (tuple, list)) else "")
     )
 
@@ -156,8 +156,8 @@ def digits_job(config: ExplainConfig, store: RunStore, device: torch.device) -> 
     predicts what refitting it without a training image would do, as in Koh & Liang's
     Inception experiments.
     """
-    from influencer.datasets import load_digits
     from influencer.models import SmallCNN
+    from influencer.paper.datasets import load_digits
 
     split = load_digits(images=True, seed=0)
     n = len(split.x_train) if config.train_size is None else min(config.train_size, len(split.x_train))

@@ -35,8 +35,8 @@ import torch
 from torch import Tensor
 from torch.utils._pytree import tree_flatten
 
-from influencer.data import Examples, TensorExamples
-from influencer.errors import InfluencerError
+from influencer._kernel.data import Examples, TensorExamples
+from influencer._kernel.errors import InfluencerError
 
 FORMAT = "influencer-run"
 VERSION = 1

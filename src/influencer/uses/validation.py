@@ -18,15 +18,15 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from influencer.curvature import Curvature
-from influencer.data import Examples
-from influencer.errors import ConfigError
+from influencer._kernel.curvature import Curvature
+from influencer._kernel.data import Examples
+from influencer._kernel.errors import ConfigError
+from influencer._kernel.functional import ModelFunction
+from influencer._kernel.progress import progress_bar
+from influencer._kernel.stats import pearson, spearman
 from influencer.estimators import CG, Exact
-from influencer.functional import ModelFunction
 from influencer.influence import Influence
-from influencer.plotting import predicted_vs_actual
-from influencer.progress import progress_bar
-from influencer.stats import pearson, spearman
+from influencer.paper.plotting import predicted_vs_actual
 from influencer.training import fit_lbfgs
 
 # (function, training data, ids to train on, starting parameters) -> retrained parameters
@@ -69,7 +69,7 @@ class LOOResult:
     """Predicted vs actual change of the test measurement when each training id is removed."""
 
     train_ids: np.ndarray  # (k,)
-    predicted: np.ndarray  # (k,) influence scores (removal convention, see influencer.scores)
+    predicted: np.ndarray  # (k,) influence scores (removal convention, see influencer._kernel.scores)
     actual: np.ndarray  # (k,) f(theta_{-i}) - f(theta*) after retraining
     pearson: float
     spearman: float

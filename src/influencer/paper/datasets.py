@@ -12,7 +12,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from influencer.errors import ConfigError
+from influencer._kernel.errors import ConfigError
 
 
 @dataclass(frozen=True)

@@ -32,15 +32,15 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from influencer.datasets import Split, load_digits
-from influencer.errors import ConfigError, DataError
+from influencer._kernel.errors import ConfigError, DataError
+from influencer._kernel.stats import pearson, spearman
+from influencer._kernel.task import ClassificationTask, SmoothHingeTask, classes_from_outputs
 from influencer.estimators import Exact
 from influencer.influence import Influence
-from influencer.kernels import RBFKernelModel
 from influencer.models import SmallCNN
-from influencer.plotting import pyplot, save_png
-from influencer.stats import pearson, spearman
-from influencer.task import ClassificationTask, SmoothHingeTask, classes_from_outputs
+from influencer.models.kernels import RBFKernelModel
+from influencer.paper.datasets import Split, load_digits
+from influencer.paper.plotting import pyplot, save_png
 from influencer.training import train_lbfgs, train_minibatch
 
 
@@ -353,7 +353,7 @@ def digits_comparison(
 ) -> tuple[ModelComparison, Split]:
     """RBF-kernel SVM vs CNN on two digit classes; returns the comparison and the data split.
 
-    * ``rbf_svm``: :class:`~influencer.kernels.RBFKernelModel` with centres at every training
+    * ``rbf_svm``: :class:`~influencer.models.kernels.RBFKernelModel` with centres at every training
       image and a smooth-hinge loss (labels -1/+1), trained to its optimum; influence over all its
       parameters, exactly.
     * ``cnn``: :class:`~influencer.models.SmallCNN` trained with Adam; its convolutional features

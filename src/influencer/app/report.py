@@ -22,7 +22,7 @@ from collections.abc import Sequence
 import numpy as np
 from torch import Tensor
 
-from influencer.plotting import pyplot
+from influencer.paper.plotting import pyplot
 
 # Marks the document once every <img> has decoded: a headless browser can check the report
 # rendered (data-images-ok / data-images-broken on <body>).

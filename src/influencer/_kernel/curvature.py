@@ -14,11 +14,11 @@ import torch
 from torch import Tensor
 from torch.utils._pytree import tree_flatten
 
-from influencer.data import Examples, TensorExamples
-from influencer.distributed import all_reduce_sum, shard
-from influencer.errors import ConfigError, NonFiniteError
-from influencer.functional import ModelFunction
-from influencer.progress import progress_bar
+from influencer._kernel.data import Examples, TensorExamples
+from influencer._kernel.distributed import all_reduce_sum, shard
+from influencer._kernel.errors import ConfigError, NonFiniteError
+from influencer._kernel.functional import ModelFunction
+from influencer._kernel.progress import progress_bar
 
 CurvatureKind = Literal["hessian", "gauss_newton"]
 _CACHE_BYTES = 256 * 2**20  # keep Hessian batches on the device when they take less than this

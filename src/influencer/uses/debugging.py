@@ -9,7 +9,7 @@ children carry a share of the influence on that prediction far above their share
 Here the same workflow runs on real data: scikit-learn's diabetes study (442 patients, ten
 baseline measurements; label: disease progression after one year above the median), with the
 subgroup "age < 30" (10% of patients) as an indicator feature, like the paper's age-bracket
-indicators. :func:`debug_domain_mismatch` works on any :class:`~influencer.datasets.Split` with a
+indicators. :func:`debug_domain_mismatch` works on any :class:`~influencer.paper.datasets.Split` with a
 0/1 subgroup column.
 """
 
@@ -23,16 +23,16 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from influencer.datasets import Split, split_arrays
-from influencer.errors import ConfigError, DataError
+from influencer._kernel.errors import ConfigError, DataError
+from influencer._kernel.task import ClassificationTask
 from influencer.estimators import Exact
 from influencer.influence import Influence
 from influencer.models import LogisticRegression
-from influencer.perturbation import PerturbationInfluence
-from influencer.plotting import pyplot, save_png
-from influencer.task import ClassificationTask
+from influencer.paper.datasets import Split, split_arrays
+from influencer.paper.plotting import pyplot, save_png
 from influencer.training import train_lbfgs
-from influencer.validation import leave_one_out
+from influencer.uses.perturbation import PerturbationInfluence
+from influencer.uses.validation import leave_one_out
 
 _DIABETES_NAMES = (
     "age",
@@ -106,7 +106,7 @@ class MismatchDebugResult:
 
     Training positions (``scores``, ``top_ids``, masks) index the mismatched training set;
     ``train_ids`` maps them to ids in the original training set. Scores follow
-    :mod:`influencer.scores` (removal; positive = helpful for the test loss).
+    :mod:`influencer._kernel.scores` (removal; positive = helpful for the test loss).
     """
 
     feature_names: tuple[str, ...]

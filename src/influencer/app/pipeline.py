@@ -2,8 +2,8 @@
 
 Usage::
 
-    from influencer.config import ExplainConfig
-    from influencer.explain import explain
+    from influencer.app.config import ExplainConfig
+    from influencer.app.pipeline import explain
     result = explain(ExplainConfig(out="runs/digits", test_ids=(3, 17)))
     result.scores            # (n_test, n_train) removal scores, positive = helpful
     result.summary["tests"]  # per test example: label, prediction, top helpful/harmful ids and scores
@@ -11,7 +11,7 @@ Usage::
 Steps: build the job (train or load the model), evaluate it on the test set, choose test examples,
 solve ``s_test = H^-1 grad loss(test)`` for each, stream training-gradient chunks and dot them with
 ``s_test``, then write ``scores.npy``, ``summary.json``, ``report.html`` and a plot to the run
-directory. Training gradients and ``s_test`` directions are cached there (:mod:`influencer.store`)
+directory. Training gradients and ``s_test`` directions are cached there (:mod:`influencer.app.store`)
 under fingerprints of the weights, data and settings: a repeated run recomputes nothing, a changed
 input is detected and recomputed, and an interrupted run resumes from its finished chunks.
 """
@@ -33,16 +33,16 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from influencer.config import ExplainConfig
-from influencer.data import Examples, to_device
-from influencer.errors import ConfigError
+from influencer._kernel.data import Examples, to_device
+from influencer._kernel.errors import ConfigError
+from influencer._kernel.progress import progress_bar
+from influencer._kernel.scores import TopK, removal_scores, top_k
+from influencer.app.config import ExplainConfig
+from influencer.app.jobs import Job, digits_job, inputs_of, labels_of, load_job
+from influencer.app.report import Card, ExampleView, Panel, influence_distance_png, render_report
+from influencer.app.store import RunStore, Section, hash_examples, hash_json, hash_module, hash_tensors
 from influencer.influence import Influence
-from influencer.jobs import Job, digits_job, inputs_of, labels_of, load_job
-from influencer.progress import progress_bar
-from influencer.report import Card, ExampleView, Panel, influence_distance_png, render_report
 from influencer.samplers import SamplerContext
-from influencer.scores import TopK, removal_scores, top_k
-from influencer.store import RunStore, Section, hash_examples, hash_json, hash_module, hash_tensors
 
 log = logging.getLogger("influencer.explain")
 

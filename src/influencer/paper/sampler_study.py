@@ -1,7 +1,7 @@
 """Compare Hessian samplers on class removal: accuracy, stability across seeds, cost.
 
 For every sampler, subset size and seed, the removal update is computed with ``H_R`` estimated on
-the sampled subset of the retained data (:class:`~influencer.unlearning.ClassRemoval`), and:
+the sampled subset of the retained data (:class:`~influencer.uses.unlearning.ClassRemoval`), and:
 
 * **F1** on the test set, after choosing the step size on a validation split (and at scale 1);
 * **stability**: across seeds, the spread of the update ``d_s`` and of the predicted test-loss
@@ -29,12 +29,12 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from influencer.data import as_examples
-from influencer.errors import ConfigError
-from influencer.plotting import pyplot, save_png
-from influencer.progress import progress_bar
+from influencer._kernel.data import as_examples
+from influencer._kernel.errors import ConfigError
+from influencer._kernel.progress import progress_bar
+from influencer.paper.plotting import pyplot, save_png
 from influencer.samplers.base import Sampler
-from influencer.unlearning import ClassRemoval
+from influencer.uses.unlearning import ClassRemoval
 
 
 class PeakMemory:

@@ -10,7 +10,7 @@ with ``grad f(z_test)`` gives three views of one quantity, with ``s_test = H^-1 
     effect       = -mixed / n = I_pert,loss / n    (d f(z_test) / d x_i: predicted change of the
                                                     test measurement per unit change of x_i)
 
-and, relative to the removal scores of :mod:`influencer.scores` (``score_i = s_test . g_i / n``),
+and, relative to the removal scores of :mod:`influencer._kernel.scores` (``score_i = s_test . g_i / n``),
 ``effect = -grad_{x_i} score_i``: raising a pixel in the direction of ``effect`` raises the test loss,
 and makes the training point *less helpful* by the same amount. The regulariser does not depend on
 the inputs, so ``g_i`` and ``grad loss_i`` give the same ``mixed``.
@@ -37,14 +37,14 @@ from torch import Tensor
 from torch.func import grad, jvp, vmap
 from torch.utils._pytree import tree_map
 
-from influencer.data import Examples, as_examples
-from influencer.errors import ConfigError, DataError, NonFiniteError
-from influencer.functional import ModelFunction
+from influencer._kernel.data import Examples, as_examples
+from influencer._kernel.errors import ConfigError, DataError, NonFiniteError
+from influencer._kernel.functional import ModelFunction
+from influencer._kernel.progress import progress_bar
+from influencer._kernel.stats import pearson, spearman
+from influencer._kernel.task import Batch
 from influencer.influence import Influence
-from influencer.plotting import predicted_vs_actual
-from influencer.progress import progress_bar
-from influencer.stats import pearson, spearman
-from influencer.task import Batch
+from influencer.paper.plotting import predicted_vs_actual
 
 # Where the differentiated input sits in a batch: an index (tuple/list batches), a key (dict
 # batches) or a path of them for nested batches. Built-in tasks take (inputs, labels): input=0.
@@ -179,7 +179,7 @@ class FeatureAttribution:
     """How each input feature of a training point carries its influence on each test point.
 
     ``score_gradient`` is ``grad_{x_i} score(z_test_j, z_i)`` ``(m, c, *x)`` in the units of
-    :mod:`influencer.scores` (= ``-effect``; see this module's docstring).
+    :mod:`influencer._kernel.scores` (= ``-effect``; see this module's docstring).
     """
 
     train_ids: Tensor  # (c,)
@@ -412,7 +412,7 @@ def check_perturbation(
     given (e.g. ``(0, 1)`` and ``1/16`` for legal digit images). The model is retrained with
     L-BFGS in float64 (convex models), so any gap is the first-order approximation's.
     """
-    from influencer.validation import lbfgs_retrainer
+    from influencer.uses.validation import lbfgs_retrainer
 
     inf = pert.influence
     effects = pert.effects(test)

@@ -27,15 +27,15 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from influencer.data import as_examples
-from influencer.datasets import Split
-from influencer.errors import ConfigError, ConvergenceError, DataError
+from influencer._kernel.data import as_examples
+from influencer._kernel.errors import ConfigError, ConvergenceError, DataError
+from influencer._kernel.functional import ModelFunction
+from influencer._kernel.progress import progress_bar
+from influencer._kernel.task import Task, predictions
 from influencer.estimators import Estimator, Exact
-from influencer.functional import ModelFunction
 from influencer.influence import Influence
-from influencer.plotting import pyplot, save_png
-from influencer.progress import progress_bar
-from influencer.task import Task, predictions
+from influencer.paper.datasets import Split
+from influencer.paper.plotting import pyplot, save_png
 from influencer.training import fit_lbfgs, train_minibatch
 
 Strategy = Literal["self_influence", "loss", "random"]

@@ -4,7 +4,7 @@ The attacker wants a *target* test prediction to flip after the victim retrains 
 in which ``k`` images were altered imperceptibly. For a model whose trained part is convex (a
 logistic regression on pixels, or the linear head over frozen features, retrained to the optimum),
 influence predicts how the retrained model's target loss responds to each pixel of each training
-image: ``effect = d f(target) / d x_i`` (:mod:`influencer.perturbation`). The attack ascends it::
+image: ``effect = d f(target) / d x_i`` (:mod:`influencer.uses.perturbation`). The attack ascends it::
 
     x_i <- Proj(x_i + step * sign(effect_i))      for each poisoned image i
     retrain (warm-started L-BFGS to the optimum, float64); stop once the target flips;
@@ -35,14 +35,19 @@ import torch
 from torch import Tensor, nn
 from torch.func import vjp
 
-from influencer.curvature import Curvature
-from influencer.data import Examples, as_examples
-from influencer.datasets import Split, load_digits
-from influencer.errors import ConfigError, ConvergenceError, DataError
+from influencer._kernel.curvature import Curvature
+from influencer._kernel.data import Examples, as_examples
+from influencer._kernel.errors import ConfigError, ConvergenceError, DataError
+from influencer._kernel.functional import ModelFunction
+from influencer._kernel.progress import progress_bar
+from influencer._kernel.stats import pearson
+from influencer._kernel.task import ClassificationTask, Task, classes_from_outputs
 from influencer.estimators import Estimator, Exact, Solver
-from influencer.functional import ModelFunction
 from influencer.models import SmallCNN
-from influencer.perturbation import (
+from influencer.paper.datasets import Split, load_digits
+from influencer.paper.plotting import pyplot, save_png
+from influencer.training import fit_lbfgs, objective_and_grad, train_minibatch
+from influencer.uses.perturbation import (
     InputPath,
     PatchedExamples,
     check_input,
@@ -50,11 +55,6 @@ from influencer.perturbation import (
     mixed_gradients,
     replace_input,
 )
-from influencer.plotting import pyplot, save_png
-from influencer.progress import progress_bar
-from influencer.stats import pearson
-from influencer.task import ClassificationTask, Task, classes_from_outputs
-from influencer.training import fit_lbfgs, objective_and_grad, train_minibatch
 
 _CHUNK = 256  # examples per forward pass when encoding, pulling back and scoring
 _NEWTON_STEPS = 4
@@ -259,7 +259,7 @@ class PoisonSummary:
 
 
 def _predict(fn: ModelFunction, theta: Tensor, batch: Any) -> Tensor:
-    """Class predictions ``(B,)`` as :func:`influencer.task.predictions` makes them."""
+    """Class predictions ``(B,)`` as :func:`influencer._kernel.task.predictions` makes them."""
     with torch.no_grad():
         return classes_from_outputs(fn.outputs(theta, batch))
 

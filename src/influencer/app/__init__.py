@@ -1,0 +1,1 @@
+"""The ``influencer`` application: command line, configuration, the explain pipeline, report and store."""
