@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
@@ -15,6 +16,7 @@ from influencer import CG, ClassificationTask, Exact, Influence, LiSSA
 from influencer._kernel.distributed import all_gather_blocks, rank_and_size, shard
 from influencer.models import LogisticRegression
 from influencer.training import train_lbfgs
+from influencer.uses.group import group_influence, group_params
 
 
 def free_port() -> int:
@@ -49,24 +51,38 @@ def test_two_ranks_give_the_single_process_results(tmp_path: Path, digits):
     # each rank really did only its half of the training gradients
     for rank, block in ((0, range(0, 125)), (1, range(125, 250))):
         assert np.load(tmp_path / f"rank{rank}_local_ids.npy").tolist() == list(block)
+    # ... and of the curvature products: CG fit + scores push at most 60% of the single-process
+    # examples through the model on each rank (half, plus the test gradients every rank needs)
+    for rank in (0, 1):
+        pushed = json.loads((tmp_path / f"rank{rank}_pushed.json").read_text())
+        assert pushed["distributed"] <= 0.6 * pushed["single"], pushed
 
     train, test = (x[:250], y[:250]), (x[250:], y[250:])
-    single = {
-        "cg": Influence(model, task, train, estimator=CG(tol=1e-10)).fit().scores(test),
-        "lissa": Influence(model, task, train, estimator=LiSSA(depth=60, batch_size=50, damping=0.01))
-        .fit()
-        .scores(test),
-    }
+    cg = Influence(model, task, train, estimator=CG(tol=1e-10)).fit()
+    lissa = Influence(model, task, train, estimator=LiSSA(depth=60, batch_size=50, damping=0.01)).fit()
     exact = Influence(model, task, train, estimator=Exact()).fit()
-    single["self"] = exact.self_influence()
-    single["removal"] = exact.removal_params([1, 2, 200])
-    single["up_params"] = exact.influence_up_params([0, 3, 101, 249])
+    groups = [list(range(0, 40)), [5, 17, 130, 131, 240], list(range(100, 200))]
+    single = {
+        "cg": cg.scores(test),
+        "lissa": lissa.scores(test),
+        "self": exact.self_influence(),
+        "removal": exact.removal_params([1, 2, 200]),
+        "up_params": exact.influence_up_params([0, 3, 101, 249]),
+        "group_first": group_influence(exact, groups, test).first_order,
+        "group_second": group_influence(exact, groups, test).second_order,
+        "group_params": group_params(exact, groups).second_order,
+        "gradient_sum": exact.gradient_sum(list(range(0, 250, 3))),
+        "curvature_product": exact.curvature_product(torch.eye(650, dtype=torch.float64)[:7], [3, 4, 240]),
+    }
     for name, expected in single.items():
         for rank in (0, 1):
             got = torch.from_numpy(np.load(tmp_path / f"rank{rank}_{name}.npy"))
-            # Sharded sums round differently: allow round-off relative to the array's scale.
-            atol = 1e-12 * float(expected.abs().max())
-            torch.testing.assert_close(got, expected, rtol=1e-8, atol=atol, msg=f"{name} on rank {rank}")
+            # Sharded sums round differently, so compare relative to the array's scale: to
+            # round-off for direct computations, to the solver's tolerance (1e-10) for CG.
+            scale = float(expected.abs().max())
+            tol = 1e-9 if name == "cg" else 1e-12
+            torch.testing.assert_close(got, expected, rtol=0, atol=tol * scale, msg=f"{name} on rank {rank}")
+            assert float((got - expected).abs().max()) / scale < 1e-6
 
 
 def test_without_a_process_group_everything_is_local():

@@ -14,11 +14,12 @@ import torch
 
 from explain_support import TASK_MODULE, tiny_job
 from influencer import CG, Exact, Influence, RegressionTask, top_k
+from influencer._kernel.fingerprint import hash_module
 from influencer._kernel.functional import ModelFunction
 from influencer.app.config import ExplainConfig
 from influencer.app.jobs import Job, as_job, digits_job, load_job
 from influencer.app.pipeline import Evaluation, choose_test_ids, explain
-from influencer.app.store import MANIFEST, RunStore, hash_module
+from influencer.app.store import MANIFEST, RunStore
 from influencer.errors import ConfigError, TaskError
 from influencer.paper.datasets import load_tabular
 from influencer.samplers import SamplerContext, make_sampler

@@ -12,15 +12,13 @@ import numpy as np
 import pytest
 import torch
 
+from influencer._kernel.fingerprint import hash_examples, hash_module, hash_tensors
 from influencer.app.store import (
     MANIFEST,
     RunStore,
     StoreError,
     atomic_write_bytes,
     describe_changes,
-    hash_examples,
-    hash_module,
-    hash_tensors,
     read_array,
 )
 from influencer.data import DatasetExamples, as_examples

@@ -25,11 +25,14 @@ from influencer._kernel.curvature import Curvature, CurvatureKind
 from influencer._kernel.data import Examples, as_examples
 from influencer._kernel.distributed import all_gather_blocks, all_reduce_sum, shard
 from influencer._kernel.errors import ConfigError, DataError, NonFiniteError
+from influencer._kernel.fingerprint import hash_examples, hash_json, model_fingerprint, task_fingerprint
 from influencer._kernel.functional import ModelFunction
 from influencer._kernel.progress import progress_bar
 from influencer._kernel.scores import removal_scores, up_loss_from_scores
 from influencer._kernel.task import Task
 from influencer.estimators import CG, Estimator, Solver
+
+_KEEP: Any = object()  # replace(): keep this setting as it is
 
 
 class Influence:
@@ -78,22 +81,87 @@ class Influence:
         if not isinstance(task, Task):
             raise ConfigError(f"task must be an influencer.Task, got {type(task).__name__}")
         self.fn = ModelFunction(model, task, params, device, dtype)
-        self.train = as_examples(train)
+        self._setup(self.fn, self.fn.theta0, as_examples(train), estimator, curvature, hessian_indices)
+        self.batch_size = batch_size
+        self.hessian_batch_size = hessian_batch_size
+        self.solve_batch = solve_batch
+        self.progress = progress
+        self.distributed = distributed
+
+    def _setup(
+        self,
+        fn: ModelFunction,
+        theta: Tensor,
+        train: Examples,
+        estimator: Estimator | None,
+        curvature: CurvatureKind,
+        hessian_indices: Sequence[int] | Tensor | None,
+    ) -> None:
+        """The state that :meth:`replace` may change; everything derived from it starts unfitted."""
+        if curvature not in ("hessian", "gauss_newton"):
+            raise ConfigError(f"curvature must be 'hessian' or 'gauss_newton', got {curvature!r}")
+        self.fn = fn
+        self._theta = theta.detach()
+        self.train = train
         self.estimator = estimator if estimator is not None else CG()
         if not isinstance(self.estimator, Estimator):
             raise ConfigError(
                 f"estimator must be an influencer Estimator, got {type(self.estimator).__name__}"
             )
         self.curvature_kind = curvature
-        self.hessian_indices = hessian_indices
-        self.batch_size = batch_size
-        self.hessian_batch_size = hessian_batch_size
-        self.solve_batch = solve_batch
-        self.progress = progress
-        self.distributed = distributed
+        self.hessian_indices = None if hessian_indices is None else train.check_indices(hessian_indices)
         self.curvature: Curvature | None = None
         self._solver: Solver | None = None
-        self._reg_grad = grad(self.fn.regularizer)(self.theta)
+        self._reg_grad = grad(fn.regularizer)(self._theta)
+        self._fingerprints: dict[str, Any] = {}
+
+    def replace(
+        self,
+        *,
+        estimator: Estimator | None = None,
+        curvature: CurvatureKind | None = None,
+        hessian_indices: Sequence[int] | Tensor | str | None = "same",
+        theta: Tensor | None = None,
+        train: Any = None,
+        dtype: torch.dtype | None = None,
+    ) -> Influence:
+        """A new, unfitted ``Influence`` like this one with some inputs changed.
+
+        Args:
+            estimator: another inverse-Hessian method.
+            curvature: another curvature kind.
+            hessian_indices: another subset to estimate the curvature on (``None``: all the
+                training examples; default: keep this one's).
+            theta: other parameters ``(p,)`` of the same model (e.g. after retraining or an update).
+            train: other training data of the same structure (e.g. relabelled or poisoned); the
+                Hessian subset must then be given again unless it is kept valid.
+            dtype: compute in another floating dtype (e.g. ``torch.float64`` for references).
+
+        The model, task, parameter choice, chunk sizes, device and distributed mode are shared.
+        """
+        other = object.__new__(Influence)
+        other.__dict__.update(self.__dict__)
+        fn = self.fn if dtype is None or dtype == self.fn.dtype else self.fn.cast(dtype)
+        new_theta = self.theta if theta is None else theta
+        if new_theta.shape != (self.p,):
+            raise DataError(
+                f"theta must have shape ({self.p},) like the chosen parameters, got {tuple(new_theta.shape)}"
+            )
+        data = self.train if train is None else self.examples(train)
+        indices = (
+            self.hessian_indices
+            if isinstance(hessian_indices, str) and hessian_indices == "same"
+            else hessian_indices
+        )
+        other._setup(
+            fn,
+            new_theta.to(fn.device, fn.dtype),
+            data,
+            estimator if estimator is not None else self.estimator,
+            curvature if curvature is not None else self.curvature_kind,
+            indices,
+        )
+        return other
 
     # ---- basic facts ---------------------------------------------------------------------------
 
@@ -109,8 +177,8 @@ class Influence:
 
     @property
     def theta(self) -> Tensor:
-        """The trained parameters, flat ``(p,)``."""
-        return self.fn.theta0
+        """The parameters influence is computed at, flat ``(p,)`` (the trained model's by default)."""
+        return self._theta
 
     @property
     def device(self) -> torch.device:
@@ -124,18 +192,49 @@ class Influence:
 
     def fit(self) -> Influence:
         """Check the task on real data, build the curvature and fit the estimator."""
-        self.fn.check(self.fn.prepare(self.train.take(torch.arange(min(2, self.n)))))
-        self.curvature = Curvature(
+        self.fn.check(self.fn.prepare(self.train.take(torch.arange(min(2, self.n)))), self.theta)
+        self.curvature = self._curvature(self.hessian_indices)
+        self._solver = self.estimator.fit(self.curvature)
+        return self
+
+    def _curvature(self, indices: Tensor | None) -> Curvature:
+        return Curvature(
             self.fn,
             self.theta,
             self.train,
-            self.hessian_indices,
+            indices,
             self.curvature_kind,
             self.hessian_batch_size,
             progress=self.progress,
+            distributed=self.distributed,
         )
-        self._solver = self.estimator.fit(self.curvature)
-        return self
+
+    def settings(self) -> dict[str, Any]:
+        """What every result depends on, JSON-able: the single source of cache fingerprints.
+
+        ``"gradients"`` covers training and test gradients (model class and state, parameters,
+        task, training data, parameter choice, dtype); ``"curvature"`` adds what inverse-HVPs
+        depend on (curvature kind, the examples it is estimated on, the estimator's settings).
+        Digests of the weights and data are computed once per object.
+        """
+        if not self._fingerprints:
+            self._fingerprints = {
+                "model": model_fingerprint(self.fn.model, self.fn.state(self.theta)),
+                "train": hash_examples(self.train),
+            }
+        gradients = {
+            **self._fingerprints,
+            "task": task_fingerprint(self.fn.task),
+            "params": list(self.fn.names),
+            "dtype": str(self.fn.dtype).removeprefix("torch."),
+        }
+        examples: Any = "all" if self.hessian_indices is None else hash_json(self.hessian_indices.tolist())
+        curvature = {
+            "kind": self.curvature_kind,
+            "examples": examples,
+            "estimator": self.estimator.settings(),
+        }
+        return {"gradients": gradients, "curvature": curvature}
 
     # ---- gradients -----------------------------------------------------------------------------
 
@@ -194,6 +293,26 @@ class Influence:
             out.append(self._checked(method(self.theta, self.fn.prepare(batch)), ids, kind))
         return torch.cat(out)
 
+    def gradient_sum(self, indices: Sequence[int] | Tensor | None = None) -> Tensor:
+        """``sum_{i in S} g_i`` ``(p,)`` over training ids ``S`` (default all), summed over ranks."""
+        total = torch.zeros_like(self.theta)
+        for _, g in self.train_gradients(indices, desc="gradient sum"):
+            total += g.sum(0)
+        return all_reduce_sum(total) if self.distributed else total
+
+    def curvature_product(self, vectors: Tensor, indices: Sequence[int] | Tensor | None = None) -> Tensor:
+        """``(1/|S|) sum_{i in S} Hess l_i(theta) v`` for each row ``v`` of ``(k, p)``, undamped.
+
+        ``l_i = loss_i + Omega`` and the curvature kind is this object's; ``S`` defaults to the
+        examples the curvature is estimated on. Split between ranks when distributed.
+        """
+        idx = self.hessian_indices if indices is None else self.train.check_indices(indices)
+        if idx is not None and len(idx) == 0:
+            raise DataError("curvature_product needs at least one training id")
+        if indices is None and self.curvature is not None:
+            return self.curvature.matvec(vectors)
+        return self._curvature(idx).matvec(vectors)
+
     # ---- inverse HVPs --------------------------------------------------------------------------
 
     def inverse_hvp(self, vectors: Tensor) -> Tensor:
@@ -243,12 +362,7 @@ class Influence:
 
     def removal_params(self, train_indices: Sequence[int] | Tensor) -> Tensor:
         """Predicted parameter change ``(1/n) H^-1 sum_{i in S} g_i`` ``(p,)`` if ids S are removed."""
-        total = torch.zeros_like(self.theta)
-        for _, g in self.train_gradients(train_indices):
-            total += g.sum(0)
-        if self.distributed:
-            all_reduce_sum(total)
-        return self.inverse_hvp(total[None])[0] / self.n
+        return self.inverse_hvp(self.gradient_sum(train_indices)[None])[0] / self.n
 
     def self_influence(self, indices: Sequence[int] | Tensor | None = None) -> Tensor:
         """Self-influence ``(c,)``: ``(1/n) grad loss(z_i)^T H^-1 g_i``, the score of z_i on itself."""

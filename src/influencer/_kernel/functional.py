@@ -159,12 +159,13 @@ class ModelFunction:
         losses = self.loss(theta, batch)
         return weight * (losses.sum() + losses.shape[0] * self.regularizer(theta))
 
-    def check(self, batch: Batch) -> None:
+    def check(self, batch: Batch, theta: Tensor | None = None) -> None:
         """Validate the task's outputs on a real batch; raise :class:`TaskError` naming the fix."""
         b = batch_size_of(batch)
+        theta = self.theta0 if theta is None else theta
         with torch.no_grad():
             for name, fn in (("loss", self.loss), ("measurement", self.measurement)):
-                out = fn(self.theta0, batch)
+                out = fn(theta, batch)
                 if not isinstance(out, Tensor):
                     raise TaskError(f"Task.{name} must return a tensor, got {type(out).__name__}")
                 if out.shape != (b,):
@@ -184,7 +185,7 @@ class ModelFunction:
                         f"Task.{name} is not finite for some examples of the first batch "
                         "(NaN or inf): check the inputs and the model's weights"
                     )
-            reg = self.regularizer(self.theta0)
+            reg = self.regularizer(theta)
             if reg.ndim != 0 or not torch.isfinite(reg):
                 raise TaskError(f"Task.regularizer must return a finite scalar, got {reg}")
 

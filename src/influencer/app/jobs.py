@@ -24,10 +24,11 @@ from torch import nn
 
 from influencer._kernel.data import as_examples
 from influencer._kernel.errors import ConfigError, ConvergenceError, TaskError
+from influencer._kernel.fingerprint import hash_json, hash_tensors
 from influencer._kernel.functional import ModelFunction
 from influencer._kernel.task import ClassificationTask, Task
 from influencer.app.config import ExplainConfig
-from influencer.app.store import RunStore, hash_json, hash_tensors
+from influencer.app.store import RunStore
 from influencer.training import fit_lbfgs, train_minibatch
 
 log = logging.getLogger("influencer.explain")

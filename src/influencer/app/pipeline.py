@@ -35,12 +35,13 @@ from tqdm.auto import tqdm
 
 from influencer._kernel.data import Examples, to_device
 from influencer._kernel.errors import ConfigError
+from influencer._kernel.fingerprint import hash_examples, hash_json, hash_module, hash_tensors
 from influencer._kernel.progress import progress_bar
 from influencer._kernel.scores import TopK, removal_scores, top_k
 from influencer.app.config import ExplainConfig
 from influencer.app.jobs import Job, digits_job, inputs_of, labels_of, load_job
 from influencer.app.report import Card, ExampleView, Panel, influence_distance_png, render_report
-from influencer.app.store import RunStore, Section, hash_examples, hash_json, hash_module, hash_tensors
+from influencer.app.store import RunStore, Section
 from influencer.influence import Influence
 from influencer.samplers import SamplerContext
 

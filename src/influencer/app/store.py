@@ -31,11 +31,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 from torch import Tensor
-from torch.utils._pytree import tree_flatten
 
-from influencer._kernel.data import Examples, TensorExamples
 from influencer._kernel.errors import InfluencerError
 
 FORMAT = "influencer-run"
@@ -49,51 +46,6 @@ log = logging.getLogger("influencer.store")
 
 class StoreError(InfluencerError, RuntimeError):
     """The run directory is not usable: a foreign or corrupt manifest, or another run holds it."""
-
-
-# ---- fingerprints --------------------------------------------------------------------------------
-
-
-def _update_tensor(h: Any, t: Tensor) -> None:
-    t = t.detach().cpu().contiguous()
-    h.update(f"{t.dtype}:{tuple(t.shape)};".encode())
-    # Viewing as bytes works for every dtype (bfloat16 included) and copies nothing.
-    h.update(t.reshape(-1).view(torch.uint8).numpy().data if t.numel() else b"")
-
-
-def hash_tensors(tree: Any) -> str:
-    """sha256 over the structure, dtypes, shapes and bytes of every tensor/array leaf of ``tree``."""
-    h = hashlib.sha256()
-    leaves, spec = tree_flatten(tree)
-    h.update(str(spec).encode())
-    for x in leaves:
-        if isinstance(x, np.ndarray):
-            x = torch.from_numpy(np.ascontiguousarray(x))
-        if isinstance(x, Tensor):
-            _update_tensor(h, x)
-        else:
-            h.update(repr(x).encode())
-    return h.hexdigest()
-
-
-def hash_module(model: torch.nn.Module) -> str:
-    """sha256 of a module's weights and buffers (names, dtypes, shapes and values)."""
-    return hash_tensors(dict(model.state_dict()))
-
-
-def hash_examples(data: Examples, batch_size: int = 1024) -> str:
-    """sha256 of every example's tensors, in order (a dataset is read once, chunk by chunk)."""
-    if isinstance(data, TensorExamples):
-        return hash_tensors(data.tree)
-    h = hashlib.sha256()
-    for _, batch in data.chunks(batch_size):
-        h.update(hash_tensors(batch).encode())
-    return h.hexdigest()
-
-
-def hash_json(obj: Any) -> str:
-    """sha256 of a JSON-able object in canonical form (sorted keys)."""
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
 
 
 def _file_sha256(path: Path) -> str:

@@ -80,11 +80,8 @@ def _damping(influence: Influence) -> float:
 
 
 def group_gradient(influence: Influence, ids: Sequence[int] | Tensor) -> Tensor:
-    """``G_U = sum_{i in U} g_i`` ``(p,)``, streamed in chunks."""
-    total = torch.zeros_like(influence.theta)
-    for _, g in influence.train_gradients(_group_ids(influence, ids), desc="group gradient"):
-        total += g.sum(0)
-    return total
+    """``G_U = sum_{i in U} g_i`` ``(p,)``, streamed in chunks (and summed over ranks)."""
+    return influence.gradient_sum(_group_ids(influence, ids))
 
 
 def group_curvature_product(influence: Influence, ids: Sequence[int] | Tensor, vectors: Tensor) -> Tensor:
@@ -93,15 +90,10 @@ def group_curvature_product(influence: Influence, ids: Sequence[int] | Tensor, v
     ``H_U = sum_{i in U} Hess l_i + |U| lambda I`` with ``lambda`` the estimator's damping.
     """
     idx = _group_ids(influence, ids)
-    fn = influence.fn
     v = vectors.reshape(-1, influence.p).to(influence.theta)
-    product = fn.hvp if influence.curvature_kind == "hessian" else fn.ggn_vp
-    # Each l_i = loss_i + Omega, so the group carries |U| copies of Omega's curvature (and damping);
-    # the per-batch products cover the losses only.
-    out = len(idx) * (fn.regularizer_hvp(influence.theta, v) + _damping(influence) * v)
-    for _, batch in influence.train.chunks(influence.hessian_batch_size, idx):
-        out = out + product(influence.theta, fn.prepare(batch), v, 1.0)
-    return out
+    # Each l_i = loss_i + Omega, so the group carries |U| copies of Omega's curvature and of the
+    # damping; curvature_product averages over the group.
+    return len(idx) * (influence.curvature_product(v, idx) + _damping(influence) * v)
 
 
 @dataclass(frozen=True)
