@@ -14,6 +14,7 @@ dotted with ``s_test``. The ``n x p`` gradient matrix is never held in memory.
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -190,6 +191,39 @@ class Influence:
             raise ConfigError("call fit() before computing influence")
         return self._solver
 
+    def parameters_of(self, model: nn.Module) -> Tensor:
+        """The chosen parameters ``(p,)`` of another module of this architecture.
+
+        E.g. a fresh initialisation, to retrain from scratch (:mod:`influencer.retraining`).
+        """
+        named = dict(model.named_parameters())
+        bad = [
+            n for n, shape in zip(self.fn.names, self.fn.shapes, strict=True)
+            if n not in named or tuple(named[n].shape) != shape
+        ]  # fmt: skip
+        if bad:
+            raise DataError(
+                f"the module does not have this model's parameters {bad[:5]} (name and shape); pass a "
+                "module built the same way"
+            )
+        return torch.cat([named[n].detach().reshape(-1) for n in self.fn.names]).to(
+            self.device, self.fn.dtype
+        )
+
+    def model_at(self, theta: Tensor) -> nn.Module:
+        """A copy of the model with the chosen parameters set to ``theta`` ``(p,)``; in eval mode.
+
+        The model given to this object is never modified.
+        """
+        if theta.shape != (self.p,):
+            raise DataError(f"theta must have shape ({self.p},), got {tuple(theta.shape)}")
+        new = copy.deepcopy(self.fn.model)
+        named = dict(new.named_parameters())
+        with torch.no_grad():
+            for name, value in self.fn.unflatten(theta.detach()).items():
+                named[name].copy_(value.to(named[name].device, named[name].dtype))
+        return new.eval()
+
     def fit(self) -> Influence:
         """Check the task on real data, build the curvature and fit the estimator."""
         self.fn.check(self.fn.prepare(self.train.take(torch.arange(min(2, self.n)))), self.theta)
@@ -292,6 +326,18 @@ class Influence:
         for ids, batch in ex.chunks(self.batch_size):
             out.append(self._checked(method(self.theta, self.fn.prepare(batch)), ids, kind))
         return torch.cat(out)
+
+    def measurements(self, data: Any, theta: Tensor | None = None) -> Tensor:
+        """The test measurement ``f(z)`` ``(m,)`` of each example (the loss by default), no gradients.
+
+        At ``theta`` ``(p,)`` when given (e.g. retrained parameters), else at this object's.
+        """
+        t = self.theta if theta is None else theta.to(self.theta)
+        ex = self.examples(data)
+        with torch.no_grad():
+            return torch.cat(
+                [self.fn.measurement(t, self.fn.prepare(b)) for _, b in ex.chunks(self.batch_size)]
+            )
 
     def gradient_sum(self, indices: Sequence[int] | Tensor | None = None) -> Tensor:
         """``sum_{i in S} g_i`` ``(p,)`` over training ids ``S`` (default all), summed over ranks."""

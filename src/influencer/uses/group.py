@@ -59,7 +59,7 @@ from influencer._kernel.progress import progress_bar
 from influencer._kernel.stats import pearson, spearman
 from influencer.influence import Influence
 from influencer.paper.plotting import pyplot, save_png
-from influencer.uses.validation import Retrainer, lbfgs_retrainer
+from influencer.retraining import LBFGSRetrainer, Retrainer
 
 GroupKind = Literal["random", "same_class"]
 
@@ -225,14 +225,14 @@ def make_groups(
 
 
 def group_retrainer(grad_tol: float = 1e-9) -> Retrainer:
-    """L-BFGS to the optimum, polished by Newton steps (see :func:`lbfgs_retrainer`).
+    """L-BFGS to the optimum, polished by Newton steps (:class:`~influencer.retraining.LBFGSRetrainer`).
 
     Removing a large group moves the curvature further than removing one point, so the
     full-data Hessian is a poorer preconditioner and the polish may need more steps (10, not 5).
     ``grad_tol`` 1e-9 puts the optimum ~1e-9 / lambda_min from the true one, far below the
     test-loss changes a group's removal causes.
     """
-    return lbfgs_retrainer(grad_tol=grad_tol, newton_steps=10)
+    return LBFGSRetrainer(grad_tol=grad_tol, newton_steps=10)
 
 
 def retrain_without_groups(
@@ -248,23 +248,16 @@ def retrain_without_groups(
     The model is first retrained on all the data (to start from the exact optimum), then without
     each group, warm-started from there. Default: L-BFGS to the optimum (convex models).
     """
-    fn = influence.fn.cast(torch.float64) if float64 else influence.fn
-    retrain = retrain or group_retrainer()
-    examples = influence.examples(test)
-    batch = fn.prepare(examples.take(torch.arange(len(examples))))
-    everyone = torch.arange(influence.n)
-
-    def measure(theta: Tensor) -> Tensor:
-        with torch.no_grad():
-            return fn.measurement(theta, batch)
-
-    theta_star = retrain(fn, influence.train, everyone, fn.theta0)
-    base = measure(theta_star)
+    reference = influence.replace(dtype=torch.float64) if float64 else influence
+    retrainer = retrain or group_retrainer()
+    theta_star = retrainer.refit(reference)
+    base = reference.measurements(test, theta_star)
     out = []
     for g in progress_bar(groups, "group retraining", influence.progress):
         keep = torch.ones(influence.n, dtype=torch.bool)
         keep[_group_ids(influence, g)] = False
-        out.append(measure(retrain(fn, influence.train, everyone[keep], theta_star)) - base)
+        theta = retrainer.refit(reference, torch.nonzero(keep).reshape(-1), theta_star)
+        out.append(reference.measurements(test, theta) - base)
     return torch.stack(out)
 
 

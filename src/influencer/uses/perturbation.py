@@ -37,7 +37,7 @@ from torch import Tensor
 from torch.func import grad, jvp, vmap
 from torch.utils._pytree import tree_map
 
-from influencer._kernel.data import Examples, as_examples
+from influencer._kernel.data import Examples
 from influencer._kernel.errors import ConfigError, DataError, NonFiniteError
 from influencer._kernel.functional import ModelFunction
 from influencer._kernel.progress import progress_bar
@@ -45,6 +45,7 @@ from influencer._kernel.stats import pearson, spearman
 from influencer._kernel.task import Batch
 from influencer.influence import Influence
 from influencer.paper.plotting import predicted_vs_actual
+from influencer.retraining import LBFGSRetrainer
 
 # Where the differentiated input sits in a batch: an index (tuple/list batches), a key (dict
 # batches) or a path of them for nested batches. Built-in tasks take (inputs, labels): input=0.
@@ -412,8 +413,6 @@ def check_perturbation(
     given (e.g. ``(0, 1)`` and ``1/16`` for legal digit images). The model is retrained with
     L-BFGS in float64 (convex models), so any gap is the first-order approximation's.
     """
-    from influencer.uses.validation import lbfgs_retrainer
-
     inf = pert.influence
     effects = pert.effects(test)
     if effects.shape[0] != 1:
@@ -444,21 +443,21 @@ def check_perturbation(
         moved = x + torch.trunc((moved - x) / grid + 1e-6 * torch.sign(moved - x)) * grid
     deltas = moved - x
 
-    fn = inf.fn.cast(torch.float64)
-    retrain = lbfgs_retrainer()
-    everyone = torch.arange(inf.n)
-    test_batch = fn.prepare(as_examples(test).take(torch.arange(1)))
-    theta_star = retrain(fn, inf.train, everyone, fn.theta0)
+    reference = inf.replace(dtype=torch.float64)
+    retrainer = LBFGSRetrainer()
+    theta_star = retrainer.refit(reference)
 
     def measure(theta: Tensor) -> float:
-        with torch.no_grad():
-            return float(fn.measurement(theta, test_batch)[0])
+        return float(reference.measurements(test, theta)[0])
 
     base = measure(theta_star)
+    everyone = torch.arange(inf.n)
     actual = []
     for c in progress_bar(range(len(ids)), "perturb and retrain", inf.progress):
-        data = PatchedExamples(inf.train, ids[c : c + 1], moved[c : c + 1], pert.input)
-        actual.append(measure(retrain(fn, data, everyone, theta_star)) - base)
+        moved_data = reference.replace(
+            train=PatchedExamples(inf.train, ids[c : c + 1], moved[c : c + 1], pert.input)
+        )
+        actual.append(measure(retrainer.refit(moved_data, everyone, theta_star)) - base)
     predicted = (effects[ids.to(effects.device)] * deltas).reshape(len(ids), -1).sum(1).double().cpu().numpy()
     actual_arr = np.asarray(actual)
     return PerturbationCheck(

@@ -9,7 +9,6 @@ float64, so any disagreement is the influence approximation's, not the optimiser
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -18,50 +17,12 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from influencer._kernel.curvature import Curvature
-from influencer._kernel.data import Examples
 from influencer._kernel.errors import ConfigError
-from influencer._kernel.functional import ModelFunction
 from influencer._kernel.progress import progress_bar
 from influencer._kernel.stats import pearson, spearman
-from influencer.estimators import CG, Exact
 from influencer.influence import Influence
 from influencer.paper.plotting import predicted_vs_actual
-from influencer.training import fit_lbfgs
-
-# (function, training data, ids to train on, starting parameters) -> retrained parameters
-Retrainer = Callable[[ModelFunction, Examples, Tensor, Tensor], Tensor]
-
-
-def lbfgs_retrainer(
-    max_iter: int = 2000, grad_tol: float = 1e-10, exact_max_params: int = 5000, newton_steps: int = 5
-) -> Retrainer:
-    """Retrain to the optimum with full-batch L-BFGS (for convex objectives).
-
-    The first call (on all the data) also factorises the Hessian at that optimum; later calls,
-    which drop a few points, polish L-BFGS's answer with up to ``newton_steps`` Newton steps
-    preconditioned by it, then as many exact Newton-CG steps (see :func:`fit_lbfgs`).
-    """
-    polish: list[Callable[[Tensor], Tensor]] = []
-
-    def retrain(fn: ModelFunction, data: Examples, ids: Tensor, theta: Tensor) -> Tensor:
-        out = fit_lbfgs(
-            fn,
-            data,
-            ids,
-            theta,
-            max_iter=max_iter,
-            grad_tol=grad_tol,
-            newton_steps=newton_steps,
-            inverse_hessian=polish[0] if polish else None,
-        )
-        if not polish:
-            curvature = Curvature(fn, out, data, ids)
-            estimator = Exact() if fn.p <= exact_max_params else CG(tol=1e-6)
-            polish.append(estimator.fit(curvature).solve)
-        return out
-
-    return retrain
+from influencer.retraining import LBFGSRetrainer, Retrainer
 
 
 @dataclass(frozen=True)
@@ -113,7 +74,8 @@ def leave_one_out(
         test: one test example (any data form, with a single example).
         k: number of training examples to remove, one at a time.
         select: which ``k``: largest ``|score|``, most helpful, most harmful, or random.
-        retrain: how to retrain (default: L-BFGS to the optimum, for convex models).
+        retrain: how to retrain (default :class:`~influencer.retraining.LBFGSRetrainer`: to the
+            optimum, for convex models).
         float64: retrain and measure in double precision.
         seed: for ``select="random"``.
     """
@@ -133,17 +95,15 @@ def leave_one_out(
     else:
         raise ConfigError(f"select must be magnitude, helpful, harmful or random; got {select!r}")
 
-    fn = influence.fn.cast(torch.float64) if float64 else influence.fn
-    retrain = retrain or lbfgs_retrainer()
-    test_batch = fn.prepare(influence.examples(test).take(torch.arange(1)))
+    reference = influence.replace(dtype=torch.float64) if float64 else influence
+    retrainer = retrain or LBFGSRetrainer()
     everyone = torch.arange(influence.n)
 
     def measure(theta: Tensor) -> float:
-        with torch.no_grad():
-            return float(fn.measurement(theta, test_batch)[0])
+        return float(reference.measurements(test, theta)[0])
 
-    theta_star = retrain(fn, influence.train, everyone, fn.theta0)
-    shift = float((theta_star - fn.theta0).norm() / fn.theta0.norm().clamp_min(1e-30))
+    theta_star = retrainer.refit(reference)
+    shift = float((theta_star - reference.theta).norm() / reference.theta.norm().clamp_min(1e-30))
     if shift > 1e-2:
         warnings.warn(
             f"the model is {shift:.1%} away from the optimum of its objective; influence assumes a "
@@ -154,7 +114,7 @@ def leave_one_out(
     base = measure(theta_star)
     actual = []
     for i in progress_bar(ids.tolist(), "leave-one-out retraining", influence.progress):
-        theta_i = retrain(fn, influence.train, everyone[everyone != i], theta_star)
+        theta_i = retrainer.refit(reference, everyone[everyone != i], theta_star)
         actual.append(measure(theta_i) - base)
     predicted = scores[ids].double().numpy()
     actual_arr = np.asarray(actual)
