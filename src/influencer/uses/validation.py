@@ -4,13 +4,13 @@ For one test example: take the ``k`` training examples with the largest predicte
 each one in turn, retrain from the optimum (warm start), and compare the actual change of the test
 measurement with the predicted score. Convex models are retrained to the optimum with L-BFGS in
 float64, so any disagreement is the influence approximation's, not the optimiser's.
+:func:`influencer.paper.validation.plot_loo` draws the result.
 """
 
 from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
@@ -21,7 +21,6 @@ from influencer._kernel.errors import ConfigError
 from influencer._kernel.progress import progress_bar
 from influencer._kernel.stats import pearson, spearman
 from influencer.influence import Influence
-from influencer.paper.plotting import predicted_vs_actual
 from influencer.retraining import LBFGSRetrainer, Retrainer
 
 
@@ -35,18 +34,6 @@ class LOOResult:
     pearson: float
     spearman: float
     optimum_shift: float  # ||theta* - theta|| / ||theta||: how far the given model was from the optimum
-
-    def plot(self, path: str | Path, title: str = "Leave-one-out retraining") -> Path:
-        """Scatter of actual vs predicted with the identity line, saved as PNG."""
-        return predicted_vs_actual(
-            path,
-            self.predicted,
-            self.actual,
-            title=title,
-            ylabel="predicted change (influence)",
-            pearson=self.pearson,
-            spearman=self.spearman,
-        )
 
     def summary(self) -> dict[str, Any]:
         return {
