@@ -22,14 +22,7 @@ from pathlib import Path
 
 import torch
 
-from influencer import ClassificationTask, Exact, Influence, top_k
-from influencer._kernel.functional import ModelFunction
-from influencer.data import as_examples
-from influencer.models import LogisticRegression
-from influencer.paper.datasets import load_digits
-from influencer.paper.plotting import pyplot, save_png
-from influencer.training import fit_lbfgs
-from influencer.uses.perturbation import PerturbationInfluence, check_perturbation
+from influencer.paper.perturbation import digits_perturbation, plot_pixel_attribution
 
 
 def main() -> None:
@@ -50,31 +43,19 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     args.out.mkdir(parents=True, exist_ok=True)
 
-    data = load_digits(dtype=torch.float64)
-    task = ClassificationTask(weight_decay=args.weight_decay)
-    torch.manual_seed(0)
-    model = LogisticRegression(64, 10).double()
-    fn = ModelFunction(model, task, device=args.device)
-    fn.load_into(fit_lbfgs(fn, as_examples(data.train)))
-    inf = Influence(model, task, data.train, estimator=Exact(), device=args.device).fit()
-    pert = PerturbationInfluence(inf)
-    t = args.test_index
-    test = (data.x_test[t : t + 1], data.y_test[t : t + 1])
-    with torch.no_grad():
-        predicted_class = int(model(data.x_test[t : t + 1].to(args.device)).argmax())
-    print(
-        f"test image {t}: label {int(data.y_test[t])}, predicted {predicted_class}; "
-        f"n = {inf.n} training images"
+    result = digits_perturbation(
+        k=args.k,
+        test_index=args.test_index,
+        weight_decay=args.weight_decay,
+        seeds=args.seeds,
+        device=args.device,
     )
-
-    results = {}
-    checks = [("sign", 0)] + [("random", s) for s in args.seeds]
-    for direction, seed in checks:
-        check = check_perturbation(
-            pert, test, k=args.k, size=1 / 16, direction=direction, bounds=(0.0, 1.0), grid=1 / 16, seed=seed
-        )
-        name = f"{direction}" + (f"_seed{seed}" if direction == "random" else "")
-        results[name] = check.summary()
+    data, t = result.data, result.test_index
+    print(
+        f"test image {t}: label {int(data.y_test[t])}, predicted {result.predicted_class}; "
+        f"n = {result.influence.n} training images"
+    )
+    for name, check in result.checks.items():
         print(
             f"one grey level per pixel along {name:>13}: predicted vs retrained change of the test loss "
             f"over {args.k} images: Pearson {check.pearson:.4f}, Spearman {check.spearman:.4f}; "
@@ -82,61 +63,22 @@ def main() -> None:
         )
         check.plot(args.out / f"check_{name}.png", title=f"I_pert vs retraining ({name} steps of 1/16)")
 
-    scores = inf.scores(test)
-    top = top_k(scores, 4)
-    helpful = top.helpful_ids[0]
-    attribution = pert.attribution(test, helpful)
-    effects = -attribution.score_gradient[0]  # (4, 64): d test loss / d pixel
-    gxi = attribution.gradient_x_input[0]
-    ids, values = attribution.top(5)
-    for c, i in enumerate(helpful.tolist()):
+    ids, values = result.attribution.top(5)
+    for c, i in enumerate(result.helpful_ids.tolist()):
         pixels = ", ".join(
             f"({p // 8},{p % 8}) {v:+.1e}"
             for p, v in zip(ids[0, c].tolist(), values[0, c].tolist(), strict=True)
         )
         print(
-            f"helpful training image {i} (label {int(data.y_train[i])}, score {float(scores[0, i]):+.2e}): "
+            f"helpful training image {i} (label {int(data.y_train[i])}, "
+            f"score {float(result.helpful_scores[c]):+.2e}): "
             f"pixels (row,col) carrying most of its score: {pixels}"
         )
-    plot_attribution(
-        data.x_test[t], data.x_train[helpful], effects, gxi, helpful, args.out / "attribution.png"
-    )
+    plot_pixel_attribution(result, args.out / "attribution.png")
     (args.out / "results.json").write_text(
-        json.dumps({"config": {**vars(args), "out": str(args.out)}, "checks": results}, indent=2)
+        json.dumps({"config": {**vars(args), "out": str(args.out)}, "checks": result.summary()}, indent=2)
     )
     print(f"saved {args.out}/check_*.png, attribution.png, results.json")
-
-
-def plot_attribution(
-    test_image: torch.Tensor,
-    images: torch.Tensor,
-    effects: torch.Tensor,
-    gxi: torch.Tensor,
-    ids: torch.Tensor,
-    path: Path,
-) -> None:
-    plt = pyplot()
-
-    fig, axes = plt.subplots(len(ids), 4, figsize=(6.6, 1.75 * len(ids)), dpi=120, squeeze=False)
-    for row, i, img, eff, g in zip(axes, ids.tolist(), images, effects, gxi, strict=True):
-        panels = [
-            (test_image.reshape(8, 8), "test image", "gray_r"),
-            (img.reshape(8, 8), f"helpful train {i}", "gray_r"),
-            (eff.reshape(8, 8), "d test loss / d pixel", "coolwarm"),
-            (g.reshape(8, 8), "gradient x input", "coolwarm"),
-        ]
-        for ax, (arr, title, cmap) in zip(row, panels, strict=True):
-            arr = arr.cpu().numpy()
-            if cmap == "coolwarm":
-                m = float(abs(arr).max()) or 1.0
-                ax.imshow(arr, cmap=cmap, vmin=-m, vmax=m)
-            else:
-                ax.imshow(arr, cmap=cmap, vmin=0, vmax=1)
-            ax.set_title(title, fontsize=7)
-            ax.set_xticks([])
-            ax.set_yticks([])
-    fig.tight_layout()
-    save_png(fig, path)
 
 
 if __name__ == "__main__":

@@ -14,11 +14,11 @@ from influencer._kernel.functional import ModelFunction
 from influencer.data import as_examples
 from influencer.models import MLP, LogisticRegression, SmallCNN
 from influencer.paper.datasets import Split, load_digits, load_tabular
+from influencer.paper.perturbation import check_perturbation
 from influencer.training import fit_lbfgs
 from influencer.uses.perturbation import (
     PatchedExamples,
     PerturbationInfluence,
-    check_perturbation,
     feature_rank,
     replace_input,
     top_features,

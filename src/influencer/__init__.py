@@ -23,10 +23,11 @@ from influencer._kernel.task import ClassificationTask, RegressionTask, SmoothHi
 from influencer.estimators import CG, EKFAC, KFAC, Arnoldi, Estimator, Exact, Identity, LiSSA, Solver
 from influencer.influence import Influence
 from influencer.models.kernels import RBFKernelModel
+from influencer.paper.perturbation import check_perturbation
 from influencer.uses.comparison import compare_models
 from influencer.uses.group import group_influence, group_params
 from influencer.uses.mislabels import rank_for_review
-from influencer.uses.perturbation import FeatureAttribution, PerturbationInfluence, check_perturbation
+from influencer.uses.perturbation import FeatureAttribution, PerturbationInfluence
 from influencer.uses.poisoning import PoisonConfig, PoisoningAttack
 from influencer.uses.unlearning import ClassRemoval
 from influencer.uses.validation import leave_one_out

@@ -22,16 +22,17 @@ examples of a chunk and over the test directions; training data streams in chunk
 Feature attribution splits a training point's score over its input features: ``gradient x input``
 ``(x_i - baseline) * grad_x score_i`` is the first-order share of ``score_i`` carried by each feature
 (it sums to ``score_i(x_i) - score_i(baseline)`` for a locally linear score).
+
+:func:`influencer.paper.perturbation.check_perturbation` checks these predictions against
+retraining with moved inputs (:class:`PatchedExamples`).
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Literal
 
-import numpy as np
 import torch
 from torch import Tensor
 from torch.func import grad, jvp, vmap
@@ -41,11 +42,8 @@ from influencer._kernel.data import Examples
 from influencer._kernel.errors import ConfigError, DataError, NonFiniteError
 from influencer._kernel.functional import ModelFunction
 from influencer._kernel.progress import progress_bar
-from influencer._kernel.stats import pearson, spearman
 from influencer._kernel.task import Batch
 from influencer.influence import Influence
-from influencer.paper.plotting import predicted_vs_actual
-from influencer.retraining import LBFGSRetrainer
 
 # Where the differentiated input sits in a batch: an index (tuple/list batches), a key (dict
 # batches) or a path of them for nested batches. Built-in tasks take (inputs, labels): input=0.
@@ -279,7 +277,7 @@ class PerturbationInfluence:
     ) -> Iterator[tuple[Tensor, Tensor]]:
         """Yield ``(ids, M)`` chunks, ``M[j, i] = grad_{x_i} (s_j . g_i)`` ``(m, c, *x)``."""
         idx = self.train.check_indices(train_indices)
-        s = directions.reshape(-1, self.fn.p).to(self.influence.theta)
+        s = directions.reshape(-1, self.influence.p).to(self.influence.theta)
         total = -(-len(idx) // self.batch_size)
         chunks = self.train.chunks(self.batch_size, idx)
         for ids, batch in progress_bar(chunks, "I_pert", self.influence.progress, total=total, unit="batch"):
@@ -364,107 +362,3 @@ class PatchedExamples(Examples):
         x = get_input(batch, self.path).clone()
         x[hit.to(x.device)] = self.inputs[pos[hit].to(self.inputs.device)].to(x)
         return replace_input(batch, self.path, x)
-
-
-@dataclass(frozen=True)
-class PerturbationCheck:
-    """Predicted vs actual change of a test measurement when single training inputs are perturbed."""
-
-    train_ids: np.ndarray  # (k,)
-    predicted: np.ndarray  # (k,) effect . delta (first order, see this module's docstring)
-    actual: np.ndarray  # (k,) f(theta*(x_i + delta)) - f(theta*) after retraining to the optimum
-    delta_norm: np.ndarray  # (k,) L-inf size of each perturbation actually applied
-    pearson: float
-    spearman: float
-
-    def summary(self) -> dict[str, Any]:
-        return {"k": int(self.train_ids.size), "pearson": self.pearson, "spearman": self.spearman}
-
-    def plot(self, path: str | Path, title: str = "Perturbing one training input") -> Path:
-        """Scatter of actual vs predicted with the identity line, saved as PNG."""
-        return predicted_vs_actual(
-            path,
-            self.predicted,
-            self.actual,
-            title=title,
-            ylabel="predicted change (I_pert / n . delta)",
-            pearson=self.pearson,
-            spearman=self.spearman,
-        )
-
-
-def check_perturbation(
-    pert: PerturbationInfluence,
-    test: Any,
-    train_indices: Sequence[int] | Tensor | None = None,
-    *,
-    k: int = 30,
-    size: float = 1e-2,
-    direction: Literal["sign", "random"] = "sign",
-    bounds: tuple[float, float] | None = None,
-    grid: float | None = None,
-    seed: int = 0,
-) -> PerturbationCheck:
-    """Perturb training inputs one at a time, retrain to the optimum, compare with ``I_pert``.
-
-    For one test example: each training input (``train_indices``, default the ``k`` with the
-    largest ``||effect||_1``) moves by ``delta = size * sign(effect)`` (``"sign"``: the steepest
-    L-inf ascent of the test loss) or by random signs, kept within ``bounds`` and on ``grid`` if
-    given (e.g. ``(0, 1)`` and ``1/16`` for legal digit images). The model is retrained with
-    L-BFGS in float64 (convex models), so any gap is the first-order approximation's.
-    """
-    inf = pert.influence
-    effects = pert.effects(test)
-    if effects.shape[0] != 1:
-        raise ConfigError(f"check_perturbation takes one test example, got {effects.shape[0]}")
-    effects = effects[0]  # (n, *x)
-    if train_indices is None:
-        ids = effects.reshape(inf.n, -1).abs().sum(1).topk(min(k, inf.n)).indices.cpu()
-    else:
-        ids = inf.train.check_indices(train_indices)
-    if direction == "sign":
-        signs = torch.sign(effects[ids.to(effects.device)])
-    elif direction == "random":
-        gen = torch.Generator().manual_seed(seed)
-        shape = (len(ids), *effects.shape[1:])
-        signs = (torch.randint(0, 2, shape, generator=gen) * 2 - 1).to(effects)
-    else:
-        raise ConfigError(f"direction must be 'sign' or 'random', got {direction!r}")
-    x = pert.inputs(ids)
-    moved = x + size * signs
-    if bounds is not None:
-        if float(x.min()) < bounds[0] or float(x.max()) > bounds[1]:
-            raise DataError(
-                f"training inputs span [{float(x.min()):g}, {float(x.max()):g}], outside bounds={bounds}: "
-                "pass the data's valid range, or bounds=None"
-            )
-        moved = moved.clamp(*bounds)
-    if grid is not None:
-        moved = x + torch.trunc((moved - x) / grid + 1e-6 * torch.sign(moved - x)) * grid
-    deltas = moved - x
-
-    reference = inf.replace(dtype=torch.float64)
-    retrainer = LBFGSRetrainer()
-    theta_star = retrainer.refit(reference)
-
-    def measure(theta: Tensor) -> float:
-        return float(reference.measurements(test, theta)[0])
-
-    base = measure(theta_star)
-    everyone = torch.arange(inf.n)
-    actual = []
-    for c in progress_bar(range(len(ids)), "perturb and retrain", inf.progress):
-        moved_data = reference.replace(
-            train=PatchedExamples(inf.train, ids[c : c + 1], moved[c : c + 1], pert.input)
-        )
-        actual.append(measure(retrainer.refit(moved_data, everyone, theta_star)) - base)
-    predicted = (effects[ids.to(effects.device)] * deltas).reshape(len(ids), -1).sum(1).double().cpu().numpy()
-    actual_arr = np.asarray(actual)
-    return PerturbationCheck(
-        ids.numpy(),
-        predicted,
-        actual_arr,
-        deltas.reshape(len(ids), -1).abs().amax(1).double().cpu().numpy(),
-        pearson(predicted, actual_arr),
-        spearman(predicted, actual_arr),
-    )
