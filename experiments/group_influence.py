@@ -17,13 +17,7 @@ import json
 import time
 from pathlib import Path
 
-import torch
-
-from influencer import ClassificationTask, Exact, Influence
-from influencer.models import LogisticRegression
-from influencer.paper.datasets import load_dataset
-from influencer.training import train_lbfgs
-from influencer.uses.group import compare_group_influence, make_groups
+from influencer.paper.group import group_experiment
 
 
 def main() -> None:
@@ -38,18 +32,18 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=Path("out/group_influence"))
     args = ap.parse_args()
 
-    split = load_dataset(args.data, dtype=torch.float64)
-    torch.manual_seed(args.seeds)
-    model = LogisticRegression(split.x_train.shape[1], split.num_classes).double()
-    task = ClassificationTask(weight_decay=args.weight_decay)
-    train_lbfgs(model, task, split.train, device=args.device)
-    influence = Influence(model, task, split.train, estimator=Exact(), device=args.device).fit()
-    groups = make_groups(split.y_train, args.fractions, args.groups, seed=args.seeds)
-    test = (split.x_test[: args.n_test], split.y_test[: args.n_test])
     start = time.time()
-    result = compare_group_influence(influence, groups, test)
+    result, influence = group_experiment(
+        args.data,
+        fractions=args.fractions,
+        per_fraction=args.groups,
+        n_test=args.n_test,
+        weight_decay=args.weight_decay,
+        seed=args.seeds,
+        device=args.device,
+    )
     print(
-        f"{args.data}: n = {influence.n}, p = {influence.p}, {len(groups)} groups, "
+        f"{args.data}: n = {influence.n}, p = {influence.p}, {len(result.kinds)} groups, "
         f"{args.n_test} test examples "
         f"({time.time() - start:.0f} s)"
     )

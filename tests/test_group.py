@@ -2,21 +2,21 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
+import scipy.stats
 import torch
 from torch import nn
 
 from influencer import ClassificationTask, ConfigError, DataError, Exact, Influence, RegressionTask
 from influencer.models import LogisticRegression
 from influencer.paper.datasets import load_tabular
+from influencer.paper.group import GroupComparison, compare_group_influence, make_groups
 from influencer.training import fit_lbfgs, train_lbfgs
 from influencer.uses.group import (
-    GroupComparison,
-    compare_group_influence,
     group_curvature_product,
     group_influence,
     group_params,
-    make_groups,
     retrain_without_groups,
 )
 
@@ -188,8 +188,19 @@ def test_comparison_table_and_plot(cancer, logistic, tmp_path):
     assert result.actual.shape == result.first_order.shape == (12, 2)
     rows = {(r["kind"], r["fraction"]): r for r in result.table()}
     assert set(rows) == {(k, f) for k in ("random", "same_class") for f in (0.02, 0.1, "all")}
-    for r in rows.values():
-        assert -1.0 <= r["first_pearson"] <= 1.0 and r["second_rel_error"] >= 0.0
+    for (kind, fraction), r in rows.items():
+        # Each cell recomputed from the raw arrays: correlation over its groups, per test example
+        # and then averaged; relative error over groups and tests.
+        mask = (result.kinds == kind) & ((result.fractions == fraction) if fraction != "all" else True)
+        assert r["groups"] == mask.sum() == (3 if fraction != "all" else 6)
+        actual = result.actual[mask]
+        for order, pred in (("first", result.first_order[mask]), ("second", result.second_order[mask])):
+            pearsons = [np.corrcoef(pred[:, t], actual[:, t])[0, 1] for t in range(2)]
+            spearmans = [scipy.stats.spearmanr(pred[:, t], actual[:, t])[0] for t in range(2)]
+            assert r[f"{order}_pearson"] == pytest.approx(np.mean(pearsons), abs=1e-12)
+            assert r[f"{order}_spearman"] == pytest.approx(np.mean(spearmans), abs=1e-12)
+            rel = np.abs(pred - actual).mean() / np.abs(actual).mean()
+            assert r[f"{order}_rel_error"] == pytest.approx(rel, rel=1e-12)
     # A perfect predictor scores r = 1 and no error.
     perfect = GroupComparison(
         result.kinds, result.fractions, result.sizes, result.first_order, result.actual, result.actual
