@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from influencer.uses.comparison import DigitsComparisonConfig, digits_comparison
+from influencer.paper.comparison import DigitsComparisonConfig, digits_comparison, plot_comparison
 
 
 def main() -> None:
@@ -66,7 +66,8 @@ def main() -> None:
         )
     args.out.mkdir(parents=True, exist_ok=True)
     m = len(result.test_labels)
-    png = result.plot(
+    png = plot_comparison(
+        result,
         args.out / "compare_models.png",
         shown,
         images=(data.x_train, data.x_test[:m]),

@@ -8,13 +8,14 @@ import torch
 
 from influencer import CG, ConfigError, DataError, Exact, Influence, SmoothHingeTask
 from influencer.models.kernels import RBFKernelModel, median_gamma
-from influencer.training import objective_and_grad, train_lbfgs
-from influencer.uses.comparison import (
+from influencer.paper.comparison import (
     DigitsComparisonConfig,
-    compare_models,
     digits_comparison,
+    plot_comparison,
     two_class_digits,
 )
+from influencer.training import objective_and_grad, train_lbfgs
+from influencer.uses.comparison import compare_models
 
 
 @pytest.fixture(scope="module")
@@ -101,7 +102,9 @@ def test_comparison_scores_and_statistics_are_consistent(comparison):
 def test_plot(comparison, tmp_path):
     result, data = comparison
     m = len(result.test_labels)
-    path = result.plot(tmp_path / "cmp.png", images=(data.x_train, data.x_test[:m]), class_names=data.classes)
+    path = plot_comparison(
+        result, tmp_path / "cmp.png", images=(data.x_train, data.x_test[:m]), class_names=data.classes
+    )
     assert path.exists() and path.stat().st_size > 20_000
 
 
