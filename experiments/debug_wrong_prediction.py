@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from influencer.uses.debugging import MismatchDebugResult, debug_domain_mismatch, load_diabetes_subgroup
+from influencer.paper.debugging import MismatchDebugResult, debug_domain_mismatch, load_diabetes_subgroup
 
 
 def main() -> None:

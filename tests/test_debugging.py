@@ -10,12 +10,15 @@ import torch
 
 from influencer import ConfigError, DataError
 from influencer.paper.datasets import Split
-from influencer.uses.debugging import (
+from influencer.paper.debugging import (
     MismatchDebugResult,
     debug_domain_mismatch,
     load_diabetes_subgroup,
     remove_subgroup_negatives,
 )
+from influencer.paper.fitting import fit_logistic
+from influencer.uses.debugging import explain_prediction, influence_share
+from influencer.uses.perturbation import PerturbationInfluence
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -96,3 +99,39 @@ def test_remove_subgroup_negatives_and_errors(split: Split) -> None:
         remove_subgroup_negatives(split.y_train, sub, 0, keep=negatives)
     with pytest.raises(DataError, match="0/1 subgroup indicator"):
         debug_domain_mismatch(split, subgroup_feature=2)
+
+
+def test_influence_share_by_hand() -> None:
+    scores = torch.tensor([[1.0, -3.0, 0.0, 4.0], [2.0, 2.0, 0.0, 0.0]])
+    expected = torch.tensor([7 / 8, 1 / 2])
+    torch.testing.assert_close(influence_share(scores, [1, 3]), expected)
+    torch.testing.assert_close(influence_share(scores, torch.tensor([False, True, False, True])), expected)
+    assert float(influence_share(scores[0], torch.tensor([0]))) == pytest.approx(1 / 8)
+    with pytest.raises(DataError, match="shape"):
+        influence_share(scores, torch.tensor([True, False]))
+    with pytest.raises(DataError, match=r"ids must lie in \[0, 4\)"):
+        influence_share(scores, [4])
+    with pytest.raises(DataError, match="every score"):
+        influence_share(torch.zeros(1, 4), [0])
+
+
+def test_explain_prediction_parts(split: Split) -> None:
+    _, inf = fit_logistic(split.train, 2, 1e-3)
+    test = (split.x_test[:1], split.y_test[:1])
+    young = split.x_train[:, -1] == 1
+    out = explain_prediction(inf, test, subgroups={"young": young}, top=5, feature_names=split.feature_names)
+    scores = inf.scores(test)[0]
+    torch.testing.assert_close(out.scores, scores)
+    assert out.top_ids.tolist() == scores.abs().argsort(descending=True)[:5].tolist()
+    share = out.subgroups["young"]
+    assert share.size == int(young.sum()) and share.train_share == pytest.approx(float(young.double().mean()))
+    assert share.influence_share == pytest.approx(float(scores.abs()[young].sum() / scores.abs().sum()))
+    assert share.concentration == pytest.approx(share.influence_share / share.train_share)
+    reference = PerturbationInfluence(inf).attribution(test, out.top_ids)
+    torch.testing.assert_close(out.gradient_x_input, reference.gradient_x_input[0])
+    totals = reference.gradient_x_input[0].abs().sum(0)  # (d,)
+    order = totals.argsort(descending=True).tolist()
+    assert [out.aggregate_rank(j) for j in order] == list(range(1, len(order) + 1))
+    assert out.feature_rank(order[0]).tolist() == reference.rank(order[0])[0].tolist()
+    with pytest.raises(ConfigError, match="one test example"):
+        explain_prediction(inf, (split.x_test[:2], split.y_test[:2]))

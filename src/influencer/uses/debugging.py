@@ -1,371 +1,153 @@
-"""Debugging a wrong prediction caused by a domain mismatch (Koh & Liang 2017, Sec. 5.3).
+"""Explaining one prediction by its training data (Koh & Liang 2017, Sec. 5.3).
 
-The paper's hospital case: a model predicts readmission; the training set has lost most of the
-healthy children, so the few children left teach it that children are readmitted, and it
-mispredicts a healthy child at test time. Influence finds the cause: the handful of training
-children carry a share of the influence on that prediction far above their share of the data, and
-``I_pert`` attribution of their influence points at the "child" feature.
+When a prediction is wrong, influence asks two questions of the training set:
 
-Here the same workflow runs on real data: scikit-learn's diabetes study (442 patients, ten
-baseline measurements; label: disease progression after one year above the median), with the
-subgroup "age < 30" (10% of patients) as an indicator feature, like the paper's age-bracket
-indicators. :func:`debug_domain_mismatch` works on any :class:`~influencer.paper.datasets.Split` with a
-0/1 subgroup column.
+* **who**: which training points carry the influence on it, and whether some subgroup carries a
+  share of ``sum_i |score_i|`` far above its share of the data (the paper's hospital case: a few
+  training children teach the model that children are readmitted). :func:`influence_share`;
+* **why**: which input features of the most influential points carry their scores: ``gradient x
+  input`` of each score, from ``I_pert`` (:class:`~influencer.uses.perturbation.FeatureAttribution`).
+
+:func:`explain_prediction` answers both for one test example. Scores follow
+:mod:`influencer._kernel.scores` (removal; with the test loss as measurement, positive = helpful).
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from torch import Tensor
 
 from influencer._kernel.errors import ConfigError, DataError
-from influencer._kernel.task import ClassificationTask
-from influencer.estimators import Exact
 from influencer.influence import Influence
-from influencer.models import LogisticRegression
-from influencer.paper.datasets import Split, split_arrays
-from influencer.paper.plotting import pyplot, save_png
-from influencer.training import train_lbfgs
-from influencer.uses.perturbation import PerturbationInfluence
-from influencer.uses.validation import leave_one_out
-
-_DIABETES_NAMES = (
-    "age",
-    "sex",
-    "bmi",
-    "blood pressure",
-    "s1 total cholesterol",
-    "s2 LDL",
-    "s3 HDL",
-    "s4 cholesterol/HDL",
-    "s5 log triglycerides",
-    "s6 blood sugar",
-)
+from influencer.uses.perturbation import FeatureAttribution, InputPath, PerturbationInfluence
 
 
-def load_diabetes_subgroup(
-    age_below: float = 30.0, test_fraction: float = 0.25, seed: int = 0, dtype: torch.dtype | None = None
-) -> Split:
-    """scikit-learn's diabetes study as a binary task with an age-subgroup indicator.
+def _members_mask(members: Sequence[int] | Tensor, n: int) -> Tensor:
+    m = torch.as_tensor(members).cpu()
+    if m.dtype == torch.bool:
+        if m.shape != (n,):
+            raise DataError(f"a membership mask must have shape ({n},) like the scores, got {tuple(m.shape)}")
+        return m
+    ids = m.reshape(-1).long()
+    if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= n):
+        raise DataError(f"member ids must lie in [0, {n}), got {int(ids.min())}..{int(ids.max())}")
+    mask = torch.zeros(n, dtype=torch.bool)
+    mask[ids] = True
+    return mask
 
-    Label 1 ("high progression") when the one-year disease progression exceeds the median of the
-    study (140.5). Features: the ten baseline measurements standardised on the training part, then
-    a 0/1 column ``age<{age_below}`` (last), left unscaled so that 0 means "not in the subgroup".
+
+def influence_share(scores: Tensor, members: Sequence[int] | Tensor) -> Tensor:
+    """Share of ``sum_i |score_i|`` carried by ``members``, per test example.
+
+    Args:
+        scores: ``(m, n)`` (or ``(n,)``) removal scores of ``n`` training examples.
+        members: a ``(n,)`` boolean mask or the training ids of the subgroup.
+
+    Returns ``(m,)`` (or a scalar) in ``[0, 1]``; compare it with the subgroup's share of the data.
     """
-    from sklearn.datasets import load_diabetes
-
-    d = load_diabetes(scaled=False)
-    x, target = np.asarray(d.data, dtype=np.float64), np.asarray(d.target)
-    subgroup = (x[:, 0] < age_below).astype(np.float64)[:, None]
-    features = np.concatenate([x, subgroup], axis=1)
-    labels = (target > np.median(target)).astype(np.int64)
-    scaled = np.arange(features.shape[1]) < x.shape[1]  # all but the 0/1 subgroup column
-    return split_arrays(
-        "diabetes",
-        features,
-        labels,
-        test_fraction,
-        seed,
-        dtype,
-        ("low progression", "high progression"),
-        (*_DIABETES_NAMES, f"age<{age_below:g}"),
-        standardize=scaled,
-    )
-
-
-def remove_subgroup_negatives(
-    labels: Tensor, subgroup: Tensor, negative_label: int, keep: int, seed: int = 0
-) -> tuple[Tensor, Tensor]:
-    """Training ids kept and removed when all but ``keep`` (random) subgroup negatives are dropped."""
-    negatives = torch.nonzero(subgroup & (labels == negative_label)).reshape(-1)
-    if keep < 0 or keep >= len(negatives):
-        raise ConfigError(
-            f"keep must lie in [0, {len(negatives)}) (the subgroup has {len(negatives)} training examples "
-            f"labelled {negative_label}), got {keep}"
-        )
-    order = torch.randperm(len(negatives), generator=torch.Generator().manual_seed(seed))
-    removed = negatives[order[keep:]].sort().values
-    mask = torch.ones(len(labels), dtype=torch.bool)
-    mask[removed] = False
-    return torch.nonzero(mask).reshape(-1), removed
-
-
-def _share(scores: Tensor, mask: Tensor) -> float:
     magnitude = scores.abs()
-    return float(magnitude[mask].sum() / magnitude.sum())
+    mask = _members_mask(members, scores.shape[-1]).to(scores.device)
+    total = magnitude.sum(-1)
+    if bool((total == 0).any()):
+        raise DataError("every score of some test example is 0, so no share of its influence exists")
+    return magnitude[..., mask].sum(-1) / total
 
 
 @dataclass(frozen=True)
-class MismatchDebugResult:
-    """What influence says about one wrong prediction after the subgroup's negatives were removed.
+class SubgroupShare:
+    """A subgroup's share of the training set and of the influence on one prediction."""
 
-    Training positions (``scores``, ``top_ids``, masks) index the mismatched training set;
-    ``train_ids`` maps them to ids in the original training set. Scores follow
-    :mod:`influencer._kernel.scores` (removal; positive = helpful for the test loss).
-    """
+    size: int
+    train_share: float  # size / n
+    influence_share: float  # share of sum_i |score_i|
 
-    feature_names: tuple[str, ...]
-    subgroup_feature: int
-    negative_label: int
-    train_ids: np.ndarray  # (n',) original ids of the mismatched training set
-    removed_ids: np.ndarray  # (r,) original ids removed
-    test_id: int
-    test_label: int
-    prediction: int  # by the model trained on the mismatched data
-    prediction_before: int  # by the model trained on the full training set
-    probability: float  # the mismatched model's probability of its (wrong) prediction
-    scores: np.ndarray  # (n',)
-    subgroup: np.ndarray  # (n',) bool
-    kept_negatives: np.ndarray  # (n',) bool
-    influence_share: float  # subgroup's share of sum |score|
-    train_share: float  # subgroup's share of the training set
-    kept_negative_influence_share: float
-    kept_negative_train_share: float
-    kept_negative_influence_share_before: float  # the same examples' share on the full-data model
-    influence_share_before: float  # subgroup's share on the full-data model, same test point
-    train_share_before: float
-    top_ids: np.ndarray  # (k,) positions with the largest |score|
-    attribution: np.ndarray  # (k, d) gradient x input of each top point's score
-    subgroup_rank: np.ndarray  # (k,) rank of the subgroup feature in each top point's attribution
-    aggregate_rank: int  # its rank in sum_k |attribution|
-    loo_ids: np.ndarray  # (k,) the top points by |score| again (positions), in leave-one-out order
-    loo_actual: np.ndarray  # (k,) actual test-loss change when each is removed and the model retrained
-    loo_pearson: float  # Pearson(scores[loo_ids], loo_actual)
-    wrong_test_ids: np.ndarray  # (w,) every subgroup negative the mismatched model gets wrong
-    wrong_test_shares: np.ndarray  # (w,) the subgroup's influence share for each of them
-    subgroup_test_negatives: int
-    wrong_before: int
-    accuracy_before: float
-    accuracy_after: float
+    @property
+    def concentration(self) -> float:
+        """``influence_share / train_share``: 1 = as influential as its size, >> 1 = dominant."""
+        return self.influence_share / self.train_share
+
+
+@dataclass(frozen=True)
+class PredictionExplanation:
+    """Who and what carries one test prediction (see :func:`explain_prediction`)."""
+
+    scores: Tensor  # (n,) removal scores of every training example
+    top_ids: Tensor  # (k,) training ids with the largest |score|, largest first
+    attribution: FeatureAttribution  # of the top points' scores to their features, (1, k, *x)
+    subgroups: Mapping[str, SubgroupShare]
+
+    @property
+    def gradient_x_input(self) -> Tensor:
+        """``(k, *x)``: each feature's share of each top point's score."""
+        return self.attribution.gradient_x_input[0]
+
+    @property
+    def feature_totals(self) -> Tensor:
+        """``sum_k |gradient x input|`` ``(*x)``: how much each feature carries over the top points."""
+        return self.gradient_x_input.abs().sum(0)
+
+    def feature_rank(self, feature: int) -> Tensor:
+        """1-based rank ``(k,)`` of flat feature ``feature`` in each top point's attribution."""
+        return self.attribution.rank(feature)[0]
+
+    def aggregate_rank(self, feature: int) -> int:
+        """1-based rank of flat feature ``feature`` in :attr:`feature_totals` (1 = carries the most)."""
+        totals = self.feature_totals.reshape(-1)
+        if not 0 <= feature < totals.numel():
+            raise ConfigError(f"feature must lie in [0, {totals.numel()}), got {feature}")
+        return int((totals > totals[feature]).sum()) + 1
 
     def summary(self) -> dict[str, Any]:
-        sub_scores = self.scores[self.subgroup]
         return {
-            "test_id": self.test_id,
-            "test_label": self.test_label,
-            "prediction_before": self.prediction_before,
-            "prediction_after": self.prediction,
-            "probability_of_wrong_prediction": self.probability,
-            "n_train": int(self.scores.size),
-            "subgroup_train_members": int(self.subgroup.sum()),
-            "kept_negatives": int(self.kept_negatives.sum()),
-            "train_share": self.train_share,
-            "influence_share": self.influence_share,
-            "train_share_before": self.train_share_before,
-            "influence_share_before": self.influence_share_before,
-            "kept_negative_train_share": self.kept_negative_train_share,
-            "kept_negative_influence_share": self.kept_negative_influence_share,
-            "kept_negative_influence_share_before": self.kept_negative_influence_share_before,
-            "concentration_before": self.influence_share_before / self.train_share_before,
-            "concentration": self.influence_share / self.train_share,
-            "top_k": int(self.top_ids.size),
-            "top_k_in_subgroup": int(self.subgroup[self.top_ids].sum()),
-            "kept_negatives_helpful": int((self.scores[self.kept_negatives] > 0).sum()),
-            "subgroup_positives_harmful": int((sub_scores[~self.kept_negatives[self.subgroup]] < 0).sum()),
-            "subgroup_feature": self.feature_names[self.subgroup_feature]
-            if self.feature_names
-            else self.subgroup_feature,
-            "subgroup_feature_rank_per_top_point": self.subgroup_rank.tolist(),
-            "subgroup_feature_aggregate_rank": self.aggregate_rank,
-            "top_k_leave_one_out_pearson": self.loo_pearson,
-            "subgroup_test_negatives": self.subgroup_test_negatives,
-            "wrong_before": self.wrong_before,
-            "wrong_after": int(self.wrong_test_ids.size),
-            "influence_share_over_wrong_tests": {
-                "mean": float(self.wrong_test_shares.mean()),
-                "min": float(self.wrong_test_shares.min()),
+            "top_ids": self.top_ids.tolist(),
+            "subgroups": {
+                name: {**share.__dict__, "concentration": share.concentration}
+                for name, share in self.subgroups.items()
             },
-            "accuracy_before": self.accuracy_before,
-            "accuracy_after": self.accuracy_after,
         }
 
-    def plot(self, path: str | Path) -> Path:
-        """Three panels: top scores by group, influence vs data shares, attribution of the top point."""
-        plt = pyplot()
 
-        fig, axes = plt.subplots(1, 3, figsize=(14, 4.2), dpi=110)
-        order = np.argsort(-np.abs(self.scores))[:30]
-        colors = np.where(
-            self.kept_negatives[order], "tab:green", np.where(self.subgroup[order], "tab:red", "tab:gray")
-        )
-        axes[0].bar(range(order.size), self.scores[order], color=colors)
-        axes[0].axhline(0, color="black", lw=0.6)
-        axes[0].set_xlabel("training points, by |influence|")
-        axes[0].set_ylabel("score (removal: + helpful, - harmful)")
-        axes[0].set_title("green: kept subgroup negatives, red: other subgroup", fontsize=9)
-
-        groups = [
-            "subgroup\n(full data)",
-            "subgroup\n(mismatch)",
-            "kept negatives\n(full data)",
-            "kept negatives\n(mismatch)",
-        ]
-        data_share = [
-            self.train_share_before,
-            self.train_share,
-            self.kept_negative_train_share * self.scores.size / (self.scores.size + self.removed_ids.size),
-            self.kept_negative_train_share,
-        ]
-        infl_share = [
-            self.influence_share_before,
-            self.influence_share,
-            self.kept_negative_influence_share_before,
-            self.kept_negative_influence_share,
-        ]
-        pos = np.arange(len(groups))
-        axes[1].bar(pos - 0.2, data_share, 0.4, label="share of training set")
-        axes[1].bar(pos + 0.2, infl_share, 0.4, label="share of |influence|")
-        axes[1].set_xticks(pos, groups, fontsize=8)
-        axes[1].legend(fontsize=8)
-        axes[1].set_title(
-            f"test point {self.test_id}: true {self.test_label}, predicted {self.prediction}", fontsize=9
-        )
-
-        attr = self.attribution[0]
-        names = list(self.feature_names) or [str(i) for i in range(attr.size)]
-        bar_colors = ["tab:red" if i == self.subgroup_feature else "tab:blue" for i in range(attr.size)]
-        axes[2].barh(range(attr.size), attr, color=bar_colors)
-        axes[2].set_yticks(range(attr.size), names, fontsize=7)
-        axes[2].invert_yaxis()
-        axes[2].axvline(0, color="black", lw=0.6)
-        axes[2].set_xlabel("gradient x input of the score")
-        axes[2].set_title("features carrying the most influential point's score", fontsize=9)
-        fig.tight_layout()
-        return save_png(fig, path)
-
-
-def _fit_logistic(
-    x: Tensor, y: Tensor, classes: int, task: ClassificationTask, device: torch.device | str | None
-) -> LogisticRegression:
-    model = LogisticRegression(x.shape[1], classes).to(dtype=torch.float64)
-    torch.nn.init.zeros_(model.weight)
-    torch.nn.init.zeros_(model.bias)
-    train_lbfgs(model, task, (x, y), device=device, dtype=torch.float64)
-    return model.to(device) if device is not None else model
-
-
-def _predict(model: LogisticRegression, x: Tensor) -> tuple[Tensor, Tensor]:
-    with torch.no_grad():
-        prob = torch.softmax(model(x.to(model.weight)), dim=1).cpu()
-    return prob.argmax(1), prob
-
-
-def debug_domain_mismatch(
-    split: Split,
-    subgroup_feature: int = -1,
+def explain_prediction(
+    influence: Influence,
+    test: Any,
     *,
-    negative_label: int = 0,
-    keep: int = 3,
-    weight_decay: float = 1e-3,
-    test_id: int | None = None,
+    subgroups: Mapping[str, Sequence[int] | Tensor] | None = None,
     top: int = 10,
-    seed: int = 0,
-    device: torch.device | str | None = None,
-) -> MismatchDebugResult:
-    """Create a domain mismatch, find a wrong subgroup prediction, and explain it with influence.
+    input: InputPath = 0,
+    baseline: Tensor | float = 0.0,
+    feature_names: Sequence[str] = (),
+) -> PredictionExplanation:
+    """Scores of every training example on one test example, each subgroup's share of them, and
+    the attribution of the ``top`` most influential points' scores to their input features.
 
     Args:
-        split: train/test data with a 0/1 subgroup column (e.g. :func:`load_diabetes_subgroup`).
-        subgroup_feature: index of that column (default: the last).
-        negative_label: the label whose subgroup examples are removed from training.
-        keep: subgroup examples with ``negative_label`` left in the training set.
-        weight_decay: L2 penalty of the logistic regression (trained to the optimum in float64).
-        test_id: the test example to explain; default the wrongly predicted subgroup negative that
-            the full-data model gets right, with the highest loss.
-        top: number of most influential training points whose features are attributed.
-        seed: which subgroup negatives are kept.
-        device: where to compute.
+        influence: a fitted :class:`Influence`.
+        test: one test example (any data form, with a single example).
+        subgroups: name -> ``(n,)`` boolean mask or training ids (e.g. a demographic, a source).
+        top: number of training points (largest ``|score|``) whose features are attributed.
+        input, baseline, feature_names: as for
+            :meth:`~influencer.uses.perturbation.PerturbationInfluence.attribution` (``baseline``
+            0: for standardised features, the average example; a 0/1 indicator then carries no
+            share of a non-member's score).
     """
-    d = split.x_train.shape[1]
-    f = subgroup_feature % d
-    x_tr, y_tr = split.x_train.double(), split.y_train
-    x_te, y_te = split.x_test.double(), split.y_test
-    column = torch.cat([x_tr[:, f], x_te[:, f]])
-    if not bool(((column == 0) | (column == 1)).all()):
-        raise DataError(f"feature {f} must be a 0/1 subgroup indicator; it has other values")
-    sub_tr, sub_te = x_tr[:, f] == 1, x_te[:, f] == 1
-    kept, removed = remove_subgroup_negatives(y_tr, sub_tr, negative_label, keep, seed)
-    x_mis, y_mis = x_tr[kept], y_tr[kept]
-    task = ClassificationTask(weight_decay=weight_decay)
-    classes = max(split.num_classes, int(y_tr.max()) + 1)
-    full = _fit_logistic(x_tr, y_tr, classes, task, device)
-    mismatched = _fit_logistic(x_mis, y_mis, classes, task, device)
-    pred_before, _ = _predict(full, x_te)
-    pred_after, prob_after = _predict(mismatched, x_te)
-
-    negatives = sub_te & (y_te == negative_label)
-    wrong = negatives & (pred_after != y_te)
-    if not wrong.any():
-        raise ConfigError(
-            "the mismatch flipped no subgroup test prediction: keep fewer subgroup negatives, lower "
-            "weight_decay, or choose a subgroup with more examples"
-        )
-    wrong_ids = torch.nonzero(wrong).reshape(-1)
-    if test_id is None:
-        preferred = wrong & (pred_before == y_te)
-        pool = torch.nonzero(preferred if preferred.any() else wrong).reshape(-1)
-        losses = -torch.log(prob_after[pool, y_te[pool]])
-        test_id = int(pool[losses.argmax()])
-    if not 0 <= test_id < len(y_te):
-        raise ConfigError(f"test_id must lie in [0, {len(y_te)}), got {test_id}")
-
-    def influence(model: LogisticRegression, x: Tensor, y: Tensor) -> Influence:
-        return Influence(model, task, (x, y), estimator=Exact(), device=device, dtype=torch.float64).fit()
-
-    inf = influence(mismatched, x_mis, y_mis)
-    sub_mis = x_mis[:, f] == 1
-    kept_neg = sub_mis & (y_mis == negative_label)
-    wrong_scores = inf.scores((x_te[wrong_ids], y_te[wrong_ids])).cpu()  # (w, n')
-    test = (x_te[test_id : test_id + 1], y_te[test_id : test_id + 1])
-    scores = inf.scores(test)[0].cpu()  # (n',)
-    before = influence(full, x_tr, y_tr).scores(test)[0].cpu()
-
-    top = min(top, len(scores))
-    top_ids = scores.abs().topk(top).indices
-    attribution = PerturbationInfluence(inf).attribution(test, top_ids, feature_names=split.feature_names)
-    gxi = attribution.gradient_x_input[0].cpu()  # (k, d)
-    totals = gxi.abs().sum(0)
-    # Removing each top point and retraining: the scores being trusted are checked, not assumed.
-    loo = leave_one_out(inf, test, k=top, select="magnitude")
-    return MismatchDebugResult(
-        feature_names=tuple(split.feature_names),
-        subgroup_feature=f,
-        negative_label=negative_label,
-        train_ids=kept.numpy(),
-        removed_ids=removed.numpy(),
-        test_id=test_id,
-        test_label=int(y_te[test_id]),
-        prediction=int(pred_after[test_id]),
-        prediction_before=int(pred_before[test_id]),
-        probability=float(prob_after[test_id].max()),
-        scores=scores.numpy(),
-        subgroup=sub_mis.numpy(),
-        kept_negatives=kept_neg.numpy(),
-        influence_share=_share(scores, sub_mis),
-        train_share=float(sub_mis.double().mean()),
-        kept_negative_influence_share=_share(scores, kept_neg),
-        kept_negative_train_share=float(kept_neg.double().mean()),
-        kept_negative_influence_share_before=_share(
-            before, torch.isin(torch.arange(len(y_tr)), kept[kept_neg])
-        ),
-        influence_share_before=_share(before, sub_tr),
-        train_share_before=float(sub_tr.double().mean()),
-        top_ids=top_ids.numpy(),
-        attribution=gxi.numpy(),
-        subgroup_rank=attribution.rank(f)[0].cpu().numpy(),
-        aggregate_rank=int((totals > totals[f]).sum()) + 1,
-        loo_ids=loo.train_ids,
-        loo_actual=loo.actual,
-        loo_pearson=loo.pearson,
-        wrong_test_ids=wrong_ids.numpy(),
-        wrong_test_shares=np.array([_share(s, sub_mis) for s in wrong_scores]),
-        subgroup_test_negatives=int(negatives.sum()),
-        wrong_before=int((negatives & (pred_before != y_te)).sum()),
-        accuracy_before=float((pred_before == y_te).double().mean()),
-        accuracy_after=float((pred_after == y_te).double().mean()),
+    directions = influence.test_directions(test)  # (1, p)
+    if directions.shape[0] != 1:
+        raise ConfigError(f"explain_prediction takes one test example, got {directions.shape[0]}")
+    if top < 1:
+        raise ConfigError(f"top must be >= 1, got {top}")
+    scores = influence.scores_from_directions(directions)[0].cpu()  # (n,)
+    top_ids = scores.abs().topk(min(top, len(scores))).indices
+    attribution = PerturbationInfluence(influence, input=input).attribution_from_directions(
+        directions, top_ids, baseline, feature_names
     )
+    shares = {}
+    for name, members in (subgroups or {}).items():
+        mask = _members_mask(members, len(scores))
+        shares[name] = SubgroupShare(
+            int(mask.sum()), float(mask.double().mean()), float(influence_share(scores, mask))
+        )
+    return PredictionExplanation(scores, top_ids, attribution, shares)

@@ -321,8 +321,20 @@ class PerturbationInfluence:
 
         ``baseline`` is the reference input (0: for standardised features, the average example).
         """
+        return self.attribution_from_directions(
+            self.influence.test_directions(test), train_indices, baseline, feature_names
+        )
+
+    def attribution_from_directions(
+        self,
+        directions: Tensor,
+        train_indices: Sequence[int] | Tensor | None = None,
+        baseline: Tensor | float = 0.0,
+        feature_names: Sequence[str] = (),
+    ) -> FeatureAttribution:
+        """:meth:`attribution` from precomputed ``s_test`` directions ``(m, p)``."""
         idx = self.train.check_indices(train_indices)
-        score_gradient = self._mixed(self.influence.test_directions(test), idx) / self.n
+        score_gradient = self._mixed(directions, idx) / self.n
         x = self.inputs(idx)
         base = torch.as_tensor(baseline, dtype=x.dtype, device=x.device)
         return FeatureAttribution(idx, x, score_gradient, base, tuple(feature_names))
