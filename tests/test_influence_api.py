@@ -119,3 +119,19 @@ def test_settings_change_exactly_with_what_results_depend_on(logistic):
     )
     assert hot["gradients"]["task"] != cold["gradients"]["task"]
     assert s["gradients"]["model"]["classes"], "the model's class (and its source) is part of the fingerprint"
+
+
+def test_outputs_losses_and_measurements_at_other_parameters(logistic):
+    model, task, train, test = logistic
+    inf = Influence(model, task, train, batch_size=7)
+    x, y = test
+    with torch.no_grad():
+        logits = model(x)
+    torch.testing.assert_close(inf.outputs(test), logits)
+    ce = torch.nn.functional.cross_entropy(logits, y, reduction="none")
+    torch.testing.assert_close(inf.losses(test), ce)
+    torch.testing.assert_close(inf.measurements(test), ce)
+    assert inf.losses().shape == (300,)
+    doubled = inf.theta * 2
+    with torch.no_grad():
+        torch.testing.assert_close(inf.outputs(test, doubled), 2 * logits)

@@ -208,15 +208,9 @@ def compare_models(
         s = inf.scores(tests[name]).detach().double().cpu().numpy()  # (m, n)
         if s.shape != (m, n):
             raise DataError(f"model {name!r}: tests gave scores of shape {s.shape}, expected ({m}, {n})")
-        test_batch = inf.fn.prepare(inf.examples(tests[name]).take(torch.arange(m)))
-        pred = _predicted_classes(inf, test_batch).cpu()
-        correct[name] = (pred == test_batch[1].reshape(-1).cpu()).numpy()
+        labels = inf.examples(tests[name]).take(torch.arange(m))[1]
+        pred = classes_from_outputs(inf.outputs(tests[name])).cpu()
+        correct[name] = (pred == labels.reshape(-1).cpu()).numpy()
         scores[name] = s
         stats[name] = _model_stats(s, dist, ytr, yte, k, near, correct[name])
     return ModelComparison(tuple(influences), scores, dist, ytr, yte, correct, stats, k, near)
-
-
-def _predicted_classes(inf: Influence, batch: Any) -> Tensor:
-    """Argmax of the logits, or the sign (-1/+1) of a single score, at the influence's theta."""
-    with torch.no_grad():
-        return classes_from_outputs(inf.fn.outputs(inf.theta, batch))
