@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import itertools
 import json
 import os
 import resource
@@ -59,6 +60,13 @@ ARCHITECTURES = {
     100_000: (128, (256, 256)),  # p = 101,386
     1_000_000: (512, (768, 768)),  # p = 992,266
 }
+
+
+def architecture_params(p: int) -> int:
+    """The exact parameter count of grid size ``p``'s MLP."""
+    d, hidden = ARCHITECTURES[p]
+    widths = [d, *hidden, NUM_CLASSES]
+    return sum(a * b + b for a, b in itertools.pairwise(widths))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -413,6 +421,7 @@ def main(argv: list[str] | None = None) -> int:
                         "n": n,
                         "p": p,
                         "method": method,
+                        "num_params": architecture_params(p),
                         "status": "skipped",
                         "predicted_seconds": seconds,
                         "error": (

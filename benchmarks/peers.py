@@ -28,6 +28,7 @@ to the model's dtype) or have their own dtype settings (kronfluence: every dtype
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import logging
 import math
@@ -165,7 +166,7 @@ def plain_modules(model: nn.Module) -> nn.Module:
     """A copy built from plain ``nn.Linear`` (a subclass such as our ``LogisticRegression`` becomes
     ``Sequential(Linear)``): kronfluence dispatches on the exact module type and bergson tracks only
     submodules, not the root. Same function, same weights."""
-    model = _copy(model)
+    model = copy.deepcopy(model)
     if isinstance(model, nn.Linear) and type(model) is not nn.Linear:
         w = model.weight
         plain = nn.Linear(model.in_features, model.out_features, bias=model.bias is not None)
@@ -175,12 +176,6 @@ def plain_modules(model: nn.Module) -> nn.Module:
     if type(model) is nn.Linear:
         return nn.Sequential(model)
     return model
-
-
-def _copy(model: nn.Module) -> nn.Module:
-    import copy
-
-    return copy.deepcopy(model)
 
 
 # ---- ours ---------------------------------------------------------------------------------------
