@@ -1,24 +1,30 @@
-"""Exact, CG, LiSSA and Arnoldi in influencer vs captum, dattri and pyDVL, on the same problems.
+"""Every influence estimator in influencer vs every peer that has it, on the same problems, one run.
 
 For each problem (a float64 model trained to the optimum of mean cross-entropy + L2), every
 library computes influence scores of all training points on the same test points with the same
-hyperparameters. Reported per (problem, method, library):
+hyperparameters, in the same precision (``--dtype``). Reported per (problem, method, library):
 
-* ``time_s``: wall time of fit + scores (the library's own setup included, training excluded);
+* ``fit_s``: the stage that does not depend on the test points (curvature, factors, gradient store);
+* ``score_s``: test gradients, inverse-HVPs and the products with every training gradient;
+* ``time_s`` = ``fit_s + score_s`` (the library's own setup included, training excluded);
 * ``ratio``: ``time_s`` / influencer's ``time_s`` for the same method (> 1: slower than ours);
 * ``pearson``, ``spearman``, ``rel_err``: agreement of the scores, mapped to our convention (see
-  ``peers.py``), with OUR exact float64 scores over all ``n_test x n_train`` pairs.
+  ``peers.py``), with OUR exact float64 scores over all ``n_test x n_train`` pairs;
+* ``rel_ours``: relative difference from influencer's scores for the same method (for
+  ``identity-proj``: from ours' exact gradient dot product), which checks each mapping.
 
 Run inside the benchmark environment (``bash benchmarks/setup.sh``)::
 
     .venv-bench/bin/python benchmarks/bench_estimators.py            # full run, CPU
-    .venv-bench/bin/python benchmarks/bench_estimators.py --quick    # smoke run, < 1 minute
+    .venv-bench/bin/python benchmarks/bench_estimators.py --quick    # smoke run, a few minutes
+    .venv-bench/bin/python benchmarks/bench_estimators.py --dtype float32
     .venv-bench/bin/python benchmarks/bench_estimators.py --device cuda --json out/bench.json
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
 import traceback
@@ -34,21 +40,36 @@ from common import (
     format_table,
     machine,
     make_problem,
-    stopwatch,
     versions,
     write_json,
 )
-from peers import LIBRARIES, METHODS, NotAvailableError, Ours, Resolved, Settings, largest_eigenvalue_bound
+from peers import (
+    LIBRARIES,
+    METHODS,
+    NOTES,
+    OURS_COUNTERPART,
+    NotAvailableError,
+    Ours,
+    Resolved,
+    Run,
+    Settings,
+    largest_eigenvalue_bound,
+    preload,
+)
 
 FULL_PROBLEMS = (
     ProblemSpec("logreg-digits", hidden=(), weight_decay=1e-3, n_test=10),
     ProblemSpec("mlp-digits", hidden=(32,), weight_decay=1e-2, n_test=10),
+    ProblemSpec("mlp-mnist1d", dataset="mnist1d", hidden=(64,), weight_decay=1e-2, n_test=10),
 )
-QUICK_PROBLEMS = (ProblemSpec("logreg-digits-300", hidden=(), weight_decay=1e-3, n_train=300, n_test=4),)
+QUICK_PROBLEMS = (
+    ProblemSpec("logreg-digits-300", hidden=(), weight_decay=1e-3, n_train=300, n_test=4),
+    ProblemSpec("mlp-mnist1d-300", dataset="mnist1d", hidden=(16,), weight_decay=1e-2, n_train=300, n_test=4),
+)
 FULL_SETTINGS = Settings()
-QUICK_SETTINGS = Settings(lissa_depth=100, arnoldi_rank=20, arnoldi_iterations=40)
-QUICK_LIBRARIES = ("influencer", "captum", "pydvl")  # dattri's per-vector LiSSA is slow for a smoke run
-PACKAGES = ("influencer", "torch", "captum", "dattri", "pyDVL")
+QUICK_SETTINGS = Settings(lissa_depth=100, arnoldi_rank=20, arnoldi_iterations=40, projection_dim=8)
+PACKAGES = ("influencer", "torch", "captum", "dattri", "pyDVL", "kronfluence", "bergson")
+DTYPES = {"float64": torch.float64, "float32": torch.float32}
 
 
 def describe_error(exc: BaseException) -> str:
@@ -60,32 +81,40 @@ def describe_error(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text}"[:300]
 
 
+def relative(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.detach().double().cpu(), b.detach().double().cpu()
+    return float((a - b).norm() / b.norm())
+
+
 def run_problem(
-    problem: Problem, settings: Settings, methods: list[str], libraries: list[str]
+    problem: Problem, settings: Settings, methods: list[str], libraries: list[str], dtype: torch.dtype
 ) -> tuple[dict, list[dict]]:
-    """All (method, library) rows for one problem; ours first, since peers reuse what it found."""
+    """All (method, library) rows for one problem; ours first, since peers reuse what it found.
+
+    The reference (our exact scores) is always computed in float64; the rows run on the problem
+    cast to ``dtype``.
+    """
     ours = Ours()
-    device = problem.device
-    # Our exact float64 scores are the reference every row is compared with.
-    with stopwatch(device) as t:
-        reference = ours.scores("exact", problem, Resolved(settings, 1.0, 1))
-    exact_info = ours.last_info
+    ref_run = ours.run("exact", problem, Resolved(settings, 1.0, 1))
+    reference, exact_info = ref_run.scores, ours.last_info
     scale = settings.lissa_scale or largest_eigenvalue_bound(exact_info["max_eigenvalue"])
     resolved = Resolved(settings, scale, settings.cg_max_iter)
+    racing = problem.astype(dtype)
+    ours_scores: dict[str, torch.Tensor] = {}
     rows: list[dict] = []
     for method in methods:
         base_time = None
         for lib in libraries:
             row = {"problem": problem.spec.name, "method": method, "library": lib}
+            if note := NOTES.get((lib, method)):
+                row["note"] = note
             try:
-                if lib == "influencer" and method == "exact":
-                    scores, seconds = reference, t["seconds"]
+                if lib == "influencer" and method == "exact" and dtype == torch.float64:
+                    result: Run = ref_run
                     row["info"] = {k: exact_info[k] for k in ("min_eigenvalue", "max_eigenvalue")}
                 else:
                     runner = ours if lib == "influencer" else LIBRARIES[lib]()
-                    with stopwatch(device) as tt:
-                        scores = runner.scores(method, problem, resolved)
-                    seconds = tt["seconds"]
+                    result = runner.run(method, racing, resolved)
                     if lib == "influencer":
                         row["info"] = {k: v for k, v in ours.last_info.items() if k != "eigenvalues"}
                         if method == "cg":
@@ -98,12 +127,22 @@ def run_problem(
                 rows.append({**row, "status": "error", "error": describe_error(exc)})
                 continue
             if lib == "influencer":
-                base_time = seconds
-            row.update(status="ok", seconds=seconds, **agreement(scores, reference))
-            row["ratio"] = seconds / base_time if base_time else None
+                base_time = result.seconds
+                ours_scores[method] = result.scores
+            counterpart = ours_scores.get(OURS_COUNTERPART.get(method, method))
+            row.update(
+                status="ok",
+                fit_seconds=result.fit_seconds,
+                score_seconds=result.score_seconds,
+                seconds=result.seconds,
+                **agreement(result.scores, reference),
+                rel_ours=relative(result.scores, counterpart) if counterpart is not None else None,
+                ratio=result.seconds / base_time if base_time else None,
+            )
             rows.append(row)
     summary = {
         "spec": problem.spec,
+        "dtype": str(dtype).replace("torch.", ""),
         "n_train": problem.n,
         "n_test": int(problem.x_test.shape[0]),
         "num_params": problem.p,
@@ -120,14 +159,15 @@ def render(summary: dict, rows: list[dict], settings: Settings) -> str:
     model = "logistic regression" if not spec.hidden else f"MLP {spec.hidden} tanh"
     lo, hi = summary["hessian_eigenvalue_range"]
     head = [
-        f"{spec.name}: {model}, n_train={summary['n_train']}, n_test={summary['n_test']}, "
-        f"p={summary['num_params']}, weight_decay={spec.weight_decay:g}, float64",
+        f"{spec.name}: {model} on {spec.dataset}, n_train={summary['n_train']}, n_test={summary['n_test']}, "
+        f"p={summary['num_params']}, weight_decay={spec.weight_decay:g}, every library in {summary['dtype']}",
         f"  damping={settings.damping:g} (eigenvalues of H + damping in [{lo:.3g}, {hi:.3g}]); "
         f"CG tol={settings.cg_tol:g} relative residual (ours took {summary['cg_iterations_ours']} "
         "iterations; dattri has no tolerance and runs that many)",
         f"  LiSSA depth={settings.lissa_depth} batch={settings.lissa_batch} repeats={settings.lissa_repeats} "
         f"scale={summary['lissa_scale']:.4g} (1.5 x largest eigenvalue); "
-        f"Arnoldi rank={settings.arnoldi_rank} Krylov dim={settings.arnoldi_iterations}",
+        f"Arnoldi rank={settings.arnoldi_rank} Krylov dim={settings.arnoldi_iterations}; "
+        f"projection {settings.projection_dim}x{settings.projection_dim} per layer",
     ]
     table = []
     for r in rows:
@@ -136,25 +176,43 @@ def render(summary: dict, rows: list[dict], settings: Settings) -> str:
                 [
                     r["method"],
                     r["library"],
+                    r["fit_seconds"],
+                    r["score_seconds"],
                     r["seconds"],
                     r["ratio"],
                     r["pearson"],
                     r["spearman"],
                     r["rel_err"],
-                    "",
+                    r["rel_ours"],
+                    r.get("note", ""),
                 ]
             )
         else:
-            note = "not implemented" if r["status"] == "n/a" else "error: " + r["error"][:60]
-            table.append([r["method"], r["library"], None, None, None, None, None, note])
-    header = ["method", "library", "time_s", "ratio", "pearson", "spearman", "rel_err", "note"]
-    return "\n".join([*head, "", format_table(table, header, align="llrrrrrl")])
+            note = "not implemented" if r["status"] == "n/a" else "error: " + r["error"][:70]
+            table.append([r["method"], r["library"], *[None] * 8, note])
+    header = [
+        "method",
+        "library",
+        "fit_s",
+        "score_s",
+        "time_s",
+        "ratio",
+        "pearson",
+        "spearman",
+        "rel_err",
+        "rel_ours",
+        "note",
+    ]
+    return "\n".join([*head, "", format_table(table, header, align="llrrrrrrrrl")])
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="reduced smoke run (< 1 minute on a CPU)")
+    parser.add_argument("--quick", action="store_true", help="reduced smoke run (a few minutes on a CPU)")
     parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
+    parser.add_argument(
+        "--dtype", default="float64", choices=sorted(DTYPES), help="precision of every library"
+    )
     parser.add_argument("--methods", default=",".join(METHODS), help=f"comma list of {', '.join(METHODS)}")
     parser.add_argument("--libraries", default=None, help=f"comma list of {', '.join(LIBRARIES)}")
     parser.add_argument("--problems", default=None, help="comma list of problem names (default: all)")
@@ -165,6 +223,7 @@ def main(argv: list[str] | None = None) -> int:
 
     warnings.filterwarnings("ignore", category=FutureWarning)
     warnings.filterwarnings("ignore", category=DeprecationWarning)
+    warnings.filterwarnings("ignore", category=UserWarning)
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
@@ -178,34 +237,40 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"no problem among {wanted}")
     settings = QUICK_SETTINGS if args.quick else FULL_SETTINGS
     if args.lissa_depth:
-        import dataclasses
-
         settings = dataclasses.replace(settings, lissa_depth=args.lissa_depth)
     methods = [m for m in args.methods.split(",") if m]
     if unknown := set(methods) - set(METHODS):
         parser.error(f"unknown methods {sorted(unknown)}")
-    libraries = (
-        args.libraries.split(",") if args.libraries else list(QUICK_LIBRARIES if args.quick else LIBRARIES)
-    )
+    libraries = args.libraries.split(",") if args.libraries else list(LIBRARIES)
     if unknown := set(libraries) - set(LIBRARIES):
         parser.error(f"unknown libraries {sorted(unknown)}")
     if "influencer" not in libraries:
         libraries.insert(0, "influencer")  # the reference and the time ratios come from it
+    dtype = DTYPES[args.dtype]
 
-    env = {"machine": machine(device), "versions": versions(PACKAGES), "device": str(device)}
+    env = {
+        "machine": machine(device),
+        "versions": versions(PACKAGES),
+        "device": str(device),
+        "dtype": args.dtype,
+    }
     print(f"device={device}  " + "  ".join(f"{k}={v}" for k, v in env["versions"].items()))
     print("machine: " + ", ".join(f"{k}={v}" for k, v in env["machine"].items()))
+    preload(libraries)
     results = []
     for spec in specs:
         problem = make_problem(spec, device)
-        summary, rows = run_problem(problem, settings, methods, libraries)
+        preload([])  # exempt the problem's training objects from every later collection too
+        summary, rows = run_problem(problem, settings, methods, libraries, dtype)
         print()
         print(render(summary, rows, settings), flush=True)
         results.append({**summary, "rows": rows})
     if args.json:
         write_json(args.json, {**env, "settings": settings, "problems": results})
         print(f"\nwrote {args.json}")
-    failed = [r for p in results for r in p["rows"] if r["library"] == "influencer" and r["status"] != "ok"]
+    failed = [
+        r for p in results for r in p["rows"] if r["library"] == "influencer" and r["status"] == "error"
+    ]
     return 1 if failed else 0
 
 

@@ -39,6 +39,7 @@ class ProblemSpec:
 
     name: str
     hidden: tuple[int, ...] = ()
+    dataset: str = "digits"  # "digits" or "mnist1d" (see load_split)
     weight_decay: float = 1e-3
     n_train: int | None = None  # None: the whole training split
     n_test: int = 10
@@ -58,9 +59,9 @@ class Problem:
     spec: ProblemSpec
     model: nn.Module
     task: ClassificationTask
-    x_train: Tensor  # (n, 64)
+    x_train: Tensor  # (n, d): d = 64 for digits, 40 for MNIST-1D
     y_train: Tensor  # (n,)
-    x_test: Tensor  # (m, 64)
+    x_test: Tensor  # (m, d)
     y_test: Tensor  # (m,)
     device: torch.device
     train_seconds: float
@@ -85,9 +86,24 @@ class Problem:
     def test(self) -> tuple[Tensor, Tensor]:
         return self.x_test, self.y_test
 
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.model.parameters()).dtype
+
     def fresh_model(self) -> nn.Module:
         """An independent copy, so no library can disturb the weights another one sees."""
         return copy.deepcopy(self.model)
+
+    def astype(self, dtype: torch.dtype) -> Problem:
+        """The same problem with model and inputs cast to ``dtype`` (labels unchanged)."""
+        if dtype == self.dtype:
+            return self
+        return dataclasses.replace(
+            self,
+            model=copy.deepcopy(self.model).to(dtype),
+            x_train=self.x_train.to(dtype),
+            x_test=self.x_test.to(dtype),
+        )
 
 
 def build_model(spec: ProblemSpec, num_features: int, num_classes: int) -> nn.Module:
@@ -96,10 +112,25 @@ def build_model(spec: ProblemSpec, num_features: int, num_classes: int) -> nn.Mo
     return LogisticRegression(num_features, num_classes)
 
 
+def load_split(spec: ProblemSpec):
+    """Digits (scikit-learn's bundled 8x8 images, 1,348 training points) or MNIST-1D.
+
+    MNIST-1D (Greydanus 2020) is generated procedurally by ``mnist1d``'s ``make_dataset`` (never its
+    downloader): 2,000 signals of length 40, 1,600 for training.
+    """
+    if spec.dataset == "digits":
+        return load_digits(dtype=torch.float64, seed=spec.seed)
+    if spec.dataset == "mnist1d":
+        from influencer.paper.datasets import load_mnist1d
+
+        return load_mnist1d(2000, seed=spec.seed, dtype=torch.float64)
+    raise ValueError(f"unknown data set {spec.dataset!r}; choose digits or mnist1d")
+
+
 def make_problem(spec: ProblemSpec, device: torch.device | str = "cpu") -> Problem:
-    """Digits (scikit-learn's bundled 8x8 images), trained to ``grad J ~ 0`` in float64."""
+    """The spec's data set and model, trained to ``grad J ~ 0`` in float64."""
     device = torch.device(device)
-    split = load_digits(dtype=torch.float64, seed=spec.seed)
+    split = load_split(spec)
     x_train, y_train = split.x_train, split.y_train
     if spec.n_train is not None:
         x_train, y_train = x_train[: spec.n_train], y_train[: spec.n_train]

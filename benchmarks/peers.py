@@ -6,34 +6,63 @@ with ``H`` the Hessian of ``J = mean_i CE_i + Omega``, ``Omega = weight_decay / 
 ``g_i = grad(CE_i + Omega)`` and ``f`` the test cross-entropy: the predicted change of the test loss
 when ``z_i`` is removed, positive = helpful, scale ``1/n``.
 
-Peers whose loss cannot contain ``Omega`` (captum and pyDVL take ``loss(outputs, labels)``) give
-scores built from ``grad CE_i`` instead of ``g_i``; their curvature is completed by passing
-``weight_decay + damping`` as their diagonal regulariser. The missing ``grad Omega`` term is
-recovered exactly: at the optimum ``grad J = 0``, so ``grad Omega = -(1/n) sum_j grad CE_j`` and
-``g_i = grad CE_i - mean_j grad CE_j``, hence ``ours[j, i] = theirs[j, i] - mean_k theirs[j, k]``
-(after scaling). Each adapter's docstring states its full mapping; agreement of each peer's exact
-method with ours to ~1e-8 (the table's rel err) is the check that the mapping is right.
+Peers whose loss cannot contain ``Omega`` (captum, pyDVL, kronfluence and bergson take a loss of the
+outputs and labels) give scores built from ``grad CE_i`` instead of ``g_i``; their curvature is
+completed by passing ``weight_decay + damping`` as their diagonal regulariser. The missing
+``grad Omega`` term is recovered exactly: at the optimum ``grad J = 0``, so
+``grad Omega = -(1/n) sum_j grad CE_j`` and ``g_i = grad CE_i - mean_j grad CE_j``, hence
+``ours[j, i] = theirs[j, i] - mean_k theirs[j, k]`` (after scaling), for any linear preconditioner.
+Each adapter's docstring states its full mapping; agreement of each peer's exact method with ours
+to ~1e-8, and of kronfluence's empirical-Fisher EK-FAC with ours to ~1e-10 (the tables' ``rel_err``
+and ``rel_ours``), is the check that the mappings are right.
 
-Every adapter returns scores ``(m, n)`` in our convention; ``NotAvailableError`` marks a method a
-library does not have.
+Every adapter's :meth:`run` returns a :class:`Run`: scores ``(m, n)`` in our convention plus the wall
+time of its two stages, ``fit`` (everything that does not depend on the test points: curvature,
+factors, gradient store) and ``score`` (test gradients, inverse-HVPs, products with the training
+gradients). ``NotAvailableError`` marks a method a library does not have.
+
+Precision: every library runs in the problem's dtype (float64 unless ``--dtype float32``), including
+the parts that allocate in torch's default dtype (dattri, pyDVL's EK-FAC: run with the default set
+to the model's dtype) or have their own dtype settings (kronfluence: every dtype argument).
 """
 
 from __future__ import annotations
 
+import copy
 import dataclasses
+import logging
 import math
-from collections.abc import Iterator
+import tempfile
+import time
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
-from common import Problem
+from common import Problem, synchronize
 from torch import Tensor, nn
 from torch.func import functional_call
 from torch.utils.data import DataLoader, TensorDataset
 
-METHODS = ("exact", "cg", "lissa", "arnoldi", "ekfac")
+# ekfac/kfac: the Gauss-Newton matrix (= true Fisher for cross-entropy); ekfac-emp: EK-FAC of the
+# empirical Fisher (true labels); identity: the gradient dot product (H^-1 ~ I); identity-proj: the
+# same after a random projection of the gradients (a projected gradient store).
+METHODS = ("exact", "cg", "lissa", "arnoldi", "kfac", "ekfac", "ekfac-emp", "identity", "identity-proj")
+# The method a row's ``rel_ours`` compares with: the same one in influencer, or what it approximates.
+OURS_COUNTERPART = {"identity-proj": "identity"}
+
+
+# Short notes shown in the tables for rows whose method differs from ours in a documented way.
+NOTES = {
+    ("kronfluence", "ekfac"): "true Fisher: 1 sampled label/example",
+    ("kronfluence", "kfac"): "true Fisher: 1 sampled label/example",
+    ("pydvl", "ekfac"): "label-free Fisher surrogate",
+    ("influencer", "ekfac"): "exact expectation over labels",
+    ("influencer", "kfac"): "exact expectation over labels",
+    ("bergson", "identity-proj"): "two-sided Rademacher, k x k per layer",
+    ("dattri", "identity-proj"): "its random projector, same width",
+}
 
 
 class NotAvailableError(Exception):
@@ -53,6 +82,7 @@ class Settings:
     lissa_scale: float | None = None
     arnoldi_rank: int = 50
     arnoldi_iterations: int = 100
+    projection_dim: int = 16  # identity-proj: bergson's per-side size per layer (k x k per layer)
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -62,6 +92,8 @@ class Settings:
             raise ValueError("LiSSA depth/batch/repeats and CG max_iter must be >= 1")
         if self.arnoldi_iterations < self.arnoldi_rank:
             raise ValueError("arnoldi_iterations must be >= arnoldi_rank")
+        if self.projection_dim < 1:
+            raise ValueError("projection_dim must be >= 1")
 
 
 @dataclasses.dataclass
@@ -71,6 +103,40 @@ class Resolved:
     settings: Settings
     lissa_scale: float  # the same explicit LiSSA scale for all
     cg_iterations: int  # ours' CG iteration count, for peers without a tolerance (dattri)
+
+
+@dataclasses.dataclass
+class Run:
+    """One library's scores ``(m, n)`` in our convention and the seconds of its stages."""
+
+    scores: Tensor
+    fit_seconds: float
+    score_seconds: float
+
+    @property
+    def seconds(self) -> float:
+        return self.fit_seconds + self.score_seconds
+
+
+class Stages:
+    """``with st("fit"): ...`` / ``with st("score"): ...``: wall time per stage, GPU synchronised."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.seconds = {"fit": 0.0, "score": 0.0}
+
+    @contextmanager
+    def __call__(self, stage: str) -> Iterator[None]:
+        synchronize(self.device)
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            synchronize(self.device)
+            self.seconds[stage] += time.perf_counter() - start
+
+    def result(self, scores: Tensor) -> Run:
+        return Run(scores, self.seconds["fit"], self.seconds["score"])
 
 
 def _train_loader(problem: Problem, batch_size: int | None = None, shuffle: bool = False) -> DataLoader:
@@ -92,11 +158,31 @@ def _center(scores: Tensor) -> Tensor:
     return scores - scores.mean(dim=1, keepdim=True)
 
 
+def _dtype(problem: Problem) -> torch.dtype:
+    return next(problem.model.parameters()).dtype
+
+
+def plain_modules(model: nn.Module) -> nn.Module:
+    """A copy built from plain ``nn.Linear`` (a subclass such as our ``LogisticRegression`` becomes
+    ``Sequential(Linear)``): kronfluence dispatches on the exact module type and bergson tracks only
+    submodules, not the root. Same function, same weights."""
+    model = copy.deepcopy(model)
+    if isinstance(model, nn.Linear) and type(model) is not nn.Linear:
+        w = model.weight
+        plain = nn.Linear(model.in_features, model.out_features, bias=model.bias is not None)
+        plain = plain.to(w.device, w.dtype)
+        plain.load_state_dict(model.state_dict())
+        return nn.Sequential(plain)
+    if type(model) is nn.Linear:
+        return nn.Sequential(model)
+    return model
+
+
 # ---- ours ---------------------------------------------------------------------------------------
 
 
 class Ours:
-    """influencer itself: ``Influence(...).fit().scores(test)``; already in our convention."""
+    """influencer itself: ``Influence(...).fit()`` (fit) then ``.scores(test)`` (score)."""
 
     name = "influencer"
     package = "influencer"
@@ -105,7 +191,7 @@ class Ours:
         self.last_info: dict[str, Any] = {}
 
     def estimator(self, method: str, r: Resolved):
-        from influencer import CG, EKFAC, Arnoldi, Exact, LiSSA
+        from influencer import CG, EKFAC, KFAC, Arnoldi, Exact, Identity, LiSSA
 
         s = r.settings
         if method == "exact":
@@ -125,80 +211,109 @@ class Ours:
             return Arnoldi(
                 damping=s.damping, rank=s.arnoldi_rank, iterations=s.arnoldi_iterations, seed=s.seed
             )
+        # The exact expectation over the model's outputs: K-FAC/EK-FAC of the Gauss-Newton matrix.
+        if method == "kfac":
+            return KFAC(damping=s.damping, fisher="exact")
         if method == "ekfac":
-            # The exact expectation over the model's outputs: EK-FAC of the Gauss-Newton matrix.
             return EKFAC(damping=s.damping, fisher="exact")
+        if method == "ekfac-emp":
+            return EKFAC(damping=s.damping, fisher="empirical")
+        if method == "identity":
+            return Identity()
         raise NotAvailableError(method)
 
-    def scores(self, method: str, problem: Problem, r: Resolved) -> Tensor:
+    def run(self, method: str, problem: Problem, r: Resolved) -> Run:
         from influencer import Influence
 
-        inf = Influence(
-            problem.fresh_model(), problem.task, problem.train, estimator=self.estimator(method, r)
-        ).fit()
-        out = inf.scores(problem.test)
+        st = Stages(problem.device)
+        estimator = self.estimator(method, r)
+        with st("fit"):
+            inf = Influence(problem.fresh_model(), problem.task, problem.train, estimator=estimator).fit()
+        with st("score"):
+            out = inf.scores(problem.test)
         self.last_info = dict(inf.solver.info)
-        return out
+        return st.result(out)
 
 
 # ---- captum -------------------------------------------------------------------------------------
 
 
 class Captum:
-    """captum.influence: ``NaiveInfluenceFunction`` (exact) and ``ArnoldiInfluenceFunction``.
+    """captum.influence: ``NaiveInfluenceFunction`` (exact), ``ArnoldiInfluenceFunction``, ``TracInCP``.
 
-    captum's score is ``grad L(test)^T H_c^-1 grad L(z_i)`` with ``H_c`` the Hessian of the *summed*
-    loss over the training set, ``n H_CE``, plus ``hessian_reg I``; its sign is already "removal
-    effect" (Koh & Liang's ``-I_up,loss``). With ``hessian_reg = n (weight_decay + damping)``,
+    All in captum's batched mode: ``sample_wise_grads_per_batch=True`` with a summed loss, so
+    per-example gradients of a whole batch come from one backward pass (its layer hooks; Linear and
+    Conv2d only, which covers these models), the training set and the test set each in one batch.
+
+    captum's influence score is ``grad L(test)^T H_c^-1 grad L(z_i)`` with ``H_c`` the Hessian of the
+    *summed* loss over the training set, ``n H_CE``, plus ``hessian_reg I``; its sign is already
+    "removal effect" (Koh & Liang's ``-I_up,loss``). With ``hessian_reg = n (weight_decay + damping)``,
     ``H_c = n (H + damping I)``, so ``theirs = (1/n) grad f^T (H + damping I)^-1 grad CE_i`` and
-    ``ours = theirs - row mean`` (see the module docstring). No CG or LiSSA in captum.
+    ``ours = theirs - row mean`` (see the module docstring). TracInCP with one checkpoint at learning
+    rate 1 is ``grad L(test)^T grad L(z_i)``: ``ours = (theirs - row mean) / n``. No CG, LiSSA or
+    K-FAC in captum. Fit = constructor (Hessian / Arnoldi basis), score = ``influence(test)``.
     """
 
     name = "captum"
     package = "captum"
 
-    def scores(self, method: str, problem: Problem, r: Resolved) -> Tensor:
-        from captum.influence import NaiveInfluenceFunction
+    def run(self, method: str, problem: Problem, r: Resolved) -> Run:
+        from captum.influence import NaiveInfluenceFunction, TracInCP
         from captum.influence._core.arnoldi_influence_function import ArnoldiInfluenceFunction
 
         s = r.settings
+        st = Stages(problem.device)
         common = {
-            "model": problem.fresh_model(),
+            "model": plain_modules(problem.model),  # its batched hooks dispatch on exact layer types
             "train_dataset": _train_loader(problem),
             "checkpoint": "in-memory",  # weights are already in the model
             "checkpoints_load_func": lambda model, path: 1.0,
-            "loss_fn": nn.CrossEntropyLoss(reduction="none"),
+            "loss_fn": nn.CrossEntropyLoss(reduction="sum"),
             "batch_size": problem.n,
-            "sample_wise_grads_per_batch": False,
+            "sample_wise_grads_per_batch": True,
             "hessian_reg": problem.n * (problem.weight_decay + s.damping),
             "hessian_inverse_tol": 0.0,  # keep every positive eigenvalue: no truncation
         }
-        if method == "exact":
-            inf = NaiveInfluenceFunction(**common, projection_dim=problem.p, seed=s.seed)
-        elif method == "arnoldi":
-            inf = ArnoldiInfluenceFunction(
-                **common,
-                projection_dim=s.arnoldi_rank,
-                arnoldi_dim=s.arnoldi_iterations,
-                arnoldi_tol=1e-12,
-                seed=s.seed,
-            )
-        else:
-            raise NotAvailableError(method)
-        theirs = inf.influence(problem.test)  # (m, n)
-        return _center(theirs)
+        with st("fit"):
+            if method == "exact":
+                inf = NaiveInfluenceFunction(**common, projection_dim=problem.p, seed=s.seed)
+            elif method == "arnoldi":
+                inf = ArnoldiInfluenceFunction(
+                    **common,
+                    projection_dim=s.arnoldi_rank,
+                    arnoldi_dim=s.arnoldi_iterations,
+                    arnoldi_tol=1e-12,
+                    seed=s.seed,
+                )
+            elif method == "identity":
+                inf = TracInCP(
+                    common["model"],
+                    common["train_dataset"],
+                    checkpoints=["in-memory"],
+                    checkpoints_load_func=common["checkpoints_load_func"],
+                    loss_fn=common["loss_fn"],
+                    batch_size=problem.n,
+                    sample_wise_grads_per_batch=True,
+                )
+            else:
+                raise NotAvailableError(method)
+        with st("score"):
+            theirs = inf.influence(problem.test)  # (m, n)
+        scale = problem.n if method == "identity" else 1
+        return st.result(_center(theirs) / scale)
 
 
 # ---- dattri -------------------------------------------------------------------------------------
 
 
 class Dattri:
-    """dattri: ``IFAttributorExplicit`` / ``CG`` / ``LiSSA`` / ``Arnoldi`` on an ``AttributionTask``.
+    """dattri: ``IFAttributorExplicit`` / ``CG`` / ``LiSSA`` / ``Arnoldi`` / ``EKFAC``, ``TracInAttributor``.
 
     dattri's loss is a function of the parameters, so ``Omega`` is part of it and its training
     gradients are our ``g_i``; the test target is the plain cross-entropy. ``attribute`` returns
     ``(n, m)`` = ``g_i^T (H + damping I)^-1 grad f(test)``, the removal effect unscaled:
-    ``ours = theirs.T / n``. Quirks handled here:
+    ``ours = theirs.T / n``. Fit = ``cache`` (the inverse-Hessian setup), score = ``attribute``.
+    Quirks handled here:
 
     * the Hessian is taken per batch of the "full train" loader and the inverse-HVPs of the
       batches are *summed*, so that loader must hold the training set in one batch;
@@ -208,6 +323,14 @@ class Dattri:
     * its LiSSA update is ``h = v + (1 - d) h - H h / s``, i.e. ``(H + d s I)^-1``: ``d = damping / s``;
       and its LiSSA casts every data tensor to float32 (``_lissa_collate_fn``), so the loss
       casts inputs back to the model's dtype and labels back to integers;
+    * its EK-FAC's Fisher comes from the task's target with the true labels: the *empirical*
+      Fisher, so it is an ``ekfac-emp`` row; it has no L2 term, which its damping supplies;
+    * ``TracInAttributor`` (Grad-Dot: one checkpoint, weight 1) always randomly projects the
+      gradients with its constructor; the exact dot product (``identity``) is its
+      ``projector_kwargs=None`` path, set after construction; ``identity-proj`` projects to as
+      many dimensions as bergson's store has;
+    * its EK-FAC finds layers by parameter names ``<module>.weight``, so a bare ``nn.Linear`` (our
+      logistic regression) runs as ``Sequential(Linear)`` (:func:`plain_modules`);
     * it creates some tensors in torch's default dtype (the Arnoldi start vector, the score
       matrix), so it runs with the default dtype set to the model's.
     """
@@ -215,22 +338,25 @@ class Dattri:
     name = "dattri"
     package = "dattri"
 
-    def scores(self, method: str, problem: Problem, r: Resolved) -> Tensor:
+    def run(self, method: str, problem: Problem, r: Resolved) -> Run:
         from dattri.algorithm import (
             IFAttributorArnoldi,
             IFAttributorCG,
             IFAttributorEKFAC,
             IFAttributorExplicit,
             IFAttributorLiSSA,
+            TracInAttributor,
         )
         from dattri.task import AttributionTask
 
         s = r.settings
-        model = problem.fresh_model()
-        dtype = next(model.parameters()).dtype
+        st = Stages(problem.device)
+        model = plain_modules(problem.model)  # its EK-FAC finds layers by parameter names "<module>.weight"
+        dtype = _dtype(problem)
         wd = problem.weight_decay
 
         def cross_entropy(params: dict[str, Tensor], data: tuple[Tensor, Tensor]) -> Tensor:
+            # The batch mean, as dattri documents: its EK-FAC multiplies it back by the batch size.
             x, y = data
             out = functional_call(model, params, (x.to(dtype),))
             return F.cross_entropy(out, y.long())
@@ -268,9 +394,7 @@ class Dattri:
                 scaling=r.lissa_scale,
                 mode="rev-rev",  # its rev-fwd HVP cannot take LiSSA's (params, data) tuple
             )
-        elif method == "ekfac":
-            # Its Fisher comes from the task's target (true labels: the empirical Fisher) and has
-            # no L2 term, which the damping supplies.
+        elif method == "ekfac-emp":
             att = IFAttributorEKFAC(task, device=device, damping=wd + s.damping)
         elif method == "arnoldi":
             att = IFAttributorArnoldi(
@@ -281,34 +405,60 @@ class Dattri:
                 regularization=s.damping,
                 seed=s.seed,
             )
+        elif method in ("identity", "identity-proj"):
+            projector = {
+                "proj_dim": _bergson_store_dim(problem, s.projection_dim),
+                "proj_max_batch_size": 32,
+                "proj_seed": s.seed,
+                "device": device,
+            }
+            att = TracInAttributor(
+                task,
+                weight_list=torch.ones(1, dtype=dtype),
+                normalized_grad=False,
+                projector_kwargs=projector,
+            )
+            if method == "identity":
+                att.projector_kwargs = None
         else:
             raise NotAvailableError(method)
         torch.manual_seed(s.seed)
         full = _train_loader(problem)
         test = DataLoader(TensorDataset(*problem.test), batch_size=problem.test[0].shape[0])
         with default_dtype(dtype):
-            att.cache(full)
-            theirs = att.attribute(full, test)  # (n, m)
-        return theirs.T.to(dtype) / problem.n
+            with st("fit"):
+                if isinstance(att, TracInAttributor):
+                    att.cache()  # TracIn's cache takes no data: it only records the checkpoints
+                else:
+                    att.cache(full)
+            with st("score"):
+                theirs = att.attribute(full, test)  # (n, m)
+        return st.result(theirs.T.to(dtype) / problem.n)
 
 
 # ---- pyDVL --------------------------------------------------------------------------------------
 
 
 class PyDVL:
-    """pyDVL: ``DirectInfluence`` / ``CgInfluence`` / ``LissaInfluence`` / ``ArnoldiInfluence``.
+    """pyDVL: ``DirectInfluence``, ``CgInfluence``, ``LissaInfluence``, ``ArnoldiInfluence``, EK-FAC.
 
     pyDVL's loss is ``loss(outputs, labels)`` (mean over the batch), its Hessian is that of the
     mean loss, and ``influences(..., mode=Up)`` is ``<(H_CE + reg I)^-1 grad f(test), grad CE_i>``,
     the removal effect unscaled. With ``regularization = weight_decay + damping``:
-    ``ours = (theirs - row mean) / n``. Its LiSSA stops early once ``max |residual / h| < rtol``:
-    ``rtol=0`` runs the full depth like the others; its minibatch is the loader's batch size.
+    ``ours = (theirs - row mean) / n``. Fit = ``fit(loader)``, score = ``influences``.
+
+    Fastest documented modes: block CG solving all right-hand sides at once
+    (``solve_simultaneously=True``) with the full-data gradient kept (``precompute_grad=True``).
+    Its LiSSA stops early once ``max |residual / h| < rtol``: ``rtol=0`` runs the full depth like
+    the others; its minibatch is the loader's batch size. Its EK-FAC uses a label-free surrogate of
+    the true Fisher (``ekfac`` row) and allocates its factors in torch's default dtype, so it runs
+    with the default set to the model's (float64 works that way).
     """
 
     name = "pydvl"
     package = "pyDVL"
 
-    def scores(self, method: str, problem: Problem, r: Resolved) -> Tensor:
+    def run(self, method: str, problem: Problem, r: Resolved) -> Run:
         from pydvl.influence import InfluenceMode
         from pydvl.influence.torch import (
             ArnoldiInfluence,
@@ -319,6 +469,7 @@ class PyDVL:
         )
 
         s = r.settings
+        st = Stages(problem.device)
         model = problem.fresh_model()
         reg = problem.weight_decay + s.damping
         loader = _train_loader(problem)
@@ -332,10 +483,13 @@ class PyDVL:
                 rtol=s.cg_tol,
                 atol=0.0,
                 maxiter=s.cg_max_iter,
+                precompute_grad=True,
                 solve_simultaneously=True,
                 warn_on_max_iteration=False,
             )
         elif method == "lissa":
+            if s.lissa_repeats != 1:
+                raise NotAvailableError("pyDVL's LiSSA has no repeats")
             torch.manual_seed(s.seed)
             loader = _train_loader(problem, s.lissa_batch)
             inf = LissaInfluence(
@@ -348,8 +502,6 @@ class PyDVL:
                 rtol=0.0,
                 warn_on_max_iteration=False,
             )
-            if s.lissa_repeats != 1:
-                raise NotAvailableError("pyDVL's LiSSA has no repeats")
         elif method == "arnoldi":
             inf = ArnoldiInfluence(
                 model,
@@ -360,23 +512,252 @@ class PyDVL:
                 eigen_computation_on_gpu=problem.device.type == "cuda",
             )
         elif method == "ekfac":
-            # Cross-entropy only, with a label-free surrogate of the Fisher for its factors; its
-            # eigenvalue refit works in float32 only, so it gets a float32 copy of model and data.
-            dtype = next(model.parameters()).dtype
-            model = model.float()
             inf = EkfacInfluence(model, update_diagonal=True, hessian_regularization=reg)
-            inf = inf.fit(DataLoader(TensorDataset(problem.x_train.float(), problem.y_train), problem.n))
-            x_test, x_train = problem.x_test.float(), problem.x_train.float()
-            theirs = inf.influences(x_test, problem.y_test, x_train, problem.y_train, mode=InfluenceMode.Up)
-            return _center(theirs.to(dtype)) / problem.n
         else:
             raise NotAvailableError(method)
-        inf = inf.fit(loader)
-        theirs = inf.influences(*problem.test, *problem.train, mode=InfluenceMode.Up)  # (m, n)
-        return _center(theirs) / problem.n
+        with default_dtype(_dtype(problem)):
+            with st("fit"):
+                inf = inf.fit(loader)
+            with st("score"):
+                theirs = inf.influences(*problem.test, *problem.train, mode=InfluenceMode.Up)  # (m, n)
+        return st.result(_center(theirs) / problem.n)
 
 
-LIBRARIES = {"influencer": Ours, "captum": Captum, "dattri": Dattri, "pydvl": PyDVL}
+# ---- kronfluence --------------------------------------------------------------------------------
+
+
+def _kronfluence_task():
+    from kronfluence.task import Task
+
+    class CrossEntropy(Task):
+        """Summed cross-entropy; ``sample=True`` draws labels from the model (the true Fisher)."""
+
+        def compute_train_loss(self, batch: Any, model: nn.Module, sample: bool = False) -> Tensor:
+            x, y = batch
+            logits = model(x)
+            if sample:
+                with torch.no_grad():
+                    y = torch.multinomial(torch.softmax(logits.detach(), dim=-1), 1).squeeze(-1)
+            return F.cross_entropy(logits, y, reduction="sum")
+
+        def compute_measurement(self, batch: Any, model: nn.Module) -> Tensor:
+            x, y = batch
+            return F.cross_entropy(model(x), y, reduction="sum")
+
+    return CrossEntropy()
+
+
+class Kronfluence:
+    """kronfluence: ``Analyzer.fit_all_factors`` (fit) then ``compute_pairwise_scores`` (score).
+
+    Strategies ``ekfac``, ``kfac`` and ``identity`` on every ``nn.Linear`` (bias as an extra input
+    column of ones, as ours). Its factors are means over examples of the per-example curvature of the
+    summed cross-entropy (no L2 term), and the pairwise score is
+    ``grad f(test)^T (F + damping_factor I)^-1 grad CE_i`` in the factors' eigenbasis, the removal
+    effect unscaled: with ``damping_factor = weight_decay + damping`` (the L2 term's curvature is
+    ``weight_decay I``, as ours adds it per layer), ``ours = (theirs - row mean) / n``. Its true
+    Fisher (``ekfac``/``kfac`` rows, its default) backpropagates one label sampled from the model per
+    example (ours: the exact expectation over all labels), its empirical Fisher
+    (``ekfac-emp``, ``use_empirical_fisher=True``) the true labels, exactly as ours with
+    ``fisher="empirical"``: that row checks the mapping (``rel_ours`` ~1e-10 in float64). Every
+    dtype argument is set to the problem's; factors and scores go through its on-disk store
+    (a temporary directory), as in its normal use.
+    """
+
+    name = "kronfluence"
+    package = "kronfluence"
+    STRATEGIES: ClassVar[dict[str, tuple[str, bool]]] = {
+        "ekfac": ("ekfac", False),
+        "kfac": ("kfac", False),
+        "ekfac-emp": ("ekfac", True),
+    }
+
+    def run(self, method: str, problem: Problem, r: Resolved) -> Run:
+        from kronfluence.analyzer import Analyzer, prepare_model
+        from kronfluence.arguments import FactorArguments, ScoreArguments
+
+        if method == "identity":
+            strategy, empirical = "identity", False
+        elif method in self.STRATEGIES:
+            strategy, empirical = self.STRATEGIES[method]
+        else:
+            raise NotAvailableError(method)
+        s = r.settings
+        st = Stages(problem.device)
+        dtype = _dtype(problem)
+        task = _kronfluence_task()
+        model = prepare_model(plain_modules(problem.model), task)
+        factor_args = FactorArguments(
+            strategy=strategy,
+            use_empirical_fisher=empirical,
+            covariance_max_examples=None,
+            lambda_max_examples=None,
+            activation_covariance_dtype=dtype,
+            gradient_covariance_dtype=dtype,
+            per_sample_gradient_dtype=dtype,
+            lambda_dtype=dtype,
+        )
+        score_args = ScoreArguments(
+            damping_factor=problem.weight_decay + s.damping,
+            per_sample_gradient_dtype=dtype,
+            precondition_dtype=dtype,
+            score_dtype=dtype,
+        )
+        train, test = TensorDataset(*problem.train), TensorDataset(*problem.test)
+        torch.manual_seed(s.seed)  # its sampled labels
+        with tempfile.TemporaryDirectory() as out:
+            analyzer = Analyzer(
+                "bench",
+                model,
+                task,
+                cpu=problem.device.type == "cpu",
+                disable_tqdm=True,
+                output_dir=out,
+                log_level=logging.WARNING,
+            )
+            with st("fit"):
+                analyzer.fit_all_factors(
+                    "factors", train, per_device_batch_size=problem.n, factor_args=factor_args
+                )
+            with st("score"):
+                scores = analyzer.compute_pairwise_scores(
+                    "scores",
+                    "factors",
+                    test,
+                    train,
+                    per_device_query_batch_size=len(test),
+                    per_device_train_batch_size=problem.n,
+                    score_args=score_args,
+                )
+                if scores is None:  # some versions only write them to the store
+                    scores = analyzer.load_pairwise_scores("scores")
+        theirs = scores["all_modules"].to(problem.device, dtype)
+        return st.result(_center(theirs) / problem.n)
+
+
+# ---- bergson ------------------------------------------------------------------------------------
+
+
+class _Sequence(nn.Module):
+    """bergson's hooks expect ``(N, S, I)`` activations (token sequences): a length-1 sequence."""
+
+    def __init__(self, net: nn.Module) -> None:
+        super().__init__()
+        self.net = net
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.net(x[:, None, :])[:, 0, :]
+
+
+def _bergson_store_dim(problem: Problem, k: int) -> int:
+    """Width of bergson's projected store: ``k x k`` per linear layer."""
+    return k * k * sum(isinstance(m, nn.Linear) for m in problem.model.modules())
+
+
+class Bergson:
+    """bergson: its gradient store (``GradientCollector``), full or randomly projected, and its score.
+
+    bergson's influence pipelines (EK-FAC, TrackStar, MAGIC, ...) are built for causal language
+    models (token data sets, ``model(input_ids).logits``, next-token loss), so here it runs the part
+    that applies to any model of ``nn.Linear`` layers: ``GradientCollector`` hooks collect per-example
+    gradients of the summed cross-entropy per layer (bias included, ``include_bias=True``), either
+    exactly (``identity``) or projected two-sided to ``k x k`` per layer with its seeded Rademacher
+    matrices (``identity-proj``, ``projection_dim=k``: a Johnson-Lindenstrauss estimate of the
+    inner product), and scores are the inner products of test and training rows, what its
+    ``score``/``query`` compute without preconditioning or unit normalisation. Fit = collecting the
+    training gradients (building the store), score = test gradients + inner products.
+    Mapping: ``ours = (theirs - row mean) / n``.
+    """
+
+    name = "bergson"
+    package = "bergson"
+
+    def run(self, method: str, problem: Problem, r: Resolved) -> Run:
+        from bergson.collector.gradient_collectors import GradientCollector
+        from bergson.config import IndexConfig
+        from bergson.gradients import GradientProcessor
+        from datasets import Dataset
+
+        if method not in ("identity", "identity-proj"):
+            raise NotAvailableError(method)
+        s = r.settings
+        st = Stages(problem.device)
+        net = _Sequence(plain_modules(problem.model))
+        processor = GradientProcessor(
+            projection_dim=s.projection_dim if method == "identity-proj" else None,
+            include_bias=True,
+            projection_seed=s.seed,
+        )
+
+        def collect(x: Tensor, y: Tensor, run_path: str, batch: int = 1024) -> Tensor:
+            data = Dataset.from_dict({"input_ids": [[0]] * len(x)})  # only its length is used
+            collector = GradientCollector(
+                model=net, cfg=IndexConfig(run_path=run_path), data=data, processor=processor, skip_index=True
+            )
+            names = list(collector.shapes())
+            rows = []
+            with collector:
+                for start in range(0, len(x), batch):
+                    net.zero_grad()
+                    logits = net(x[start : start + batch])
+                    F.cross_entropy(logits, y[start : start + batch], reduction="sum").backward()
+                    rows.append(torch.cat([collector.mod_grads[k] for k in names], dim=1))
+                    collector.mod_grads.clear()
+            return torch.cat(rows)
+
+        with tempfile.TemporaryDirectory() as out:
+            with st("fit"):
+                store = collect(*problem.train, f"{out}/train")  # (n, d)
+            with st("score"):
+                queries = collect(*problem.test, f"{out}/test")  # (m, d)
+                theirs = queries @ store.T
+        return st.result(_center(theirs.to(problem.device)) / problem.n)
+
+
+LIBRARIES: dict[str, Callable[[], Any]] = {
+    "influencer": Ours,
+    "captum": Captum,
+    "dattri": Dattri,
+    "pydvl": PyDVL,
+    "kronfluence": Kronfluence,
+    "bergson": Bergson,
+}
+
+
+PACKAGE_MODULES = {
+    "influencer": ("influencer",),
+    "captum": ("captum.influence",),
+    "dattri": ("dattri.algorithm", "dattri.task"),
+    "pydvl": ("pydvl.influence.torch",),
+    "kronfluence": ("kronfluence.analyzer",),
+    "bergson": ("bergson", "datasets"),
+}
+
+
+def preload(libraries: list[str]) -> None:
+    """Import every library before anything is timed, then exempt what exists from the collector.
+
+    Some libraries call ``gc.collect()`` in every stage (kronfluence: several per call), whose cost
+    grows with every live Python object in the process, including the other libraries' modules
+    (bergson alone brings transformers and datasets). ``gc.freeze()`` moves everything that exists
+    now into a permanent generation the collector skips, so each library pays for its own objects
+    only, as in a process of its own. Call it again after building a problem.
+    """
+    import contextlib
+    import gc
+    import importlib
+
+    logging.getLogger("pydvl").setLevel(logging.WARNING)  # pyDVL logs every fit at INFO
+    for lib in libraries:
+        for module in PACKAGE_MODULES.get(lib, ()):
+            with contextlib.suppress(ImportError):  # reported as that library's error in its rows
+                importlib.import_module(module)
+    gc.collect()
+    gc.freeze()
 
 
 def largest_eigenvalue_bound(max_eigenvalue: float) -> float:

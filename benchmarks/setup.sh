@@ -33,8 +33,14 @@ no_deps=$(grep 'no-deps' "$requirements" | sed 's/#.*//' | awk 'NF')
 import importlib.metadata as md
 import torch
 
-for name in ("influencer", "torch", "captum", "dattri", "pyDVL"):
+for name in ("influencer", "torch", "captum", "dattri", "pyDVL", "kronfluence", "bergson", "mnist1d"):
     print(f"{name:12s} {md.version(name)}")
 print(f"torch CUDA build: {torch.version.cuda or 'none (CPU)'}")
+for banned in ("torchvision", "torchaudio"):
+    try:
+        md.version(banned)
+    except md.PackageNotFoundError:
+        continue
+    raise SystemExit(f"{banned} got installed; no peer needs it: rebuild the environment")
 PY
 echo "ready: $venv/bin/python benchmarks/bench_estimators.py --quick"
