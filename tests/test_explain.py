@@ -17,8 +17,9 @@ from influencer import CG, Exact, Influence, RegressionTask, top_k
 from influencer._kernel.fingerprint import hash_module
 from influencer._kernel.functional import ModelFunction
 from influencer.app.config import ExplainConfig
+from influencer.app.evaluation import Evaluation, choose_test_ids
 from influencer.app.jobs import Job, as_job, digits_job, load_job
-from influencer.app.pipeline import Evaluation, choose_test_ids, explain
+from influencer.app.pipeline import explain
 from influencer.app.store import MANIFEST, RunStore
 from influencer.errors import ConfigError, TaskError
 from influencer.paper.datasets import load_tabular
