@@ -13,13 +13,13 @@ from types import ModuleType
 
 from influencer._kernel.errors import InfluencerError
 
-# import name -> (distribution name, the smallest extra that installs it)
-PACKAGES: dict[str, tuple[str, str]] = {
+# import name -> (distribution name, the smallest extra that installs it, or None for none)
+PACKAGES: dict[str, tuple[str, str | None]] = {
     "matplotlib": ("matplotlib", "plot"),
     "sklearn": ("scikit-learn", "data"),
     "click": ("click", "app"),
     "tomli": ("tomli", "app"),
-    "mnist1d": ("mnist1d", "dev"),
+    "mnist1d": ("mnist1d", None),
 }
 
 
@@ -27,21 +27,22 @@ class MissingExtraError(InfluencerError, ImportError):
     """An optional package is not installed; the message names the extra that installs it."""
 
 
-def install_hint(extra: str) -> str:
-    return f"pip install 'influencer[{extra}]' (from a source checkout: pip install -e '.[{extra}]')"
-
-
-def missing_message(packages: list[str], purpose: str, extra: str) -> str:
+def missing_message(modules: list[str], purpose: str, extra: str | None) -> str:
     """``"<purpose> needs click, scikit-learn (not installed): pip install 'influencer[app]' ..."``."""
-    names = ", ".join(PACKAGES.get(p, (p, extra))[0] for p in packages)
-    return f"{purpose} needs {names} (not installed): {install_hint(extra)}"
+    names = [PACKAGES.get(m, (m, None))[0] for m in modules]
+    if extra is None:
+        return f"{purpose} needs {', '.join(names)} (not installed): pip install {' '.join(names)}"
+    return (
+        f"{purpose} needs {', '.join(names)} (not installed): pip install 'influencer[{extra}]' "
+        f"(from a source checkout: pip install -e '.[{extra}]')"
+    )
 
 
 def require(module: str, purpose: str, extra: str | None = None) -> ModuleType:
     """Import ``module``, or raise :class:`MissingExtraError` naming the extra that provides it.
 
     ``purpose`` says what needs it (``"influencer.paper.plotting"``); ``extra`` defaults to the
-    smallest extra that installs the package.
+    smallest extra that installs the package (none: the message says to install the package).
     """
     top = module.split(".")[0]
     try:
@@ -49,7 +50,8 @@ def require(module: str, purpose: str, extra: str | None = None) -> ModuleType:
     except ModuleNotFoundError as exc:
         if exc.name is None or exc.name.split(".")[0] != top:
             raise  # the package is there but one of its own dependencies is not: show that as it is
-        raise MissingExtraError(missing_message([top], purpose, extra or _extra(top))) from None
+        extra = extra if extra is not None else PACKAGES.get(top, (top, None))[1]
+        raise MissingExtraError(missing_message([top], purpose, extra)) from None
 
 
 def missing(modules: list[str]) -> list[str]:
@@ -63,7 +65,3 @@ def missing(modules: list[str]) -> list[str]:
         if not found:
             out.append(name)
     return out
-
-
-def _extra(module: str) -> str:
-    return PACKAGES.get(module, (module, "all"))[1]
