@@ -30,7 +30,7 @@ from influencer._kernel.errors import ConfigError
 from influencer._kernel.scores import TopK, top_k
 from influencer.app.cached import open_sections, scores_from_cache, test_directions
 from influencer.app.config import ExplainConfig
-from influencer.app.evaluation import Evaluation, choose_hessian_ids, choose_test_ids, evaluate
+from influencer.app.evaluation import choose_hessian_ids, choose_test_ids, evaluate
 from influencer.app.explanation import Explanation, names_text
 from influencer.app.jobs import Job, digits_job, load_job
 from influencer.app.logs import Stopwatch, run_logging
@@ -42,7 +42,7 @@ from influencer.influence import Influence
 
 log = logging.getLogger("influencer.explain")
 
-__all__ = ["Evaluation", "ExplainResult", "choose_test_ids", "explain", "resolve_device"]
+__all__ = ["ExplainResult", "explain", "resolve_device"]
 
 
 @dataclasses.dataclass
