@@ -24,8 +24,11 @@ def _without_optional(code: str) -> subprocess.CompletedProcess:
     )
 
 
-def test_every_module_imports_with_the_core_alone_or_names_its_extra():
-    proc = _without_optional(
+@pytest.fixture(scope="module")
+def core_only() -> subprocess.CompletedProcess:
+    """A fresh interpreter without the optional packages imports every module of influencer (printing
+    those that name a missing extra), then runs the ``influencer explain`` console script."""
+    return _without_optional(
         """
         import importlib, pkgutil
         import influencer
@@ -37,26 +40,24 @@ def test_every_module_imports_with_the_core_alone_or_names_its_extra():
                 importlib.import_module(info.name)
             except MissingExtraError as exc:
                 print(info.name, "->", exc)
-        print("imported")
-        """
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert proc.stdout.rstrip().endswith("imported")
-    assert "influencer.app.cli -> the influencer command line needs click (not installed)" in proc.stdout
-
-
-def test_the_command_without_the_app_extra_prints_one_line():
-    proc = _without_optional(
-        """
+        print("imported", flush=True)
         sys.argv = ["influencer", "explain"]
         from influencer.app.entry import main
         main()
         """
     )
-    assert proc.returncode == 1
-    assert proc.stdout == "" and "Traceback" not in proc.stderr
+
+
+def test_every_module_imports_with_the_core_alone_or_names_its_extra(core_only):
+    assert core_only.stdout.rstrip().endswith("imported"), core_only.stderr[-3000:]
+    assert "influencer.app.cli -> the influencer command line needs click (not installed)" in core_only.stdout
+
+
+def test_the_command_without_the_app_extra_prints_one_line(core_only):
+    assert core_only.returncode == 1
+    assert "Traceback" not in core_only.stderr
     names = "click, matplotlib, scikit-learn" + (", tomli" if sys.version_info < (3, 11) else "")
-    assert proc.stderr.splitlines() == [
+    assert core_only.stderr.splitlines() == [
         f"influencer: the influencer command needs {names} (not installed): "
         "pip install 'influencer[app]' (from a source checkout: pip install -e '.[app]')"
     ]
