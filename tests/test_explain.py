@@ -11,14 +11,17 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 from explain_support import TASK_MODULE, tiny_job
-from influencer import CG, Exact, Influence, RegressionTask, top_k
+from influencer import CG, ClassificationTask, Exact, Influence, RegressionTask, top_k
 from influencer._kernel.fingerprint import hash_module
 from influencer._kernel.functional import ModelFunction
+from influencer.app.cached import cache_key
 from influencer.app.config import ExplainConfig
+from influencer.app.evaluation import Evaluation, choose_test_ids
 from influencer.app.jobs import Job, as_job, digits_job, load_job
-from influencer.app.pipeline import Evaluation, choose_test_ids, explain
+from influencer.app.pipeline import explain
 from influencer.app.store import MANIFEST, RunStore
 from influencer.errors import ConfigError, TaskError
 from influencer.paper.datasets import load_tabular
@@ -198,6 +201,59 @@ def test_changed_weights_or_data_recompute_everything(tmp_path, monkeypatch, cap
     assert spy.grad_chunks == N_CHUNKS and spy.solves == 2
     assert f"gradients: inputs changed ({reason})" in caplog.text
     assert f"directions: inputs changed ({reason})" in caplog.text
+
+
+class LabelSmoothingTask(ClassificationTask):
+    """A hyperparameter held as an attribute, with ``settings()`` not overridden."""
+
+    def __init__(self, smoothing: float) -> None:
+        super().__init__(weight_decay=1e-2)
+        self.smoothing = smoothing
+
+    def output_loss(self, outputs, batch):
+        return F.cross_entropy(outputs, batch[1], reduction="none", label_smoothing=self.smoothing)
+
+
+def test_cache_is_keyed_by_influence_settings(tmp_path, monkeypatch, caplog):
+    job = tiny_job()
+    explain(config(tmp_path), Job(LabelSmoothingTask(0.0), job.model, job.train, job.test), console=False)
+    spy = Spy(monkeypatch)
+    task = LabelSmoothingTask(0.1)
+    with caplog.at_level(logging.INFO, logger="influencer"):
+        result = explain(config(tmp_path), Job(task, job.model, job.train, job.test), console=False)
+    assert spy.grad_chunks == N_CHUNKS and spy.solves == 2
+    why = "inputs changed (settings: task.attributes.smoothing 0.0 -> 0.1)"
+    assert f"gradients: {why}" in caplog.text and f"directions: {why}" in caplog.text
+    assert f"gradients: {why}" in (tmp_path / "run" / "explain.log").read_text()
+
+    # The recorded fingerprints are those of Influence.settings(), and so are the scores.
+    inf = Influence(job.model, task, job.train, estimator=Exact(damping=1e-3), dtype=torch.float64)
+    sections = json.loads((tmp_path / "run" / MANIFEST).read_text())["sections"]
+    assert sections["directions"]["components"] == cache_key(inf.settings())[0]
+    gradients = cache_key({"gradients": inf.settings()["gradients"]}, chunk=CHUNK)[0]
+    assert sections["gradients"]["components"] == gradients
+    expected = inf.fit().scores(job.test.take(torch.tensor([0, 7]))).numpy()
+    np.testing.assert_allclose(result.scores, expected, rtol=1e-12, atol=1e-18)
+    assert "cannot read the source code" not in caplog.text
+
+
+def test_unreadable_model_code_is_warned_about(tmp_path):
+    namespace = {"nn": torch.nn, "__name__": "generated"}
+    exec(
+        "class Wrapped(nn.Module):\n"
+        "    def __init__(self, inner):\n"
+        "        super().__init__()\n"
+        "        self.inner = inner\n"
+        "    def forward(self, x):\n"
+        "        return self.inner(x)\n",
+        namespace,
+    )
+    job = tiny_job()
+    model = namespace["Wrapped"](job.model)
+    explain(config(tmp_path), Job(job.task, model, job.train, job.test), console=False)
+    log = (tmp_path / "run" / "explain.log").read_text()
+    assert "WARNING influencer.explain: cannot read the source code of generated.Wrapped" in log
+    assert "the cache cannot tell whether that code changed" in log
 
 
 def test_changed_test_example_is_solved_again(tmp_path, monkeypatch, finished):

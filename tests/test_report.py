@@ -18,8 +18,9 @@ from PIL import Image
 
 from explain_support import tiny_job
 from influencer.app.config import ExplainConfig
+from influencer.app.page import Card, Panel, render_report
+from influencer.app.pictures import ExampleView, image_layout, png_bytes
 from influencer.app.pipeline import explain
-from influencer.app.report import Card, ExampleView, Panel, image_layout, png_bytes, render_report
 
 HOSTILE = "<script>alert('x')</script>&\"'"
 

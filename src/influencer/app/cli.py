@@ -1,4 +1,5 @@
-"""The ``influencer`` command line, thin over :func:`influencer.app.pipeline.explain`.
+"""The ``influencer`` command line, thin over :func:`influencer.app.pipeline.explain` (needs click,
+from the ``app`` extra; the console script :mod:`influencer.app.entry` checks for it first).
 
     influencer explain                                  # the built-in digits CNN, end to end
     influencer explain --test-ids 3,17 --top-k 8        # choose what to explain
@@ -15,10 +16,14 @@ import os
 import sys
 from typing import Any
 
-import click
-
 from influencer import __version__
 from influencer._kernel.errors import InfluencerError
+from influencer._kernel.extras import MissingExtraError, missing_message
+
+try:
+    import click
+except ModuleNotFoundError:  # pragma: no cover - the app extra is not installed
+    raise MissingExtraError(missing_message(["click"], "the influencer command line", "app")) from None
 from influencer.app.config import CURVATURES, DTYPES, ExplainConfig, parse_option, read_toml
 from influencer.samplers import SAMPLERS
 

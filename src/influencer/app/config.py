@@ -31,13 +31,9 @@ from pathlib import Path
 from typing import Any
 
 from influencer._kernel.errors import ConfigError
+from influencer._kernel.extras import require
 from influencer.estimators import Estimator
 from influencer.samplers import SAMPLERS, Sampler, make_sampler
-
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover - Python 3.10
-    import tomli as tomllib
 
 # Added to the curvature: small next to the head Hessian's eigenvalues that matter, it keeps
 # the solve well posed when weight decay is zero or the Hessian is nearly singular.
@@ -261,9 +257,19 @@ class ExplainConfig:
         return type(self).from_dict({**self.to_dict(), **changes}, "overrides")
 
 
+def _toml() -> types.ModuleType:
+    """``tomllib`` (Python 3.11+), or ``tomli`` from the ``app`` extra on Python 3.10."""
+    if sys.version_info >= (3, 11):
+        import tomllib
+
+        return tomllib
+    return require("tomli", "reading TOML settings on Python 3.10", "app")  # pragma: no cover
+
+
 def read_toml(path: str | Path) -> dict[str, Any]:
     """The settings table of a TOML file, with a clear error for a missing or malformed file."""
     path = Path(path)
+    tomllib = _toml()
     try:
         with open(path, "rb") as f:
             return tomllib.load(f)
@@ -279,6 +285,7 @@ def parse_option(text: str) -> tuple[str, Any]:
     key = key.strip()
     if not sep or not key:
         raise ConfigError(f"estimator options look like NAME=VALUE (e.g. depth=500); got {text!r}")
+    tomllib = _toml()
     try:
         value = tomllib.loads(f"v = {raw.strip()}")["v"]
     except tomllib.TOMLDecodeError:

@@ -24,6 +24,7 @@ from torch import nn
 
 from influencer._kernel.data import as_examples
 from influencer._kernel.errors import ConfigError, ConvergenceError, TaskError
+from influencer._kernel.extras import require
 from influencer._kernel.fingerprint import hash_json, hash_tensors
 from influencer._kernel.functional import ModelFunction
 from influencer._kernel.task import ClassificationTask, Task
@@ -160,6 +161,7 @@ def digits_job(config: ExplainConfig, store: RunStore, device: torch.device) -> 
     from influencer.models import SmallCNN
     from influencer.paper.datasets import load_digits
 
+    require("sklearn", "the built-in digits job (its images come with scikit-learn)", "data")
     split = load_digits(images=True, seed=0)
     n = len(split.x_train) if config.train_size is None else min(config.train_size, len(split.x_train))
     train = (split.x_train[:n], split.y_train[:n])

@@ -167,6 +167,21 @@ def _check_key(key: str) -> None:
         raise StoreError(f"cache keys may use letters, digits, '-', '_' and '.'; got {key!r}")
 
 
+def jsonable(obj: Any, limit: int | None = None) -> Any:
+    """Plain JSON values (non-finite floats as strings); lists cut to ``limit`` items if given."""
+    if isinstance(obj, Mapping):
+        return {str(k): jsonable(v, limit) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [jsonable(v, limit) for v in (obj if limit is None else obj[:limit])]
+    if isinstance(obj, np.generic):
+        obj = obj.item()
+    if isinstance(obj, float) and not np.isfinite(obj):
+        return str(obj)
+    if isinstance(obj, (int, float, str, bool)) or obj is None:
+        return obj
+    return str(obj)
+
+
 def flatten(obj: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     """Nested dicts as one flat dict with dotted keys (``{"task.weight_decay": 0.001}``)."""
     out: dict[str, Any] = {}

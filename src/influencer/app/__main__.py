@@ -1,0 +1,5 @@
+"""``python -m influencer.app``: the ``influencer`` command."""
+
+from influencer.app.entry import main
+
+main()

@@ -1,0 +1,168 @@
+"""Inverse-HVP directions and training-gradient chunks, through the run directory's cache.
+
+Both sections are keyed by :meth:`influencer.Influence.settings`, the single source of what a
+result depends on: the ``gradients`` section by ``settings()["gradients"]`` and the chunk size, the
+``directions`` section by the whole of ``settings()``. Weights, model code and training data are
+components of their own (the log names which one changed); everything else is one ``settings``
+component whose details say which setting changed. A repeated run recomputes nothing, a changed
+input is recomputed, and an interrupted run resumes from its finished entries.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from influencer._kernel.data import Examples
+from influencer._kernel.fingerprint import hash_json, hash_tensors
+from influencer._kernel.scores import removal_scores
+from influencer.app.logs import Stopwatch
+from influencer.app.store import RunStore, Section, jsonable
+from influencer.influence import Influence
+
+log = logging.getLogger("influencer.explain")
+
+# Test directions solved together: one block solve shares its passes over the data, and a run
+# interrupted mid-way keeps the groups already finished.
+SOLVE_GROUP = 8
+# How settings()["curvature"] entries are named in the log ("estimator.damping 0.001 -> 0.01").
+_CURVATURE_LABELS = {"kind": "curvature", "examples": "hessian_examples"}
+
+
+def cache_key(settings: Mapping[str, Any], **extra: Any) -> tuple[dict[str, str], dict[str, Any]]:
+    """``(components, details)`` of a cache section from :meth:`Influence.settings` (or its
+    ``"gradients"`` part alone) and ``extra`` settings that shape the entries (e.g. the chunk size).
+
+    Every part of ``settings`` goes into exactly one component, so nothing it lists can change
+    without the section noticing; ``details`` are the readable settings behind ``"settings"``.
+    """
+    gradients = dict(settings["gradients"])
+    model = dict(gradients.pop("model"))
+    components = {
+        "model weights": str(model.pop("state")),
+        "model code": hash_json(model.pop("classes")),
+        "training data": str(gradients.pop("train")),
+    }
+    details: dict[str, Any] = {**gradients, **extra}
+    if model:
+        details["model"] = model
+    if "curvature" in settings:
+        details.update({_CURVATURE_LABELS.get(k, k): v for k, v in settings["curvature"].items()})
+    components["settings"] = hash_json(details)
+    return components, details
+
+
+def unreadable_code(settings: Mapping[str, Any]) -> list[str]:
+    """Classes of the model and task whose source cannot be read (a ``None`` digest in ``settings``)."""
+    gradients = settings["gradients"]
+    classes = {**gradients["model"]["classes"], **gradients["task"].get("classes", {})}
+    return [name for name, digest in classes.items() if digest is None]
+
+
+def open_sections(store: RunStore, inf: Influence, chunk: int) -> tuple[Section, Section]:
+    """The ``(directions, gradients)`` sections for ``inf``, with ``chunk`` examples per gradient entry."""
+    settings = inf.settings()
+    unread = unreadable_code(settings)
+    if unread:
+        log.warning(
+            "cannot read the source code of %s (defined in a notebook, the REPL or generated code?), so "
+            "the cache cannot tell whether that code changed: after changing it, delete %s or choose "
+            "another output directory",
+            ", ".join(unread),
+            store.root,
+        )
+    log.debug("cache fingerprints from Influence.settings(): %s", settings)
+    directions = store.section("directions", *cache_key(settings))
+    gradients = store.section("gradients", *cache_key({"gradients": settings["gradients"]}, chunk=chunk))
+    return directions, gradients
+
+
+def test_directions(
+    inf: Influence, test: Examples, test_ids: np.ndarray, section: Section, progress: bool, clock: Stopwatch
+) -> np.ndarray:
+    """``s_test = H^-1 grad f(z_test)`` for each chosen test example ``(m, p)``, from the cache or solved.
+
+    Entries are keyed by test id and a fingerprint of that example's data, so a changed test set
+    is never served stale directions.
+    """
+    ids = torch.as_tensor(test_ids)
+    keys = [f"t{int(i)}-{hash_tensors(test.take(ids[j : j + 1]))[:16]}" for j, i in enumerate(test_ids)]
+    out: list[np.ndarray | None] = [None] * len(keys)
+    for j, key in enumerate(keys):
+        if key in section:
+            arr = section.load(key)
+            if arr is not None and arr.shape == (inf.p,):
+                out[j] = arr
+    missing = [j for j, a in enumerate(out) if a is None]
+    if len(missing) < len(keys):
+        log.info("test directions: %d of %d reused from the cache", len(keys) - len(missing), len(keys))
+    if missing:
+        with clock("fit"):
+            inf.fit()
+        bar = tqdm(total=len(missing), desc="inverse HVPs", unit="test", disable=not progress, leave=False)
+        for start in range(0, len(missing), SOLVE_GROUP):
+            group = missing[start : start + SOLVE_GROUP]
+            d = inf.test_directions(test.take(ids[group])).detach().cpu().numpy()  # (g, p)
+            for j, row in zip(group, d, strict=True):
+                section.save(keys[j], row)
+                out[j] = row
+            bar.update(len(group))
+        bar.close()
+        info = jsonable(getattr(inf.solver, "info", {}), limit=20)  # e.g. eigenvalue lists, cut short
+        section.set_meta(solver=info)
+        log.info("test directions: solved %d with %s %s", len(missing), inf.estimator.name, solver_text(info))
+    return np.stack(out)  # type: ignore[arg-type]
+
+
+def scores_from_cache(inf: Influence, directions: np.ndarray, section: Section, chunk: int) -> np.ndarray:
+    """Scores ``(m, n)`` from cached training-gradient chunks, computing (and caching) missing ones.
+
+    Chunk ``c`` holds ``g_i`` for ids ``[c * chunk, (c + 1) * chunk)``, shape ``(c_len, p)``.
+    """
+    n = inf.n
+    starts = list(range(0, n, chunk))
+    keys = [f"c{c:06d}" for c in range(len(starts))]
+    d = torch.from_numpy(directions).to(inf.theta)
+    scores = np.empty((len(directions), n), dtype=np.float64)
+    missing = []
+    for c, key in enumerate(keys):
+        stop = min(starts[c] + chunk, n)
+        g = section.load(key) if key in section else None
+        if g is None or g.shape != (stop - starts[c], inf.p):
+            missing.append(c)
+            continue
+        scores[:, starts[c] : stop] = _scores(d, torch.from_numpy(g).to(d), n)
+    if len(missing) < len(keys):
+        log.info(
+            "training gradients: %d of %d chunks reused from the cache", len(keys) - len(missing), len(keys)
+        )
+    if missing:
+        # Every chunk but the last is full, so the missing ids re-chunk into exactly the missing chunks.
+        ids = torch.cat([torch.arange(starts[c], min(starts[c] + chunk, n)) for c in missing])
+        for c, (got, g) in zip(missing, inf.train_gradients(ids), strict=True):
+            section.save(keys[c], g)
+            scores[:, got.numpy()] = _scores(d, g, n)
+        log.info("training gradients: computed %d chunks of up to %d examples", len(missing), chunk)
+    return scores
+
+
+def _scores(directions: Tensor, grads: Tensor, n: int) -> np.ndarray:
+    return removal_scores(directions, grads.to(directions), n).double().cpu().numpy()
+
+
+def solver_text(info: Mapping[str, Any]) -> str:
+    """The numbers in a solver's ``info``, e.g. ``"(iterations 112, residual 8.1e-09)"``; "" if none."""
+    shown = {k: v for k, v in info.items() if isinstance(v, (int, float))}
+    if not shown:
+        return ""
+    return (
+        "("
+        + ", ".join(f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}" for k, v in shown.items())
+        + ")"
+    )

@@ -1,0 +1,61 @@
+"""A run's outputs, encoded in full and then written together into the run directory:
+
+``scores.npy`` (rows: the test ids in ``test_ids.npy``), ``test_ids.npy``, ``config.json``,
+``influence_vs_distance.png`` (when the inputs can be compared), ``report.html`` and, last,
+``summary.json``. Everything is encoded before the first file is written, so a value that cannot be
+stored stops the run before it has replaced any earlier output; each file is written atomically.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from influencer.app.explanation import Explanation
+from influencer.app.report import Report
+from influencer.app.store import RunStore, array_bytes
+
+log = logging.getLogger("influencer.explain")
+
+# role -> file name, in the order written (the summary last: it lists the others)
+FILES = {
+    "scores": "scores.npy",
+    "test_ids": "test_ids.npy",
+    "config": "config.json",
+    "plot": "influence_vs_distance.png",
+    "report": "report.html",
+    "summary": "summary.json",
+}
+
+
+def output_files(report: Report) -> dict[str, str]:
+    """The files a run with this report writes, role -> name."""
+    return {role: name for role, name in FILES.items() if role != "plot" or report.figure is not None}
+
+
+def encode_outputs(ex: Explanation, report: Report, summary: dict[str, Any]) -> dict[str, bytes]:
+    """Every output file's bytes, by role (see :data:`FILES`)."""
+    dtype = np.float32 if ex.config.dtype == "float32" else np.float64
+    contents = {
+        "scores": array_bytes(ex.scores.astype(dtype)),
+        "test_ids": array_bytes(ex.test_ids),
+        "config": (ex.config.to_json() + "\n").encode("utf-8"),
+        "plot": report.figure,
+        "report": report.html.encode("utf-8"),
+        "summary": (json.dumps(summary, indent=2, allow_nan=False) + "\n").encode("utf-8"),
+    }
+    return {role: data for role, data in contents.items() if data is not None}
+
+
+def write_outputs(
+    store: RunStore, ex: Explanation, report: Report, summary: dict[str, Any]
+) -> dict[str, Path]:
+    """Write the run's outputs as one set; returns role -> path."""
+    contents = encode_outputs(ex, report, summary)
+    files = {role: store.write_bytes(FILES[role], contents[role]) for role in FILES if role in contents}
+    log.info("wrote %s", ", ".join(str(p) for p in files.values()))
+    return files

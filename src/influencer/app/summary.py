@@ -1,0 +1,65 @@
+"""``summary.json``: the run's answer per test example, and what produced it, as plain JSON."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from influencer.app.evaluation import label_text
+from influencer.app.explanation import Explanation
+from influencer.app.store import jsonable
+
+SIGN_CONVENTION = (
+    "score = predicted change of the test loss if the training example were removed and the model "
+    "retrained; positive = helpful, negative = harmful"
+)
+
+
+def make_summary(ex: Explanation, timings: dict[str, float], files: dict[str, str]) -> dict[str, Any]:
+    """Per test example: label, prediction, the top helpful/harmful ids and scores; then the settings,
+    ``timings`` (seconds per stage) and the run's ``files`` (role -> file name)."""
+    ev, job, inf, config, top = ex.evaluation, ex.job, ex.influence, ex.config, ex.top
+
+    def label(v: Any) -> Any:
+        return v.item() if isinstance(v, np.generic) else v
+
+    tests = []
+    for j, tid in enumerate(ex.test_ids.tolist()):
+        entry: dict[str, Any] = {"test_id": tid}
+        if ev.labels is not None:
+            entry["label"] = label(ev.labels[tid])
+        if ev.predictions is not None:
+            entry["prediction"] = label(ev.predictions[tid])
+        if job.classes is not None and ev.classification:
+            entry["label_name"] = label_text(ev.labels[tid], job.classes) if ev.labels is not None else None
+            entry["prediction_name"] = label_text(ev.predictions[tid], job.classes)
+        entry["correct"] = ev.correct(tid)
+        entry["test_loss"] = float(ev.losses[tid])
+        entry["helpful_ids"] = top.helpful_ids[j].tolist()
+        entry["helpful_scores"] = top.helpful_scores[j].tolist()
+        entry["harmful_ids"] = top.harmful_ids[j].tolist()
+        entry["harmful_scores"] = top.harmful_scores[j].tolist()
+        tests.append(entry)
+    return jsonable(
+        {
+            "job": job.name,
+            "sign_convention": SIGN_CONVENTION,
+            "n_train": inf.n,
+            "n_test": len(job.test),
+            "test_accuracy": ev.accuracy,
+            "num_parameters": inf.p,
+            "parameters": inf.fn.names,
+            "estimator": jsonable(inf.estimator.settings()),
+            "curvature": config.curvature,
+            "hessian_examples": config.hessian_size or inf.n,
+            "hessian_sampler": config.hessian_sampler if config.hessian_size else None,
+            "dtype": config.dtype,
+            "device": str(inf.device),
+            "solver": ex.solver,
+            "tests": tests,
+            "timings_s": {k: round(v, 4) for k, v in timings.items()},
+            "files": files,
+            "settings": config.to_dict(),
+        }
+    )
