@@ -283,6 +283,33 @@ def test_ekfac_on_supported_layers_of_a_padded_bert():
     assert torch.corrcoef(torch.stack([ekfac.flatten(), exact.flatten()]))[0, 1] > 0.99  # 0.99999 here
 
 
+def test_ekfac_on_the_conv1d_layers_of_gpt2():
+    model, batch = gpt2(), lm_batch()
+    with pytest.warns(UserWarning, match="transformer.wte.weight") as record:
+        inf = Influence(
+            model,
+            CausalLMTask(),
+            batch,
+            estimator=EKFAC(damping=1e-3, fisher="empirical"),
+            params="supported",
+        )
+    conv = [n for n, m in model.named_modules() if type(m).__name__ == "Conv1D"]
+    assert inf.fn.names == [f"{m}.{a}" for m in conv for a in ("weight", "bias")]
+    assert "lm_head" not in str(record[0].message)  # tied to wte: one parameter, left out once
+    # fit() checks every layer's rebuilt gradients against autograd's (the transposed index)
+    scores = inf.fit().scores(per_token_examples(batch, index=2))
+    assert scores.shape == (4, 6) and torch.isfinite(scores).all()
+
+
+def test_a_tokenizer_batch_encoding_is_accepted_as_data():
+    batch = padded(30, 3)
+    encoding = transformers().BatchEncoding(batch)  # what a tokenizer returns: a Mapping, not a dict
+    model, task = bert().eval(), SequenceClassificationTask()
+    inf = Influence(model, task, encoding, params=["classifier"], estimator=CG(damping=0.1)).fit()
+    plain = Influence(model, task, batch, params=["classifier"], estimator=CG(damping=0.1)).fit()
+    torch.testing.assert_close(inf.scores(encoding), plain.scores(batch))
+
+
 # ---- params="supported" -------------------------------------------------------------------------
 
 
