@@ -118,10 +118,11 @@ def test_classification_gradients_match_unpadded_examples(vectorize):
     torch.testing.assert_close(g, ref, rtol=1e-9, atol=1e-12)
 
 
+@pytest.mark.parametrize("vectorize", [True, False], ids=["vmap", "loop"])
 @pytest.mark.parametrize("reduction", ["sum", "mean"])
-def test_causal_lm_gradients_match_unpadded_examples(reduction):
+def test_causal_lm_gradients_match_unpadded_examples(reduction, vectorize):
     model, batch = gpt2().eval(), lm_batch()
-    fn = ModelFunction(model, CausalLMTask(reduction=reduction))
+    fn = ModelFunction(model, CausalLMTask(reduction=reduction, vectorize=vectorize))
     ref = torch.stack([flat_grad(model, fn.names, lm_loss(model, batch, i, reduction)) for i in range(6)])
     torch.testing.assert_close(fn.loss_grads(fn.theta0, batch), ref, rtol=1e-9, atol=1e-12)
     losses = torch.stack([lm_loss(model, batch, i, reduction).detach() for i in range(6)])
@@ -180,7 +181,7 @@ def test_a_model_that_cannot_run_under_vmap_names_the_fallback():
     fn = ModelFunction(model, SequenceClassificationTask(expand_mask=False))
     with pytest.raises(TaskError, match=r"vectorize=False"):
         fn.loss_grads(fn.theta0, batch)
-    loop = ModelFunction(model, SequenceClassificationTask(expand_mask=False, vectorize=False))
+    loop = ModelFunction(model, SequenceClassificationTask(vectorize=False))
     ref = []
     for i in range(6):
         one = {k: v[i : i + 1] for k, v in batch.items()}

@@ -5,8 +5,8 @@ Batches are dicts of tensors, as a tokenizer returns them with padding::
     {"input_ids": (B, T) int, "attention_mask": (B, T) 1 = token / 0 = padding, "labels": ...}
 
 (``token_type_ids``, ``position_ids`` or any other model keyword may be there too). Every entry but
-the labels is passed to ``model(**inputs)``. transformers is imported only by the models themselves:
-this module works with whatever version built them (tested with transformers 5).
+the labels is passed to ``model(**inputs)``. transformers is imported only by the models themselves;
+the vectorised path is tested with transformers 5, whose models take a ready 4-D mask.
 
 Per-example gradients run the model on one example at a time under ``torch.func.vmap``, where
 Python control flow may not depend on tensor values. transformers builds its attention masks with
@@ -14,8 +14,9 @@ such checks (``padding_mask.all()``), so the tasks pass a ready 4-D additive mas
 (0 where a query may attend to a key, the dtype's minimum elsewhere; causal for decoders), which
 every attention implementation takes as it is. Attention runs in PyTorch's math kernel, the one
 that supports both ``vmap`` and forward-mode AD (Hessian-vector products). Models that still cannot
-run under vmap raise a :class:`~influencer.errors.TaskError` naming the fallback,
-``vectorize=False``: the same gradients, one example at a time.
+run under vmap, or refuse a 4-D mask (some models of transformers 4), raise a
+:class:`~influencer.errors.TaskError` naming the fallback, ``vectorize=False``: the same gradients,
+one example at a time, with the model's own mask handling.
 
 LoRA and other ``peft`` adapters: :func:`adapter_parameters` lists the adapter weights, to pass as
 ``Influence(..., params=adapter_parameters(model))``; frozen base weights stay fixed.
@@ -83,9 +84,9 @@ class HuggingFaceTask(_Decayed):
         causal: whether attention is causal (decoders such as GPT-2); default: detected from the
             model's attention modules (transformers sets ``is_causal`` on them).
         expand_mask: pass the 4-D additive mask built from ``attention_mask`` (see the module
-            docstring); False passes the batch's mask as it is.
-        vectorize: per-example gradients under ``vmap`` (fast); False: one example at a time, for
-            models whose forward cannot run under vmap.
+            docstring); False passes the batch's mask as it is. Default: when ``vectorize``.
+        vectorize: per-example gradients under ``vmap`` (fast); False: one example at a time with
+            the model's own mask handling, for models whose forward cannot run under vmap.
     """
 
     variable_length = True
@@ -97,7 +98,7 @@ class HuggingFaceTask(_Decayed):
         label_key: str = "labels",
         input_keys: Sequence[str] | None = None,
         causal: bool | None = None,
-        expand_mask: bool = True,
+        expand_mask: bool | None = None,
         vectorize: bool = True,
     ) -> None:
         super().__init__(weight_decay, label_key=label_key)
@@ -107,8 +108,8 @@ class HuggingFaceTask(_Decayed):
             raise TaskError(f"input_keys must be a non-empty sequence of str, got {input_keys!r}")
         self.input_keys = tuple(input_keys) if input_keys is not None else None
         self.causal = causal
-        self.expand_mask = bool(expand_mask)
         self.vectorize = bool(vectorize)
+        self.expand_mask = self.vectorize if expand_mask is None else bool(expand_mask)
 
     def model_inputs(self, model: nn.Module, batch: Batch) -> dict[str, Any]:
         """The keyword arguments of ``model(**inputs)`` for a dict batch (mask expanded to 4-D)."""
@@ -136,7 +137,7 @@ class HuggingFaceTask(_Decayed):
         try:
             with sdpa_kernel(SDPBackend.MATH):  # the attention kernel with vmap and forward-AD rules
                 out = model(**inputs)
-        except RuntimeError as exc:  # NotImplementedError is one too
+        except (RuntimeError, ValueError) as exc:  # NotImplementedError is a RuntimeError too
             raise self._explain(exc) from exc
         logits = getattr(out, "logits", None)
         if logits is None:
@@ -148,17 +149,25 @@ class HuggingFaceTask(_Decayed):
             )
         return logits
 
-    def _explain(self, exc: RuntimeError) -> Exception:
+    def _explain(self, exc: Exception) -> Exception:
         message = str(exc)
         first = message.strip().splitlines()[0] if message.strip() else type(exc).__name__
         first = first if len(first) <= 100 else first[:100] + "..."
         name = type(self).__name__
+        fallback = (
+            f"Pass {name}(vectorize=False) to compute per-example gradients one example at a time with "
+            "the model's own mask handling (same results, slower)"
+        )
         if "vmap" in message:
-            also = "" if self.expand_mask else " (or leave expand_mask=True, so transformers builds no mask)"
+            also = "" if self.expand_mask else "; or leave expand_mask=True, so transformers builds no mask"
             return TaskError(
                 f"the model's forward cannot run under torch.func.vmap, it branches on tensor values "
-                f"({first!r}). Pass {name}(vectorize=False) to compute per-example gradients one example "
-                f"at a time (same results, slower){also}"
+                f"({first!r}). {fallback}{also}"
+            )
+        if isinstance(exc, ValueError) and self.expand_mask and "mask" in message:
+            return TaskError(
+                f"the model does not take a ready 4-D attention mask ({first!r}); transformers >= 5 "
+                f"passes one through in its models. {fallback}"
             )
         if "forward AD" in message:
             return TaskError(
