@@ -138,7 +138,10 @@ class HuggingFaceTask(_Decayed):
             with sdpa_kernel(SDPBackend.MATH):  # the attention kernel with vmap and forward-AD rules
                 out = model(**inputs)
         except (RuntimeError, ValueError) as exc:  # NotImplementedError is a RuntimeError too
-            raise self._explain(exc) from exc
+            clear = self._explain(exc)
+            if clear is exc:
+                raise
+            raise clear from exc
         logits = getattr(out, "logits", None)
         if logits is None:
             logits = out[0] if isinstance(out, (tuple, list)) else out
