@@ -46,7 +46,9 @@ class Influence:
             order that defines training ids.
         estimator: inverse-Hessian method (default ``CG()``, undamped).
         curvature: ``"hessian"`` or ``"gauss_newton"`` (positive semi-definite for non-convex nets).
-        params: parameter names or module prefixes to compute influence over (default: all).
+        params: parameter names or module prefixes to compute influence over (default: every
+            parameter that requires grad); ``"supported"``: those the estimator can model (for
+            K-FAC/EK-FAC the Linear/Conv layers, with a warning listing what is left out).
         hessian_indices: training ids the curvature is estimated on (default: all); see
             :mod:`influencer.samplers` for representative subsets.
         batch_size: examples per chunk for per-example gradients.
@@ -81,6 +83,8 @@ class Influence:
             raise ConfigError("batch_size, hessian_batch_size and solve_batch must be >= 1")
         if not isinstance(task, Task):
             raise ConfigError(f"task must be an influencer.Task, got {type(task).__name__}")
+        if isinstance(params, str) and params == "supported":
+            params = (estimator if estimator is not None else CG()).supported_parameters(model)
         self.fn = ModelFunction(model, task, params, device, dtype)
         self._setup(self.fn, self.fn.theta0, as_examples(train), estimator, curvature, hessian_indices)
         self.batch_size = batch_size
@@ -121,7 +125,7 @@ class Influence:
         *,
         estimator: Estimator | None = None,
         curvature: CurvatureKind | None = None,
-        hessian_indices: Sequence[int] | Tensor | str | None = "same",
+        hessian_indices: Sequence[int] | Tensor | None = _KEEP,
         theta: Tensor | None = None,
         train: Any = None,
         dtype: torch.dtype | None = None,
@@ -149,11 +153,7 @@ class Influence:
                 f"theta must have shape ({self.p},) like the chosen parameters, got {tuple(new_theta.shape)}"
             )
         data = self.train if train is None else self.examples(train)
-        indices = (
-            self.hessian_indices
-            if isinstance(hessian_indices, str) and hessian_indices == "same"
-            else hessian_indices
-        )
+        indices = self.hessian_indices if hessian_indices is _KEEP else hessian_indices
         other._setup(
             fn,
             new_theta.to(fn.device, fn.dtype),
@@ -280,7 +280,10 @@ class Influence:
             # Floating precision may differ (batches are cast to the compute dtype); kind may not.
             return [(s, d.is_floating_point) for s, d in e.example_spec()]
 
-        if ex is not self.train and kinds(ex) != kinds(self.train):
+        # Padded sequences (Task.variable_length) may differ in length and layout between data sets.
+        if self.fn.task.variable_length or ex is self.train:
+            return ex
+        if kinds(ex) != kinds(self.train):
             mine = ", ".join(f"{tuple(s)} {d}" for s, d in self.train.example_spec())
             theirs = ", ".join(f"{tuple(s)} {d}" for s, d in ex.example_spec())
             raise DataError(

@@ -188,6 +188,8 @@ def as_examples(data: Any) -> Examples:
     if isinstance(data, (tuple, list, Mapping)):
         if len(data) == 0:
             raise DataError("data is empty: pass e.g. (inputs, labels) with at least one example")
+        if isinstance(data, Mapping) and not isinstance(data, dict):
+            data = dict(data)  # e.g. a tokenizer's BatchEncoding, which pytrees treat as one leaf
         return TensorExamples(tuple(data) if isinstance(data, list) else data)
     raise DataError(
         f"cannot use {type(data).__name__} as data; pass (inputs, labels) arrays or tensors, "

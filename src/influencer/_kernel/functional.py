@@ -25,29 +25,41 @@ from torch.utils._pytree import tree_map
 
 from influencer._kernel.data import batch_size_of, to_device
 from influencer._kernel.errors import TaskError
+from influencer._kernel.modes import evaluating
 from influencer._kernel.task import Batch, Task
 
 
 class _Bound(nn.Module):
-    """Runs ``fn(model, *args)`` so that ``functional_call`` can swap the model's state."""
+    """Runs ``fn(model, *args)`` so that ``functional_call`` can swap the model's state.
+
+    The model runs in eval mode (influence is defined for the deterministic model); the user's
+    train/eval mode is restored after each call.
+    """
 
     def __init__(self, model: nn.Module) -> None:
         super().__init__()
         self.model = model
 
     def forward(self, fn: Callable[..., Any], *args: Any) -> Any:
-        return fn(self.model, *args)
+        with evaluating(self.model):
+            return fn(self.model, *args)
 
 
 def select_parameters(model: nn.Module, params: Sequence[str] | str | None) -> list[str]:
     """Names of the parameters influence is computed over.
 
     ``None``: every parameter with ``requires_grad``. Otherwise each entry is a parameter name
-    (``"fc.weight"``) or a module prefix (``"fc"`` selects ``fc.weight`` and ``fc.bias``).
+    (``"fc.weight"``) or a module prefix (``"fc"`` selects ``fc.weight`` and ``fc.bias``); named
+    parameters are used whether or not they require grad (e.g. frozen base weights of an adapter).
     """
     named = dict(model.named_parameters())
     if not named:
         raise TaskError("the model has no parameters")
+    if params == "supported" and "supported" not in dict(model.named_modules()):
+        raise TaskError(
+            "params='supported' depends on the estimator: pass it to Influence(..., params='supported'), "
+            "or list the names with estimator.supported_parameters(model)"
+        )
     if params is None:
         names = [n for n, p in named.items() if p.requires_grad]
         if not names:
@@ -74,7 +86,7 @@ class ModelFunction:
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
-        model.eval()  # influence is defined for the deterministic (inference-mode) model
+        # The model is run in eval mode on every call (see _Bound); its own mode is left alone.
         self.model = model
         self.task = task
         self.bound = _Bound(model)
@@ -196,7 +208,16 @@ class ModelFunction:
             one = tree_map(lambda x: x.unsqueeze(0) if isinstance(x, Tensor) else x, example)
             return fn(t, one).sum()
 
-        return vmap(grad(single), in_dims=(None, 0))(theta, batch)
+        if getattr(self.task, "vectorize", True):
+            return vmap(grad(single), in_dims=(None, 0))(theta, batch)
+        # The task's fallback for models whose forward cannot run under vmap (data-dependent
+        # Python control flow): the same per-example gradients, one example at a time.
+        g = grad(single)
+        rows = [
+            g(theta, tree_map(lambda x, i=i: x[i] if isinstance(x, Tensor) else x, batch))
+            for i in range(batch_size_of(batch))
+        ]
+        return torch.stack(rows)
 
     def loss_grads(self, theta: Tensor, batch: Batch) -> Tensor:
         """Per-example gradients of ``loss_i + Omega`` (the i-th term of the objective), ``(B, p)``."""

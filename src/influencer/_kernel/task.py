@@ -29,17 +29,31 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from influencer._kernel.errors import TaskError
 from influencer._kernel.losses import smooth_hinge
+from influencer._kernel.modes import evaluating
 
 Batch = Any  # a pytree (tensor, tuple, list or dict of tensors) with a leading batch dimension
 
 
 class Task:
-    """Base class for tasks. Override :meth:`loss`, or :meth:`outputs` and :meth:`output_loss`."""
+    """Base class for tasks. Override :meth:`loss`, or :meth:`outputs` and :meth:`output_loss`.
+
+    Class attributes a task may set:
+
+    * ``vectorize`` (default True): per-example gradients run the task on all examples of a chunk
+      at once under ``torch.func.vmap``. False computes them one example at a time (same values,
+      slower) for models whose forward cannot run under vmap.
+    * ``variable_length`` (default False): examples are padded sequences whose length (and labels)
+      may differ between data sets, so test data is not checked against the training data's shapes.
+    """
+
+    vectorize: bool = True
+    variable_length: bool = False
 
     def outputs(self, model: nn.Module, batch: Batch) -> Tensor:
         """Model outputs for a batch, ``(B, ...)``. Default: ``model(batch[0])``."""
-        return model(batch[0])
+        return model(batch_entry(batch, 0, "inputs", self, "override outputs(model, batch)"))
 
     def output_loss(self, outputs: Tensor, batch: Batch) -> Tensor:
         """Per-example loss ``(B,)`` from outputs; needed by the default :meth:`loss`."""
@@ -77,6 +91,28 @@ class Task:
         return {"task": type(self).__qualname__}
 
 
+def batch_entry(batch: Batch, key: int | str, what: str, task: Task, fix: str) -> Any:
+    """``batch[key]``, or a :class:`TaskError` saying how the batch is laid out and how to fix it."""
+    try:
+        return batch[key]
+    except (KeyError, IndexError, TypeError) as exc:
+        name = type(task).__name__
+        if isinstance(batch, Mapping):
+            layout = f"a dict with keys {', '.join(repr(k) for k in batch)}"
+            if "input_ids" in batch:
+                fix += (
+                    "; for Hugging Face models use influencer.tasks.SequenceClassificationTask or "
+                    "CausalLMTask"
+                )
+        elif isinstance(batch, (tuple, list)):
+            layout = f"a {type(batch).__name__} of {len(batch)} entries"
+        else:
+            layout = f"a {type(batch).__name__}"
+        raise TaskError(
+            f"{name} reads the {what} from batch[{key!r}], but the batch is {layout}: {fix}"
+        ) from exc
+
+
 def l2_penalty(params: Mapping[str, Tensor], weight_decay: float) -> Tensor | float:
     """``weight_decay / 2 * sum ||w||^2`` over all parameters (what SGD's weight_decay implies)."""
     if weight_decay == 0.0:
@@ -85,12 +121,37 @@ def l2_penalty(params: Mapping[str, Tensor], weight_decay: float) -> Tensor | fl
 
 
 class _Decayed(Task):
-    """Shared weight decay handling for the built-in tasks."""
+    """Shared weight decay and batch layout of the built-in tasks.
 
-    def __init__(self, weight_decay: float = 0.0) -> None:
+    A batch is ``(inputs, targets)`` by default; ``input_key`` and ``label_key`` name the entries
+    of other layouts, e.g. ``input_key="image", label_key="label"`` for dict batches.
+    """
+
+    def __init__(
+        self, weight_decay: float = 0.0, *, input_key: int | str = 0, label_key: int | str = 1
+    ) -> None:
         if not weight_decay >= 0.0:
             raise ValueError(f"weight_decay must be >= 0, got {weight_decay}")
+        for name, key in (("input_key", input_key), ("label_key", label_key)):
+            if not isinstance(key, (int, str)) or isinstance(key, bool):
+                raise TaskError(f"{name} must be an int (tuple position) or a str (dict key), got {key!r}")
         self.weight_decay = float(weight_decay)
+        self.input_key = input_key
+        self.label_key = label_key
+
+    def _fix(self) -> str:
+        return f"pass {type(self).__name__}(input_key=..., label_key=...) naming the entries"
+
+    def inputs(self, batch: Batch) -> Any:
+        """What the model is called on: ``batch[input_key]``."""
+        return batch_entry(batch, self.input_key, "inputs", self, self._fix())
+
+    def targets(self, batch: Batch) -> Tensor:
+        """Labels or regression targets: ``batch[label_key]``."""
+        return batch_entry(batch, self.label_key, "labels", self, self._fix())
+
+    def outputs(self, model: nn.Module, batch: Batch) -> Tensor:
+        return model(self.inputs(batch))
 
     def regularizer(self, params: Mapping[str, Tensor]) -> Tensor | float:
         return l2_penalty(params, self.weight_decay)
@@ -100,21 +161,27 @@ class _Decayed(Task):
         return self.weight_decay if type(self).regularizer is _Decayed.regularizer else None
 
     def settings(self) -> dict[str, Any]:
-        return {"task": type(self).__qualname__, "weight_decay": self.weight_decay}
+        out: dict[str, Any] = {"task": type(self).__qualname__, "weight_decay": self.weight_decay}
+        if (self.input_key, self.label_key) != (0, 1):  # the default layout keeps older fingerprints
+            out.update(input_key=self.input_key, label_key=self.label_key)
+        return out
 
 
 class ClassificationTask(_Decayed):
-    """Cross-entropy on batches ``(inputs, integer_labels)``; outputs are logits ``(B, C)``."""
+    """Cross-entropy on batches ``(inputs, integer_labels)``; outputs are logits ``(B, C)``.
+
+    For dict batches name the entries: ``ClassificationTask(input_key="x", label_key="y")``.
+    """
 
     def output_loss(self, outputs: Tensor, batch: Batch) -> Tensor:
-        return F.cross_entropy(outputs, batch[1], reduction="none")
+        return F.cross_entropy(outputs, self.targets(batch), reduction="none")
 
 
 class RegressionTask(_Decayed):
-    """Half squared error ``0.5 * ||f(x) - y||^2`` on batches ``(inputs, targets)``."""
+    """Half squared error ``0.5 * ||f(x) - y||^2`` on batches ``(inputs, targets)`` (see ``input_key``)."""
 
     def output_loss(self, outputs: Tensor, batch: Batch) -> Tensor:
-        target = batch[1].reshape(outputs.shape).to(outputs.dtype)
+        target = self.targets(batch).reshape(outputs.shape).to(outputs.dtype)
         return 0.5 * (outputs - target).pow(2).reshape(outputs.shape[0], -1).sum(dim=1)
 
 
@@ -125,14 +192,21 @@ class SmoothHingeTask(_Decayed):
     the hinge; influence needs t > 0 (try 0.01 to 0.1).
     """
 
-    def __init__(self, temperature: float = 0.1, weight_decay: float = 0.0) -> None:
-        super().__init__(weight_decay)
+    def __init__(
+        self,
+        temperature: float = 0.1,
+        weight_decay: float = 0.0,
+        *,
+        input_key: int | str = 0,
+        label_key: int | str = 1,
+    ) -> None:
+        super().__init__(weight_decay, input_key=input_key, label_key=label_key)
         if not temperature > 0.0:
             raise ValueError(f"temperature must be > 0 for a differentiable loss, got {temperature}")
         self.temperature = float(temperature)
 
     def output_loss(self, outputs: Tensor, batch: Batch) -> Tensor:
-        labels = batch[1].to(outputs.dtype)
+        labels = self.targets(batch).to(outputs.dtype)
         return smooth_hinge(outputs.reshape(labels.shape) * labels, self.temperature)
 
     def settings(self) -> dict[str, Any]:
@@ -147,6 +221,9 @@ def classes_from_outputs(out: Tensor) -> Tensor:
 
 
 def predictions(task: Task, model: nn.Module, batch: Batch) -> Tensor:
-    """Class predictions from the task's outputs: argmax for multi-class, sign for one score."""
-    with torch.no_grad():
+    """Class predictions from the task's outputs: argmax for multi-class, sign for one score.
+
+    The model runs in eval mode; its own train/eval mode is restored afterwards.
+    """
+    with torch.no_grad(), evaluating(model):
         return classes_from_outputs(task.outputs(model, batch))

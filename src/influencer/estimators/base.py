@@ -12,10 +12,11 @@ import math
 from abc import ABC, abstractmethod
 from typing import Any, ClassVar
 
-from torch import Tensor
+from torch import Tensor, nn
 
 from influencer._kernel.curvature import Curvature
 from influencer._kernel.errors import ConfigError
+from influencer._kernel.functional import select_parameters
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -34,6 +35,14 @@ class Estimator(ABC):
     @abstractmethod
     def fit(self, curvature: Curvature) -> Solver:
         """Prepare to apply ``(H + damping I)^-1`` for the curvature ``H``."""
+
+    def supported_parameters(self, model: nn.Module) -> list[str]:
+        """Names of the trainable parameters this estimator can model (``params="supported"``).
+
+        Default: every parameter that requires grad. Estimators limited to some layer types
+        (K-FAC, EK-FAC) return those layers' parameters and warn about the rest.
+        """
+        return select_parameters(model, None)
 
     def settings(self) -> dict[str, Any]:
         """JSON-able settings, e.g. for cache fingerprints and reports."""

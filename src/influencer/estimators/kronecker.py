@@ -48,7 +48,7 @@ _MAX_OUTPUTS = 1024  # the exact/sampled output-Hessian factor is (B, D, D)
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class Layer:
-    """One ``nn.Linear`` or ``nn.Conv2d`` whose weight and/or bias are among the chosen parameters.
+    """One supported layer (see :func:`is_supported`) whose weight and/or bias are chosen.
 
     ``index`` ``(d_out * d_in,)``: positions in flat theta such that ``theta[index].view(d_out,
     d_in)`` is ``[W | b]`` (weight flattened to ``(d_out, fan_in)``, then the bias column).
@@ -85,13 +85,58 @@ class Layer:
         if self.bias:
             return torch.cat([rows, rows.new_ones(*rows.shape[:-1], 1)], dim=-1)
         # A copy, so that the model editing its input in place later cannot change what was seen.
-        return rows.clone() if isinstance(m, nn.Linear) else rows
+        return rows if isinstance(m, nn.Conv2d) else rows.clone()
 
     def output_grads(self, g: Tensor, batch: int) -> Tensor:
         """Gradient w.r.t. the layer output -> rows ``(B, T, d_out)`` matching :meth:`inputs`."""
         if isinstance(self.module, nn.Conv2d):
             return g.detach().flatten(2).transpose(1, 2)
         return g.detach().reshape(batch, -1, g.shape[-1])
+
+
+def is_conv1d(module: nn.Module) -> bool:
+    """Transformers' ``Conv1D`` (GPT-2): a dense layer ``x @ W + b`` with ``W`` ``(d_in, d_out)``."""
+    return type(module).__name__ == "Conv1D" and hasattr(module, "nf") and module.weight.ndim == 2
+
+
+def is_supported(module: nn.Module) -> bool:
+    """Whether K-FAC models this module: ``nn.Linear``, ``nn.Conv2d`` or transformers' ``Conv1D``."""
+    return isinstance(module, (nn.Linear, nn.Conv2d)) or is_conv1d(module)
+
+
+def _owners(model: nn.Module) -> dict[int, dict[int, str]]:
+    """Parameter id -> {id of a module holding it: a name it has there} (tied weights have several)."""
+    owners: dict[int, dict[int, str]] = {}
+    for mname, module in model.named_modules(remove_duplicate=False):
+        for pname, p in module.named_parameters(recurse=False):
+            owners.setdefault(id(p), {}).setdefault(id(module), f"{mname}.{pname}" if mname else pname)
+    return owners
+
+
+def supported_parameters(model: nn.Module) -> tuple[list[str], dict[str, str]]:
+    """Trainable parameters K-FAC can model, and the other trainable ones with the reason.
+
+    Supported: the weight and bias of each :func:`is_supported` layer (``Conv2d`` with
+    ``groups=1``) that no other module shares. Frozen parameters are neither chosen nor reported.
+    """
+    modules = dict(model.named_modules())
+    owners = _owners(model)
+    chosen, skipped = [], {}
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        path, _, attr = name.rpartition(".")
+        module = modules.get(path)
+        if module is None or not is_supported(module) or attr not in ("weight", "bias"):
+            kind = type(module).__name__ if module is not None else "model"
+            skipped[name] = kind
+        elif isinstance(module, nn.Conv2d) and module.groups != 1:
+            skipped[name] = f"Conv2d with groups={module.groups}"
+        elif len(owners[id(p)]) > 1:
+            skipped[name] = "shared by several modules"
+        else:
+            chosen.append(name)
+    return chosen, skipped
 
 
 def find_layers(fn: ModelFunction) -> list[Layer]:
@@ -103,22 +148,20 @@ def find_layers(fn: ModelFunction) -> list[Layer]:
     for name in fn.names:
         path, _, attr = name.rpartition(".")
         module = modules.get(path)
-        if isinstance(module, (nn.Linear, nn.Conv2d)) and attr in ("weight", "bias"):
+        if module is not None and is_supported(module) and attr in ("weight", "bias"):
             chosen.setdefault(path, {})[attr] = name
         else:
             bad.append(name)
     if bad:
-        ok = [n for n, m in modules.items() if isinstance(m, (nn.Linear, nn.Conv2d))]
+        ok = [n for n, m in modules.items() if is_supported(m)]
         raise ConfigError(
-            f"K-FAC/EK-FAC model only nn.Linear and nn.Conv2d layers (weight and bias); these chosen "
-            f"parameters are not in one: {', '.join(bad)}. Choose params=[...] covering Linear/Conv2d "
-            f"layers only (this model has: {', '.join(repr(n) for n in ok) or 'none'}), or use CG, "
+            f"K-FAC/EK-FAC model only nn.Linear, nn.Conv2d and transformers Conv1D layers (weight and "
+            f"bias); these chosen parameters are not in one: {', '.join(bad)}. Pass params='supported' "
+            "(every supported layer, the rest left out with a warning) or choose params=[...] covering "
+            f"those layers only (this model has: {', '.join(repr(n) for n in ok) or 'none'}), or use CG, "
             "LiSSA or Arnoldi for the other parameters"
         )
-    owners: dict[int, dict[int, str]] = {}  # parameter -> {module: a name it has there}
-    for mname, module in fn.model.named_modules(remove_duplicate=False):
-        for pname, p in module.named_parameters(recurse=False):
-            owners.setdefault(id(p), {}).setdefault(id(module), f"{mname}.{pname}" if mname else pname)
+    owners = _owners(fn.model)
     named = dict(fn.model.named_parameters())
     layers = []
     for path, parts in chosen.items():
@@ -132,12 +175,16 @@ def find_layers(fn: ModelFunction) -> list[Layer]:
                 )
         if isinstance(module, nn.Conv2d) and module.groups != 1:
             raise ConfigError(f"conv layer {path!r} has groups={module.groups}; K-FAC supports groups=1 only")
-        d_out = module.weight.shape[0]
-        fan_in = math.prod(module.weight.shape[1:])
+        conv1d = is_conv1d(module)
+        d_out = module.weight.shape[1] if conv1d else module.weight.shape[0]
+        fan_in = module.weight.shape[0] if conv1d else math.prod(module.weight.shape[1:])
         cols = []
         if "weight" in parts:
             w0 = offsets[parts["weight"]]
-            cols.append(w0 + torch.arange(d_out)[:, None] * fan_in + torch.arange(fan_in))
+            if conv1d:  # W is stored (d_in, d_out): row-major [W^T] reads it with a transposed index
+                cols.append(w0 + torch.arange(d_out)[:, None] + torch.arange(fan_in) * d_out)
+            else:
+                cols.append(w0 + torch.arange(d_out)[:, None] * fan_in + torch.arange(fan_in))
         if "bias" in parts:
             cols.append(offsets[parts["bias"]] + torch.arange(d_out)[:, None])
         index = torch.cat(cols, dim=1)  # (d_out, d_in)
@@ -413,6 +460,24 @@ class KroneckerEstimator(Estimator):
                 f"{type(self).__name__}.relative_damping must be a finite number >= 0, "
                 f"got {self.relative_damping!r}"
             )
+
+    def supported_parameters(self, model: nn.Module) -> list[str]:
+        """Trainable weights and biases of the supported layers; warns listing the ones left out."""
+        chosen, skipped = supported_parameters(model)
+        if not chosen:
+            raise ConfigError(
+                f"{type(self).__name__} found no trainable nn.Linear, nn.Conv2d or transformers Conv1D "
+                "layer in the model; use CG, LiSSA or Arnoldi"
+            )
+        if skipped:
+            listed = ", ".join(f"{n} ({why})" for n, why in skipped.items())
+            warnings.warn(
+                f"params='supported': {type(self).__name__} models {len(chosen)} parameter tensors of "
+                f"Linear/Conv layers and leaves out {len(skipped)}: {listed}",
+                UserWarning,
+                stacklevel=3,
+            )
+        return chosen
 
     def factors(self, curvature: Curvature) -> tuple[list[Layer], list[tuple[Tensor, Tensor]]]:
         """The layers and their ``(A, S)`` factors for this curvature's examples and parameters."""

@@ -3,6 +3,10 @@
 Built-in: :class:`ClassificationTask` (cross-entropy), :class:`RegressionTask` (half squared
 error), :class:`SmoothHingeTask` (binary SVM with a smooth hinge). Write your own by overriding
 ``loss``, or ``outputs`` + ``output_loss`` (which also enables the Gauss-Newton curvature).
+
+Hugging Face ``transformers`` models (dict batches of padded token ids): :class:`SequenceClassificationTask`,
+:class:`CausalLMTask`, :func:`per_token_examples` and, for ``peft`` adapters, :func:`adapter_parameters`
+(see :mod:`influencer.tasks.huggingface`; transformers itself is not imported).
 """
 
 from influencer._kernel.losses import hinge, smooth_hinge
@@ -16,16 +20,28 @@ from influencer._kernel.task import (
     l2_penalty,
     predictions,
 )
+from influencer.tasks.huggingface import (
+    CausalLMTask,
+    HuggingFaceTask,
+    SequenceClassificationTask,
+    adapter_parameters,
+    per_token_examples,
+)
 
 __all__ = [
     "Batch",
+    "CausalLMTask",
     "ClassificationTask",
+    "HuggingFaceTask",
     "RegressionTask",
+    "SequenceClassificationTask",
     "SmoothHingeTask",
     "Task",
+    "adapter_parameters",
     "classes_from_outputs",
     "hinge",
     "l2_penalty",
+    "per_token_examples",
     "predictions",
     "smooth_hinge",
 ]

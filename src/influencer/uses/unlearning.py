@@ -87,7 +87,6 @@ def forget_metrics(
     device = torch.device(device) if device is not None else next(model.parameters()).device
     dtype = next(model.parameters()).dtype
     correct = []
-    model.eval()
     for ids, batch in examples.chunks(batch_size):
         pred = predictions(task, model, to_device(batch, device, dtype)).cpu()
         correct.append(pred == labels[ids])
