@@ -42,7 +42,7 @@ def test_setup_commands_install_the_extras_they_need_and_ci_runs_the_test_comman
     assert [d.split(">")[0] for d in project["dependencies"]] == ["torch", "numpy", "tqdm"]
     extras = project["optional-dependencies"]
     assert {"click>=8.1", "matplotlib>=3.7", "scikit-learn>=1.2"} <= set(extras["app"])
-    assert extras["all"] == ["influencer[app,plot,data]"] and "influencer[all]" in extras["dev"]
+    assert extras["all"] == ["influencer[app,plot,data,hf]"] and "influencer[all]" in extras["dev"]
     assert project["scripts"]["influencer"] == "influencer.app.entry:main"
     # CI installs and tests exactly as the README's test command does.
     ci = (root / ".ci" / "run").read_text()
