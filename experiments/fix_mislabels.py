@@ -28,7 +28,7 @@ from influencer import ClassificationTask
 from influencer.models import LogisticRegression
 from influencer.models.kernels import RBFKernelModel
 from influencer.paper.datasets import load_dataset
-from influencer.uses.mislabels import MislabelConfig, simulate_fixing, subsample
+from influencer.paper.mislabels import MislabelConfig, simulate_fixing, subsample
 
 
 def main() -> None:
