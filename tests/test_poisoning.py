@@ -147,3 +147,21 @@ def test_success_rates_summary_and_plot(digits: Split, tmp_path: Path) -> None:
     assert set(info["by_budget"]) == {1, 3}
     assert 0.0 <= info["by_budget"][3]["success_rate"] <= 1.0
     assert summary.plot(tmp_path / "rates.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_feature_setup_checks_its_inputs(digits: Split) -> None:
+    torch.manual_seed(0)
+    cnn = SmallCNN(2, channels=2).double()
+    task = ClassificationTask(weight_decay=1e-2)
+    x, y = digits.x_train[:20], digits.y_train[:20]
+    with torch.no_grad():
+        features = cnn.features(x)
+    head = Influence(cnn.head, task, (features, y))
+    with pytest.raises(ConfigError, match="needs inputs="):
+        PoisoningAttack(head, features=cnn.features)
+    with pytest.raises(ConfigError, match="goes with features="):
+        PoisoningAttack(Influence(cnn, task, (x, y), params=["head"]), inputs=x)
+    with pytest.raises(DataError, match=r"not features\(inputs\)"):
+        PoisoningAttack(head, features=cnn.features, inputs=x.flip(0))
+    with pytest.raises(DataError, match="19 examples"):
+        PoisoningAttack(head, features=cnn.features, inputs=x[:19])

@@ -25,6 +25,8 @@ from influencer._kernel.progress import progress_bar
 from influencer._kernel.task import Task, predictions
 from influencer.estimators import Estimator, Exact
 from influencer.influence import Influence
+from influencer.models import LogisticRegression
+from influencer.models.kernels import RBFKernelModel
 from influencer.paper.datasets import Split
 from influencer.paper.plotting import pyplot, save_png
 from influencer.retraining import LBFGSRetrainer, Retrainer
@@ -87,6 +89,31 @@ def accuracy(
     dtype = next(model.parameters()).dtype
     pred = predictions(task, model, (x.to(device, dtype), y.to(device)))
     return float((pred.cpu() == y.cpu()).double().mean())
+
+
+def mislabel_models(
+    kind: Literal["kernel", "logistic"],
+    x: Tensor,
+    num_classes: int,
+    *,
+    landmarks: int = 100,
+    gamma: float | None = 0.5,
+) -> Callable[[int], nn.Module]:
+    """``make_model(seed)`` for :func:`simulate_fixing`: the experiment's convex models, in float64.
+
+    ``"kernel"``: logistic regression on RBF features to ``landmarks`` training inputs of ``x``
+    (``gamma=None``: the median heuristic), flexible enough to partly fit wrong labels;
+    ``"logistic"``: plain multinomial logistic regression on the inputs (the paper's model class).
+    """
+    if kind not in ("kernel", "logistic"):
+        raise ConfigError(f"kind must be 'kernel' or 'logistic', got {kind!r}")
+
+    def make_model(seed: int) -> nn.Module:
+        if kind == "logistic":
+            return LogisticRegression(x.shape[1], num_classes).double()
+        return RBFKernelModel.from_data(x, num_classes, landmarks=landmarks, gamma=gamma, seed=seed).double()
+
+    return make_model
 
 
 # ---- the simulation --------------------------------------------------------------------------
