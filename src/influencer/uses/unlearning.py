@@ -10,8 +10,9 @@ step on ``J_R`` gives::
 with ``H_R`` the Hessian of ``J_R``, estimated on a (representative) subset of the *retained*
 data. This is the removal convention of :mod:`influencer._kernel.scores` (removing ``S`` moves ``theta`` by
 ``+(1/n) H^-1 sum g_z`` to first order) with the exact scale ``1/(n - |S|)`` of the retained
-objective instead of ``1/n``. For a network ``H_R`` is indefinite, so the default curvature is
-the Gauss-Newton matrix with damping. An optional step-size search scales the update by the
+objective instead of ``1/n``. ``H_R`` has the influence's curvature kind and estimator; for a
+network the Hessian is indefinite, so give the influence the Gauss-Newton matrix and damping.
+An optional step-size search scales the update by the
 factor that maximises the forgetting F1 on a held-out validation split (never the test set).
 
 Quality is measured by the accuracy on the removed class ``a_f`` (lower is better), on the rest
