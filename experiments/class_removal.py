@@ -13,95 +13,19 @@ model, the influence update and retraining from scratch without the class (same 
 from __future__ import annotations
 
 import argparse
-import time
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
 
-from influencer import CG, ClassificationTask, LiSSA
-from influencer.estimators import Estimator
-from influencer.models import MLP
-from influencer.paper.datasets import load_digits, load_mnist1d
-from influencer.paper.plotting import pyplot, save_png
+from influencer.paper.unlearning import (
+    RemovalComparison,
+    compare_with_retraining,
+    make_estimator,
+    plot_removal,
+    prepare_removal,
+)
 from influencer.samplers import SAMPLERS, make_sampler
-from influencer.uses.unlearning import RemovalComparison, TrainingRecipe, compare_with_retraining
-
-
-@dataclass
-class Setup:
-    """A trained classifier with train / validation / test splits and how to build and train it again."""
-
-    model: torch.nn.Module
-    task: ClassificationTask
-    train: tuple[torch.Tensor, torch.Tensor]
-    validation: tuple[torch.Tensor, torch.Tensor]
-    test: tuple[torch.Tensor, torch.Tensor]
-    recipe: TrainingRecipe
-    make_model: Any
-    num_classes: int
-    train_seconds: float
-
-
-def prepare(dataset: str, validation: int, seed: int, device: str, weight_decay: float = 1e-3) -> Setup:
-    """Load ``dataset``, hold out ``validation`` training examples, and train an MLP on the rest."""
-    if dataset == "digits":
-        split = load_digits(seed=seed)
-        hidden, recipe = (64,), TrainingRecipe(epochs=40, lr=3e-3, batch_size=64, seed=seed)
-    elif dataset == "mnist1d":
-        split = load_mnist1d(num_samples=5000, seed=seed)
-        hidden, recipe = (128, 128), TrainingRecipe(epochs=40, lr=2e-3, batch_size=64, seed=seed)
-    else:
-        raise SystemExit(f"unknown dataset {dataset!r}")
-    perm = torch.randperm(len(split.y_train), generator=torch.Generator().manual_seed(seed))
-    val, tr = perm[:validation], perm[validation:]
-    features = split.x_train.shape[1]
-
-    def make_model() -> torch.nn.Module:
-        return MLP(features, hidden, split.num_classes)
-
-    task = ClassificationTask(weight_decay=weight_decay)
-    torch.manual_seed(seed)
-    model = make_model()
-    start = time.perf_counter()
-    recipe.train(model, task, (split.x_train[tr], split.y_train[tr]), device)
-    return Setup(
-        model, task, (split.x_train[tr], split.y_train[tr]), (split.x_train[val], split.y_train[val]),
-        split.test, recipe, make_model, split.num_classes, time.perf_counter() - start,
-    )  # fmt: skip
-
-
-def make_estimator(name: str, damping: float, seed: int = 0) -> Estimator:
-    if name == "cg":
-        return CG(damping=damping, tol=1e-4, max_iter=500)
-    if name == "lissa":
-        return LiSSA(damping=damping, depth=300, batch_size=64, seed=seed)
-    raise SystemExit(f"unknown estimator {name!r}")
-
-
-def plot(results: list[RemovalComparison], path: Path) -> None:
-    plt = pyplot()
-
-    classes = [r.forget_class for r in results]
-    x = np.arange(len(classes))
-    fig, axes = plt.subplots(1, 3, figsize=(12, 3.6), dpi=120)
-    for ax, (label, get) in zip(
-        axes,
-        [("accuracy on removed class a_f", lambda m: m.forget_accuracy),
-         ("accuracy on other classes a_r", lambda m: m.retain_accuracy),
-         ("F1", lambda m: m.f1)],
-        strict=True,
-    ):  # fmt: skip
-        for i, name in enumerate(["original", "influence", "retrained"]):
-            ax.bar(x + (i - 1) * 0.27, [get(getattr(r, name)) for r in results], 0.27, label=name)
-        ax.set_xticks(x, [str(c) for c in classes])
-        ax.set_xlabel("removed class")
-        ax.set_title(label, fontsize=9)
-    axes[0].legend(fontsize=8)
-    fig.tight_layout()
-    save_png(fig, path)
 
 
 def main() -> None:
@@ -131,7 +55,7 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     args.out.mkdir(parents=True, exist_ok=True)
 
-    setup = prepare(args.dataset, args.validation, args.seed, args.device)
+    setup = prepare_removal(args.dataset, args.validation, args.seed, args.device)
     classes = args.classes if args.classes is not None else list(range(setup.num_classes))
     n_train = len(setup.train[1])
     sizes = f"{n_train} train, {len(setup.validation[1])} validation, {len(setup.test[1])} test"
@@ -148,11 +72,11 @@ def main() -> None:
     for c in classes:
         retained = int((setup.train[1] != c).sum())
         size = max(1, round(args.fraction * retained))
+        estimator = make_estimator(args.estimator, args.damping, args.seed)
+        influence = setup.influence(estimator, device=args.device)
         r = compare_with_retraining(
-            setup.model, setup.task, setup.train, setup.validation, setup.test, c, setup.make_model,
-            setup.recipe, sampler=sampler, hessian_size=size, seed=args.seed,
-            estimator=make_estimator(args.estimator, args.damping, args.seed), scales=args.scales,
-            device=args.device,
+            influence, c, setup.validation, setup.test, setup.make_model, setup.recipe,
+            sampler=sampler, hessian_size=size, seed=args.seed, scales=args.scales,
         )  # fmt: skip
         results.append(r)
         for name, a_f, a_r, f1 in r.rows():
@@ -172,7 +96,7 @@ def main() -> None:
     retr = np.mean([r.retrain_seconds for r in results])
     print(f"mean seconds: influence {infl:.2f} (gradients, sampling, H fit, solve, step search)")
     print(f"              retraining {retr:.2f} ({retr / infl:.1f}x the influence update)")
-    plot(results, args.out / "class_removal.png")
+    plot_removal(results, args.out / "class_removal.png")
     print(f"plot: {args.out / 'class_removal.png'}")
 
 

@@ -25,10 +25,8 @@ from pathlib import Path
 import torch
 
 from influencer import ClassificationTask
-from influencer.models import LogisticRegression
-from influencer.models.kernels import RBFKernelModel
 from influencer.paper.datasets import load_dataset
-from influencer.uses.mislabels import MislabelConfig, simulate_fixing, subsample
+from influencer.paper.mislabels import MislabelConfig, mislabel_models, simulate_fixing, subsample
 
 
 def main() -> None:
@@ -50,14 +48,10 @@ def main() -> None:
 
     split = load_dataset(args.data, dtype=torch.float64)
     split = subsample(split, args.n_train or None)
-    x = split.x_train
-    classes = split.num_classes
-
-    def make_model(seed: int) -> torch.nn.Module:
-        if args.model == "logistic":
-            return LogisticRegression(x.shape[1], classes).double()
-        gamma = args.gamma if args.gamma > 0 else None
-        return RBFKernelModel.from_data(x, classes, landmarks=args.landmarks, gamma=gamma, seed=seed).double()
+    gamma = args.gamma if args.gamma > 0 else None
+    make_model = mislabel_models(
+        args.model, split.x_train, split.num_classes, landmarks=args.landmarks, gamma=gamma
+    )
 
     config = MislabelConfig(
         flip_fraction=args.flip, check_fractions=tuple(args.fractions), seeds=tuple(range(args.seeds))

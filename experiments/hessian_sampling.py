@@ -19,16 +19,13 @@ H_R estimated on the sampled subset, and the script reports:
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from class_removal import make_estimator, prepare
-
 from influencer.paper.sampler_study import run_sampler_study
+from influencer.paper.unlearning import make_estimator, prepare_removal
 from influencer.samplers import SAMPLERS, make_sampler
 from influencer.uses.unlearning import ClassRemoval
 
@@ -62,15 +59,13 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     args.out.mkdir(parents=True, exist_ok=True)
 
-    setup = prepare(args.dataset, args.validation, args.seed, args.device)
-    removal = ClassRemoval(
-        setup.model, setup.task, setup.train, args.forget_class,
-        estimator=make_estimator(args.estimator, args.damping), curvature=args.curvature, device=args.device,
-    )  # fmt: skip
+    setup = prepare_removal(args.dataset, args.validation, args.seed, args.device)
+    influence = setup.influence(make_estimator(args.estimator, args.damping), args.curvature, args.device)
+    removal = ClassRemoval(influence, args.forget_class)
     n_retained = len(removal.retain_ids)
     sizes = sorted({max(2, round(f * n_retained)) for f in args.fractions})
     print(f"{args.dataset}: {len(setup.train[1])} train ({n_retained} retained after removing class "
-          f"{args.forget_class}), {removal.fn.p} parameters, trained in {setup.train_seconds:.1f}s; "
+          f"{args.forget_class}), {influence.p} parameters, trained in {setup.train_seconds:.1f}s; "
           f"{args.curvature} H, {args.estimator}(damping={args.damping}); sizes {sizes}; "
           f"{args.seeds} seeds; device {args.device}")  # fmt: skip
     start = time.perf_counter()

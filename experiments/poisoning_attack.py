@@ -21,9 +21,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from influencer.paper.datasets import Split
-from influencer.paper.plotting import pyplot, save_png
-from influencer.uses.poisoning import PoisonConfig, PoisonSummary, poison_digits
+from influencer.paper.poisoning import PoisonSummary, plot_poison_examples, plot_success_rates, poison_digits
+from influencer.uses.poisoning import PoisonConfig
 
 
 def main() -> None:
@@ -101,64 +100,13 @@ def main() -> None:
     report["success_rate"] = overall
     print("\nsuccess rate over seeds:", json.dumps(overall))
     (args.out / "results.json").write_text(json.dumps(report, indent=2, default=str))
-    plot_rates(overall, args, args.out / "success_rate.png")
+    plot_success_rates(
+        overall, args.out / "success_rate.png", classes=args.classes, targets=args.targets,
+        seeds=len(args.seeds), max_change=args.max_change,
+    )  # fmt: skip
     for name, (summary, data) in examples.items():
-        plot_examples(summary, data, args.out / f"examples_{name}.png")
+        plot_poison_examples(summary, data, args.out / f"examples_{name}.png")
     print(f"saved {args.out}/results.json, success_rate.png, examples_*.png")
-
-
-def plot_rates(overall: dict, args: argparse.Namespace, path: Path) -> None:
-    plt = pyplot()
-
-    fig, ax = plt.subplots(figsize=(4.8, 3.6), dpi=120)
-    for name, rates in overall.items():
-        ax.plot(list(rates), list(rates.values()), marker="o", label=name.replace("_", " "))
-    ax.set_xscale("log")
-    ax.set_xticks(args.budgets, [str(b) for b in args.budgets])
-    ax.set_ylim(0, 1.02)
-    ax.set_xlabel("poisoned training images")
-    ax.set_ylabel("target predictions flipped")
-    ax.set_title(
-        f"digits {args.classes[0]} vs {args.classes[1]}, {args.targets} targets x "
-        f"{len(args.seeds)} seeds, L-inf {args.max_change}/16",
-        fontsize=9,
-    )
-    ax.legend(fontsize=8)
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    save_png(fig, path)
-
-
-def plot_examples(summary: PoisonSummary, data: Split, path: Path, rows: int = 4) -> None:
-    """Target, clean training image, poisoned image and their difference, for successful attacks."""
-    plt = pyplot()
-
-    wins = [r for b in summary.budgets for r in summary.results[b] if r.success][:rows]
-    if not wins:
-        return
-    fig, axes = plt.subplots(len(wins), 4, figsize=(6.4, 1.7 * len(wins)), dpi=120, squeeze=False)
-    for row, r in zip(axes, wins, strict=True):
-        target = data.x_test[r.target, 0].numpy()
-        first = int(r.poisoned_ids[0])
-        images = [target, r.original[0, 0].numpy(), r.poisoned[0, 0].numpy()]
-        titles = [
-            f"target {r.target} ({data.classes[r.label]})",
-            f"train {first} ({data.classes[int(data.y_train[first])]})",
-            "poisoned",
-        ]
-        for ax, img, title in zip(row[:3], images, titles, strict=True):
-            ax.imshow(img, cmap="gray_r", vmin=0, vmax=1)
-            ax.set_title(title, fontsize=7)
-        diff = 16 * r.change[0, 0].numpy()
-        row[3].imshow(
-            diff, cmap="coolwarm", vmin=-summary.config.max_change * 16, vmax=summary.config.max_change * 16
-        )
-        row[3].set_title(f"change (levels), k={r.poisoned_ids.size}", fontsize=7)
-        for ax in row:
-            ax.set_xticks([])
-            ax.set_yticks([])
-    fig.tight_layout()
-    save_png(fig, path)
 
 
 if __name__ == "__main__":

@@ -10,15 +10,9 @@ from influencer import ClassificationTask, ConfigError, DataError, Exact, Influe
 from influencer.models import LogisticRegression
 from influencer.models.kernels import RBFKernelModel
 from influencer.paper.datasets import load_digits, load_tabular
-from influencer.uses.mislabels import (
-    MislabelConfig,
-    flip_labels,
-    lbfgs_trainer,
-    rank_for_review,
-    simulate_fixing,
-    subsample,
-    training_losses,
-)
+from influencer.paper.mislabels import MislabelConfig, flip_labels, simulate_fixing, subsample
+from influencer.training import train_lbfgs
+from influencer.uses.mislabels import rank_for_review, training_losses
 
 
 @pytest.fixture(scope="module")
@@ -49,7 +43,7 @@ def test_rankings_order_the_scores():
     x, y = wine.train
     model = LogisticRegression(x.shape[1], 3).double()
     task = ClassificationTask(weight_decay=1e-2)
-    lbfgs_trainer(grad_tol=1e-7, newton_steps=0)(model, task, (x, y))
+    train_lbfgs(model, task, (x, y), dtype=torch.float64, grad_tol=1e-7, newton_steps=0)
     inf = Influence(model, task, (x, y), estimator=Exact()).fit()
     si = inf.self_influence()
     order = rank_for_review(inf, "self_influence")
@@ -93,7 +87,7 @@ def test_self_influence_finds_flips_that_loss_and_random_miss(digits):
 def test_plot(digits, tmp_path):
     import numpy as np
 
-    from influencer.uses.mislabels import MislabelResult
+    from influencer.paper.mislabels import MislabelResult
 
     found = np.random.default_rng(0).uniform(size=(3, 2, 2))
     res = MislabelResult(

@@ -8,13 +8,14 @@ import pytest
 import torch
 from torch import nn
 
-from influencer import ClassificationTask, ConfigError, DataError
+from influencer import ClassificationTask, ConfigError, DataError, Exact, Influence
 from influencer._kernel.functional import ModelFunction
 from influencer.data import as_examples
 from influencer.models import SmallCNN
 from influencer.paper.datasets import Split
+from influencer.paper.poisoning import binary_digits, success_rates
 from influencer.training import fit_lbfgs
-from influencer.uses.poisoning import PoisonConfig, PoisoningAttack, binary_digits
+from influencer.uses.poisoning import PoisonConfig, PoisoningAttack
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -28,7 +29,9 @@ def digits() -> Split:
 def logistic(digits: Split) -> PoisoningAttack:
     torch.manual_seed(0)
     model = nn.Sequential(nn.Flatten(), nn.Linear(64, 2)).double()
-    return PoisoningAttack(model, ClassificationTask(weight_decay=1e-3), digits.train)
+    return PoisoningAttack(
+        Influence(model, ClassificationTask(weight_decay=1e-3), digits.train, estimator=Exact())
+    )
 
 
 def on_grid(x: torch.Tensor, grid: float) -> bool:
@@ -72,9 +75,9 @@ def test_inputs_must_lie_on_the_grid(digits: Split) -> None:
     task = ClassificationTask(weight_decay=1e-3)
     x, y = digits.train
     with pytest.raises(DataError, match="value grid"):
-        PoisoningAttack(model, task, (x * 0.999, y))
+        PoisoningAttack(Influence(model, task, (x * 0.999, y)))
     with pytest.raises(DataError, match="outside the valid range"):
-        PoisoningAttack(model, task, (x * 2, y))
+        PoisoningAttack(Influence(model, task, (x * 2, y)))
 
 
 def test_feature_pullback_equals_the_full_model_gradient(digits: Split) -> None:
@@ -84,8 +87,12 @@ def test_feature_pullback_equals_the_full_model_gradient(digits: Split) -> None:
     task = ClassificationTask(weight_decay=1e-2)
     x, y = digits.x_train[:40], digits.y_train[:40]
     before = {k: v.clone() for k, v in cnn.state_dict().items()}
-    whole = PoisoningAttack(cnn, task, (x, y), params=["head"])
-    split = PoisoningAttack(cnn.head, task, (x, y), features=cnn.features)
+    whole = PoisoningAttack(Influence(cnn, task, (x, y), params=["head"], estimator=Exact()))
+    with torch.no_grad():
+        features = cnn.features(x)
+    split = PoisoningAttack(
+        Influence(cnn.head, task, (features, y), estimator=Exact()), features=cnn.features, inputs=x
+    )
     torch.testing.assert_close(whole.theta, split.theta, rtol=1e-7, atol=1e-9)
     ids = [0, 5, 33, 39]
     a = whole.input_effects(digits.test, 2, ids)
@@ -100,7 +107,7 @@ def test_feature_pullback_equals_the_full_model_gradient(digits: Split) -> None:
 def test_attack_flips_the_retrained_prediction(logistic: PoisoningAttack, digits: Split) -> None:
     # The correctly predicted test image with the smallest margin.
     with torch.no_grad():
-        logits = logistic.fn.outputs(logistic.theta, digits.test)
+        logits = logistic.influence.model_at(logistic.theta)(digits.x_test)
     margin = (logits[:, 1] - logits[:, 0]) * (2 * digits.y_test - 1)
     target = int(torch.where(margin > 0, margin, torch.inf).argmin())
     result = logistic.attack(digits.test, target, k=5)
@@ -128,8 +135,9 @@ def test_success_rates_summary_and_plot(digits: Split, tmp_path: Path) -> None:
     torch.manual_seed(0)
     model = nn.Sequential(nn.Flatten(), nn.Linear(64, 2)).double()
     config = PoisonConfig(max_steps=2)
-    attack = PoisoningAttack(model, ClassificationTask(weight_decay=1e-2), digits.train, config=config)
-    summary = attack.success_rates(digits.test, budgets=(1, 3), num_targets=2, seed=1)
+    influence = Influence(model, ClassificationTask(weight_decay=1e-2), digits.train, estimator=Exact())
+    attack = PoisoningAttack(influence, config=config)
+    summary = success_rates(attack, digits.test, budgets=(1, 3), num_targets=2, seed=1)
     assert summary.budgets == (1, 3) and summary.targets.size == 2
     for b in (1, 3):
         assert [r.target for r in summary.results[b]] == summary.targets.tolist()
@@ -139,3 +147,21 @@ def test_success_rates_summary_and_plot(digits: Split, tmp_path: Path) -> None:
     assert set(info["by_budget"]) == {1, 3}
     assert 0.0 <= info["by_budget"][3]["success_rate"] <= 1.0
     assert summary.plot(tmp_path / "rates.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_feature_setup_checks_its_inputs(digits: Split) -> None:
+    torch.manual_seed(0)
+    cnn = SmallCNN(2, channels=2).double()
+    task = ClassificationTask(weight_decay=1e-2)
+    x, y = digits.x_train[:20], digits.y_train[:20]
+    with torch.no_grad():
+        features = cnn.features(x)
+    head = Influence(cnn.head, task, (features, y))
+    with pytest.raises(ConfigError, match="needs inputs="):
+        PoisoningAttack(head, features=cnn.features)
+    with pytest.raises(ConfigError, match="goes with features="):
+        PoisoningAttack(Influence(cnn, task, (x, y), params=["head"]), inputs=x)
+    with pytest.raises(DataError, match=r"not features\(inputs\)"):
+        PoisoningAttack(head, features=cnn.features, inputs=x.flip(0))
+    with pytest.raises(DataError, match="19 examples"):
+        PoisoningAttack(head, features=cnn.features, inputs=x[:19])

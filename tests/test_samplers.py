@@ -226,7 +226,9 @@ def test_a_user_defined_sampler_works_end_to_end(setup):
         assert torch.equal(inf.curvature.indices, ids)
         shared = SamplerContext.from_influence(inf, pool=context.pool)
         assert torch.equal(sampler.select(shared, 20, seed=0), ids)
-        removal = ClassRemoval(model, task, train, 0, estimator=CG(damping=0.1, tol=1e-2))
+        removal = ClassRemoval(
+            Influence(model, task, train, estimator=CG(damping=0.1, tol=1e-2), curvature="gauss_newton"), 0
+        )
         update = removal.sampled_update(sampler, 20, seed=0)
         assert torch.equal(update.hessian_ids, ids)
     finally:

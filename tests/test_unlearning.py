@@ -7,22 +7,16 @@ import torch
 import torch.nn.functional as F
 from torch.func import functional_call, jacrev, vmap
 
-from influencer import CG, ClassificationTask, ConfigError, DataError, Exact, LiSSA
+from influencer import CG, ClassificationTask, ConfigError, DataError, Exact, Influence, LiSSA
 from influencer._kernel.functional import ModelFunction
 from influencer.data import as_examples
 from influencer.models import MLP, LogisticRegression
 from influencer.paper.datasets import load_digits, load_tabular
 from influencer.paper.sampler_study import PeakMemory, run_sampler_study
+from influencer.paper.unlearning import TrainingRecipe, compare_with_retraining, retrain_without_class
 from influencer.samplers import LogitSampler, RandomSampler
 from influencer.training import fit_lbfgs
-from influencer.uses.unlearning import (
-    ClassRemoval,
-    TrainingRecipe,
-    compare_with_retraining,
-    forget_f1,
-    forget_metrics,
-    retrain_without_class,
-)
+from influencer.uses.unlearning import ClassRemoval, forget_f1, forget_metrics
 
 
 def _optimum(model: torch.nn.Module, task: ClassificationTask, train) -> torch.nn.Module:
@@ -83,7 +77,7 @@ def _dense_objective_hessian(model, task, x, y, theta_dict):
 def test_update_matches_dense_hessian_formula(iris, iris_logistic):
     model, task = iris_logistic
     x, y = iris.train
-    removal = ClassRemoval(model, task, iris.train, 2, estimator=Exact(damping=1e-3), curvature="hessian")
+    removal = ClassRemoval(Influence(model, task, iris.train, estimator=Exact(damping=1e-3)), 2)
     hessian_ids = removal.retain_ids[::3]
     update = removal.update(hessian_ids)
 
@@ -107,7 +101,7 @@ def test_gauss_newton_update_matches_dense_ggn(iris):
     TrainingRecipe(epochs=20, lr=1e-2, batch_size=16).train(model, task, iris.train)
     x, y = iris.train
     removal = ClassRemoval(
-        model, task, iris.train, 0, estimator=Exact(damping=1e-2), curvature="gauss_newton"
+        Influence(model, task, iris.train, estimator=Exact(damping=1e-2), curvature="gauss_newton"), 0
     )
     ids = removal.retain_ids[:40]
     update = removal.update(ids)
@@ -132,9 +126,10 @@ def test_gauss_newton_update_matches_dense_ggn(iris):
 
 def test_newton_step_approaches_retraining_on_a_convex_model(iris, iris_logistic):
     model, task = iris_logistic
-    removal = ClassRemoval(model, task, iris.train, 1, estimator=Exact(), curvature="hessian")
+    removal = ClassRemoval(Influence(model, task, iris.train, estimator=Exact(), curvature="hessian"), 1)
     update = removal.update()  # H on all retained data
-    retrained = fit_lbfgs(removal.fn, removal.train, removal.retain_ids, removal.theta, grad_tol=1e-8)
+    fn = removal.influence.fn
+    retrained = fit_lbfgs(fn, removal.train, removal.retain_ids, removal.theta, grad_tol=1e-8)
     moved = (retrained - removal.theta).norm()
     error = (removal.parameters(update) - retrained).norm()
     # Removing a third of the data is no small perturbation, yet one Newton step from the full-data
@@ -149,11 +144,10 @@ def test_newton_step_approaches_retraining_on_a_convex_model(iris, iris_logistic
 
 def test_lissa_agrees_with_exact(iris, iris_logistic):
     model, task = iris_logistic
-    exact = ClassRemoval(model, task, iris.train, 0, estimator=Exact(damping=0.1), curvature="hessian")
+    exact = ClassRemoval(Influence(model, task, iris.train, estimator=Exact(damping=0.1)), 0)
     lissa = ClassRemoval(
-        model, task, iris.train, 0,
-        estimator=LiSSA(damping=0.1, depth=60, batch_size=16), curvature="hessian",
-    )  # fmt: skip
+        Influence(model, task, iris.train, estimator=LiSSA(damping=0.1, depth=60, batch_size=16)), 0
+    )
     ids = exact.retain_ids[::2]
     a, b = exact.update(ids), lissa.update(ids)
     assert b.iterations == 60
@@ -165,7 +159,8 @@ def test_removal_forgets_the_class_and_keeps_the_rest(digits_split, digits_mlp):
     train, val, test = digits_split
     model, task = digits_mlp
     before = [p.detach().clone() for p in model.parameters()]
-    removal = ClassRemoval(model, task, train, 3, estimator=CG(damping=1e-2, tol=1e-4, max_iter=300))
+    estimator = CG(damping=1e-2, tol=1e-4, max_iter=300)
+    removal = ClassRemoval(Influence(model, task, train, estimator=estimator, curvature="gauss_newton"), 3)
     original = removal.metrics(test)
     update = removal.sampled_update(LogitSampler(), 60, seed=0)
     assert update.iterations is not None and update.iterations > 0
@@ -188,7 +183,8 @@ def test_retraining_without_the_class_never_predicts_it(digits_split):
     train, _, test = digits_split
     task = ClassificationTask()
     recipe = TrainingRecipe(epochs=3, lr=1e-2)
-    retrained = retrain_without_class(lambda: MLP(64, (16,), 10), task, train, 5, recipe)
+    removal = ClassRemoval(Influence(MLP(64, (16,), 10), task, train), 5)
+    retrained = retrain_without_class(removal, lambda: MLP(64, (16,), 10), recipe)
     metrics = forget_metrics(retrained, task, test, 5)
     assert metrics.forget_accuracy == 0.0
     assert metrics.retain_accuracy > 0.7
@@ -198,9 +194,10 @@ def test_retraining_without_the_class_never_predicts_it(digits_split):
 def test_compare_with_retraining_reports_all_three(digits_split, digits_mlp):
     train, val, test = digits_split
     model, task = digits_mlp
+    influence = Influence(model, task, train, estimator=CG(damping=0.05, tol=1e-2), curvature="gauss_newton")
     result = compare_with_retraining(
-        model, task, train, val, test, 7, lambda: MLP(64, (24,), 10), TrainingRecipe(epochs=3, lr=1e-2),
-        sampler=RandomSampler(), hessian_size=40, estimator=CG(damping=0.05, tol=1e-2),
+        influence, 7, val, test, lambda: MLP(64, (24,), 10), TrainingRecipe(epochs=3, lr=1e-2),
+        sampler=RandomSampler(), hessian_size=40,
     )  # fmt: skip
     names = [r[0] for r in result.rows()]
     assert names == ["original", "influence", "retrained"]
@@ -222,8 +219,8 @@ def test_forget_f1_values():
 def test_bad_inputs_are_refused(iris, iris_logistic):
     model, task = iris_logistic
     with pytest.raises(DataError, match="no training example has class 7"):
-        ClassRemoval(model, task, iris.train, 7)
-    removal = ClassRemoval(model, task, iris.train, 0, estimator=Exact(damping=1e-3))
+        ClassRemoval(Influence(model, task, iris.train), 7)
+    removal = ClassRemoval(Influence(model, task, iris.train, estimator=Exact(damping=1e-3)), 0)
     with pytest.raises(ConfigError, match="removed class"):
         removal.update(removal.forget_ids[:3])
     update = removal.update(removal.retain_ids[:10])
@@ -237,7 +234,7 @@ def test_bad_inputs_are_refused(iris, iris_logistic):
 
 def test_sampler_study_runs_end_to_end(tmp_path, iris, iris_logistic):
     model, task = iris_logistic
-    removal = ClassRemoval(model, task, iris.train, 2, estimator=Exact(damping=1e-3), curvature="hessian")
+    removal = ClassRemoval(Influence(model, task, iris.train, estimator=Exact(damping=1e-3)), 2)
     study = run_sampler_study(
         removal, [RandomSampler(), LogitSampler()], [8, 20], [0, 1], iris.test, iris.test
     )

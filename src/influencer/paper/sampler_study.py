@@ -29,7 +29,6 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from influencer._kernel.data import as_examples
 from influencer._kernel.errors import ConfigError
 from influencer._kernel.progress import progress_bar
 from influencer.paper.plotting import pyplot, save_png
@@ -314,17 +313,14 @@ def run_sampler_study(
     bad = [m for m in sizes if not 1 <= m <= n_retained]
     if bad:
         raise ConfigError(f"sizes must lie in [1, {n_retained}] (the retained examples), got {bad}")
-    device = removal.fn.device
+    device = removal.influence.device
     reference = removal.update()
     ref_dir = reference.direction
     ref_search = removal.choose_scale(reference, validation, scales)
     reference_f1 = removal.metrics(test, reference, ref_search.scale).f1
     reference_f1_unit = removal.metrics(test, reference, 1.0).f1
     original_f1 = removal.metrics(test).f1
-    test_grads = []  # test-loss gradients: influence on test losses is G_test @ d
-    for _, batch in as_examples(test).chunks(removal.batch_size):
-        test_grads.append(removal.fn.measurement_grads(removal.theta, removal.fn.prepare(batch)))
-    G_test = torch.cat(test_grads)  # (m_test, p)
+    G_test = removal.influence.gradients(test)  # (m_test, p): influence on test losses is G_test @ d
     ref_scores = G_test @ ref_dir  # (m_test,)
 
     context = removal.sampler_context()

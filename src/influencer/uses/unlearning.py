@@ -10,35 +10,42 @@ step on ``J_R`` gives::
 with ``H_R`` the Hessian of ``J_R``, estimated on a (representative) subset of the *retained*
 data. This is the removal convention of :mod:`influencer._kernel.scores` (removing ``S`` moves ``theta`` by
 ``+(1/n) H^-1 sum g_z`` to first order) with the exact scale ``1/(n - |S|)`` of the retained
-objective instead of ``1/n``. For a network ``H_R`` is indefinite, so the default curvature is
-the Gauss-Newton matrix with damping. An optional step-size search scales the update by the
+objective instead of ``1/n``. ``H_R`` has the influence's curvature kind and estimator; for a
+network the Hessian is indefinite, so give the influence the Gauss-Newton matrix and damping.
+An optional step-size search scales the update by the
 factor that maximises the forgetting F1 on a held-out validation split (never the test set).
 
 Quality is measured by the accuracy on the removed class ``a_f`` (lower is better), on the rest
-``a_r`` (higher is better) and ``F1 = 2 (1 - a_f) a_r / (1 - a_f + a_r)``, and compared with
-retraining from scratch without the class. Nothing here modifies the model it is given.
+``a_r`` (higher is better) and ``F1 = 2 (1 - a_f) a_r / (1 - a_f + a_r)``
+(:mod:`influencer.paper.unlearning` compares it with retraining from scratch without the class).
+Nothing here modifies the model it is given.
+
+Usage::
+
+    inf = Influence(model, task, train, estimator=CG(damping=1e-2), curvature="gauss_newton")
+    removal = ClassRemoval(inf, forget_class=3)
+    update = removal.sampled_update(LogitSampler(), size=200)      # H_R on 200 retained examples
+    scale = removal.choose_scale(update, validation).scale
+    forgetful = removal.model(update, scale)                        # a copy; `model` is untouched
 """
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from influencer._kernel.curvature import Curvature, CurvatureKind
 from influencer._kernel.data import Examples, as_examples, to_device
 from influencer._kernel.errors import ConfigError, DataError, NonFiniteError
-from influencer._kernel.functional import ModelFunction
 from influencer._kernel.task import Task, predictions
-from influencer.estimators import CG, Estimator, LiSSA
+from influencer.estimators import LiSSA
+from influencer.influence import Influence
 from influencer.samplers import Sampler, SamplerContext
-from influencer.training import train_minibatch
 
 
 def forget_f1(forget_accuracy: float, retain_accuracy: float) -> float:
@@ -123,48 +130,26 @@ class ScaleSearch:
 
 
 class ClassRemoval:
-    """Influence-based removal of class ``forget_class`` from ``model`` trained with ``task`` on ``train``.
+    """Influence-based removal of class ``forget_class`` from the model of a trained ``influence``.
+
+    The update uses the influence's parameters, training data, curvature kind and estimator;
+    ``H_R`` is the same curvature estimated on retained examples only. For a network use
+    ``curvature="gauss_newton"`` and a damped estimator (e.g. ``CG(damping=1e-2)``): its Hessian
+    is indefinite.
 
     Args:
-        estimator: inverse-Hessian method for ``H_R`` (CG or LiSSA; damping is needed for a net).
-        curvature: ``"gauss_newton"`` (default; positive semi-definite) or ``"hessian"``.
+        influence: an :class:`~influencer.influence.Influence` of the trained model (need not be
+            fitted: every update fits its own ``H_R``).
+        forget_class: the class to remove.
         labels: class of each training example ``(n,)``; default read from ``(inputs, labels)``.
-        params: parameters to update (default all).
-        batch_size, hessian_batch_size: chunk sizes for gradients and Hessian-vector products.
-        device, dtype: where and in what precision to compute (default the model's).
     """
 
     def __init__(
-        self,
-        model: nn.Module,
-        task: Task,
-        train: Any,
-        forget_class: int,
-        *,
-        estimator: Estimator | None = None,
-        curvature: CurvatureKind = "gauss_newton",
-        labels: Sequence[int] | Tensor | None = None,
-        params: Sequence[str] | str | None = None,
-        batch_size: int = 256,
-        hessian_batch_size: int = 512,
-        device: torch.device | str | None = None,
-        dtype: torch.dtype | None = None,
+        self, influence: Influence, forget_class: int, *, labels: Sequence[int] | Tensor | None = None
     ) -> None:
-        self.estimator = estimator if estimator is not None else CG(damping=1e-2, tol=1e-4, max_iter=500)
-        if not isinstance(self.estimator, Estimator):
-            raise ConfigError(
-                f"estimator must be an influencer Estimator, got {type(self.estimator).__name__}"
-            )
-        if curvature not in ("hessian", "gauss_newton"):
-            raise ConfigError(f"curvature must be 'hessian' or 'gauss_newton', got {curvature!r}")
-        if min(batch_size, hessian_batch_size) < 1:
-            raise ConfigError("batch_size and hessian_batch_size must be >= 1")
-        self.fn = ModelFunction(model, task, params, device, dtype)
-        self.task = task
-        self.train = as_examples(train)
-        self.curvature_kind = curvature
-        self.batch_size = batch_size
-        self.hessian_batch_size = hessian_batch_size
+        if not isinstance(influence, Influence):
+            raise ConfigError(f"influence must be an influencer.Influence, got {type(influence).__name__}")
+        self.influence = influence
         y = (
             class_labels(self.train)
             if labels is None
@@ -186,20 +171,23 @@ class ClassRemoval:
         self._gradient_sum: Tensor | None = None
 
     @property
+    def train(self) -> Examples:
+        """The training data (the influence's)."""
+        return self.influence.train
+
+    @property
     def n(self) -> int:
-        return len(self.train)
+        return self.influence.n
 
     @property
     def theta(self) -> Tensor:
         """The trained parameters ``(p,)``."""
-        return self.fn.theta0
+        return self.influence.theta
 
     def gradient_sum(self) -> Tensor:
         """``sum_{z in S} g_z`` ``(p,)`` over the removed class (streamed in chunks; cached)."""
         if self._gradient_sum is None:
-            total = torch.zeros_like(self.theta)
-            for _, batch in self.train.chunks(self.batch_size, self.forget_ids):
-                total += self.fn.loss_grads(self.theta, self.fn.prepare(batch)).sum(0)
+            total = self.influence.gradient_sum(self.forget_ids)
             if not torch.isfinite(total).all():
                 raise NonFiniteError("the removed class's loss gradient is not finite; check its inputs")
             self._gradient_sum = total
@@ -207,10 +195,9 @@ class ClassRemoval:
 
     def sampler_context(self, batch_size: int = 512) -> SamplerContext:
         """A :class:`SamplerContext` whose pool is the retained data (what ``H_R`` averages over)."""
-        return SamplerContext(
-            self.fn.model, self.task, self.train, pool=self.retain_ids, labels=self.labels,
-            batch_size=batch_size, fn=self.fn,
-        )  # fmt: skip
+        return SamplerContext.from_influence(
+            self.influence, pool=self.retain_ids, labels=self.labels, batch_size=batch_size
+        )
 
     def update(self, hessian_ids: Sequence[int] | Tensor | None = None) -> RemovalUpdate:
         """The influence update with ``H_R`` estimated on ``hessian_ids`` (default: all retained data)."""
@@ -224,19 +211,16 @@ class ClassRemoval:
             )
         g = self.gradient_sum()
         start = time.perf_counter()
-        curvature = Curvature(
-            self.fn, self.theta, self.train, ids, self.curvature_kind, self.hessian_batch_size
-        )
-        solver = self.estimator.fit(curvature)
-        direction = solver.solve(g[None])[0] / (self.n - len(self.forget_ids))
+        retained = self.influence.replace(hessian_indices=ids).fit()  # H_R
+        direction = retained.inverse_hvp(g[None])[0] / (self.n - len(self.forget_ids))
         if not torch.isfinite(direction).all():  # also waits for the device, so the time is right
             raise NonFiniteError("the removal update is not finite; increase the estimator's damping")
         seconds = time.perf_counter() - start
-        info = dict(solver.info)
+        info = dict(retained.solver.info)
         if "iterations" in info:
             iterations: int | None = int(info["iterations"])
-        elif isinstance(self.estimator, LiSSA):
-            iterations = self.estimator.depth * self.estimator.repeats
+        elif isinstance(retained.estimator, LiSSA):
+            iterations = retained.estimator.depth * retained.estimator.repeats
         else:
             iterations = None
         return RemovalUpdate(direction, ids, iterations, info, seconds)
@@ -256,17 +240,13 @@ class ClassRemoval:
 
     def model(self, update: RemovalUpdate, scale: float = 1.0) -> nn.Module:
         """A copy of the model with the updated parameters (the original is left untouched)."""
-        new = copy.deepcopy(self.fn.model)
-        named = dict(new.named_parameters())
-        with torch.no_grad():
-            for name, value in self.fn.unflatten(self.parameters(update, scale)).items():
-                named[name].copy_(value.to(named[name].device, named[name].dtype))
-        return new.eval()
+        return self.influence.model_at(self.parameters(update, scale))
 
     def metrics(self, data: Any, update: RemovalUpdate | None = None, scale: float = 1.0) -> ForgetMetrics:
         """:class:`ForgetMetrics` on ``data`` of the updated model (``update=None``: the original)."""
-        model = self.fn.model if update is None else self.model(update, scale)
-        return forget_metrics(model, self.task, data, self.forget_class)  # on the model's own device
+        model = self.influence.model_at(self.theta) if update is None else self.model(update, scale)
+        task = self.influence.fn.task
+        return forget_metrics(model, task, data, self.forget_class)  # on the model's own device
 
     def choose_scale(
         self, update: RemovalUpdate, validation: Any, scales: Sequence[float] = (0.5, 1.0, 2.0, 4.0, 8.0)
@@ -281,123 +261,3 @@ class ClassRemoval:
         results = tuple(self.metrics(validation, update, s) for s in candidates)
         best = max(range(len(candidates)), key=lambda i: (results[i].f1, -candidates[i]))
         return ScaleSearch(candidates[best], candidates, results)
-
-
-@dataclasses.dataclass(frozen=True)
-class TrainingRecipe:
-    """How the model was trained (Adam minibatches), reused to retrain without the class."""
-
-    epochs: int = 40
-    lr: float = 3e-3
-    batch_size: int = 64
-    seed: int = 0
-
-    def __post_init__(self) -> None:
-        if not (isinstance(self.epochs, int) and self.epochs >= 1):
-            raise ConfigError(f"epochs must be a positive integer, got {self.epochs!r}")
-        if not (isinstance(self.batch_size, int) and self.batch_size >= 1):
-            raise ConfigError(f"batch_size must be a positive integer, got {self.batch_size!r}")
-        if not (math.isfinite(self.lr) and self.lr > 0):
-            raise ConfigError(f"lr must be a positive number, got {self.lr!r}")
-
-    def train(
-        self, model: nn.Module, task: Task, train: Any, device: torch.device | str | None = None
-    ) -> list[float]:
-        """Train ``model`` in place; returns the mean loss per epoch."""
-        return train_minibatch(
-            model, task, train, epochs=self.epochs, lr=self.lr, batch_size=self.batch_size,
-            seed=self.seed, device=device,
-        )  # fmt: skip
-
-
-def retrain_without_class(
-    make_model: Callable[[], nn.Module],
-    task: Task,
-    train: Any,
-    forget_class: int,
-    recipe: TrainingRecipe,
-    *,
-    labels: Sequence[int] | Tensor | None = None,
-    device: torch.device | str | None = None,
-) -> nn.Module:
-    """A fresh ``make_model()`` trained by ``recipe`` on ``train`` without class ``forget_class``."""
-    examples = as_examples(train)
-    y = class_labels(examples) if labels is None else torch.as_tensor(labels).reshape(-1).cpu()
-    keep = torch.nonzero(y != forget_class).reshape(-1)
-    retained = examples.take(keep)
-    model = make_model()
-    recipe.train(model, task, retained, device)
-    return model
-
-
-@dataclasses.dataclass(frozen=True)
-class RemovalComparison:
-    """Test metrics of the original, influence-updated and retrained models, and their costs."""
-
-    forget_class: int
-    original: ForgetMetrics
-    influence: ForgetMetrics
-    retrained: ForgetMetrics
-    scale: float
-    hessian_size: int
-    iterations: int | None
-    influence_seconds: float  # sampling + gradient + H fit + solve + scale search
-    retrain_seconds: float
-
-    def rows(self) -> list[tuple[str, float, float, float]]:
-        """``(model, a_f, a_r, F1)`` rows for printing."""
-        return [
-            (name, m.forget_accuracy, m.retain_accuracy, m.f1)
-            for name, m in (
-                ("original", self.original),
-                ("influence", self.influence),
-                ("retrained", self.retrained),
-            )
-        ]
-
-
-def compare_with_retraining(
-    model: nn.Module,
-    task: Task,
-    train: Any,
-    validation: Any,
-    test: Any,
-    forget_class: int,
-    make_model: Callable[[], nn.Module],
-    recipe: TrainingRecipe,
-    *,
-    sampler: Sampler,
-    hessian_size: int,
-    seed: int = 0,
-    estimator: Estimator | None = None,
-    curvature: CurvatureKind = "gauss_newton",
-    scales: Sequence[float] = (0.5, 1.0, 2.0, 4.0, 8.0),
-    device: torch.device | str | None = None,
-) -> RemovalComparison:
-    """Remove ``forget_class`` by the influence update and by retraining; report test metrics of both.
-
-    The step size is chosen on ``validation`` (pass ``scales=(1.0,)`` for the plain formula); the
-    test set is only used to report.
-    """
-    start = time.perf_counter()
-    removal = ClassRemoval(
-        model, task, train, forget_class, estimator=estimator, curvature=curvature, device=device
-    )
-    removal.gradient_sum()
-    update = removal.sampled_update(sampler, min(hessian_size, len(removal.retain_ids)), seed)
-    search = removal.choose_scale(update, validation, scales)
-    influence_seconds = time.perf_counter() - start
-    start = time.perf_counter()
-    retrained = retrain_without_class(make_model, task, train, forget_class, recipe, device=device)
-    retrain_seconds = time.perf_counter() - start
-    return RemovalComparison(
-        forget_class=int(forget_class),
-        original=removal.metrics(test),
-        influence=removal.metrics(test, update, search.scale),
-        retrained=forget_metrics(retrained, task, test, forget_class, device=device),
-        scale=search.scale,
-        hessian_size=len(update.hessian_ids),
-        iterations=update.iterations,
-        influence_seconds=influence_seconds,
-        retrain_seconds=retrain_seconds,
-    )
