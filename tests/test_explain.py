@@ -20,7 +20,7 @@ from influencer._kernel.functional import ModelFunction
 from influencer.app.cached import cache_key
 from influencer.app.config import ExplainConfig
 from influencer.app.evaluation import Evaluation, choose_test_ids
-from influencer.app.jobs import Job, as_job, digits_job, load_job
+from influencer.app.jobs import Job, as_job, digits_job, influence_job, load_job
 from influencer.app.pipeline import explain
 from influencer.app.store import MANIFEST, RunStore
 from influencer.errors import ConfigError, TaskError
@@ -351,27 +351,33 @@ def test_build_results_in_every_form(tmp_path, monkeypatch):
         load_job("no_such_module:build")
 
 
-def test_digits_job_trains_once_and_its_feature_view_equals_the_network_head(tmp_path, monkeypatch):
+def test_digits_job_trains_once_and_its_head_view_equals_the_network_head(tmp_path, monkeypatch):
     import influencer.app.jobs as jobs
+    from influencer.heads import Head
 
-    trainings = []
-    real_train = jobs.train_minibatch
+    trainings, extractions = [], []
+    real_train, real_extract = jobs.train_minibatch, Head.extract
     monkeypatch.setattr(jobs, "train_minibatch", lambda *a, **k: trainings.append(1) or real_train(*a, **k))
+    monkeypatch.setattr(Head, "extract", lambda *a, **k: extractions.append(1) or real_extract(*a, **k))
     cfg = ExplainConfig(out=str(tmp_path), train_size=60, epochs=1, progress=False)
+    cpu = torch.device("cpu")
     with RunStore(tmp_path) as store:
-        view = digits_job(cfg, store, torch.device("cpu"))  # default: the head on fixed features
-        full = digits_job(cfg.replace(params=("head",)), store, torch.device("cpu"))  # from the cache
-    assert len(trainings) == 1
-    assert view.model.head is not full.model.head and hash_module(view.model.head) == hash_module(
-        full.model.head
-    )
+        job = digits_job(cfg, store, cpu)
+        again = digits_job(cfg, store, cpu)  # from the cache
+        fits = len(extractions)  # the head's L-BFGS fit ran on features once
+        view = influence_job(job, cfg, store, cpu)  # default: the head on the network's features
+        assert len(extractions) == fits + 2  # training and test features, one pass each
+        influence_job(job, cfg, store, cpu)
+        assert len(extractions) == fits + 2  # then read from the run directory's cache
+        assert influence_job(job, cfg.replace(params=("head",)), store, cpu) is job  # params: whole network
+    assert len(trainings) == 1 and hash_module(job.model) == hash_module(again.model)
+    assert job.head == "head" and view.model.head is job.model.head
     ids = torch.tensor([0, 5, 9])
     with torch.no_grad():
         np.testing.assert_allclose(
-            view.model(view.test.take(ids)[0]), full.model(full.test.take(ids)[0].double()), rtol=1e-12
+            view.model(view.test.take(ids)["features"]), job.model(job.test.take(ids)[0].double()), rtol=1e-12
         )
     solve = CG(damping=1e-3, tol=1e-12, max_iter=1000)
     a = Influence(view.model, view.task, view.train, estimator=solve).fit().scores(view.test.take(ids))
-    b = Influence(full.model, full.task, full.train, estimator=solve, params=["head"]).fit()
-    np.testing.assert_allclose(a, b.scores(full.test.take(ids)), rtol=1e-7, atol=1e-12)
-    np.testing.assert_array_equal(view.display[0], full.train.take(torch.arange(60))[0])
+    b = Influence(job.model, job.task, job.train, estimator=solve, params=["head"]).fit()
+    np.testing.assert_allclose(a, b.scores(job.test.take(ids)), rtol=1e-7, atol=1e-12)

@@ -86,6 +86,10 @@ def cli() -> None:
     help="How --hessian-size examples are chosen (class, feature, logit: representative).  [default: random]",
 )
 @click.option("--params", help="Parameters/modules to compute influence over, comma-separated, or 'all'.")
+@click.option(
+    "--head",
+    help="Influence over this module alone (e.g. classifier), on the network's features computed once.",
+)
 @click.option("--dtype", type=click.Choice(DTYPES), help="Compute dtype for influence.  [default: float64]")
 @click.option("--device", help="cpu, cuda or cuda:N.  [default: cpu]")
 @click.option("--batch-size", type=int, help="Examples per training-gradient chunk.  [default: 128]")

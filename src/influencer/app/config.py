@@ -101,7 +101,10 @@ class ExplainConfig:
     damping: float | None = None  # None: DEFAULT_DAMPING (0 for the curvature-free "identity")
     estimator_options: Mapping[str, Any] = dataclasses.field(default_factory=dict)
     curvature: str = "hessian"
-    params: tuple[str, ...] | None = None  # None: the job's choice (the digits job: the "head" layer)
+    params: tuple[str, ...] | None = None  # None: the job's choice (the digits job: its head)
+    # Influence over this module alone, on the network's features (its inputs) computed once and
+    # cached: e.g. "classifier". None: the job's head, unless params is set.
+    head: str | None = None
     dtype: str = "float64"
     device: str = "cpu"
     batch_size: int = 128  # examples per training-gradient chunk (one cached file each)
@@ -143,6 +146,8 @@ class ExplainConfig:
                 raise ConfigError(f"test_ids must be >= 0, got {list(self.test_ids)}")
             if len(set(self.test_ids)) != len(self.test_ids):
                 raise ConfigError(f"test_ids has duplicates: {list(self.test_ids)}")
+        if self.head is not None and not self.head.strip():
+            raise ConfigError("head must name a module (e.g. 'classifier'), or be left unset")
         if self.params is not None and (not self.params or not all(self.params)):
             raise ConfigError("params must name at least one parameter or module (or 'all'), without blanks")
         for name in (

@@ -134,6 +134,27 @@ def choose_test_ids(config: ExplainConfig, evaluation: Evaluation, n_test: int) 
     return np.asarray(chosen[:k], dtype=np.int64)
 
 
+def describe_test_choice(config: ExplainConfig, evaluation: Evaluation, test_ids: np.ndarray) -> str:
+    """How :func:`choose_test_ids` chose ``test_ids``, in words (for the report, summary and log)."""
+    ids = ", ".join(f"#{int(i)}" for i in test_ids)
+    if config.test_ids is not None:
+        return f"given ({ids})"
+    n = len(evaluation.losses)
+    if evaluation.classification and evaluation.labels is not None and evaluation.predictions is not None:
+        wrong = int((evaluation.labels[test_ids] != evaluation.predictions[test_ids]).sum())
+        labels = len(set(evaluation.labels[test_ids].tolist()))
+        return (
+            f"chosen from {n}: {wrong} misclassified with the highest loss, then {len(test_ids) - wrong} "
+            f"correctly classified spread over labels ({labels} labels in all; random order, seed "
+            f"{config.seed}): {ids}"
+        )
+    high = len(test_ids) // 2
+    return (
+        f"chosen from {n}: {high} with the highest loss, then {len(test_ids) - high} at random "
+        f"(seed {config.seed}): {ids}"
+    )
+
+
 def choose_hessian_ids(config: ExplainConfig, job: Job, device: torch.device) -> Tensor | None:
     """Training ids ``(hessian_size,)`` the curvature is estimated on, or None for all of them."""
     if config.hessian_size is None:

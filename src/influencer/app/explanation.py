@@ -13,6 +13,20 @@ from influencer.app.evaluation import Evaluation
 from influencer.app.jobs import Job
 from influencer.influence import Influence
 
+# A training example among the most harmful of at least this many explained test examples is a
+# candidate to inspect.
+MIN_RECURRENCE = 2
+
+
+@dataclasses.dataclass(frozen=True)
+class Candidate:
+    """A training example that is among the most harmful of several explained test examples."""
+
+    train_id: int
+    count: int  # how many explained test examples have it among their top-k most harmful
+    test_ids: tuple[int, ...]  # which
+    total_score: float  # the sum of its (negative) scores on them
+
 
 @dataclasses.dataclass
 class Explanation:
@@ -26,6 +40,24 @@ class Explanation:
     scores: np.ndarray  # (m, n_train), removal scores, positive = helpful
     top: TopK  # each (m, k)
     solver: dict[str, Any]  # the solver's info (iterations, residuals, ...), JSON-able
+    test_choice: str = ""  # how the test examples were chosen, in words
+    min_recurrence: int = MIN_RECURRENCE
+
+    def candidates(self) -> list[Candidate]:
+        """Training examples among the top-k most harmful (negative scores only) of at least
+        ``min_recurrence`` explained test examples: most often first, then most harmful in total."""
+        seen: dict[int, list[tuple[int, float]]] = {}
+        ids, scores = self.top.harmful_ids.tolist(), self.top.harmful_scores.tolist()
+        for j, (row, values) in enumerate(zip(ids, scores, strict=True)):
+            for i, v in zip(row, values, strict=True):
+                if v < 0:
+                    seen.setdefault(int(i), []).append((int(self.test_ids[j]), float(v)))
+        found = [
+            Candidate(i, len(hits), tuple(t for t, _ in hits), sum(v for _, v in hits))
+            for i, hits in seen.items()
+            if len(hits) >= self.min_recurrence
+        ]
+        return sorted(found, key=lambda c: (-c.count, c.total_score, c.train_id))
 
     def title(self, j: int) -> str:
         """``"test #17 (label 3, predicted 5, wrong)"`` for the ``j``-th chosen test example."""

@@ -7,6 +7,11 @@ A user's job comes from a function named on the command line, ``--task package.m
 
 Without ``--task`` the built-in job is used: :class:`influencer.models.SmallCNN` trained on
 scikit-learn's bundled 8x8 digit images (no download), with its weights cached in the run directory.
+
+A job may name a ``head``: influence is then computed over that module alone, on the network's
+features (the head's inputs), computed once and cached in the run directory
+(:func:`influence_job`, :mod:`influencer.heads`). How the report shows examples is the job's
+``display`` (:mod:`influencer.app.display`).
 """
 
 from __future__ import annotations
@@ -15,7 +20,7 @@ import dataclasses
 import importlib
 import logging
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -25,12 +30,33 @@ from torch import nn
 from influencer._kernel.data import as_examples
 from influencer._kernel.errors import ConfigError, ConvergenceError, TaskError
 from influencer._kernel.extras import require
-from influencer._kernel.fingerprint import hash_json, hash_tensors
+from influencer._kernel.fingerprint import (
+    hash_examples,
+    hash_json,
+    hash_tensors,
+    model_fingerprint,
+    task_fingerprint,
+)
 from influencer._kernel.functional import ModelFunction
 from influencer._kernel.task import ClassificationTask, Task
 from influencer.app.config import ExplainConfig
+from influencer.app.display import Display, as_display, choose_display, inputs_of
 from influencer.app.store import RunStore
+from influencer.heads import FeatureExamples, Head, original_batch
 from influencer.training import fit_lbfgs, train_minibatch
+
+__all__ = [
+    "Job",
+    "as_job",
+    "chosen_head",
+    "digits_job",
+    "fit_head",
+    "head_features",
+    "influence_job",
+    "inputs_of",
+    "labels_of",
+    "load_job",
+]
 
 log = logging.getLogger("influencer.explain")
 
@@ -47,14 +73,25 @@ class Job:
         name: shown in the report and the summary.
         params: default parameters to compute influence over (names or module prefixes; None = all).
         classes: names of the class labels, indexed by label (for the report).
-        feature_names: names of the input features (for non-image data in the report).
+        feature_names: names of the input features (tables in the report).
         invert_images: show images dark-on-light (for data where larger values mean more ink).
         description: a sentence for the report about how the model was trained.
-        display: inputs to show in the report and measure distances on, ``(train (n, ...), test
-            (m, ...))``, when the model's own inputs are not what a person should look at (e.g.
-            precomputed features); default: the inputs of the data.
+        display: how the report shows an example: a :class:`~influencer.app.display.Display`
+            (``TextDisplay(tokenizer)``, ``TableDisplay(names, importance=...)``, ...) or a
+            function ``batch -> list[str]`` of texts; default: chosen from the data
+            (:func:`~influencer.app.display.choose_display`).
         hessian_batch_size: examples per Hessian-vector-product batch, when the job knows a
             better value than the default 512 (``ExplainConfig.hessian_batch_size`` overrides it).
+        tokenizer: decodes token ids for the report (anything with ``decode``; a Hugging Face
+            tokenizer), used when the data are dicts with ``input_ids``.
+        head: compute influence over this module alone (e.g. ``"classifier"``) on the network's
+            fixed features, its inputs: they are computed once and cached, and every gradient and
+            Hessian-vector product is then a pass of the head alone. The scores are those of
+            ``params=[head]`` on the whole network (see :mod:`influencer.heads`). Explicit
+            ``params`` in the settings turn it off unless ``head`` is set there too.
+        shown: what the report shows instead of the model's inputs, ``(train, test)`` with one
+            entry per example: lists of strings (texts), or arrays/tensors (e.g. the images when
+            the model reads precomputed features).
     """
 
     task: Task
@@ -67,8 +104,11 @@ class Job:
     feature_names: Sequence[str] | None = None
     invert_images: bool = False
     description: str = ""
-    display: tuple[torch.Tensor, torch.Tensor] | None = None
+    display: Display | Callable[[Any], Sequence[str]] | None = None
     hessian_batch_size: int | None = None
+    tokenizer: Any = None
+    head: str | None = None
+    shown: tuple[Any, Any] | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.task, Task):
@@ -84,14 +124,55 @@ class Job:
             self.classes = [str(c) for c in self.classes]
         if self.feature_names is not None:
             self.feature_names = [str(c) for c in self.feature_names]
-        if self.display is not None:
-            train_x, test_x = (torch.as_tensor(x) for x in self.display)
-            if len(train_x) != len(self.train) or len(test_x) != len(self.test):
+        if isinstance(self.display, (tuple, list)) and len(self.display) == 2 and self.shown is None:
+            self.shown, self.display = tuple(self.display), None  # the older form: inputs to show
+        self.display = as_display(self.display)
+        if self.shown is not None:
+            self.shown = _as_shown(self.shown, len(self.train), len(self.test))
+        if self.head is not None:
+            if not isinstance(self.head, str) or not self.head:
                 raise ConfigError(
-                    f"display inputs must have one row per example: got {len(train_x)} and {len(test_x)} "
-                    f"for {len(self.train)} training and {len(self.test)} test examples"
+                    f"the job's head must be a module name such as 'classifier', got {self.head!r}"
                 )
-            self.display = (train_x, test_x)
+            Head(self.model, self.task, self.head)  # refuses a head that cannot be separated, naming why
+
+    def shown_batch(self, which: str, ids: torch.Tensor) -> Any:
+        """What the report shows of examples ``ids`` of the ``"train"`` or ``"test"`` set."""
+        if self.shown is not None:
+            data = self.shown[0 if which == "train" else 1]
+            if isinstance(data, list):
+                return [data[i] for i in ids.tolist()]
+            return data.take(ids.cpu())
+        return (self.train if which == "train" else self.test).take(ids)
+
+    def chosen_display(self) -> Display:
+        """The job's display, or the one :func:`~influencer.app.display.choose_display` picks."""
+        if self.display is not None:
+            return self.display
+        sample = self.shown_batch("train", torch.arange(min(2, len(self.train))))
+        return choose_display(
+            sample,
+            tokenizer=self.tokenizer,
+            feature_names=self.feature_names,
+            invert_images=self.invert_images,
+        )
+
+
+def _as_shown(shown: Any, n_train: int, n_test: int) -> tuple[Any, Any]:
+    if not isinstance(shown, (tuple, list)) or len(shown) != 2:
+        raise ConfigError("a job's shown data must be a pair (train, test)")
+    out = []
+    for part, n, which in zip(shown, (n_train, n_test), ("training", "test"), strict=True):
+        if isinstance(part, (list, tuple)) and part and all(isinstance(s, str) for s in part):
+            data: Any = list(part)
+        else:
+            data = as_examples(part)
+        if len(data) != n:
+            raise ConfigError(
+                f"shown data must have one entry per example: got {len(data)} for the {n} {which} examples"
+            )
+        out.append(data)
+    return out[0], out[1]
 
 
 _JOB_FIELDS = [f.name for f in dataclasses.fields(Job)]
@@ -224,70 +305,37 @@ def digits_job(config: ExplainConfig, store: RunStore, device: torch.device) -> 
         f"{config.epochs} epochs with Adam, then its linear head fitted to the optimum of mean "
         f"cross-entropy + {config.weight_decay:g}/2 ||w||^2 with L-BFGS (float64)."
     )
-    common = {
-        "task": task,
-        "name": "SmallCNN on scikit-learn digits",
-        "classes": list(split.classes),
-        "invert_images": True,
-        "display": (train[0], test[0]),
-    }
-    if config.params is not None:  # influence over chosen layers of the whole network
-        return Job(model=model, train=train, test=test, description=about, **common)
-    # Influence over the head alone (the default) only ever needs the head's inputs: the network's
-    # features, fixed. Computing them once makes every gradient and Hessian-vector product a
-    # linear-layer operation instead of a pass through the convolutions (the scores are the same as
-    # Influence(model, params=["head"]) on the images; tests/test_explain.py checks it).
-    with torch.no_grad():
-        features = [_features(model, x, device) for x in (train[0], test[0])]
     return Job(
-        model=HeadOnFeatures(model.head),
-        train=(features[0], train[1]),
-        test=(features[1], test[1]),
-        description=about + " Influence over the head, on the network's fixed features.",
-        # All examples in one batch: a linear layer's HVP on 256 features is cheap to hold, and one
-        # call per CG iteration instead of three roughly halves the solve time on a CPU.
-        hessian_batch_size=4096,
-        **common,
+        task=task,
+        model=model,
+        train=train,
+        test=test,
+        name="SmallCNN on scikit-learn digits",
+        classes=list(split.classes),
+        invert_images=True,
+        description=about,
+        # Influence over the head (the default) needs only its inputs, the network's features:
+        # computed once, they make every gradient and Hessian-vector product a linear-layer
+        # operation instead of a pass through the convolutions, with the same scores.
+        head="head",
     )
 
 
-class HeadOnFeatures(nn.Module):
-    """A network's final layer as a model of its own, on precomputed features ``(n, d)``.
+def fit_head(model: nn.Module, task: Task, train: Any, device: torch.device, head: str = "head") -> None:
+    """Fit the module ``head`` of ``model`` to the optimum of the task's objective with the
+    features (the head's inputs) fixed, in place.
 
-    Its parameters keep the network's names (``head.weight``, ``head.bias``) and are the same
-    tensors, so influence over it is influence over the network's head.
+    For a linear head and cross-entropy plus L2 the objective is convex in the head. The features
+    are computed once (:class:`~influencer.heads.Head`), so L-BFGS works on the head alone with
+    the same optimum (the other layers' weight decay is constant in the head): each of its few
+    hundred steps on this ill-conditioned problem is then a cheap matrix product instead of a
+    pass through the network. Computed in float64; ``model`` must already be float64.
     """
-
-    def __init__(self, head: nn.Module) -> None:
-        super().__init__()
-        self.head = head
-
-    def forward(self, features: torch.Tensor) -> torch.Tensor:
-        return self.head(features)
-
-
-def _features(model: nn.Module, x: torch.Tensor, device: torch.device, chunk: int = 1024) -> torch.Tensor:
-    """``model.features`` of images ``(n, 1, 8, 8)`` in float64, ``(n, d)``, computed in chunks."""
-    return torch.cat(
-        [model.features(x[i : i + chunk].to(device, torch.float64)) for i in range(0, len(x), chunk)]
-    )
-
-
-def fit_head(model: nn.Module, task: Task, train: Any, device: torch.device) -> None:
-    """Fit ``model.head`` to the optimum of the task's objective with the features fixed, in place.
-
-    The objective is convex in the head (cross-entropy of a linear map plus L2). The features are
-    computed once, so L-BFGS works on a linear model with the same optimum (the other layers'
-    weight decay is constant in the head): each of its few hundred steps on this ill-conditioned
-    problem (weight decay 1e-3) is then a cheap matrix product instead of a pass through the
-    convolutions. ``model`` must already be float64.
-    """
-    x, y = train
-    with torch.no_grad():
-        features = _features(model, x, device)
-    fn = ModelFunction(model.head, task, None, device, torch.float64)
+    part = Head(model, task, head)
+    features = part.features(train, device=device, dtype=torch.float64, batch_size=1024)
+    fn = ModelFunction(part.model, part.task, None, device, torch.float64)
     try:
-        theta = fit_lbfgs(fn, as_examples((features, y.to(device))))
+        theta = fit_lbfgs(fn, features)
     except ConvergenceError as exc:  # the Adam solution is still a fine model to explain
         log.warning("model: the head did not reach the optimum (%s); keeping the Adam weights", exc)
         return
@@ -296,8 +344,106 @@ def fit_head(model: nn.Module, task: Task, train: Any, device: torch.device) -> 
     log.info("model: head fitted to the optimum (relative change %.2g)", shift)
 
 
+# ---- influence over a head, on cached features ----------------------------------------------------
+
+
+def chosen_head(config: ExplainConfig, job: Job) -> str | None:
+    """The head influence is computed over: the settings' ``head``, else the job's unless the
+    settings choose ``params``."""
+    if config.head is not None:
+        return config.head
+    return job.head if config.params is None else None
+
+
+def influence_job(job: Job, config: ExplainConfig, store: RunStore, device: torch.device) -> Job:
+    """The job influence is computed on: ``job`` itself, or, with a head (:func:`chosen_head`),
+    the head as the model and the network's features (cached) as the data.
+
+    Everything but the report (which shows ``job``'s own examples) then runs on the head: the
+    evaluation, the curvature, the gradients.
+    """
+    name = chosen_head(config, job)
+    if name is None:
+        return job
+    head = Head(job.model, job.task, name)
+    dtype = torch.float64 if config.dtype == "float64" else torch.float32
+    train, test = head_features(head, job, store, device, dtype, config.batch_size, config.progress)
+    flat = train.tensor.ndim == 2
+    return dataclasses.replace(
+        job,
+        model=head.model,
+        task=head.task,
+        train=train,
+        test=test,
+        head=None,
+        display=None,
+        shown=None,
+        # A flat feature row is small: all examples in one HVP batch (one call per CG iteration
+        # instead of several) is cheap to hold and roughly halves the solve time on a CPU.
+        hessian_batch_size=job.hessian_batch_size or (4096 if flat else None),
+    )
+
+
+def head_features(
+    head: Head,
+    job: Job,
+    store: RunStore,
+    device: torch.device,
+    dtype: torch.dtype,
+    batch_size: int,
+    progress: bool,
+) -> tuple[FeatureExamples, FeatureExamples]:
+    """The training and test data with the head's features, from the run directory's cache or
+    computed (one pass of the network over each set) and cached.
+
+    The cache is keyed by the model's fingerprint (code and weights), the data, the task, the head
+    and the dtype; any change recomputes the features.
+    """
+    model = fingerprint_of(job.model)
+    settings = {
+        "head": head.name,
+        "dtype": str(dtype).removeprefix("torch."),
+        "task": task_fingerprint(job.task),
+    }
+    components = {
+        "model weights": str(model["state"]),
+        "model code": hash_json(model["classes"]),
+        "data": hash_json([hash_examples(job.train), hash_examples(job.test)]),
+        "settings": hash_json(settings),
+    }
+    section = store.section("features", components, {"head": head.name, "dtype": settings["dtype"]})
+    out = []
+    for which, data in (("train", job.train), ("test", job.test)):
+        cached = section.load(which) if which in section else None
+        if cached is not None and len(cached) == len(data):
+            features = torch.from_numpy(cached)
+        else:
+            start = time.perf_counter()
+            features = head.extract(
+                data, device=device, dtype=dtype, batch_size=batch_size, progress=progress
+            )
+            section.save(which, features)
+            log.info(
+                "features: the network ran once over the %d %s examples up to %r (%.1f s); influence "
+                "runs on the head alone",
+                len(data),
+                "training" if which == "train" else "test",
+                head.name,
+                time.perf_counter() - start,
+            )
+        out.append(head.examples(features, data))
+    return out[0], out[1]
+
+
+def fingerprint_of(model: nn.Module) -> dict[str, Any]:
+    """:func:`~influencer._kernel.fingerprint.model_fingerprint` of a module's own state."""
+    return model_fingerprint(model, dict(model.state_dict()))
+
+
 def labels_of(batch: Any) -> torch.Tensor | None:
-    """The label tensor ``(B,)`` of a batch, when it has one: ``batch[1]`` or a ``label``-like key."""
+    """The label tensor ``(B,)`` of a batch, when it has one: ``batch[1]`` or a ``label``-like key
+    (for a batch of head features: of the examples' own batch)."""
+    batch = original_batch(batch)
     if isinstance(batch, (tuple, list)) and len(batch) >= 2:
         y = batch[1]
     elif isinstance(batch, Mapping):
@@ -307,21 +453,6 @@ def labels_of(batch: Any) -> torch.Tensor | None:
         y = None
     if isinstance(y, torch.Tensor) and (y.ndim == 1 or (y.ndim == 2 and y.shape[1] == 1)):
         return y.reshape(-1)
-    return None
-
-
-def inputs_of(batch: Any) -> torch.Tensor | None:
-    """The input tensor ``(B, ...)`` of a batch: ``batch[0]``, an ``input``-like key, or the batch."""
-    if isinstance(batch, torch.Tensor):
-        return batch
-    if isinstance(batch, (tuple, list)) and batch and isinstance(batch[0], torch.Tensor):
-        return batch[0]
-    if isinstance(batch, Mapping):
-        for k in ("image", "images", "input", "inputs", "x", "features", "pixel_values"):
-            if isinstance(batch.get(k), torch.Tensor):
-                return batch[k]
-        floats = [v for v in batch.values() if isinstance(v, torch.Tensor) and v.is_floating_point()]
-        return floats[0] if floats else None
     return None
 
 

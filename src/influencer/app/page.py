@@ -1,7 +1,8 @@
 """The report as one HTML document: no network, no external assets.
 
 Each explained test example is a :class:`Panel`: its :class:`Card` beside the cards of its most
-helpful and most harmful training examples, followed by the influence-vs-distance figure. Every
+helpful and most harmful training examples; then the training examples that recur among the most
+harmful (candidates to inspect) and the influence-vs-distance figure. Every
 string that comes from the user's job (names, labels, settings) is HTML-escaped here, and a
 Content-Security-Policy allows only the report's own inline script (by hash), so even a mistake in
 escaping could not run injected code.
@@ -35,12 +36,13 @@ h1{font-size:1.5em;margin:0 0 4px} h2{font-size:1.15em;margin:28px 0 8px}
 table.facts td{padding:2px 12px 2px 0;vertical-align:top} table.facts td:first-child{color:#6b7385}
 .panel{background:#fff;border:1px solid #dde1e8;border-radius:8px;padding:14px;margin:14px 0;
  display:flex;gap:18px}
-.query{min-width:150px;border-right:1px solid #e6e9ef;padding-right:16px}
+.query{min-width:150px;max-width:260px;border-right:1px solid #e6e9ef;padding-right:16px}
 .query .visual img{width:112px;height:auto}
 .rows{display:flex;flex-direction:column;gap:10px}
-.row{display:flex;gap:10px;align-items:flex-start} .row h3{font-size:.9em;width:88px;margin:6px 0;flex:none}
+.row{display:flex;flex-wrap:wrap;gap:10px;align-items:flex-start}
+.row h3{font-size:.9em;width:88px;margin:6px 0;flex:none}
 .helpful h3{color:#1a7f37} .harmful h3{color:#b42318}
-figure{margin:0;text-align:center;font-size:.78em;color:#4a5262;width:92px}
+figure{margin:0;text-align:center;font-size:.78em;color:#4a5262;min-width:92px;max-width:190px}
 figure .visual img{width:72px;height:auto}
 img{image-rendering:pixelated;border:1px solid #cfd5df;background:#fff}
 .pos{color:#1a7f37;font-weight:600} .neg{color:#b42318;font-weight:600}
@@ -48,6 +50,13 @@ img{image-rendering:pixelated;border:1px solid #cfd5df;background:#fff}
 table.feat{border-collapse:collapse;font-size:.85em;margin:2px auto}
 table.feat td{padding:0 4px;text-align:right}
 table.feat td:first-child{color:#6b7385;text-align:left}
+.text{font-size:.92em;color:#1d2330;text-align:left;overflow-wrap:anywhere;margin:2px 0}
+details.more{text-align:left;font-size:.85em;margin:2px 0} details.more summary{cursor:pointer;color:#6b7385}
+.full{margin:4px 0;overflow-wrap:anywhere}
+.tok{display:inline-block;border:1px solid #dde1e8;border-radius:3px;padding:0 3px;margin:1px;
+ font-family:ui-monospace,Menlo,Consolas,monospace;font-size:.85em;background:#f4f6f9}
+.generic{font-family:ui-monospace,Menlo,Consolas,monospace;font-size:.85em;text-align:left;
+ overflow-wrap:anywhere} .generic .shape{color:#6b7385}
 .plot img{max-width:100%;image-rendering:auto;border:none}
 .note{color:#6b7385;font-size:.85em;max-width:60em}
 """
@@ -90,8 +99,11 @@ def render_report(
     panels: Sequence[Panel],
     plot_png: bytes | None,
     notes: Sequence[str] = (),
+    candidates: Sequence[Card] = (),
+    candidates_note: str = "",
 ) -> str:
-    """The whole report as one HTML string. All text arguments are plain text (escaped here)."""
+    """The whole report as one HTML string. All text arguments are plain text (escaped here);
+    ``candidates`` are the training examples to inspect, ``candidates_note`` says what they are."""
     esc = html.escape
     script_hash = base64.b64encode(hashlib.sha256(_CHECK_SCRIPT.encode()).digest()).decode()
     csp = f"default-src 'none'; img-src data:; style-src 'unsafe-inline'; script-src 'sha256-{script_hash}'"
@@ -110,6 +122,14 @@ def render_report(
             )
         )
         body.append(f'<section class="panel">{query}<div class="rows">{rows}</div></section>')
+    inspect = ""
+    if candidates or candidates_note:
+        cards = "".join(_card(c) for c in candidates)
+        inspect = (
+            f'<h2>Candidates to inspect</h2><p class="note">{esc(candidates_note)}'
+            + (" The score shown is the sum of its scores on those test examples." if candidates else "")
+            + f'</p><div class="row harmful candidates">{cards}</div>'
+        )
     plot = ""
     if plot_png is not None:
         plot = (
@@ -128,6 +148,6 @@ def render_report(
         '<p class="note">A score is the predicted change of the test loss if that training example were '
         'removed and the model retrained: <span class="pos">positive = helpful</span> (without it the '
         'test loss would rise), <span class="neg">negative = harmful</span>.</p>'
-        f"<h2>Test examples</h2>{''.join(body)}{plot}{note_html}"
+        f"<h2>Test examples</h2>{''.join(body)}{inspect}{plot}{note_html}"
         f"<script>{_CHECK_SCRIPT}</script></body></html>\n"
     )

@@ -1,4 +1,4 @@
-"""How an example's inputs look in the report: a picture for image data, a small table otherwise.
+"""Pictures of image inputs for the report, and the small table of a row of features.
 
 Pictures are PNGs encoded here (zlib, no imaging library) and embedded as ``data:`` URIs, so a
 report is one self-contained file. Every string that comes from the user's job is HTML-escaped.
@@ -91,15 +91,31 @@ class ExampleView:
         return f'<img src="{data_uri(png_bytes(pixels))}" alt="{html.escape(alt)}">'
 
     def _table(self, values: np.ndarray) -> str:
-        names = self.feature_names or []
-        cells = [
-            (html.escape(names[i] if i < len(names) else f"x[{i}]"), f"{values[i]:.3g}")
-            for i in range(min(len(values), self.max_features))
-        ]
-        rows = "".join(f"<tr><td>{name}</td><td>{value}</td></tr>" for name, value in cells)
+        return feature_table(values, self.feature_names, self.max_features)
+
+
+def feature_table(
+    values: np.ndarray,
+    names: Sequence[str] | None = None,
+    max_rows: int = 8,
+    order: np.ndarray | None = None,
+) -> str:
+    """One example's features ``(d,)`` as a compact table of name and value, in ``order`` (default:
+    as given); features past ``max_rows`` are counted in a last row, listed in its tooltip."""
+    names = list(names or [])
+    order = np.arange(len(values)) if order is None else order
+
+    def name(i: int) -> str:
+        return names[i] if i < len(names) else f"x[{i}]"
+
+    rows = "".join(
+        f"<tr><td>{html.escape(name(i))}</td><td>{values[i]:.3g}</td></tr>" for i in order[:max_rows]
+    )
+    more = ""
+    if len(values) > max_rows:
+        rest = "; ".join(f"{name(i)} = {values[i]:.3g}" for i in order[max_rows:])
         more = (
-            f'<tr><td colspan="2">&hellip; {len(values)} values</td></tr>'
-            if len(values) > self.max_features
-            else ""
+            f'<tr><td colspan="2" title="{html.escape(rest)}">&hellip; {len(values) - max_rows} more of '
+            f"{len(values)} values</td></tr>"
         )
-        return f'<table class="feat">{rows}{more}</table>'
+    return f'<table class="feat">{rows}{more}</table>'

@@ -30,9 +30,9 @@ from influencer._kernel.errors import ConfigError
 from influencer._kernel.scores import TopK, top_k
 from influencer.app.cached import open_sections, scores_from_cache, test_directions
 from influencer.app.config import ExplainConfig
-from influencer.app.evaluation import choose_hessian_ids, choose_test_ids, evaluate
+from influencer.app.evaluation import choose_hessian_ids, choose_test_ids, describe_test_choice, evaluate
 from influencer.app.explanation import Explanation, names_text
-from influencer.app.jobs import Job, digits_job, load_job
+from influencer.app.jobs import Job, digits_job, influence_job, load_job
 from influencer.app.logs import Stopwatch, run_logging
 from influencer.app.outputs import output_files, write_outputs
 from influencer.app.report import build_report
@@ -100,9 +100,11 @@ def _run(config: ExplainConfig, job: Job | None, store: RunStore, device: torch.
                 job = digits_job(config, store, device) if config.task is None else load_job(config.task)
             job.model.to(device).eval()
         log.info("job: %s; %d training and %d test examples", job.name, len(job.train), len(job.test))
+        with clock("features"):
+            on = influence_job(job, config, store, device)  # `job`, or its head on cached features
 
         with clock("evaluate"):
-            evaluation = evaluate(job, device, config)
+            evaluation = evaluate(on, device, config)
         if evaluation.accuracy is not None:
             log.info(
                 "test accuracy: %.2f%% (%d of %d)",
@@ -111,18 +113,19 @@ def _run(config: ExplainConfig, job: Job | None, store: RunStore, device: torch.
                 len(job.test),
             )
         test_ids = choose_test_ids(config, evaluation, len(job.test))
-        log.info("explaining test examples %s", test_ids.tolist())
+        choice = describe_test_choice(config, evaluation, test_ids)
+        log.info("explaining test examples %s", choice)
 
-        inf = _influence(config, job, device)
+        inf = _influence(config, on, device)
         with clock("directions"):
             directions_cache, gradients_cache = open_sections(store, inf, config.batch_size)
-            directions = test_directions(inf, job.test, test_ids, directions_cache, config.progress, clock)
+            directions = test_directions(inf, on.test, test_ids, directions_cache, config.progress, clock)
         with clock("gradients"):
             scores = scores_from_cache(inf, directions, gradients_cache, config.batch_size)  # (m, n)
 
         top = top_k(torch.from_numpy(scores), config.top_k)
         solver = dict(directions_cache.meta.get("solver", {}))
-        ex = Explanation(config, job, inf, evaluation, test_ids, scores, top, solver)
+        ex = Explanation(config, job, inf, evaluation, test_ids, scores, top, solver, choice)
         _log_top(ex)
         with clock("report"):
             report = build_report(ex, store.root)
@@ -174,6 +177,14 @@ def _log_top(ex: Explanation) -> None:
         log.info("    scores: %s", _fmt(ex.top.helpful_scores[j]))
         log.info("  Most harmful IDs: %s", ex.top.harmful_ids[j].tolist())
         log.info("    scores: %s", _fmt(ex.top.harmful_scores[j]))
+    for c in ex.candidates():
+        log.info(
+            "candidate to inspect: training #%d is among the %d most harmful of %d test examples (%s)",
+            c.train_id,
+            ex.top.harmful_ids.shape[1],
+            c.count,
+            ", ".join(f"#{t}" for t in c.test_ids),
+        )
 
 
 def _fmt(values: torch.Tensor) -> str:

@@ -1,8 +1,10 @@
-"""The report's content: the facts about a run, what goes on each test example's panel, and the
-influence-vs-distance figure (drawn by :mod:`influencer.paper.plotting`).
+"""The report's content: the facts about a run, what goes on each test example's panel, the
+training examples to inspect, and the influence-vs-distance figure (drawn by
+:mod:`influencer.paper.plotting`).
 
 :mod:`influencer.app.page` lays the content out as one HTML document; :class:`Gallery` is the one
-place that turns an example into HTML (a picture for images, a feature table otherwise).
+place that turns examples into HTML, through the job's display (:mod:`influencer.app.display`:
+pictures, texts, feature tables, or shapes and values).
 """
 
 from __future__ import annotations
@@ -17,16 +19,17 @@ import torch
 from torch import Tensor
 
 from influencer.app.cached import solver_text
+from influencer.app.display import Display
 from influencer.app.evaluation import label_text
 from influencer.app.explanation import Explanation, names_text
-from influencer.app.jobs import Job, inputs_of, labels_of
+from influencer.app.jobs import Job, chosen_head, labels_of
 from influencer.app.page import Card, Panel, render_report
-from influencer.app.pictures import ExampleView
 from influencer.paper.plotting import figure_png, influence_vs_distance
 
 log = logging.getLogger("influencer.explain")
 
 SETS = ("train", "test")
+SAMPLE = 512  # training examples a display is prepared on (e.g. the shared grey range of pictures)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -37,65 +40,70 @@ class Report:
     figure: bytes | None  # PNG, or None when the inputs cannot be compared
 
 
-def shown_inputs(job: Job, which: str, ids: Tensor) -> Tensor | None:
-    """The inputs ``(c, ...)`` a person should see for examples ``ids`` of the ``"train"`` or
-    ``"test"`` set: the job's ``display`` inputs, else the inputs of the data (None if not found)."""
-    if job.display is not None:
-        return job.display[SETS.index(which)][ids.cpu()]
-    data = job.train if which == "train" else job.test
-    return inputs_of(data.take(ids))
-
-
 class Gallery:
     """How the report shows examples: :meth:`render` turns examples of either set into HTML."""
 
-    def __init__(self, job: Job, view: ExampleView | None) -> None:
+    def __init__(self, job: Job, display: Display) -> None:
         self.job = job
-        self.view = view
+        self.display = display
 
     def render(self, which: str, ids: Tensor) -> list[str]:
-        """One HTML fragment per example ``ids`` of the ``"train"`` or ``"test"`` set ("" if not drawable)."""
-        if self.view is None:
+        """One HTML fragment per example ``ids`` of the ``"train"`` or ``"test"`` set ("" if the
+        display cannot show them: the report then shows ids and labels only)."""
+        try:
+            return self.display.html(self.job.shown_batch(which, ids))
+        except Exception as exc:  # a display that cannot show this data must not lose the run
+            log.warning(
+                "report: %s cannot show the %s examples (%s)", type(self.display).__name__, which, exc
+            )
             return [""] * len(ids)
-        x = shown_inputs(self.job, which, ids)
-        if x is None:
-            return [""] * len(ids)
-        return [self.view.html(x[r], f"{which} {int(i)}") for r, i in enumerate(ids.tolist())]
+
+
+def make_gallery(job: Job) -> Gallery:
+    """The job's display, prepared on a sample of its training examples."""
+    display = job.chosen_display()
+    sample = job.shown_batch("train", torch.arange(min(SAMPLE, len(job.train))))
+    try:
+        display.prepare(sample)
+    except Exception as exc:
+        log.warning("report: %s cannot show this data (%s)", type(display).__name__, exc)
+    log.info("report: examples shown as %s (%s)", display.kind, type(display).__name__)
+    return Gallery(job, display)
 
 
 @dataclasses.dataclass
 class _Survey:
     distances: np.ndarray  # (m, n) input distance from each test example to each training example
     labels: np.ndarray | None  # (n,) training labels
-    sample: Tensor  # (<=512, ...) training inputs, for the shared picture range
 
 
-def _survey(job: Job, test_inputs: Tensor, batch_size: int) -> _Survey | None:
-    """Distances from the test inputs ``(m, ...)`` to every training input, read chunk by chunk;
-    None when the training inputs cannot be found in the batches."""
-    q = test_inputs.reshape(len(test_inputs), -1).double().cpu()
-    dists, labels, sample = [], [], None
+def _survey(gallery: Gallery, test_ids: np.ndarray, batch_size: int) -> _Survey | None:
+    """Distances from the test examples to every training example, as the display places them,
+    read chunk by chunk; None when the display has no points (e.g. texts)."""
+    job, display = gallery.job, gallery.display
+    try:
+        q = display.points(job.shown_batch("test", torch.as_tensor(test_ids)))
+    except Exception:
+        q = None
+    if q is None:
+        return None
+    dists, labels = [], []
     for ids, batch in job.train.chunks(max(batch_size, 512)):
-        x = job.display[0][ids.cpu()] if job.display is not None else inputs_of(batch)
-        if x is None:
+        x = display.points(job.shown_batch("train", ids) if job.shown is not None else batch)
+        if x is None or x.shape[1] != q.shape[1]:
             return None
-        if sample is None:
-            sample = x[:512].cpu()
-        dists.append(torch.cdist(q, x.reshape(len(x), -1).double().cpu()))
+        dists.append(torch.cdist(q, x))
         labels.append(labels_of(batch))
-    y = torch.cat(labels).cpu().numpy() if all(t is not None for t in labels) else None
-    return _Survey(torch.cat(dists, dim=1).numpy(), y, sample)  # type: ignore[arg-type]
+    y = torch.cat(labels).cpu().numpy() if all(t is not None for t in labels) else None  # type: ignore[misc]
+    return _Survey(torch.cat(dists, dim=1).numpy(), y)
 
 
 def build_report(ex: Explanation, run_dir: Path) -> Report:
-    """The whole report of a run: facts, one panel per test example, and the figure."""
+    """The whole report of a run: facts, one panel per test example, the training examples to
+    inspect, and the figure."""
     job = ex.job
-    test_inputs = shown_inputs(job, "test", torch.as_tensor(ex.test_ids))
-    survey = _survey(job, test_inputs, ex.config.batch_size) if test_inputs is not None else None
-    if survey is None:
-        log.warning("report: cannot find the inputs in the batches to draw them; the report shows ids only")
-    view = ExampleView(survey.sample, job.feature_names, job.invert_images) if survey is not None else None
-    gallery = Gallery(job, view)
+    gallery = make_gallery(job)
+    survey = _survey(gallery, ex.test_ids, ex.config.batch_size)
     figure = _figure(ex, survey) if survey is not None else None
     page = render_report(
         f"influencer explain: {job.name}",
@@ -107,8 +115,44 @@ def build_report(ex: Explanation, run_dir: Path) -> Report:
             f"Run directory: {run_dir}. Scores: scores.npy (rows: the test ids in test_ids.npy); "
             "per test example: summary.json."
         ],
+        candidates=candidate_cards(ex, gallery),
+        candidates_note=candidates_note(ex),
     )
     return Report(page, figure)
+
+
+def candidates_note(ex: Explanation) -> str:
+    """What the "candidates to inspect" list is."""
+    m, k = len(ex.test_ids), ex.top.harmful_ids.shape[1]
+    if m < 2:
+        return "Explain two or more test examples to see which training examples are harmful to several."
+    found = ex.candidates()
+    head = (
+        f"Training examples among the {k} most harmful of at least {ex.min_recurrence} of the {m} explained "
+        "test examples, most often first. An example harmful to many predictions is often mislabelled, "
+        "ambiguous or unusual: check these first."
+    )
+    return head if found else head + " None recurs in this run."
+
+
+def candidate_cards(ex: Explanation, gallery: Gallery) -> list[Card]:
+    """One card per training example that recurs among the most harmful (see
+    :meth:`Explanation.candidates`)."""
+    found = ex.candidates()
+    if not found:
+        return []
+    ids = torch.tensor([c.train_id for c in found])
+    visuals = gallery.render("train", ids)
+    labels = labels_of(ex.job.train.take(ids))
+    cards = []
+    for r, c in enumerate(found):
+        lines = [f"#{c.train_id}"]
+        if labels is not None:
+            lines.append(f"label {label_text(labels[r].item(), ex.job.classes)}")
+        lines.append(f"harmful to {c.count} of {len(ex.test_ids)}")
+        lines.append("tests " + ", ".join(f"#{t}" for t in c.test_ids))
+        cards.append(Card(visuals[r], tuple(lines), c.total_score))
+    return cards
 
 
 def _figure(ex: Explanation, survey: _Survey) -> bytes:
@@ -151,11 +195,16 @@ def panel(ex: Explanation, gallery: Gallery, j: int) -> Panel:
 def facts(ex: Explanation) -> list[tuple[str, str]]:
     """The run in a few lines: model, data, accuracy, and how influence was computed."""
     inf, config, ev = ex.influence, ex.config, ex.evaluation
+    head = chosen_head(config, ex.job)
+    over = f"{inf.p} parameters ({names_text(inf.fn.names)})"
+    if head is not None:
+        over += f"; the head {head!r} alone, on the network's features (computed once, cached)"
     return [
         ("model", ex.job.name),
         ("training examples", str(inf.n)),
         ("test accuracy", f"{100 * ev.accuracy:.2f}%" if ev.accuracy is not None else "n/a"),
-        ("influence over", f"{inf.p} parameters ({names_text(inf.fn.names)})"),
+        ("test examples", ex.test_choice or "n/a"),
+        ("influence over", over),
         ("estimator", f"{inf.estimator.name} {_settings_text(inf.estimator.settings())}"),
         ("curvature", config.curvature + _hessian_text(ex)),
         ("solver", solver_text(ex.solver).strip("()") or "n/a"),

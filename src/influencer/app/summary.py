@@ -8,6 +8,7 @@ import numpy as np
 
 from influencer.app.evaluation import label_text
 from influencer.app.explanation import Explanation
+from influencer.app.jobs import chosen_head
 from influencer.app.store import jsonable
 
 SIGN_CONVENTION = (
@@ -57,7 +58,22 @@ def make_summary(ex: Explanation, timings: dict[str, float], files: dict[str, st
             "dtype": config.dtype,
             "device": str(inf.device),
             "solver": ex.solver,
+            "head": chosen_head(config, job),
+            "test_selection": ex.test_choice,
             "tests": tests,
+            "candidates_to_inspect": [
+                {
+                    "train_id": c.train_id,
+                    "harmful_to": c.count,
+                    "test_ids": list(c.test_ids),
+                    "total_score": c.total_score,
+                }
+                for c in ex.candidates()
+            ],
+            "candidates_rule": (
+                f"training examples among the {top.harmful_ids.shape[1]} most harmful (negative scores) "
+                f"of at least {ex.min_recurrence} explained test examples"
+            ),
             "timings_s": {k: round(v, 4) for k, v in timings.items()},
             "files": files,
             "settings": config.to_dict(),
