@@ -151,7 +151,7 @@ def _text_state(n_train: int):
     tok, train, _ = _text_data(n_train, 1)
     model = tiny_bert(len(tok))
     with torch.random.fork_rng():
-        train_minibatch(model, SequenceClassificationTask(), train, epochs=8, lr=5e-3, batch_size=16, seed=0)
+        train_minibatch(model, SequenceClassificationTask(), train, epochs=16, lr=5e-3, batch_size=16, seed=0)
     return {k: v.clone() for k, v in model.state_dict().items()}
 
 
@@ -173,7 +173,7 @@ def text_job(n_train: int = 48, n_test: int = 12, **fields) -> Job:
     model = tiny_bert(len(tok))
     model.load_state_dict(_text_state(n_train))
     fields.setdefault("classes", ["negative", "positive"])
-    return Job(SequenceClassificationTask(), model, train, test, name="tiny reviews", **fields)
+    return Job(SequenceClassificationTask(), model, train, test, name="tiny reviews", tokenizer=tok, **fields)
 
 
 def tabular_job(**fields) -> Job:

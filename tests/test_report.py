@@ -132,12 +132,53 @@ def _browser() -> str | None:
     return None
 
 
-def test_report_renders_in_headless_chromium(hostile_run, tmp_path):
+def _browser_or_skip() -> str:
     browser = _browser()
     if browser is None:
         if os.environ.get("INFLUENCER_REQUIRE_BROWSER"):
             pytest.fail("INFLUENCER_REQUIRE_BROWSER is set but no chromium/google-chrome binary was found")
         pytest.skip("no headless browser (chromium) on this machine")
+    return browser
+
+
+def _dom_command(browser: str, profile, page) -> list[str]:
+    return [
+        browser,
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-quic",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        f"--user-data-dir={profile}",
+        "--virtual-time-budget=5000",
+        "--dump-dom",
+        page.resolve().as_uri(),
+    ]
+
+
+def test_text_report_renders_in_headless_chromium(tmp_path):
+    """A text classifier's report: the sentences and tokens are text in the rendered page, no
+    picture but the check's, and the user's strings stay text."""
+    browser = _browser_or_skip()
+    pytest.importorskip("transformers")
+    from explain_support import text_job
+
+    job = text_job()
+    job.name = HOSTILE
+    config = ExplainConfig(out=str(tmp_path / "run"), num_test=3, top_k=2, progress=False, estimator="exact")
+    result = explain(config, job, console=False)
+    cmd = _dom_command(browser, tmp_path / "profile", result.run_dir / "report.html")
+    dom = subprocess.run(cmd, capture_output=True, text=True, timeout=120, check=True).stdout
+    assert 'data-images-ok="0"' in dom and 'data-images-broken="0"' in dom  # the script ran (CSP)
+    assert dom.count("<script") == 1 and "&lt;script&gt;alert('x')&lt;/script&gt;" in dom
+    assert dom.count('<div class="text"') >= 3 * (1 + 2 * 2) and '<span class="tok">[CLS]</span>' in dom
+
+
+def test_report_renders_in_headless_chromium(hostile_run, tmp_path):
+    browser = _browser_or_skip()
     result, _ = hostile_run
     report = result.run_dir / "report.html"
     cmd = [

@@ -139,6 +139,8 @@ class TextDisplay(Display):
         texts: ``texts(batch) -> list[str]``, for data that is not token ids.
         key: the batch entry holding the token ids ``(B, T)``.
         mask_key: the entry holding the attention mask ``(B, T)`` (1 = token, 0 = padding).
+        pad_id: the padding token's id, removed when the batch has no attention mask (default:
+            the tokenizer's ``pad_token_id``).
         max_chars: characters shown before the ellipsis.
     """
 
@@ -152,6 +154,7 @@ class TextDisplay(Display):
         texts: Callable[[Batch], Sequence[str]] | None = None,
         key: str | int = "input_ids",
         mask_key: str = "attention_mask",
+        pad_id: int | None = None,
         max_chars: int = 120,
     ) -> None:
         if sum(x is not None for x in (tokenizer, decode, texts)) > 1:
@@ -164,6 +167,7 @@ class TextDisplay(Display):
             raise ConfigError(f"TextDisplay.max_chars must be >= 8, got {max_chars}")
         self.tokenizer, self.decode, self.texts = tokenizer, decode, texts
         self.key, self.mask_key, self.max_chars = key, mask_key, max_chars
+        self.pad_id = pad_id if pad_id is not None else getattr(tokenizer, "pad_token_id", None)
 
     def token_ids(self, batch: Batch) -> list[list[int]]:
         """Each example's token ids without padding."""
@@ -177,7 +181,7 @@ class TextDisplay(Display):
         if isinstance(mask, Tensor) and mask.shape == ids.shape:
             keep = mask.bool()
         else:
-            pad = getattr(self.tokenizer, "pad_token_id", None)
+            pad = self.pad_id
             keep = ids != pad if isinstance(pad, int) else torch.ones_like(ids, dtype=torch.bool)
         return [row[k].tolist() for row, k in zip(ids.cpu(), keep.cpu(), strict=True)]
 

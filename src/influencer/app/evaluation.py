@@ -145,8 +145,8 @@ def describe_test_choice(config: ExplainConfig, evaluation: Evaluation, test_ids
         labels = len(set(evaluation.labels[test_ids].tolist()))
         return (
             f"chosen from {n}: {wrong} misclassified with the highest loss, then {len(test_ids) - wrong} "
-            f"correctly classified spread over labels ({labels} labels in all; random order, seed "
-            f"{config.seed}): {ids}"
+            f"correctly classified spread over labels (random order, seed {config.seed}; {labels} labels "
+            f"in all): {ids}"
         )
     high = len(test_ids) // 2
     return (
