@@ -125,6 +125,7 @@ def test_arnoldi_full_rank_is_exact_despite_repeated_eigenvalues():
     torch.testing.assert_close(solver.solve(v), torch.linalg.solve(h, v.T).T, rtol=1e-8, atol=1e-10)
 
 
+@pytest.mark.filterwarnings("ignore:Arnoldi with rank:RuntimeWarning")  # rank 10 of 650, on purpose
 def test_arnoldi_low_rank_is_the_top_eigenspace(logistic_curvature, dense_h, rhs):
     evals, evecs = torch.linalg.eigh(dense_h)
     solver = Arnoldi(rank=10, iterations=120, damping=0.1).fit(logistic_curvature)

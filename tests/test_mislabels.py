@@ -115,3 +115,19 @@ def test_config_validation():
         MislabelConfig(seeds=(1, 1))
     with pytest.raises(ConfigError, match="n_train"):
         subsample(load_digits(), 10_000)
+
+
+def test_self_influence_ranking_shows_progress_when_asked(capsys):
+    wine = load_tabular("wine", dtype=torch.float64)
+    model = LogisticRegression(wine.x_train.shape[1], 3).double()
+    task = ClassificationTask(weight_decay=1e-2)
+    train_lbfgs(model, task, wine.train, dtype=torch.float64, grad_tol=1e-7, newton_steps=0)
+    inf = Influence(model, task, wine.train, estimator=Exact(), batch_size=40).fit()
+    quiet = rank_for_review(inf)
+    assert "self-influence" not in capsys.readouterr().err
+    shown = rank_for_review(inf, progress=True)
+    assert "self-influence" in capsys.readouterr().err  # a bar over the training chunks
+    assert torch.equal(shown, quiet) and inf.progress is False  # the Influence itself is unchanged
+    loud = Influence(model, task, wine.train, estimator=Exact(), batch_size=40, progress=True).fit()
+    rank_for_review(loud)
+    assert "self-influence" in capsys.readouterr().err

@@ -15,6 +15,7 @@ dotted with ``s_test``. The ``n x p`` gradient matrix is never held in memory.
 from __future__ import annotations
 
 import copy
+import math
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -25,13 +26,14 @@ from torch.func import grad
 from influencer._kernel.curvature import Curvature, CurvatureKind
 from influencer._kernel.data import Examples, as_examples
 from influencer._kernel.distributed import all_gather_blocks, all_reduce_sum, shard
-from influencer._kernel.errors import ConfigError, DataError, NonFiniteError
+from influencer._kernel.errors import ConfigError, DataError, IndefiniteHessianError, NonFiniteError
 from influencer._kernel.fingerprint import hash_examples, hash_json, model_fingerprint, task_fingerprint
 from influencer._kernel.functional import ModelFunction
 from influencer._kernel.progress import progress_bar
 from influencer._kernel.scores import removal_scores, up_loss_from_scores
 from influencer._kernel.task import Task
 from influencer.estimators import CG, Estimator, Solver
+from influencer.estimators.arnoldi import lanczos
 
 _KEEP: Any = object()  # replace(): keep this setting as it is
 
@@ -44,7 +46,9 @@ class Influence:
         task: per-example loss, measurement and regulariser (:mod:`influencer._kernel.task`).
         train: the training data, in any form :func:`influencer._kernel.data.as_examples` accepts, in the
             order that defines training ids.
-        estimator: inverse-Hessian method (default ``CG()``, undamped).
+        estimator: inverse-Hessian method (default ``CG()``, undamped: the exact influence
+            function, for a positive definite Hessian; an indefinite one is refused with an error
+            that names the one-line fix, a damping value or the Gauss-Newton curvature).
         curvature: ``"hessian"`` or ``"gauss_newton"`` (positive semi-definite for non-convex nets).
         params: parameter names or module prefixes to compute influence over (default: every
             parameter that requires grad); ``"supported"``: those the estimator can model (for
@@ -109,6 +113,7 @@ class Influence:
         self._theta = theta.detach()
         self.train = train
         self.estimator = estimator if estimator is not None else CG()
+        self._default_estimator = estimator is None
         if not isinstance(self.estimator, Estimator):
             raise ConfigError(
                 f"estimator must be an influencer Estimator, got {type(self.estimator).__name__}"
@@ -162,6 +167,7 @@ class Influence:
             curvature if curvature is not None else self.curvature_kind,
             indices,
         )
+        other._default_estimator = estimator is None and self._default_estimator
         return other
 
     # ---- basic facts ---------------------------------------------------------------------------
@@ -377,14 +383,19 @@ class Influence:
     def inverse_hvp(self, vectors: Tensor) -> Tensor:
         """``(H + damping I)^-1 v`` for each row of ``(k, p)``, in chunks of ``solve_batch``."""
         v = vectors.detach().reshape(-1, self.p).to(self.theta)
-        parts = [
-            self.solver.solve(v[i : i + self.solve_batch])
-            for i in progress_bar(
-                range(0, len(v), self.solve_batch),
-                "inverse HVPs",
-                self.progress and len(v) > self.solve_batch,
-            )
-        ]
+        try:
+            parts = [
+                self.solver.solve(v[i : i + self.solve_batch])
+                for i in progress_bar(
+                    range(0, len(v), self.solve_batch),
+                    "inverse HVPs",
+                    self.progress and len(v) > self.solve_batch,
+                )
+            ]
+        except IndefiniteHessianError as exc:
+            if not self._default_estimator or self.curvature is None:
+                raise
+            raise default_estimator_refused(self.curvature) from exc
         return torch.cat(parts).reshape(vectors.shape)
 
     def test_directions(self, test: Any) -> Tensor:
@@ -431,3 +442,29 @@ class Influence:
             out.append((loss_grad * self.inverse_hvp(g)).sum(1) / self.n)
         local = torch.cat(out) if out else self.theta.new_zeros(0)
         return all_gather_blocks(local, dim=0) if self.distributed else local
+
+
+def default_estimator_refused(curvature: Curvature, steps: int = 30) -> IndefiniteHessianError:
+    """The error for the default, undamped ``CG()`` meeting a Hessian that is not positive definite:
+    its extreme eigenvalues (a short Lanczos run) and the one-line fixes, with a damping value."""
+    values, _ = lanczos(curvature, min(steps, curvature.p))
+    low, high = float(values.min()), float(values.max())
+    indefinite = low < -1e-8 * abs(high)
+    # Ritz values lie inside the spectrum: twice the most negative one leaves a margin. A singular
+    # Hessian gets damping small next to its largest eigenvalue. Rounded up to one digit.
+    need = 2 * -low if indefinite else max(1e-3 * abs(high), 1e-12)
+    scale = 10.0 ** math.floor(math.log10(need))
+    damping = float(f"{math.ceil(need / scale - 1e-9) * scale:.1g}")
+    what = (
+        "indefinite, as it usually is for a network not trained to an exact minimum"
+        if indefinite
+        else "singular (it has directions of zero curvature: more parameters than the data determine)"
+    )
+    return IndefiniteHessianError(
+        f"the Hessian is {what} (eigenvalues from about {low:.3g} to {high:.3g}), and the default "
+        "estimator, CG() without damping, solves only positive definite systems. One-line fix: "
+        f"Influence(..., estimator=CG(damping={damping:g})) (damping "
+        + ("above the most negative eigenvalue" if indefinite else "small next to the largest eigenvalue")
+        + "; scores then answer the damped question), or "
+        "Influence(..., curvature='gauss_newton', estimator=CG(damping=1e-3)) (positive semi-definite)"
+    )

@@ -4,11 +4,17 @@ Following Schioppa et al. (AAAI 2022), ``(H + damping I)^-1 v ~ U diag(1 / (lamb
 on the span of the ``rank`` largest-magnitude eigenvectors ``U``; the rest of ``v`` is dropped.
 After fitting, every solve is two thin matrix products, so it suits many test points and
 self-influence over a whole training set.
+
+The low-rank inverse is only as good as the share of the spectrum, and of each gradient, that the
+kept eigenvectors hold: :func:`coverage_warning` warns (``RuntimeWarning``, and in
+``solver.info``) when the spectrum has not decayed at the cut, or when most of
+``v^T (H + damping I)^-1 v`` of the solved vectors provably lies in the dropped directions.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import warnings
 
 import torch
 from torch import Tensor
@@ -50,7 +56,51 @@ class Arnoldi(Estimator):
                 f"the Hessian has eigenvalue {float(values.min()):.3g} <= -damping ({self.damping:g}) "
                 "among its top eigenpairs; increase damping or use curvature='gauss_newton'"
             )
-        return ArnoldiSolver(values, vectors, self.damping)
+        solver = ArnoldiSolver(values, vectors, self.damping)
+        if values.numel() < curvature.p:  # directions were dropped
+            ratio = float(values.abs().min() / values.abs().max().clamp_min(torch.finfo(values.dtype).tiny))
+            solver.info["cut_ratio"] = ratio
+            if ratio > CUT_RATIO:
+                coverage_warning(
+                    solver,
+                    f"its smallest kept eigenvalue is {100 * ratio:.3g}% of the largest: the spectrum has "
+                    "not decayed at the cut, so the dropped directions, each weighted more than any kept "
+                    "one in the inverse, can carry much of the scores",
+                )
+        return solver
+
+
+# The cut is "not small" when the smallest kept |eigenvalue| exceeds this fraction of the largest.
+CUT_RATIO = 0.05
+# Warn when at least this fraction of v^T (H + damping I)^-1 v provably lies in dropped directions.
+DROPPED_SHARE = 0.5
+
+
+def coverage_warning(solver: ArnoldiSolver, why: str) -> None:
+    """Warn once per solver that the kept eigenpairs do not capture what the solves need."""
+    solver.info["spectrum_captured"] = False
+    if solver.warned:
+        return
+    solver.warned = True
+    warnings.warn(
+        f"Arnoldi with rank {solver.values.numel()} does not capture the spectrum: {why}. Raise rank and "
+        "iterations, or compare with CG or EKFAC on a few test examples",
+        RuntimeWarning,
+        stacklevel=4,
+    )
+
+
+def dropped_share(values: Tensor, coeffs: Tensor, norms2: Tensor, damping: float) -> tuple[Tensor, Tensor]:
+    """Per vector ``v`` (coefficients ``U v`` ``(k, rank)``, ``||v||^2`` ``(k,)``): the fraction of
+    ``||v||^2`` outside the kept subspace, and a lower bound on the fraction of
+    ``v^T (H + damping I)^-1 v`` there (every dropped eigenvalue is at most the smallest kept one
+    in magnitude, so the dropped part weighs at least ``||v_out||^2 / (|lambda_min| + damping)``)."""
+    inside = coeffs.pow(2).sum(1)
+    outside = (norms2 - inside).clamp_min(0.0)
+    kept = (coeffs.pow(2) / (values.abs() + damping)).sum(1)
+    dropped = outside / (values.abs().min() + damping)
+    tiny = torch.finfo(coeffs.dtype).tiny
+    return outside / norms2.clamp_min(tiny), dropped / (kept + dropped).clamp_min(tiny)
 
 
 def lanczos(curvature: Curvature, iterations: int, seed: int = 0) -> tuple[Tensor, Tensor]:
@@ -98,8 +148,22 @@ class ArnoldiSolver(Solver):
     def __init__(self, values: Tensor, vectors: Tensor, damping: float) -> None:
         self.values, self.vectors, self.damping = values, vectors, damping
         self.info = {"rank": int(values.numel()), "eigenvalues": values.tolist()}
+        self.warned = False
 
     def solve(self, vectors: Tensor) -> Tensor:
         u = self.vectors
-        coeffs = (vectors.to(u) @ u.T) / (self.values + self.damping)  # (k, rank)
+        v = vectors.to(u)
+        projected = v @ u.T  # (k, rank)
+        if len(v) and u.shape[0] < u.shape[1]:
+            outside, share = dropped_share(self.values, projected, v.pow(2).sum(1), self.damping)
+            self.info["outside_fraction"] = float(outside.median())
+            self.info["dropped_share_bound"] = float(share.median())
+            if float(share.median()) >= DROPPED_SHARE:
+                coverage_warning(
+                    self,
+                    f"{100 * float(outside.median()):.3g}% of the solved vectors' squared norm lies outside "
+                    f"the kept subspace, and at least {100 * float(share.median()):.3g}% of "
+                    "v^T (H + damping I)^-1 v (median over vectors)",
+                )
+        coeffs = projected / (self.values + self.damping)  # (k, rank)
         return (coeffs @ u).to(vectors.dtype)

@@ -15,6 +15,7 @@ paper's experiment (flip labels, rank, fix the top, retrain, measure test accura
 
 from __future__ import annotations
 
+import copy
 from typing import Literal
 
 import torch
@@ -39,12 +40,17 @@ def training_losses(influence: Influence) -> Tensor:
         return torch.cat([fn.loss(influence.theta, fn.prepare(batch)) for _, batch in chunks])
 
 
-def review_scores(influence: Influence, strategy: Strategy, seed: int = 0) -> Tensor:
+def review_scores(
+    influence: Influence, strategy: Strategy, seed: int = 0, progress: bool | None = None
+) -> Tensor:
     """Suspicion score ``(n,)`` of each training example; larger = check it earlier.
 
-    Self-influence needs one inverse-HVP per training example; with ``Influence(...,
-    progress=True)`` it shows a progress bar over the training chunks.
+    Self-influence needs one inverse-HVP per training example (minutes on a large set): ``progress``
+    shows a progress bar over the training chunks (default: the ``Influence``'s own setting).
     """
+    if progress is not None and progress != influence.progress:
+        influence = copy.copy(influence)  # the same fitted object, with its own progress setting
+        influence.progress = progress
     if strategy == "self_influence":
         return influence.self_influence()
     if strategy == "loss":
@@ -54,9 +60,12 @@ def review_scores(influence: Influence, strategy: Strategy, seed: int = 0) -> Te
     raise ConfigError(f"strategy must be one of {', '.join(STRATEGIES)}; got {strategy!r}")
 
 
-def rank_for_review(influence: Influence, strategy: Strategy = "self_influence", seed: int = 0) -> Tensor:
-    """Training ids ``(n,)`` in the order to check them, most suspicious first."""
-    scores = review_scores(influence, strategy, seed)
+def rank_for_review(
+    influence: Influence, strategy: Strategy = "self_influence", seed: int = 0, progress: bool | None = None
+) -> Tensor:
+    """Training ids ``(n,)`` in the order to check them, most suspicious first (``progress``: see
+    :func:`review_scores`)."""
+    scores = review_scores(influence, strategy, seed, progress)
     if not torch.isfinite(scores).all():
         raise ConfigError(f"the {strategy} scores are not finite; check the model and the data")
     return torch.argsort(scores.cpu(), descending=True, stable=True)
