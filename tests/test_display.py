@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from explain_support import WordTokenizer, tabular_job, text_job
+from influencer import Exact, Influence, PerturbationInfluence
 from influencer.app.config import ExplainConfig
 from influencer.app.display import (
     GenericDisplay,
@@ -83,9 +84,9 @@ def test_table_display_orders_features_by_importance_and_escapes_names():
     rows = torch.tensor([[1.0, 2.0, 3.0, 4.0]])
     names = ["a", "b", HOSTILE, "d"]
     (plain,) = TableDisplay(names).html((rows, torch.zeros(1)))
-    assert re.findall(r"<tr><td>([^<]*)</td>", plain) == ["a", "b", html.escape(HOSTILE), "d"]
+    assert re.findall(r'<tr><td title="[^"]*">([^<]*)</td>', plain) == ["a", "b", html.escape(HOSTILE), "d"]
     (ranked,) = TableDisplay(names, importance=[0.1, -5.0, 0.0, 2.0], max_features=2).html((rows, None))
-    assert re.findall(r"<tr><td>([^<]*)</td>", ranked) == ["b", "d"]
+    assert re.findall(r'<tr><td title="[^"]*">([^<]*)</td>', ranked) == ["b", "d"]
     assert "2 more of 4 values" in ranked and 'title="a = 1; ' in ranked and HOSTILE not in ranked
     with pytest.raises(ConfigError, match="3 feature names for rows of 4"):
         TableDisplay(["a", "b", "c"]).html((rows, None))
@@ -193,3 +194,21 @@ def test_tabular_report_shows_feature_names_and_candidates(tmp_path):
     assert f"candidate to inspect: training #{first['train_id']}" in log
     _, _, summary, _ = run(tmp_path / "given", job, test_ids=(2, 0))
     assert summary["test_selection"] == "given (#2, #0)"
+
+
+def test_tabular_report_lists_features_by_their_share_of_the_score(tmp_path):
+    job = tabular_job()
+    _, page, summary, _ = run(tmp_path, job, test_ids=(3,), top_k=2)
+    assert "gradient x input, relative to the average training example" in page
+    # The first helpful training example's table, recomputed through the library.
+    inf = Influence(job.model, job.task, job.train, estimator=Exact(damping=1e-3)).fit()
+    x_train = job.train.take(torch.arange(len(job.train)))[0]
+    i = summary["tests"][0]["helpful_ids"][0]
+    found = PerturbationInfluence(inf).attribution(job.test.take(torch.tensor([3])), [i], x_train.mean(0))
+    shares = found.gradient_x_input[0, 0]
+    order = torch.argsort(-shares.abs(), stable=True)[:8]
+    panel = page.split('<div class="row helpful">')[1]
+    table = re.search(r'<table class="feat">(.*?)</table>', panel).group(1)
+    rows = re.findall(r'<tr><td title="[^"]*">([^<]*)</td><td>([^<]*)</td><td[^>]*>([^<]*)</td></tr>', table)
+    assert [r[0] for r in rows] == [job.feature_names[k] for k in order.tolist()]
+    assert [r[2] for r in rows] == [f"{float(shares[k]):+.2g}" for k in order.tolist()]

@@ -168,7 +168,14 @@ def test_text_report_renders_in_headless_chromium(tmp_path):
 
     job = text_job()
     job.name = HOSTILE
-    config = ExplainConfig(out=str(tmp_path / "run"), num_test=3, top_k=2, progress=False, estimator="exact")
+    config = ExplainConfig(
+        out=str(tmp_path / "run"),
+        num_test=3,
+        top_k=2,
+        progress=False,
+        estimator="exact",
+        params=("classifier",),
+    )
     result = explain(config, job, console=False)
     cmd = _dom_command(browser, tmp_path / "profile", result.run_dir / "report.html")
     dom = subprocess.run(cmd, capture_output=True, text=True, timeout=120, check=True).stdout

@@ -277,10 +277,21 @@ class TableDisplay(Display):
             return np.arange(d)
         return np.argsort(-self.importance, kind="stable")
 
-    def html(self, batch: Batch) -> list[str]:
+    def html(self, batch: Batch, shares: Tensor | np.ndarray | None = None) -> list[str]:
+        """As :meth:`Display.html`; with ``shares`` ``(B, d)`` (each feature's signed share of the
+        example's score, e.g. gradient x input) each row lists its features by decreasing
+        ``|share|`` beside their shares."""
         rows = self._rows(batch)
-        order = self.order(rows.shape[1]) if len(rows) else np.arange(0)
-        return [feature_table(row, self.feature_names, self.max_features, order) for row in rows]
+        if shares is None:
+            order = self.order(rows.shape[1]) if len(rows) else np.arange(0)
+            return [feature_table(row, self.feature_names, self.max_features, order) for row in rows]
+        w = np.asarray(torch.as_tensor(shares).detach().cpu().double()).reshape(rows.shape)
+        return [
+            feature_table(
+                row, self.feature_names, self.max_features, np.argsort(-np.abs(s), kind="stable"), s
+            )
+            for row, s in zip(rows, w, strict=True)
+        ]
 
     def points(self, batch: Batch) -> Tensor | None:
         return _flat_inputs(batch, self.key)

@@ -41,6 +41,7 @@ class Explanation:
     top: TopK  # each (m, k)
     solver: dict[str, Any]  # the solver's info (iterations, residuals, ...), JSON-able
     test_choice: str = ""  # how the test examples were chosen, in words
+    directions: np.ndarray | None = None  # (m, p) s_test = H^-1 grad f(test) of each test example
     min_recurrence: int = MIN_RECURRENCE
 
     def candidates(self) -> list[Candidate]:

@@ -42,14 +42,15 @@ table.facts td{padding:2px 12px 2px 0;vertical-align:top} table.facts td:first-c
 .row{display:flex;flex-wrap:wrap;gap:10px;align-items:flex-start}
 .row h3{font-size:.9em;width:88px;margin:6px 0;flex:none}
 .helpful h3{color:#1a7f37} .harmful h3{color:#b42318}
-figure{margin:0;text-align:center;font-size:.78em;color:#4a5262;min-width:92px;max-width:190px}
+figure{margin:0;text-align:center;font-size:.78em;color:#4a5262;min-width:92px;max-width:260px}
 figure .visual img{width:72px;height:auto}
 img{image-rendering:pixelated;border:1px solid #cfd5df;background:#fff}
 .pos{color:#1a7f37;font-weight:600} .neg{color:#b42318;font-weight:600}
 .ok{color:#1a7f37;font-weight:600} .wrong{color:#b42318;font-weight:600}
 table.feat{border-collapse:collapse;font-size:.85em;margin:2px auto}
 table.feat td{padding:0 4px;text-align:right}
-table.feat td:first-child{color:#6b7385;text-align:left}
+table.feat td:first-child{color:#6b7385;text-align:left;max-width:110px;overflow:hidden;
+ text-overflow:ellipsis;white-space:nowrap}
 .text{font-size:.92em;color:#1d2330;text-align:left;overflow-wrap:anywhere;margin:2px 0}
 details.more{text-align:left;font-size:.85em;margin:2px 0} details.more summary{cursor:pointer;color:#6b7385}
 .full{margin:4px 0;overflow-wrap:anywhere}

@@ -99,23 +99,34 @@ def feature_table(
     names: Sequence[str] | None = None,
     max_rows: int = 8,
     order: np.ndarray | None = None,
+    shares: np.ndarray | None = None,
 ) -> str:
     """One example's features ``(d,)`` as a compact table of name and value, in ``order`` (default:
-    as given); features past ``max_rows`` are counted in a last row, listed in its tooltip."""
+    as given), with each feature's signed share of a score ``(d,)`` when ``shares`` is given;
+    features past ``max_rows`` are counted in a last row, listed in its tooltip."""
     names = list(names or [])
     order = np.arange(len(values)) if order is None else order
 
     def name(i: int) -> str:
         return names[i] if i < len(names) else f"x[{i}]"
 
+    def share(i: int) -> str:
+        if shares is None:
+            return ""
+        cls = "pos" if shares[i] > 0 else "neg" if shares[i] < 0 else ""
+        return f'<td class="{cls}">{shares[i]:+.2g}</td>'
+
     rows = "".join(
-        f"<tr><td>{html.escape(name(i))}</td><td>{values[i]:.3g}</td></tr>" for i in order[:max_rows]
+        f'<tr><td title="{html.escape(name(i))}">{html.escape(name(i))}</td><td>{values[i]:.3g}</td>'
+        f"{share(i)}</tr>"
+        for i in order[:max_rows]
     )
     more = ""
     if len(values) > max_rows:
         rest = "; ".join(f"{name(i)} = {values[i]:.3g}" for i in order[max_rows:])
+        span = 2 if shares is None else 3
         more = (
-            f'<tr><td colspan="2" title="{html.escape(rest)}">&hellip; {len(values) - max_rows} more of '
-            f"{len(values)} values</td></tr>"
+            f'<tr><td colspan="{span}" title="{html.escape(rest)}">&hellip; {len(values) - max_rows} more '
+            f"of {len(values)} values</td></tr>"
         )
     return f'<table class="feat">{rows}{more}</table>'

@@ -125,7 +125,7 @@ def _run(config: ExplainConfig, job: Job | None, store: RunStore, device: torch.
 
         top = top_k(torch.from_numpy(scores), config.top_k)
         solver = dict(directions_cache.meta.get("solver", {}))
-        ex = Explanation(config, job, inf, evaluation, test_ids, scores, top, solver, choice)
+        ex = Explanation(config, job, inf, evaluation, test_ids, scores, top, solver, choice, directions)
         _log_top(ex)
         with clock("report"):
             report = build_report(ex, store.root)

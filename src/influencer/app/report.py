@@ -9,6 +9,7 @@ pictures, texts, feature tables, or shapes and values).
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import logging
 from pathlib import Path
@@ -18,13 +19,16 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from influencer._kernel.errors import InfluencerError
+from influencer._kernel.task import _Decayed
 from influencer.app.cached import solver_text
-from influencer.app.display import Display
+from influencer.app.display import Display, TableDisplay
 from influencer.app.evaluation import label_text
 from influencer.app.explanation import Explanation, names_text
 from influencer.app.jobs import Job, chosen_head, labels_of
 from influencer.app.page import Card, Panel, render_report
 from influencer.paper.plotting import figure_png, influence_vs_distance
+from influencer.uses.perturbation import PerturbationInfluence, get_input
 
 log = logging.getLogger("influencer.explain")
 
@@ -47,16 +51,66 @@ class Gallery:
         self.job = job
         self.display = display
 
-    def render(self, which: str, ids: Tensor) -> list[str]:
+    def render(self, which: str, ids: Tensor, shares: Tensor | None = None) -> list[str]:
         """One HTML fragment per example ``ids`` of the ``"train"`` or ``"test"`` set ("" if the
-        display cannot show them: the report then shows ids and labels only)."""
+        display cannot show them: the report then shows ids and labels only). ``shares`` ``(c, d)``:
+        each feature's share of the examples' scores, for feature tables."""
         try:
+            if shares is not None and isinstance(self.display, TableDisplay):
+                return self.display.html(self.job.shown_batch(which, ids), shares)
             return self.display.html(self.job.shown_batch(which, ids))
         except Exception as exc:  # a display that cannot show this data must not lose the run
             log.warning(
                 "report: %s cannot show the %s examples (%s)", type(self.display).__name__, which, exc
             )
             return [""] * len(ids)
+
+
+class Attributions:
+    """For feature tables: each training example's features' shares of its score on a test
+    example, gradient x input relative to the average training example
+    (:class:`~influencer.uses.perturbation.PerturbationInfluence`), so a table lists first the
+    features that make the example helpful or harmful. Available when the table shows the
+    model's own float inputs and influence was computed on them (not on a head's features)."""
+
+    def __init__(self, ex: Explanation, gallery: Gallery) -> None:
+        self.ex = ex
+        self.perturbation: PerturbationInfluence | None = None
+        self.baseline: Tensor | None = None
+        display, job = gallery.display, ex.job
+        usable = (
+            isinstance(display, TableDisplay)
+            and display.importance is None
+            and display.key is None
+            and ex.directions is not None
+            and job.shown is None
+            and ex.influence.train is job.train
+        )
+        if not usable:
+            return
+        key = job.task.input_key if isinstance(job.task, _Decayed) else 0
+        try:
+            sample = get_input(job.train.take(torch.arange(min(SAMPLE, len(job.train)))), key)
+            if not (sample.is_floating_point() and sample.ndim == 2):
+                return
+            quiet = copy.copy(ex.influence)  # no progress bar per panel
+            quiet.progress = False
+            self.perturbation = PerturbationInfluence(quiet, input=key)
+            self.baseline = sample.double().mean(0)
+        except InfluencerError as exc:  # e.g. a model whose inputs are not differentiable
+            log.info("report: no feature attribution (%s)", exc)
+
+    @property
+    def available(self) -> bool:
+        return self.perturbation is not None
+
+    def shares(self, j: int, ids: Tensor) -> Tensor | None:
+        """``(c, d)`` shares of training examples ``ids``' scores on the ``j``-th test example."""
+        if self.perturbation is None or self.ex.directions is None:
+            return None
+        d = torch.from_numpy(self.ex.directions[j : j + 1])
+        found = self.perturbation.attribution_from_directions(d, ids, self.baseline)
+        return found.gradient_x_input[0]
 
 
 def make_gallery(job: Job) -> Gallery:
@@ -105,16 +159,25 @@ def build_report(ex: Explanation, run_dir: Path) -> Report:
     gallery = make_gallery(job)
     survey = _survey(gallery, ex.test_ids, ex.config.batch_size)
     figure = _figure(ex, survey) if survey is not None else None
+    attributions = Attributions(ex, gallery)
+    notes = [
+        f"Run directory: {run_dir}. Scores: scores.npy (rows: the test ids in test_ids.npy); "
+        "per test example: summary.json."
+    ]
+    if attributions.available:
+        notes.insert(
+            0,
+            "Feature tables of training examples list first the features that carry the example's score "
+            "on that test example, with each one's share of it (gradient x input, relative to the average "
+            "training example): positive shares make it helpful, negative ones harmful.",
+        )
     page = render_report(
         f"influencer explain: {job.name}",
         job.description or "Which training examples are most responsible for these predictions?",
         facts(ex),
-        [panel(ex, gallery, j) for j in range(len(ex.test_ids))],
+        [panel(ex, gallery, j, attributions) for j in range(len(ex.test_ids))],
         figure,
-        notes=[
-            f"Run directory: {run_dir}. Scores: scores.npy (rows: the test ids in test_ids.npy); "
-            "per test example: summary.json."
-        ],
+        notes=notes,
         candidates=candidate_cards(ex, gallery),
         candidates_note=candidates_note(ex),
     )
@@ -164,7 +227,7 @@ def _figure(ex: Explanation, survey: _Survey) -> bytes:
     return figure_png(influence_vs_distance(survey.distances, ex.scores, titles, same))
 
 
-def panel(ex: Explanation, gallery: Gallery, j: int) -> Panel:
+def panel(ex: Explanation, gallery: Gallery, j: int, attributions: Attributions | None = None) -> Panel:
     """The ``j``-th test example beside its most helpful and most harmful training examples."""
     job, ev = ex.job, ex.evaluation
     tid = int(ex.test_ids[j])
@@ -180,7 +243,8 @@ def panel(ex: Explanation, gallery: Gallery, j: int) -> Panel:
         (ex.top.helpful_ids[j], ex.top.helpful_scores[j]),
         (ex.top.harmful_ids[j], ex.top.harmful_scores[j]),
     ):
-        visuals = gallery.render("train", ids)
+        shares = attributions.shares(j, ids) if attributions is not None else None
+        visuals = gallery.render("train", ids, shares)
         labels = labels_of(job.train.take(ids))
         cards = []
         for r, (i, v) in enumerate(zip(ids.tolist(), values.tolist(), strict=True)):
