@@ -330,11 +330,13 @@ class Influence:
             out.append(self._checked(method(self.theta, self.fn.prepare(batch)), ids, kind))
         return torch.cat(out)
 
-    def _evaluate(self, method: Any, data: Any, theta: Tensor | None) -> Tensor:
+    def _evaluate(self, method: Any, data: Any, theta: Tensor | None, desc: str) -> Tensor:
         t = self.theta if theta is None else theta.to(self.theta)
         ex = self.examples(data)
+        total = -(-len(ex) // self.batch_size)
+        chunks = progress_bar(ex.chunks(self.batch_size), desc, self.progress and total > 1, total=total)
         with torch.no_grad():
-            parts = [method(t, self.fn.prepare(b)) for _, b in ex.chunks(self.batch_size)]
+            parts = [method(t, self.fn.prepare(b)) for _, b in chunks]
         return torch.cat(parts)
 
     def measurements(self, data: Any, theta: Tensor | None = None) -> Tensor:
@@ -342,15 +344,15 @@ class Influence:
 
         At ``theta`` ``(p,)`` when given (e.g. retrained parameters), else at this object's.
         """
-        return self._evaluate(self.fn.measurement, data, theta)
+        return self._evaluate(self.fn.measurement, data, theta, "measurements")
 
     def losses(self, data: Any | None = None, theta: Tensor | None = None) -> Tensor:
         """Per-example training loss ``(m,)`` (without the regulariser) of ``data`` (default: train)."""
-        return self._evaluate(self.fn.loss, self.train if data is None else data, theta)
+        return self._evaluate(self.fn.loss, self.train if data is None else data, theta, "losses")
 
     def outputs(self, data: Any, theta: Tensor | None = None) -> Tensor:
         """The task's model outputs ``(m, ...)`` for ``data`` (e.g. logits), no gradients."""
-        return self._evaluate(self.fn.outputs, data, theta)
+        return self._evaluate(self.fn.outputs, data, theta, "outputs")
 
     def gradient_sum(self, indices: Sequence[int] | Tensor | None = None) -> Tensor:
         """``sum_{i in S} g_i`` ``(p,)`` over training ids ``S`` (default all), summed over ranks."""
