@@ -190,3 +190,18 @@ def test_library_only_in_its_floor(library: str, home: str) -> None:
         m for m in MODULES if library in imports(m) and not (m == home or m.startswith(home + "."))
     )
     assert not outside, f"{library} is imported outside {home}: {outside}"
+
+
+def test_public_face_is_small_and_every_subpackage_exports_what_it_lists():
+    import importlib
+
+    import influencer
+
+    assert set(influencer.__all__) == {
+        "Influence", "Task", "ClassificationTask", "RegressionTask", "SmoothHingeTask",
+        "CG", "LiSSA", "Arnoldi", "Exact", "KFAC", "EKFAC", "Identity", "top_k", "TopK", "InfluencerError",
+    }  # fmt: skip
+    for name in ("tasks", "data", "errors", "estimators", "samplers", "uses", "models", "testing"):
+        module = importlib.import_module(f"influencer.{name}")
+        missing = [n for n in getattr(module, "__all__", []) if not hasattr(module, n)]
+        assert not missing, f"influencer.{name} lists {missing} but does not define them"
