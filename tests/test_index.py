@@ -336,11 +336,15 @@ def test_interrupted_query_resumes_from_its_checkpoint(problem, tmp_path, capsys
     assert "index: top-k" in capsys.readouterr().err
 
 
-def test_running_top_k_breaks_ties_by_id_for_any_blocking():
+@pytest.mark.parametrize("ties", [True, False])
+def test_running_top_k_breaks_ties_by_id_for_any_blocking(ties):
     gen = torch.Generator().manual_seed(0)
-    scores = torch.randint(-3, 4, (5, 40), generator=gen).double()  # many exact ties
+    if ties:  # many exact ties, also at blocks' k-th values (all columns are merged then)
+        scores = torch.randint(-3, 4, (5, 40), generator=gen).double()
+    else:  # each block's own top k is selected without sorting it
+        scores = torch.randn(5, 40, generator=gen, dtype=F64)
     hi, hv, bi, bv = stable_top_k(scores, 9)
-    for width in (1, 3, 7, 40):
+    for width in (1, 3, 7, 20, 40):
         running = RunningTopK(5, 9, F64, "cpu")
         for start in range(0, 40, width):
             running.add(scores[:, start : start + width], torch.arange(start, min(start + width, 40)))
@@ -355,3 +359,15 @@ def test_running_top_k_breaks_ties_by_id_for_any_blocking():
             parts.append(part.result())
         merged = merge_ranked(parts, 9)
         assert torch.equal(merged.helpful_ids, hi) and torch.equal(merged.harmful_ids, bi)
+
+
+def test_half_precision_storage(problem, tmp_path):
+    inf, test = problem
+    full = GradientIndex.build(inf, tmp_path / "64", GaussianProjector(k=48, dtype="float64"), chunk=128)
+    half = GradientIndex.build(inf, tmp_path / "16", GaussianProjector(k=48, dtype="float16"), chunk=128)
+    assert torch.equal(half.gradients(), full.gradients().half().double())  # rounded once, when stored
+    assert (tmp_path / "16" / "chunks" / "000000.npy").stat().st_size < 0.3 * (
+        tmp_path / "64" / "chunks" / "000000.npy"
+    ).stat().st_size
+    a, b = half.scores(test), full.scores(test)
+    assert float((a - b).abs().max()) < 1e-2 * float(b.abs().max())

@@ -142,7 +142,7 @@ def test_dense_projection_regenerated_in_blocks_equals_cached(monkeypatch):
     g = torch.randn(5, inf.p, dtype=F64)
     monkeypatch.setattr(projectors_module, "ROWS_PER_SEED", 16)  # p = 95: several seeded blocks
     cached = GaussianProjector(k=10, seed=3).bind(inf.fn)
-    monkeypatch.setattr(projectors_module, "_CACHE_BYTES", 0)
+    monkeypatch.setattr(projectors_module, "CACHE_BYTES", 0)
     blocked = GaussianProjector(k=10, seed=3).bind(inf.fn)
     assert cached._cached is not None and blocked._cached is None
     assert torch.equal(cached.matrix(), blocked.matrix())

@@ -90,7 +90,7 @@ class GradientIndex:
         self.layout = layout
         self.manifest = manifest
         self.projection = projection
-        self._fisher: tuple[Tensor, Tensor] | None = None
+        self.cache: dict[Any, Any] = {}  # preconditioners' factorisations, computed once per index
         self._maps: dict[int, np.ndarray] = {}
 
     # ---- facts ----------------------------------------------------------------------------------
@@ -411,13 +411,6 @@ class GradientIndex:
             )
         f = np.load(self.layout.fisher_path, allow_pickle=False)
         return torch.from_numpy(f).to(self.influence.device)
-
-    def fisher_eigh(self) -> tuple[Tensor, Tensor]:
-        """Eigenvalues ``(k,)`` and eigenvectors ``(k, k)`` of :meth:`fisher`, computed once."""
-        if self._fisher is None:
-            f = self.fisher()
-            self._fisher = torch.linalg.eigh(0.5 * (f + f.T))
-        return self._fisher
 
     # ---- queries --------------------------------------------------------------------------------
 

@@ -90,24 +90,35 @@ class ProjectedFisher(Preconditioner):
             if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
                 raise ConfigError(f"ProjectedFisher.{field} must be a finite number >= 0, got {value!r}")
 
-    def inverse(self, index: GradientIndex) -> tuple[Tensor, Tensor, float]:
-        """Eigenvectors ``(k, k)``, damped eigenvalues ``(k,)`` (float64) and the damping used."""
-        values, vectors = index.fisher_eigh()
-        lam = self.damping + self.relative_damping * float(values.clamp_min(0).mean())
-        damped = values + lam
-        lo, hi = float(damped.min()), float(damped.max())
-        if lo <= max(abs(hi), 1e-300) * values.numel() * torch.finfo(torch.float64).eps * 10:
-            raise IndefiniteHessianError(
-                f"the projected Fisher (k={index.k}, n={index.n}) plus damping {lam:.3g} is singular: "
-                f"eigenvalues in [{lo:.3g}, {hi:.3g}]. Pass ProjectedFisher(relative_damping=0.1) or "
-                f"damping > 0 (e.g. damping={max(abs(hi) * 1e-3, 1e-12):.2g})"
-            )
-        return vectors, damped, lam
+    def factor(self, index: GradientIndex) -> tuple[Tensor, float]:
+        """Cholesky factor ``(k, k)`` float64 of ``F_k + lambda I`` and ``lambda``; computed once per index.
+
+        Cholesky (``k^3 / 3`` flops) rather than an eigendecomposition: it is several times faster
+        at the ``k`` of thousands a store uses.
+        """
+        key = (self.name, self.damping, self.relative_damping)
+        if key not in index.cache:
+            f = index.fisher()
+            k = f.shape[0]
+            lam = self.damping + self.relative_damping * float(f.diagonal().sum()) / k
+            damped = 0.5 * (f + f.T) + lam * torch.eye(k, dtype=f.dtype, device=f.device)
+            chol, info = torch.linalg.cholesky_ex(damped)
+            top = float(damped.diagonal().max())
+            pivot = float(chol.diagonal().min()) ** 2 if int(info) == 0 else 0.0
+            # a pivot at round-off level relative to the largest entry: numerically singular
+            if pivot <= max(top, 1e-300) * k * torch.finfo(torch.float64).eps * 10:
+                raise IndefiniteHessianError(
+                    f"the projected Fisher (k={index.k}, n={index.n}) plus damping {lam:.3g} is singular "
+                    f"(it has rank at most n). Pass ProjectedFisher(relative_damping=0.1) or damping > 0 "
+                    f"(e.g. damping={max(top * 1e-3, 1e-12):.2g})"
+                )
+            index.cache[key] = (chol, lam)
+        return index.cache[key]
 
     def apply(self, index: GradientIndex, projected: Tensor) -> Tensor:
-        vectors, damped, _ = self.inverse(index)
-        v = projected.to(vectors)
-        return (((v @ vectors) / damped) @ vectors.T).to(projected.dtype)
+        chol, _ = self.factor(index)
+        v = projected.to(chol).T  # (k, c)
+        return torch.cholesky_solve(v, chol).T.to(projected.dtype)
 
     def directions(self, index: GradientIndex, test: Any) -> Tensor:
         return self.apply(index, index.test_gradients(test))

@@ -38,7 +38,9 @@ from influencer._kernel.functional import ModelFunction
 GradientKind = Literal["loss", "measurement"]
 STORAGE_DTYPES = ("float16", "float32", "float64")
 ROWS_PER_SEED = 8192  # parameters per independently seeded block of a dense projection
-_CACHE_BYTES = 1 << 30  # keep a dense projection matrix in memory up to this size; regenerate beyond
+# A dense projection matrix up to this size is kept on the device; a larger one is regenerated block
+# by block for every batch of gradients it projects (so use a large Influence batch_size then).
+CACHE_BYTES = 2 << 30
 
 
 def derive_seed(*parts: Any) -> int:
@@ -157,7 +159,7 @@ class GaussianProjector(_DenseProjector):
     """``P = R / sqrt(k)`` with ``R`` ``(k, p)`` i.i.d. standard normal (a Johnson-Lindenstrauss map).
 
     Works for any parameters. Costs ``2 p k`` flops per example, plus regenerating ``R`` block by
-    block when it does not fit in memory (``p k > 2^28`` float32 entries): prefer
+    block for each batch when it is larger than ``CACHE_BYTES`` (2 GiB): prefer
     :class:`~influencer.index.kronecker.KroneckerProjector` for ``nn.Linear``/``nn.Conv2d`` layers.
     """
 
@@ -184,7 +186,7 @@ class DenseProjection(Projection):
         self.blocks = [(s, min(s + ROWS_PER_SEED, p)) for s in range(0, p, ROWS_PER_SEED)]
         self.scale = 1.0 / math.sqrt(k)
         self._cached: Tensor | None = None
-        if p * k * torch.finfo(dtype).bits // 8 <= _CACHE_BYTES:
+        if p * k * torch.finfo(dtype).bits // 8 <= CACHE_BYTES:
             self._cached = torch.cat([self._block(j) for j in range(len(self.blocks))])
         self.info = {"k": k}
 

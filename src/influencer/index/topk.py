@@ -22,6 +22,27 @@ def merge(values: Tensor, ids: Tensor, k: int, largest: bool) -> tuple[Tensor, T
     return values.gather(1, order), ids.gather(1, order)
 
 
+def preselect(scores: Tensor, k: int, largest: bool) -> tuple[Tensor, Tensor]:
+    """Columns of ``scores`` ``(m, c)`` that can enter a top-``k`` list, in column order: ``(values, cols)``.
+
+    Usually the block's own top ``k`` (an ``O(c)`` selection instead of a sort); when some row has
+    ties at its ``k``-th value, which ``topk`` would break arbitrarily, every column is kept.
+    """
+    m, c = scores.shape
+    every = torch.arange(c, device=scores.device).expand(m, -1)
+    if c <= k:
+        return scores, every
+    values, cols = scores.topk(k, dim=1, largest=largest, sorted=False)
+    if largest:
+        inside = scores >= values.min(1, keepdim=True).values
+    else:
+        inside = scores <= values.max(1, keepdim=True).values
+    if not bool((inside.sum(1) == k).all()):
+        return scores, every
+    cols = cols.sort(1).values
+    return scores.gather(1, cols), cols
+
+
 class RunningTopK:
     """Most helpful and harmful ``k`` per row of ``(m, c)`` score blocks seen so far; ``O(m k)`` state."""
 
@@ -34,10 +55,11 @@ class RunningTopK:
 
     def add(self, scores: Tensor, ids: Tensor) -> None:
         """Merge a block of scores ``(m, c)`` for training ids ``(c,)`` larger than any seen before."""
-        cols = ids.to(scores.device).expand(scores.shape[0], -1)
+        ids = ids.to(scores.device)
         for name, largest in (("helpful", True), ("harmful", False)):
             v, i = getattr(self, name)
-            setattr(self, name, merge(torch.cat([v, scores], 1), torch.cat([i, cols], 1), self.k, largest))
+            new, cols = preselect(scores, self.k, largest)
+            setattr(self, name, merge(torch.cat([v, new], 1), torch.cat([i, ids[cols]], 1), self.k, largest))
 
     def result(self) -> TopK:
         return TopK(self.helpful[1], self.helpful[0], self.harmful[1], self.harmful[0])
