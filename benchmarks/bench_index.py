@@ -15,7 +15,8 @@ Methods (``--kron`` and ``--dense`` choose the projections):
 
 * ``exact identity`` / ``exact ekfac``: ``Influence(...).scores(test)`` with exact per-example gradients;
 * ``kron a x b + fisher``: :class:`KroneckerProjector` (``k_in=a``, ``k_out=b`` per layer), queried with
-  the projected Fisher (``ProjectedFisher``; damping ``--relative-damping``);
+  the projected Fisher, block-diagonal over layers (``ProjectedFisher``; ``--relative-damping``);
+* ``kron a x b + fisher-full``: the same store, the whole ``k x k`` projected Fisher;
 * ``kron a x b + none``: the same store, projected gradient dot products;
 * ``kron a x b + ekfac``: the same store, test gradients preconditioned by the fitted EK-FAC before
   projection (``EstimatorPreconditioner``; EK-FAC's fit is counted);
@@ -63,6 +64,7 @@ def main() -> None:
     parser.add_argument("--kron", default="16x16,32x32,64x64", help="k_in x k_out per layer, comma-separated")
     parser.add_argument("--dense", default="256,1024", help="Gaussian projection dimensions")
     parser.add_argument("--no-dense", action="store_true", help="skip the dense Gaussian projections")
+    parser.add_argument("--no-before", action="store_true", help="skip EK-FAC before projection")
     parser.add_argument("--relative-damping", type=float, default=0.1)
     parser.add_argument("--chunk", type=int, default=2048)
     parser.add_argument("--batch-size", type=int, default=256, help="per-example gradient batch")
@@ -131,12 +133,12 @@ def main() -> None:
             with stopwatch(device) as t:
                 index = GradientIndex.build(inf, Path(folder) / "index", projector, chunk=args.chunk)
             build = t["seconds"]
-            choices = [
-                ("fisher", ProjectedFisher(relative_damping=args.relative_damping)),
-                ("none", NoPreconditioner()),
-            ]
+            rd = args.relative_damping
+            choices = [("fisher", ProjectedFisher(relative_damping=rd)), ("none", NoPreconditioner())]
             if name.startswith("kron"):
-                choices.append(("ekfac", EstimatorPreconditioner()))
+                choices.append(("fisher-full", ProjectedFisher(relative_damping=rd, blocks="full")))
+                if not args.no_before:
+                    choices.append(("ekfac", EstimatorPreconditioner()))
             for label, pre in choices:
                 fit = 0.0
                 if label == "ekfac":

@@ -146,9 +146,22 @@ def test_kronecker_store_holds_projected_gradients(problem, tmp_path):
     fisher = expected.T @ expected / inf.n
     torch.testing.assert_close(index.fisher(), fisher, rtol=1e-10, atol=1e-14)
     # scores are projected gradient dot products with the library's sign and 1/n
+    projected_test = index.projection.project(inf.gradients(test))
     got = index.scores(test, preconditioner=NoPreconditioner())
-    want = index.projection.project(inf.gradients(test)) @ expected.T / inf.n
+    want = projected_test @ expected.T / inf.n
     torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-14)
+    # the projected Fisher: whole, or block-diagonal over the layers, each block damped by its own scale
+    full = fisher + 0.3 * fisher.trace() / index.k * torch.eye(index.k, dtype=F64)
+    layers = torch.zeros_like(fisher)
+    assert [name for name, _, _ in index.projection.blocks] == ["0", "2"]
+    for _, a, b in index.projection.blocks:
+        block = fisher[a:b, a:b]
+        layers[a:b, a:b] = block + (1e-4 + 0.3 * block.trace() / (b - a)) * torch.eye(b - a, dtype=F64)
+    for blocks, matrix, damping in (("full", full, 0.0), ("layers", layers, 1e-4)):
+        pre = ProjectedFisher(damping=damping, relative_damping=0.3, blocks=blocks)
+        want = torch.linalg.solve(matrix, projected_test.T).T @ expected.T / inf.n
+        got = index.scores(test, preconditioner=pre)
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-10 * float(want.abs().max()))
 
 
 # ---- streaming top-k ----------------------------------------------------------------------------
@@ -280,6 +293,8 @@ def test_bad_queries_and_inputs_are_refused(problem, exact_store, tmp_path):
         exact_store.top_k(test, 0)
     with pytest.raises(ConfigError, match=r"block must be a positive integer"):
         exact_store.top_k(test, 3, block=0)
+    with pytest.raises(ConfigError, match=r"blocks must be 'layers' or 'full'"):
+        ProjectedFisher(blocks="diagonal")
     # k = p = 910 > n = 300: the empirical Fisher is singular without damping
     with pytest.raises(IndefiniteHessianError, match=r"projected Fisher \(k=910, n=300\).*relative_damping"):
         exact_store.scores(test, preconditioner=ProjectedFisher(relative_damping=0))

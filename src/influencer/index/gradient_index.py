@@ -348,6 +348,11 @@ class GradientIndex:
             )
         projection = projector.bind(influence.fn)
         index = cls(influence, layout, manifest, projection)
+        if len(manifest.get("chunks", [])) != index.num_chunks:
+            raise IndexStoreError(
+                f"the manifest of {layout.root} lists {len(manifest.get('chunks', []))} chunks, not "
+                f"{index.num_chunks}; it is damaged: rebuild it with GradientIndex.build(..., overwrite=True)"
+            )
         for j, record in enumerate(manifest["chunks"]):
             ok = layout.chunk_is_valid(j, record["rows"], index.k, header["projector"]["dtype"])
             if ok and verify:

@@ -133,6 +133,10 @@ class KroneckerProjection(Projection):
         self._verified = False  # the layer model is checked against autograd on the first batch
         self._reg: tuple[Tensor, Tensor] | None = None  # (theta, projected grad Omega)
 
+    @property
+    def blocks(self) -> list[tuple[str, int, int]]:
+        return [(layer.name, self.offsets[i], self.offsets[i + 1]) for i, layer in enumerate(self.layers)]
+
     def project(self, grads: Tensor) -> Tensor:
         g = grads.reshape(-1, self.p)
         out = g.new_empty(g.shape[0], self.k)

@@ -75,6 +75,12 @@ class Projection(ABC):
     def project(self, grads: Tensor) -> Tensor:
         """Projected rows ``(B, k)`` of per-example gradients ``grads`` ``(B, p)``."""
 
+    @property
+    def blocks(self) -> list[tuple[str, int, int]]:
+        """``(name, start, stop)`` column ranges of the projected space, one per layer when the
+        projection is layer-wise (default: one block, the whole space)."""
+        return [("all", 0, self.k)]
+
     def gradients(self, fn: ModelFunction, theta: Tensor, batch: Any, kind: GradientKind) -> Tensor:
         """Projected per-example gradients ``(B, k)`` of a prepared batch (see the module docstring)."""
         g = fn.loss_grads(theta, batch) if kind == "loss" else fn.measurement_grads(theta, batch)
@@ -183,15 +189,15 @@ class DenseProjection(Projection):
     ) -> None:
         self.p, self.k, self.seed, self.distribution = p, k, seed, distribution
         self.device, self.dtype = device, dtype
-        self.blocks = [(s, min(s + ROWS_PER_SEED, p)) for s in range(0, p, ROWS_PER_SEED)]
+        self.seed_blocks = [(s, min(s + ROWS_PER_SEED, p)) for s in range(0, p, ROWS_PER_SEED)]
         self.scale = 1.0 / math.sqrt(k)
         self._cached: Tensor | None = None
         if p * k * torch.finfo(dtype).bits // 8 <= CACHE_BYTES:
-            self._cached = torch.cat([self._block(j) for j in range(len(self.blocks))])
+            self._cached = torch.cat([self._block(j) for j in range(len(self.seed_blocks))])
         self.info = {"k": k}
 
     def _block(self, j: int) -> Tensor:
-        start, stop = self.blocks[j]
+        start, stop = self.seed_blocks[j]
         seed = derive_seed(self.seed, self.distribution, j)
         r = random_matrix(stop - start, self.k, seed, self.distribution)
         return r.to(self.device, self.dtype)
@@ -200,7 +206,7 @@ class DenseProjection(Projection):
         """The projection ``(k, p)`` (small problems and tests only)."""
         r = self._cached
         if r is None:
-            r = torch.cat([self._block(j) for j in range(len(self.blocks))])
+            r = torch.cat([self._block(j) for j in range(len(self.seed_blocks))])
         return r.T * self.scale
 
     def project(self, grads: Tensor) -> Tensor:
@@ -208,7 +214,7 @@ class DenseProjection(Projection):
         if self._cached is not None:
             return (g @ self._cached) * self.scale
         out = g.new_zeros(g.shape[0], self.k)
-        for j, (start, stop) in enumerate(self.blocks):
+        for j, (start, stop) in enumerate(self.seed_blocks):
             out += g[:, start:stop] @ self._block(j)
         return out * self.scale
 
