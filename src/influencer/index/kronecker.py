@@ -186,10 +186,9 @@ class KroneckerProjection(Projection):
             total = None
             for a, g in zip(acts[i], rows[i], strict=True):  # (B, T, d_in), (B, T, d_out) per call
                 pg, pa = g @ p_out.T, a @ p_in.T  # (B, T, k_out), (B, T, k_in)
-                if pg.shape[1] == 1:  # one position: an outer product, cheaper than a batched matmul
-                    y = pg[:, 0, :, None] * pa[:, 0, None, :]
-                else:
-                    y = pg.mT @ pa  # (B, k_out, k_in) = sum_t (P_out g_t)(P_in a_t)^T
+                # (B, k_out, k_in) = sum_t (P_out g_t)(P_in a_t)^T; for one position an outer product,
+                # which is cheaper than a batched matmul of 1-wide matrices
+                y = pg[:, 0, :, None] * pa[:, 0, None, :] if pg.shape[1] == 1 else pg.mT @ pa
                 total = y if total is None else total + y
             out[:, self.offsets[i] : self.offsets[i + 1]] = total.flatten(1)
         return out
