@@ -10,16 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from influencer import (
-    ConfigError,
-    DataError,
-    Exact,
-    Identity,
-    IndefiniteHessianError,
-    Influence,
-    NonFiniteError,
-    top_k,
-)
+from influencer import Exact, Identity, Influence, top_k
+from influencer.errors import ConfigError, DataError, IndefiniteHessianError, NonFiniteError
 from influencer.index import (
     EstimatorPreconditioner,
     GaussianProjector,

@@ -9,15 +9,16 @@ import pytest
 import torch
 from torch import nn
 
-from influencer import ClassificationTask, ConfigError, Influence
+from influencer import ClassificationTask, Influence
+from influencer.errors import ConfigError
 from influencer.index import (
     GaussianProjector,
     IdentityProjector,
     KroneckerProjector,
     RademacherProjector,
-    projector_from_settings,
 )
 from influencer.index import projectors as projectors_module
+from influencer.index.registry import projector_from_settings
 from influencer.models import MLP
 from influencer.models.networks import SmallCNN
 

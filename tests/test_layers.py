@@ -28,6 +28,7 @@ FLOORS = {
     "training": 2,
     "models": 2,
     "testing": 2,
+    "index": 2,
     "uses": 3,
     "paper": 4,
     "app": 5,
@@ -75,10 +76,20 @@ def resolve(module: str, path: Path, node: ast.ImportFrom) -> str:
 
 def imports(module: str) -> set[str]:
     """Every module ``module`` imports (also inside functions): package modules by their names,
-    others by their top-level name. ``from pkg import sub`` counts as importing ``pkg.sub``."""
+    others by their top-level name. ``from pkg import sub`` counts as importing ``pkg.sub``.
+    Imports under ``if TYPE_CHECKING:`` are annotations only, never run, and do not count."""
     path = MODULES[module]
     out: set[str] = set()
-    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+    tree = ast.parse(path.read_text(), str(path))
+    typing_only = {
+        id(inner)
+        for node in ast.walk(tree)
+        if isinstance(node, ast.If) and ast.unparse(node.test) in ("TYPE_CHECKING", "typing.TYPE_CHECKING")
+        for inner in ast.walk(node)
+    }
+    for node in ast.walk(tree):
+        if id(node) in typing_only:
+            continue
         if isinstance(node, ast.Import):
             for alias in node.names:
                 out.add(alias.name if alias.name.startswith(PACKAGE + ".") else alias.name.split(".")[0])

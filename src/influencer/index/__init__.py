@@ -31,8 +31,8 @@ from influencer.index.projectors import (
     Projection,
     Projector,
     RademacherProjector,
-    projector_from_settings,
 )
+from influencer.index.registry import projector_from_settings
 from influencer.index.results import QueryResult
 from influencer.index.store import IndexStoreError
 

@@ -46,7 +46,8 @@ from influencer._kernel.fingerprint import hash_examples, hash_json
 from influencer._kernel.progress import progress_bar
 from influencer._kernel.scores import TopK, removal_scores
 from influencer.index.preconditioners import Preconditioner, ProjectedFisher
-from influencer.index.projectors import GaussianProjector, Projection, Projector, projector_from_settings
+from influencer.index.projectors import GaussianProjector, Projection, Projector
+from influencer.index.registry import projector_from_settings
 from influencer.index.results import QueryResult
 from influencer.index.store import FORMAT, VERSION, IndexStoreError, StoreLayout, mismatch
 from influencer.index.topk import RunningTopK, concat_rows, merge_ranked

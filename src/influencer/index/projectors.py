@@ -102,7 +102,7 @@ class Projector(ABC):
             )
 
     def settings(self) -> dict[str, Any]:
-        """JSON-able settings with ``kind``: enough to rebuild it (:func:`projector_from_settings`)."""
+        """JSON-able settings with ``kind``: enough to rebuild it (``registry.projector_from_settings``)."""
         return {"kind": self.kind, **dataclasses.asdict(self)}
 
     @abstractmethod
@@ -220,21 +220,3 @@ class DenseProjection(Projection):
 
 
 # ---- registry -----------------------------------------------------------------------------------
-
-
-def projector_from_settings(settings: dict[str, Any]) -> Projector:
-    """The projector described by :meth:`Projector.settings` (e.g. read back from a store's manifest)."""
-    from influencer.index.kronecker import KroneckerProjector
-
-    kinds: dict[str, type[Projector]] = {
-        c.kind: c for c in (IdentityProjector, GaussianProjector, RademacherProjector, KroneckerProjector)
-    }
-    kind = settings.get("kind")
-    if kind not in kinds:
-        raise ConfigError(
-            f"unknown projector kind {kind!r}; known: {', '.join(sorted(kinds))}. Pass the projector "
-            "explicitly (projector=...)"
-        )
-    cls = kinds[kind]
-    names = {f.name for f in dataclasses.fields(cls)}
-    return cls(**{k: v for k, v in settings.items() if k in names})
