@@ -47,40 +47,53 @@ class CGSolver(Solver):
     def solve(self, vectors: Tensor) -> Tensor:
         cfg = self.config
         b = vectors.detach().reshape(-1, self.curvature.p).to(self.curvature.theta)
-        x = torch.zeros_like(b)
-        r = b.clone()
-        d = r.clone()
-        rs = (r * r).sum(1)  # (k,)
+        out = torch.zeros_like(b)
+        rs_out = (b * b).sum(1)  # (k,) squared residual norms, final once a column stops
         target = cfg.tol * b.norm(dim=1)
-        active = torch.nonzero(rs.sqrt() > target).reshape(-1)
+        # The running state holds only the columns still iterating, packed: no per-iteration
+        # gathers and scatters; a column leaves it (and is written out) when it converges.
+        ids = torch.nonzero(rs_out.sqrt() > target).reshape(-1)
+        x = torch.zeros_like(b[ids])
+        r = b[ids]
+        d = r.clone()
+        rs, tol = rs_out[ids], target[ids]
         iters = 0
-        while active.numel() and iters < cfg.max_iter:
+        while len(ids) and iters < cfg.max_iter:
             iters += 1
-            ad = self._apply(d[active])
-            curv = (d[active] * ad).sum(1)
-            if (curv <= 0).any():
+            ad = self._apply(d)
+            curv = (d * ad).sum(1)
+            alpha = rs / curv
+            x.addcmul_(alpha[:, None], d)
+            r.addcmul_(alpha[:, None], ad, value=-1.0)
+            new_rs = (r * r).sum(1)
+            keep = new_rs.sqrt() > tol
+            # One host sync per iteration for all three decisions.
+            negative, finite, converged = torch.stack(
+                [(curv <= 0).any(), torch.isfinite(new_rs).all(), ~keep.all()]
+            ).tolist()
+            if negative:
                 raise IndefiniteHessianError(
                     f"CG met negative curvature (d^T (H + {cfg.damping:g} I) d = {float(curv.min()):.3g}): "
                     "the Hessian is not positive definite at these parameters. Increase damping, use "
                     "curvature='gauss_newton', or train the model closer to a minimum"
                 )
-            alpha = rs[active] / curv
-            x[active] += alpha[:, None] * d[active]
-            r[active] -= alpha[:, None] * ad
-            new_rs = (r[active] * r[active]).sum(1)
-            if not torch.isfinite(new_rs).all():
+            if not finite:
                 raise NonFiniteError("CG produced a non-finite residual; check the gradients and damping")
-            d[active] = r[active] + (new_rs / rs[active])[:, None] * d[active]
-            rs[active] = new_rs
-            active = active[new_rs.sqrt() > target[active]]
-        rel = (rs.sqrt() / b.norm(dim=1).clamp_min(torch.finfo(b.dtype).tiny)).max()
+            d.mul_((new_rs / rs)[:, None]).add_(r)
+            rs = new_rs
+            if converged:
+                done = ~keep
+                out[ids[done]], rs_out[ids[done]] = x[done], rs[done]
+                ids, x, r, d, rs, tol = ids[keep], x[keep], r[keep], d[keep], rs[keep], tol[keep]
+        out[ids], rs_out[ids] = x, rs
+        rel = (rs_out.sqrt() / b.norm(dim=1).clamp_min(torch.finfo(b.dtype).tiny)).max()
         self.info = {"iterations": iters, "max_relative_residual": float(rel)}
-        if active.numel():
+        if len(ids):
             warnings.warn(
-                f"CG stopped after max_iter={cfg.max_iter} with {active.numel()} of {len(b)} systems "
+                f"CG stopped after max_iter={cfg.max_iter} with {len(ids)} of {len(b)} systems "
                 f"unconverged (worst relative residual {float(rel):.2e} > tol={cfg.tol:g}); raise "
                 "max_iter or damping for an accurate solve",
                 RuntimeWarning,
                 stacklevel=3,
             )
-        return x.reshape(vectors.shape).to(vectors.dtype)
+        return out.reshape(vectors.shape).to(vectors.dtype)
