@@ -14,7 +14,7 @@ dotted with ``s_test``. The ``n x p`` gradient matrix is never held in memory.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import torch
@@ -25,11 +25,13 @@ from influencer._kernel.curvature import Curvature, CurvatureKind
 from influencer._kernel.data import Examples, as_examples
 from influencer._kernel.distributed import all_gather_blocks, all_reduce_sum, shard
 from influencer._kernel.errors import ConfigError, DataError, NonFiniteError
-from influencer._kernel.functional import ModelFunction
+from influencer._kernel.functional import HVPMode, ModelFunction, check_hvp_mode
 from influencer._kernel.progress import progress_bar
 from influencer._kernel.scores import removal_scores, up_loss_from_scores
 from influencer._kernel.task import Task
 from influencer.estimators import CG, Estimator, Solver
+from influencer.estimators.kronecker import KroneckerSolver
+from influencer.estimators.layer_scores import LayerScorer
 
 
 class Influence:
@@ -42,6 +44,9 @@ class Influence:
             order that defines training ids.
         estimator: inverse-Hessian method (default ``CG()``, undamped).
         curvature: ``"hessian"`` or ``"gauss_newton"`` (positive semi-definite for non-convex nets).
+        hvp: how curvature-vector products are differentiated: ``"reverse"`` (default; each
+            Hessian batch is linearised once and reused while it fits in memory) or ``"forward"``
+            (forward-over-reverse, for models whose operations lack double-backward formulas).
         params: parameter names or module prefixes to compute influence over (default: all).
         hessian_indices: training ids the curvature is estimated on (default: all); see
             :mod:`influencer.samplers` for representative subsets.
@@ -63,6 +68,7 @@ class Influence:
         *,
         estimator: Estimator | None = None,
         curvature: CurvatureKind = "hessian",
+        hvp: HVPMode = "reverse",
         params: Sequence[str] | str | None = None,
         hessian_indices: Sequence[int] | Tensor | None = None,
         batch_size: int = 128,
@@ -84,7 +90,9 @@ class Influence:
             raise ConfigError(
                 f"estimator must be an influencer Estimator, got {type(self.estimator).__name__}"
             )
+        check_hvp_mode(hvp)
         self.curvature_kind = curvature
+        self.hvp = hvp
         self.hessian_indices = hessian_indices
         self.batch_size = batch_size
         self.hessian_batch_size = hessian_batch_size
@@ -133,6 +141,7 @@ class Influence:
             self.curvature_kind,
             self.hessian_batch_size,
             progress=self.progress,
+            hvp=self.hvp,
         )
         self._solver = self.estimator.fit(self.curvature)
         return self
@@ -158,6 +167,11 @@ class Influence:
         return ex
 
     def _checked(self, g: Tensor, idx: Tensor, what: str) -> Tensor:
+        # A NaN or inf anywhere in a row makes its sum non-finite, and row sums cost a small
+        # fraction of an elementwise test. Only when a sum is not finite (a bad row, or a large
+        # finite row overflowing) are the rows looked at element by element.
+        if bool(torch.isfinite(g.sum(dim=1)).all()):
+            return g
         bad = ~torch.isfinite(g).all(dim=1)
         if bad.any():
             ids = idx[bad.cpu()][:10].tolist()
@@ -174,14 +188,31 @@ class Influence:
 
         With ``distributed=True`` each rank yields only its own block of ``indices``.
         """
+        yield from self._train_chunks(self.fn.loss_grads, indices, desc)
+
+    def _loss_gradients(
+        self, indices: Sequence[int] | Tensor | None, desc: str
+    ) -> Iterator[tuple[Tensor, Tensor]]:
+        """Like :meth:`train_gradients` but without ``grad Omega`` in each row: ``grad loss_i``."""
+        yield from self._train_chunks(self.fn.example_loss_grads, indices, desc)
+
+    def _train_chunks(
+        self, method: Callable[[Tensor, Any], Tensor], indices: Sequence[int] | Tensor | None, desc: str
+    ) -> Iterator[tuple[Tensor, Tensor]]:
+        for ids, batch in self._train_batches(indices, desc):
+            yield ids, self._checked(method(self.theta, batch), ids, "training-loss")
+
+    def _train_batches(
+        self, indices: Sequence[int] | Tensor | None, desc: str
+    ) -> Iterator[tuple[Tensor, Any]]:
+        """``(ids, prepared batch)`` chunks of the training examples (this rank's when distributed)."""
         idx = self.train.check_indices(indices)
         if self.distributed:
             idx = shard(idx)
         chunks = self.train.chunks(self.batch_size, idx)
         total = -(-len(idx) // self.batch_size)
         for ids, batch in progress_bar(chunks, desc, self.progress, total=total, unit="batch"):
-            g = self.fn.loss_grads(self.theta, self.fn.prepare(batch))
-            yield ids, self._checked(g, ids, "training-loss")
+            yield ids, self.fn.prepare(batch)
 
     def gradients(self, data: Any, kind: str = "measurement") -> Tensor:
         """Per-example gradients ``(m, p)`` of the measurement (default) or of ``loss + Omega``."""
@@ -227,7 +258,23 @@ class Influence:
         self, directions: Tensor, train_indices: Sequence[int] | Tensor | None = None
     ) -> Tensor:
         """Scores ``(m, c)`` from precomputed ``s_test`` directions ``(m, p)``."""
-        cols = [removal_scores(directions, g, self.n) for _, g in self.train_gradients(train_indices)]
+        directions = directions.to(self.theta)
+        # s . g_i = s . grad loss_i + s . grad Omega: the regulariser enters once, as a column shift.
+        shift = removal_scores(directions, self._reg_grad[None], self.n)  # (m, 1)
+        # A Kronecker solver's layers give the loss-gradient dot products without (c, p) gradients.
+        layered = isinstance(self._solver, KroneckerSolver) and directions.shape[0] > 0
+        scorer = LayerScorer(self.fn, self._solver.layers, directions) if layered else None
+        cols = []
+        for ids, batch in self._train_batches(train_indices, "training gradients"):
+            got = scorer(self.theta, batch) if scorer is not None else None
+            if got is not None:
+                block, sums = got
+                self._checked(sums, ids, "training-loss")
+                cols.append(block.div_(self.n).add_(shift))
+                continue
+            scorer = None  # the layers do not hold the whole loss gradient: per-example gradients
+            g = self._checked(self.fn.example_loss_grads(self.theta, batch), ids, "training-loss")
+            cols.append(removal_scores(directions, g, self.n).add_(shift))
         local = torch.cat(cols, dim=1) if cols else directions.new_zeros(directions.shape[0], 0)
         return all_gather_blocks(local, dim=1) if self.distributed else local
 
@@ -253,8 +300,8 @@ class Influence:
     def self_influence(self, indices: Sequence[int] | Tensor | None = None) -> Tensor:
         """Self-influence ``(c,)``: ``(1/n) grad loss(z_i)^T H^-1 g_i``, the score of z_i on itself."""
         out = []
-        for _, g in self.train_gradients(indices, desc="self-influence"):
-            loss_grad = g - self._reg_grad  # g_i includes grad Omega; the loss itself does not
+        for _, loss_grad in self._loss_gradients(indices, "self-influence"):
+            g = loss_grad + self._reg_grad  # g_i includes grad Omega; the loss itself does not
             out.append((loss_grad * self.inverse_hvp(g)).sum(1) / self.n)
         local = torch.cat(out) if out else self.theta.new_zeros(0)
         return all_gather_blocks(local, dim=0) if self.distributed else local
