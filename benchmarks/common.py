@@ -29,13 +29,17 @@ from influencer._kernel.functional import ModelFunction
 from influencer._kernel.stats import pearson, spearman
 from influencer.data import as_examples
 from influencer.models import MLP, LogisticRegression
-from influencer.paper.datasets import load_digits
+from influencer.paper.datasets import load_digits, load_mnist1d
 from influencer.training import fit_lbfgs
 
 
 @dataclasses.dataclass(frozen=True)
 class ProblemSpec:
-    """Which model and data: ``hidden=()`` is multinomial logistic regression."""
+    """Which model and data: ``hidden=()`` is multinomial logistic regression.
+
+    ``dataset``: ``"digits"`` (scikit-learn's 8x8 images) or ``"mnist1d"`` (MNIST-1D, generated
+    locally with ``mnist1d_samples`` signals of length 40).
+    """
 
     name: str
     hidden: tuple[int, ...] = ()
@@ -43,6 +47,8 @@ class ProblemSpec:
     n_train: int | None = None  # None: the whole training split
     n_test: int = 10
     seed: int = 0
+    dataset: str = "digits"
+    mnist1d_samples: int = 2000
 
     def __post_init__(self) -> None:
         if self.weight_decay <= 0:
@@ -97,9 +103,12 @@ def build_model(spec: ProblemSpec, num_features: int, num_classes: int) -> nn.Mo
 
 
 def make_problem(spec: ProblemSpec, device: torch.device | str = "cpu") -> Problem:
-    """Digits (scikit-learn's bundled 8x8 images), trained to ``grad J ~ 0`` in float64."""
+    """The spec's data set, with the model trained to ``grad J ~ 0`` in float64."""
     device = torch.device(device)
-    split = load_digits(dtype=torch.float64, seed=spec.seed)
+    if spec.dataset == "mnist1d":
+        split = load_mnist1d(spec.mnist1d_samples, dtype=torch.float64, seed=spec.seed)
+    else:
+        split = load_digits(dtype=torch.float64, seed=spec.seed)
     x_train, y_train = split.x_train, split.y_train
     if spec.n_train is not None:
         x_train, y_train = x_train[: spec.n_train], y_train[: spec.n_train]
