@@ -43,7 +43,7 @@ from peers import LIBRARIES, METHODS, NotAvailableError, Ours, Resolved, Setting
 FULL_PROBLEMS = (
     ProblemSpec("logreg-digits", hidden=(), weight_decay=1e-3, n_test=10),
     ProblemSpec("mlp-digits", hidden=(32,), weight_decay=1e-2, n_test=10),
-    ProblemSpec("mlp-mnist1d", hidden=(64,), weight_decay=1e-2, n_test=10, dataset="mnist1d"),
+    ProblemSpec("mlp-mnist1d", hidden=(32,), weight_decay=1e-2, n_test=10, dataset="mnist1d"),
 )
 QUICK_PROBLEMS = (ProblemSpec("logreg-digits-300", hidden=(), weight_decay=1e-3, n_train=300, n_test=4),)
 FULL_SETTINGS = Settings()
