@@ -22,6 +22,7 @@ from influencer import (
     ConfigError,
     Curvature,
     Exact,
+    IndefiniteHessianError,
     Influence,
     LiSSA,
     NonFiniteError,
@@ -284,3 +285,46 @@ def test_layer_scores_fall_back_when_the_loss_reaches_weights_outside_the_layers
     assert scorer(inf.theta, inf.fn.prepare(inf.train.take(torch.arange(8)))) is None
     explicit = torch.cat([directions @ g.T for _, g in inf.train_gradients()], dim=1) / inf.n
     torch.testing.assert_close(inf.scores_from_directions(directions), explicit, rtol=1e-10, atol=1e-14)
+
+
+# ---- block conjugate gradient --------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def logistic_curvature(digits_small, logistic_small) -> Curvature:
+    fn = ModelFunction(*logistic_small)
+    return Curvature(fn, fn.theta0, as_examples(digits_small.train), batch_size=128)
+
+
+def test_block_cg_solves_the_damped_system_in_fewer_iterations(logistic_curvature):
+    rhs = torch.randn(
+        6, logistic_curvature.p, dtype=torch.float64, generator=torch.Generator().manual_seed(7)
+    )
+    rhs[4] = rhs[1]  # a repeated column: the search block loses rank and must drop a direction
+    rhs[5] = 0.0  # a zero column is solved at once
+    exact = Exact(damping=0.01).fit(logistic_curvature).solve(rhs)
+    single = CG(damping=0.01, tol=1e-10).fit(logistic_curvature)
+    block = CG(damping=0.01, tol=1e-10, block=True).fit(logistic_curvature)
+    x = block.solve(rhs)
+    assert float((x - exact).norm() / exact.norm()) < 1e-8
+    assert block.info["max_relative_residual"] <= 1e-10
+    torch.testing.assert_close(x[5], torch.zeros_like(x[5]))
+    single.solve(rhs)
+    assert block.info["iterations"] < single.info["iterations"]
+    # one column alone is plain CG (with normalised directions): the same answer
+    torch.testing.assert_close(block.solve(rhs[2:3]), single.solve(rhs[2:3]), rtol=1e-8, atol=1e-12)
+
+
+def test_block_cg_refuses_negative_curvature_and_warns_at_max_iter(
+    digits_small, mlp_small, logistic_curvature
+):
+    fn = ModelFunction(*mlp_small)
+    curv = Curvature(fn, fn.theta0, as_examples(digits_small.train))
+    v = torch.randn(3, fn.p, dtype=torch.float64, generator=torch.Generator().manual_seed(8))
+    with pytest.raises(IndefiniteHessianError, match="negative curvature"):
+        CG(block=True).fit(curv).solve(v)
+    rhs = torch.randn(
+        4, logistic_curvature.p, dtype=torch.float64, generator=torch.Generator().manual_seed(9)
+    )
+    with pytest.warns(RuntimeWarning, match="max_iter=3"):
+        CG(max_iter=3, block=True).fit(logistic_curvature).solve(rhs)
