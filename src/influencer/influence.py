@@ -264,6 +264,9 @@ class Influence:
         # A Kronecker solver's layers give the loss-gradient dot products without (c, p) gradients.
         layered = isinstance(self._solver, KroneckerSolver) and directions.shape[0] > 0
         scorer = LayerScorer(self.fn, self._solver.layers, directions) if layered else None
+        # A row of ones makes the product also return each gradient's row sum, the finite check,
+        # at almost no cost: the product is bound by reading the gradients, which it does anyway.
+        probe = torch.cat([directions, directions.new_ones(1, self.p)])  # (m + 1, p)
         cols = []
         for ids, batch in self._train_batches(train_indices, "training gradients"):
             got = scorer(self.theta, batch) if scorer is not None else None
@@ -273,8 +276,11 @@ class Influence:
                 cols.append(block.div_(self.n).add_(shift))
                 continue
             scorer = None  # the layers do not hold the whole loss gradient: per-example gradients
-            g = self._checked(self.fn.example_loss_grads(self.theta, batch), ids, "training-loss")
-            cols.append(removal_scores(directions, g, self.n).add_(shift))
+            g = self.fn.example_loss_grads(self.theta, batch)
+            block = removal_scores(probe, g, self.n)  # (m + 1, c)
+            if not bool(torch.isfinite(block[-1]).all()):
+                self._checked(g, ids, "training-loss")  # names the bad examples (or was an overflow)
+            cols.append(block[:-1].add_(shift))
         local = torch.cat(cols, dim=1) if cols else directions.new_zeros(directions.shape[0], 0)
         return all_gather_blocks(local, dim=1) if self.distributed else local
 
