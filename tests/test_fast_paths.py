@@ -18,6 +18,7 @@ from influencer import (
     EKFAC,
     KFAC,
     Arnoldi,
+    BlockCG,
     ClassificationTask,
     ConfigError,
     Curvature,
@@ -304,13 +305,14 @@ def test_block_cg_solves_the_damped_system_in_fewer_iterations(logistic_curvatur
     rhs[5] = 0.0  # a zero column is solved at once
     exact = Exact(damping=0.01).fit(logistic_curvature).solve(rhs)
     single = CG(damping=0.01, tol=1e-10).fit(logistic_curvature)
-    block = CG(damping=0.01, tol=1e-10, block=True).fit(logistic_curvature)
+    block = BlockCG(damping=0.01, tol=1e-10).fit(logistic_curvature)
     x = block.solve(rhs)
     assert float((x - exact).norm() / exact.norm()) < 1e-8
     assert block.info["max_relative_residual"] <= 1e-10
     torch.testing.assert_close(x[5], torch.zeros_like(x[5]))
     single.solve(rhs)
     assert block.info["iterations"] < single.info["iterations"]
+    assert block.config.settings() == {"estimator": "block_cg", "damping": 0.01, "tol": 1e-10, "max_iter": 200}
     # one column alone is plain CG (with normalised directions): the same answer
     torch.testing.assert_close(block.solve(rhs[2:3]), single.solve(rhs[2:3]), rtol=1e-8, atol=1e-12)
 
@@ -322,9 +324,9 @@ def test_block_cg_refuses_negative_curvature_and_warns_at_max_iter(
     curv = Curvature(fn, fn.theta0, as_examples(digits_small.train))
     v = torch.randn(3, fn.p, dtype=torch.float64, generator=torch.Generator().manual_seed(8))
     with pytest.raises(IndefiniteHessianError, match="negative curvature"):
-        CG(block=True).fit(curv).solve(v)
+        BlockCG().fit(curv).solve(v)
     rhs = torch.randn(
         4, logistic_curvature.p, dtype=torch.float64, generator=torch.Generator().manual_seed(9)
     )
     with pytest.warns(RuntimeWarning, match="max_iter=3"):
-        CG(max_iter=3, block=True).fit(logistic_curvature).solve(rhs)
+        BlockCG(max_iter=3).fit(logistic_curvature).solve(rhs)

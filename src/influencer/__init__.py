@@ -20,7 +20,7 @@ from influencer._kernel.functional import ModelFunction
 from influencer._kernel.losses import hinge, smooth_hinge
 from influencer._kernel.scores import TopK, top_k
 from influencer._kernel.task import ClassificationTask, RegressionTask, SmoothHingeTask, Task
-from influencer.estimators import CG, EKFAC, KFAC, Arnoldi, Estimator, Exact, Identity, LiSSA, Solver
+from influencer.estimators import CG, EKFAC, KFAC, Arnoldi, BlockCG, Estimator, Exact, Identity, LiSSA, Solver
 from influencer.influence import Influence
 from influencer.models.kernels import RBFKernelModel
 from influencer.uses.comparison import compare_models
@@ -38,6 +38,7 @@ __all__ = [
     "EKFAC",
     "KFAC",
     "Arnoldi",
+    "BlockCG",
     "ClassRemoval",
     "ClassificationTask",
     "ConfigError",
