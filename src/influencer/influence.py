@@ -9,7 +9,10 @@ Usage::
 
 Scores are computed the efficient way round: one inverse-HVP per *test* example
 (``s_test = H^-1 grad f(test)``), then a stream of training-gradient chunks, each ``(c, p)``,
-dotted with ``s_test``. The ``n x p`` gradient matrix is never held in memory.
+dotted with ``s_test``. The ``n x p`` gradient matrix is never held in memory. With a Kronecker
+solver (K-FAC, EK-FAC) not even the chunks are: each layer's part of ``s_test . g_i`` is contracted
+from the layer's inputs and output gradients (:mod:`influencer.estimators.layer_scores`). The
+regulariser's gradient, shared by every ``g_i``, enters the scores once as a shift.
 """
 
 from __future__ import annotations
