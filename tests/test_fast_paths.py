@@ -312,7 +312,8 @@ def test_block_cg_solves_the_damped_system_in_fewer_iterations(logistic_curvatur
     torch.testing.assert_close(x[5], torch.zeros_like(x[5]))
     single.solve(rhs)
     assert block.info["iterations"] < single.info["iterations"]
-    assert block.config.settings() == {"estimator": "block_cg", "damping": 0.01, "tol": 1e-10, "max_iter": 200}
+    expected = {"estimator": "block_cg", "damping": 0.01, "tol": 1e-10, "max_iter": 200}
+    assert block.config.settings() == expected
     # one column alone is plain CG (with normalised directions): the same answer
     torch.testing.assert_close(block.solve(rhs[2:3]), single.solve(rhs[2:3]), rtol=1e-8, atol=1e-12)
 
