@@ -19,7 +19,7 @@ test loss), positive = helpful, negative = harmful.
 from influencer._kernel.errors import InfluencerError
 from influencer._kernel.scores import TopK, top_k
 from influencer._kernel.task import ClassificationTask, RegressionTask, SmoothHingeTask, Task
-from influencer.estimators import CG, EKFAC, KFAC, Arnoldi, Exact, Identity, LiSSA
+from influencer.estimators import CG, EKFAC, KFAC, Arnoldi, BlockCG, Exact, Identity, LiSSA
 from influencer.influence import Influence
 
 __version__ = "0.1.0"
@@ -29,6 +29,7 @@ __all__ = [
     "EKFAC",
     "KFAC",
     "Arnoldi",
+    "BlockCG",
     "ClassificationTask",
     "Exact",
     "Identity",

@@ -8,7 +8,7 @@ A custom estimator subclasses :class:`Estimator` (a frozen, validated dataclass)
 from influencer._kernel.curvature import Curvature, CurvatureKind
 from influencer.estimators.arnoldi import Arnoldi
 from influencer.estimators.base import Estimator, Solver
-from influencer.estimators.cg import CG
+from influencer.estimators.cg import CG, BlockCG
 from influencer.estimators.ekfac import EKFAC
 from influencer.estimators.exact import Exact
 from influencer.estimators.identity import Identity
@@ -20,6 +20,7 @@ __all__ = [
     "EKFAC",
     "KFAC",
     "Arnoldi",
+    "BlockCG",
     "Curvature",
     "CurvatureKind",
     "Estimator",
