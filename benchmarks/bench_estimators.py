@@ -60,7 +60,7 @@ from peers import (
 FULL_PROBLEMS = (
     ProblemSpec("logreg-digits", hidden=(), weight_decay=1e-3, n_test=10),
     ProblemSpec("mlp-digits", hidden=(32,), weight_decay=1e-2, n_test=10),
-    ProblemSpec("mlp-mnist1d", dataset="mnist1d", hidden=(64,), weight_decay=1e-2, n_test=10),
+    ProblemSpec("mlp-mnist1d", dataset="mnist1d", hidden=(32,), weight_decay=1e-2, n_test=10),
 )
 QUICK_PROBLEMS = (
     ProblemSpec("logreg-digits-300", hidden=(), weight_decay=1e-3, n_train=300, n_test=4),
@@ -157,6 +157,7 @@ def run_problem(
 def render(summary: dict, rows: list[dict], settings: Settings) -> str:
     spec: ProblemSpec = summary["spec"]
     model = "logistic regression" if not spec.hidden else f"MLP {spec.hidden} tanh"
+    model += f" on {spec.dataset}"
     lo, hi = summary["hessian_eigenvalue_range"]
     head = [
         f"{spec.name}: {model} on {spec.dataset}, n_train={summary['n_train']}, n_test={summary['n_test']}, "

@@ -35,7 +35,11 @@ from influencer.training import fit_lbfgs
 
 @dataclasses.dataclass(frozen=True)
 class ProblemSpec:
-    """Which model and data: ``hidden=()`` is multinomial logistic regression."""
+    """Which model and data: ``hidden=()`` is multinomial logistic regression.
+
+    ``dataset``: ``"digits"`` (scikit-learn's 8x8 images) or ``"mnist1d"`` (MNIST-1D, generated
+    locally with ``mnist1d_samples`` signals of length 40).
+    """
 
     name: str
     hidden: tuple[int, ...] = ()
@@ -44,6 +48,7 @@ class ProblemSpec:
     n_train: int | None = None  # None: the whole training split
     n_test: int = 10
     seed: int = 0
+    mnist1d_samples: int = 2000
 
     def __post_init__(self) -> None:
         if self.weight_decay <= 0:
@@ -123,7 +128,7 @@ def load_split(spec: ProblemSpec):
     if spec.dataset == "mnist1d":
         from influencer.paper.datasets import load_mnist1d
 
-        return load_mnist1d(2000, seed=spec.seed, dtype=torch.float64)
+        return load_mnist1d(spec.mnist1d_samples, seed=spec.seed, dtype=torch.float64)
     raise ValueError(f"unknown data set {spec.dataset!r}; choose digits or mnist1d")
 
 

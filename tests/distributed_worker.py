@@ -18,7 +18,7 @@ from influencer.models import LogisticRegression
 from influencer.uses.group import group_influence, group_params
 
 # Examples pushed through the model by this process: each per-example gradient counts once, each
-# curvature product once per example and right-hand side.
+# curvature product once per example and right-hand side (a product of a linearised batch included).
 PUSHED = {"examples": 0}
 
 
@@ -32,13 +32,31 @@ def _counting(method, per_vector: bool):
     return wrapper
 
 
+def _counting_linearize(method):
+    @functools.wraps(method)
+    def wrapper(self, theta, batch, *args, **kwargs):
+        linear = method(self, theta, batch, *args, **kwargs)
+        apply, rows = linear._apply, batch_size_of(batch)
+
+        def counted(vectors):
+            PUSHED["examples"] += rows * vectors.reshape(-1, theta.numel()).shape[0]
+            return apply(vectors)
+
+        linear._apply = counted
+        return linear
+
+    return wrapper
+
+
 for _name, _per_vector in (
     ("hvp", True),
     ("ggn_vp", True),
     ("loss_grads", False),
+    ("example_loss_grads", False),
     ("measurement_grads", False),
 ):
     setattr(ModelFunction, _name, _counting(getattr(ModelFunction, _name), _per_vector))
+ModelFunction.linearize = _counting_linearize(ModelFunction.linearize)
 
 
 def pushed_by(run) -> int:

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from influencer import ConfigError, DataError
+from influencer.errors import ConfigError, DataError
 from influencer.paper.datasets import Split
 from influencer.paper.debugging import (
     MismatchDebugResult,

@@ -6,18 +6,8 @@ import pytest
 import torch
 from torch import nn
 
-from influencer import (
-    CG,
-    ClassificationTask,
-    ConfigError,
-    DataError,
-    Exact,
-    IndefiniteHessianError,
-    Influence,
-    NonFiniteError,
-    Task,
-    TaskError,
-)
+from influencer import CG, ClassificationTask, Exact, Influence, Task
+from influencer.errors import ConfigError, DataError, IndefiniteHessianError, NonFiniteError, TaskError
 
 
 class ReducedLoss(Task):

@@ -5,19 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from influencer import (
-    CG,
-    Arnoldi,
-    ConfigError,
-    ConvergenceError,
-    Curvature,
-    Exact,
-    Identity,
-    IndefiniteHessianError,
-    LiSSA,
-)
+from influencer import CG, Arnoldi, Exact, Identity, LiSSA
 from influencer._kernel.functional import ModelFunction
 from influencer.data import as_examples
+from influencer.errors import ConfigError, ConvergenceError, IndefiniteHessianError
+from influencer.estimators import Curvature
 
 
 @pytest.fixture(scope="module")

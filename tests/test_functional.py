@@ -6,8 +6,9 @@ import pytest
 import torch
 from torch import nn
 
-from influencer import ClassificationTask, RegressionTask, Task, TaskError
+from influencer import ClassificationTask, RegressionTask, Task
 from influencer._kernel.functional import ModelFunction, select_parameters
+from influencer.errors import TaskError
 from influencer.models import MLP
 
 

@@ -8,7 +8,8 @@ import scipy.stats
 import torch
 from torch import nn
 
-from influencer import ClassificationTask, ConfigError, DataError, Exact, Influence, RegressionTask
+from influencer import ClassificationTask, Exact, Influence, RegressionTask
+from influencer.errors import ConfigError, DataError
 from influencer.models import LogisticRegression
 from influencer.paper.datasets import load_tabular
 from influencer.paper.group import GroupComparison, compare_group_influence, make_groups

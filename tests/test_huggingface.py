@@ -15,8 +15,9 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from influencer import CG, EKFAC, KFAC, ClassificationTask, Exact, Influence, TaskError
+from influencer import CG, EKFAC, KFAC, ClassificationTask, Exact, Influence
 from influencer._kernel.functional import ModelFunction
+from influencer.errors import TaskError
 from influencer.tasks import (
     CausalLMTask,
     SequenceClassificationTask,

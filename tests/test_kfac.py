@@ -15,11 +15,12 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import jacrev, vmap
 
-from influencer import ClassificationTask, ConfigError, Exact, IndefiniteHessianError, Influence
+from influencer import ClassificationTask, Exact, Influence
 from influencer._kernel.curvature import Curvature
 from influencer._kernel.functional import ModelFunction
 from influencer._kernel.stats import pearson
 from influencer.data import as_examples
+from influencer.errors import ConfigError, IndefiniteHessianError
 from influencer.estimators.ekfac import EKFAC, corrected_eigenvalues
 from influencer.estimators.kfac import KFAC
 from influencer.estimators.kronecker import covariance_factors, eigenbasis, find_layers

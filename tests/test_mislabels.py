@@ -6,7 +6,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from influencer import ClassificationTask, ConfigError, DataError, Exact, Influence
+from influencer import ClassificationTask, Exact, Influence
+from influencer.errors import ConfigError, DataError
 from influencer.models import LogisticRegression
 from influencer.models.kernels import RBFKernelModel
 from influencer.paper.datasets import load_digits, load_tabular

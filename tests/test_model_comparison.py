@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from influencer import CG, ConfigError, DataError, Exact, Influence, SmoothHingeTask
+from influencer import CG, Exact, Influence, SmoothHingeTask
+from influencer.errors import ConfigError, DataError
 from influencer.models.kernels import RBFKernelModel, median_gamma
 from influencer.paper.comparison import (
     DigitsComparisonConfig,

@@ -9,9 +9,10 @@ import pytest
 import torch
 from torch import Tensor, nn
 
-from influencer import ClassificationTask, DataError, Exact, Influence, Task
+from influencer import ClassificationTask, Exact, Influence, Task
 from influencer._kernel.functional import ModelFunction
 from influencer.data import as_examples
+from influencer.errors import DataError
 from influencer.models import MLP, LogisticRegression, SmallCNN
 from influencer.paper.datasets import Split, load_digits, load_tabular
 from influencer.paper.perturbation import check_perturbation

@@ -8,9 +8,10 @@ import pytest
 import torch
 from torch import nn
 
-from influencer import ClassificationTask, ConfigError, DataError, Exact, Influence
+from influencer import ClassificationTask, Exact, Influence
 from influencer._kernel.functional import ModelFunction
 from influencer.data import as_examples
+from influencer.errors import ConfigError, DataError
 from influencer.models import SmallCNN
 from influencer.paper.datasets import Split
 from influencer.paper.poisoning import binary_digits, success_rates

@@ -7,7 +7,8 @@ import dataclasses
 import pytest
 import torch
 
-from influencer import CG, ClassificationTask, ConfigError, Influence
+from influencer import CG, ClassificationTask, Influence
+from influencer.errors import ConfigError
 from influencer.models import MLP
 from influencer.paper.datasets import load_digits
 from influencer.samplers import (

@@ -7,9 +7,10 @@ import torch
 import torch.nn.functional as F
 from torch.func import functional_call, jacrev, vmap
 
-from influencer import CG, ClassificationTask, ConfigError, DataError, Exact, Influence, LiSSA
+from influencer import CG, ClassificationTask, Exact, Influence, LiSSA
 from influencer._kernel.functional import ModelFunction
 from influencer.data import as_examples
+from influencer.errors import ConfigError, DataError
 from influencer.models import MLP, LogisticRegression
 from influencer.paper.datasets import load_digits, load_tabular
 from influencer.paper.sampler_study import PeakMemory, run_sampler_study

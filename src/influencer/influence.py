@@ -9,14 +9,17 @@ Usage::
 
 Scores are computed the efficient way round: one inverse-HVP per *test* example
 (``s_test = H^-1 grad f(test)``), then a stream of training-gradient chunks, each ``(c, p)``,
-dotted with ``s_test``. The ``n x p`` gradient matrix is never held in memory.
+dotted with ``s_test``. The ``n x p`` gradient matrix is never held in memory. With a Kronecker
+solver (K-FAC, EK-FAC) not even the chunks are: each layer's part of ``s_test . g_i`` is contracted
+from the layer's inputs and output gradients (:mod:`influencer.estimators.layer_scores`). The
+regulariser's gradient, shared by every ``g_i``, enters the scores once as a shift.
 """
 
 from __future__ import annotations
 
 import copy
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import torch
@@ -28,12 +31,14 @@ from influencer._kernel.data import Examples, as_examples
 from influencer._kernel.distributed import all_gather_blocks, all_reduce_sum, shard
 from influencer._kernel.errors import ConfigError, DataError, IndefiniteHessianError, NonFiniteError
 from influencer._kernel.fingerprint import hash_examples, hash_json, model_fingerprint, task_fingerprint
-from influencer._kernel.functional import ModelFunction
+from influencer._kernel.functional import HVPMode, ModelFunction, check_hvp_mode
 from influencer._kernel.progress import progress_bar
 from influencer._kernel.scores import removal_scores, up_loss_from_scores
 from influencer._kernel.task import Task
 from influencer.estimators import CG, Estimator, Solver
 from influencer.estimators.arnoldi import lanczos
+from influencer.estimators.kronecker import KroneckerSolver
+from influencer.estimators.layer_scores import LayerScorer
 
 _KEEP: Any = object()  # replace(): keep this setting as it is
 
@@ -53,6 +58,9 @@ class Influence:
         params: parameter names or module prefixes to compute influence over (default: every
             parameter that requires grad); ``"supported"``: those the estimator can model (for
             K-FAC/EK-FAC the Linear/Conv layers, with a warning listing what is left out).
+        hvp: how curvature-vector products are differentiated: ``"reverse"`` (default; each
+            Hessian batch is linearised once and reused while it fits in memory) or ``"forward"``
+            (forward-over-reverse, for models whose operations lack double-backward formulas).
         hessian_indices: training ids the curvature is estimated on (default: all); see
             :mod:`influencer.samplers` for representative subsets.
         batch_size: examples per chunk for per-example gradients.
@@ -73,6 +81,7 @@ class Influence:
         *,
         estimator: Estimator | None = None,
         curvature: CurvatureKind = "hessian",
+        hvp: HVPMode = "reverse",
         params: Sequence[str] | str | None = None,
         hessian_indices: Sequence[int] | Tensor | None = None,
         batch_size: int = 128,
@@ -87,6 +96,7 @@ class Influence:
             raise ConfigError("batch_size, hessian_batch_size and solve_batch must be >= 1")
         if not isinstance(task, Task):
             raise ConfigError(f"task must be an influencer.Task, got {type(task).__name__}")
+        check_hvp_mode(hvp)
         if isinstance(params, str) and params == "supported":
             params = (estimator if estimator is not None else CG()).supported_parameters(model)
         self.fn = ModelFunction(model, task, params, device, dtype)
@@ -96,6 +106,7 @@ class Influence:
         self.solve_batch = solve_batch
         self.progress = progress
         self.distributed = distributed
+        self.hvp = hvp
 
     def _setup(
         self,
@@ -247,6 +258,7 @@ class Influence:
             self.hessian_batch_size,
             progress=self.progress,
             distributed=self.distributed,
+            hvp=self.hvp,
         )
 
     def settings(self) -> dict[str, Any]:
@@ -300,6 +312,11 @@ class Influence:
         return ex
 
     def _checked(self, g: Tensor, idx: Tensor, what: str) -> Tensor:
+        # A NaN or inf anywhere in a row makes its sum non-finite, and row sums cost a small
+        # fraction of an elementwise test. Only when a sum is not finite (a bad row, or a large
+        # finite row overflowing) are the rows looked at element by element.
+        if bool(torch.isfinite(g.sum(dim=1)).all()):
+            return g
         bad = ~torch.isfinite(g).all(dim=1)
         if bad.any():
             ids = idx[bad.cpu()][:10].tolist()
@@ -316,14 +333,31 @@ class Influence:
 
         With ``distributed=True`` each rank yields only its own block of ``indices``.
         """
+        yield from self._train_chunks(self.fn.loss_grads, indices, desc)
+
+    def _loss_gradients(
+        self, indices: Sequence[int] | Tensor | None, desc: str
+    ) -> Iterator[tuple[Tensor, Tensor]]:
+        """Like :meth:`train_gradients` but without ``grad Omega`` in each row: ``grad loss_i``."""
+        yield from self._train_chunks(self.fn.example_loss_grads, indices, desc)
+
+    def _train_chunks(
+        self, method: Callable[[Tensor, Any], Tensor], indices: Sequence[int] | Tensor | None, desc: str
+    ) -> Iterator[tuple[Tensor, Tensor]]:
+        for ids, batch in self._train_batches(indices, desc):
+            yield ids, self._checked(method(self.theta, batch), ids, "training-loss")
+
+    def _train_batches(
+        self, indices: Sequence[int] | Tensor | None, desc: str
+    ) -> Iterator[tuple[Tensor, Any]]:
+        """``(ids, prepared batch)`` chunks of the training examples (this rank's when distributed)."""
         idx = self.train.check_indices(indices)
         if self.distributed:
             idx = shard(idx)
         chunks = self.train.chunks(self.batch_size, idx)
         total = -(-len(idx) // self.batch_size)
         for ids, batch in progress_bar(chunks, desc, self.progress, total=total, unit="batch"):
-            g = self.fn.loss_grads(self.theta, self.fn.prepare(batch))
-            yield ids, self._checked(g, ids, "training-loss")
+            yield ids, self.fn.prepare(batch)
 
     def gradients(self, data: Any, kind: str = "measurement") -> Tensor:
         """Per-example gradients ``(m, p)`` of the measurement (default) or of ``loss + Omega``."""
@@ -336,11 +370,13 @@ class Influence:
             out.append(self._checked(method(self.theta, self.fn.prepare(batch)), ids, kind))
         return torch.cat(out)
 
-    def _evaluate(self, method: Any, data: Any, theta: Tensor | None) -> Tensor:
+    def _evaluate(self, method: Any, data: Any, theta: Tensor | None, desc: str) -> Tensor:
         t = self.theta if theta is None else theta.to(self.theta)
         ex = self.examples(data)
+        total = -(-len(ex) // self.batch_size)
+        chunks = progress_bar(ex.chunks(self.batch_size), desc, self.progress and total > 1, total=total)
         with torch.no_grad():
-            parts = [method(t, self.fn.prepare(b)) for _, b in ex.chunks(self.batch_size)]
+            parts = [method(t, self.fn.prepare(b)) for _, b in chunks]
         return torch.cat(parts)
 
     def measurements(self, data: Any, theta: Tensor | None = None) -> Tensor:
@@ -348,15 +384,15 @@ class Influence:
 
         At ``theta`` ``(p,)`` when given (e.g. retrained parameters), else at this object's.
         """
-        return self._evaluate(self.fn.measurement, data, theta)
+        return self._evaluate(self.fn.measurement, data, theta, "measurements")
 
     def losses(self, data: Any | None = None, theta: Tensor | None = None) -> Tensor:
         """Per-example training loss ``(m,)`` (without the regulariser) of ``data`` (default: train)."""
-        return self._evaluate(self.fn.loss, self.train if data is None else data, theta)
+        return self._evaluate(self.fn.loss, self.train if data is None else data, theta, "losses")
 
     def outputs(self, data: Any, theta: Tensor | None = None) -> Tensor:
         """The task's model outputs ``(m, ...)`` for ``data`` (e.g. logits), no gradients."""
-        return self._evaluate(self.fn.outputs, data, theta)
+        return self._evaluate(self.fn.outputs, data, theta, "outputs")
 
     def gradient_sum(self, indices: Sequence[int] | Tensor | None = None) -> Tensor:
         """``sum_{i in S} g_i`` ``(p,)`` over training ids ``S`` (default all), summed over ranks."""
@@ -416,7 +452,29 @@ class Influence:
         self, directions: Tensor, train_indices: Sequence[int] | Tensor | None = None
     ) -> Tensor:
         """Scores ``(m, c)`` from precomputed ``s_test`` directions ``(m, p)``."""
-        cols = [removal_scores(directions, g, self.n) for _, g in self.train_gradients(train_indices)]
+        directions = directions.to(self.theta)
+        # s . g_i = s . grad loss_i + s . grad Omega: the regulariser enters once, as a column shift.
+        shift = removal_scores(directions, self._reg_grad[None], self.n)  # (m, 1)
+        # A Kronecker solver's layers give the loss-gradient dot products without (c, p) gradients.
+        layered = isinstance(self._solver, KroneckerSolver) and directions.shape[0] > 0
+        scorer = LayerScorer(self.fn, self._solver.layers, directions) if layered else None
+        # A row of ones makes the product also return each gradient's row sum, the finite check,
+        # at almost no cost: the product is bound by reading the gradients, which it does anyway.
+        probe = torch.cat([directions, directions.new_ones(1, self.p)])  # (m + 1, p)
+        cols = []
+        for ids, batch in self._train_batches(train_indices, "training gradients"):
+            got = scorer(self.theta, batch) if scorer is not None else None
+            if got is not None:
+                block, sums = got
+                self._checked(sums, ids, "training-loss")
+                cols.append(block.div_(self.n).add_(shift))
+                continue
+            scorer = None  # the layers do not hold the whole loss gradient: per-example gradients
+            g = self.fn.example_loss_grads(self.theta, batch)
+            block = removal_scores(probe, g, self.n)  # (m + 1, c)
+            if not bool(torch.isfinite(block[-1]).all()):
+                self._checked(g, ids, "training-loss")  # names the bad examples (or was an overflow)
+            cols.append(block[:-1].add_(shift))
         local = torch.cat(cols, dim=1) if cols else directions.new_zeros(directions.shape[0], 0)
         return all_gather_blocks(local, dim=1) if self.distributed else local
 
@@ -437,8 +495,8 @@ class Influence:
     def self_influence(self, indices: Sequence[int] | Tensor | None = None) -> Tensor:
         """Self-influence ``(c,)``: ``(1/n) grad loss(z_i)^T H^-1 g_i``, the score of z_i on itself."""
         out = []
-        for _, g in self.train_gradients(indices, desc="self-influence"):
-            loss_grad = g - self._reg_grad  # g_i includes grad Omega; the loss itself does not
+        for _, loss_grad in self._loss_gradients(indices, "self-influence"):
+            g = loss_grad + self._reg_grad  # g_i includes grad Omega; the loss itself does not
             out.append((loss_grad * self.inverse_hvp(g)).sum(1) / self.n)
         local = torch.cat(out) if out else self.theta.new_zeros(0)
         return all_gather_blocks(local, dim=0) if self.distributed else local

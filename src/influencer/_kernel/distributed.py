@@ -36,6 +36,12 @@ def shard(indices: Tensor) -> Tensor:
     return indices[bounds[rank] : bounds[rank + 1]]
 
 
+def barrier() -> None:
+    """Wait until every rank gets here (no-op when not distributed)."""
+    if active():
+        dist.barrier()
+
+
 def all_reduce_sum(t: Tensor) -> Tensor:
     """Sum of ``t`` over ranks, in place; ``t`` unchanged when not distributed."""
     if active():

@@ -22,7 +22,6 @@ import torch
 from torch import Tensor
 
 from influencer._kernel.errors import ConfigError
-from influencer._kernel.progress import progress_bar
 from influencer.influence import Influence
 
 Strategy = Literal["self_influence", "loss", "random"]
@@ -31,13 +30,7 @@ STRATEGIES: tuple[Strategy, ...] = ("self_influence", "loss", "random")
 
 def training_losses(influence: Influence) -> Tensor:
     """Per-example training loss ``(n,)`` (without the regulariser) at the trained parameters."""
-    fn, data = influence.fn, influence.train
-    total = -(-influence.n // influence.batch_size)
-    chunks = progress_bar(
-        data.chunks(influence.batch_size), "training losses", influence.progress, total=total
-    )
-    with torch.no_grad():
-        return torch.cat([fn.loss(influence.theta, fn.prepare(batch)) for _, batch in chunks])
+    return influence.losses()
 
 
 def review_scores(

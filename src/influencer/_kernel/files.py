@@ -1,0 +1,103 @@
+"""Files that are never seen half-written: atomic writes, arrays without pickle, settings diffs.
+
+Every writer here puts its bytes in a temporary file in the same directory, flushes it to disk and
+renames it into place (``os.replace`` is atomic on POSIX), so a reader sees either the old file or
+the whole new one, and a process killed mid-write leaves only a stray ``.tmp`` file behind.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import tempfile
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import IO, Any
+
+import numpy as np
+
+
+def _atomic(path: Path, write: Callable[[IO[bytes]], None]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` atomically."""
+    _atomic(Path(path), lambda f: f.write(data))
+
+
+def atomic_write_json(path: Path, obj: Any) -> None:
+    """Write ``obj`` as indented, key-sorted JSON atomically (byte-identical for equal objects)."""
+    text = json.dumps(obj, indent=1, sort_keys=True, allow_nan=False) + "\n"
+    atomic_write_bytes(path, text.encode())
+
+
+def atomic_save_array(path: Path, array: np.ndarray) -> str:
+    """Save a numeric array as ``.npy`` atomically (never pickled); returns its file's sha256."""
+    array = np.ascontiguousarray(array)
+    if array.dtype.hasobject:
+        raise TypeError("refusing to store an object array: it could only be saved with pickle")
+    digest = hashlib.sha256()
+
+    class _Hashing:
+        def __init__(self, f: IO[bytes]) -> None:
+            self.f = f
+
+        def write(self, data: Any) -> int:
+            digest.update(data)
+            return self.f.write(data)
+
+    _atomic(Path(path), lambda f: np.save(_Hashing(f), array, allow_pickle=False))  # type: ignore[arg-type]
+    return digest.hexdigest()
+
+
+def json_roundtrip(obj: Any) -> Any:
+    """``obj`` as it reads back from JSON (tuples become lists, keys strings), for comparisons."""
+    return json.loads(json.dumps(obj, sort_keys=True, default=str))
+
+
+def read_json(path: Path) -> Any:
+    return json.loads(Path(path).read_text())
+
+
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def flatten(obj: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested dicts as one flat dict with dotted keys (``{"task.weight_decay": 0.001}``)."""
+    out: dict[str, Any] = {}
+    for k, v in obj.items():
+        if isinstance(v, Mapping):
+            out.update(flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def describe_changes(old: Mapping[str, Any], new: Mapping[str, Any]) -> str:
+    """What differs between two settings dicts, e.g. ``"projector.k 256 -> 512, model.state"``."""
+    a, b = flatten(old), flatten(new)
+    parts = []
+    for k in sorted(set(a) | set(b)):
+        if a.get(k, "unset") != b.get(k, "unset"):
+            x, y = json.dumps(a.get(k, "unset"), default=str), json.dumps(b.get(k, "unset"), default=str)
+            parts.append(f"{k} {x} -> {y}" if len(x) + len(y) < 60 else k)
+    return ", ".join(parts)

@@ -1,0 +1,569 @@
+"""A gradient index: projected training gradients on disk, queried for top-k influence in a stream.
+
+Usage::
+
+    inf = Influence(model, task, train)                       # no fit() needed for the index itself
+    index = GradientIndex.build(inf, "runs/index", projector=KroneckerProjector(k_in=32, k_out=32))
+    top = index.top_k(test, k=10)                             # TopK: (m, 10) ids and scores
+    s = index.scores(test[:5])                                # (5, n), dense, for small queries
+
+    index = GradientIndex.open("runs/index", inf)             # later: refuses a changed model/data
+
+Build once: every training example's gradient ``g_i = grad(loss_i + Omega)`` is projected to ``k``
+dimensions (:mod:`influencer.index.projectors`, :mod:`influencer.index.kronecker`) and streamed
+to disk in chunks (:mod:`influencer.index.store`), together with the projected Fisher
+``(1/n) sum_i Pg_i Pg_i^T``. Query many times: a test example's direction ``d`` (see
+:mod:`influencer.index.preconditioners`) is dotted with the stored rows chunk by chunk, and the
+scores are reduced to running top-k lists, so the ``m x n`` score matrix is never formed.
+
+Scores follow the library's convention (:mod:`influencer._kernel.scores`): ``score = d . Pg_i /
+n``, the predicted change of the test measurement if training example ``i`` were removed;
+positive = helpful, negative = harmful. With ``IdentityProjector`` they equal
+:class:`~influencer.Influence`'s scores for the matching estimator.
+
+With ``Influence(..., distributed=True)`` in a ``torch.distributed`` process group, each rank
+builds a contiguous block of chunks into the shared directory (rank 0 commits the manifest after a
+barrier), and each rank scans its block of chunks in a query; candidates are gathered and merged,
+so every rank returns the single-process result.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+from torch.func import grad
+
+from influencer._kernel.data import Examples
+from influencer._kernel.distributed import all_gather_blocks, all_reduce_sum, barrier, rank_and_size, shard
+from influencer._kernel.errors import ConfigError, NonFiniteError
+from influencer._kernel.files import atomic_save_array, file_sha256, json_roundtrip
+from influencer._kernel.fingerprint import hash_examples, hash_json
+from influencer._kernel.progress import progress_bar
+from influencer._kernel.scores import TopK, removal_scores
+from influencer.index.preconditioners import Preconditioner, ProjectedFisher
+from influencer.index.projectors import GaussianProjector, Projection, Projector
+from influencer.index.registry import projector_from_settings
+from influencer.index.results import QueryResult
+from influencer.index.store import FORMAT, VERSION, IndexStoreError, StoreLayout, mismatch
+from influencer.index.topk import RunningTopK, concat_rows, merge_ranked
+from influencer.influence import Influence
+
+_TORCH_DTYPES = {"float16": torch.float16, "float32": torch.float32, "float64": torch.float64}
+
+
+class _Slice(Examples):
+    """Examples ``start .. stop`` of another set (test blocks without copying the test set)."""
+
+    def __init__(self, data: Examples, start: int, stop: int) -> None:
+        self.data, self.start, self.stop = data, start, stop
+
+    def __len__(self) -> int:
+        return self.stop - self.start
+
+    def take(self, indices: Tensor) -> Any:
+        return self.data.take(indices + self.start)
+
+
+def _check_finite(rows: Tensor, ids: Tensor, what: str) -> None:
+    bad = ~torch.isfinite(rows).all(dim=1)
+    if bad.any():
+        raise NonFiniteError(
+            f"the {what} gradient is NaN or infinite for example(s) {ids[bad.cpu()][:10].tolist()}: check "
+            "those inputs, the loss (e.g. log of 0) and the model's weights; use float64 if it overflows"
+        )
+
+
+class GradientIndex:
+    """Projected training gradients of an :class:`~influencer.Influence`, stored on disk.
+
+    Create with :meth:`build` (or :meth:`open` an existing store); see the module docstring.
+    """
+
+    def __init__(
+        self, influence: Influence, layout: StoreLayout, manifest: dict[str, Any], projection: Projection
+    ) -> None:
+        self.influence = influence
+        self.layout = layout
+        self.manifest = manifest
+        self.projection = projection
+        self.cache: dict[Any, Any] = {}  # preconditioners' factorisations, computed once per index
+        self._maps: dict[int, np.ndarray] = {}
+
+    # ---- facts ----------------------------------------------------------------------------------
+
+    @property
+    def path(self) -> Path:
+        return self.layout.root
+
+    @property
+    def header(self) -> dict[str, Any]:
+        """What the store was built from: fingerprint, projector, ``n``, ``p``, ``k``, chunk size."""
+        return self.manifest["header"]
+
+    @property
+    def n(self) -> int:
+        return int(self.header["n"])
+
+    @property
+    def k(self) -> int:
+        """Projected dimension."""
+        return int(self.header["k"])
+
+    @property
+    def chunk(self) -> int:
+        return int(self.header["chunk"])
+
+    @property
+    def num_chunks(self) -> int:
+        return -(-self.n // self.chunk)
+
+    @property
+    def fingerprint(self) -> str:
+        """sha256 of the header: identifies the stored gradients (used by query checkpoints)."""
+        return hash_json(self.header)
+
+    # ---- build ----------------------------------------------------------------------------------
+
+    @classmethod
+    def build(
+        cls,
+        influence: Influence,
+        path: str | Path,
+        projector: Projector | None = None,
+        *,
+        chunk: int = 2048,
+        fisher: bool = True,
+        overwrite: bool = False,
+        progress: bool | None = None,
+        on_chunk: Callable[[int], None] | None = None,
+    ) -> GradientIndex:
+        """Project every training gradient and store it in ``path``; resume an interrupted build.
+
+        Args:
+            influence: the model, task and training data (need not be fitted).
+            path: store directory (created; a directory holding an unrelated index is refused).
+            projector: default ``GaussianProjector(k=1024)``; see :mod:`influencer.index.projectors`.
+            chunk: training examples per stored chunk (the unit of resumption and of query I/O;
+                gradients are computed ``influence.batch_size`` at a time).
+            fisher: also accumulate the projected Fisher ``(k, k)`` for :class:`ProjectedFisher`.
+            overwrite: rebuild a store that was built from other inputs instead of refusing.
+            progress: progress bar (default: the influence's setting).
+            on_chunk: called with each newly written chunk's index.
+
+        A store built from the same inputs is reused (only missing chunks are computed), so calling
+        ``build`` again after a crash resumes it.
+        """
+        if not isinstance(chunk, int) or isinstance(chunk, bool) or chunk < 1:
+            raise ConfigError(f"chunk must be a positive integer (training examples per file), got {chunk!r}")
+        projector = GaussianProjector() if projector is None else projector
+        if not isinstance(projector, Projector):
+            raise ConfigError(
+                f"projector must be an influencer.index Projector, got {type(projector).__name__}"
+            )
+        fn = influence.fn
+        projection = projector.bind(fn)
+        layout = StoreLayout(path)
+        header = json_roundtrip(
+            {
+                "fingerprint": influence.settings()["gradients"],
+                "projector": projector.settings(),
+                "projection": projection.info,
+                "n": influence.n,
+                "p": influence.p,
+                "k": projection.k,
+                "chunk": chunk,
+                "fisher": bool(fisher),
+            }
+        )
+        distributed = influence.distributed
+        rank = rank_and_size()[0] if distributed else 0
+        n, k, dtype = influence.n, projection.k, projector.dtype
+        count = -(-n // chunk)
+        bounds = [(j * chunk, min(chunk, n - j * chunk)) for j in range(count)]
+
+        # Every rank reads the old state before anyone writes, so all take the same decision.
+        layout.check_empty_or_index()
+        layout.check_writable()
+        old = layout.read_manifest()
+        if old is not None and old["header"] != header:
+            if not overwrite:
+                changes = mismatch(old["header"], header)
+                raise IndexStoreError(
+                    f"{layout.root} holds an index built from other inputs ({changes}); "
+                    "pass overwrite=True (CLI: --overwrite) to rebuild it, or choose another directory"
+                )
+            old = None
+        known = {}
+        if old is not None:
+            for record in old.get("chunks", []):
+                j = record["first"] // chunk
+                if layout.chunk_is_valid(j, record["rows"], k, dtype):
+                    known[j] = record
+        if (
+            old is not None
+            and old["status"] == "complete"
+            and len(known) == count
+            and (layout.fisher_path.exists() or not fisher)
+            and layout.regularizer_path.exists()
+        ):
+            return cls(influence, layout, old, projection)
+        barrier()
+        building = {
+            "format": FORMAT,
+            "version": VERSION,
+            "status": "building",
+            "header": header,
+            "chunks": [known[j] for j in sorted(known)],
+        }
+        if rank == 0:
+            if old is None:
+                layout.clear()
+                layout.check_writable()
+            layout.write_manifest(building)
+        barrier()
+
+        mine = torch.arange(count)
+        if distributed:
+            mine = shard(mine)
+        show = influence.progress if progress is None else progress
+        accumulate = torch.float64 if dtype == "float64" else torch.float32
+        total = torch.zeros(k, k, dtype=torch.float64, device=fn.device) if fisher else None
+        bar = progress_bar(mine.tolist(), "index: projecting gradients", show, total=len(mine), unit="chunk")
+        for j in bar:
+            first, rows = bounds[j]
+            record = known.get(j) or layout.chunk_record(j, first, rows, k, dtype)
+            if record is None:
+                x = cls._project_chunk(influence, projection, first, rows)
+                stored = x.to(_TORCH_DTYPES[dtype]).cpu().numpy()
+                layout.save_chunk(j, stored, first)
+                if on_chunk is not None:
+                    on_chunk(j)
+            else:
+                stored = layout.load_chunk(j)
+            if total is not None:
+                # From the stored values, so a resumed build accumulates exactly what a fresh one does.
+                x = torch.from_numpy(np.array(stored)).to(fn.device, accumulate)
+                total += (x.T @ x).double()
+        if total is not None and distributed:
+            all_reduce_sum(total)
+        barrier()
+
+        if rank == 0:
+            cls._commit(influence, layout, projection, building, bounds, known, total)
+        barrier()
+        manifest = layout.read_manifest()
+        assert manifest is not None and manifest["status"] == "complete"
+        return cls(influence, layout, manifest, projection)
+
+    @staticmethod
+    def _project_chunk(influence: Influence, projection: Projection, first: int, rows: int) -> Tensor:
+        """Projected objective gradients ``(rows, k)`` of training ids ``first .. first + rows``."""
+        fn = influence.fn
+        ids = torch.arange(first, first + rows)
+        parts = []
+        for idx, batch in influence.train.chunks(influence.batch_size, ids):
+            x = projection.gradients(fn, influence.theta, fn.prepare(batch), "loss")
+            _check_finite(x, idx, "training-loss")
+            parts.append(x)
+        return torch.cat(parts)
+
+    @staticmethod
+    def _commit(
+        influence: Influence,
+        layout: StoreLayout,
+        projection: Projection,
+        manifest: dict[str, Any],
+        bounds: list[tuple[int, int]],
+        known: dict[int, dict[str, Any]],
+        total: Tensor | None,
+    ) -> None:
+        header = manifest["header"]
+        dtype = header["projector"]["dtype"]
+        records = []
+        for j, (first, rows) in enumerate(bounds):
+            record = known.get(j) or layout.chunk_record(j, first, rows, header["k"], dtype)
+            if record is None:
+                raise IndexStoreError(
+                    f"chunk {j} of {layout.root} is missing after the build (did a rank fail?); run "
+                    "the build again to compute it"
+                )
+            records.append(record)
+        files = {}
+        if total is not None:
+            fisher = (total / influence.n).cpu().numpy()
+            sha = atomic_save_array(layout.fisher_path, fisher)
+            files["fisher"] = {"file": layout.fisher_path.name, "sha256": sha}
+        reg_grad = grad(influence.fn.regularizer)(influence.theta)
+        reg = projection.project(reg_grad[None])[0].double().cpu().numpy()
+        files["regularizer"] = {
+            "file": layout.regularizer_path.name,
+            "sha256": atomic_save_array(layout.regularizer_path, reg),
+        }
+        layout.write_manifest({**manifest, "status": "complete", "chunks": records, **files})
+        layout.remove_records(len(bounds))
+
+    # ---- open -----------------------------------------------------------------------------------
+
+    @classmethod
+    def open(
+        cls, path: str | Path, influence: Influence, projector: Projector | None = None, verify: bool = False
+    ) -> GradientIndex:
+        """Open a built store for ``influence``'s model and data; refuse it if they changed.
+
+        ``projector`` is needed only for a projector kind this library does not define (else it
+        is rebuilt from the manifest). ``verify`` checks every file's sha256 (reads the whole store).
+        """
+        layout = StoreLayout(path)
+        manifest = layout.read_manifest()
+        if manifest is None:
+            raise IndexStoreError(
+                f"{layout.root} holds no gradient index (no manifest.json); build one with "
+                "GradientIndex.build(influence, path) (CLI: influencer index --out DIR)"
+            )
+        header = manifest["header"]
+        if manifest["status"] != "complete":
+            count = -(-int(header["n"]) // int(header["chunk"]))
+            done = len(list((layout.root / "chunks").glob("*.json")))
+            raise IndexStoreError(
+                f"the index in {layout.root} is unfinished ({done} of {count} chunks); resume it with "
+                "GradientIndex.build(influence, path, ...) and the same settings"
+            )
+        current = json_roundtrip(influence.settings()["gradients"])
+        if header["fingerprint"] != current:
+            raise IndexStoreError(
+                f"the index in {layout.root} was built for another model, data or task "
+                f"({mismatch(header['fingerprint'], current)}); rebuild it with "
+                "GradientIndex.build(influence, path, overwrite=True)"
+            )
+        projector = projector_from_settings(header["projector"]) if projector is None else projector
+        given = json_roundtrip(projector.settings())
+        if given != header["projector"]:
+            raise IndexStoreError(
+                f"the index in {layout.root} was built with another projector "
+                f"({mismatch(header['projector'], given)}); pass that projector or rebuild the index"
+            )
+        projection = projector.bind(influence.fn)
+        index = cls(influence, layout, manifest, projection)
+        if len(manifest.get("chunks", [])) != index.num_chunks:
+            raise IndexStoreError(
+                f"the manifest of {layout.root} lists {len(manifest.get('chunks', []))} chunks, not "
+                f"{index.num_chunks}; it is damaged: rebuild it with GradientIndex.build(..., overwrite=True)"
+            )
+        for j, record in enumerate(manifest["chunks"]):
+            ok = layout.chunk_is_valid(j, record["rows"], index.k, header["projector"]["dtype"])
+            if ok and verify:
+                ok = file_sha256(layout.chunk_path(j)) == record["sha256"]
+            if not ok:
+                raise IndexStoreError(
+                    f"chunk {j} of the index in {layout.root} is missing or damaged; run "
+                    "GradientIndex.build(influence, path, ...) with the same settings to recompute it"
+                )
+        return index
+
+    # ---- stored and test gradients --------------------------------------------------------------
+
+    def _rows(self, j: int) -> Tensor:
+        """Stored chunk ``j`` ``(rows, k)`` on the influence's device and in its dtype."""
+        fn = self.influence.fn
+        if j not in self._maps:  # opening a memory map costs a file open and a header parse
+            self._maps[j] = self.layout.load_chunk(j)
+        rows = np.array(self._maps[j])  # a writable copy of the chunk, read from the map
+        return torch.from_numpy(rows).to(fn.device, fn.dtype)
+
+    def _ids(self, j: int) -> Tensor:
+        return torch.arange(j * self.chunk, min((j + 1) * self.chunk, self.n))
+
+    def _my_chunks(self) -> list[int]:
+        chunks = torch.arange(self.num_chunks)
+        return (shard(chunks) if self.influence.distributed else chunks).tolist()
+
+    def gradients(self, indices: Sequence[int] | Tensor | None = None) -> Tensor:
+        """Stored projected gradients ``Pg_i`` ``(c, k)`` of training ids (default all), in that order."""
+        idx = self.influence.train.check_indices(indices)
+        out = torch.empty(len(idx), self.k, dtype=self.influence.fn.dtype, device=self.influence.device)
+        owner = idx // self.chunk
+        for j in torch.unique(owner).tolist():
+            at = (owner == j).nonzero().flatten()
+            out[at.to(out.device)] = self._rows(j)[(idx[at] - j * self.chunk).to(out.device)]
+        return out
+
+    def test_gradients(self, test: Any) -> Tensor:
+        """Projected test-measurement gradients ``P grad f(z)`` ``(m, k)``."""
+        inf = self.influence
+        ex = inf.examples(test)
+        parts = []
+        for ids, batch in ex.chunks(inf.batch_size):
+            x = self.projection.gradients(inf.fn, inf.theta, inf.fn.prepare(batch), "measurement")
+            _check_finite(x, ids, "measurement")
+            parts.append(x)
+        return torch.cat(parts)
+
+    def regularizer(self) -> Tensor:
+        """``P grad Omega(theta)`` ``(k,)``, the part of every stored ``Pg_i`` that is not the loss's."""
+        reg = np.load(self.layout.regularizer_path, allow_pickle=False)
+        return torch.from_numpy(reg).to(self.influence.device, self.influence.fn.dtype)
+
+    def fisher(self) -> Tensor:
+        """The projected Fisher ``(1/n) sum_i Pg_i Pg_i^T`` ``(k, k)`` float64."""
+        if not self.header["fisher"]:
+            raise ConfigError(
+                "this index was built with fisher=False, so it has no projected Fisher; rebuild it with "
+                "fisher=True, or query with NoPreconditioner() or EstimatorPreconditioner()"
+            )
+        f = np.load(self.layout.fisher_path, allow_pickle=False)
+        return torch.from_numpy(f).to(self.influence.device)
+
+    # ---- queries --------------------------------------------------------------------------------
+
+    def _test_blocks(self, test: Any, block: int) -> tuple[Examples, list[tuple[int, int]]]:
+        if not isinstance(block, int) or isinstance(block, bool) or block < 1:
+            raise ConfigError(f"block must be a positive integer (test examples per block), got {block!r}")
+        ex = self.influence.examples(test)
+        m = len(ex)
+        return ex, [(s, min(s + block, m)) for s in range(0, m, block)]
+
+    def _stream(
+        self, directions: Tensor, progress: Iterator[int] | None = None
+    ) -> Iterator[tuple[Tensor, Tensor]]:
+        """``(ids, scores (m, c))`` for this rank's chunks, in id order."""
+        for j in self._my_chunks():
+            yield self._ids(j), removal_scores(directions, self._rows(j), self.n)
+            if progress is not None:
+                next(progress, None)
+
+    def scores(
+        self,
+        test: Any,
+        train_indices: Sequence[int] | Tensor | None = None,
+        preconditioner: Preconditioner | None = None,
+        block: int = 256,
+    ) -> Tensor:
+        """Scores ``(m, c)`` of training ids (default all) on each test example; positive = helpful."""
+        pre = ProjectedFisher() if preconditioner is None else preconditioner
+        ex, blocks = self._test_blocks(test, block)
+        out = []
+        for start, stop in blocks:
+            d = pre.directions(self, _Slice(ex, start, stop))
+            if train_indices is not None:
+                out.append(removal_scores(d, self.gradients(train_indices), self.n))
+                continue
+            cols = [s for _, s in self._stream(d)]
+            local = torch.cat(cols, 1) if cols else d.new_zeros(d.shape[0], 0)
+            out.append(all_gather_blocks(local, dim=1) if self.influence.distributed else local)
+        return torch.cat(out)
+
+    def top_k(
+        self,
+        test: Any,
+        k: int = 10,
+        *,
+        block: int = 256,
+        preconditioner: Preconditioner | None = None,
+        checkpoint: str | Path | None = None,
+        overwrite: bool = False,
+        progress: bool | None = None,
+        on_block: Callable[[int], None] | None = None,
+    ) -> TopK:
+        """The ``k`` most helpful and most harmful training examples per test example, streamed.
+
+        Memory stays at ``O(m k)`` plus one ``(block, chunk)`` score block, whatever ``n``.
+
+        Args:
+            test: test data shaped like the training data, ``m`` examples.
+            k: list length (at most ``n``).
+            block: test examples per block (the unit of checkpointing).
+            preconditioner: default ``ProjectedFisher()``; see :mod:`influencer.index.preconditioners`.
+            checkpoint: directory where finished test blocks are kept (:class:`QueryResult`); a
+                query interrupted there resumes from its last finished block.
+            overwrite: replace another query's results in ``checkpoint`` instead of refusing.
+            progress: progress bar (default: the influence's setting).
+            on_block: called with each newly finished test block's index.
+
+        Returns:
+            :class:`~influencer.TopK`, ``(m, k)`` each: helpful ids/scores (largest score first),
+            harmful ids/scores (most negative first); equal scores are ordered by training id.
+        """
+        if not isinstance(k, int) or isinstance(k, bool) or k < 1:
+            raise ConfigError(f"k must be a positive integer (training examples per list), got {k!r}")
+        kk = min(k, self.n)
+        pre = ProjectedFisher() if preconditioner is None else preconditioner
+        ex, blocks = self._test_blocks(test, block)
+        distributed = self.influence.distributed
+        rank = rank_and_size()[0] if distributed else 0
+        results = None
+        if checkpoint is not None:
+            settings = {
+                "index": self.fingerprint,
+                "preconditioner": pre.settings(self),
+                "test": hash_examples(ex),
+                "m": len(ex),
+                "k": kk,
+                "block": block,
+            }
+            results = QueryResult.create_or_resume(checkpoint, settings, overwrite, write=rank == 0)
+            barrier()
+        todo = [b for b in range(len(blocks)) if results is None or results.load_block(b) is None]
+        show = self.influence.progress if progress is None else progress
+        work = len(todo) * len(self._my_chunks())
+        steps = iter(progress_bar(range(work), "index: top-k", show, total=work, unit="chunk"))
+        parts: list[TopK] = []
+        for b, (start, stop) in enumerate(blocks):
+            if b not in todo:
+                assert results is not None
+                part = results.load_block(b)
+                assert part is not None
+                parts.append(part)
+                continue
+            d = pre.directions(self, _Slice(ex, start, stop))
+            running = RunningTopK(stop - start, kk, d.dtype, d.device)
+            for ids, s in self._stream(d, steps):
+                running.add(s, ids)
+            part = running.result()
+            if distributed:
+                part = merge_ranked(self._gather(part), kk)
+            part = TopK(*(getattr(part, f).cpu() for f in TopK.__dataclass_fields__))
+            if results is not None and rank == 0:
+                results.save_block(b, part)
+            parts.append(part)
+            if on_block is not None:
+                on_block(b)
+        for _ in steps:  # close the bar
+            pass
+        return concat_rows(parts)
+
+    @staticmethod
+    def _gather(part: TopK) -> list[TopK]:
+        """Every rank's candidates, in rank order (each rank covers a later id range)."""
+        width = torch.tensor([part.helpful_ids.shape[1]], device=part.helpful_ids.device)
+        sizes = all_gather_blocks(width, 0)
+        fields = [all_gather_blocks(getattr(part, f), dim=1) for f in TopK.__dataclass_fields__]
+        out, start = [], 0
+        for width in sizes.tolist():
+            out.append(TopK(*(t[:, start : start + width] for t in fields)))
+            start += width
+        return out
+
+    def self_influence(
+        self, indices: Sequence[int] | Tensor | None = None, preconditioner: Preconditioner | None = None
+    ) -> Tensor:
+        """Self-influence ``(c,)``: ``(1/n) P grad loss(z_i) . M Pg_i`` from the stored gradients.
+
+        ``M`` is the preconditioner in projected space (``ProjectedFisher`` by default, or
+        ``NoPreconditioner``); ``P grad loss = Pg_i - P grad Omega``.
+        """
+        pre = ProjectedFisher() if preconditioner is None else preconditioner
+        reg = self.regularizer()
+        if indices is not None:
+            x = self.gradients(indices)
+            return ((x - reg) * pre.apply(self, x)).sum(1) / self.n
+        parts = []
+        for j in self._my_chunks():
+            x = self._rows(j)
+            parts.append(((x - reg) * pre.apply(self, x)).sum(1) / self.n)
+        local = torch.cat(parts) if parts else reg.new_zeros(0)
+        return all_gather_blocks(local, dim=0) if self.influence.distributed else local

@@ -1,0 +1,380 @@
+"""The gradient index: exact against Influence with k = p, streaming top-k against dense top-k,
+a crash-safe, resumable, fingerprinted store, and checkpointed queries."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from influencer import Exact, Identity, Influence, top_k
+from influencer.errors import ConfigError, DataError, IndefiniteHessianError, NonFiniteError
+from influencer.index import (
+    EstimatorPreconditioner,
+    GaussianProjector,
+    GradientIndex,
+    IdentityProjector,
+    IndexStoreError,
+    KroneckerProjector,
+    NoPreconditioner,
+    ProjectedFisher,
+    Projection,
+    Projector,
+    QueryResult,
+)
+from influencer.index.topk import RunningTopK, merge_ranked
+
+F64 = torch.float64
+DAMPING = 1e-3
+
+
+@pytest.fixture(autouse=True)
+def _threads(one_thread):
+    yield
+
+
+@pytest.fixture(scope="module")
+def problem(digits_small, mlp_small):
+    """The tanh MLP (p = 910) on 300 digits, 20 test digits, float64."""
+    model, task = mlp_small
+    inf = Influence(model, task, digits_small.train, estimator=Identity(), batch_size=64)
+    return inf, digits_small.test
+
+
+@pytest.fixture(scope="module")
+def exact_store(problem, tmp_path_factory):
+    inf, _ = problem
+    return GradientIndex.build(
+        inf, tmp_path_factory.mktemp("exact"), IdentityProjector(dtype="float64"), chunk=70
+    )
+
+
+def empirical_fisher_scores(inf: Influence, test) -> torch.Tensor:
+    """Dense reference: (1/n) grad f^T (G^T G / n + damping I)^-1 G^T."""
+    g = torch.cat([x for _, x in inf.train_gradients()])  # (n, p)
+    fisher = g.T @ g / inf.n + DAMPING * torch.eye(inf.p, dtype=F64)
+    return inf.gradients(test) @ torch.linalg.solve(fisher, g.T) / inf.n
+
+
+def stable_top_k(scores: torch.Tensor, k: int):
+    """Reference top-k with ties broken by the smaller id (stable sorts of the full rows)."""
+    helpful = torch.sort(scores, dim=1, descending=True, stable=True)
+    harmful = torch.sort(scores, dim=1, descending=False, stable=True)
+    return helpful.indices[:, :k], helpful.values[:, :k], harmful.indices[:, :k], harmful.values[:, :k]
+
+
+# ---- exact with k = p ---------------------------------------------------------------------------
+
+
+def test_identity_projection_gives_influence_scores(problem, exact_store):
+    inf, test = problem
+    reference = inf.fit().scores(test)
+    got = exact_store.scores(test, preconditioner=NoPreconditioner(), block=7)
+    assert float((got - reference).abs().max()) <= 1e-8 * float(reference.abs().max())
+    # self-influence subtracts the regulariser's gradient from the stored objective gradients
+    torch.testing.assert_close(
+        exact_store.self_influence(preconditioner=NoPreconditioner()), inf.self_influence(), rtol=1e-8, atol=0
+    )
+    cols = [5, 299, 0, 71]
+    torch.testing.assert_close(
+        exact_store.scores(test, cols, NoPreconditioner()), reference[:, cols], rtol=1e-10, atol=0
+    )
+
+
+def test_estimator_before_projection_gives_exact_gauss_newton_scores(problem, exact_store):
+    inf, test = problem
+    exact = inf.replace(estimator=Exact(damping=DAMPING), curvature="gauss_newton").fit()
+    index = GradientIndex.open(
+        exact_store.path, exact
+    )  # same gradients: the curvature is not in the fingerprint
+    reference = exact.scores(test)
+    got = index.scores(test, preconditioner=EstimatorPreconditioner())
+    assert float((got - reference).abs().max()) <= 1e-8 * float(reference.abs().max())
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class OrthogonalProjector(Projector):
+    """A random rotation of the whole parameter space (k = p): projected-space curvature must
+    give the same scores as the unprojected one."""
+
+    kind = "test-orthogonal"
+
+    def bind(self, fn):
+        return _Rotation(fn.p)
+
+
+class _Rotation(Projection):
+    def __init__(self, p: int) -> None:
+        gen = torch.Generator().manual_seed(0)
+        self.q = torch.linalg.qr(torch.randn(p, p, generator=gen, dtype=F64))[0]
+        self.k = self.p = p
+        self.info = {"k": p}
+
+    def project(self, grads):
+        return grads @ self.q.T
+
+
+@pytest.mark.parametrize(
+    "projector", [IdentityProjector(dtype="float64"), OrthogonalProjector(dtype="float64")]
+)
+def test_projected_fisher_with_k_equal_p_is_the_exact_empirical_fisher(problem, tmp_path, projector):
+    inf, test = problem
+    index = GradientIndex.build(inf, tmp_path, projector, chunk=128)
+    reference = empirical_fisher_scores(inf, test)
+    got = index.scores(test, preconditioner=ProjectedFisher(damping=DAMPING, relative_damping=0))
+    assert float((got - reference).abs().max()) <= 1e-8 * float(reference.abs().max())
+
+
+def test_kronecker_store_holds_projected_gradients(problem, tmp_path):
+    inf, test = problem
+    index = GradientIndex.build(inf, tmp_path, KroneckerProjector(k_in=8, k_out=4, dtype="float64"), chunk=64)
+    g = torch.cat([x for _, x in inf.train_gradients()])
+    expected = index.projection.project(g)
+    torch.testing.assert_close(index.gradients(), expected, rtol=0, atol=1e-12 * float(expected.abs().max()))
+    torch.testing.assert_close(index.gradients([299, 3]), expected[[299, 3]], rtol=0, atol=1e-12)
+    fisher = expected.T @ expected / inf.n
+    torch.testing.assert_close(index.fisher(), fisher, rtol=1e-10, atol=1e-14)
+    # scores are projected gradient dot products with the library's sign and 1/n
+    projected_test = index.projection.project(inf.gradients(test))
+    got = index.scores(test, preconditioner=NoPreconditioner())
+    want = projected_test @ expected.T / inf.n
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-14)
+    # the projected Fisher: whole, or block-diagonal over the layers, each block damped by its own scale
+    full = fisher + 0.3 * fisher.trace() / index.k * torch.eye(index.k, dtype=F64)
+    layers = torch.zeros_like(fisher)
+    assert [name for name, _, _ in index.projection.blocks] == ["0", "2"]
+    for _, a, b in index.projection.blocks:
+        block = fisher[a:b, a:b]
+        layers[a:b, a:b] = block + (1e-4 + 0.3 * block.trace() / (b - a)) * torch.eye(b - a, dtype=F64)
+    for blocks, matrix, damping in (("full", full, 0.0), ("layers", layers, 1e-4)):
+        pre = ProjectedFisher(damping=damping, relative_damping=0.3, blocks=blocks)
+        want = torch.linalg.solve(matrix, projected_test.T).T @ expected.T / inf.n
+        got = index.scores(test, preconditioner=pre)
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-10 * float(want.abs().max()))
+
+
+# ---- streaming top-k ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("chunk", "block"), [(5, 2), (7, 3), (64, 20), (330, 50)])
+def test_streaming_top_k_equals_dense_top_k(problem, tmp_path, chunk, block):
+    inf, test = problem
+    # duplicated training examples score exactly alike: ties must come out in id order
+    x, y = inf.train.tree
+    dup = torch.tensor([3, 3, 10, 250, 10, 41] * 5)
+    tied = inf.replace(train=(torch.cat([x, x[dup]]), torch.cat([y, y[dup]])))
+    index = GradientIndex.build(tied, tmp_path, GaussianProjector(k=64, dtype="float64"), chunk=chunk)
+    pre = ProjectedFisher(relative_damping=0.05)
+    dense = index.scores(test, preconditioner=pre, block=block)  # (20, 330), the same arithmetic
+    for k in (1, 12):
+        got = index.top_k(test, k, block=block, preconditioner=pre)
+        hi, hv, bi, bv = stable_top_k(dense, k)
+        assert torch.equal(got.helpful_ids, hi) and torch.equal(got.harmful_ids, bi)
+        assert torch.equal(got.helpful_scores, hv) and torch.equal(got.harmful_scores, bv)
+        plain = top_k(dense, k)  # the library's dense top-k agrees on the values
+        assert torch.equal(got.helpful_scores, plain.helpful_scores)
+        assert torch.equal(got.harmful_scores, plain.harmful_scores)
+    all_ = index.top_k(test, 10_000, block=block, preconditioner=pre)  # k is capped at n
+    assert all_.helpful_ids.shape == (20, 330)
+    assert torch.equal(all_.helpful_ids.sort(1).values, torch.arange(330).expand(20, -1))
+
+
+# ---- the store on disk --------------------------------------------------------------------------
+
+
+class StopBuildError(Exception):
+    pass
+
+
+def stop_after(count: int):
+    seen = []
+
+    def callback(j: int) -> None:
+        seen.append(j)
+        if len(seen) == count:
+            raise StopBuildError
+
+    return callback
+
+
+def files_of(root: Path) -> dict[str, bytes]:
+    return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_interrupted_build_resumes_to_the_same_bytes(problem, tmp_path):
+    inf, test = problem
+    projector = KroneckerProjector(k_in=6, k_out=5, seed=3)  # float32 storage
+    whole = GradientIndex.build(inf, tmp_path / "whole", projector, chunk=40)
+    with pytest.raises(StopBuildError):
+        GradientIndex.build(inf, tmp_path / "resumed", projector, chunk=40, on_chunk=stop_after(3))
+    with pytest.raises(IndexStoreError, match=r"unfinished \(3 of 8 chunks\).*resume it"):
+        GradientIndex.open(tmp_path / "resumed", inf)
+    recomputed = []
+    resumed = GradientIndex.build(inf, tmp_path / "resumed", projector, chunk=40, on_chunk=recomputed.append)
+    assert recomputed == [3, 4, 5, 6, 7]
+    assert files_of(tmp_path / "whole") == files_of(tmp_path / "resumed")
+    assert not list((tmp_path / "resumed" / "chunks").glob("*.json"))  # records merged into the manifest
+    # a complete store is reused as it is
+    again = []
+    GradientIndex.build(inf, tmp_path / "resumed", projector, chunk=40, on_chunk=again.append)
+    assert again == []
+    torch.testing.assert_close(resumed.top_k(test, 5).helpful_scores, whole.top_k(test, 5).helpful_scores)
+    # a damaged chunk is refused on open and recomputed (alone) by build
+    (tmp_path / "resumed" / "chunks" / "000002.npy").write_bytes(b"garbage")
+    with pytest.raises(IndexStoreError, match=r"chunk 2 .* missing or damaged"):
+        GradientIndex.open(tmp_path / "resumed", inf)
+    redone = []
+    GradientIndex.build(inf, tmp_path / "resumed", projector, chunk=40, on_chunk=redone.append)
+    assert redone == [2]
+    assert files_of(tmp_path / "whole") == files_of(tmp_path / "resumed")
+    GradientIndex.open(tmp_path / "resumed", inf, verify=True)
+
+
+def test_changed_inputs_are_refused_with_what_changed(problem, tmp_path):
+    inf, _ = problem
+    projector = GaussianProjector(k=16)
+    GradientIndex.build(inf, tmp_path, projector, chunk=100)
+    moved = inf.replace(theta=inf.theta + 1e-3)
+    with pytest.raises(
+        IndexStoreError, match=r"another model, data or task \(model\.state\).*overwrite=True"
+    ):
+        GradientIndex.open(tmp_path, moved)
+    with pytest.raises(IndexStoreError, match=r"other inputs \(.*projector\.k 16 -> 32.*\).*overwrite=True"):
+        GradientIndex.build(inf, tmp_path, GaussianProjector(k=32), chunk=100)
+    with pytest.raises(IndexStoreError, match=r"chunk 100 -> 50"):
+        GradientIndex.build(inf, tmp_path, projector, chunk=50)
+    with pytest.raises(IndexStoreError, match=r"another projector \(seed 0 -> 1\)"):
+        GradientIndex.open(tmp_path, inf, projector=GaussianProjector(k=16, seed=1))
+    rebuilt = GradientIndex.build(moved, tmp_path, projector, chunk=100, overwrite=True)
+    assert GradientIndex.open(tmp_path, moved).fingerprint == rebuilt.fingerprint
+
+
+def test_store_directory_errors(problem, tmp_path):
+    inf, _ = problem
+    blocker = tmp_path / "a-file"
+    blocker.write_text("x")
+    with pytest.raises(
+        IndexStoreError, match=r"cannot write the index directory .*choose a writable directory"
+    ):
+        GradientIndex.build(inf, blocker / "index", GaussianProjector(k=4))
+    with pytest.raises(IndexStoreError, match=r"exists and is not a directory"):
+        GradientIndex.build(inf, blocker, GaussianProjector(k=4))
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("mine")
+    with pytest.raises(IndexStoreError, match=r"not empty and holds no manifest.json.*notes.txt"):
+        GradientIndex.build(inf, foreign, GaussianProjector(k=4))
+    with pytest.raises(IndexStoreError, match=r"holds no gradient index.*GradientIndex.build"):
+        GradientIndex.open(tmp_path / "nothing", inf)
+    with pytest.raises(ConfigError, match=r"chunk must be a positive integer"):
+        GradientIndex.build(inf, tmp_path / "x", GaussianProjector(k=4), chunk=0)
+    # nothing is pickled: every array loads with allow_pickle=False
+    GradientIndex.build(inf, tmp_path / "ok", GaussianProjector(k=4), chunk=128)
+    for path in (tmp_path / "ok").rglob("*.npy"):
+        np.load(path, allow_pickle=False)
+
+
+def test_bad_queries_and_inputs_are_refused(problem, exact_store, tmp_path):
+    inf, test = problem
+    with pytest.raises(DataError, match=r"do not match the training data"):
+        exact_store.top_k(torch.zeros(3, 5, dtype=F64), 2)
+    with pytest.raises(ConfigError, match=r"k must be a positive integer"):
+        exact_store.top_k(test, 0)
+    with pytest.raises(ConfigError, match=r"block must be a positive integer"):
+        exact_store.top_k(test, 3, block=0)
+    with pytest.raises(ConfigError, match=r"blocks must be 'layers' or 'full'"):
+        ProjectedFisher(blocks="diagonal")
+    # k = p = 910 > n = 300: the empirical Fisher is singular without damping
+    with pytest.raises(IndefiniteHessianError, match=r"projected Fisher \(k=910, n=300\).*relative_damping"):
+        exact_store.scores(test, preconditioner=ProjectedFisher(relative_damping=0))
+    with pytest.raises(ConfigError, match=r"call fit\(\)"):
+        GradientIndex.open(exact_store.path, inf.replace()).scores(
+            test, preconditioner=EstimatorPreconditioner()
+        )
+    bare = GradientIndex.build(inf, tmp_path / "bare", GaussianProjector(k=8), fisher=False)
+    with pytest.raises(ConfigError, match=r"built with fisher=False.*NoPreconditioner"):
+        bare.top_k(test, 3)
+    with pytest.raises(ConfigError, match=r"no projected-space form"):
+        bare.self_influence(preconditioner=EstimatorPreconditioner())
+    x, y = inf.train.tree
+    broken = x.clone()
+    broken[[4, 9, 150]] = float("nan")
+    with pytest.raises(NonFiniteError, match=r"example\(s\) \[4, 9\]"):
+        GradientIndex.build(
+            inf.replace(train=(broken, y)), tmp_path / "nan", GaussianProjector(k=8), chunk=100
+        )
+    with pytest.raises(NonFiniteError, match=r"measurement gradient .* example\(s\) \[1\]"):
+        bare.top_k((broken[149:152], y[149:152]), 3, preconditioner=NoPreconditioner())
+
+
+# ---- checkpointed queries -----------------------------------------------------------------------
+
+
+def test_interrupted_query_resumes_from_its_checkpoint(problem, tmp_path, capsys):
+    inf, test = problem
+    index = GradientIndex.build(inf, tmp_path / "index", GaussianProjector(k=32), chunk=50, progress=True)
+    pre = ProjectedFisher(relative_damping=0.1)
+    whole = index.top_k(test, 6, block=3, preconditioner=pre)
+    ckpt = tmp_path / "query"
+    with pytest.raises(StopBuildError):
+        index.top_k(test, 6, block=3, preconditioner=pre, checkpoint=ckpt, on_block=stop_after(4))
+    partial = QueryResult.open(ckpt)
+    assert partial.done == [0, 1, 2, 3] and not partial.complete
+    with pytest.raises(IndexStoreError, match=r"finished 4 of 7 test blocks"):
+        partial.top_k()
+    redone = []
+    got = index.top_k(
+        test, 6, block=3, preconditioner=pre, checkpoint=ckpt, on_block=redone.append, progress=True
+    )
+    assert redone == [4, 5, 6]
+    stored = QueryResult.open(ckpt).top_k()
+    for field in ("helpful_ids", "helpful_scores", "harmful_ids", "harmful_scores"):
+        assert torch.equal(getattr(got, field), getattr(whole, field))
+        assert torch.equal(getattr(stored, field), getattr(whole, field))
+    with pytest.raises(IndexStoreError, match=r"results of another query \(.*k 6 -> 4.*overwrite=True"):
+        index.top_k(test, 4, block=3, preconditioner=pre, checkpoint=ckpt)
+    with pytest.raises(IndexStoreError, match=r"preconditioner.relative_damping 0.1 -> 0.2"):
+        index.top_k(test, 6, block=3, preconditioner=ProjectedFisher(relative_damping=0.2), checkpoint=ckpt)
+    other = index.top_k(test, 4, block=3, preconditioner=pre, checkpoint=ckpt, overwrite=True)
+    assert torch.equal(other.helpful_ids, whole.helpful_ids[:, :4])
+    assert "index: top-k" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("ties", [True, False])
+def test_running_top_k_breaks_ties_by_id_for_any_blocking(ties):
+    gen = torch.Generator().manual_seed(0)
+    if ties:  # many exact ties, also at blocks' k-th values (all columns are merged then)
+        scores = torch.randint(-3, 4, (5, 40), generator=gen).double()
+    else:  # each block's own top k is selected without sorting it
+        scores = torch.randn(5, 40, generator=gen, dtype=F64)
+    hi, hv, bi, bv = stable_top_k(scores, 9)
+    for width in (1, 3, 7, 20, 40):
+        running = RunningTopK(5, 9, F64, "cpu")
+        for start in range(0, 40, width):
+            running.add(scores[:, start : start + width], torch.arange(start, min(start + width, 40)))
+        got = running.result()
+        assert torch.equal(got.helpful_ids, hi) and torch.equal(got.helpful_scores, hv)
+        assert torch.equal(got.harmful_ids, bi) and torch.equal(got.harmful_scores, bv)
+        # merging the lists of consecutive id ranges (as ranks do) gives the same
+        parts = []
+        for start in range(0, 40, 13):
+            part = RunningTopK(5, 9, F64, "cpu")
+            part.add(scores[:, start : start + 13], torch.arange(start, min(start + 13, 40)))
+            parts.append(part.result())
+        merged = merge_ranked(parts, 9)
+        assert torch.equal(merged.helpful_ids, hi) and torch.equal(merged.harmful_ids, bi)
+
+
+def test_half_precision_storage(problem, tmp_path):
+    inf, test = problem
+    full = GradientIndex.build(inf, tmp_path / "64", GaussianProjector(k=48, dtype="float64"), chunk=128)
+    half = GradientIndex.build(inf, tmp_path / "16", GaussianProjector(k=48, dtype="float16"), chunk=128)
+    assert torch.equal(half.gradients(), full.gradients().half().double())  # rounded once, when stored
+    assert (tmp_path / "16" / "chunks" / "000000.npy").stat().st_size < 0.3 * (
+        tmp_path / "64" / "chunks" / "000000.npy"
+    ).stat().st_size
+    a, b = half.scores(test), full.scores(test)
+    assert float((a - b).abs().max()) < 1e-2 * float(b.abs().max())

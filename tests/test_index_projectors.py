@@ -1,0 +1,215 @@
+"""Random projections of gradients: the Kronecker one equals (P_out ⊗ P_in) of the explicit
+per-example gradient, and every random projection preserves inner products in expectation."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from influencer import ClassificationTask, Influence
+from influencer.errors import ConfigError
+from influencer.index import (
+    GaussianProjector,
+    IdentityProjector,
+    KroneckerProjector,
+    RademacherProjector,
+)
+from influencer.index import projectors as projectors_module
+from influencer.index.registry import projector_from_settings
+from influencer.models import MLP
+from influencer.models.networks import SmallCNN
+
+F64 = torch.float64
+
+
+@pytest.fixture(autouse=True)
+def _threads(one_thread):
+    yield
+
+
+class InPlace(nn.Module):
+    """A layer whose output is edited in place by the next op (ReLU(inplace=True)) and a layer
+    called twice: the capture must still see the right output gradients."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(6, 5)
+        self.act = nn.ReLU(inplace=True)
+        self.b = nn.Linear(5, 5)
+        self.head = nn.Linear(5, 3)
+
+    def forward(self, x):
+        h = self.act(self.a(x))
+        return self.head(torch.tanh(self.b(torch.tanh(self.b(h)))))
+
+
+def kron_matrix(projection) -> torch.Tensor:
+    """The dense ``(k, p)`` matrix ``blockdiag_l(P_out,l ⊗ P_in,l)`` scattered to the layers' indices."""
+    m = torch.zeros(projection.k, projection.p, dtype=F64)
+    for i, (layer, (p_out, p_in)) in enumerate(zip(projection.layers, projection.factors, strict=True)):
+        m[projection.offsets[i] : projection.offsets[i + 1], layer.index] = torch.kron(p_out, p_in)
+    return m
+
+
+CASES = {
+    "mlp": (lambda: MLP(8, (7,), 4), (8,), None),
+    "mlp-weight-only-first-layer": (lambda: MLP(8, (7,), 4), (8,), ["0.weight", "2"]),
+    "cnn": (lambda: SmallCNN(num_classes=4, channels=3), (1, 8, 8), None),
+    "in-place-and-shared": (InPlace, (6,), None),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_kronecker_projection_equals_dense_kron_of_explicit_gradients(case):
+    build, shape, params = CASES[case]
+    torch.manual_seed(0)
+    model = build().double()
+    x = torch.randn(11, *shape, dtype=F64)
+    y = torch.randint(0, 3, (11,))
+    inf = Influence(model, ClassificationTask(weight_decay=1e-2), (x, y), params=params)
+    fn = inf.fn
+    projection = KroneckerProjector(k_in=4, k_out=3, seed=5, dtype="float64").bind(fn)
+    dense = kron_matrix(projection)
+    batch = fn.prepare((x, y))
+    for kind, explicit in (
+        ("loss", fn.loss_grads(inf.theta, batch)),
+        ("measurement", fn.measurement_grads(inf.theta, batch)),
+    ):
+        expected = explicit @ dense.T  # (B, k)
+        scale = float(expected.abs().max())
+        for _ in range(2):  # the first call checks the layer model; later ones differentiate outputs only
+            got = projection.gradients(fn, inf.theta, batch, kind)
+            assert float((got - expected).abs().max()) <= 1e-10 * scale, kind
+        assert float((projection.project(explicit) - expected).abs().max()) <= 1e-10 * scale
+    # each layer's dims are capped at its own: the head of the MLP has d_out = 4 > k_out = 3
+    assert projection.k == sum(d["k_out"] * d["k_in"] for d in projection.info["layers"])
+
+
+def inner_products(project, x: torch.Tensor, y: torch.Tensor, seeds: range) -> torch.Tensor:
+    out = []
+    for s in seeds:
+        px, py = project(s, torch.stack([x, y]))
+        out.append(float(px @ py))
+    return torch.tensor(out, dtype=F64)
+
+
+@pytest.mark.parametrize("kind", ["gaussian", "rademacher", "kronecker"])
+def test_projected_inner_products_are_unbiased(kind):
+    torch.manual_seed(1)
+    model = nn.Linear(20, 15).double()  # p = 15 * 21 = 315
+    inf = Influence(
+        model, ClassificationTask(), (torch.randn(4, 20, dtype=F64), torch.zeros(4, dtype=torch.long))
+    )
+    p, k = inf.p, 12
+    x = torch.randn(p, dtype=F64)
+    y = 0.6 * x + torch.randn(p, dtype=F64)  # correlated, so <x, y> is far from 0
+    exact = float(x @ y)
+
+    def project(seed: int, g: torch.Tensor) -> torch.Tensor:
+        if kind == "kronecker":
+            projector = KroneckerProjector(k_in=4, k_out=3, seed=seed, dtype="float64")
+        else:
+            cls = GaussianProjector if kind == "gaussian" else RademacherProjector
+            projector = cls(k=k, seed=seed, dtype="float64")
+        return projector.bind(inf.fn).project(g)
+
+    seeds = range(400)
+    est = inner_products(project, x, y, seeds)
+    # The mean over S independent draws has standard error sqrt(Var / S); 5 of them bound it.
+    if kind == "gaussian":
+        var = (float(x @ x) * float(y @ y) + exact**2) / k
+    elif kind == "rademacher":
+        var = (float(x @ x) * float(y @ y) + exact**2 - 2 * float((x * x) @ (y * y))) / k
+    else:
+        var = float(est.var())  # no simple closed form for the Kronecker product of two draws
+    if kind != "kronecker":
+        # the draws really are independent and scaled by 1/sqrt(k): their spread matches theory
+        assert 0.7 < float(est.var()) / var < 1.4
+    assert abs(float(est.mean()) - exact) < 5 * math.sqrt(var / len(seeds))
+    # and not trivially: one draw is off by far more than that bound
+    assert float((est - exact).abs().max()) > 5 * math.sqrt(var / len(seeds))
+
+
+def test_dense_projection_regenerated_in_blocks_equals_cached(monkeypatch):
+    torch.manual_seed(0)
+    inf = Influence(
+        MLP(8, (7,), 4).double(),
+        ClassificationTask(),
+        (torch.randn(3, 8, dtype=F64), torch.zeros(3, dtype=torch.long)),
+    )
+    g = torch.randn(5, inf.p, dtype=F64)
+    monkeypatch.setattr(projectors_module, "ROWS_PER_SEED", 16)  # p = 95: several seeded blocks
+    cached = GaussianProjector(k=10, seed=3).bind(inf.fn)
+    monkeypatch.setattr(projectors_module, "CACHE_BYTES", 0)
+    blocked = GaussianProjector(k=10, seed=3).bind(inf.fn)
+    assert cached._cached is not None and blocked._cached is None
+    assert torch.equal(cached.matrix(), blocked.matrix())
+    torch.testing.assert_close(blocked.project(g), cached.project(g), rtol=1e-13, atol=0)
+    torch.testing.assert_close(cached.project(g), g @ cached.matrix().T, rtol=1e-13, atol=0)
+    other = GaussianProjector(k=10, seed=4).bind(inf.fn)
+    assert not torch.equal(other.matrix(), cached.matrix())
+
+
+def test_projector_settings_round_trip_and_identity():
+    for projector in (
+        GaussianProjector(k=7, seed=2),
+        RademacherProjector(k=3, dtype="float16"),
+        KroneckerProjector(k_in=5, k_out=2, distribution="rademacher"),
+        IdentityProjector(dtype="float64"),
+    ):
+        assert projector_from_settings(projector.settings()) == projector
+    inf = Influence(
+        nn.Linear(3, 2).double(),
+        ClassificationTask(),
+        (torch.randn(2, 3, dtype=F64), torch.zeros(2, dtype=torch.long)),
+    )
+    g = torch.randn(4, inf.p, dtype=F64)
+    assert torch.equal(IdentityProjector().bind(inf.fn).project(g), g)
+
+
+@pytest.mark.parametrize(
+    ("make", "match"),
+    [
+        (lambda: GaussianProjector(k=0), r"k must be a positive integer"),
+        (lambda: RademacherProjector(k=-3), r"k must be a positive integer"),
+        (lambda: KroneckerProjector(k_in=0), r"k_in must be a positive integer"),
+        (lambda: KroneckerProjector(distribution="uniform"), r"'gaussian' or 'rademacher'"),
+        (lambda: GaussianProjector(dtype="bfloat16"), r"dtype must be one of"),
+        (lambda: projector_from_settings({"kind": "sketchy"}), r"unknown projector kind 'sketchy'"),
+    ],
+)
+def test_invalid_projector_settings(make, match):
+    with pytest.raises(ConfigError, match=match):
+        make()
+
+
+def test_projector_errors_against_the_model():
+    inf = Influence(
+        nn.Linear(3, 2).double(),
+        ClassificationTask(),
+        (torch.randn(2, 3, dtype=F64), torch.zeros(2, dtype=torch.long)),
+    )
+    with pytest.raises(
+        ConfigError, match=r"k=9 exceeds the number of chosen parameters p=8.*IdentityProjector"
+    ):
+        GaussianProjector(k=9).bind(inf.fn)
+
+    class WithEmbedding(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.emb = nn.Embedding(5, 3)
+            self.fc = nn.Linear(3, 2)
+
+        def forward(self, x):
+            return self.fc(self.emb(x))
+
+    inf = Influence(
+        WithEmbedding().double(), ClassificationTask(), (torch.tensor([1, 2]), torch.tensor([0, 1]))
+    )
+    with pytest.raises(
+        ConfigError, match=r"KroneckerProjector: .*emb.weight.*GaussianProjector works for any"
+    ):
+        KroneckerProjector().bind(inf.fn)
