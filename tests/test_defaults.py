@@ -8,7 +8,8 @@ import re
 import pytest
 import torch
 
-from influencer import CG, IndefiniteHessianError, Influence
+from influencer import CG, Influence
+from influencer.errors import IndefiniteHessianError
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

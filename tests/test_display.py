@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from explain_support import WordTokenizer, tabular_job, text_job
-from influencer import Exact, Influence, PerturbationInfluence
+from influencer import Exact, Influence
 from influencer.app.config import ExplainConfig
 from influencer.app.display import (
     GenericDisplay,
@@ -25,6 +25,7 @@ from influencer.app.display import (
 from influencer.app.jobs import Job
 from influencer.app.pipeline import explain
 from influencer.errors import ConfigError
+from influencer.uses import PerturbationInfluence
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 HOSTILE = "<script>alert('x')</script>&\"'"

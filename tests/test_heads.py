@@ -8,7 +8,8 @@ import torch
 from torch import nn
 
 from explain_support import _text_data, tiny_bert
-from influencer import ClassificationTask, Exact, Influence, RegressionTask, TaskError
+from influencer import ClassificationTask, Exact, Influence, RegressionTask
+from influencer.errors import TaskError
 from influencer.heads import Head, original_batch
 from influencer.models import SmallCNN
 from influencer.paper.datasets import load_digits
