@@ -98,6 +98,7 @@ def test_toml_config_with_flag_overrides(tmp_path, task_module):
         (["--test-ids", "1,x"], "expected comma-separated integers"),
         (["--test-ids", "999"], "out of range: the test set has 20"),
         (["--curvature", "fisher"], "'fisher' is not one of 'hessian', 'gauss_newton'"),
+        (["--head", "clasifier"], "the model has no module named 'clasifier'"),
     ],
 )
 def test_clear_errors(tmp_path, task_module, args, message):
@@ -142,3 +143,20 @@ def test_help_lists_the_options():
     ):
         assert flag in result.output
     assert CliRunner().invoke(cli, ["--version"]).output.startswith("influencer, version")
+
+
+def test_head_flag_computes_influence_over_the_head_on_cached_features(tmp_path, task_module):
+    base = ["explain", "--task", task_module, "--quiet", "--test-ids", "0,3", "--estimator", "exact"]
+    head = CliRunner().invoke(cli, [*base, "--out", str(tmp_path / "head"), "--head", "1"])
+    full = CliRunner().invoke(cli, [*base, "--out", str(tmp_path / "full"), "--params", "1"])
+    assert head.exit_code == 0 and full.exit_code == 0, head.output + full.output
+    a, b = (json.loads((tmp_path / d / "summary.json").read_text()) for d in ("head", "full"))
+    assert (
+        a["head"] == "1"
+        and b["head"] is None
+        and a["parameters"] == b["parameters"] == ["1.weight", "1.bias"]
+    )
+    for x, y in zip(a["tests"], b["tests"], strict=True):
+        assert x["helpful_ids"] == y["helpful_ids"] and x["harmful_ids"] == y["harmful_ids"]
+        assert x["helpful_scores"] == pytest.approx(y["helpful_scores"], rel=1e-8)
+    assert "features: the network ran once" in (tmp_path / "head" / "explain.log").read_text()

@@ -151,6 +151,7 @@ def test_lissa_minibatches_from_the_resident_set_equal_fresh_ones(digits_small, 
 @pytest.mark.parametrize(
     "estimator", [CG(damping=0.01, tol=1e-10), Arnoldi(rank=40, iterations=80, damping=0.01)]
 )
+@pytest.mark.filterwarnings("ignore:Arnoldi with rank:RuntimeWarning")  # rank 40 of 650, on purpose
 def test_iterative_solvers_give_the_same_answer_in_both_modes(digits_small, logistic_small, estimator):
     model, task = logistic_small
     fn = ModelFunction(model, task)
