@@ -47,6 +47,8 @@ def test_text_display_decodes_without_padding_and_trims_long_texts():
     shown = re.search(r'<div class="text" title="([^"]*)">([^<]*)</div>', trimmed)
     assert shown.group(1) == long and shown.group(2).endswith("\u2026") and len(shown.group(2)) == 40
     assert f'<div class="full">{long}</div>' in trimmed and "62 tokens" in trimmed
+    capped = TextDisplay(tok, max_tokens=10).html(batch)[1]
+    assert capped.count('class="tok"') == 10 and "\u2026 52 more" in capped
     assert "<b>" not in hostile and "&lt;b&gt;bold&lt;/b&gt;" in hostile
 
 

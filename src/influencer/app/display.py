@@ -142,6 +142,7 @@ class TextDisplay(Display):
         pad_id: the padding token's id, removed when the batch has no attention mask (default:
             the tokenizer's ``pad_token_id``).
         max_chars: characters shown before the ellipsis.
+        max_tokens: tokens listed in the expandable element (the rest are counted).
     """
 
     kind = "text"
@@ -156,6 +157,7 @@ class TextDisplay(Display):
         mask_key: str = "attention_mask",
         pad_id: int | None = None,
         max_chars: int = 120,
+        max_tokens: int = 256,
     ) -> None:
         if sum(x is not None for x in (tokenizer, decode, texts)) > 1:
             raise ConfigError("TextDisplay takes one of tokenizer, decode or texts")
@@ -165,8 +167,10 @@ class TextDisplay(Display):
             )
         if max_chars < 8:
             raise ConfigError(f"TextDisplay.max_chars must be >= 8, got {max_chars}")
+        if max_tokens < 1:
+            raise ConfigError(f"TextDisplay.max_tokens must be >= 1, got {max_tokens}")
         self.tokenizer, self.decode, self.texts = tokenizer, decode, texts
-        self.key, self.mask_key, self.max_chars = key, mask_key, max_chars
+        self.key, self.mask_key, self.max_chars, self.max_tokens = key, mask_key, max_chars, max_tokens
         self.pad_id = pad_id if pad_id is not None else getattr(tokenizer, "pad_token_id", None)
 
     def token_ids(self, batch: Batch) -> list[list[int]]:
@@ -215,7 +219,9 @@ class TextDisplay(Display):
         if trimmed:
             details.append(f'<div class="full">{esc(text)}</div>')
         if tokens is not None:
-            details.append("".join(f'<span class="tok">{esc(t)}</span>' for t in tokens))
+            details.append("".join(f'<span class="tok">{esc(t)}</span>' for t in tokens[: self.max_tokens]))
+            if len(tokens) > self.max_tokens:
+                details.append(f" \u2026 {len(tokens) - self.max_tokens} more")
         if details:
             what = f"{len(tokens)} tokens" if tokens is not None else f"full text ({len(text)} characters)"
             out += f'<details class="more"><summary>{what}</summary>{"".join(details)}</details>'
