@@ -316,6 +316,7 @@ class Influence:
         chunks = self.train.chunks(self.batch_size, idx)
         total = -(-len(idx) // self.batch_size)
         for ids, batch in progress_bar(chunks, desc, self.progress, total=total, unit="batch"):
+            self.fn.task.check_batch(batch, ids)
             g = self.fn.loss_grads(self.theta, self.fn.prepare(batch))
             yield ids, self._checked(g, ids, "training-loss")
 
@@ -327,6 +328,7 @@ class Influence:
         method = self.fn.measurement_grads if kind == "measurement" else self.fn.loss_grads
         out = []
         for ids, batch in ex.chunks(self.batch_size):
+            self.fn.task.check_batch(batch, ids)
             out.append(self._checked(method(self.theta, self.fn.prepare(batch)), ids, kind))
         return torch.cat(out)
 

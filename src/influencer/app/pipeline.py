@@ -29,6 +29,7 @@ import torch
 from influencer._kernel.errors import ConfigError
 from influencer._kernel.scores import TopK, top_k
 from influencer.app.cached import open_sections, scores_from_cache, test_directions
+from influencer.app.checks import check_finite_losses, check_job, influence_params
 from influencer.app.config import ExplainConfig
 from influencer.app.evaluation import choose_hessian_ids, choose_test_ids, evaluate
 from influencer.app.explanation import Explanation, names_text
@@ -100,9 +101,11 @@ def _run(config: ExplainConfig, job: Job | None, store: RunStore, device: torch.
                 job = digits_job(config, store, device) if config.task is None else load_job(config.task)
             job.model.to(device).eval()
         log.info("job: %s; %d training and %d test examples", job.name, len(job.train), len(job.test))
+        check_job(config, job, device)
 
         with clock("evaluate"):
             evaluation = evaluate(job, device, config)
+        check_finite_losses(evaluation.losses)
         if evaluation.accuracy is not None:
             log.info(
                 "test accuracy: %.2f%% (%d of %d)",
@@ -136,10 +139,7 @@ def _run(config: ExplainConfig, job: Job | None, store: RunStore, device: torch.
 
 def _influence(config: ExplainConfig, job: Job, device: torch.device) -> Influence:
     """The (unfitted) :class:`Influence` the settings describe."""
-    if config.params is None:
-        params = list(job.params) if job.params is not None else None
-    else:
-        params = None if config.params == ("all",) else list(config.params)
+    params = influence_params(config, job)
     estimator = config.make_estimator()
     inf = Influence(
         job.model,
