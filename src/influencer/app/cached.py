@@ -5,12 +5,14 @@ result depends on: the ``gradients`` section by ``settings()["gradients"]`` and 
 ``directions`` section by the whole of ``settings()``. Weights, model code and training data are
 components of their own (the log names which one changed); everything else is one ``settings``
 component whose details say which setting changed. A repeated run recomputes nothing, a changed
-input is recomputed, and an interrupted run resumes from its finished entries.
+input is recomputed, an input that cannot be fingerprinted is never served from the cache, and an
+interrupted run resumes from its finished entries.
 """
 
 from __future__ import annotations
 
 import logging
+import uuid
 from collections.abc import Mapping
 from typing import Any
 
@@ -20,7 +22,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from influencer._kernel.data import Examples
-from influencer._kernel.fingerprint import hash_json, hash_tensors
+from influencer._kernel.fingerprint import hash_json, hash_tensors, unverifiable
 from influencer._kernel.scores import removal_scores
 from influencer.app.logs import Stopwatch
 from influencer.app.store import RunStore, Section, jsonable
@@ -58,28 +60,33 @@ def cache_key(settings: Mapping[str, Any], **extra: Any) -> tuple[dict[str, str]
     return components, details
 
 
-def unreadable_code(settings: Mapping[str, Any]) -> list[str]:
-    """Classes of the model and task whose source cannot be read (a ``None`` digest in ``settings``)."""
-    gradients = settings["gradients"]
-    classes = {**gradients["model"]["classes"], **gradients["task"].get("classes", {})}
-    return [name for name, digest in classes.items() if digest is None]
-
-
 def open_sections(store: RunStore, inf: Influence, chunk: int) -> tuple[Section, Section]:
-    """The ``(directions, gradients)`` sections for ``inf``, with ``chunk`` examples per gradient entry."""
+    """The ``(directions, gradients)`` sections for ``inf``, with ``chunk`` examples per gradient entry.
+
+    When something the results depend on cannot be fingerprinted (a class whose source cannot be
+    read, a task attribute without a reproducible value), the cache cannot tell whether it changed
+    since the entries were written: they are not reused, and the log says why.
+    """
     settings = inf.settings()
-    unread = unreadable_code(settings)
-    if unread:
-        log.warning(
-            "cannot read the source code of %s (defined in a notebook, the REPL or generated code?), so "
-            "the cache cannot tell whether that code changed: after changing it, delete %s or choose "
-            "another output directory",
-            ", ".join(unread),
-            store.root,
-        )
     log.debug("cache fingerprints from Influence.settings(): %s", settings)
-    directions = store.section("directions", *cache_key(settings))
-    gradients = store.section("gradients", *cache_key({"gradients": settings["gradients"]}, chunk=chunk))
+    directions_key = cache_key(settings)
+    gradients_key = cache_key({"gradients": settings["gradients"]}, chunk=chunk)
+    unknown = unverifiable(settings["gradients"])
+    if unknown:
+        log.warning(
+            "not reusing cached gradients or solves: the cache cannot tell whether %s changed since "
+            "they were computed (%s); define such classes and functions in a .py file and give the "
+            "task plain attribute values to have them reused",
+            ", ".join(unknown),
+            "source code that Python cannot read: a notebook, the REPL or generated code?"
+            if any(not name.startswith("task attribute") for name in unknown)
+            else "a value without a reproducible fingerprint",
+        )
+        nonce = uuid.uuid4().hex  # differs from any recorded fingerprint: the entries are recomputed
+        for components, _ in (directions_key, gradients_key):
+            components["model code"] = f"unverifiable {nonce}"
+    directions = store.section("directions", *directions_key)
+    gradients = store.section("gradients", *gradients_key)
     return directions, gradients
 
 
