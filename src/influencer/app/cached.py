@@ -112,18 +112,28 @@ def test_directions(
     if missing:
         with clock("fit"):
             inf.fit()
-        bar = tqdm(total=len(missing), desc="inverse HVPs", unit="test", disable=not progress, leave=False)
-        for start in range(0, len(missing), SOLVE_GROUP):
-            group = missing[start : start + SOLVE_GROUP]
-            d = inf.test_directions(test.take(ids[group])).detach().cpu().numpy()  # (g, p)
-            for j, row in zip(group, d, strict=True):
-                section.save(keys[j], row)
-                out[j] = row
-            bar.update(len(group))
-        bar.close()
+        # closed (and cleared) on an error too, so the error's message starts a line of its own
+        with tqdm(
+            total=len(missing), desc="inverse HVPs", unit="test", disable=not progress, leave=False
+        ) as bar:
+            for start in range(0, len(missing), SOLVE_GROUP):
+                group = missing[start : start + SOLVE_GROUP]
+                d = inf.test_directions(test.take(ids[group])).detach().cpu().numpy()  # (g, p)
+                for j, row in zip(group, d, strict=True):
+                    section.save(keys[j], row)
+                    out[j] = row
+                bar.update(len(group))
         info = jsonable(getattr(inf.solver, "info", {}), limit=20)  # e.g. eigenvalue lists, cut short
+        if section.meta.get("solver", {}).get("converged") is False:  # earlier entries stay approximate
+            info["converged"] = False
         section.set_meta(solver=info)
         log.info("test directions: solved %d with %s %s", len(missing), inf.estimator.name, solver_text(info))
+    elif section.meta.get("solver", {}).get("converged") is False:
+        log.warning(
+            "the cached test directions come from a solve that did not converge %s, accepted with "
+            "on_unconverged='warn': the scores are approximate",
+            solver_text(section.meta["solver"]),
+        )
     return np.stack(out)  # type: ignore[arg-type]
 
 
@@ -164,12 +174,10 @@ def _scores(directions: Tensor, grads: Tensor, n: int) -> np.ndarray:
 
 
 def solver_text(info: Mapping[str, Any]) -> str:
-    """The numbers in a solver's ``info``, e.g. ``"(iterations 112, residual 8.1e-09)"``; "" if none."""
-    shown = {k: v for k, v in info.items() if isinstance(v, (int, float))}
-    if not shown:
-        return ""
-    return (
-        "("
-        + ", ".join(f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}" for k, v in shown.items())
-        + ")"
-    )
+    """The numbers in a solver's ``info``, e.g. ``"(iterations 112, residual 8.1e-09)"``, and
+    ``"NOT CONVERGED"`` for a solve accepted unconverged; "" if none."""
+    shown = {k: v for k, v in info.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    parts = [f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}" for k, v in shown.items()]
+    if info.get("converged") is False:
+        parts.append("NOT CONVERGED")
+    return "(" + ", ".join(parts) + ")" if parts else ""

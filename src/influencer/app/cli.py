@@ -75,6 +75,12 @@ def cli() -> None:
     help="Estimator option (repeatable), e.g. -o tol=1e-6 -o max_iter=500.",
 )
 @click.option(
+    "--on-unconverged",
+    type=click.Choice(["raise", "warn"]),
+    help="An iterative solve (cg, lissa) that does not converge: stop with an error, or accept it with a "
+    "warning in explain.log and summary.json.  [default: raise]",
+)
+@click.option(
     "--curvature", type=click.Choice(CURVATURES), help="Hessian or Gauss-Newton.  [default: hessian]"
 )
 @click.option(

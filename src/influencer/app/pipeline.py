@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from influencer._kernel.errors import ConfigError
+from influencer._kernel.errors import ConfigError, InfluencerError
 from influencer._kernel.scores import TopK, top_k
 from influencer.app.cached import open_sections, scores_from_cache, test_directions
 from influencer.app.checks import check_finite_losses, check_job, influence_params
@@ -83,17 +83,26 @@ def explain(config: ExplainConfig, job: Job | None = None, *, console: bool = Tr
     """Run the whole job (see the module docstring); ``job`` overrides ``config.task``."""
     device = resolve_device(config.device)
     run_dir = Path(config.out)
-    with RunStore(run_dir) as store, run_logging(run_dir, console):
+    with RunStore(run_dir) as store, run_logging(run_dir, console) as warned:
         log.info(
             "influencer explain: run directory %s (%s)",
             run_dir,
             datetime.now(timezone.utc).isoformat(timespec="seconds"),
         )
         log.debug("settings: %s", config.to_json())
-        return _run(config, job, store, device)
+        try:
+            return _run(config, job, store, device, warned)
+        except InfluencerError as exc:  # the caller shows the message; the log keeps it with the run
+            log.error("stopped: %s", exc, extra={"file_only": True})
+            raise
+        except Exception:
+            log.error("stopped by an unexpected error:", exc_info=True, extra={"file_only": True})
+            raise
 
 
-def _run(config: ExplainConfig, job: Job | None, store: RunStore, device: torch.device) -> ExplainResult:
+def _run(
+    config: ExplainConfig, job: Job | None, store: RunStore, device: torch.device, warned: list[str]
+) -> ExplainResult:
     clock = Stopwatch(device)
     with clock("total"):
         with clock("build"):
@@ -129,7 +138,7 @@ def _run(config: ExplainConfig, job: Job | None, store: RunStore, device: torch.
         _log_top(ex)
         with clock("report"):
             report = build_report(ex, store.root)
-    summary = make_summary(ex, clock.timings, output_files(report))
+    summary = make_summary(ex, clock.timings, output_files(report), warned)
     files = write_outputs(store, ex, report, summary)
     log.info("done in %.1f s", clock.timings["total"])
     return ExplainResult(

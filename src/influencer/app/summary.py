@@ -16,9 +16,12 @@ SIGN_CONVENTION = (
 )
 
 
-def make_summary(ex: Explanation, timings: dict[str, float], files: dict[str, str]) -> dict[str, Any]:
+def make_summary(
+    ex: Explanation, timings: dict[str, float], files: dict[str, str], warnings: list[str] | None = None
+) -> dict[str, Any]:
     """Per test example: label, prediction, the top helpful/harmful ids and scores; then the settings,
-    ``timings`` (seconds per stage) and the run's ``files`` (role -> file name)."""
+    ``timings`` (seconds per stage), the run's ``files`` (role -> file name) and the ``warnings``
+    it logged (an approximate solve, a model far from a minimum, ...)."""
     ev, job, inf, config, top = ex.evaluation, ex.job, ex.influence, ex.config, ex.top
 
     def label(v: Any) -> Any:
@@ -57,6 +60,7 @@ def make_summary(ex: Explanation, timings: dict[str, float], files: dict[str, st
             "dtype": config.dtype,
             "device": str(inf.device),
             "solver": ex.solver,
+            "warnings": list(warnings or []),
             "tests": tests,
             "timings_s": {k: round(v, 4) for k, v in timings.items()},
             "files": files,

@@ -3,14 +3,19 @@
 from __future__ import annotations
 
 import dataclasses
-import warnings
 
 import torch
 from torch import Tensor
 
 from influencer._kernel.curvature import Curvature
 from influencer._kernel.errors import IndefiniteHessianError, NonFiniteError
-from influencer.estimators.base import Estimator, Solver, require_positive
+from influencer.estimators.base import (
+    Estimator,
+    Solver,
+    check_on_unconverged,
+    require_positive,
+    unconverged,
+)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -19,17 +24,22 @@ class CG(Estimator):
 
     Each iteration costs one HVP pass over the Hessian's examples for the columns not yet
     converged. Stops a column when ``||r|| <= tol * ||v||``. Needs ``H + damping I`` positive
-    definite; meeting negative curvature raises :class:`IndefiniteHessianError`.
+    definite; meeting negative curvature raises :class:`IndefiniteHessianError`. A column still
+    above ``tol`` after ``max_iter`` iterations (a singular or badly conditioned system) raises
+    :class:`ConvergenceError`, or only warns with ``on_unconverged="warn"``; ``info`` records
+    ``converged`` and the worst relative residual either way.
     """
 
     tol: float = 1e-8
     max_iter: int = 200
+    on_unconverged: str = "raise"
     name = "cg"
 
     def __post_init__(self) -> None:
         super().__post_init__()
         require_positive("CG.tol", self.tol)
         require_positive("CG.max_iter", self.max_iter, integer=True)
+        check_on_unconverged("CG.on_unconverged", self.on_unconverged)
 
     def fit(self, curvature: Curvature) -> CGSolver:
         return CGSolver(curvature, self)
@@ -74,13 +84,18 @@ class CGSolver(Solver):
             rs[active] = new_rs
             active = active[new_rs.sqrt() > target[active]]
         rel = (rs.sqrt() / b.norm(dim=1).clamp_min(torch.finfo(b.dtype).tiny)).max()
-        self.info = {"iterations": iters, "max_relative_residual": float(rel)}
+        self.info = {
+            "iterations": iters,
+            "max_relative_residual": float(rel),
+            "converged": not active.numel(),
+        }
         if active.numel():
-            warnings.warn(
-                f"CG stopped after max_iter={cfg.max_iter} with {active.numel()} of {len(b)} systems "
-                f"unconverged (worst relative residual {float(rel):.2e} > tol={cfg.tol:g}); raise "
-                "max_iter or damping for an accurate solve",
-                RuntimeWarning,
-                stacklevel=3,
+            unconverged(
+                "CG",
+                cfg.on_unconverged,
+                f"CG did not converge: after max_iter={cfg.max_iter} iterations {active.numel()} of "
+                f"{len(b)} systems still have a relative residual up to {float(rel):.2e} > tol={cfg.tol:g}",
+                "raise max_iter, or raise damping (now "
+                f"{cfg.damping:g}) if the Hessian is singular or badly conditioned",
             )
         return x.reshape(vectors.shape).to(vectors.dtype)
