@@ -84,7 +84,13 @@ def test_toml_config_with_flag_overrides(tmp_path, task_module):
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert [t["test_id"] for t in summary["tests"]] == [3, 1]  # flag beats file
     assert all(len(t["harmful_ids"]) == 4 for t in summary["tests"])
-    assert summary["estimator"] == {"estimator": "cg", "damping": 0.01, "tol": 1e-7, "max_iter": 300}
+    assert summary["estimator"] == {
+        "estimator": "cg",
+        "damping": 0.01,
+        "tol": 1e-7,
+        "max_iter": 300,
+        "on_unconverged": "raise",
+    }
     assert summary["job"] == task_module
 
 
