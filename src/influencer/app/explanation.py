@@ -26,6 +26,8 @@ class Explanation:
     scores: np.ndarray  # (m, n_train), removal scores, positive = helpful
     top: TopK  # each (m, k)
     solver: dict[str, Any]  # the solver's info (iterations, residuals, ...), JSON-able
+    # how far the model is from a minimum: {"objective_gradient_norm", "mean_example_gradient_norm", "ratio"}
+    optimality: dict[str, float] | None = None
 
     def title(self, j: int) -> str:
         """``"test #17 (label 3, predicted 5, wrong)"`` for the ``j``-th chosen test example."""

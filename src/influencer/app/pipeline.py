@@ -130,11 +130,11 @@ def _run(
             directions_cache, gradients_cache = open_sections(store, inf, config.batch_size)
             directions = test_directions(inf, job.test, test_ids, directions_cache, config.progress, clock)
         with clock("gradients"):
-            scores = scores_from_cache(inf, directions, gradients_cache, config.batch_size)  # (m, n)
+            scores, optimality = scores_from_cache(inf, directions, gradients_cache, config.batch_size)
 
         top = top_k(torch.from_numpy(scores), config.top_k)
         solver = dict(directions_cache.meta.get("solver", {}))
-        ex = Explanation(config, job, inf, evaluation, test_ids, scores, top, solver)
+        ex = Explanation(config, job, inf, evaluation, test_ids, scores, top, solver, optimality=optimality)
         _log_top(ex)
         with clock("report"):
             report = build_report(ex, store.root)

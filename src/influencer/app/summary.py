@@ -60,6 +60,7 @@ def make_summary(
             "dtype": config.dtype,
             "device": str(inf.device),
             "solver": ex.solver,
+            "optimality": ex.optimality,
             "warnings": list(warnings or []),
             "tests": tests,
             "timings_s": {k: round(v, 4) for k, v in timings.items()},
