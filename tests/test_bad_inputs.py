@@ -386,13 +386,11 @@ def _script() -> list[str]:
 
 
 def test_the_console_script_prints_one_line_and_no_traceback(tmp_path):
-    """The same mistakes through the installed command, run side by side: stderr is one line."""
+    """Mistakes through the installed command: stderr is one line, the traceback of the user's
+    build function is in explain.log (the table above checks every case in this process)."""
     (tmp_path / "link").symlink_to(tmp_path / "gone")
-    cases = {
-        "labels": (["--task", "robust_jobs:labels_out_of_range"], "is out of range: the model has 3 outputs"),
-        "system": (["--task", "os:system"], "is a built-in function"),
+    cases = {  # two at once: an import of torch per process is most of the time
         "raises": (["--task", "robust_jobs:raises"], "raised ValueError"),
-        "unconverged": ([*GOOD, "-o", "max_iter=1"], "CG did not converge"),
         "dangling": ([*GOOD, "--out", str(tmp_path / "link")], "which does not exist"),
     }
     env = {
