@@ -252,6 +252,7 @@ class RunStore:
         try:
             self.manifest = self._read_or_create()
             self._finish_commit()
+            self._drop_temporaries()
         except BaseException:
             self.close()
             raise
@@ -462,6 +463,14 @@ class RunStore:
         self.flush()
         os.unlink(journal_path)
         shutil.rmtree(staging, ignore_errors=True)
+
+    def _drop_temporaries(self) -> None:
+        """Delete the temporary files of atomic writes a killed process never renamed (nobody else
+        writes here while this store holds the lock)."""
+        for folder in [self.root, *(p for p in (self.root / "cache").glob("*") if p.is_dir())]:
+            for path in folder.glob(".*.tmp"):
+                with contextlib.suppress(OSError):
+                    path.unlink()
 
     # ---- locking --------------------------------------------------------------------------------
 
