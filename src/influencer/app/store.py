@@ -39,6 +39,7 @@ import os
 import shutil
 import sys
 import tempfile
+import time
 from collections.abc import Iterator, Mapping
 from datetime import datetime, timezone
 from pathlib import Path
@@ -603,11 +604,14 @@ def _same_file(fd: int, path: Path) -> bool:
 
 
 def _read_pid(fd: int) -> int | None:
-    try:
-        text = os.pread(fd, 32, 0) if hasattr(os, "pread") else b""
-        return int(text.decode().strip())
-    except (OSError, ValueError):
-        return None
+    """The holder's process id; it writes it just after locking, so wait a moment for it."""
+    for _ in range(5):
+        try:
+            text = os.pread(fd, 32, 0) if hasattr(os, "pread") else b""
+            return int(text.decode().strip())
+        except (OSError, ValueError):
+            time.sleep(0.01)
+    return None
 
 
 def describe_os_error(exc: OSError, run_dir: str | Path | None = None) -> str:
