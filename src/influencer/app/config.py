@@ -13,6 +13,9 @@ go in an ``[estimator_options]`` table::
 
 Command-line flags override file values (see :mod:`influencer.app.cli`). Unknown keys are refused with
 the list of valid ones, so a typo never silently falls back to a default.
+
+``task = "package.module:function"`` imports that module and calls the function: a settings file that
+names a task runs that code, so use only settings files and code you trust.
 """
 
 from __future__ import annotations
