@@ -439,3 +439,22 @@ def test_library_checks_labels_chunk_by_chunk(tmp_path):
     with pytest.raises(DataError, match=r"label -1 of example\(s\) \[40\] is negative"):
         list(inf.train_gradients())
     torch.testing.assert_close(len(list(inf.train_gradients(torch.arange(32)))), 2)
+
+
+def test_a_non_finite_test_gradient_is_named_by_test_id(tmp_path, monkeypatch):
+    """A finite loss with a NaN gradient (here: made so for test example 9, the 2nd one explained)
+    is reported by its test id, not by its position among the examples solved together."""
+    import robust_jobs
+    from influencer._kernel.functional import ModelFunction
+
+    xt = robust_jobs.data()[1][0]
+    real = ModelFunction.measurement_grads
+
+    def nan_for_example_9(fn, theta, batch):
+        g = real(fn, theta, batch)
+        hit = (batch[0] == xt[9].to(batch[0])).all(dim=1)
+        return torch.where(hit[:, None], torch.full_like(g, float("nan")), g)
+
+    monkeypatch.setattr(ModelFunction, "measurement_grads", nan_for_example_9)
+    result = invoke([*GOOD, "--out", str(tmp_path / "run"), "--test-ids", "4,9,2"])
+    assert_one_clear_line(result, r"NaN or infinite for test example\(s\) \[9\]")

@@ -22,6 +22,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from influencer._kernel.data import Examples
+from influencer._kernel.errors import NonFiniteError
 from influencer._kernel.fingerprint import hash_json, hash_tensors, unverifiable
 from influencer._kernel.scores import removal_scores
 from influencer.app.logs import Stopwatch
@@ -118,7 +119,7 @@ def test_directions(
         ) as bar:
             for start in range(0, len(missing), SOLVE_GROUP):
                 group = missing[start : start + SOLVE_GROUP]
-                d = inf.test_directions(test.take(ids[group])).detach().cpu().numpy()  # (g, p)
+                d = _directions(inf, test, ids[group]).detach().cpu().numpy()  # (g, p)
                 for j, row in zip(group, d, strict=True):
                     section.save(keys[j], row)
                     out[j] = row
@@ -135,6 +136,26 @@ def test_directions(
             solver_text(section.meta["solver"]),
         )
     return np.stack(out)  # type: ignore[arg-type]
+
+
+def _directions(inf: Influence, test: Examples, ids: Tensor) -> Tensor:
+    """``inf.test_directions`` of test examples ``ids``; a non-finite gradient is reported by test id
+    (the library only knows positions in the batch it was given)."""
+    try:
+        return inf.test_directions(test.take(ids))
+    except NonFiniteError:
+        bad = []
+        for i in ids.tolist():  # the error path only: find the culprits one by one
+            try:
+                inf.gradients(test.take(torch.tensor([i])))
+            except NonFiniteError:
+                bad.append(i)
+        if not bad:
+            raise
+        raise NonFiniteError(
+            f"the gradient of the test measurement is NaN or infinite for test example(s) {bad}: check "
+            "those inputs, the loss (e.g. log of 0) and the model's weights; use float64 if it overflows"
+        ) from None
 
 
 # A model whose mean training gradient is more than this fraction of a typical example's gradient
