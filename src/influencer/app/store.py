@@ -78,6 +78,12 @@ def _file_sha256(path: Path) -> str:
 
 
 def _umask() -> int:
+    """The process's umask: read from /proc where there is one (setting it to read it, the only
+    portable way, changes it for other threads for a moment)."""
+    with contextlib.suppress(OSError, ValueError):
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
     mask = os.umask(0o022)
     os.umask(mask)
     return mask
