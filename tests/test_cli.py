@@ -84,7 +84,13 @@ def test_toml_config_with_flag_overrides(tmp_path, task_module):
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert [t["test_id"] for t in summary["tests"]] == [3, 1]  # flag beats file
     assert all(len(t["harmful_ids"]) == 4 for t in summary["tests"])
-    assert summary["estimator"] == {"estimator": "cg", "damping": 0.01, "tol": 1e-7, "max_iter": 300}
+    assert summary["estimator"] == {
+        "estimator": "cg",
+        "damping": 0.01,
+        "tol": 1e-7,
+        "max_iter": 300,
+        "on_unconverged": "raise",
+    }
     assert summary["job"] == task_module
 
 
@@ -106,9 +112,15 @@ def test_clear_errors(tmp_path, task_module, args, message):
     args = [a.replace("{tmp}", str(tmp_path)) for a in args]
     base = ["explain", "--task", task_module, "--out", str(tmp_path / "run"), "--quiet"]
     result = CliRunner().invoke(cli, [*base, *args])
+    # click's runner catches every exception: one that escaped the command (a traceback for the
+    # user) is result.exception itself; a clear error is a SystemExit with one "Error:" line.
+    assert isinstance(result.exception, SystemExit), repr(result.exception)
     assert result.exit_code != 0
-    assert message in result.output
-    assert "Traceback" not in result.output
+    errors = [line for line in result.output.splitlines() if line.startswith("Error:")]
+    assert len(errors) == 1 and message in errors[0], result.output
+    # Errors of the command itself are that one line; click's usage errors add only its usage lines.
+    others = [line for line in result.output.splitlines() if line and line not in errors]
+    assert all(line.startswith(("Usage:", "Try ")) for line in others), result.output
 
 
 def test_cuda_when_there_is_none(tmp_path, task_module):

@@ -85,6 +85,49 @@ def test_singular_hessian_is_refused_and_damping_fixes_it(small):
     Influence(model, ClassificationTask(), train, estimator=Exact(damping=1e-3)).fit()
 
 
+def _float32_logistic(digits_small, weight_decay):
+    from influencer.models import LogisticRegression
+    from influencer.training import train_lbfgs, train_minibatch
+
+    torch.manual_seed(0)
+    task = ClassificationTask(weight_decay=weight_decay)
+    train = (digits_small.x_train, digits_small.y_train)
+    model = LogisticRegression(64, 10).double()
+    if weight_decay > 0:
+        train_lbfgs(model, task, train)
+    else:  # no optimum to reach (the data are separable): a trained model is enough
+        train_minibatch(model, task, train, epochs=5, lr=0.05, batch_size=50)
+    return model.float(), task, (train[0].float(), train[1])
+
+
+def test_float32_exact_accepts_a_positive_definite_hessian(digits_small):
+    """Condition number 1.3e3 (weight decay 1e-4): well within float32's reach, and the answer
+    agrees with the float64 solve to float32 accuracy."""
+    model, task, train = _float32_logistic(digits_small, 1e-4)
+    inf = Influence(model, task, train, estimator=Exact(float64=False)).fit()
+    assert 1e3 < inf.solver.info["condition_number"] < 2e3
+    ref = Influence(model, task, train, estimator=Exact(), dtype=torch.float64).fit()
+    test = (digits_small.x_test[:3].float(), digits_small.y_test[:3])
+    v = ref.gradients((test[0].double(), test[1]))
+    x32, x64 = inf.inverse_hvp(v.float()).double(), ref.inverse_hvp(v)
+    assert float((x32 - x64).norm() / x64.norm()) < 1e-3
+
+
+def test_float32_exact_suggests_a_damping_that_works(digits_small):
+    """Without weight decay the Hessian is singular (a shared shift of the logits, pixels that are
+    always 0); the damping the message suggests must then be accepted."""
+    import re
+
+    model, task, train = _float32_logistic(digits_small, 0.0)
+    with pytest.raises(
+        IndefiniteHessianError, match=r"singular.* at float32 precision; pass damping > "
+    ) as info:
+        Influence(model, task, train, estimator=Exact(float64=False)).fit()
+    suggested = float(re.search(r"e\.g\. damping=([0-9.e+-]+)\)", str(info.value)).group(1))
+    inf = Influence(model, task, train, estimator=Exact(float64=False, damping=suggested)).fit()
+    assert inf.solver.info["min_eigenvalue"] > 0
+
+
 @pytest.mark.parametrize(
     "data",
     [(torch.zeros(0, 64), torch.zeros(0, dtype=torch.int64)), (), []],

@@ -58,16 +58,24 @@ def test_cg_agrees_with_exact_to_1e_6(logistic_curvature, rhs):
     torch.testing.assert_close(solver.solve(rhs[2:3]), x[2:3], rtol=1e-8, atol=1e-12)
 
 
-def test_cg_warns_when_it_runs_out_of_iterations(logistic_curvature, rhs):
-    with pytest.warns(RuntimeWarning, match="max_iter=3"):
+def test_cg_that_runs_out_of_iterations_is_an_error_unless_accepted(logistic_curvature, rhs):
+    with pytest.raises(
+        ConvergenceError, match=r"CG did not converge: after max_iter=3 .*raise max_iter"
+    ) as info:
         CG(max_iter=3).fit(logistic_curvature).solve(rhs)
+    assert "on_unconverged='warn'" in str(info.value)
+    solver = CG(max_iter=3, on_unconverged="warn").fit(logistic_curvature)
+    with pytest.warns(RuntimeWarning, match="max_iter=3.*the scores are approximate"):
+        solver.solve(rhs)
+    assert solver.info["converged"] is False and solver.info["max_relative_residual"] > 1e-8
 
 
 def test_lissa_with_full_batches_is_the_truncated_neumann_series(logistic_curvature, dense_h, rhs):
     """With every step on all examples LiSSA is deterministic: h/scale = sum_j (I - A/s)^j v / s."""
     depth, scale, damping = 30, 2.0, 0.01
-    est = LiSSA(depth=depth, scale=scale, damping=damping, batch_size=10_000)
-    x = est.fit(logistic_curvature).solve(rhs[:2])
+    est = LiSSA(depth=depth, scale=scale, damping=damping, batch_size=10_000, on_unconverged="warn")
+    with pytest.warns(RuntimeWarning, match="LiSSA did not converge"):  # 30 steps are too few
+        x = est.fit(logistic_curvature).solve(rhs[:2])
     a = dense_h + damping * torch.eye(650, dtype=torch.float64)
     step = torch.eye(650, dtype=torch.float64) - a / scale
     term, total = rhs[:2].T.clone(), rhs[:2].T.clone()
@@ -98,6 +106,64 @@ def test_lissa_is_invariant_to_how_columns_are_grouped(logistic_curvature, rhs):
 def test_lissa_with_too_small_a_scale_diverges_with_a_clear_error(logistic_curvature, rhs):
     with pytest.raises(ConvergenceError, match="Increase scale"):
         LiSSA(depth=500, scale=0.05, batch_size=64).fit(logistic_curvature).solve(rhs[:1])
+
+
+def test_lissa_checks_its_residual_with_the_full_curvature(logistic_curvature, dense_h, rhs):
+    solver = LiSSA(depth=150, batch_size=100, damping=0.01, seed=1).fit(logistic_curvature)
+    x = solver.solve(rhs[:3])
+    a = dense_h + 0.01 * torch.eye(650, dtype=torch.float64)
+    expected = float(((x @ a - rhs[:3]).norm(dim=1) / rhs[:3].norm(dim=1)).max())
+    assert solver.info["max_relative_residual"] == pytest.approx(expected, rel=1e-9)
+    assert solver.info["converged"] is True and expected < 0.5
+    with pytest.raises(
+        ConvergenceError, match=r"LiSSA did not converge: the relative residual .* > tol=0.01"
+    ):
+        LiSSA(depth=150, batch_size=100, damping=0.01, seed=1, tol=0.01).fit(logistic_curvature).solve(
+            rhs[:3]
+        )
+    too_short = LiSSA(depth=3, batch_size=100, damping=0.01, on_unconverged="warn").fit(logistic_curvature)
+    with pytest.warns(RuntimeWarning, match=r"raise damping \(now 0.01\) .*depth \(now 3\)"):
+        too_short.solve(rhs[:1])
+    assert too_short.info["converged"] is False
+
+
+class DenseCurvature:
+    """A curvature with a known spectrum: ``Q diag(eigenvalues) Q^T`` (every product exact)."""
+
+    def __init__(self, eigenvalues: list[float], seed: int = 0) -> None:
+        gen = torch.Generator().manual_seed(seed)
+        q, _ = torch.linalg.qr(
+            torch.randn(len(eigenvalues), len(eigenvalues), generator=gen, dtype=torch.float64)
+        )
+        self.matrix = q @ torch.diag(torch.tensor(eigenvalues, dtype=torch.float64)) @ q.T
+        self.p = len(eigenvalues)
+        self.theta = torch.zeros(self.p, dtype=torch.float64)
+
+    def matvec(self, v):
+        return v @ self.matrix
+
+    def sample_matvec(self, v, generator, batch_size):
+        return self.matvec(v)
+
+    def largest_eigenvalue(self, seed=0, **_):
+        evals = torch.linalg.eigvalsh(self.matrix)
+        return float(evals[evals.abs().argmax()])
+
+
+def test_lissa_refuses_negative_curvature():
+    """An eigenvalue of -0.005 among 0.1..1: undamped, the series grows along it instead of
+    converging, and the estimate's own curvature x^T (H + damping I) x certifies it."""
+    curvature = DenseCurvature([-0.005, *torch.linspace(0.1, 1.0, 19).tolist()])
+    v = torch.ones(2, 20, dtype=torch.float64)
+    with pytest.raises(IndefiniteHessianError, match=r"LiSSA met negative curvature: x\^T \(H \+ 0 I\) x"):
+        LiSSA(depth=300).fit(curvature).solve(v)
+    # Damping that makes H + damping I positive definite: accepted, and correct.
+    x = LiSSA(depth=2000, damping=0.2).fit(curvature).solve(v)
+    exact = torch.linalg.solve(curvature.matrix + 0.2 * torch.eye(20, dtype=torch.float64), v.T).T
+    assert rel_err(x, exact) < 1e-6
+    # A largest-magnitude eigenvalue that is negative is refused when the scale is found.
+    with pytest.raises(IndefiniteHessianError, match=r"eigenvalue of about -2, .* pass damping > 2"):
+        LiSSA().fit(DenseCurvature([-2.0, 0.5, 1.0]))
 
 
 def test_arnoldi_full_rank_is_exact_despite_repeated_eigenvalues():
@@ -179,6 +245,8 @@ def test_settings_are_frozen_and_json_ready():
         "scale": None,
         "batch_size": 32,
         "seed": 0,
+        "tol": 0.5,
+        "on_unconverged": "raise",
     }
 
 

@@ -237,7 +237,7 @@ def test_cache_is_keyed_by_influence_settings(tmp_path, monkeypatch, caplog):
     assert "cannot read the source code" not in caplog.text
 
 
-def test_unreadable_model_code_is_warned_about(tmp_path):
+def test_unreadable_model_code_is_never_served_from_the_cache(tmp_path, monkeypatch):
     namespace = {"nn": torch.nn, "__name__": "generated"}
     exec(
         "class Wrapped(nn.Module):\n"
@@ -251,9 +251,15 @@ def test_unreadable_model_code_is_warned_about(tmp_path):
     job = tiny_job()
     model = namespace["Wrapped"](job.model)
     explain(config(tmp_path), Job(job.task, model, job.train, job.test), console=False)
-    log = (tmp_path / "run" / "explain.log").read_text()
-    assert "WARNING influencer.explain: cannot read the source code of generated.Wrapped" in log
-    assert "the cache cannot tell whether that code changed" in log
+    spy = Spy(monkeypatch)
+    explain(config(tmp_path), Job(job.task, model, job.train, job.test), console=False)
+    assert spy.grad_chunks == N_CHUNKS and spy.solves == 2  # recomputed: the code may have changed
+    log = (tmp_path / "run" / "explain.log").read_text().split("influencer explain: run directory")[-1]
+    assert "WARNING influencer.explain: not reusing cached gradients or solves: the cache cannot tell " in log
+    assert (
+        "whether generated.Wrapped changed since they were computed (source code that Python cannot read"
+        in log
+    )
 
 
 def test_changed_test_example_is_solved_again(tmp_path, monkeypatch, finished):

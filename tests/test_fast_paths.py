@@ -17,7 +17,7 @@ from influencer import CG, EKFAC, KFAC, Arnoldi, BlockCG, ClassificationTask, Ex
 from influencer._kernel import curvature as curvature_module
 from influencer._kernel.functional import ModelFunction
 from influencer.data import as_examples
-from influencer.errors import ConfigError, IndefiniteHessianError, NonFiniteError
+from influencer.errors import ConfigError, ConvergenceError, IndefiniteHessianError, NonFiniteError
 from influencer.estimators import Curvature
 from influencer.estimators.layer_scores import LayerScorer
 from influencer.models import MLP
@@ -133,13 +133,15 @@ class Pairs(Dataset):
         return self.x[i], self.y[i]
 
 
+@pytest.mark.filterwarnings("ignore:LiSSA did not converge:RuntimeWarning")  # a short series, on purpose
 def test_lissa_minibatches_from_the_resident_set_equal_fresh_ones(digits_small, logistic_small):
     model, task = logistic_small
     fn = ModelFunction(model, task)
     x, y = digits_small.train
     subset = torch.arange(7, 300, 2)
     v = torch.randn(3, fn.p, dtype=torch.float64, generator=torch.Generator().manual_seed(5))
-    estimator = LiSSA(depth=40, batch_size=16, scale=5.0, damping=0.01)
+    # 40 steps do not converge (and need not: the two sources must give the same iterates)
+    estimator = LiSSA(depth=40, batch_size=16, scale=5.0, damping=0.01, on_unconverged="warn")
     resident = Curvature(fn, fn.theta0, as_examples((x, y)), subset)
     streamed = Curvature(fn, fn.theta0, as_examples(Pairs(x, y)), subset)
     a = estimator.fit(resident).solve(v)
@@ -301,13 +303,15 @@ def test_block_cg_solves_the_damped_system_in_fewer_iterations(logistic_curvatur
     torch.testing.assert_close(x[5], torch.zeros_like(x[5]))
     single.solve(rhs)
     assert block.info["iterations"] < single.info["iterations"]
-    expected = {"estimator": "block_cg", "damping": 0.01, "tol": 1e-10, "max_iter": 200}
+    expected = {
+        "estimator": "block_cg", "damping": 0.01, "tol": 1e-10, "max_iter": 200, "on_unconverged": "raise",
+    }  # fmt: skip
     assert block.config.settings() == expected
     # one column alone is plain CG (with normalised directions): the same answer
     torch.testing.assert_close(block.solve(rhs[2:3]), single.solve(rhs[2:3]), rtol=1e-8, atol=1e-12)
 
 
-def test_block_cg_refuses_negative_curvature_and_warns_at_max_iter(
+def test_block_cg_refuses_negative_curvature_and_stops_at_max_iter(
     digits_small, mlp_small, logistic_curvature
 ):
     fn = ModelFunction(*mlp_small)
@@ -318,5 +322,7 @@ def test_block_cg_refuses_negative_curvature_and_warns_at_max_iter(
     rhs = torch.randn(
         4, logistic_curvature.p, dtype=torch.float64, generator=torch.Generator().manual_seed(9)
     )
-    with pytest.warns(RuntimeWarning, match="max_iter=3"):
+    with pytest.raises(ConvergenceError, match="max_iter=3"):
         BlockCG(max_iter=3).fit(logistic_curvature).solve(rhs)
+    with pytest.warns(RuntimeWarning, match="max_iter=3"):
+        BlockCG(max_iter=3, on_unconverged="warn").fit(logistic_curvature).solve(rhs)

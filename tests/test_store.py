@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from influencer._kernel.fingerprint import hash_examples, hash_module, hash_tensors
+from influencer.app import store as store_module
 from influencer.app.store import (
     MANIFEST,
     RunStore,
@@ -193,19 +194,104 @@ def test_bad_keys_are_refused(tmp_path):
         store.section("gradients", COMPONENTS).save("../escape", np.zeros(1))
 
 
-def test_lock_refuses_a_live_run_and_takes_over_a_dead_one(tmp_path):
-    RunStore(tmp_path)  # create the directory
-    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+HOLD_LOCK = """
+import sys, time
+from influencer.app.store import RunStore
+store = RunStore(sys.argv[1])
+print("locked", flush=True)
+time.sleep(60)
+"""
+
+
+def test_lock_refuses_a_live_run_and_is_freed_when_its_holder_is_killed(tmp_path):
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLD_LOCK, str(tmp_path)], stdout=subprocess.PIPE, text=True
+    )
     try:
-        (tmp_path / ".lock").write_text(str(sleeper.pid))
-        with pytest.raises(StoreError, match=f"process {sleeper.pid}"), RunStore(tmp_path):
-            pass
+        assert holder.stdout.readline().strip() == "locked"
+        with pytest.raises(StoreError, match=f"another influencer run \\(process {holder.pid}\\) is using"):
+            RunStore(tmp_path)
+        assert (tmp_path / MANIFEST).is_file()  # untouched by the refused second store
     finally:
-        sleeper.kill()
-        sleeper.wait()
-    with RunStore(tmp_path):  # the holder is gone: its lock is stale
+        holder.kill()  # SIGKILL: no clean-up runs, the operating system drops the lock
+        holder.wait()
+    with RunStore(tmp_path):  # the holder is gone, and so is its lock
         assert (tmp_path / ".lock").read_text() == str(os.getpid())
+        with pytest.raises(StoreError, match=f"process {os.getpid()}"):
+            RunStore(tmp_path)  # exclusive within one process too
     assert not (tmp_path / ".lock").exists()
+    RunStore(tmp_path)  # a store that is never closed releases the lock when it is collected
+    with RunStore(tmp_path):
+        pass
+
+
+def test_a_refused_directory_gets_no_lock_file(tmp_path):
+    (tmp_path / "notes.txt").write_text("mine")
+    with pytest.raises(StoreError, match="not an influencer run directory"):
+        RunStore(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]
+
+
+def test_outputs_are_committed_as_one_set(tmp_path, monkeypatch):
+    with RunStore(tmp_path) as store:
+        store.commit_outputs({"a.txt": b"old a", "b.txt": b"old b", "s.json": b"old s"}, last="s.json")
+    assert {p.name for p in tmp_path.iterdir() if not p.name.startswith(".")} >= {"a.txt", "b.txt", "s.json"}
+
+    # Killed while writing the staging folder: the previous outputs are untouched and the staging
+    # folder is dropped when the directory is next opened.
+    real_write = store_module._write_file
+
+    def die_on_second(path, data, fd=None):
+        if path.name == "b.txt":
+            raise KeyboardInterrupt
+        real_write(path, data, fd)
+
+    monkeypatch.setattr(store_module, "_write_file", die_on_second)
+    with RunStore(tmp_path) as store, pytest.raises(KeyboardInterrupt):
+        store.commit_outputs({"a.txt": b"new a", "b.txt": b"new b", "s.json": b"new s"}, last="s.json")
+    monkeypatch.undo()
+    assert [(tmp_path / n).read_bytes() for n in ("a.txt", "b.txt", "s.json")] == [
+        b"old a",
+        b"old b",
+        b"old s",
+    ]
+    with RunStore(tmp_path):
+        assert not (tmp_path / ".staging").exists()
+
+    # Killed while moving the files into place: the summary goes first, and the next open finishes.
+    real_replace = os.replace
+    moved = []
+
+    def die_after_one_move(src, dst):
+        if ".staging" in str(src):
+            if moved:
+                raise KeyboardInterrupt
+            moved.append(dst)
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", die_after_one_move)
+    with RunStore(tmp_path) as store, pytest.raises(KeyboardInterrupt):
+        store.commit_outputs({"a.txt": b"new a", "s.json": b"new s"}, last="s.json")
+    monkeypatch.undo()
+    assert not (tmp_path / "s.json").exists()  # no summary beside a mix of old and new files
+    assert (tmp_path / "a.txt").read_bytes() == b"new a" and (tmp_path / ".commit.json").exists()
+    with RunStore(tmp_path) as store:
+        assert (tmp_path / "s.json").read_bytes() == b"new s"
+        assert not (tmp_path / "b.txt").exists()  # the previous set's file the new one lacks
+        assert store.manifest["outputs"] == ["a.txt", "s.json"]
+    assert not (tmp_path / ".commit.json").exists() and not (tmp_path / ".staging").exists()
+
+
+def test_files_get_the_permissions_the_umask_gives(tmp_path):
+    old = os.umask(0o027)
+    try:
+        atomic_write_bytes(tmp_path / "x", b"1")
+        with RunStore(tmp_path / "run") as store:
+            store.commit_outputs({"y": b"2"})
+    finally:
+        os.umask(old)
+    assert (tmp_path / "x").stat().st_mode & 0o777 == 0o640
+    assert (tmp_path / "run" / "y").stat().st_mode & 0o777 == 0o640
 
 
 def test_describe_changes():

@@ -357,6 +357,7 @@ class Influence:
         chunks = self.train.chunks(self.batch_size, idx)
         total = -(-len(idx) // self.batch_size)
         for ids, batch in progress_bar(chunks, desc, self.progress, total=total, unit="batch"):
+            self.fn.task.check_batch(batch, ids)
             yield ids, self.fn.prepare(batch)
 
     def gradients(self, data: Any, kind: str = "measurement") -> Tensor:
@@ -367,6 +368,7 @@ class Influence:
         method = self.fn.measurement_grads if kind == "measurement" else self.fn.loss_grads
         out = []
         for ids, batch in ex.chunks(self.batch_size):
+            self.fn.task.check_batch(batch, ids)
             out.append(self._checked(method(self.theta, self.fn.prepare(batch)), ids, kind))
         return torch.cat(out)
 

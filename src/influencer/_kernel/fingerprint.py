@@ -8,6 +8,8 @@ from __future__ import annotations
 import hashlib
 import inspect
 import json
+import sys
+import types
 from typing import Any
 
 import numpy as np
@@ -61,19 +63,94 @@ def hash_json(obj: Any) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
 
 
-def source_digest(cls: type) -> str | None:
-    """sha256 of a class's source code, or None when Python cannot show it (built-ins, REPL)."""
+def _module_source(module_name: str) -> str | None:
+    """The source text of a module's file, or None when there is none to read (REPL, notebooks,
+    generated or compiled code)."""
+    module = sys.modules.get(module_name)
+    if module is None:
+        return None
     try:
-        return hashlib.sha256(inspect.getsource(cls).encode()).hexdigest()
+        return inspect.getsource(module)
     except (OSError, TypeError):
         return None
+
+
+def _update_code(h: Any, code: types.CodeType) -> None:
+    """Feed a code object's instructions, names and constants (nested code too) into ``h``."""
+    h.update(code.co_code)
+    h.update(repr((code.co_names, code.co_varnames, code.co_freevars, code.co_cellvars)).encode())
+    for const in code.co_consts:
+        if isinstance(const, types.CodeType):
+            _update_code(h, const)
+        else:
+            h.update(_stable_repr(const).encode())
+
+
+def _stable_repr(value: Any) -> str:
+    """``repr`` that is the same in every process: sets sorted (string hashing is randomised per
+    process), objects whose ``repr`` is an address named by their type."""
+    if isinstance(value, (frozenset, set)):
+        return "{" + ", ".join(sorted(_stable_repr(v) for v in value)) + "}"
+    if isinstance(value, tuple):
+        return "(" + ", ".join(_stable_repr(v) for v in value) + ")"
+    text = repr(value)
+    return f"<{type(value).__qualname__}>" if " at 0x" in text else text
+
+
+def _functions_of(obj: Any) -> list[tuple[str, types.FunctionType]]:
+    """The Python functions a class or module defines itself (methods, properties, helpers)."""
+    out = []
+    for name, value in sorted(vars(obj).items()):
+        if isinstance(value, (staticmethod, classmethod)):
+            value = value.__func__
+        if isinstance(value, property):
+            out += [(f"{name}.{f.__name__}", f) for f in (value.fget, value.fset) if inspect.isfunction(f)]
+        elif inspect.isfunction(value) and (not inspect.ismodule(obj) or value.__module__ == obj.__name__):
+            out.append((name, value))
+        elif inspect.ismodule(obj) and isinstance(value, type) and value.__module__ == obj.__name__:
+            out += [(f"{name}.{n}", f) for n, f in _functions_of(value)]
+    return out
+
+
+def loaded_code_digest(obj: Any) -> str:
+    """sha256 of the code a class or module runs now, as loaded (not as its file reads now): a file
+    edited after it was imported then gives another fingerprint than a fresh import of it would."""
+    h = hashlib.sha256()
+    for name, function in _functions_of(obj):
+        h.update(name.encode())
+        _update_code(h, function.__code__)
+        h.update(_stable_repr(function.__defaults__).encode())
+    return h.hexdigest()
+
+
+def source_digest(cls: type) -> str | None:
+    """sha256 of a class's source code and of its module's whole source file (both as on disk and as
+    loaded), or None when Python cannot show the source (built-ins, the REPL, notebooks,
+    ``exec``-generated code).
+
+    The module's file is part of it because a method may call the module's functions or read its
+    constants: an edit anywhere in that file may change what the class computes.
+    """
+    try:
+        own = inspect.getsource(cls)
+    except (OSError, TypeError):
+        return None
+    source = _module_source(cls.__module__)
+    if source is None:
+        return None
+    loaded = loaded_code_digest(cls) + loaded_code_digest(sys.modules[cls.__module__])
+    text = f"{cls.__module__}.{cls.__qualname__}\n{own}\n{source}\n{loaded}"
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+_SKIPPED_PACKAGES = ("builtins", "torch", "abc", "typing")
 
 
 def _classes(obj: Any) -> dict[str, str | None]:
     """``{qualified name: source digest}`` of ``type(obj)`` and its bases outside torch and builtins."""
     out = {}
     for cls in type(obj).__mro__:
-        if cls.__module__.split(".")[0] in ("builtins", "torch", "abc", "typing"):
+        if cls.__module__.split(".")[0] in _SKIPPED_PACKAGES:
             continue
         out[f"{cls.__module__}.{cls.__qualname__}"] = source_digest(cls)
     return out
@@ -82,9 +159,10 @@ def _classes(obj: Any) -> dict[str, str | None]:
 def model_fingerprint(model: torch.nn.Module, state: dict[str, Tensor]) -> dict[str, Any]:
     """What defines a model's function: every module's class (and its source) and the state used.
 
-    ``state`` maps names to the tensors the computation uses (parameters and buffers).
-    A ``None`` source digest means the class's code could not be read, so a change to it would go
-    unnoticed; callers that cache results should say so.
+    ``state`` maps names to the tensors the computation uses (parameters and buffers), so their
+    names, dtypes, shapes and values all count. A ``None`` source digest means the class's code
+    could not be read, so a change to it would go unnoticed: callers that cache results must not
+    reuse them then (see :func:`unverifiable`).
     """
     classes: dict[str, str | None] = {}
     for module in model.modules():
@@ -92,18 +170,75 @@ def model_fingerprint(model: torch.nn.Module, state: dict[str, Tensor]) -> dict[
     return {"classes": classes, "state": hash_tensors(state)}
 
 
+# Stands for a value that has no reproducible fingerprint (see _value_fingerprint).
+UNVERIFIABLE = "<no reproducible fingerprint>"
+
+
+def _value_fingerprint(value: Any) -> Any:
+    """A JSON-able, reproducible stand-in for an attribute's value; :data:`UNVERIFIABLE` when there
+    is none.
+
+    Tensors and arrays are hashed, plain values kept, containers fingerprinted item by item,
+    modules by class source and state, functions by their source; an object whose ``repr`` is
+    the default one (an address, different in every process) cannot be told apart from a changed
+    one, so it gets None.
+    """
+    if isinstance(value, (Tensor, np.ndarray)):
+        return hash_tensors(value)
+    if isinstance(value, (bool, int, float, str, type(None))):
+        return value
+    if isinstance(value, (list, tuple)):
+        return [_value_fingerprint(v) for v in value]
+    if isinstance(value, dict):
+        return {str(k): _value_fingerprint(v) for k, v in sorted(value.items(), key=lambda kv: str(kv[0]))}
+    if isinstance(value, torch.nn.Module):
+        fingerprint = model_fingerprint(value, dict(value.state_dict()))
+        return UNVERIFIABLE if None in fingerprint["classes"].values() else fingerprint
+    if isinstance(value, torch.dtype | torch.device):
+        return str(value)
+    if inspect.isfunction(value) or inspect.ismethod(value):
+        function = getattr(value, "__func__", value)
+        try:
+            own = inspect.getsource(function)
+        except (OSError, TypeError):
+            return None
+        module = _module_source(function.__module__)
+        if module is None:
+            return None
+        return (
+            f"function {function.__module__}.{function.__qualname__}:"
+            + hashlib.sha256(f"{own}\n{module}".encode()).hexdigest()
+        )
+    text = repr(value)
+    if " at 0x" in text:  # the default repr: an address, not the value
+        return UNVERIFIABLE
+    return f"{type(value).__qualname__}:{text}"
+
+
 def task_fingerprint(task: Task) -> dict[str, Any]:
     """The task's own :meth:`~influencer.tasks.Task.settings`, its class source and its attributes.
 
     Attributes are included so that a hyperparameter held on the task changes the fingerprint even
-    when ``settings()`` is not overridden; tensors and arrays are hashed, other values ``repr``-ed.
+    when ``settings()`` is not overridden (see :func:`_value_fingerprint`).
     """
-    attributes = {}
-    for name, value in sorted(vars(task).items()):
-        if isinstance(value, (Tensor, np.ndarray)):
-            attributes[name] = hash_tensors(value)
-        elif isinstance(value, (bool, int, float, str, type(None))):
-            attributes[name] = value
-        else:
-            attributes[name] = f"{type(value).__qualname__}:{value!r}"
+    attributes = {name: _value_fingerprint(value) for name, value in sorted(vars(task).items())}
     return {"settings": task.settings(), "classes": _classes(task), "attributes": attributes}
+
+
+def unverifiable(gradients: dict[str, Any]) -> list[str]:
+    """What in ``Influence.settings()["gradients"]`` cannot be fingerprinted: classes whose source
+    cannot be read and task attributes without a reproducible value (by name)."""
+    out = [name for name, digest in gradients["model"]["classes"].items() if digest is None]
+    task = gradients["task"]
+    out += [name for name, digest in task.get("classes", {}).items() if digest is None]
+    attributes = task.get("attributes", {}).items()
+    out += [f"task attribute {name!r}" for name, value in attributes if _holds_unverifiable(value)]
+    return out
+
+
+def _holds_unverifiable(value: Any) -> bool:
+    if isinstance(value, list):
+        return any(_holds_unverifiable(v) for v in value)
+    if isinstance(value, dict):
+        return any(_holds_unverifiable(v) for v in value.values())
+    return value == UNVERIFIABLE

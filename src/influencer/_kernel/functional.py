@@ -82,7 +82,10 @@ def select_parameters(model: nn.Module, params: Sequence[str] | str | None) -> l
     if params is None:
         names = [n for n, p in named.items() if p.requires_grad]
         if not names:
-            raise TaskError("no parameter requires grad; pass params=[...] to choose which to use")
+            raise TaskError(
+                "the model has no trainable parameters (none requires grad): set requires_grad on the "
+                "ones to explain with, or name them with params=[...] (--params on the command line)"
+            )
         return names
     wanted = [params] if isinstance(params, str) else list(params)
     names = []
@@ -190,13 +193,19 @@ class ModelFunction:
         losses = self.loss(theta, batch)
         return weight * (losses.sum() + losses.shape[0] * self.regularizer(theta))
 
-    def check(self, batch: Batch, theta: Tensor | None = None) -> None:
-        """Validate the task's outputs on a real batch; raise :class:`TaskError` naming the fix."""
+    def check(self, batch: Batch, theta: Tensor | None = None, what: str = "training") -> None:
+        """Validate the task's outputs on a real batch; raise :class:`TaskError` naming the fix.
+
+        ``batch`` holds the first examples of the ``what`` data (named in messages).
+        """
         b = batch_size_of(batch)
         theta = self.theta0 if theta is None else theta
+        self.task.check_batch(batch)
         with torch.no_grad():
+            if type(self.task).check_outputs is not Task.check_outputs:
+                self.task.check_outputs(self._first_call(self.outputs, theta, batch, what), batch)
             for name, fn in (("loss", self.loss), ("measurement", self.measurement)):
-                out = fn(theta, batch)
+                out = self._first_call(fn, theta, batch, what)
                 if not isinstance(out, Tensor):
                     raise TaskError(f"Task.{name} must return a tensor, got {type(out).__name__}")
                 if out.shape != (b,):
@@ -219,6 +228,20 @@ class ModelFunction:
             reg = self.regularizer(theta)
             if reg.ndim != 0 or not torch.isfinite(reg):
                 raise TaskError(f"Task.regularizer must return a finite scalar, got {reg}")
+
+    def _first_call(self, fn: Callable[[Tensor, Batch], Any], theta: Tensor, batch: Batch, what: str) -> Any:
+        """``fn(theta, batch)``; an exception from the model or task on the first examples becomes a
+        :class:`TaskError` that says so (the original stays chained as its cause)."""
+        try:
+            return fn(theta, batch)
+        except TaskError:
+            raise
+        except (RuntimeError, ValueError, TypeError, IndexError, KeyError, AttributeError) as exc:
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+            raise TaskError(
+                f"the model or task fails on the first {what} examples ({type(exc).__name__}: {first}); "
+                "check that the data has the layout and shapes the model expects"
+            ) from exc
 
     # ---- derivatives ---------------------------------------------------------------------------
 

@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from influencer._kernel.errors import TaskError
+from influencer._kernel.errors import DataError, TaskError
 from influencer._kernel.losses import smooth_hinge
 from influencer._kernel.modes import evaluating
 
@@ -89,6 +89,23 @@ class Task:
     def settings(self) -> dict[str, Any]:
         """JSON-able description used in cache fingerprints. Override if the task has state."""
         return {"task": type(self).__qualname__}
+
+    def check_batch(self, batch: Batch, ids: Tensor | None = None) -> None:
+        """Refuse data this task cannot score (e.g. labels of the wrong kind), before the model runs.
+
+        Called on every chunk outside ``vmap``; raises :class:`DataError` naming the examples by
+        ``ids`` ``(B,)`` (default: their positions in the batch). Default: accepts everything.
+        """
+
+    def check_outputs(self, outputs: Tensor, batch: Batch, ids: Tensor | None = None) -> None:
+        """Refuse model outputs ``(B, ...)`` that do not fit the batch's targets (e.g. a label beyond
+        the number of classes); raises :class:`TaskError` or :class:`DataError`. Default: accepts all."""
+
+
+def example_ids(ids: Tensor | None, mask: Tensor, limit: int = 5) -> list[int]:
+    """The ids (default: positions) of the examples where ``mask`` ``(B,)`` is True, the first ``limit``."""
+    where = torch.nonzero(mask.reshape(-1).cpu()).reshape(-1)[:limit]
+    return (where if ids is None else ids.cpu()[where]).tolist()
 
 
 def batch_entry(batch: Batch, key: int | str, what: str, task: Task, fix: str) -> Any:
@@ -170,11 +187,89 @@ class _Decayed(Task):
 class ClassificationTask(_Decayed):
     """Cross-entropy on batches ``(inputs, integer_labels)``; outputs are logits ``(B, C)``.
 
-    For dict batches name the entries: ``ClassificationTask(input_key="x", label_key="y")``.
+    Labels are class indices ``0..C-1``; anything else is refused before the model runs.
+    ``ignore_index`` opts into a label (e.g. ``-100``) that marks examples left out of the loss:
+    their loss and gradient are zero, so their influence is too. Labels may also be class
+    probabilities ``(B, C)`` (soft labels). For dict batches name the entries:
+    ``ClassificationTask(input_key="x", label_key="y")``.
     """
 
+    def __init__(
+        self,
+        weight_decay: float = 0.0,
+        *,
+        input_key: int | str = 0,
+        label_key: int | str = 1,
+        ignore_index: int | None = None,
+    ) -> None:
+        super().__init__(weight_decay, input_key=input_key, label_key=label_key)
+        if ignore_index is not None and (not isinstance(ignore_index, int) or isinstance(ignore_index, bool)):
+            raise TaskError(f"ignore_index must be an int label (e.g. -100) or None, got {ignore_index!r}")
+        self.ignore_index = ignore_index
+
     def output_loss(self, outputs: Tensor, batch: Batch) -> Tensor:
-        return F.cross_entropy(outputs, self.targets(batch), reduction="none")
+        ignore = -100 if self.ignore_index is None else self.ignore_index  # refused by check_batch
+        return F.cross_entropy(outputs, self.targets(batch), reduction="none", ignore_index=ignore)
+
+    def check_batch(self, batch: Batch, ids: Tensor | None = None) -> None:
+        y = self.targets(batch)
+        if not isinstance(y, Tensor):
+            raise DataError(f"{type(self).__name__} needs labels as a tensor, got {type(y).__name__}")
+        if y.is_floating_point() and y.ndim == 2:
+            return  # class probabilities; their shape is checked against the outputs
+        if y.is_floating_point() or y.is_complex() or y.dtype == torch.bool:
+            raise DataError(
+                f"{type(self).__name__} needs integer class labels (0..C-1), got {y.dtype} labels of "
+                f"shape {tuple(y.shape)}; convert them with labels.long() (or use RegressionTask for "
+                "real-valued targets)"
+            )
+        if y.ndim != 1:
+            raise DataError(
+                f"{type(self).__name__} needs one class label per example, shape (B,), got labels of "
+                f"shape {tuple(y.shape)}"
+            )
+        negative = (y < 0) & (y != self.ignore_index) if self.ignore_index is not None else y < 0
+        if negative.any():
+            bad = example_ids(ids, negative)
+            value = int(y[negative][0])
+            fix = (
+                f"to leave examples out of the loss pass {type(self).__name__}(ignore_index={value})"
+                if self.ignore_index is None
+                else "labels are class indices 0..C-1"
+            )
+            raise DataError(
+                f"label {value} of example(s) {bad} is negative: {type(self).__name__} takes class "
+                f"indices 0..C-1; {fix}"
+            )
+
+    def check_outputs(self, outputs: Tensor, batch: Batch, ids: Tensor | None = None) -> None:
+        y = self.targets(batch)
+        if outputs.ndim != 2 or outputs.shape[1] < 2:
+            raise TaskError(
+                f"{type(self).__name__} needs logits of shape (B, C) with C >= 2 classes, but the model "
+                f"returned shape {tuple(outputs.shape)}; reshape the model's output (for one score per "
+                "example use SmoothHingeTask, for real values RegressionTask)"
+            )
+        if y.is_floating_point():
+            if tuple(y.shape) != tuple(outputs.shape):
+                raise DataError(
+                    f"class-probability labels must have the logits' shape {tuple(outputs.shape)}, got "
+                    f"{tuple(y.shape)}"
+                )
+            return
+        c = outputs.shape[1]
+        beyond = (y >= c) & (y != self.ignore_index) if self.ignore_index is not None else y >= c
+        if beyond.any():
+            raise DataError(
+                f"label {int(y[beyond.to(y.device)][0])} of example(s) {example_ids(ids, beyond)} is out of "
+                f"range: the model has {c} outputs, so labels must be 0..{c - 1}"
+            )
+
+    def settings(self) -> dict[str, Any]:
+        out = super().settings()
+        if self.ignore_index is not None:  # unset keeps older fingerprints
+            out["ignore_index"] = self.ignore_index
+        return out
 
 
 class RegressionTask(_Decayed):
@@ -183,6 +278,15 @@ class RegressionTask(_Decayed):
     def output_loss(self, outputs: Tensor, batch: Batch) -> Tensor:
         target = self.targets(batch).reshape(outputs.shape).to(outputs.dtype)
         return 0.5 * (outputs - target).pow(2).reshape(outputs.shape[0], -1).sum(dim=1)
+
+    def check_outputs(self, outputs: Tensor, batch: Batch, ids: Tensor | None = None) -> None:
+        y = self.targets(batch)
+        if not isinstance(y, Tensor) or y.numel() != outputs.numel():
+            shape = tuple(y.shape) if isinstance(y, Tensor) else type(y).__name__
+            raise TaskError(
+                f"{type(self).__name__} compares outputs with targets value by value, but the model "
+                f"returned shape {tuple(outputs.shape)} for targets of shape {shape}"
+            )
 
 
 class SmoothHingeTask(_Decayed):
@@ -208,6 +312,22 @@ class SmoothHingeTask(_Decayed):
     def output_loss(self, outputs: Tensor, batch: Batch) -> Tensor:
         labels = self.targets(batch).to(outputs.dtype)
         return smooth_hinge(outputs.reshape(labels.shape) * labels, self.temperature)
+
+    def check_batch(self, batch: Batch, ids: Tensor | None = None) -> None:
+        y = self.targets(batch)
+        bad = (y != 1) & (y != -1)
+        if bad.any():
+            raise DataError(
+                f"{type(self).__name__} needs labels -1 or +1; example(s) {example_ids(ids, bad)} have "
+                f"{y[bad].reshape(-1)[0].item()!r}"
+            )
+
+    def check_outputs(self, outputs: Tensor, batch: Batch, ids: Tensor | None = None) -> None:
+        if outputs.numel() != outputs.shape[0]:
+            raise TaskError(
+                f"{type(self).__name__} needs one score per example, (B,) or (B, 1); the model "
+                f"returned shape {tuple(outputs.shape)}"
+            )
 
     def settings(self) -> dict[str, Any]:
         return {**super().settings(), "temperature": self.temperature}

@@ -50,7 +50,9 @@ def cli() -> None:
 @cli.command()
 @click.option("--config", "config_file", type=click.Path(dir_okay=False), help="TOML file of settings.")
 @click.option(
-    "--task", help="package.module:function returning (task, model, train, test); default: digits CNN."
+    "--task",
+    help="package.module:function returning (task, model, train, test); default: digits CNN. The module "
+    "is imported and the function called, as Python code with your permissions: name only code you trust.",
 )
 @click.option(
     "--out", help="Run directory (cache, scores, summary.json, report.html).  [default: runs/explain]"
@@ -71,6 +73,12 @@ def cli() -> None:
     multiple=True,
     metavar="NAME=VALUE",
     help="Estimator option (repeatable), e.g. -o tol=1e-6 -o max_iter=500.",
+)
+@click.option(
+    "--on-unconverged",
+    type=click.Choice(["raise", "warn"]),
+    help="An iterative solve (cg, lissa) that does not converge: stop with an error, or accept it with a "
+    "warning in explain.log and summary.json.  [default: raise]",
 )
 @click.option(
     "--curvature", type=click.Choice(CURVATURES), help="Hessian or Gauss-Newton.  [default: hessian]"
@@ -113,15 +121,21 @@ def explain(config_file: str | None, estimator_option: tuple[str, ...], quiet: b
     """
     from influencer.app.pipeline import explain as run
 
+    run_dir = None
     try:
         if quiet and flags.get("progress") is None:
             flags["progress"] = False
         config = build_config(config_file, estimator_option, flags)
+        run_dir = config.out
         if config.task is not None and os.getcwd() not in sys.path:
             sys.path.insert(0, os.getcwd())  # like `python -m`: modules in the current folder import
         result = run(config, console=not quiet)
     except InfluencerError as exc:
         raise click.ClickException(str(exc)) from exc
+    except OSError as exc:  # the run directory cannot be written: read-only, full disk, long name, ...
+        from influencer.app.store import describe_os_error
+
+        raise click.ClickException(describe_os_error(exc, run_dir)) from exc
     click.echo(f"Report: {result.files['report']}")
 
 

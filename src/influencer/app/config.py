@@ -13,6 +13,9 @@ go in an ``[estimator_options]`` table::
 
 Command-line flags override file values (see :mod:`influencer.app.cli`). Unknown keys are refused with
 the list of valid ones, so a typo never silently falls back to a default.
+
+``task = "package.module:function"`` imports that module and calls the function: a settings file that
+names a task runs that code, so use only settings files and code you trust.
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ from typing import Any
 from influencer._kernel.errors import ConfigError
 from influencer._kernel.extras import require
 from influencer.estimators import Estimator
+from influencer.estimators.base import ON_UNCONVERGED
 from influencer.samplers import SAMPLERS, Sampler, make_sampler
 
 # Added to the curvature: small next to the head Hessian's eigenvalues that matter, it keeps
@@ -100,6 +104,9 @@ class ExplainConfig:
     estimator: str = "cg"
     damping: float | None = None  # None: DEFAULT_DAMPING (0 for the curvature-free "identity")
     estimator_options: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    # An iterative solve (CG, LiSSA) that does not converge stops the run ("raise"), or is accepted
+    # with a warning in the log and the summary ("warn"); None: the estimator's default ("raise").
+    on_unconverged: str | None = None
     curvature: str = "hessian"
     params: tuple[str, ...] | None = None  # None: the job's choice (the digits job: its head)
     # Influence over this module alone, on the network's features (its inputs) computed once and
@@ -177,6 +184,10 @@ class ExplainConfig:
             raise ConfigError(f"device must be 'cpu', 'cuda', 'cuda:N' or 'mps'; got {self.device!r}")
         if not self.out.strip():
             raise ConfigError("out (the run directory) must not be empty")
+        if self.on_unconverged is not None and self.on_unconverged not in ON_UNCONVERGED:
+            raise ConfigError(
+                f"on_unconverged must be one of {', '.join(ON_UNCONVERGED)}; got {self.on_unconverged!r}"
+            )
         self.make_estimator()  # validates the estimator's name and options
         self.make_sampler()
 
@@ -204,8 +215,11 @@ class ExplainConfig:
                 f"estimator {self.estimator!r} has no option {unknown[0]!r}; its options are "
                 f"{', '.join(allowed) or '(none)'}" + _did_you_mean(unknown[0], allowed)
             )
+        options = dict(self.estimator_options)
+        if self.on_unconverged is not None and "on_unconverged" in allowed:
+            options.setdefault("on_unconverged", self.on_unconverged)
         try:
-            return cls(damping=self.effective_damping, **self.estimator_options)
+            return cls(damping=self.effective_damping, **options)
         except ConfigError:
             raise
         except (TypeError, ValueError) as exc:

@@ -73,9 +73,10 @@ def evaluate(job: Job, device: torch.device, config: ExplainConfig) -> Evaluatio
     chunks = job.test.chunks(config.batch_size)
     total = -(-len(job.test) // config.batch_size)
     with torch.no_grad():
-        for _, batch in progress_bar(
+        for ids, batch in progress_bar(
             chunks, "evaluating", config.progress and total > 4, total=total, unit="batch"
         ):
+            task.check_batch(batch, ids)
             batch = to_device(batch, device, dtype)
             losses.append(task.loss(model, batch).double().cpu())
             y = labels_of(batch)
@@ -86,6 +87,7 @@ def evaluate(job: Job, device: torch.device, config: ExplainConfig) -> Evaluatio
                 except Exception:  # a task that overrides loss() may have no usable outputs()
                     with_outputs = False
                     continue
+                task.check_outputs(out, batch, ids)
                 preds.append(out.detach().cpu())
     loss = torch.cat(losses).numpy()
     y = torch.cat(labels).numpy() if all(t is not None for t in labels) else None

@@ -44,6 +44,9 @@ class Explanation:
     directions: np.ndarray | None = None  # (m, p) s_test = H^-1 grad f(test) of each test example
     min_recurrence: int = MIN_RECURRENCE
 
+    # how far the model is from a minimum: {"objective_gradient_norm", "mean_example_gradient_norm", "ratio"}
+    optimality: dict[str, float] | None = None
+
     def candidates(self) -> list[Candidate]:
         """Training examples among the top-k most harmful (negative scores only) of at least
         ``min_recurrence`` explained test examples: most often first, then most harmful in total."""

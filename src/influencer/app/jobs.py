@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import inspect
 import logging
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -28,7 +29,7 @@ import torch
 from torch import nn
 
 from influencer._kernel.data import as_examples
-from influencer._kernel.errors import ConfigError, ConvergenceError, TaskError
+from influencer._kernel.errors import ConfigError, ConvergenceError, InfluencerError, TaskError
 from influencer._kernel.extras import require
 from influencer._kernel.fingerprint import (
     hash_examples,
@@ -201,8 +202,18 @@ def as_job(result: Any, source: str = "build()") -> Job:
     )
 
 
+class JobError(InfluencerError, RuntimeError):
+    """The function named by ``--task`` failed or cannot be called as a job's build function."""
+
+
 def load_job(spec: str) -> Job:
-    """Import ``package.module:function``, call it, and check what it returns."""
+    """Import ``package.module:function``, call it, and check what it returns.
+
+    This runs the user's code (the module's top level, then the function): ``--task`` is as
+    trusted as any script the user runs. Objects that cannot be a build function (not callable,
+    built-in, or needing arguments) are refused before they are called; an exception inside the
+    build function becomes one line naming it, its traceback in the run's log.
+    """
     module_name, _, attr = spec.partition(":")
     try:
         module = importlib.import_module(module_name)
@@ -218,12 +229,43 @@ def load_job(spec: str) -> Job:
         if not hasattr(obj, part):
             raise ConfigError(f"module {module_name!r} has no attribute {attr!r} (from --task {spec})")
         obj = getattr(obj, part)
-    if not callable(obj):
-        raise ConfigError(f"{spec} is not callable: it must be a function returning the job")
-    job = as_job(obj(), f"{spec}()")
+    check_build_function(obj, spec)
+    try:
+        result = obj()
+    except Exception as exc:
+        log.debug("%s() raised:", spec, exc_info=True)
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        raise JobError(
+            f"{spec}() raised {type(exc).__name__}" + (f": {first}" if first else "") + " (the traceback "
+            "is in explain.log in the run directory)"
+        ) from exc
+    job = as_job(result, f"{spec}()")
     if job.name == "custom job":
         job.name = spec
     return job
+
+
+def check_build_function(obj: Any, spec: str) -> None:
+    """Refuse, without calling it, an object that cannot be a job's build function."""
+    if not callable(obj):
+        raise ConfigError(f"{spec} is not callable: it must be a function returning the job")
+    if inspect.isbuiltin(obj) or (isinstance(obj, type) and not issubclass(obj, Job)):
+        kind = "a built-in function" if inspect.isbuiltin(obj) else "a class"
+        raise ConfigError(
+            f"{spec} is {kind}, not a function that builds a job: name a function defined in your code "
+            "that takes no arguments and returns (task, model, train, test)"
+        )
+    try:
+        signature = inspect.signature(obj)
+    except (TypeError, ValueError):  # no signature to check: the call itself will tell
+        return
+    try:
+        signature.bind()
+    except TypeError:
+        raise ConfigError(
+            f"{spec}{signature} needs arguments; --task names a function that takes none and returns "
+            "(task, model, train, test)"
+        ) from None
 
 
 # ---- the built-in job: a small CNN on scikit-learn's digits --------------------------------------

@@ -1,5 +1,5 @@
 """What a run records about itself: ``explain.log`` in the run directory, console lines that leave
-the progress bars intact, and the time each stage took."""
+the progress bars intact, the warnings of the run (for the summary) and the time each stage took."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import contextlib
 import logging
 import sys
 import time
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -26,17 +27,39 @@ class TqdmHandler(logging.StreamHandler):
             self.handleError(record)
 
 
+class WarningList(logging.Handler):
+    """Collects the messages of WARNING records and above (they go into ``summary.json``)."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())
+
+
+def _log_warning(message: Warning | str, category: type[Warning], *args: object, **kwargs: object) -> None:
+    logging.getLogger("influencer.explain").warning("%s: %s", category.__name__, message)
+
+
 @contextlib.contextmanager
-def run_logging(run_dir: Path, console: bool) -> Iterator[None]:
-    """Log everything to ``run_dir/explain.log`` (and INFO and above to the console) while inside."""
+def run_logging(run_dir: Path, console: bool) -> Iterator[list[str]]:
+    """Log everything to ``run_dir/explain.log`` (and INFO and above to the console) while inside.
+
+    Python warnings raised meanwhile (e.g. an approximate solve accepted with
+    ``on_unconverged="warn"``) are logged too, each time they occur. Yields the list of the run's
+    warning messages, filled as they are logged.
+    """
     logger = logging.getLogger("influencer")
-    handlers: list[logging.Handler] = []
+    collected = WarningList()
+    handlers: list[logging.Handler] = [collected]
     file_handler = logging.FileHandler(run_dir / LOG_FILE, encoding="utf-8")
     file_handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     file_handler.setLevel(logging.DEBUG)
     handlers.append(file_handler)
     if console:
         console_handler = TqdmHandler()
+        console_handler.addFilter(lambda record: not getattr(record, "file_only", False))
         console_handler.setFormatter(logging.Formatter("%(message)s"))
         console_handler.setLevel(logging.INFO)
         handlers.append(console_handler)
@@ -45,7 +68,11 @@ def run_logging(run_dir: Path, console: bool) -> Iterator[None]:
     for h in handlers:
         logger.addHandler(h)
     try:
-        yield
+        with warnings.catch_warnings():
+            warnings.simplefilter("always", RuntimeWarning)
+            warnings.simplefilter("always", UserWarning)
+            warnings.showwarning = _log_warning
+            yield collected.messages
     finally:
         for h in handlers:
             logger.removeHandler(h)

@@ -3,11 +3,14 @@
 ``scores.npy`` (rows: the test ids in ``test_ids.npy``), ``test_ids.npy``, ``config.json``,
 ``influence_vs_distance.png`` (when the inputs can be compared), ``report.html`` and, last,
 ``summary.json``. Everything is encoded before the first file is written, so a value that cannot be
-stored stops the run before it has replaced any earlier output; each file is written atomically.
+stored stops the run before it has replaced any earlier output; then the files replace the previous
+run's as one set (:meth:`~influencer.app.store.RunStore.commit_outputs`). ``summary.json`` lists the
+sha256 of every other file, so a reader can check that the files it reads belong together.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 from pathlib import Path
@@ -46,9 +49,14 @@ def encode_outputs(ex: Explanation, report: Report, summary: dict[str, Any]) -> 
         "config": (ex.config.to_json() + "\n").encode("utf-8"),
         "plot": report.figure,
         "report": report.html.encode("utf-8"),
-        "summary": (json.dumps(summary, indent=2, allow_nan=False) + "\n").encode("utf-8"),
     }
-    return {role: data for role, data in contents.items() if data is not None}
+    out = {role: data for role, data in contents.items() if data is not None}
+    summary = {
+        **summary,
+        "sha256": {FILES[role]: hashlib.sha256(data).hexdigest() for role, data in out.items()},
+    }
+    out["summary"] = (json.dumps(summary, indent=2, allow_nan=False) + "\n").encode("utf-8")
+    return out
 
 
 def write_outputs(
@@ -56,6 +64,9 @@ def write_outputs(
 ) -> dict[str, Path]:
     """Write the run's outputs as one set; returns role -> path."""
     contents = encode_outputs(ex, report, summary)
-    files = {role: store.write_bytes(FILES[role], contents[role]) for role in FILES if role in contents}
+    paths = store.commit_outputs(
+        {FILES[role]: data for role, data in contents.items()}, last=FILES["summary"]
+    )
+    files = {role: paths[FILES[role]] for role in contents}
     log.info("wrote %s", ", ".join(str(p) for p in files.values()))
     return files

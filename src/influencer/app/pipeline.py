@@ -26,9 +26,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from influencer._kernel.errors import ConfigError
+from influencer._kernel.errors import ConfigError, InfluencerError
 from influencer._kernel.scores import TopK, top_k
 from influencer.app.cached import open_sections, scores_from_cache, test_directions
+from influencer.app.checks import check_finite_losses, check_job, influence_params
 from influencer.app.config import ExplainConfig
 from influencer.app.evaluation import choose_hessian_ids, choose_test_ids, describe_test_choice, evaluate
 from influencer.app.explanation import Explanation, names_text
@@ -82,17 +83,26 @@ def explain(config: ExplainConfig, job: Job | None = None, *, console: bool = Tr
     """Run the whole job (see the module docstring); ``job`` overrides ``config.task``."""
     device = resolve_device(config.device)
     run_dir = Path(config.out)
-    with RunStore(run_dir) as store, run_logging(run_dir, console):
+    with RunStore(run_dir) as store, run_logging(run_dir, console) as warned:
         log.info(
             "influencer explain: run directory %s (%s)",
             run_dir,
             datetime.now(timezone.utc).isoformat(timespec="seconds"),
         )
         log.debug("settings: %s", config.to_json())
-        return _run(config, job, store, device)
+        try:
+            return _run(config, job, store, device, warned)
+        except InfluencerError as exc:  # the caller shows the message; the log keeps it with the run
+            log.error("stopped: %s", exc, extra={"file_only": True})
+            raise
+        except Exception:
+            log.error("stopped by an unexpected error:", exc_info=True, extra={"file_only": True})
+            raise
 
 
-def _run(config: ExplainConfig, job: Job | None, store: RunStore, device: torch.device) -> ExplainResult:
+def _run(
+    config: ExplainConfig, job: Job | None, store: RunStore, device: torch.device, warned: list[str]
+) -> ExplainResult:
     clock = Stopwatch(device)
     with clock("total"):
         with clock("build"):
@@ -100,11 +110,14 @@ def _run(config: ExplainConfig, job: Job | None, store: RunStore, device: torch.
                 job = digits_job(config, store, device) if config.task is None else load_job(config.task)
             job.model.to(device).eval()
         log.info("job: %s; %d training and %d test examples", job.name, len(job.train), len(job.test))
+        check_job(config, job, device)
+
         with clock("features"):
             on = influence_job(job, config, store, device)  # `job`, or its head on cached features
 
         with clock("evaluate"):
             evaluation = evaluate(on, device, config)
+        check_finite_losses(evaluation.losses)
         if evaluation.accuracy is not None:
             log.info(
                 "test accuracy: %.2f%% (%d of %d)",
@@ -121,15 +134,27 @@ def _run(config: ExplainConfig, job: Job | None, store: RunStore, device: torch.
             directions_cache, gradients_cache = open_sections(store, inf, config.batch_size)
             directions = test_directions(inf, on.test, test_ids, directions_cache, config.progress, clock)
         with clock("gradients"):
-            scores = scores_from_cache(inf, directions, gradients_cache, config.batch_size)  # (m, n)
+            scores, optimality = scores_from_cache(inf, directions, gradients_cache, config.batch_size)
 
         top = top_k(torch.from_numpy(scores), config.top_k)
         solver = dict(directions_cache.meta.get("solver", {}))
-        ex = Explanation(config, job, inf, evaluation, test_ids, scores, top, solver, choice, directions)
+        ex = Explanation(
+            config,
+            job,
+            inf,
+            evaluation,
+            test_ids,
+            scores,
+            top,
+            solver,
+            choice,
+            directions,
+            optimality=optimality,
+        )
         _log_top(ex)
         with clock("report"):
             report = build_report(ex, store.root)
-    summary = make_summary(ex, clock.timings, output_files(report))
+    summary = make_summary(ex, clock.timings, output_files(report), warned)
     files = write_outputs(store, ex, report, summary)
     log.info("done in %.1f s", clock.timings["total"])
     return ExplainResult(
@@ -139,10 +164,7 @@ def _run(config: ExplainConfig, job: Job | None, store: RunStore, device: torch.
 
 def _influence(config: ExplainConfig, job: Job, device: torch.device) -> Influence:
     """The (unfitted) :class:`Influence` the settings describe."""
-    if config.params is None:
-        params = list(job.params) if job.params is not None else None
-    else:
-        params = None if config.params == ("all",) else list(config.params)
+    params = influence_params(config, job)
     estimator = config.make_estimator()
     inf = Influence(
         job.model,

@@ -4,7 +4,8 @@ Layout::
 
     <run>/manifest.json          # what is cached, under which fingerprints (JSON, human-readable)
     <run>/cache/<section>/*.npy  # one array per entry (np.save, never pickled)
-    <run>/...                    # outputs written with :meth:`RunStore.write_bytes` and friends
+    <run>/...                    # outputs, committed as one set by :meth:`RunStore.commit_outputs`
+    <run>/.lock                  # held (an OS file lock) while a run uses the directory
 
 A *section* holds entries computed from the same inputs, e.g. the training-gradient chunks of one
 model on one data set. It is opened with *components*: named fingerprints of everything its
@@ -13,18 +14,32 @@ differ from the recorded ones, the section's entries are dropped and the change 
 stale cache is never reused. Entries are written atomically (temporary file, fsync,
 ``os.replace``) and listed in the manifest only afterwards, so a run killed at any point leaves a
 manifest that names only complete files, and the next run resumes from there.
+
+A run's outputs (scores, report, summary, ...) are replaced as one set: they are written in full
+into a staging folder, a journal naming them is written, and only then are they moved into place
+(``summary.json`` last, the previous one removed first). A run killed while moving them leaves the
+journal behind, and whoever opens the directory next finishes the move, so a reader never sees the
+new scores beside the previous run's report for longer than the move itself takes.
+
+Only one process uses a run directory at a time: :class:`RunStore` takes an exclusive OS lock
+(``fcntl.flock`` on POSIX, ``msvcrt.locking`` on Windows) on ``.lock`` before it reads anything, and
+the operating system releases it when the process ends, however it ends. Network file systems
+that do not implement these locks cannot give that guarantee.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import io
 import json
 import logging
 import os
 import shutil
+import sys
 import tempfile
+import time
 from collections.abc import Iterator, Mapping
 from datetime import datetime, timezone
 from pathlib import Path
@@ -39,6 +54,9 @@ FORMAT = "influencer-run"
 VERSION = 1
 MANIFEST = "manifest.json"
 _LOCK = ".lock"
+_STAGING = ".staging"  # the next output set, written in full before any output is replaced
+_JOURNAL = ".commit.json"  # present while a complete output set is being moved into place
+_TEMPORARY = (_LOCK, _STAGING, _JOURNAL)
 _KEY_CHARS = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_.")
 
 log = logging.getLogger("influencer.store")
@@ -59,15 +77,35 @@ def _file_sha256(path: Path) -> str:
 # ---- atomic files --------------------------------------------------------------------------------
 
 
+def _umask() -> int:
+    """The process's umask: read from /proc where there is one (setting it to read it, the only
+    portable way, changes it for other threads for a moment)."""
+    with contextlib.suppress(OSError, ValueError):
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _write_file(path: Path, data: bytes, fd: int | None = None) -> None:
+    """Write ``data`` to ``path`` (or the open ``fd``) durably, with the permissions the umask gives
+    a new file (``mkstemp`` would leave them at 0600)."""
+    with os.fdopen(fd, "wb") if fd is not None else open(path, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+        if hasattr(os, "fchmod"):
+            os.fchmod(f.fileno(), 0o666 & ~_umask())
+
+
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     """Write ``data`` to ``path`` so that readers see the old file or the whole new one, never half."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
+        _write_file(Path(tmp), data, fd)
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
@@ -207,14 +245,24 @@ def describe_changes(old: Mapping[str, Any], new: Mapping[str, Any]) -> str:
 class RunStore:
     """A run directory with a manifest of cached arrays (see the module docstring).
 
-    Use as a context manager: it takes a lock file so that two runs never write the same
-    directory at once, and releases it on exit (a lock left by a killed process is taken over).
+    Opening it takes the directory's exclusive lock (a second process gets a :class:`StoreError`
+    naming the holder), then reads or creates the manifest and finishes a commit of outputs that an
+    earlier, killed run left half done. Use as a context manager, or call :meth:`close`, to
+    release the lock.
     """
 
     def __init__(self, root: str | Path) -> None:
         self.root = Path(root)
-        self._locked = False
-        self.manifest = self._read_or_create()
+        self._lock: _DirectoryLock | None = None
+        self._check_usable()
+        self._lock = _DirectoryLock(self.root / _LOCK)
+        try:
+            self.manifest = self._read_or_create()
+            self._finish_commit()
+            self._drop_temporaries()
+        except BaseException:
+            self.close()
+            raise
 
     # ---- manifest -------------------------------------------------------------------------------
 
@@ -222,23 +270,39 @@ class RunStore:
     def manifest_path(self) -> Path:
         return self.root / MANIFEST
 
+    def _check_usable(self) -> None:
+        """Refuse, before anything is created, a path that cannot be or is not a run directory."""
+        root = self.root
+        if root.is_symlink() and not root.exists():
+            raise StoreError(
+                f"{root} is a symbolic link to {os.readlink(root)}, which does not exist; create the "
+                "target directory or choose another output directory"
+            )
+        if root.exists() and not root.is_dir():
+            raise StoreError(f"{root} exists and is not a directory; choose another output directory")
+        if root.is_dir():
+            # Listed before the manifest is looked for: a run creating the directory at this moment
+            # writes its manifest before any other file, so its files never look foreign here.
+            others = _foreign_entries(root)
+            if others and not self.manifest_path.exists():
+                raise StoreError(
+                    f"{root} is not empty and has no {MANIFEST}, so it is not an influencer run "
+                    f"directory (it holds {', '.join(sorted(others)[:5])}); refusing to write there. "
+                    "Choose a new or empty output directory"
+                )
+        root.mkdir(parents=True, exist_ok=True)
+
     def _read_or_create(self) -> dict[str, Any]:
         path = self.manifest_path
         if path.exists():
             return self._validated(path)
-        if self.root.exists():
-            if not self.root.is_dir():
-                raise StoreError(
-                    f"{self.root} exists and is not a directory; choose another output directory"
-                )
-            others = [p.name for p in self.root.iterdir() if p.name != _LOCK]
-            if others:
-                raise StoreError(
-                    f"{self.root} is not empty and has no {MANIFEST}, so it is not an influencer run "
-                    f"directory (it holds {', '.join(sorted(others)[:5])}); refusing to write there. "
-                    "Choose a new or empty output directory"
-                )
-        self.root.mkdir(parents=True, exist_ok=True)
+        others = _foreign_entries(self.root)
+        if others:  # appeared after the first look; still not a run directory
+            raise StoreError(
+                f"{self.root} is not empty and has no {MANIFEST}, so it is not an influencer run "
+                f"directory (it holds {', '.join(sorted(others)[:5])}); refusing to write there. "
+                "Choose a new or empty output directory"
+            )
         manifest = {
             "format": FORMAT,
             "version": VERSION,
@@ -342,35 +406,92 @@ class RunStore:
             array = array.detach().cpu().numpy()
         return self.write_bytes(name, array_bytes(array))
 
+    def commit_outputs(self, files: Mapping[str, bytes], last: str | None = None) -> dict[str, Path]:
+        """Replace the run's previous outputs by ``files`` (name -> bytes) as one set.
+
+        Every file is written to a staging folder first; then a journal naming them is written
+        (the commit point), the file named ``last`` of the previous set is removed, the new files
+        are moved into place (``last`` at the end), and the previous set's other files that the
+        new one lacks are removed. A process killed before the journal exists leaves the previous
+        outputs untouched; one killed after it leaves a journal that :class:`RunStore` completes
+        when the directory is next opened. Returns name -> path.
+        """
+        for name in files:
+            _check_output_name(name)
+        order = [n for n in files if n != last] + ([last] if last in files else [])
+        staging = self.root / _STAGING
+        shutil.rmtree(staging, ignore_errors=True)
+        try:
+            staging.mkdir()
+            for name in order:
+                _write_file(staging / name, files[name])
+            _fsync_directory(staging)
+        except BaseException:  # e.g. a full disk: the previous outputs stay as they were
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+        previous = [n for n in self.manifest.get("outputs", []) if isinstance(n, str)]
+        journal = {"files": order, "remove": [n for n in previous if n not in files], "first": last}
+        atomic_write_bytes(self.root / _JOURNAL, json.dumps(journal).encode())
+        self._finish_commit()
+        return {name: self.path(name) for name in order}
+
+    def _finish_commit(self) -> None:
+        """Complete the commit a journal describes (see :meth:`commit_outputs`), or drop a staging
+        folder that never reached its journal."""
+        journal_path, staging = self.root / _JOURNAL, self.root / _STAGING
+        if not journal_path.exists():
+            if staging.exists():
+                log.debug("dropping the outputs of an unfinished run (they were never committed)")
+                shutil.rmtree(staging, ignore_errors=True)
+            return
+        try:
+            journal = json.loads(journal_path.read_text())
+            order = [str(n) for n in journal["files"]]
+            remove = [str(n) for n in journal["remove"]]
+            first = journal.get("first")
+            for name in [*order, *remove]:
+                _check_output_name(name)
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise StoreError(
+                f"{journal_path} is damaged ({exc}); delete it and {staging} to keep the previous "
+                "outputs, or delete the run directory"
+            ) from exc
+        if first is not None and (staging / str(first)).exists():
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.path(str(first)))  # no complete-looking mix while files move
+        for name in order:
+            if (staging / name).exists():
+                os.replace(staging / name, self.path(name))
+        for name in remove:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.path(name))
+        _fsync_directory(self.root)
+        self.manifest["outputs"] = order
+        self.flush()
+        os.unlink(journal_path)
+        shutil.rmtree(staging, ignore_errors=True)
+
+    def _drop_temporaries(self) -> None:
+        """Delete the temporary files of atomic writes a killed process never renamed (nobody else
+        writes here while this store holds the lock)."""
+        for folder in [self.root, *(p for p in (self.root / "cache").glob("*") if p.is_dir())]:
+            for path in folder.glob(".*.tmp"):
+                with contextlib.suppress(OSError):
+                    path.unlink()
+
     # ---- locking --------------------------------------------------------------------------------
 
     def __enter__(self) -> RunStore:
-        lock = self.root / _LOCK
-        for _ in range(2):
-            try:
-                fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-            except FileExistsError:
-                holder = _lock_holder(lock)
-                if holder is not None and holder != os.getpid() and _alive(holder):
-                    raise StoreError(
-                        f"another influencer run (process {holder}) is using {self.root}; wait for it "
-                        "or choose another output directory"
-                    ) from None
-                log.debug("taking over the lock left by process %s", holder)
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(lock)
-                continue
-            with os.fdopen(fd, "w") as f:
-                f.write(str(os.getpid()))
-            self._locked = True
-            return self
-        raise StoreError(f"could not lock {self.root}: remove {lock} if no run is using it")
+        return self
 
     def __exit__(self, *exc: object) -> None:
-        if self._locked:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(self.root / _LOCK)
-            self._locked = False
+        self.close()
+
+    def close(self) -> None:
+        """Release the directory's lock (the store must not be used afterwards)."""
+        if self._lock is not None:
+            self._lock.release()
+            self._lock = None
 
     def entries(self) -> Iterator[tuple[str, str]]:
         """``(section, key)`` of every cached entry."""
@@ -387,18 +508,143 @@ def _inside(root: Path, path: Path) -> bool:
     return True
 
 
-def _lock_holder(lock: Path) -> int | None:
-    try:
-        return int(lock.read_text().strip())
-    except (OSError, ValueError):
-        return None
+def _foreign_entries(root: Path) -> list[str]:
+    """Names in ``root`` that a run directory being created could not hold (its lock, staging
+    folder, journal and temporary files are expected)."""
+    return [
+        p.name
+        for p in root.iterdir()
+        if p.name not in _TEMPORARY and not (p.name.startswith(f".{MANIFEST}.") and p.name.endswith(".tmp"))
+    ]
 
 
-def _alive(pid: int) -> bool:
+def _check_output_name(name: str) -> None:
+    if not name or "/" in name or "\\" in name or name.startswith(".") or name in (MANIFEST, "cache"):
+        raise StoreError(f"an output must be a plain file name in the run directory, got {name!r}")
+
+
+def _fsync_directory(path: Path) -> None:
+    """Make renames in ``path`` durable (a no-op where directories cannot be opened, e.g. Windows)."""
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+class _DirectoryLock:
+    """An exclusive, non-blocking OS lock on ``path``, held until :meth:`release` or process exit.
+
+    The file records the holder's process id for the message a second process gets. It is removed
+    on release; a process that locked a file just removed by its holder sees that the path no
+    longer names its file and tries again, so two processes never both hold the lock.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        for _ in range(10):
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+            try:
+                if not _try_lock(fd):
+                    holder = _read_pid(fd)
+                    who = f" (process {holder})" if holder else ""
+                    raise StoreError(
+                        f"another influencer run{who} is using {path.parent}; wait for it to finish "
+                        "or choose another output directory"
+                    )
+                if _same_file(fd, path):
+                    os.ftruncate(fd, 0)
+                    os.write(fd, str(os.getpid()).encode())
+                    self.fd: int | None = fd
+                    return
+            except BaseException:
+                os.close(fd)
+                raise
+            os.close(fd)  # the holder removed this file as we locked it: lock the new one
+        raise StoreError(f"could not lock {path}; if no influencer run uses {path.parent}, delete it")
+
+    def release(self) -> None:
+        if self.fd is None:
+            return
+        with contextlib.suppress(OSError):
+            os.unlink(self.path)  # while still locked, so no one can lock the old file afterwards
+        os.close(self.fd)  # closing releases the lock
+        self.fd = None
+
+    def __del__(self) -> None:  # a store that was never closed releases its lock when collected
+        with contextlib.suppress(Exception):
+            self.release()
+
+
+def _try_lock(fd: int) -> bool:
+    """Take an exclusive lock on ``fd`` without waiting; False if another process holds it."""
+    if sys.platform == "win32":  # pragma: no cover - exercised on Windows only
+        import msvcrt
+
+        try:
+            msvcrt.locking(fd, msvcrt.LK_NBLCK, 1)
+        except OSError:
+            return False
         return True
+    import fcntl
+
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as exc:
+        if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+            return False
+        raise
     return True
+
+
+def _same_file(fd: int, path: Path) -> bool:
+    try:
+        return os.path.samestat(os.fstat(fd), os.stat(path))
+    except FileNotFoundError:
+        return False
+
+
+def _read_pid(fd: int) -> int | None:
+    """The holder's process id; it writes it just after locking, so wait a moment for it."""
+    for _ in range(5):
+        try:
+            text = os.pread(fd, 32, 0) if hasattr(os, "pread") else b""
+            return int(text.decode().strip())
+        except (OSError, ValueError):
+            time.sleep(0.01)
+    return None
+
+
+def describe_os_error(exc: OSError, run_dir: str | Path | None = None) -> str:
+    """One line for an operating-system error: the file, the reason and, for a file in (or the path
+    of) the run directory ``run_dir``, how to fix it."""
+    where = f"{exc.filename}: " if exc.filename else ""
+    line = f"{where}{exc.strerror or exc}"
+    # No file name: a write into an open file (a full disk), which only the run directory has here.
+    if run_dir is None or (exc.filename and not _within(Path(str(exc.filename)), Path(run_dir))):
+        return line
+    if not exc.filename:
+        line = f"{line} while writing to {run_dir}"
+    fix = {
+        errno.ENOSPC: "the disk is full: free some space or choose an output directory on another disk",
+        getattr(errno, "EDQUOT", -1): "the disk quota is used up: free some space or choose another --out",
+        errno.EROFS: "the file system is read-only: choose a writable output directory (--out)",
+        errno.EACCES: "choose an output directory you can write to (--out), or fix its permissions",
+        errno.EPERM: "choose an output directory you can write to (--out), or fix its permissions",
+        errno.ENAMETOOLONG: "choose a shorter output directory name (--out)",
+        errno.ENOTDIR: "a part of the output directory's path is a file: choose another --out",
+        errno.ELOOP: "the output directory's path has a symbolic-link loop: choose another --out",
+        errno.ENOENT: "a part of the output directory's path cannot be created: choose another --out",
+    }.get(exc.errno or 0)
+    return f"{line}; {fix}" if fix else f"{line} (in the output directory {run_dir})"
+
+
+def _within(path: Path, root: Path) -> bool:
+    """True when ``path`` is ``root``, inside it, or one of its parents (lexically)."""
+    a, b = os.path.abspath(path), os.path.abspath(root)
+    return a == b or a.startswith(b + os.sep) or b.startswith(a + os.sep)

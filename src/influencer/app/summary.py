@@ -17,9 +17,12 @@ SIGN_CONVENTION = (
 )
 
 
-def make_summary(ex: Explanation, timings: dict[str, float], files: dict[str, str]) -> dict[str, Any]:
+def make_summary(
+    ex: Explanation, timings: dict[str, float], files: dict[str, str], warnings: list[str] | None = None
+) -> dict[str, Any]:
     """Per test example: label, prediction, the top helpful/harmful ids and scores; then the settings,
-    ``timings`` (seconds per stage) and the run's ``files`` (role -> file name)."""
+    ``timings`` (seconds per stage), the run's ``files`` (role -> file name) and the ``warnings``
+    it logged (an approximate solve, a model far from a minimum, ...)."""
     ev, job, inf, config, top = ex.evaluation, ex.job, ex.influence, ex.config, ex.top
 
     def label(v: Any) -> Any:
@@ -60,6 +63,8 @@ def make_summary(ex: Explanation, timings: dict[str, float], files: dict[str, st
             "solver": ex.solver,
             "head": chosen_head(config, job),
             "test_selection": ex.test_choice,
+            "optimality": ex.optimality,
+            "warnings": list(warnings or []),
             "tests": tests,
             "candidates_to_inspect": [
                 {

@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import warnings
 from abc import ABC, abstractmethod
 from typing import Any, ClassVar
 
 from torch import Tensor, nn
 
 from influencer._kernel.curvature import Curvature
-from influencer._kernel.errors import ConfigError
+from influencer._kernel.errors import ConfigError, ConvergenceError
 from influencer._kernel.functional import select_parameters
 
 
@@ -65,3 +66,22 @@ def require_positive(name: str, value: float, minimum: float = 0.0, integer: boo
         raise ConfigError(f"{name} must be an integer, got {value!r}")
     if not (isinstance(value, (int, float)) and math.isfinite(value) and value > minimum):
         raise ConfigError(f"{name} must be a finite number > {minimum}, got {value!r}")
+
+
+ON_UNCONVERGED = ("raise", "warn")
+
+
+def unconverged(estimator: str, on_unconverged: str, problem: str, fix: str) -> None:
+    """Raise :class:`ConvergenceError` for an iterative solve that did not converge (the default),
+    or warn when the user accepted approximate solves with ``on_unconverged="warn"``."""
+    if on_unconverged == "raise":
+        raise ConvergenceError(
+            f"{problem}; {fix}, or pass {estimator}(..., on_unconverged='warn') (--on-unconverged warn) "
+            "to accept the approximate solve"
+        )
+    warnings.warn(f"{problem}; the scores are approximate ({fix})", RuntimeWarning, stacklevel=4)
+
+
+def check_on_unconverged(name: str, value: str) -> None:
+    if value not in ON_UNCONVERGED:
+        raise ConfigError(f"{name} must be one of {', '.join(ON_UNCONVERGED)}; got {value!r}")

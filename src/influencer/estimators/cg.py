@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import warnings
 from typing import ClassVar
 
 import torch
@@ -11,7 +10,13 @@ from torch import Tensor
 
 from influencer._kernel.curvature import Curvature
 from influencer._kernel.errors import IndefiniteHessianError, NonFiniteError
-from influencer.estimators.base import Estimator, Solver, require_positive
+from influencer.estimators.base import (
+    Estimator,
+    Solver,
+    check_on_unconverged,
+    require_positive,
+    unconverged,
+)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -21,12 +26,16 @@ class CG(Estimator):
     ``k`` independent CG runs: a column's answer does not depend on the others solved with it.
     Each iteration costs one HVP pass over the Hessian's examples for the columns not yet
     converged. Stops a column when ``||r|| <= tol * ||v||``. Needs ``H + damping I`` positive
-    definite; meeting negative curvature raises :class:`IndefiniteHessianError`.
-    See :class:`BlockCG` for fewer iterations with many right-hand sides.
+    definite; meeting negative curvature raises :class:`IndefiniteHessianError`. A column still
+    above ``tol`` after ``max_iter`` iterations (a singular or badly conditioned system) raises
+    :class:`ConvergenceError`, or only warns with ``on_unconverged="warn"``; ``info`` records
+    ``converged`` and the worst relative residual either way. See :class:`BlockCG` for fewer
+    iterations with many right-hand sides.
     """
 
     tol: float = 1e-8
     max_iter: int = 200
+    on_unconverged: str = "raise"
     name = "cg"
     block: ClassVar[bool] = False
 
@@ -34,6 +43,7 @@ class CG(Estimator):
         super().__post_init__()
         require_positive("CG.tol", self.tol)
         require_positive("CG.max_iter", self.max_iter, integer=True)
+        check_on_unconverged("CG.on_unconverged", self.on_unconverged)
 
     def fit(self, curvature: Curvature) -> CGSolver:
         return CGSolver(curvature, self)
@@ -152,17 +162,18 @@ class CGSolver(Solver):
         self._finish(b, rs_out, iters, len(ids))
         return out
 
-    def _finish(self, b: Tensor, rs: Tensor, iters: int, unconverged: int) -> None:
+    def _finish(self, b: Tensor, rs: Tensor, iters: int, left: int) -> None:
         cfg = self.config
         rel = (rs.sqrt() / b.norm(dim=1).clamp_min(torch.finfo(b.dtype).tiny)).max() if len(b) else rs.sum()
-        self.info = {"iterations": iters, "max_relative_residual": float(rel)}
-        if unconverged:
-            warnings.warn(
-                f"CG stopped after max_iter={cfg.max_iter} with {unconverged} of {len(b)} systems "
-                f"unconverged (worst relative residual {float(rel):.2e} > tol={cfg.tol:g}); raise "
-                "max_iter or damping for an accurate solve",
-                RuntimeWarning,
-                stacklevel=4,
+        self.info = {"iterations": iters, "max_relative_residual": float(rel), "converged": not left}
+        if left:
+            unconverged(
+                type(cfg).__name__,
+                cfg.on_unconverged,
+                f"CG did not converge: after max_iter={cfg.max_iter} iterations {left} of "
+                f"{len(b)} systems still have a relative residual up to {float(rel):.2e} > tol={cfg.tol:g}",
+                "raise max_iter, or raise damping (now "
+                f"{cfg.damping:g}) if the Hessian is singular or badly conditioned",
             )
 
 

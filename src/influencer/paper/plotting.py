@@ -101,7 +101,7 @@ def influence_vs_distance(
                     label=label,
                 )
         ax.axhline(0.0, color="#888", lw=0.7)
-        ax.set_title(titles[j], fontsize=9)
+        ax.set_title(titles[j], fontsize=9, parse_math=False)  # titles hold user text ("$5", "x^2")
         ax.tick_params(labelsize=7)
         ax.ticklabel_format(axis="y", style="sci", scilimits=(-2, 3))
         if j % cols == 0:
