@@ -15,7 +15,7 @@ import dataclasses
 import importlib
 import logging
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -30,6 +30,7 @@ from influencer._kernel.functional import ModelFunction
 from influencer._kernel.task import ClassificationTask, Task
 from influencer.app.config import ExplainConfig
 from influencer.app.store import RunStore
+from influencer.retraining import Retrainer
 from influencer.training import fit_lbfgs, train_minibatch
 
 log = logging.getLogger("influencer.explain")
@@ -55,6 +56,11 @@ class Job:
             precomputed features); default: the inputs of the data.
         hessian_batch_size: examples per Hessian-vector-product batch, when the job knows a
             better value than the default 512 (``ExplainConfig.hessian_batch_size`` overrides it).
+        retrain: how the model was trained, for ``influencer evaluate`` to retrain it without some
+            examples (an :class:`~influencer.retraining.Retrainer`; default: L-BFGS to the optimum
+            for a linear model, Adam for the configured epochs for a network).
+        make_model: ``seed -> nn.Module``, a fresh untrained model of the same architecture, for
+            retraining from scratch (default for a network: a copy with its layers reset).
     """
 
     task: Task
@@ -69,6 +75,8 @@ class Job:
     description: str = ""
     display: tuple[torch.Tensor, torch.Tensor] | None = None
     hessian_batch_size: int | None = None
+    retrain: Retrainer | None = None
+    make_model: Callable[[int], nn.Module] | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.task, Task):
@@ -78,6 +86,13 @@ class Job:
             )
         if not isinstance(self.model, nn.Module):
             raise TaskError(f"the job's model must be a torch.nn.Module, got {type(self.model).__name__}")
+        if self.retrain is not None and not isinstance(self.retrain, Retrainer):
+            raise ConfigError(
+                "the job's retrain must be an influencer.retraining.Retrainer (e.g. "
+                f"AdamRetrainer(epochs=30)), got {type(self.retrain).__name__}"
+            )
+        if self.make_model is not None and not callable(self.make_model):
+            raise ConfigError("the job's make_model must be a function seed -> a fresh nn.Module")
         self.train = as_examples(self.train)
         self.test = as_examples(self.test)
         if self.classes is not None:
