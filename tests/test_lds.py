@@ -9,12 +9,14 @@ import pytest
 import torch
 from torch import nn
 
-from influencer import ClassificationTask, Exact, Influence, RegressionTask
+from influencer import ClassificationTask, Exact, Identity, Influence, RegressionTask
 from influencer.errors import ConfigError, DataError
 from influencer.retraining import AdamRetrainer, ChainedRetrainer, LBFGSRetrainer
 from influencer.retraining_cache import CachedRetrainer
 from influencer.training import train_lbfgs
 from influencer.uses.validation import (
+    choose_damping,
+    curvature_scale,
     draw_subsets,
     lds,
     linear_datamodeling_score,
@@ -201,3 +203,24 @@ def test_bad_lds_inputs_are_refused(logistic, logistic_retraining, parity):
         linear_datamodeling_score(np.zeros((3, 300)), logistic_retraining)
     with pytest.raises(DataError, match="NaN"):
         linear_datamodeling_score(np.full((20, 300), np.nan), logistic_retraining)
+
+
+def test_curvature_scale_is_the_mean_eigenvalue(logistic):
+    dense = logistic.curvature_product(torch.eye(logistic.p, dtype=torch.float64))  # (p, p)
+    mean_eigenvalue = float(torch.trace(dense)) / logistic.p
+    off_diagonal = float((dense**2).sum() - (dense.diagonal() ** 2).sum())
+    sd = (2 * off_diagonal / 64) ** 0.5 / logistic.p  # Hutchinson's spread with Rademacher probes
+    estimate = curvature_scale(logistic, probes=64)
+    assert abs(estimate - mean_eigenvalue) < 4 * sd, (estimate, mean_eigenvalue, sd)
+    assert sd < 0.2 * mean_eigenvalue  # the check above is not vacuous
+
+
+def test_choose_damping_prefers_what_retraining_confirms(logistic, logistic_retraining, parity):
+    choice = choose_damping(logistic, parity[1], logistic_retraining, [1e-4, 30.0])
+    # a damping far above the curvature turns influence into a gradient dot product: less faithful
+    assert choice.damping == 1e-4 and choice.lds[0] > choice.lds[1] + 0.05, choice.summary()
+    relative = choose_damping(logistic, parity[1], logistic_retraining, relative=(1e-2, 1.0))
+    assert relative.scale == pytest.approx(curvature_scale(logistic))
+    assert relative.candidates == pytest.approx((1e-2 * relative.scale, relative.scale))
+    with pytest.raises(ConfigError, match="no damping to choose"):
+        choose_damping(logistic.replace(estimator=Identity()), parity[1], logistic_retraining)

@@ -168,19 +168,37 @@ class AdamRetrainer(Retrainer):
         return dataclasses.replace(self, seed=seed)
 
     def refit(self, influence: Influence, ids: Indices = None, start: Tensor | None = None) -> Tensor:
+        return self.trajectory(influence, ids, start, [self.epochs])[0]
+
+    def trajectory(
+        self,
+        influence: Influence,
+        ids: Indices = None,
+        start: Tensor | None = None,
+        epochs: Sequence[int] = (),
+    ) -> list[Tensor]:
+        """The parameters ``(p,)`` after each of ``epochs`` (1-based, increasing, at most
+        ``self.epochs``) of the same run as :meth:`refit`: checkpoints along training, e.g. for
+        :meth:`influencer.ensemble.Ensemble.from_checkpoints`."""
+        wanted = [int(e) for e in epochs]
+        if not wanted or wanted != sorted(set(wanted)) or wanted[0] < 1 or wanted[-1] > self.epochs:
+            raise ConfigError(f"epochs must increase within 1..{self.epochs}, got {list(epochs)}")
         fn, data = influence.fn, influence.train
         idx = data.check_indices(ids)
         theta = self._start(influence, start).clone().requires_grad_(True)
         opt = torch.optim.Adam([theta], lr=self.lr)
         gen = torch.Generator().manual_seed(self.seed)
-        for _ in progress_bar(range(self.epochs), "retraining", influence.progress, unit="epoch"):
+        out = []
+        for epoch in progress_bar(range(1, wanted[-1] + 1), "retraining", influence.progress, unit="epoch"):
             order = idx[torch.randperm(len(idx), generator=gen)]
             for chunk, batch in data.chunks(self.batch_size, order):
                 objective = fn.objective(theta, fn.prepare(batch), 1.0 / len(chunk))  # mean loss + Omega
                 opt.zero_grad()
                 objective.backward()
                 opt.step()
-        return theta.detach()
+            if epoch in wanted:
+                out.append(theta.detach().clone())
+        return out
 
 
 @dataclasses.dataclass(frozen=True)

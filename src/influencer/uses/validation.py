@@ -22,12 +22,15 @@ correlation ignores). The LDS of an attribution method is the mean of the per-te
 :func:`retrain_on_subsets` does the retraining once and :func:`linear_datamodeling_score`
 evaluates any number of score matrices on it; a retraining cache directory
 (:class:`~influencer.retraining_cache.CachedRetrainer`) keeps the refits across processes.
+:func:`choose_damping` picks an estimator's damping by the LDS on (other) subsets.
 
 :mod:`influencer.paper.validation` draws both results.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import math
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -376,3 +379,76 @@ def lds(
         seed=seed, cache=cache, float64=float64,
     )  # fmt: skip
     return linear_datamodeling_score(scores, retraining, level=level)
+
+
+# ---- damping chosen by the data ------------------------------------------------------------------
+
+
+def curvature_scale(influence: Influence, probes: int = 16, seed: int = 0) -> float:
+    """The mean eigenvalue ``trace(C) / p`` of the undamped curvature ``C`` (Hessian or Gauss-Newton
+    of ``mean loss + Omega``), by Hutchinson's estimator with ``probes`` Rademacher vectors.
+
+    A scale to set damping relative to: the same damping means little on a flat curvature and
+    much on a sharp one.
+    """
+    if not isinstance(probes, int) or probes < 1:
+        raise ConfigError(f"probes must be an integer >= 1, got {probes!r}")
+    gen = torch.Generator().manual_seed(seed)
+    v = (torch.randint(0, 2, (probes, influence.p), generator=gen) * 2 - 1).to(influence.theta)
+    return float((v * influence.curvature_product(v)).sum(1).mean()) / influence.p
+
+
+@dataclass(frozen=True)
+class DampingChoice:
+    """The damping with the highest LDS among ``candidates``, and the LDS of each."""
+
+    damping: float
+    candidates: tuple[float, ...]
+    lds: tuple[float, ...]  # mean LDS per candidate
+    scale: float | None  # the curvature scale the candidates are relative to (None: given as is)
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "damping": self.damping,
+            "candidates": list(self.candidates),
+            "lds": list(self.lds),
+            "curvature_scale": self.scale,
+        }
+
+
+def choose_damping(
+    influence: Influence,
+    test: Any,
+    retraining: SubsetRetraining,
+    candidates: Sequence[float] | None = None,
+    *,
+    relative: Sequence[float] = (1e-4, 1e-3, 1e-2, 1e-1, 1.0),
+) -> DampingChoice:
+    """Pick the estimator's damping by the LDS of its scores on ``retraining``.
+
+    ``candidates`` are absolute dampings; by default they are ``relative`` multiples of the
+    curvature's mean eigenvalue (:func:`curvature_scale`). Each candidate refits
+    ``influence``'s estimator with that damping and scores ``test`` (the examples ``retraining``
+    measured). Evaluate the chosen damping on *other* subsets than the ones it was chosen on
+    (another ``seed`` of :func:`retrain_on_subsets`), or the LDS reported is optimistic.
+    """
+    estimator = influence.estimator
+    if not any(f.name == "damping" for f in dataclasses.fields(estimator)) or estimator.name == "identity":
+        raise ConfigError(f"the {estimator.name} estimator has no damping to choose")
+    scale = None
+    if candidates is None:
+        scale = curvature_scale(influence)
+        if not scale > 0:
+            raise ConfigError(
+                f"the curvature's mean eigenvalue is {scale:.3g}; give the candidates explicitly"
+            )
+        candidates = [r * scale for r in relative]
+    values = tuple(float(c) for c in candidates)
+    if not values or not all(math.isfinite(c) and c >= 0 for c in values):
+        raise ConfigError(f"damping candidates must be finite numbers >= 0, got {list(values)}")
+    scores = []
+    for d in progress_bar(values, "damping candidates", influence.progress):
+        fitted = influence.replace(estimator=dataclasses.replace(estimator, damping=d)).fit()
+        scores.append(linear_datamodeling_score(fitted.scores(test), retraining).mean)
+    best = int(np.nanargmax(scores))
+    return DampingChoice(values[best], values, tuple(scores), scale)
