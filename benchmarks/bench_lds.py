@@ -137,7 +137,7 @@ class World:
     seconds: dict[str, float]
 
 
-def build_world(setup: Setup, device: torch.device, cache: str, progress: bool) -> World:
+def build_world(setup: Setup, device: torch.device, cache: str) -> World:
     spec = setup.spec
     split = load_split(spec)
     n = spec.n_train or len(split.x_train)
@@ -150,7 +150,7 @@ def build_world(setup: Setup, device: torch.device, cache: str, progress: bool) 
             torch.manual_seed(seed)
             return build_model(spec, x_train.shape[1], split.num_classes).to(device, torch.float64)
 
-    reference = Influence(init(0), task, (x_train, y_train), progress=progress)
+    reference = Influence(init(0), task, (x_train, y_train))
     recipe = CachedRetrainer(setup.recipe, cache)
     seconds = {}
     start = time.perf_counter()
@@ -470,7 +470,6 @@ def main(argv: list[str] | None = None) -> int:
         "--cache", default=None, help="directory of cached refits (default out/lds-cache[-quick])"
     )
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
-    parser.add_argument("--progress", action="store_true", help="progress bars for the retraining")
     parser.add_argument("--json", default=None, metavar="PATH")
     args = parser.parse_args(argv)
 
@@ -495,7 +494,9 @@ def main(argv: list[str] | None = None) -> int:
     env = {"machine": machine(device), "versions": versions(PACKAGES), "device": str(device)}
     print("  ".join(f"{k}={v}" for k, v in env["versions"].items()))
     preload(libraries)
-    world = build_world(setup, device, cache, args.progress)
+    total = setup.ensemble + len(setup.seeds) * (1 + setup.subsets + setup.tuning_subsets)
+    print(f"training/retraining up to {total} models (refits already in {cache} are read back)", flush=True)
+    world = build_world(setup, device, cache)
     preload([])
     header, rows = run_rows(world, setup, methods, libraries, args.curvature)
     print()
