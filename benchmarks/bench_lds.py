@@ -76,6 +76,9 @@ METHODS = ("exact", "cg", "lissa", "arnoldi", "kfac", "ekfac", "ekfac-emp", "ide
 CURVATURE_METHODS = ("exact", "cg", "lissa", "arnoldi")
 # Which peers average over several models themselves, and for which methods.
 PEER_ENSEMBLES = {"dattri": ("exact", "cg", "lissa", "arnoldi", "identity"), "captum": ("identity",)}
+# dattri holds per-test-example work for all test examples at once (its CG took 22 GB for 100 test
+# examples here): it scores them 10 at a time, as in bench_estimators.py.
+TEST_CHUNK = {"dattri": 10}
 PACKAGES = ("influencer", "torch", "captum", "dattri", "pyDVL", "kronfluence", "bergson")
 
 
@@ -274,7 +277,10 @@ def run_rows(
             else:
                 run = LIBRARIES[lib]().run
                 attempt(
-                    rows, fields, lambda run=run, method=method: _peer(run, method, problem, resolved), world
+                    rows,
+                    fields,
+                    lambda run=run, method=method, lib=lib: _peer(run, method, problem, resolved, lib),
+                    world,
                 )
 
     # Damping chosen by the data: the LDS on the tuning subsets (never the scored ones).
@@ -320,7 +326,7 @@ def run_rows(
                 attempt(
                     rows,
                     fields,
-                    lambda run=run, method=method: _peer(run, method, world.problem, resolved),
+                    lambda run=run, method=method, lib=lib: _peer(run, method, world.problem, resolved, lib),
                     world,
                 )
             elif lib in ("kronfluence", "pydvl") and method in ("ekfac", "kfac"):
@@ -358,9 +364,18 @@ def run_rows(
     return header, rows
 
 
-def _peer(run: Callable, method: str, problem: Problem, resolved: Resolved) -> tuple[Tensor, float]:
-    out = run(method, problem, resolved)
-    return out.scores, out.seconds
+def _peer(run: Callable, method: str, problem: Problem, resolved: Resolved, lib: str) -> tuple[Tensor, float]:
+    """A peer's scores ``(m, n)``, in chunks of test examples where it needs them (rows are independent)."""
+    chunk = TEST_CHUNK.get(lib, len(problem.x_test))
+    scores, seconds = [], 0.0
+    for i in range(0, len(problem.x_test), chunk):
+        part = dataclasses.replace(
+            problem, x_test=problem.x_test[i : i + chunk], y_test=problem.y_test[i : i + chunk]
+        )
+        out = run(method, part, resolved)
+        scores.append(out.scores)
+        seconds += out.seconds
+    return torch.cat(scores), seconds
 
 
 def _averaged(lib: str, method: str, world: World, resolved: Resolved) -> tuple[Tensor, float]:

@@ -20,6 +20,7 @@ from influencer._kernel.functional import ModelFunction
 from influencer._kernel.losses import hinge, smooth_hinge
 from influencer._kernel.scores import TopK, top_k
 from influencer._kernel.task import ClassificationTask, RegressionTask, SmoothHingeTask, Task
+from influencer.ensemble import Ensemble
 from influencer.estimators import CG, EKFAC, KFAC, Arnoldi, Estimator, Exact, Identity, LiSSA, Solver
 from influencer.influence import Influence
 from influencer.models.kernels import RBFKernelModel
@@ -30,7 +31,7 @@ from influencer.uses.mislabels import rank_for_review
 from influencer.uses.perturbation import FeatureAttribution, PerturbationInfluence
 from influencer.uses.poisoning import PoisonConfig, PoisoningAttack
 from influencer.uses.unlearning import ClassRemoval
-from influencer.uses.validation import leave_one_out
+from influencer.uses.validation import lds, leave_one_out
 
 __version__ = "0.1.0"
 
@@ -45,6 +46,7 @@ __all__ = [
     "ConvergenceError",
     "Curvature",
     "DataError",
+    "Ensemble",
     "Estimator",
     "Exact",
     "Examples",
@@ -72,6 +74,7 @@ __all__ = [
     "group_influence",
     "group_params",
     "hinge",
+    "lds",
     "leave_one_out",
     "rank_for_review",
     "smooth_hinge",

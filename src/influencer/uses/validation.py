@@ -268,7 +268,7 @@ def retrain_on_subsets(
     """Retrain on ``subsets`` random subsets (each keeping ``alpha`` of the data) and measure ``test``.
 
     Args:
-        influence: its model, task and training data define what is retrained (not fitted needed).
+        influence: its model, task and training data define what is retrained (it need not be fitted).
         test: the test examples ``(m, ...)`` to measure, in any data form.
         subsets: ``M``, the number of random subsets.
         alpha: the fraction of the training data each subset keeps.
