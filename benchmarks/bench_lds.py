@@ -22,6 +22,10 @@ TracInCP do the same with their checkpoint lists; for the other peers the benchm
 scores itself, marked as such), ``x5 ckpt`` adds the checkpoints of the last 5 epochs of each run
 (``AdamRetrainer.trajectory``), and ``damping chosen`` picks the damping by the LDS on separate
 tuning subsets (``influencer.uses.validation.choose_damping``), never on the subsets it is scored on.
+The ``index`` rows score with the projected gradient store (``influencer.index``: per-example
+gradients projected to k dimensions, Kronecker per layer or dense Gaussian), preconditioned by the
+store's projected Fisher or by our EK-FAC before projection: how much LDS the store gives up
+against exact-gradient EK-FAC.
 
 Every refit is cached on disk (``--cache``, keyed by everything it depends on), so an interrupted run
 resumes and a second run retrains nothing. Run inside the benchmark environment::
@@ -36,10 +40,12 @@ import argparse
 import dataclasses
 import os
 import sys
+import tempfile
 import time
 import traceback
 import warnings
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 os.environ.setdefault("TQDM_DISABLE", "1")  # dattri and pyDVL draw progress bars by default
@@ -61,6 +67,14 @@ from torch import Tensor, nn
 
 from influencer import ClassificationTask, Influence
 from influencer.ensemble import Ensemble
+from influencer.estimators import Identity
+from influencer.index import (
+    EstimatorPreconditioner,
+    GaussianProjector,
+    GradientIndex,
+    KroneckerProjector,
+    ProjectedFisher,
+)
 from influencer.retraining import AdamRetrainer
 from influencer.retraining_cache import CachedRetrainer
 from influencer.uses.validation import (
@@ -71,7 +85,15 @@ from influencer.uses.validation import (
     retrain_on_subsets,
 )
 
-METHODS = ("exact", "cg", "lissa", "arnoldi", "kfac", "ekfac", "ekfac-emp", "identity")
+METHODS = ("exact", "cg", "lissa", "arnoldi", "kfac", "ekfac", "ekfac-emp", "identity", "index")
+# Ours only: the projected gradient store (``influencer.index``), built once, queried per test set.
+INDEX_VARIANTS = (
+    ("kron 8x8", "fisher"),
+    ("kron 16x16", "fisher"),
+    ("kron 32x32", "fisher"),
+    ("kron 16x16", "ekfac"),
+    ("gauss 512", "fisher"),
+)
 # Methods whose solve uses the curvature operator (the others build their own factors or none).
 CURVATURE_METHODS = ("exact", "cg", "lissa", "arnoldi")
 # Which peers average over several models themselves, and for which methods.
@@ -258,6 +280,9 @@ def run_rows(
 
     print("single model (seed 0):", flush=True)
     for method in methods:
+        if method == "index":
+            index_rows(rows, world, resolved, theta0)
+            continue
         for lib in libraries:
             fields = {"method": method, "library": lib, "models": 1, "note": NOTES.get((lib, method), "")}
             if lib == "influencer":
@@ -362,6 +387,43 @@ def run_rows(
 
             attempt(rows, fields, checkpoints, world)
     return header, rows
+
+
+def index_rows(rows: list[dict], world: World, resolved: Resolved, theta: Tensor) -> None:
+    """LDS of the projected gradient store, beside exact-gradient EK-FAC (same model, same damping).
+
+    ``fisher``: the store's own projected empirical Fisher, damped by 0.1 x each layer block's mean
+    eigenvalue; ``ekfac``: our fitted EK-FAC applied to the test gradients before projection.
+    """
+    test = single(world.problem).test
+    plain = world.reference.replace(estimator=Identity(), theta=theta)
+    ekfac = ours_influence("ekfac", world, resolved, "hessian", theta)
+    fitted = None
+    for name, label in INDEX_VARIANTS:
+        kind, size = name.split(" ")
+        if kind == "kron":
+            a, b = (int(v) for v in size.split("x"))
+            projector = KroneckerProjector(k_in=a, k_out=b)
+        else:
+            projector = GaussianProjector(k=int(size))
+        fields = {"method": "index", "library": "influencer", "models": 1, "note": f"{name} + {label}"}
+
+        def run(projector=projector, label=label) -> tuple[Tensor, float]:
+            nonlocal fitted
+            with tempfile.TemporaryDirectory() as folder:
+                start = time.perf_counter()
+                index = GradientIndex.build(plain, Path(folder) / "index", projector)
+                if label == "ekfac":
+                    if fitted is None:
+                        fitted = ekfac.fit()
+                    index = GradientIndex.open(index.path, fitted)
+                    pre = EstimatorPreconditioner()
+                else:
+                    pre = ProjectedFisher(relative_damping=0.1)
+                scores = index.scores(test, preconditioner=pre)
+                return scores, time.perf_counter() - start
+
+        attempt(rows, fields, run, world)
 
 
 def _peer(run: Callable, method: str, problem: Problem, resolved: Resolved, lib: str) -> tuple[Tensor, float]:

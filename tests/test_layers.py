@@ -1,7 +1,8 @@
 """The package's floors: imports only go down, never round in a cycle; plotting and CLI stay on top.
 
 Floors (low to high): the private engine ``_kernel`` (0); estimators, samplers, tasks, data,
-errors (1); influence, heads, retraining (and its cache), ensemble, training, models, testing (2); uses (3);
+errors (1); influence, heads, retraining (and its cache), ensemble, training, models, testing, index (2);
+uses and its alias validation (3);
 paper (4); app (5).
 The package ``__init__`` is the public face over the library floors: its own imports are not
 checked, and only the app may import it.
@@ -34,6 +35,7 @@ FLOORS = {
     "testing": 2,
     "index": 2,
     "uses": 3,
+    "validation": 3,
     "paper": 4,
     "app": 5,
 }

@@ -14,7 +14,7 @@ from influencer.errors import ConfigError, DataError
 from influencer.retraining import AdamRetrainer, ChainedRetrainer, LBFGSRetrainer
 from influencer.retraining_cache import CachedRetrainer
 from influencer.training import train_lbfgs
-from influencer.uses.validation import (
+from influencer.validation import (  # the short name for uses.validation
     choose_damping,
     curvature_scale,
     draw_subsets,
