@@ -28,6 +28,18 @@ class Candidate:
     total_score: float  # the sum of its (negative) scores on them
 
 
+@dataclasses.dataclass(frozen=True)
+class StoreScoring:
+    """How the scores were computed from a gradient store (``influencer explain --store``) instead
+    of exact gradients: in words for the report, and as JSON-able settings for the summary."""
+
+    store: str  # the store directory
+    projection: str  # e.g. "kronecker projection to k = 2048 (32 x 32 per layer, 2 layers), float32"
+    preconditioner: str  # e.g. "projected Fisher, block-diagonal per layer, relative damping 0.1"
+    settings: dict[str, Any]  # {"store", "projector", "k", "preconditioner", ...}
+    uses_estimator: bool = False  # the test directions were solved with the estimator (before projection)
+
+
 @dataclasses.dataclass
 class Explanation:
     """The chosen test examples, their scores against every training example and the top ones."""
@@ -46,27 +58,36 @@ class Explanation:
 
     # how far the model is from a minimum: {"objective_gradient_norm", "mean_example_gradient_norm", "ratio"}
     optimality: dict[str, float] | None = None
+    # set when the scores come from a gradient store (projected gradients) instead of exact ones
+    scoring: StoreScoring | None = None
 
     def candidates(self) -> list[Candidate]:
         """Training examples among the top-k most harmful (negative scores only) of at least
         ``min_recurrence`` explained test examples: most often first, then most harmful in total."""
-        seen: dict[int, list[tuple[int, float]]] = {}
-        ids, scores = self.top.harmful_ids.tolist(), self.top.harmful_scores.tolist()
-        for j, (row, values) in enumerate(zip(ids, scores, strict=True)):
-            for i, v in zip(row, values, strict=True):
-                if v < 0:
-                    seen.setdefault(int(i), []).append((int(self.test_ids[j]), float(v)))
-        found = [
-            Candidate(i, len(hits), tuple(t for t, _ in hits), sum(v for _, v in hits))
-            for i, hits in seen.items()
-            if len(hits) >= self.min_recurrence
-        ]
-        return sorted(found, key=lambda c: (-c.count, c.total_score, c.train_id))
+        return find_candidates(self.top, self.test_ids, self.min_recurrence)
 
     def title(self, j: int) -> str:
         """``"test #17 (label 3, predicted 5, wrong)"`` for the ``j``-th chosen test example."""
         tid = int(self.test_ids[j])
         return f"test #{tid} ({self.evaluation.describe(tid, self.job.classes, loss=False)})"
+
+
+def find_candidates(top: TopK, test_ids: np.ndarray, min_recurrence: int = MIN_RECURRENCE) -> list[Candidate]:
+    """Training examples among the most harmful (negative scores only) of at least
+    ``min_recurrence`` rows of ``top`` (``(m, k)``, rows for ``test_ids`` ``(m,)``): most often
+    first, then most harmful in total."""
+    seen: dict[int, list[tuple[int, float]]] = {}
+    ids, scores = top.harmful_ids.tolist(), top.harmful_scores.tolist()
+    for j, (row, values) in enumerate(zip(ids, scores, strict=True)):
+        for i, v in zip(row, values, strict=True):
+            if v < 0:
+                seen.setdefault(int(i), []).append((int(test_ids[j]), float(v)))
+    found = [
+        Candidate(i, len(hits), tuple(t for t, _ in hits), sum(v for _, v in hits))
+        for i, hits in seen.items()
+        if len(hits) >= min_recurrence
+    ]
+    return sorted(found, key=lambda c: (-c.count, c.total_score, c.train_id))
 
 
 def names_text(names: list[str]) -> str:
