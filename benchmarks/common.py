@@ -70,6 +70,10 @@ class Problem:
     y_test: Tensor  # (m,)
     device: torch.device
     train_seconds: float
+    # Other models of the same architecture trained on the same data (other seeds): libraries that
+    # ensemble over checkpoints (dattri's influence functions, captum's TracInCP) average over
+    # (model, *members); the others use the model alone.
+    members: tuple[nn.Module, ...] = ()
 
     @property
     def n(self) -> int:

@@ -286,11 +286,18 @@ class Captum:
                     seed=s.seed,
                 )
             elif method == "identity":
+                # TracInCP sums over checkpoints: the model and its members (problem.members)
+                states = [m.state_dict() for m in map(plain_modules, (problem.model, *problem.members))]
+
+                def load(model: nn.Module, k: int) -> float:
+                    model.load_state_dict(states[k])
+                    return 1.0  # learning rate 1
+
                 inf = TracInCP(
                     common["model"],
                     common["train_dataset"],
-                    checkpoints=["in-memory"],
-                    checkpoints_load_func=common["checkpoints_load_func"],
+                    checkpoints=list(range(len(states))) if problem.members else ["in-memory"],
+                    checkpoints_load_func=load if problem.members else common["checkpoints_load_func"],
                     loss_fn=common["loss_fn"],
                     batch_size=problem.n,
                     sample_wise_grads_per_batch=True,
@@ -299,7 +306,7 @@ class Captum:
                 raise NotAvailableError(method)
         with st("score"):
             theirs = inf.influence(problem.test)  # (m, n)
-        scale = problem.n if method == "identity" else 1
+        scale = problem.n * (1 + len(problem.members)) if method == "identity" else 1
         return st.result(_center(theirs) / scale)
 
 
@@ -365,10 +372,12 @@ class Dattri:
             penalty = sum((q * q).sum() for q in params.values())
             return cross_entropy(params, data) + 0.5 * wd * penalty
 
+        # Its influence functions and TracIn average over checkpoints: the model and its members.
+        members = [plain_modules(m).state_dict() for m in problem.members]
         task = AttributionTask(
             loss_func=objective,
             model=model,
-            checkpoints=model.state_dict(),
+            checkpoints=[model.state_dict(), *members] if members else model.state_dict(),
             target_func=cross_entropy,
         )
         device = str(problem.device)
@@ -414,7 +423,7 @@ class Dattri:
             }
             att = TracInAttributor(
                 task,
-                weight_list=torch.ones(1, dtype=dtype),
+                weight_list=torch.ones(1 + len(problem.members), dtype=dtype),  # one per checkpoint
                 normalized_grad=False,
                 projector_kwargs=projector,
             )

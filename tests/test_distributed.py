@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -19,10 +18,23 @@ from influencer.training import train_lbfgs
 from influencer.uses.group import group_influence, group_params
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def run_two_ranks(worker: str, folder: Path) -> None:
+    """Run ``tests/<worker> <folder>`` on two gloo CPU ranks under torchrun; fail with its stderr.
+
+    ``--standalone`` lets the rendezvous pick a free port itself (no race with other processes).
+    """
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        str(Path(__file__).parent / worker),
+        str(folder),
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
+    assert done.returncode == 0, done.stderr[-3000:]
 
 
 def test_two_ranks_give_the_single_process_results(tmp_path: Path, digits):
@@ -34,19 +46,7 @@ def test_two_ranks_give_the_single_process_results(tmp_path: Path, digits):
     np.save(tmp_path / "y.npy", y.numpy())
     for k, v in model.state_dict().items():
         np.save(tmp_path / f"{k}.npy", v.numpy())
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc_per_node=2",
-        "--master_addr=127.0.0.1",
-        f"--master_port={free_port()}",
-        str(Path(__file__).parent / "distributed_worker.py"),
-        str(tmp_path),
-    ]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
-    assert done.returncode == 0, done.stderr[-3000:]
+    run_two_ranks("distributed_worker.py", tmp_path)
 
     # each rank really did only its half of the training gradients
     for rank, block in ((0, range(0, 125)), (1, range(125, 250))):

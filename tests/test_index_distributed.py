@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -14,7 +11,7 @@ import torch
 
 from influencer import Influence
 from influencer.index import GradientIndex, KroneckerProjector, NoPreconditioner, ProjectedFisher, QueryResult
-from test_distributed import free_port
+from test_distributed import run_two_ranks
 
 
 @pytest.mark.slow
@@ -26,19 +23,7 @@ def test_two_ranks_build_and_query_like_one_process(tmp_path: Path, digits_small
     np.save(tmp_path / "y.npy", y.numpy())
     for k, v in model.state_dict().items():
         np.save(tmp_path / f"{k}.npy", v.numpy())
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc_per_node=2",
-        "--master_addr=127.0.0.1",
-        f"--master_port={free_port()}",
-        str(Path(__file__).parent / "index_distributed_worker.py"),
-        str(tmp_path),
-    ]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
-    assert done.returncode == 0, done.stderr[-3000:]
+    run_two_ranks("index_distributed_worker.py", tmp_path)
 
     # each rank wrote its own contiguous block of the 8 chunks
     assert json.loads((tmp_path / "rank0_written.json").read_text()) == [0, 1, 2, 3]

@@ -1,7 +1,8 @@
 """The package's floors: imports only go down, never round in a cycle; plotting and CLI stay on top.
 
 Floors (low to high): the private engine ``_kernel`` (0); estimators, samplers, tasks, data,
-errors (1); influence, heads, retraining, training, models, testing (2); uses (3); paper (4); app (5).
+errors (1); influence, heads, retraining (and its cache), ensemble, training, models, testing (2); uses (3);
+paper (4); app (5).
 The package ``__init__`` is the public face over the library floors: its own imports are not
 checked, and only the app may import it.
 """
@@ -26,6 +27,8 @@ FLOORS = {
     "influence": 2,
     "heads": 2,
     "retraining": 2,
+    "retraining_cache": 2,
+    "ensemble": 2,
     "training": 2,
     "models": 2,
     "testing": 2,

@@ -75,3 +75,18 @@ def test_bad_retrainer_settings_and_shapes_are_refused(digits_small):
         AdamRetrainer(epochs=1).refit(inf, start=torch.zeros(3))
     with pytest.raises(DataError, match="does not have this model's parameters"):
         inf.parameters_of(MLP(64, (9,), 10))
+
+
+def test_adam_trajectory_holds_the_checkpoints_of_the_same_run(digits_small):
+    task = ClassificationTask(weight_decay=1e-3)
+    torch.manual_seed(0)
+    model = MLP(64, (4,), 10).double()
+    inf = Influence(model, task, digits_small.train)
+    adam = AdamRetrainer(epochs=3, lr=1e-2, batch_size=100, seed=2)
+    path = adam.trajectory(inf, None, None, [1, 3])
+    torch.testing.assert_close(path[1], adam.refit(inf), rtol=0, atol=0)
+    torch.testing.assert_close(path[0], AdamRetrainer(epochs=1, lr=1e-2, batch_size=100, seed=2).refit(inf))
+    with pytest.raises(ConfigError, match="epochs must increase"):
+        adam.trajectory(inf, None, None, [3, 1])
+    with pytest.raises(ConfigError, match="epochs must increase"):
+        adam.trajectory(inf, None, None, [4])

@@ -16,6 +16,13 @@ fresh initialisation, e.g. from :meth:`Influence.parameters_of`, to retrain from
   objective (linear, logistic, smooth-hinge SVM with L2): then any gap between influence and
   retraining is the influence approximation's, not the optimiser's.
 * :class:`AdamRetrainer`: minibatch Adam for a fixed number of epochs (networks).
+* :class:`ChainedRetrainer`: one recipe after another, e.g. Adam from scratch, then L-BFGS to
+  the nearest optimum (so the end point no longer depends on the minibatch order).
+
+A retrainer's :meth:`~Retrainer.settings` describe it for cache keys, and
+:meth:`~Retrainer.with_seed` gives the same recipe under another random seed (the minibatch order;
+a deterministic recipe returns itself). :class:`~influencer.retraining_cache.CachedRetrainer` keeps
+refits on disk.
 """
 
 from __future__ import annotations
@@ -49,6 +56,22 @@ class Retrainer(ABC):
         Starts from ``start`` ``(p,)`` (default ``influence.theta``); computes in the influence's
         device and dtype.
         """
+
+    def settings(self) -> dict[str, Any]:
+        """JSON-able description of the recipe: its class and its settings (for cache keys)."""
+        kind = f"{type(self).__module__}.{type(self).__qualname__}"
+        if not dataclasses.is_dataclass(self):
+            return {"class": kind, "repr": repr(self)}
+        fields = {}
+        for f in dataclasses.fields(self):
+            if f.init:
+                value = getattr(self, f.name)
+                fields[f.name] = value.settings() if isinstance(value, Retrainer) else value
+        return {"class": kind, **fields}
+
+    def with_seed(self, seed: int) -> Retrainer:
+        """The same recipe with its randomness drawn from ``seed`` (a deterministic one: itself)."""
+        return self
 
     @staticmethod
     def _start(influence: Influence, start: Tensor | None) -> Tensor:
@@ -139,18 +162,74 @@ class AdamRetrainer(Retrainer):
         _positive("epochs", self.epochs, integer=True)
         _positive("lr", self.lr)
         _positive("batch_size", self.batch_size, integer=True)
+        _positive("seed", self.seed, integer=True, zero=True)
+
+    def with_seed(self, seed: int) -> AdamRetrainer:
+        return dataclasses.replace(self, seed=seed)
 
     def refit(self, influence: Influence, ids: Indices = None, start: Tensor | None = None) -> Tensor:
+        return self.trajectory(influence, ids, start, [self.epochs])[0]
+
+    def trajectory(
+        self,
+        influence: Influence,
+        ids: Indices = None,
+        start: Tensor | None = None,
+        epochs: Sequence[int] = (),
+    ) -> list[Tensor]:
+        """The parameters ``(p,)`` after each of ``epochs`` (1-based, increasing, at most
+        ``self.epochs``) of the same run as :meth:`refit`: checkpoints along training, e.g. for
+        :meth:`influencer.ensemble.Ensemble.from_checkpoints`."""
+        wanted = [int(e) for e in epochs]
+        if not wanted or wanted != sorted(set(wanted)) or wanted[0] < 1 or wanted[-1] > self.epochs:
+            raise ConfigError(f"epochs must increase within 1..{self.epochs}, got {list(epochs)}")
         fn, data = influence.fn, influence.train
         idx = data.check_indices(ids)
         theta = self._start(influence, start).clone().requires_grad_(True)
         opt = torch.optim.Adam([theta], lr=self.lr)
         gen = torch.Generator().manual_seed(self.seed)
-        for _ in progress_bar(range(self.epochs), "retraining", influence.progress, unit="epoch"):
+        out = []
+        for epoch in progress_bar(range(1, wanted[-1] + 1), "retraining", influence.progress, unit="epoch"):
             order = idx[torch.randperm(len(idx), generator=gen)]
             for chunk, batch in data.chunks(self.batch_size, order):
                 objective = fn.objective(theta, fn.prepare(batch), 1.0 / len(chunk))  # mean loss + Omega
                 opt.zero_grad()
                 objective.backward()
                 opt.step()
-        return theta.detach()
+            if epoch in wanted:
+                out.append(theta.detach().clone())
+        return out
+
+
+@dataclasses.dataclass(frozen=True)
+class ChainedRetrainer(Retrainer):
+    """Several recipes in turn, each starting where the previous one stopped.
+
+    E.g. ``ChainedRetrainer((AdamRetrainer(epochs=60), LBFGSRetrainer(newton_steps=0)))``: a
+    network trained from scratch with Adam, then brought to the nearest stationary point with
+    L-BFGS, the recipe a model that influence is computed for is often trained with.
+    """
+
+    steps: tuple[Retrainer, ...]
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "steps", tuple(self.steps))
+        if not self.steps or not all(isinstance(r, Retrainer) for r in self.steps):
+            raise ConfigError(
+                "ChainedRetrainer needs one or more Retrainer steps, e.g. (AdamRetrainer(), LBFGSRetrainer())"
+            )
+
+    def settings(self) -> dict[str, Any]:
+        return {
+            "class": f"{type(self).__module__}.{type(self).__qualname__}",
+            "steps": [r.settings() for r in self.steps],
+        }
+
+    def with_seed(self, seed: int) -> ChainedRetrainer:
+        return ChainedRetrainer(tuple(r.with_seed(seed) for r in self.steps))
+
+    def refit(self, influence: Influence, ids: Indices = None, start: Tensor | None = None) -> Tensor:
+        theta = self._start(influence, start)
+        for step in self.steps:
+            theta = step.refit(influence, ids, theta)
+        return theta

@@ -19,7 +19,22 @@ from typing import IO, Any
 import numpy as np
 
 
+def current_umask() -> int:
+    """The process's umask: read from /proc where there is one (setting it to read it, the only
+    portable way, changes it for other threads for a moment)."""
+    with contextlib.suppress(OSError, ValueError):
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def _atomic(path: Path, write: Callable[[IO[bytes]], None]) -> None:
+    """Write through ``write`` to a temporary file beside ``path``, make it durable, give it the
+    permissions the umask gives a new file (``mkstemp`` would leave 0600), then rename it into place:
+    readers see the old file or the whole new one, never half."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
@@ -27,6 +42,8 @@ def _atomic(path: Path, write: Callable[[IO[bytes]], None]) -> None:
             write(f)
             f.flush()
             os.fsync(f.fileno())
+            if hasattr(os, "fchmod"):
+                os.fchmod(f.fileno(), 0o666 & ~current_umask())
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
@@ -93,11 +110,12 @@ def flatten(obj: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
 
 
 def describe_changes(old: Mapping[str, Any], new: Mapping[str, Any]) -> str:
-    """What differs between two settings dicts, e.g. ``"projector.k 256 -> 512, model.state"``."""
+    """What differs between two settings dicts, e.g. ``"projector.k 256 -> 512, model.state"``
+    (long values by their key only)."""
     a, b = flatten(old), flatten(new)
     parts = []
     for k in sorted(set(a) | set(b)):
         if a.get(k, "unset") != b.get(k, "unset"):
             x, y = json.dumps(a.get(k, "unset"), default=str), json.dumps(b.get(k, "unset"), default=str)
-            parts.append(f"{k} {x} -> {y}" if len(x) + len(y) < 60 else k)
+            parts.append(f"{k} {x} -> {y}" if len(x) + len(y) < 100 else k)
     return ", ".join(parts)

@@ -42,3 +42,24 @@ def spearman(x: ArrayLike, y: ArrayLike) -> float:
     """Spearman's rank correlation (Pearson on average ranks)."""
     a, b = _pair(x, y)
     return pearson(ranks(a), ranks(b))
+
+
+def bootstrap_interval(
+    values: ArrayLike, level: float = 0.95, resamples: int = 2000, seed: int = 0
+) -> tuple[float, float]:
+    """Percentile-bootstrap confidence interval ``(low, high)`` of the mean of ``values`` ``(k,)``.
+
+    Resamples the values with replacement (seeded, so the interval is reproducible); NaN values
+    are left out first. ``(nan, nan)`` when fewer than two values remain.
+    """
+    if not 0 < level < 1:
+        raise ValueError(f"level must be in (0, 1), got {level}")
+    a = np.asarray(values, dtype=np.float64).reshape(-1)
+    a = a[np.isfinite(a)]
+    if a.size < 2:
+        return float("nan"), float("nan")
+    rng = np.random.default_rng(seed)
+    means = a[rng.integers(0, a.size, size=(resamples, a.size))].mean(axis=1)
+    tail = (1 - level) / 2
+    low, high = np.quantile(means, [tail, 1 - tail])
+    return float(low), float(high)

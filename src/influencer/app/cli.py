@@ -5,6 +5,7 @@ from the ``app`` extra; the console script :mod:`influencer.app.entry` checks fo
     influencer explain --test-ids 3,17 --top-k 8        # choose what to explain
     influencer explain --task mypkg.jobs:build --estimator lissa -o depth=500 --device cuda
     influencer explain --config job.toml --damping 0.01 # a TOML file, with flags overriding it
+    influencer evaluate --method loo,lds                # influence against real retraining
 
 Every flag corresponds to a field of :class:`influencer.app.config.ExplainConfig`; only the flags that
 are given override the file's (or the default) values.
@@ -25,6 +26,7 @@ try:
 except ModuleNotFoundError:  # pragma: no cover - the app extra is not installed
     raise MissingExtraError(missing_message(["click"], "the influencer command line", "app")) from None
 from influencer.app.config import CURVATURES, DTYPES, ExplainConfig, parse_option, read_toml
+from influencer.app.evaluate import add_command
 from influencer.samplers import SAMPLERS
 
 
@@ -151,6 +153,9 @@ def build_config(config_file: str | None, options: tuple[str, ...], flags: dict[
     if options:
         given["estimator_options"] = {**base.estimator_options, **dict(parse_option(o) for o in options)}
     return base.replace(**given)
+
+
+add_command(cli, explain, build_config)  # `influencer evaluate`, with explain's influence options
 
 
 def main() -> None:

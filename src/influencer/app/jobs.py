@@ -44,6 +44,7 @@ from influencer.app.config import ExplainConfig
 from influencer.app.display import Display, as_display, choose_display, inputs_of
 from influencer.app.store import RunStore
 from influencer.heads import FeatureExamples, Head, original_batch
+from influencer.retraining import Retrainer
 from influencer.training import fit_lbfgs, train_minibatch
 
 __all__ = [
@@ -93,6 +94,11 @@ class Job:
         shown: what the report shows instead of the model's inputs, ``(train, test)`` with one
             entry per example: lists of strings (texts), or arrays/tensors (e.g. the images when
             the model reads precomputed features).
+        retrain: how the model was trained, for ``influencer evaluate`` to retrain it without some
+            examples (an :class:`~influencer.retraining.Retrainer`; default: L-BFGS to the optimum
+            for a linear model, Adam for the configured epochs for a network).
+        make_model: ``seed -> nn.Module``, a fresh untrained model of the same architecture, for
+            retraining from scratch (default for a network: a copy with its layers reset).
     """
 
     task: Task
@@ -110,6 +116,8 @@ class Job:
     tokenizer: Any = None
     head: str | None = None
     shown: tuple[Any, Any] | None = None
+    retrain: Retrainer | None = None
+    make_model: Callable[[int], nn.Module] | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.task, Task):
@@ -119,6 +127,13 @@ class Job:
             )
         if not isinstance(self.model, nn.Module):
             raise TaskError(f"the job's model must be a torch.nn.Module, got {type(self.model).__name__}")
+        if self.retrain is not None and not isinstance(self.retrain, Retrainer):
+            raise ConfigError(
+                "the job's retrain must be an influencer.retraining.Retrainer (e.g. "
+                f"AdamRetrainer(epochs=30)), got {type(self.retrain).__name__}"
+            )
+        if self.make_model is not None and not callable(self.make_model):
+            raise ConfigError("the job's make_model must be a function seed -> a fresh nn.Module")
         self.train = as_examples(self.train)
         self.test = as_examples(self.test)
         if self.classes is not None:

@@ -38,7 +38,6 @@ import logging
 import os
 import shutil
 import sys
-import tempfile
 import time
 from collections.abc import Iterator, Mapping
 from datetime import datetime, timezone
@@ -49,6 +48,7 @@ import numpy as np
 from torch import Tensor
 
 from influencer._kernel.errors import InfluencerError
+from influencer._kernel.files import atomic_write_bytes, current_umask, describe_changes, file_sha256
 
 FORMAT = "influencer-run"
 VERSION = 1
@@ -76,27 +76,7 @@ class SectionChangedError(StoreError):
         self.details = details  # the settings that differ, e.g. "head 'fc' -> 'classifier'"
 
 
-def _file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 # ---- atomic files --------------------------------------------------------------------------------
-
-
-def _umask() -> int:
-    """The process's umask: read from /proc where there is one (setting it to read it, the only
-    portable way, changes it for other threads for a moment)."""
-    with contextlib.suppress(OSError, ValueError):
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("Umask:"):
-                return int(line.split()[1], 8)
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
 
 
 def _write_file(path: Path, data: bytes, fd: int | None = None) -> None:
@@ -107,20 +87,7 @@ def _write_file(path: Path, data: bytes, fd: int | None = None) -> None:
         f.flush()
         os.fsync(f.fileno())
         if hasattr(os, "fchmod"):
-            os.fchmod(f.fileno(), 0o666 & ~_umask())
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` so that readers see the old file or the whole new one, never half."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        _write_file(Path(tmp), data, fd)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
+            os.fchmod(f.fileno(), 0o666 & ~current_umask())
 
 
 def array_bytes(array: np.ndarray) -> bytes:
@@ -192,7 +159,7 @@ class Section:
         problem = None
         if not path.is_file():
             problem = "its file is missing"
-        elif _file_sha256(path) != entry["sha256"]:
+        elif file_sha256(path) != entry["sha256"]:
             problem = "its file does not match the recorded checksum"
         else:
             array = read_array(path)
@@ -228,28 +195,6 @@ def jsonable(obj: Any, limit: int | None = None) -> Any:
     if isinstance(obj, (int, float, str, bool)) or obj is None:
         return obj
     return str(obj)
-
-
-def flatten(obj: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-    """Nested dicts as one flat dict with dotted keys (``{"task.weight_decay": 0.001}``)."""
-    out: dict[str, Any] = {}
-    for k, v in obj.items():
-        if isinstance(v, Mapping):
-            out.update(flatten(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
-
-
-def describe_changes(old: Mapping[str, Any], new: Mapping[str, Any]) -> str:
-    """What differs between two settings dicts, e.g. ``"damping 0.001 -> 0.01"``."""
-    a, b = flatten(old), flatten(new)
-    parts = []
-    for k in sorted(set(a) | set(b)):
-        if a.get(k, "unset") != b.get(k, "unset"):
-            x, y = json.dumps(a.get(k, "unset"), default=str), json.dumps(b.get(k, "unset"), default=str)
-            parts.append(f"{k} {x} -> {y}" if len(x) + len(y) < 100 else k)
-    return ", ".join(parts)
 
 
 class RunStore:

@@ -3,7 +3,7 @@
 =====================================  ========================================================
 question                               API
 =====================================  ========================================================
-Does influence predict retraining?     :func:`leave_one_out` (:mod:`.validation`)
+Does influence predict retraining?     :func:`leave_one_out`, :func:`lds` (:mod:`.validation`)
 Why is this prediction what it is?     :func:`explain_prediction`, :func:`influence_share`
 Which features of a training point?    :class:`PerturbationInfluence` (I_pert), feature attribution
 Which labels are wrong?                :func:`rank_for_review` (self-influence, loss, random)
@@ -27,14 +27,24 @@ from influencer.uses.mislabels import rank_for_review, review_scores
 from influencer.uses.perturbation import FeatureAttribution, PerturbationInfluence
 from influencer.uses.poisoning import PoisonConfig, PoisoningAttack, PoisonResult
 from influencer.uses.unlearning import ClassRemoval, ForgetMetrics, forget_metrics
-from influencer.uses.validation import LOOResult, leave_one_out
+from influencer.uses.validation import (
+    DampingChoice,
+    LDSResult,
+    LOOResult,
+    choose_damping,
+    lds,
+    leave_one_out,
+    retrain_on_subsets,
+)
 
 __all__ = [
     "ClassRemoval",
+    "DampingChoice",
     "FeatureAttribution",
     "ForgetMetrics",
     "GroupInfluence",
     "GroupParams",
+    "LDSResult",
     "LOOResult",
     "ModelComparison",
     "PerturbationInfluence",
@@ -42,14 +52,17 @@ __all__ = [
     "PoisonResult",
     "PoisoningAttack",
     "PredictionExplanation",
+    "choose_damping",
     "compare_models",
     "explain_prediction",
     "forget_metrics",
     "group_influence",
     "group_params",
     "influence_share",
+    "lds",
     "leave_one_out",
     "rank_for_review",
+    "retrain_on_subsets",
     "retrain_without_groups",
     "review_scores",
 ]
