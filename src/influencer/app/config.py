@@ -44,8 +44,8 @@ from influencer.samplers import SAMPLERS, Sampler, make_sampler
 DEFAULT_DAMPING = 1e-3
 CURVATURES = ("hessian", "gauss_newton")
 # How a gradient store's scores are preconditioned (influencer.index.preconditioners): the projected
-# Fisher (after projection), none (projected gradient dot products), or the estimator (before it).
-PRECONDITIONERS = ("fisher", "none", "estimator")
+# Fisher (after projection), EK-FAC (before projection), or none (projected gradient dot products).
+PRECONDITIONERS = ("fisher", "ekfac", "none")
 DTYPES = ("float32", "float64")
 _DEVICE = re.compile(r"^(cpu|cuda(:\d+)?|mps)$")
 _TASK_SPEC = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_][\w.]*$")
@@ -128,10 +128,10 @@ class ExplainConfig:
     # Score with a gradient store built by `influencer index` (projected training gradients) instead
     # of exact gradients and solves. The job (task, parameters, head, dtype, and the digits job's
     # training) is then the store's; `preconditioner` says how test directions are formed: "fisher"
-    # (the projected Fisher, relative damping 0.1), "none", or "estimator" (the estimator above,
-    # before projection).
+    # (the projected Fisher), "ekfac" (EK-FAC, before projection) or "none"; None: the store's. With
+    # a store, `damping` is relative to the curvature's mean eigenvalue (None: the store's).
     store: str | None = None
-    preconditioner: str = "fisher"
+    preconditioner: str | None = None
 
     # training of the built-in digits job (ignored for a user task)
     train_size: int | None = None  # use only the first N training images
@@ -197,7 +197,7 @@ class ExplainConfig:
             raise ConfigError("out (the run directory) must not be empty")
         if self.store is not None and not self.store.strip():
             raise ConfigError("store (a gradient store directory) must not be empty; leave it unset")
-        if self.preconditioner not in PRECONDITIONERS:
+        if self.preconditioner is not None and self.preconditioner not in PRECONDITIONERS:
             raise ConfigError(
                 f"preconditioner must be one of {', '.join(PRECONDITIONERS)}; got {self.preconditioner!r}"
                 + _did_you_mean(self.preconditioner, PRECONDITIONERS)

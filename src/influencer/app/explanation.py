@@ -3,15 +3,20 @@
 from __future__ import annotations
 
 import dataclasses
+import logging
+from pathlib import Path
 from typing import Any
 
 import numpy as np
+from torch import Tensor
 
 from influencer._kernel.scores import TopK
 from influencer.app.config import ExplainConfig
 from influencer.app.evaluation import Evaluation
 from influencer.app.jobs import Job
 from influencer.influence import Influence
+
+log = logging.getLogger("influencer.explain")
 
 # A training example among the most harmful of at least this many explained test examples is a
 # candidate to inspect.
@@ -93,3 +98,40 @@ def find_candidates(top: TopK, test_ids: np.ndarray, min_recurrence: int = MIN_R
 def names_text(names: list[str]) -> str:
     """Parameter names, the first five and a count when there are many."""
     return ", ".join(names) if len(names) <= 6 else f"{', '.join(names[:5])}, ... ({len(names)} tensors)"
+
+
+@dataclasses.dataclass
+class ExplainResult:
+    """What :func:`~influencer.app.pipeline.explain` computed; the same is on disk in ``run_dir``."""
+
+    config: ExplainConfig
+    run_dir: Path
+    test_ids: np.ndarray  # (m,)
+    scores: np.ndarray  # (m, n_train)
+    top: TopK  # each (m, k)
+    accuracy: float | None
+    summary: dict[str, Any]
+    timings: dict[str, float]
+    files: dict[str, Path]
+
+
+def log_top(ex: Explanation) -> None:
+    """Log each explained test example's most helpful and harmful training ids, then the candidates."""
+    for j, tid in enumerate(ex.test_ids.tolist()):
+        log.info("test #%d (%s):", tid, ex.evaluation.describe(tid, ex.job.classes))
+        log.info("  Most helpful IDs: %s", ex.top.helpful_ids[j].tolist())
+        log.info("    scores: %s", _fmt(ex.top.helpful_scores[j]))
+        log.info("  Most harmful IDs: %s", ex.top.harmful_ids[j].tolist())
+        log.info("    scores: %s", _fmt(ex.top.harmful_scores[j]))
+    for c in ex.candidates():
+        log.info(
+            "candidate to inspect: training #%d is among the %d most harmful of %d test examples (%s)",
+            c.train_id,
+            ex.top.harmful_ids.shape[1],
+            c.count,
+            ", ".join(f"#{t}" for t in c.test_ids),
+        )
+
+
+def _fmt(values: Tensor) -> str:
+    return "[" + ", ".join(f"{float(v):+.3e}" for v in values) + "]"
