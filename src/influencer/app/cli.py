@@ -123,7 +123,8 @@ def explain(config_file: str | None, estimator_option: tuple[str, ...], quiet: b
     influence of every training example on the chosen test examples, logs the most helpful and
     most harmful training ids, and writes scores.npy, summary.json, report.html and
     influence_vs_distance.png to the run directory. A second run with the same inputs reuses the
-    cached gradients and solves; an interrupted run resumes.
+    cached gradients and solves; an interrupted run resumes. With --store DIR the scores come from a
+    gradient store built by `influencer index` (projected gradients), and the report says so.
     """
     from influencer.app.pipeline import explain as run
 

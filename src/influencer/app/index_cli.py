@@ -19,9 +19,13 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
-import click
-
 from influencer._kernel.errors import InfluencerError
+from influencer._kernel.extras import MissingExtraError, missing_message
+
+try:
+    import click
+except ModuleNotFoundError:  # pragma: no cover - the app extra is not installed
+    raise MissingExtraError(missing_message(["click"], "the influencer command line", "app")) from None
 from influencer.app.config import DTYPES, PRECONDITIONERS, read_toml
 from influencer.app.index_config import PROJECTORS, IndexConfig, QueryConfig
 
