@@ -210,7 +210,11 @@ def optimality(mean_gradient: Tensor, mean_norm: float) -> dict[str, float]:
     """How far ``theta`` is from a minimum of the training objective: the norm of its gradient
     ``mean_i g_i`` ``(p,)`` relative to the mean norm of one example's gradient; warns (in the log,
     hence the summary) above :data:`FAR_FROM_MINIMUM`."""
-    norm = float(mean_gradient.norm())
+    return optimality_of_norms(float(mean_gradient.norm()), mean_norm)
+
+
+def optimality_of_norms(norm: float, mean_norm: float) -> dict[str, float]:
+    """:func:`optimality` from the norm of the mean gradient and the mean norm of one example's."""
     ratio = norm / mean_norm if mean_norm > 0 else 0.0
     if ratio > FAR_FROM_MINIMUM:
         log.warning(

@@ -6,6 +6,9 @@ from the ``app`` extra; the console script :mod:`influencer.app.entry` checks fo
     influencer explain --task mypkg.jobs:build --estimator lissa -o depth=500 --device cuda
     influencer explain --config job.toml --damping 0.01 # a TOML file, with flags overriding it
     influencer evaluate --method loo,lds                # influence against real retraining
+    influencer index --task mypkg.jobs:build --out runs/store   # a gradient store, for scale
+    influencer query --store runs/store --test all --top-k 10   # top-k of every test example from it
+    influencer explain --store runs/store               # the report, scored from the store
 
 Every flag corresponds to a field of :class:`influencer.app.config.ExplainConfig`; only the flags that
 are given override the file's (or the default) values.
@@ -27,6 +30,7 @@ except ModuleNotFoundError:  # pragma: no cover - the app extra is not installed
     raise MissingExtraError(missing_message(["click"], "the influencer command line", "app")) from None
 from influencer.app.config import CURVATURES, DTYPES, ExplainConfig, parse_option, read_toml
 from influencer.app.evaluate import add_command
+from influencer.app.index_cli import add_commands, explain_store_flags, refuse_with_store
 from influencer.samplers import SAMPLERS
 
 
@@ -119,7 +123,8 @@ def explain(config_file: str | None, estimator_option: tuple[str, ...], quiet: b
     influence of every training example on the chosen test examples, logs the most helpful and
     most harmful training ids, and writes scores.npy, summary.json, report.html and
     influence_vs_distance.png to the run directory. A second run with the same inputs reuses the
-    cached gradients and solves; an interrupted run resumes.
+    cached gradients and solves; an interrupted run resumes. With --store DIR the scores come from a
+    gradient store built by `influencer index` (projected gradients), and the report says so.
     """
     from influencer.app.pipeline import explain as run
 
@@ -127,9 +132,10 @@ def explain(config_file: str | None, estimator_option: tuple[str, ...], quiet: b
     try:
         if quiet and flags.get("progress") is None:
             flags["progress"] = False
+        refuse_with_store(flags, estimator_option)
         config = build_config(config_file, estimator_option, flags)
         run_dir = config.out
-        if config.task is not None and os.getcwd() not in sys.path:
+        if (config.task is not None or config.store is not None) and os.getcwd() not in sys.path:
             sys.path.insert(0, os.getcwd())  # like `python -m`: modules in the current folder import
         result = run(config, console=not quiet)
     except InfluencerError as exc:
@@ -155,7 +161,9 @@ def build_config(config_file: str | None, options: tuple[str, ...], flags: dict[
     return base.replace(**given)
 
 
+explain.params.extend(explain_store_flags())  # --store, --preconditioner
 add_command(cli, explain, build_config)  # `influencer evaluate`, with explain's influence options
+add_commands(cli)  # `influencer index`, `influencer query`
 
 
 def main() -> None:

@@ -43,6 +43,9 @@ from influencer.samplers import SAMPLERS, Sampler, make_sampler
 # the solve well posed when weight decay is zero or the Hessian is nearly singular.
 DEFAULT_DAMPING = 1e-3
 CURVATURES = ("hessian", "gauss_newton")
+# How a gradient store's scores are preconditioned (influencer.index.preconditioners): the projected
+# Fisher (after projection), EK-FAC (before projection), or none (projected gradient dot products).
+PRECONDITIONERS = ("fisher", "ekfac", "none")
 DTYPES = ("float32", "float64")
 _DEVICE = re.compile(r"^(cpu|cuda(:\d+)?|mps)$")
 _TASK_SPEC = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_][\w.]*$")
@@ -122,6 +125,14 @@ class ExplainConfig:
     hessian_size: int | None = None
     hessian_sampler: str = "random"
 
+    # Score with a gradient store built by `influencer index` (projected training gradients) instead
+    # of exact gradients and solves. The job (task, parameters, head, dtype, and the digits job's
+    # training) is then the store's; `preconditioner` says how test directions are formed: "fisher"
+    # (the projected Fisher), "ekfac" (EK-FAC, before projection) or "none"; None: the store's. With
+    # a store, `damping` is relative to the curvature's mean eigenvalue (None: the store's).
+    store: str | None = None
+    preconditioner: str | None = None
+
     # training of the built-in digits job (ignored for a user task)
     train_size: int | None = None  # use only the first N training images
     epochs: int = 20
@@ -184,6 +195,13 @@ class ExplainConfig:
             raise ConfigError(f"device must be 'cpu', 'cuda', 'cuda:N' or 'mps'; got {self.device!r}")
         if not self.out.strip():
             raise ConfigError("out (the run directory) must not be empty")
+        if self.store is not None and not self.store.strip():
+            raise ConfigError("store (a gradient store directory) must not be empty; leave it unset")
+        if self.preconditioner is not None and self.preconditioner not in PRECONDITIONERS:
+            raise ConfigError(
+                f"preconditioner must be one of {', '.join(PRECONDITIONERS)}; got {self.preconditioner!r}"
+                + _did_you_mean(self.preconditioner, PRECONDITIONERS)
+            )
         if self.on_unconverged is not None and self.on_unconverged not in ON_UNCONVERGED:
             raise ConfigError(
                 f"on_unconverged must be one of {', '.join(ON_UNCONVERGED)}; got {self.on_unconverged!r}"

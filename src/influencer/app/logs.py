@@ -43,8 +43,8 @@ def _log_warning(message: Warning | str, category: type[Warning], *args: object,
 
 
 @contextlib.contextmanager
-def run_logging(run_dir: Path, console: bool) -> Iterator[list[str]]:
-    """Log everything to ``run_dir/explain.log`` (and INFO and above to the console) while inside.
+def run_logging(run_dir: Path, console: bool, file_name: str = LOG_FILE) -> Iterator[list[str]]:
+    """Log everything to ``run_dir/file_name`` (and INFO and above to the console) while inside.
 
     Python warnings raised meanwhile (e.g. an approximate solve accepted with
     ``on_unconverged="warn"``) are logged too, each time they occur. Yields the list of the run's
@@ -53,7 +53,7 @@ def run_logging(run_dir: Path, console: bool) -> Iterator[list[str]]:
     logger = logging.getLogger("influencer")
     collected = WarningList()
     handlers: list[logging.Handler] = [collected]
-    file_handler = logging.FileHandler(run_dir / LOG_FILE, encoding="utf-8")
+    file_handler = logging.FileHandler(run_dir / file_name, encoding="utf-8")
     file_handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     file_handler.setLevel(logging.DEBUG)
     handlers.append(file_handler)

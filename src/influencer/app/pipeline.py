@@ -17,22 +17,20 @@ the run's files (:mod:`~influencer.app.outputs`).
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
 
-import numpy as np
 import torch
 
-from influencer._kernel.errors import ConfigError, InfluencerError
-from influencer._kernel.scores import TopK, top_k
+from influencer._kernel.errors import InfluencerError
+from influencer._kernel.scores import top_k
 from influencer.app.cached import open_sections, scores_from_cache, test_directions
 from influencer.app.checks import check_finite_losses, check_job, influence_params
 from influencer.app.config import ExplainConfig
+from influencer.app.devices import resolve_device
 from influencer.app.evaluation import choose_hessian_ids, choose_test_ids, describe_test_choice, evaluate
-from influencer.app.explanation import Explanation, names_text
+from influencer.app.explanation import ExplainResult, Explanation, log_top, names_text
 from influencer.app.jobs import Job, digits_job, influence_job, load_job
 from influencer.app.logs import Stopwatch, run_logging
 from influencer.app.outputs import output_files, write_outputs
@@ -46,41 +44,16 @@ log = logging.getLogger("influencer.explain")
 __all__ = ["ExplainResult", "explain", "resolve_device"]
 
 
-@dataclasses.dataclass
-class ExplainResult:
-    """What :func:`explain` computed; the same is on disk in ``run_dir``."""
-
-    config: ExplainConfig
-    run_dir: Path
-    test_ids: np.ndarray  # (m,)
-    scores: np.ndarray  # (m, n_train)
-    top: TopK  # each (m, k)
-    accuracy: float | None
-    summary: dict[str, Any]
-    timings: dict[str, float]
-    files: dict[str, Path]
-
-
-def resolve_device(name: str) -> torch.device:
-    """``torch.device(name)``, refusing clearly a device this machine does not have."""
-    device = torch.device(name)
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ConfigError(
-                f"device {name!r} was asked for, but torch sees no CUDA GPU (torch.cuda.is_available() is "
-                "False): use --device cpu, or install a CUDA build of torch on a machine with a GPU"
-            )
-        if device.index is not None and device.index >= torch.cuda.device_count():
-            raise ConfigError(
-                f"device {name!r} does not exist: this machine has {torch.cuda.device_count()} CUDA device(s)"
-            )
-    if device.type == "mps" and not torch.backends.mps.is_available():
-        raise ConfigError(f"device {name!r} was asked for, but the MPS backend is not available; use cpu")
-    return device
-
-
 def explain(config: ExplainConfig, job: Job | None = None, *, console: bool = True) -> ExplainResult:
-    """Run the whole job (see the module docstring); ``job`` overrides ``config.task``."""
+    """Run the whole job (see the module docstring); ``job`` overrides ``config.task``.
+
+    With ``config.store`` the scores come from that gradient store instead
+    (:mod:`~influencer.app.store_explain`).
+    """
+    if config.store is not None:
+        from influencer.app.store_explain import explain_with_store
+
+        return explain_with_store(config, job, console=console)
     device = resolve_device(config.device)
     run_dir = Path(config.out)
     with RunStore(run_dir) as store, run_logging(run_dir, console) as warned:
@@ -151,7 +124,7 @@ def _run(
             directions,
             optimality=optimality,
         )
-        _log_top(ex)
+        log_top(ex)
         with clock("report"):
             report = build_report(ex, store.root)
     summary = make_summary(ex, clock.timings, output_files(report), warned)
@@ -190,24 +163,3 @@ def _influence(config: ExplainConfig, job: Job, device: torch.device) -> Influen
         config.dtype,
     )
     return inf
-
-
-def _log_top(ex: Explanation) -> None:
-    for j, tid in enumerate(ex.test_ids.tolist()):
-        log.info("test #%d (%s):", tid, ex.evaluation.describe(tid, ex.job.classes))
-        log.info("  Most helpful IDs: %s", ex.top.helpful_ids[j].tolist())
-        log.info("    scores: %s", _fmt(ex.top.helpful_scores[j]))
-        log.info("  Most harmful IDs: %s", ex.top.harmful_ids[j].tolist())
-        log.info("    scores: %s", _fmt(ex.top.harmful_scores[j]))
-    for c in ex.candidates():
-        log.info(
-            "candidate to inspect: training #%d is among the %d most harmful of %d test examples (%s)",
-            c.train_id,
-            ex.top.harmful_ids.shape[1],
-            c.count,
-            ", ".join(f"#{t}" for t in c.test_ids),
-        )
-
-
-def _fmt(values: torch.Tensor) -> str:
-    return "[" + ", ".join(f"{float(v):+.3e}" for v in values) + "]"

@@ -164,6 +164,14 @@ def build_report(ex: Explanation, run_dir: Path) -> Report:
         f"Run directory: {run_dir}. Scores: scores.npy (rows: the test ids in test_ids.npy); "
         "per test example: summary.json."
     ]
+    if ex.scoring is not None:
+        notes.insert(
+            0,
+            f"Scores come from the gradient store {ex.scoring.store}: every training gradient was "
+            f"projected ({ex.scoring.projection}) and the test directions preconditioned by "
+            f"{ex.scoring.preconditioner}. They estimate influence; exact gradients (explain without "
+            "--store) can rank differently.",
+        )
     if attributions.available:
         notes.insert(
             0,
@@ -263,12 +271,24 @@ def facts(ex: Explanation) -> list[tuple[str, str]]:
     over = f"{inf.p} parameters ({names_text(inf.fn.names)})"
     if head is not None:
         over += f"; the head {head!r} alone, on the network's features (computed once, cached)"
-    return [
+    common = [
         ("model", ex.job.name),
         ("training examples", str(inf.n)),
         ("test accuracy", f"{100 * ev.accuracy:.2f}%" if ev.accuracy is not None else "n/a"),
         ("test examples", ex.test_choice or "n/a"),
         ("influence over", over),
+    ]
+    if ex.scoring is not None:
+        solver = [("solver", solver_text(ex.solver).strip("()"))] if solver_text(ex.solver) else []
+        return [
+            *common,
+            ("scores", f"projected gradients from the store {ex.scoring.store}: {ex.scoring.projection}"),
+            ("preconditioner", ex.scoring.preconditioner),
+            *solver,
+            ("computed in", config.dtype + " on " + str(inf.device)),
+        ]
+    return [
+        *common,
         ("estimator", f"{inf.estimator.name} {_settings_text(inf.estimator.settings())}"),
         ("curvature", config.curvature + _hessian_text(ex)),
         ("solver", solver_text(ex.solver).strip("()") or "n/a"),

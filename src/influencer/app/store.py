@@ -66,6 +66,16 @@ class StoreError(InfluencerError, RuntimeError):
     """The run directory is not usable: a foreign or corrupt manifest, or another run holds it."""
 
 
+class SectionChangedError(StoreError):
+    """A section of a frozen store was asked for with other inputs than its entries were made from."""
+
+    def __init__(self, message: str, section: str, changed: list[str], details: str) -> None:
+        super().__init__(message)
+        self.section = section
+        self.changed = changed  # names of the components that differ, e.g. ["model weights"]
+        self.details = details  # the settings that differ, e.g. "head 'fc' -> 'classifier'"
+
+
 # ---- atomic files --------------------------------------------------------------------------------
 
 
@@ -194,10 +204,15 @@ class RunStore:
     naming the holder), then reads or creates the manifest and finishes a commit of outputs that an
     earlier, killed run left half done. Use as a context manager, or call :meth:`close`, to
     release the lock.
+
+    A ``frozen`` store is one that other results depend on (a gradient store's trained model and
+    features): a section asked for with other inputs raises :class:`SectionChangedError` instead of
+    dropping its entries. Missing entries may still be added.
     """
 
-    def __init__(self, root: str | Path) -> None:
+    def __init__(self, root: str | Path, frozen: bool = False) -> None:
         self.root = Path(root)
+        self.frozen = frozen
         self._lock: _DirectoryLock | None = None
         self._check_usable()
         self._lock = _DirectoryLock(self.root / _LOCK)
@@ -317,6 +332,14 @@ class RunStore:
             changed = [k for k in components if old["components"].get(k) != components[k]]
             changed += [k for k in old["components"] if k not in components]
             what = describe_changes(old.get("details", {}), details)
+            if self.frozen:
+                raise SectionChangedError(
+                    f"{self.root}: the cached {name} were made from other inputs ({', '.join(changed)}"
+                    f"{': ' + what if what else ''}); this directory is only read here",
+                    name,
+                    changed,
+                    what,
+                )
             log.info(
                 "%s: inputs changed (%s%s); recomputing instead of reusing %d cached entries",
                 name,

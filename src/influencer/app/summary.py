@@ -45,6 +45,8 @@ def make_summary(
         entry["harmful_ids"] = top.harmful_ids[j].tolist()
         entry["harmful_scores"] = top.harmful_scores[j].tolist()
         tests.append(entry)
+    store = ex.scoring
+    exact = store is None or store.uses_estimator  # an estimator computed (part of) the scores
     return jsonable(
         {
             "job": job.name,
@@ -54,16 +56,17 @@ def make_summary(
             "test_accuracy": ev.accuracy,
             "num_parameters": inf.p,
             "parameters": inf.fn.names,
-            "estimator": jsonable(inf.estimator.settings()),
-            "curvature": config.curvature,
-            "hessian_examples": config.hessian_size or inf.n,
-            "hessian_sampler": config.hessian_sampler if config.hessian_size else None,
+            "estimator": jsonable(inf.estimator.settings()) if exact else None,
+            "curvature": config.curvature if exact else None,
+            "hessian_examples": (config.hessian_size or inf.n) if exact else None,
+            "hessian_sampler": config.hessian_sampler if config.hessian_size and exact else None,
             "dtype": config.dtype,
             "device": str(inf.device),
             "solver": ex.solver,
             "head": chosen_head(config, job),
             "test_selection": ex.test_choice,
             "optimality": ex.optimality,
+            **({"scores_from_store": store.settings} if store is not None else {}),
             "warnings": list(warnings or []),
             "tests": tests,
             "candidates_to_inspect": [

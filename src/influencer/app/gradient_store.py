@@ -1,0 +1,531 @@
+"""The directory ``influencer index`` writes and ``influencer query`` / ``influencer explain --store``
+read: a gradient index with the job it was built from.
+
+Layout::
+
+    <dir>/manifest.json, cache/   # a run directory (influencer.app.store): the digits job's trained
+                                  # model, a head's training features (the index depends on them)
+    <dir>/index/                  # the projected gradients (influencer.index.GradientIndex)
+    <dir>/index.json              # what they were built from, written when the build completes
+    <dir>/index.log
+    <dir>/.lock                   # one command at a time uses a store (an OS lock)
+
+``index.json`` records the job's settings (:data:`~influencer.app.index_config.JOB_FIELDS`), so a
+query rebuilds the same job from the store alone, and the projection. Readers open the run
+directory *frozen*: a cached model or features made from other inputs are refused, never replaced.
+Whether the model, data, task, parameters or dtype changed since the build is decided by the
+index's fingerprint (:meth:`influencer.Influence.settings`), and said in words.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import logging
+import time
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from influencer._kernel.data import Examples
+from influencer._kernel.errors import ConfigError, InfluencerError
+from influencer._kernel.files import describe_changes, json_roundtrip
+from influencer._kernel.fingerprint import hash_examples, hash_json, task_fingerprint, unverifiable
+from influencer.app.checks import influence_params
+from influencer.app.config import ExplainConfig
+from influencer.app.index_config import DEFAULT_RELATIVE_DAMPING
+from influencer.app.jobs import Job, chosen_head, digits_job, fingerprint_of, load_job
+from influencer.app.store import MANIFEST, RunStore, SectionChangedError, StoreError
+from influencer.estimators import EKFAC
+from influencer.heads import Head
+from influencer.index import (
+    EstimatorPreconditioner,
+    GradientIndex,
+    IndexStoreError,
+    NoPreconditioner,
+    Preconditioner,
+    ProjectedFisher,
+)
+from influencer.index.store import FORMAT as INDEX_FORMAT
+from influencer.index.store import StoreLayout
+from influencer.influence import Influence
+
+log = logging.getLogger("influencer.index")
+
+INDEX = "index"  # the gradient index, inside the store directory
+RECORD = "index.json"
+LOG_FILE = "index.log"
+RECORD_FORMAT = "influencer-gradient-store"
+RECORD_VERSION = 1
+_RUN_FORMAT = "influencer-run"
+
+
+class GradientStoreError(InfluencerError, RuntimeError):
+    """A gradient store directory cannot be used as asked: missing, foreign, unfinished, damaged,
+    or built from other inputs than the job's."""
+
+
+def index_path(root: str | Path) -> Path:
+    return Path(root) / INDEX
+
+
+def _rebuild_hint(root: Path) -> str:
+    return f"influencer index --out {root} --overwrite"
+
+
+# ---- opening the directory ----------------------------------------------------------------------
+
+
+def _manifest_format(path: Path) -> str | None:
+    """The ``format`` of ``path/manifest.json`` (None if there is none); unreadable: an error."""
+    manifest = path / MANIFEST
+    if not manifest.exists():
+        return None
+    try:
+        value = json.loads(manifest.read_text())
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise GradientStoreError(
+            f"{manifest} is not readable JSON ({exc}): the store is damaged; delete {path} and build it "
+            "again with influencer index"
+        ) from None
+    return value.get("format") if isinstance(value, dict) else "?"
+
+
+def check_readable(root: Path) -> None:
+    """Refuse, in one line that says what to do, a path that holds no finished gradient store."""
+    if not root.exists():
+        raise GradientStoreError(
+            f"the gradient store {root} does not exist: build it with influencer index --out {root}"
+        )
+    if not root.is_dir():
+        raise GradientStoreError(
+            f"{root} is not a directory: pass the directory that influencer index --out wrote"
+        )
+    fmt = _manifest_format(root)
+    if fmt is None:
+        raise GradientStoreError(
+            f"{root} holds no gradient store (no {MANIFEST}): build one with influencer index --out {root}"
+        )
+    if fmt == INDEX_FORMAT:
+        parent = root.parent
+        if root.name == INDEX and (parent / RECORD).exists():
+            raise GradientStoreError(f"{root} is the index inside the store {parent}: pass --store {parent}")
+        raise GradientStoreError(
+            f"{root} holds a gradient index built from Python (GradientIndex.build); the command line "
+            "reads stores built by influencer index (open this one with GradientIndex.open)"
+        )
+    if fmt != _RUN_FORMAT:
+        raise GradientStoreError(
+            f"{root / MANIFEST} was not written by influencer (format {fmt!r}): {root} is not a gradient "
+            "store; pass the directory that influencer index --out wrote"
+        )
+    if not (root / RECORD).exists():
+        layout = StoreLayout(index_path(root))
+        try:
+            manifest = layout.read_manifest()
+        except IndexStoreError as exc:
+            raise GradientStoreError(f"the gradient store {root} is damaged ({exc})") from None
+        if manifest is None:
+            raise GradientStoreError(
+                f"{root} is a run directory of another command (influencer explain?), not a gradient "
+                "store: pass the directory that influencer index --out wrote"
+            )
+        header = manifest["header"]
+        count = -(-int(header["n"]) // int(header["chunk"]))
+        done = len(list((layout.root / "chunks").glob("*.json")))
+        if manifest["status"] == "complete":
+            done = count
+        raise GradientStoreError(
+            f"the gradient store {root} is unfinished ({done} of {count} chunks): run the influencer index "
+            f"command that built it again (same settings) to finish it"
+        )
+
+
+def check_writable(root: Path) -> None:
+    """Refuse an ``--out`` that holds something other than a gradient store (before it is opened)."""
+    if not root.is_dir():
+        return
+    fmt = _manifest_format(root)
+    if fmt == INDEX_FORMAT:
+        raise GradientStoreError(
+            f"{root} holds a gradient index built from Python (GradientIndex.build); the command line "
+            f"keeps its index in {root / INDEX} beside the job it was built from: choose another --out"
+        )
+    if fmt == _RUN_FORMAT and not (root / RECORD).exists() and not index_path(root).exists():
+        outputs = json.loads((root / MANIFEST).read_text()).get("outputs") or []
+        if outputs:
+            raise GradientStoreError(
+                f"{root} holds the outputs of another command ({', '.join(outputs[:3])}), not a gradient "
+                "store: choose another --out"
+            )
+
+
+def read_record(root: Path) -> dict[str, Any]:
+    """The store's ``index.json``."""
+    path = root / RECORD
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise GradientStoreError(
+            f"{path} is not readable ({exc}): the store is damaged; build it again with {_rebuild_hint(root)}"
+        ) from None
+    if not isinstance(record, dict) or record.get("format") != RECORD_FORMAT:
+        raise GradientStoreError(f"{path} was not written by influencer index: {root} is damaged")
+    if record.get("version") != RECORD_VERSION:
+        raise GradientStoreError(
+            f"{path} has gradient-store format version {record.get('version')!r}; this influencer reads "
+            f"version {RECORD_VERSION}: build it again with {_rebuild_hint(root)}"
+        )
+    if not isinstance(record.get("job"), dict):
+        raise GradientStoreError(f"{path} is damaged (no 'job'); build it again with {_rebuild_hint(root)}")
+    return record
+
+
+@contextlib.contextmanager
+def open_store(root: str | Path) -> Iterator[tuple[RunStore, dict[str, Any]]]:
+    """The finished store at ``root`` for reading: its run directory (locked, frozen) and record."""
+    root = Path(root)
+    check_readable(root)
+    with RunStore(root, frozen=True) as store:
+        yield store, read_record(root)
+
+
+# ---- the job ------------------------------------------------------------------------------------
+
+
+def build_job(config: ExplainConfig, store: RunStore, device: torch.device, job: Job | None = None) -> Job:
+    """The job the settings name (the digits job's model trained or loaded in ``store``)."""
+    if job is None:
+        job = digits_job(config, store, device) if config.task is None else load_job(config.task)
+    job.model.to(device).eval()
+    return job
+
+
+def influence_job(job: Job, config: ExplainConfig, store: RunStore, device: torch.device) -> Job:
+    """The job influence is computed on: ``job``, or its head on the network's features.
+
+    The training features are cached in ``store`` (the index's fingerprint is that of these
+    exact values, so a query must read the same ones); the test features are computed for each
+    command, so a query may use another test set.
+    """
+    name = chosen_head(config, job)
+    if name is None:
+        return job
+    head = Head(job.model, job.task, name)
+    dtype = torch.float64 if config.dtype == "float64" else torch.float32
+    model = fingerprint_of(job.model)
+    settings = {"head": name, "dtype": config.dtype, "task": task_fingerprint(job.task)}
+    components = {
+        "model weights": str(model["state"]),
+        "model code": hash_json(model["classes"]),
+        "training data": hash_examples(job.train),
+        "settings": hash_json(settings),
+    }
+    section = store.section("train_features", components, {"head": name, "dtype": config.dtype})
+    cached = section.load("train") if "train" in section else None
+    if cached is not None and len(cached) == len(job.train):
+        train = torch.from_numpy(cached)
+    else:
+        start = time.perf_counter()
+        train = head.extract(
+            job.train, device=device, dtype=dtype, batch_size=config.batch_size, progress=config.progress
+        )
+        section.save("train", train)
+        log.info(
+            "features: the network ran once over the %d training examples up to %r (%.1f s); influence "
+            "runs on the head alone",
+            len(job.train),
+            name,
+            time.perf_counter() - start,
+        )
+    test = head.extract(
+        job.test, device=device, dtype=dtype, batch_size=config.batch_size, progress=config.progress
+    )
+    return dataclasses.replace(
+        job,
+        model=head.model,
+        task=head.task,
+        train=head.examples(train, job.train),
+        test=head.examples(test, job.test),
+        head=None,
+        display=None,
+        shown=None,
+        hessian_batch_size=job.hessian_batch_size or (4096 if train.ndim == 2 else None),
+    )
+
+
+def make_influence(
+    config: ExplainConfig, job: Job, device: torch.device, preconditioning: tuple[str, float] | None = None
+) -> Influence:
+    """The :class:`Influence` of the job's chosen parameters; with an EK-FAC estimator when the
+    ``preconditioning`` (kind, relative damping) is ``"ekfac"`` (for :class:`EstimatorPreconditioner`)."""
+    kwargs: dict[str, Any] = {}
+    if preconditioning is not None and preconditioning[0] == "ekfac":
+        kwargs = {
+            "estimator": EKFAC(damping=0.0, relative_damping=preconditioning[1]),
+            "hessian_batch_size": config.hessian_batch_size or job.hessian_batch_size or 512,
+        }
+    return Influence(
+        job.model,
+        job.task,
+        job.train,
+        params=influence_params(config, job),  # type: ignore[arg-type]
+        batch_size=config.batch_size,
+        device=device,
+        dtype=torch.float64 if config.dtype == "float64" else torch.float32,
+        progress=config.progress,
+        **kwargs,
+    )
+
+
+def check_fingerprintable(inf: Influence) -> None:
+    """Refuse a job whose inputs the store could not recognise later (see :func:`unverifiable`)."""
+    unknown = unverifiable(inf.settings()["gradients"])
+    if unknown:
+        raise ConfigError(
+            f"a gradient store cannot tell whether {', '.join(unknown[:3])} changed since it was built "
+            "(source code Python cannot read, or a value without a reproducible fingerprint): define such "
+            "classes and functions in a .py file and give the task plain attribute values"
+        )
+
+
+class Subset(Examples):
+    """Examples ``ids`` ``(m,)`` of another set, in that order, read lazily."""
+
+    def __init__(self, data: Examples, ids: np.ndarray) -> None:
+        self.data = data
+        self.ids = torch.as_tensor(np.asarray(ids, dtype=np.int64))
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def take(self, indices: Tensor) -> Any:
+        return self.data.take(self.ids[indices.cpu()])
+
+
+# ---- what changed -------------------------------------------------------------------------------
+
+
+def _short(value: Any) -> str:
+    text = json.dumps(value, default=str)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def fingerprint_changes(old: Mapping[str, Any], new: Mapping[str, Any], head: str | None = None) -> list[str]:
+    """What differs between two ``Influence.settings()["gradients"]``, in words."""
+    old, new = json_roundtrip(old), json_roundtrip(new)
+    out = []
+    om, nm = old.get("model", {}), new.get("model", {})
+    if om.get("state") != nm.get("state"):
+        out.append("the model's weights changed")
+    oc, nc = om.get("classes", {}), nm.get("classes", {})
+    if oc != nc:
+        names = sorted(k for k in set(oc) | set(nc) if oc.get(k) != nc.get(k))
+        out.append(f"the model's code changed ({', '.join(names[:3])})")
+    if old.get("train") != new.get("train"):
+        out.append("the training data changed" + (f" (the features of the head {head!r})" if head else ""))
+    if old.get("task") != new.get("task"):
+        what = describe_changes(old.get("task", {}), new.get("task", {}))
+        out.append("the task changed" + (f" ({what})" if what else ""))
+    if old.get("params") != new.get("params"):
+        out.append(f"the parameters changed ({_short(old.get('params'))} -> {_short(new.get('params'))})")
+    if old.get("dtype") != new.get("dtype"):
+        out.append(f"the dtype changed ({old.get('dtype')} -> {new.get('dtype')})")
+    rest = sorted(k for k in set(old) | set(new) if k not in {"model", "train", "task", "params", "dtype"})
+    out += [f"{k} changed" for k in rest if old.get(k) != new.get(k)]
+    return out
+
+
+def section_changes(exc: SectionChangedError) -> list[str]:
+    """A frozen store's refused section (the digits model, a head's features), in words."""
+    out = []
+    for name in exc.changed:
+        text = f"the {name} changed"
+        if name in ("settings", "training settings") and exc.details:
+            text += f" ({exc.details})"
+        out.append(text)
+    return out or ["its inputs changed"]
+
+
+def mismatch_error(root: Path, changes: list[str]) -> GradientStoreError:
+    """The one line a reader gets for a store built from other inputs."""
+    return GradientStoreError(
+        f"the gradient store {root} does not match this model and data: {'; '.join(changes)} since it was "
+        f"built. Build it again with {_rebuild_hint(root)} (or query the model it was built for)"
+    )
+
+
+# ---- the index ----------------------------------------------------------------------------------
+
+
+def open_index(root: Path, inf: Influence, head: str | None = None) -> GradientIndex:
+    """The store's index for ``inf``; a store built from other inputs is refused in words."""
+    check_fingerprintable(inf)
+    layout = StoreLayout(index_path(root))
+    try:
+        manifest = layout.read_manifest()
+    except IndexStoreError as exc:
+        raise GradientStoreError(f"the gradient store {root} is damaged ({exc})") from None
+    if manifest is None:
+        raise GradientStoreError(
+            f"the gradient store {root} has lost its index ({layout.root} holds no manifest.json): build it "
+            f"again with {_rebuild_hint(root)}"
+        )
+    if manifest["status"] != "complete":
+        raise GradientStoreError(
+            f"the gradient store {root} is being rebuilt (its index is unfinished): run the influencer "
+            "index command that rebuilds it again to finish it"
+        )
+    old = manifest["header"].get("fingerprint", {})
+    changes = fingerprint_changes(old, inf.settings()["gradients"], head)
+    if changes:
+        raise mismatch_error(root, changes)
+    try:
+        return GradientIndex.open(layout.root, inf)
+    except IndexStoreError as exc:
+        raise GradientStoreError(f"{exc} (command line: run influencer index --out {root} again)") from None
+
+
+def preconditioning(
+    record: Mapping[str, Any], kind: str | None = None, damping: float | None = None
+) -> tuple[str, float]:
+    """(kind, relative damping) of a query: the given ones, else the store's default
+    (``influencer index --preconditioner/--damping``); a kind other than the store's with no
+    damping gets :data:`DEFAULT_RELATIVE_DAMPING`."""
+    stored = record.get("preconditioner") or {}
+    stored_kind = stored.get("kind", "fisher")
+    kind = stored_kind if kind is None else kind
+    if damping is None:
+        damping = stored.get("damping") if kind == stored_kind else None
+    if kind == "none":
+        return kind, 0.0
+    return kind, float(DEFAULT_RELATIVE_DAMPING if damping is None else damping)
+
+
+def make_preconditioner(kind: str, damping: float = DEFAULT_RELATIVE_DAMPING) -> Preconditioner:
+    """The preconditioner a query or explain asks for by name (``fisher``, ``ekfac``, ``none``);
+    for ``ekfac`` the :class:`Influence` carries the estimator (:func:`make_influence`)."""
+    if kind == "fisher":
+        return ProjectedFisher(relative_damping=damping)
+    if kind == "none":
+        return NoPreconditioner()
+    if kind == "ekfac":
+        return EstimatorPreconditioner()
+    raise ConfigError(f"unknown preconditioner {kind!r}; choose fisher, ekfac or none")
+
+
+def preconditioner_text(pre: Preconditioner, index: GradientIndex, inf: Influence) -> str:
+    """How the test directions were formed, in words."""
+    if isinstance(pre, ProjectedFisher):
+        layers = len(index.projection.blocks)
+        shape = f"block-diagonal over {layers} layers, " if layers > 1 and pre.blocks == "layers" else ""
+        damping = f"relative damping {pre.relative_damping:g}"
+        if pre.damping:
+            damping += f" + {pre.damping:g}"
+        return f"the projected Fisher ({shape}{damping})"
+    if isinstance(pre, NoPreconditioner):
+        return "nothing: projected gradient dot products (TracIn at one checkpoint)"
+    est = inf.estimator
+    damping = getattr(est, "relative_damping", 0.0)
+    return (
+        f"{est.name.upper()} before projection (relative damping {damping:g}, {inf.curvature_kind} curvature)"
+    )
+
+
+def projection_text(record: Mapping[str, Any]) -> str:
+    """The store's projection in words, e.g. ``"Kronecker, k = 2048 (32x32 per layer, 2 layers)"``."""
+    settings, info = record["projector"], record.get("projection", {})
+    kind, k, p = settings.get("kind"), record.get("k"), record.get("num_parameters")
+    dtype = settings.get("dtype")
+    if kind == "identity":
+        return f"none: the exact gradients (k = p = {k}), stored as {dtype}"
+    if kind == "kronecker":
+        shapes = [f"{d['k_out']}x{d['k_in']}" for d in info.get("layers", [])]
+        per = (
+            shapes[0]
+            if len(set(shapes)) == 1
+            else ", ".join(shapes[:4]) + (", ..." if len(shapes) > 4 else "")
+        )
+        return (
+            f"Kronecker, k = {k} of p = {p} ({per} per layer, {len(shapes)} layers; "
+            f"seed {settings.get('seed')}), stored as {dtype}"
+        )
+    return f"{str(kind).capitalize()}, k = {k} of p = {p} (seed {settings.get('seed')}), stored as {dtype}"
+
+
+def scoring_settings(
+    root: Path, record: Mapping[str, Any], pre: Preconditioner, index: GradientIndex
+) -> dict[str, Any]:
+    """How scores were computed from a store, JSON-able (for top_k.json and summary.json)."""
+    return json_roundtrip(
+        {
+            "store": str(root),
+            "projector": record["projector"],
+            "k": record["k"],
+            "built": record.get("built"),
+            "preconditioner": pre.settings(index),
+        }
+    )
+
+
+def describe_store(root: Path, record: Mapping[str, Any]) -> str:
+    """One line about a store, for logs."""
+    return (
+        f"gradient store {root}: {record.get('job_name')}, {record.get('n_train')} training examples, "
+        f"{projection_text(record)}"
+    )
+
+
+def job_of_record(record: Mapping[str, Any]) -> dict[str, Any]:
+    """The job's settings a store was built with (ExplainConfig fields), as recorded."""
+    job = dict(record["job"])
+    if job.get("params") is not None:
+        job["params"] = tuple(job["params"])
+    return job
+
+
+def read_job_settings(root: Path, record: Mapping[str, Any]) -> dict[str, Any]:
+    """:func:`job_of_record`, refusing settings this version cannot read."""
+    try:
+        job = job_of_record(record)
+        ExplainConfig(**job)
+    except (TypeError, InfluencerError) as exc:
+        raise GradientStoreError(
+            f"{root / RECORD} records job settings this influencer cannot use ({exc}): build the store again "
+            f"with {_rebuild_hint(root)}"
+        ) from None
+    return job
+
+
+def translate_store_errors(root: Path) -> contextlib.AbstractContextManager[None]:
+    """Inside: a frozen store's refused section becomes the one line of :func:`mismatch_error`."""
+
+    @contextlib.contextmanager
+    def translating() -> Iterator[None]:
+        try:
+            yield
+        except SectionChangedError as exc:
+            raise mismatch_error(root, section_changes(exc)) from None
+
+    return translating()
+
+
+__all__ = [
+    "GradientStoreError",
+    "StoreError",
+    "Subset",
+    "build_job",
+    "check_readable",
+    "check_writable",
+    "influence_job",
+    "make_influence",
+    "make_preconditioner",
+    "open_index",
+    "open_store",
+    "preconditioning",
+]

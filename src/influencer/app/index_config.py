@@ -1,0 +1,279 @@
+"""Settings of ``influencer index`` and ``influencer query``: frozen dataclasses, validated on
+construction, serialisable like :class:`~influencer.app.config.ExplainConfig`.
+
+``influencer index`` builds a gradient store for a job (the same jobs ``influencer explain``
+explains: the built-in digits CNN or ``--task package.module:function``); :class:`IndexConfig`
+holds the job's settings and the projector's. ``influencer query`` reads a store;
+:class:`QueryConfig` holds what to ask it. The job a store was built from is recorded in the
+store (:data:`JOB_FIELDS`), so a query needs only the store.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from collections.abc import Mapping
+from typing import Any
+
+from influencer._kernel.errors import ConfigError
+from influencer.app.config import PRECONDITIONERS, ExplainConfig, _check_types, _did_you_mean
+
+PROJECTORS = ("kronecker", "gaussian", "rademacher", "identity")
+DEFAULT_K_IN = 32  # Kronecker: projected input dimension per layer
+DEFAULT_K_OUT = 32  # Kronecker: projected output dimension per layer
+DEFAULT_K = 1024  # Gaussian / Rademacher: projected dimension
+# Damping of the preconditioners, relative to the curvature's mean eigenvalue per layer block:
+# ProjectedFisher(relative_damping=...), EKFAC(relative_damping=...).
+DEFAULT_RELATIVE_DAMPING = 0.1
+
+# The fields of ExplainConfig that define the job a store is built from: recorded in the store, and
+# used again by `influencer query` and `influencer explain --store` to rebuild the same job.
+JOB_FIELDS = (
+    "task",
+    "params",
+    "head",
+    "dtype",
+    "train_size",
+    "epochs",
+    "lr",
+    "train_batch_size",
+    "weight_decay",
+    "channels",
+    "seed",
+)
+
+
+def _serialise(config: Any) -> dict[str, Any]:
+    out = {}
+    for f in dataclasses.fields(config):
+        value = getattr(config, f.name)
+        if isinstance(value, tuple):
+            value = list(value)
+        elif isinstance(value, Mapping):
+            value = dict(value)
+        out[f.name] = value
+    return out
+
+
+def _from_dict(cls: Any, values: Mapping[str, Any], source: str) -> Any:
+    names = [f.name for f in dataclasses.fields(cls)]
+    for key in values:
+        if key not in names:
+            raise ConfigError(
+                f"{source}: unknown setting {key!r}" + _did_you_mean(key, names) + f"; valid settings "
+                f"are {', '.join(names)}"
+            )
+    return cls(**dict(values))
+
+
+def check_preconditioner(kind: str | None, damping: float | None) -> None:
+    """Refuse an unknown preconditioner, or a damping that is negative, not finite or meaningless."""
+    if kind is not None and kind not in PRECONDITIONERS:
+        raise ConfigError(
+            f"preconditioner must be one of {', '.join(PRECONDITIONERS)}; got {kind!r}"
+            + _did_you_mean(kind, PRECONDITIONERS)
+        )
+    if damping is None:
+        return
+    if isinstance(damping, bool) or not isinstance(damping, (int, float)) or not math.isfinite(damping):
+        raise ConfigError(f"damping must be a finite number >= 0, got {damping!r}")
+    if damping < 0:
+        raise ConfigError(f"damping must be >= 0 (relative to the mean curvature eigenvalue), got {damping}")
+    if kind == "none":
+        raise ConfigError("--preconditioner none uses no curvature, so it takes no --damping")
+
+
+def _positive(config: Any, *names: str) -> None:
+    for name in names:
+        value = getattr(config, name)
+        if value is not None and value < 1:
+            raise ConfigError(f"{name} must be >= 1, got {value}")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class IndexConfig:
+    """Everything ``influencer index`` does: which job, which projection, where.
+
+    ``projector=None`` chooses: Kronecker ``k_in x k_out`` per layer when every chosen parameter is
+    in an ``nn.Linear``/``nn.Conv2d`` layer, else a dense Gaussian projection to ``k`` dimensions
+    (the exact gradients when ``p <= k``). Projected gradients are stored in the compute ``dtype``.
+    """
+
+    out: str = "runs/index"  # the store directory
+    # the job (as for influencer explain)
+    task: str | None = None  # "package.module:function"; None = the built-in digits CNN
+    params: tuple[str, ...] | None = None  # None: the job's choice
+    head: str | None = None  # influence over this module alone, on the network's features
+    dtype: str = "float32"
+    device: str = "cpu"
+    batch_size: int = 256  # examples per gradient batch
+    train_size: int | None = None  # digits job: the first N training images
+    epochs: int = 20  # digits job
+    lr: float = 1e-2  # digits job
+    weight_decay: float = 1e-2  # digits job
+    # the projection
+    projector: str | None = None  # kronecker, gaussian, rademacher, identity; None: chosen (see above)
+    k_in: int | None = None  # Kronecker (default 32)
+    k_out: int | None = None  # Kronecker (default 32)
+    k: int | None = None  # Gaussian, Rademacher (default 1024)
+    seed: int = 0  # of the random projection
+    chunk: int = 4096  # training examples per stored file (the unit of resumption)
+    # How queries precondition by default (recorded in the store; a query may choose another):
+    # "fisher" (the projected Fisher, stored with the gradients), "ekfac" or "none".
+    preconditioner: str = "fisher"
+    damping: float | None = None  # relative to the mean eigenvalue; None: DEFAULT_RELATIVE_DAMPING
+    overwrite: bool = False  # rebuild a store built from other inputs instead of refusing
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        if self.params is not None:
+            object.__setattr__(self, "params", tuple(self.params))
+        _check_types(self)
+        if not self.out.strip():
+            raise ConfigError("out (the store directory) must not be empty")
+        _positive(self, "k_in", "k_out", "k", "chunk", "batch_size")
+        if self.projector is not None and self.projector not in PROJECTORS:
+            raise ConfigError(
+                f"unknown projector {self.projector!r}; choose one of {', '.join(PROJECTORS)}"
+                + _did_you_mean(self.projector, PROJECTORS)
+            )
+        kron = self.k_in is not None or self.k_out is not None
+        if kron and self.k is not None:
+            raise ConfigError(
+                "give --k-in/--k-out (a Kronecker projection per layer) or --k (a dense projection), not both"
+            )
+        if kron and self.projector not in (None, "kronecker"):
+            raise ConfigError(
+                f"--k-in and --k-out set a Kronecker projection; the {self.projector} projector takes --k"
+                if self.projector != "identity"
+                else "the identity projector stores exact gradients: it takes no --k-in, --k-out or --k"
+            )
+        if self.k is not None and self.projector in ("kronecker", "identity"):
+            raise ConfigError(
+                "the Kronecker projector takes --k-in and --k-out (per layer), not --k"
+                if self.projector == "kronecker"
+                else "the identity projector stores exact gradients: it takes no --k-in, --k-out or --k"
+            )
+        check_preconditioner(self.preconditioner, self.damping)
+        self.job_config()  # validates the job's settings
+
+    def job_config(self, **changes: Any) -> ExplainConfig:
+        """The job's settings as an :class:`ExplainConfig` (what the shared job code reads)."""
+        return ExplainConfig(
+            out=self.out,
+            task=self.task,
+            params=self.params,
+            head=self.head,
+            dtype=self.dtype,
+            device=self.device,
+            batch_size=self.batch_size,
+            train_size=self.train_size,
+            epochs=self.epochs,
+            lr=self.lr,
+            weight_decay=self.weight_decay,
+            progress=self.progress,
+            top_k=1,
+            num_test=1,
+            **changes,
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return _serialise(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any], source: str = "settings") -> IndexConfig:
+        return _from_dict(cls, values, source)
+
+    def replace(self, **changes: Any) -> IndexConfig:
+        return type(self).from_dict({**self.to_dict(), **changes}, "overrides")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class QueryConfig:
+    """Everything ``influencer query`` does: which store, which test examples, how to score.
+
+    The job is the store's (recorded when it was built); ``task`` names its build function again
+    when it has moved. Test examples: ``test_ids``, or ``num_test`` chosen as ``influencer explain``
+    chooses them (misclassified with the highest loss, then correct ones over the labels), or
+    ``all_test``; default: 6 chosen. ``preconditioner`` and ``damping``: None, the store's.
+    """
+
+    store: str  # the directory influencer index wrote
+    task: str | None = None  # None: the store's
+    test_ids: tuple[int, ...] | None = None
+    num_test: int | None = None
+    all_test: bool = False
+    top_k: int = 10  # helpful and harmful training examples per test example
+    out: str = "runs/query"  # top_k.json, the .npy arrays, query.log
+    checkpoint: str | None = None  # finished test blocks (resumable); None: <out>/checkpoint
+    overwrite: bool = False  # replace another query's blocks in --checkpoint instead of refusing
+    block: int = 256  # test examples per block (the unit of checkpointing)
+    preconditioner: str | None = None  # fisher, ekfac, none; None: the store's
+    damping: float | None = None  # relative damping of the preconditioner; None: the store's
+    device: str = "cpu"
+    batch_size: int = 256
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        if self.test_ids is not None:
+            object.__setattr__(self, "test_ids", tuple(self.test_ids))
+        _check_types(self)
+        for name in ("store", "out"):
+            if not getattr(self, name).strip():
+                raise ConfigError(f"{name} (a directory) must not be empty")
+        if self.checkpoint is not None and not self.checkpoint.strip():
+            raise ConfigError(
+                "checkpoint (a directory) must not be empty; leave it unset for <out>/checkpoint"
+            )
+        chosen = [
+            flag
+            for flag, given in (
+                ("--test ids", self.test_ids is not None),
+                ("--num-test", self.num_test is not None),
+                ("--test all", self.all_test),
+            )
+            if given
+        ]
+        if len(chosen) > 1:
+            raise ConfigError(f"choose the test examples one way: {' or '.join(chosen)}, not both")
+        _positive(self, "top_k", "block", "batch_size", "num_test")
+        check_preconditioner(self.preconditioner, self.damping)
+        self.job_config(
+            {"task": None, "params": None, "head": None, "dtype": "float64"}
+        )  # validates the rest
+
+    def job_config(self, job: Mapping[str, Any], **changes: Any) -> ExplainConfig:
+        """The store's ``job`` settings (:data:`JOB_FIELDS`) with this query's as an
+        :class:`ExplainConfig` (what the shared job and evaluation code reads)."""
+        values = {name: job[name] for name in JOB_FIELDS if name in job}
+        if self.task is not None:
+            values["task"] = self.task
+        return ExplainConfig(
+            **values,
+            out=self.out,
+            test_ids=self.test_ids,
+            num_test=self.num_test if self.num_test is not None else ExplainConfig.num_test,
+            top_k=self.top_k,
+            device=self.device,
+            batch_size=self.batch_size,
+            progress=self.progress,
+            preconditioner=self.preconditioner,
+            **changes,
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return _serialise(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any], source: str = "settings") -> QueryConfig:
+        return _from_dict(cls, values, source)
+
+    def replace(self, **changes: Any) -> QueryConfig:
+        return type(self).from_dict({**self.to_dict(), **changes}, "overrides")
