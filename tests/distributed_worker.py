@@ -106,6 +106,8 @@ def main(folder: Path) -> None:
     results["local_ids"] = torch.cat([ids for ids, _ in exact.train_gradients()])
     for name, value in results.items():
         np.save(folder / f"rank{rank}_{name}.npy", value.numpy())
+    # Both ranks done before teardown: gloo aborts a rank whose peer tears down mid-exchange.
+    dist.barrier()
     dist.destroy_process_group()
 
 

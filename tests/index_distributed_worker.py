@@ -40,6 +40,8 @@ def main(folder: Path) -> None:
     results["self"] = index.self_influence()
     for name, value in results.items():
         np.save(folder / f"rank{rank}_{name}.npy", value.numpy())
+    # Both ranks done before teardown: gloo aborts a rank whose peer tears down mid-exchange.
+    dist.barrier()
     dist.destroy_process_group()
 
 
