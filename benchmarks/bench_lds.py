@@ -17,11 +17,13 @@ the peers run what they have (the Hessian for exact, CG, LiSSA and Arnoldi; K-FA
 Gauss-Newton by construction).
 
 Beyond one model, the rows marked ``K = 5`` average the scores of 5 models trained with the same
-recipe from seeds 0-4 (``influencer.ensemble.Ensemble``; dattri's influence functions and captum's
-TracInCP do the same with their checkpoint lists; for the other peers the benchmark averages their
-scores itself, marked as such), ``x5 ckpt`` adds the checkpoints of the last 5 epochs of each run
-(``AdamRetrainer.trajectory``), and ``damping chosen`` picks the damping by the LDS on separate
-tuning subsets (``influencer.uses.validation.choose_damping``), never on the subsets it is scored on.
+recipe from seeds 0-4 (``influencer.ensemble.Ensemble``; dattri's and captum's TracIn do the same
+with their checkpoint lists; kronfluence and pyDVL have no ensembles, so the benchmark averages
+their K-FAC/EK-FAC scores itself, marked as such; dattri's checkpoint lists for its influence
+functions ran out of memory here, over 21 GB), ``x5 ckpt`` adds the checkpoints of the last 5
+epochs of each run (``AdamRetrainer.trajectory``), and ``damping chosen`` picks the damping by the
+LDS on separate tuning subsets (``influencer.uses.validation.choose_damping``), never on the subsets
+it is scored on.
 The ``index`` rows score with the projected gradient store (``influencer.index``: per-example
 gradients projected to k dimensions, Kronecker per layer or dense Gaussian), preconditioned by the
 store's projected Fisher or by our EK-FAC before projection: how much LDS the store gives up
@@ -94,13 +96,17 @@ INDEX_VARIANTS = (
     ("kron 16x16", "ekfac"),
     ("gauss 512", "fisher"),
 )
+INDEX_DAMPINGS = (1e-3, 1e-2, 3e-2, 0.1, 0.3, 1.0)  # relative to each block's mean eigenvalue
 # Methods whose solve uses the curvature operator (the others build their own factors or none).
 CURVATURE_METHODS = ("exact", "cg", "lissa", "arnoldi")
 # Which peers average over several models themselves, and for which methods.
-PEER_ENSEMBLES = {"dattri": ("exact", "cg", "lissa", "arnoldi", "identity"), "captum": ("identity",)}
+# dattri's checkpoint lists for its influence functions (exact, CG, LiSSA) held over 21 GB on the
+# full problem here and were killed by the OOM killer: only its TracIn runs its own ensemble.
+PEER_ENSEMBLES = {"dattri": ("identity",), "captum": ("identity",)}
 # dattri holds per-test-example work for all test examples at once (its CG took 22 GB for 100 test
 # examples here): it scores them 10 at a time, as in bench_estimators.py.
 TEST_CHUNK = {"dattri": 10}
+PARTIAL: dict[str, str | None] = {"path": None}
 PACKAGES = ("influencer", "torch", "captum", "dattri", "pyDVL", "kronfluence", "bergson")
 
 
@@ -238,6 +244,8 @@ def attempt(
         rows.append({**fields, "status": "error", "error": f"{type(exc).__name__}: {exc}"[:300]})
         return
     rows.append(lds_row(scores, world, **fields, seconds=seconds))
+    if PARTIAL["path"]:  # rows so far, in case a peer takes the process down (e.g. out of memory)
+        write_json(PARTIAL["path"], {"rows": rows})
     r = rows[-1]
     print(
         f"  {fields['method']:10s} {fields['library']:12s} K={fields['models']:<3} LDS {r['lds']:.3f}",
@@ -393,7 +401,9 @@ def index_rows(rows: list[dict], world: World, resolved: Resolved, theta: Tensor
     """LDS of the projected gradient store, beside exact-gradient EK-FAC (same model, same damping).
 
     ``fisher``: the store's own projected empirical Fisher, damped by 0.1 x each layer block's mean
-    eigenvalue; ``ekfac``: our fitted EK-FAC applied to the test gradients before projection.
+    eigenvalue (the library's default); ``fisher, damping chosen``: that relative damping picked
+    among INDEX_DAMPINGS by the LDS on the tuning subsets (never the scored ones); ``ekfac``: our
+    fitted EK-FAC applied to the test gradients before projection.
     """
     test = single(world.problem).test
     plain = world.reference.replace(estimator=Identity(), theta=theta)
@@ -406,24 +416,42 @@ def index_rows(rows: list[dict], world: World, resolved: Resolved, theta: Tensor
             projector = KroneckerProjector(k_in=a, k_out=b)
         else:
             projector = GaussianProjector(k=int(size))
-        fields = {"method": "index", "library": "influencer", "models": 1, "note": f"{name} + {label}"}
+        with tempfile.TemporaryDirectory() as folder:
+            start = time.perf_counter()
+            index = GradientIndex.build(plain, Path(folder) / "index", projector)
+            build = time.perf_counter() - start
+            if label == "ekfac":
+                if fitted is None:
+                    fitted = ekfac.fit()
+                choices = [("ekfac", EstimatorPreconditioner(), GradientIndex.open(index.path, fitted))]
+            else:
+                tuned = max(
+                    INDEX_DAMPINGS,
+                    key=lambda d: (
+                        linear_datamodeling_score(
+                            index.scores(test, preconditioner=ProjectedFisher(relative_damping=d)),
+                            world.tuning,
+                        ).mean
+                    ),
+                )
+                choices = [
+                    ("fisher", ProjectedFisher(relative_damping=0.1), index),
+                    (f"fisher, damping {tuned:g} chosen", ProjectedFisher(relative_damping=tuned), index),
+                ]
+            for text, pre, store in choices:
+                fields = {
+                    "method": "index",
+                    "library": "influencer",
+                    "models": 1,
+                    "note": f"{name} + {text} (k = {index.k})",
+                }
 
-        def run(projector=projector, label=label) -> tuple[Tensor, float]:
-            nonlocal fitted
-            with tempfile.TemporaryDirectory() as folder:
-                start = time.perf_counter()
-                index = GradientIndex.build(plain, Path(folder) / "index", projector)
-                if label == "ekfac":
-                    if fitted is None:
-                        fitted = ekfac.fit()
-                    index = GradientIndex.open(index.path, fitted)
-                    pre = EstimatorPreconditioner()
-                else:
-                    pre = ProjectedFisher(relative_damping=0.1)
-                scores = index.scores(test, preconditioner=pre)
-                return scores, time.perf_counter() - start
+                def run(store=store, pre=pre, build=build) -> tuple[Tensor, float]:
+                    begin = time.perf_counter()
+                    scores = store.scores(test, preconditioner=pre)
+                    return scores, build + time.perf_counter() - begin
 
-        attempt(rows, fields, run, world)
+                attempt(rows, fields, run, world)
 
 
 def _peer(run: Callable, method: str, problem: Problem, resolved: Resolved, lib: str) -> tuple[Tensor, float]:
@@ -568,6 +596,8 @@ def main(argv: list[str] | None = None) -> int:
     if "influencer" not in libraries:
         libraries.insert(0, "influencer")
     cache = args.cache or ("out/lds-cache-quick" if args.quick else "out/lds-cache")
+    if args.json:
+        PARTIAL["path"] = args.json + ".partial"
     env = {"machine": machine(device), "versions": versions(PACKAGES), "device": str(device)}
     print("  ".join(f"{k}={v}" for k, v in env["versions"].items()))
     preload(libraries)

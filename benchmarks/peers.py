@@ -199,7 +199,9 @@ class Ours:
         if method == "cg":
             return CG(damping=s.damping, tol=s.cg_tol, max_iter=s.cg_max_iter)
         if method == "lissa":
+            # A fixed depth, as every peer runs it: its residual is recorded, not refused.
             return LiSSA(
+                on_unconverged="warn",
                 damping=s.damping,
                 depth=s.lissa_depth,
                 repeats=s.lissa_repeats,
