@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from influencer._kernel.errors import ConfigError, InfluencerError
+from influencer._kernel.errors import ConfigError
 from influencer._kernel.scores import TopK
 from influencer.app.checks import check_finite_losses, check_job
 from influencer.app.devices import resolve_device
@@ -54,7 +54,7 @@ from influencer.app.gradient_store import (
 )
 from influencer.app.index_config import QueryConfig
 from influencer.app.jobs import Job, chosen_head
-from influencer.app.logs import Stopwatch, run_logging
+from influencer.app.logs import Stopwatch, logged_stop, run_logging
 from influencer.app.store import RunStore, array_bytes, jsonable
 from influencer.app.summary import SIGN_CONVENTION
 
@@ -112,15 +112,8 @@ def query_store(config: QueryConfig, job: Job | None = None, *, console: bool = 
             datetime.now(timezone.utc).isoformat(timespec="seconds"),
         )
         log.debug("settings: %s", config.to_json())
-        try:
-            with open_store(root) as (store, record), translate_store_errors(root):
-                return _query(config, job, store, record, run, device, warned)
-        except InfluencerError as exc:
-            log.error("stopped: %s", exc, extra={"file_only": True})
-            raise
-        except Exception:
-            log.error("stopped by an unexpected error:", exc_info=True, extra={"file_only": True})
-            raise
+        with logged_stop(log), open_store(root) as (store, record), translate_store_errors(root):
+            return _query(config, job, store, record, run, device, warned)
 
 
 def _query(

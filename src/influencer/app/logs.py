@@ -14,6 +14,8 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from influencer._kernel.errors import InfluencerError
+
 LOG_FILE = "explain.log"
 
 
@@ -40,6 +42,23 @@ class WarningList(logging.Handler):
 
 def _log_warning(message: Warning | str, category: type[Warning], *args: object, **kwargs: object) -> None:
     logging.getLogger("influencer.explain").warning("%s: %s", category.__name__, message)
+
+
+@contextlib.contextmanager
+def logged_stop(log: logging.Logger) -> Iterator[None]:
+    """Record in the run's log file why a command stopped, then let the error go on to the caller.
+
+    An :class:`InfluencerError` is one line (the caller shows it); anything else is logged with its
+    traceback, which the console never shows.
+    """
+    try:
+        yield
+    except InfluencerError as exc:
+        log.error("stopped: %s", exc, extra={"file_only": True})
+        raise
+    except Exception:
+        log.error("stopped by an unexpected error:", exc_info=True, extra={"file_only": True})
+        raise
 
 
 @contextlib.contextmanager

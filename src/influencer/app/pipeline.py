@@ -23,7 +23,6 @@ from pathlib import Path
 
 import torch
 
-from influencer._kernel.errors import InfluencerError
 from influencer._kernel.scores import top_k
 from influencer.app.cached import open_sections, scores_from_cache, test_directions
 from influencer.app.checks import check_finite_losses, check_job, influence_params
@@ -32,7 +31,7 @@ from influencer.app.devices import resolve_device
 from influencer.app.evaluation import choose_hessian_ids, choose_test_ids, describe_test_choice, evaluate
 from influencer.app.explanation import ExplainResult, Explanation, log_top, names_text
 from influencer.app.jobs import Job, digits_job, influence_job, load_job
-from influencer.app.logs import Stopwatch, run_logging
+from influencer.app.logs import Stopwatch, logged_stop, run_logging
 from influencer.app.outputs import output_files, write_outputs
 from influencer.app.report import build_report
 from influencer.app.store import RunStore
@@ -63,14 +62,8 @@ def explain(config: ExplainConfig, job: Job | None = None, *, console: bool = Tr
             datetime.now(timezone.utc).isoformat(timespec="seconds"),
         )
         log.debug("settings: %s", config.to_json())
-        try:
+        with logged_stop(log):
             return _run(config, job, store, device, warned)
-        except InfluencerError as exc:  # the caller shows the message; the log keeps it with the run
-            log.error("stopped: %s", exc, extra={"file_only": True})
-            raise
-        except Exception:
-            log.error("stopped by an unexpected error:", exc_info=True, extra={"file_only": True})
-            raise
 
 
 def _run(

@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from influencer._kernel.errors import ConfigError, InfluencerError
+from influencer._kernel.errors import ConfigError
 from influencer._kernel.scores import top_k
 from influencer.app.cached import optimality_of_norms, solver_text
 from influencer.app.checks import check_finite_losses, check_job
@@ -44,7 +44,7 @@ from influencer.app.gradient_store import (
     translate_store_errors,
 )
 from influencer.app.jobs import Job, chosen_head
-from influencer.app.logs import Stopwatch, run_logging
+from influencer.app.logs import Stopwatch, logged_stop, run_logging
 from influencer.app.outputs import output_files, write_outputs
 from influencer.app.report import build_report
 from influencer.app.store import RunStore, jsonable
@@ -84,15 +84,8 @@ def explain_with_store(
             root,
         )
         log.debug("settings: %s", config.to_json())
-        try:
-            with open_store(root) as (store, record), translate_store_errors(root):
-                return _run(config, job, store, record, run, device, warned)
-        except InfluencerError as exc:
-            log.error("stopped: %s", exc, extra={"file_only": True})
-            raise
-        except Exception:
-            log.error("stopped by an unexpected error:", exc_info=True, extra={"file_only": True})
-            raise
+        with logged_stop(log), open_store(root) as (store, record), translate_store_errors(root):
+            return _run(config, job, store, record, run, device, warned)
 
 
 def _run(
