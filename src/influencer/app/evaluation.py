@@ -14,8 +14,10 @@ from torch import Tensor
 from influencer._kernel.data import to_device
 from influencer._kernel.errors import ConfigError
 from influencer._kernel.progress import progress_bar
+from influencer.app.checks import check_finite_losses
 from influencer.app.config import ExplainConfig
 from influencer.app.jobs import Job, labels_of
+from influencer.app.logs import Stopwatch
 from influencer.samplers import SamplerContext
 
 log = logging.getLogger("influencer.explain")
@@ -155,6 +157,28 @@ def describe_test_choice(config: ExplainConfig, evaluation: Evaluation, test_ids
         f"chosen from {n}: {high} with the highest loss, then {len(test_ids) - high} at random "
         f"(seed {config.seed}): {ids}"
     )
+
+
+def evaluate_and_choose(
+    on: Job, n_test: int, config: ExplainConfig, device: torch.device, clock: Stopwatch
+) -> tuple[Evaluation, np.ndarray, str]:
+    """Evaluate the job's test set (timed as ``evaluate``), refuse non-finite test losses, log the
+    accuracy, and choose the test examples to explain: ``(evaluation, test_ids, how they were chosen)``.
+    """
+    with clock("evaluate"):
+        evaluation = evaluate(on, device, config)
+    check_finite_losses(evaluation.losses)
+    if evaluation.accuracy is not None:
+        log.info(
+            "test accuracy: %.2f%% (%d of %d)",
+            100 * evaluation.accuracy,
+            round(evaluation.accuracy * n_test),
+            n_test,
+        )
+    test_ids = choose_test_ids(config, evaluation, n_test)
+    choice = describe_test_choice(config, evaluation, test_ids)
+    log.info("explaining test examples %s", choice)
+    return evaluation, test_ids, choice
 
 
 def choose_hessian_ids(config: ExplainConfig, job: Job, device: torch.device) -> Tensor | None:

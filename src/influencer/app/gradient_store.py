@@ -23,6 +23,7 @@ import contextlib
 import dataclasses
 import json
 import logging
+import os
 import time
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -529,3 +530,11 @@ __all__ = [
     "open_store",
     "preconditioning",
 ]
+
+
+def same_directory(a: Path, b: Path) -> bool:
+    """Whether two paths name one directory (links resolved where the file system allows)."""
+    try:
+        return a.resolve() == b.resolve()
+    except OSError:
+        return os.path.abspath(a) == os.path.abspath(b)

@@ -22,7 +22,6 @@ import dataclasses
 import hashlib
 import json
 import logging
-import os
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -49,6 +48,7 @@ from influencer.app.gradient_store import (
     preconditioning,
     projection_text,
     read_job_settings,
+    same_directory,
     scoring_settings,
     translate_store_errors,
 )
@@ -90,18 +90,11 @@ class QueryRun:
     files: dict[str, Path]
 
 
-def _same_directory(a: Path, b: Path) -> bool:
-    try:
-        return a.resolve() == b.resolve()
-    except OSError:
-        return os.path.abspath(a) == os.path.abspath(b)
-
-
 def query_store(config: QueryConfig, job: Job | None = None, *, console: bool = True) -> QueryRun:
     """Run the query (see the module docstring); ``job`` overrides the store's task."""
     device = resolve_device(config.device)
     out, root = Path(config.out), Path(config.store)
-    if _same_directory(out, root):
+    if same_directory(out, root):
         raise ConfigError(
             f"--out {out} is the store itself: a query writes its results elsewhere (e.g. --out runs/query)"
         )

@@ -25,10 +25,13 @@ import torch
 
 from influencer._kernel.scores import top_k
 from influencer.app.cached import open_sections, scores_from_cache, test_directions
-from influencer.app.checks import check_finite_losses, check_job, influence_params
+from influencer.app.checks import check_job, influence_params
 from influencer.app.config import ExplainConfig
 from influencer.app.devices import resolve_device
-from influencer.app.evaluation import choose_hessian_ids, choose_test_ids, describe_test_choice, evaluate
+from influencer.app.evaluation import (
+    choose_hessian_ids,
+    evaluate_and_choose,
+)
 from influencer.app.explanation import ExplainResult, Explanation, log_top, names_text
 from influencer.app.jobs import Job, digits_job, influence_job, load_job
 from influencer.app.logs import Stopwatch, logged_stop, run_logging
@@ -81,19 +84,7 @@ def _run(
         with clock("features"):
             on = influence_job(job, config, store, device)  # `job`, or its head on cached features
 
-        with clock("evaluate"):
-            evaluation = evaluate(on, device, config)
-        check_finite_losses(evaluation.losses)
-        if evaluation.accuracy is not None:
-            log.info(
-                "test accuracy: %.2f%% (%d of %d)",
-                100 * evaluation.accuracy,
-                round(evaluation.accuracy * len(job.test)),
-                len(job.test),
-            )
-        test_ids = choose_test_ids(config, evaluation, len(job.test))
-        choice = describe_test_choice(config, evaluation, test_ids)
-        log.info("explaining test examples %s", choice)
+        evaluation, test_ids, choice = evaluate_and_choose(on, len(job.test), config, device, clock)
 
         inf = _influence(config, on, device)
         with clock("directions"):

@@ -22,10 +22,10 @@ import torch
 from influencer._kernel.errors import ConfigError
 from influencer._kernel.scores import top_k
 from influencer.app.cached import optimality_of_norms, solver_text
-from influencer.app.checks import check_finite_losses, check_job
+from influencer.app.checks import check_job
 from influencer.app.config import ExplainConfig
 from influencer.app.devices import resolve_device
-from influencer.app.evaluation import choose_test_ids, describe_test_choice, evaluate
+from influencer.app.evaluation import evaluate_and_choose
 from influencer.app.explanation import ExplainResult, Explanation, StoreScoring, log_top
 from influencer.app.gradient_store import (
     Subset,
@@ -40,6 +40,7 @@ from influencer.app.gradient_store import (
     preconditioning,
     projection_text,
     read_job_settings,
+    same_directory,
     scoring_settings,
     translate_store_errors,
 )
@@ -72,7 +73,7 @@ def explain_with_store(
         )
     device = resolve_device(config.device)
     run_dir, root = Path(config.out), Path(config.store)
-    if run_dir.resolve() == root.resolve():
+    if same_directory(run_dir, root):
         raise ConfigError(
             f"--out {run_dir} is the store itself: explain writes its run elsewhere (e.g. runs/explain)"
         )
@@ -111,19 +112,7 @@ def _run(
         check_job(config, job, device)
         with clock("features"):
             on = influence_job(job, config, store, device)
-        with clock("evaluate"):
-            evaluation = evaluate(on, device, config)
-        check_finite_losses(evaluation.losses)
-        if evaluation.accuracy is not None:
-            log.info(
-                "test accuracy: %.2f%% (%d of %d)",
-                100 * evaluation.accuracy,
-                round(evaluation.accuracy * len(job.test)),
-                len(job.test),
-            )
-        test_ids = choose_test_ids(config, evaluation, len(job.test))
-        choice = describe_test_choice(config, evaluation, test_ids)
-        log.info("explaining test examples %s", choice)
+        evaluation, test_ids, choice = evaluate_and_choose(on, len(job.test), config, device, clock)
 
         kind, damping = preconditioning(record, config.preconditioner, config.damping)
         use_estimator = kind == "ekfac"
