@@ -54,6 +54,7 @@ from peers import (
     Resolved,
     Run,
     Settings,
+    chosen,
     largest_eigenvalue_bound,
     preload,
 )
@@ -255,14 +256,7 @@ def main(argv: list[str] | None = None) -> int:
     settings = QUICK_SETTINGS if args.quick else FULL_SETTINGS
     if args.lissa_depth:
         settings = dataclasses.replace(settings, lissa_depth=args.lissa_depth)
-    methods = [m for m in args.methods.split(",") if m]
-    if unknown := set(methods) - set(METHODS):
-        parser.error(f"unknown methods {sorted(unknown)}")
-    libraries = args.libraries.split(",") if args.libraries else list(LIBRARIES)
-    if unknown := set(libraries) - set(LIBRARIES):
-        parser.error(f"unknown libraries {sorted(unknown)}")
-    if "influencer" not in libraries:
-        libraries.insert(0, "influencer")  # the reference and the time ratios come from it
+    methods, libraries = chosen(parser, args.methods, args.libraries, METHODS)
     dtype = DTYPES[args.dtype]
 
     env = {

@@ -62,6 +62,7 @@ from peers import (
     Ours,
     Resolved,
     Settings,
+    chosen,
     largest_eigenvalue_bound,
     preload,
 )
@@ -587,14 +588,7 @@ def main(argv: list[str] | None = None) -> int:
     setup = QUICK if args.quick else FULL
     if args.subsets:
         setup = dataclasses.replace(setup, subsets=args.subsets)
-    methods = [m for m in args.methods.split(",") if m]
-    if unknown := set(methods) - set(METHODS):
-        parser.error(f"unknown methods {sorted(unknown)}")
-    libraries = args.libraries.split(",") if args.libraries else list(LIBRARIES)
-    if unknown := set(libraries) - set(LIBRARIES):
-        parser.error(f"unknown libraries {sorted(unknown)}")
-    if "influencer" not in libraries:
-        libraries.insert(0, "influencer")
+    methods, libraries = chosen(parser, args.methods, args.libraries, METHODS)
     cache = args.cache or ("out/lds-cache-quick" if args.quick else "out/lds-cache")
     if args.json:
         PARTIAL["path"] = args.json + ".partial"

@@ -28,13 +28,14 @@ to the model's dtype) or have their own dtype settings (kronfluence: every dtype
 
 from __future__ import annotations
 
+import argparse
 import copy
 import dataclasses
 import logging
 import math
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any, ClassVar
 
@@ -737,6 +738,22 @@ LIBRARIES: dict[str, Callable[[], Any]] = {
     "kronfluence": Kronfluence,
     "bergson": Bergson,
 }
+
+
+def chosen(
+    parser: argparse.ArgumentParser, methods: str, libraries: str | None, known: Sequence[str]
+) -> tuple[list[str], list[str]]:
+    """The ``--methods`` and ``--libraries`` comma lists, checked; influencer always among the
+    libraries (the reference and the time ratios come from it)."""
+    chosen_methods = [m for m in methods.split(",") if m]
+    if unknown := set(chosen_methods) - set(known):
+        parser.error(f"unknown methods {sorted(unknown)}")
+    chosen_libraries = libraries.split(",") if libraries else list(LIBRARIES)
+    if unknown := set(chosen_libraries) - set(LIBRARIES):
+        parser.error(f"unknown libraries {sorted(unknown)}")
+    if "influencer" not in chosen_libraries:
+        chosen_libraries.insert(0, "influencer")
+    return chosen_methods, chosen_libraries
 
 
 PACKAGE_MODULES = {

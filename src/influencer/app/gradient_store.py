@@ -126,11 +126,7 @@ def check_readable(root: Path) -> None:
             "store; pass the directory that influencer index --out wrote"
         )
     if not (root / RECORD).exists():
-        layout = StoreLayout(index_path(root))
-        try:
-            manifest = layout.read_manifest()
-        except IndexStoreError as exc:
-            raise GradientStoreError(f"the gradient store {root} is damaged ({exc})") from None
+        layout, manifest = _index_manifest(root)
         if manifest is None:
             raise GradientStoreError(
                 f"{root} is a run directory of another command (influencer explain?), not a gradient "
@@ -364,14 +360,19 @@ def mismatch_error(root: Path, changes: list[str]) -> GradientStoreError:
 # ---- the index ----------------------------------------------------------------------------------
 
 
+def _index_manifest(root: Path) -> tuple[StoreLayout, dict[str, Any] | None]:
+    """The store's index layout and its manifest (None before a build wrote one); damage is refused."""
+    layout = StoreLayout(index_path(root))
+    try:
+        return layout, layout.read_manifest()
+    except IndexStoreError as exc:
+        raise GradientStoreError(f"the gradient store {root} is damaged ({exc})") from None
+
+
 def open_index(root: Path, inf: Influence, head: str | None = None) -> GradientIndex:
     """The store's index for ``inf``; a store built from other inputs is refused in words."""
     check_fingerprintable(inf)
-    layout = StoreLayout(index_path(root))
-    try:
-        manifest = layout.read_manifest()
-    except IndexStoreError as exc:
-        raise GradientStoreError(f"the gradient store {root} is damaged ({exc})") from None
+    layout, manifest = _index_manifest(root)
     if manifest is None:
         raise GradientStoreError(
             f"the gradient store {root} has lost its index ({layout.root} holds no manifest.json): build it "
