@@ -130,13 +130,31 @@ def test_projected_fisher_with_k_equal_p_is_the_exact_empirical_fisher(problem, 
 
 def test_kronecker_store_holds_projected_gradients(problem, tmp_path):
     inf, test = problem
-    index = GradientIndex.build(inf, tmp_path, KroneckerProjector(k_in=8, k_out=4, dtype="float64"), chunk=64)
+    projector = KroneckerProjector(k_in=8, k_out=4, dtype="float64")
+    index = GradientIndex.build(inf, tmp_path, projector, chunk=64, fisher="full")
     g = torch.cat([x for _, x in inf.train_gradients()])
     expected = index.projection.project(g)
     torch.testing.assert_close(index.gradients(), expected, rtol=0, atol=1e-12 * float(expected.abs().max()))
     torch.testing.assert_close(index.gradients([299, 3]), expected[[299, 3]], rtol=0, atol=1e-12)
     fisher = expected.T @ expected / inf.n
     torch.testing.assert_close(index.fisher(), fisher, rtol=1e-10, atol=1e-14)
+    # the default build keeps only the layers' diagonal blocks of the Fisher: the layer-wise
+    # preconditioner scores the same, and the whole-matrix one is refused with the fix
+    blockwise = GradientIndex.build(inf, tmp_path / "layers", projector, chunk=64)
+    assert (blockwise.fisher_kind, index.fisher_kind) == ("layers", "full")
+    mask = torch.zeros_like(fisher, dtype=torch.bool)
+    for _, a, b in index.projection.blocks:
+        mask[a:b, a:b] = True
+    torch.testing.assert_close(blockwise.fisher(), torch.where(mask, fisher, 0.0), rtol=1e-10, atol=1e-14)
+    assert not bool(mask.all())
+    torch.testing.assert_close(
+        blockwise.scores(test, preconditioner=ProjectedFisher()),
+        index.scores(test, preconditioner=ProjectedFisher()),
+        rtol=1e-9,
+        atol=0,
+    )
+    with pytest.raises(ConfigError, match=r"only the per-layer blocks.*fisher='full'"):
+        blockwise.scores(test, preconditioner=ProjectedFisher(blocks="full"))
     # scores are projected gradient dot products with the library's sign and 1/n
     projected_test = index.projection.project(inf.gradients(test))
     got = index.scores(test, preconditioner=NoPreconditioner())
@@ -297,6 +315,8 @@ def test_bad_queries_and_inputs_are_refused(problem, exact_store, tmp_path):
     bare = GradientIndex.build(inf, tmp_path / "bare", GaussianProjector(k=8), fisher=False)
     with pytest.raises(ConfigError, match=r"built with fisher=False.*NoPreconditioner"):
         bare.top_k(test, 3)
+    with pytest.raises(ConfigError, match=r"fisher must be 'layers', 'full', True or False, got 'diag'"):
+        GradientIndex.build(inf, tmp_path / "bad", GaussianProjector(k=8), fisher="diag")
     with pytest.raises(ConfigError, match=r"no projected-space form"):
         bare.self_influence(preconditioner=EstimatorPreconditioner())
     x, y = inf.train.tree

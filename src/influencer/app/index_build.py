@@ -138,7 +138,7 @@ def _build(
                 index_path(store.root),
                 projector,
                 chunk=config.chunk,
-                fisher=True,  # every query may choose the projected Fisher
+                fisher="layers",  # what every query's projected Fisher uses
                 overwrite=config.overwrite,
                 progress=config.progress,
             )

@@ -110,6 +110,12 @@ class ProjectedFisher(Preconditioner):
         """
         key = (self.name, self.damping, self.relative_damping, self.blocks)
         if key not in index.cache:
+            if self.blocks == "full" and index.fisher_kind == "layers" and len(index.projection.blocks) > 1:
+                raise ConfigError(
+                    "this index holds only the per-layer blocks of the projected Fisher (built with "
+                    "fisher='layers'); query with ProjectedFisher(blocks='layers'), or rebuild it with "
+                    "fisher='full' for blocks='full'"
+                )
             f = index.fisher()
             f = 0.5 * (f + f.T)
             blocks = index.projection.blocks if self.blocks == "layers" else [("all", 0, index.k)]

@@ -5,7 +5,7 @@
     <dir>/manifest.json            # header (fingerprint, projector, n, k, chunk) + status + file list
     <dir>/chunks/000012.npy        # projected training gradients of ids [12 c, 13 c), (rows, k)
     <dir>/chunks/000012.json       # written after its .npy: this chunk is complete (rows, sha256)
-    <dir>/fisher.npy               # (k, k) float64: (1/n) sum_i Pg_i Pg_i^T (if built with fisher=True)
+    <dir>/fisher.npy               # (k, k) float64: (1/n) sum_i Pg_i Pg_i^T (its layers' blocks, or all)
     <dir>/regularizer.npy          # (k,) float64: P grad Omega(theta), shared by every g_i
 
 A build first writes the manifest with ``"status": "building"`` and its header, then the chunks
