@@ -25,9 +25,9 @@ epochs of each run (``AdamRetrainer.trajectory``), and ``damping chosen`` picks 
 LDS on separate tuning subsets (``influencer.uses.validation.choose_damping``), never on the subsets
 it is scored on.
 The ``index`` rows score with the projected gradient store (``influencer.index``: per-example
-gradients projected to k dimensions, Kronecker per layer or dense Gaussian), preconditioned by the
-store's projected Fisher or by our EK-FAC before projection: how much LDS the store gives up
-against exact-gradient EK-FAC.
+gradients projected to k dimensions, Kronecker per layer in a PCA or a random basis, or dense
+Gaussian), preconditioned by the store's projected Fisher or by our EK-FAC before projection: how
+much LDS the store gives up against exact-gradient EK-FAC.
 
 Every refit is cached on disk (``--cache``, keyed by everything it depends on), so an interrupted run
 resumes and a second run retrains nothing. Run inside the benchmark environment::
@@ -90,10 +90,15 @@ from influencer.uses.validation import (
 
 METHODS = ("exact", "cg", "lissa", "arnoldi", "kfac", "ekfac", "ekfac-emp", "identity", "index")
 # Ours only: the projected gradient store (``influencer.index``), built once, queried per test set.
+# "kron AxB" is the default PCA basis, "kron AxB random" the random one.
 INDEX_VARIANTS = (
     ("kron 8x8", "fisher"),
     ("kron 16x16", "fisher"),
+    ("kron 24x24", "fisher"),
     ("kron 32x32", "fisher"),
+    ("kron 16x16 random", "fisher"),
+    ("kron 24x24 random", "fisher"),
+    ("kron 32x32 random", "fisher"),
     ("kron 16x16", "ekfac"),
     ("gauss 512", "fisher"),
 )
@@ -411,10 +416,10 @@ def index_rows(rows: list[dict], world: World, resolved: Resolved, theta: Tensor
     ekfac = ours_influence("ekfac", world, resolved, "hessian", theta)
     fitted = None
     for name, label in INDEX_VARIANTS:
-        kind, size = name.split(" ")
+        kind, size, *basis = name.split(" ")
         if kind == "kron":
             a, b = (int(v) for v in size.split("x"))
-            projector = KroneckerProjector(k_in=a, k_out=b)
+            projector = KroneckerProjector(k_in=a, k_out=b, basis=basis[0] if basis else "pca")
         else:
             projector = GaussianProjector(k=int(size))
         with tempfile.TemporaryDirectory() as folder:

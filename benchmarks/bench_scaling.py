@@ -196,8 +196,9 @@ def _lissa(cell: Cell):
 def projected_store(k_in: int, k_out: int) -> Method:
     """The gradient index: build the projected store once (fit), then a streaming top-10 query.
 
-    Kronecker (LoGra) projection ``k_in x k_out`` per layer, the projected Fisher (block-diagonal
-    per layer, damped relative to its scale); the store lives in a temporary directory.
+    Kronecker (LoGra) projection ``k_in x k_out`` per layer in its default PCA basis (fitted on 4,096
+    training examples, part of ``fit``), the projected Fisher (block-diagonal per layer, damped
+    relative to its scale); the store lives in a temporary directory.
     """
 
     def run(cell: Cell, stage: Stage) -> None:
@@ -226,6 +227,7 @@ METHODS: dict[str, Method] = {
     "cg": influence_method(_cg),
     "lissa": influence_method(_lissa),
     "index-kron16": projected_store(16, 16),
+    "index-kron24": projected_store(24, 24),
     "index-kron32": projected_store(32, 32),
 }
 

@@ -237,6 +237,8 @@ def test_a_store_of_another_model_or_settings_is_refused_in_one_line(store, tmp_
         (["index", "--preconditioner", "none", "--damping", "0.1"], "takes no --damping"),
         (["index", "--damping", "-1"], "damping must be >= 0"),
         (["index", "--projector", "pca"], "'pca' is not one of"),
+        (["index", "--projector", "gaussian", "--basis", "random"], "is random and takes no --basis"),
+        (["index", "--basis", "svd"], "'svd' is not one of"),
         (["query"], "--store DIR is required"),
         (["query", "--store", "{tmp}/nothing"], "does not exist: build it with influencer index"),
         (["query", "--store", "{store}", "--test", "1,x"], "expected 'all' or comma-separated test ids"),
@@ -262,3 +264,14 @@ def test_bad_flags_are_one_line_errors(store, tmp_path, args, message):
         args += ["--out", str(tmp_path / "run")]
     line = _error_line(_invoke(*args, "--quiet"))
     assert message in line, line
+
+
+def test_index_records_the_kronecker_basis(jobs, tmp_path):
+    """The Kronecker store is PCA-based unless --basis random; the manifest says which."""
+    for basis in ("pca", "random"):
+        flags = [] if basis == "pca" else ["--basis", "random"]
+        out = tmp_path / basis
+        _ok(_invoke("index", "--task", f"{MODULE}:build", "--out", out, *BUILD, *flags, "--quiet"))
+        manifest = json.loads((out / "index" / "manifest.json").read_text())
+        assert manifest["header"]["projector"]["basis"] == basis
+        assert (out / "index" / "basis.npy").exists() == (basis == "pca")

@@ -249,6 +249,16 @@ def test_interrupted_build_resumes_to_the_same_bytes(problem, tmp_path):
     assert redone == [2]
     assert files_of(tmp_path / "whole") == files_of(tmp_path / "resumed")
     GradientIndex.open(tmp_path / "resumed", inf, verify=True)
+    # the PCA basis is stored: a damaged one is refused on open, and build re-estimates it and
+    # recomputes every chunk (they were projected with the lost basis)
+    assert projector.basis == "pca" and (tmp_path / "resumed" / "basis.npy").exists()
+    (tmp_path / "resumed" / "basis.npy").write_bytes(b"garbage")
+    with pytest.raises(IndexStoreError, match=r"projection basis .* \(basis\.npy\) is missing or damaged"):
+        GradientIndex.open(tmp_path / "resumed", inf)
+    rebuilt = []
+    GradientIndex.build(inf, tmp_path / "resumed", projector, chunk=40, on_chunk=rebuilt.append)
+    assert rebuilt == list(range(8))
+    assert files_of(tmp_path / "whole") == files_of(tmp_path / "resumed")
 
 
 def test_changed_inputs_are_refused_with_what_changed(problem, tmp_path):

@@ -71,7 +71,7 @@ def test_kronecker_projection_equals_dense_kron_of_explicit_gradients(case):
     y = torch.randint(0, 3, (11,))
     inf = Influence(model, ClassificationTask(weight_decay=1e-2), (x, y), params=params)
     fn = inf.fn
-    projection = KroneckerProjector(k_in=4, k_out=3, seed=5, dtype="float64").bind(fn)
+    projection = KroneckerProjector(k_in=4, k_out=3, seed=5, basis="random", dtype="float64").bind(fn)
     dense = kron_matrix(projection)
     batch = fn.prepare((x, y))
     for kind, explicit in (
@@ -110,7 +110,7 @@ def test_projected_inner_products_are_unbiased(kind):
 
     def project(seed: int, g: torch.Tensor) -> torch.Tensor:
         if kind == "kronecker":
-            projector = KroneckerProjector(k_in=4, k_out=3, seed=seed, dtype="float64")
+            projector = KroneckerProjector(k_in=4, k_out=3, seed=seed, basis="random", dtype="float64")
         else:
             cls = GaussianProjector if kind == "gaussian" else RademacherProjector
             projector = cls(k=k, seed=seed, dtype="float64")
@@ -157,7 +157,8 @@ def test_projector_settings_round_trip_and_identity():
     for projector in (
         GaussianProjector(k=7, seed=2),
         RademacherProjector(k=3, dtype="float16"),
-        KroneckerProjector(k_in=5, k_out=2, distribution="rademacher"),
+        KroneckerProjector(k_in=5, k_out=2, distribution="rademacher", basis="random"),
+        KroneckerProjector(k_in=5, k_out=2, pca_examples=100),
         IdentityProjector(dtype="float64"),
     ):
         assert projector_from_settings(projector.settings()) == projector
@@ -177,6 +178,8 @@ def test_projector_settings_round_trip_and_identity():
         (lambda: RademacherProjector(k=-3), r"k must be a positive integer"),
         (lambda: KroneckerProjector(k_in=0), r"k_in must be a positive integer"),
         (lambda: KroneckerProjector(distribution="uniform"), r"'gaussian' or 'rademacher'"),
+        (lambda: KroneckerProjector(basis="svd"), r"basis must be 'random' or 'pca', got 'svd'"),
+        (lambda: KroneckerProjector(pca_examples=0), r"pca_examples must be a positive integer"),
         (lambda: GaussianProjector(dtype="bfloat16"), r"dtype must be one of"),
         (lambda: projector_from_settings({"kind": "sketchy"}), r"unknown projector kind 'sketchy'"),
     ],
@@ -213,3 +216,43 @@ def test_projector_errors_against_the_model():
         ConfigError, match=r"KroneckerProjector: .*emb.weight.*GaussianProjector works for any"
     ):
         KroneckerProjector().bind(inf.fn)
+
+
+def test_pca_basis_is_the_top_eigenvectors_of_the_kfac_factors():
+    """basis='pca': each layer's P_in / P_out rows span the leading eigenvectors of the empirical
+    K-FAC factors A and S (computed here by the K-FAC estimator's own sweep), orthonormal, and the
+    projected gradients equal (P_out ⊗ P_in) of the explicit gradients."""
+    from influencer import KFAC
+
+    torch.manual_seed(0)
+    model = MLP(8, (7,), 4).double()
+    x, y = torch.randn(60, 8, dtype=F64), torch.randint(0, 4, (60,))
+    inf = Influence(model, ClassificationTask(weight_decay=1e-2), (x, y), batch_size=16)
+    projection = KroneckerProjector(k_in=3, k_out=2, dtype="float64").bind(inf.fn)
+    with pytest.raises(ConfigError, match=r"basis='pca'\) has no basis yet.*basis='random'"):
+        projection.project(torch.zeros(1, inf.p, dtype=F64))
+    projection.fit(inf)
+    kfac = inf.replace(estimator=KFAC(fisher="empirical", damping=1e-3)).fit()
+    for (p_out, p_in), (a, s) in zip(projection.factors, kfac.solver.factors, strict=True):
+        for basis, factor in ((p_in, a), (p_out, s)):
+            k = basis.shape[0]
+            values, vectors = torch.linalg.eigh(factor)
+            assert float(values[-k] - values[-k - 1]) > 1e-3 * float(values[-1])  # a clear gap at k
+            top = vectors[:, -k:]
+            torch.testing.assert_close(basis @ basis.T, torch.eye(k, dtype=F64), rtol=0, atol=1e-12)
+            torch.testing.assert_close(basis.T @ basis, top @ top.T, rtol=0, atol=1e-9)
+            assert bool((basis.gather(1, basis.abs().argmax(1, keepdim=True)) > 0).all())  # signs fixed
+    explicit = inf.fn.loss_grads(inf.theta, inf.fn.prepare((x[:5], y[:5])))
+    got = projection.gradients(inf.fn, inf.theta, inf.fn.prepare((x[:5], y[:5])), "loss")
+    torch.testing.assert_close(got, explicit @ kron_matrix(projection).T, rtol=1e-10, atol=1e-12)
+    # a basis restored from its stored state is the same; a subset of examples gives another one
+    again = KroneckerProjector(k_in=3, k_out=2, dtype="float64").bind(inf.fn)
+    again.load_state(projection.state())
+    assert torch.equal(again.state(), projection.state())
+    assert [tuple(f.shape) for pair in again.factors for f in pair] == [(2, 7), (3, 9), (2, 4), (3, 8)]
+    subset = KroneckerProjector(k_in=3, k_out=2, pca_examples=20, dtype="float64").bind(inf.fn)
+    subset.fit(inf)
+    twice = KroneckerProjector(k_in=3, k_out=2, pca_examples=20, dtype="float64").bind(inf.fn)
+    twice.fit(inf)
+    assert torch.equal(subset.state(), twice.state())
+    assert not torch.allclose(subset.state(), projection.state())

@@ -260,9 +260,12 @@ def choose_projector(config: IndexConfig, inf: Influence) -> tuple[Projector, st
                 f"({not_layers}): use --projector gaussian (any parameters), or --params naming such layers"
             )
         k_in, k_out = config.k_in or DEFAULT_K_IN, config.k_out or DEFAULT_K_OUT
-        projector: Projector = KroneckerProjector(k_in=k_in, k_out=k_out, seed=config.seed, dtype=dtype)
+        basis = config.basis or "pca"
+        projector: Projector = KroneckerProjector(
+            k_in=k_in, k_out=k_out, seed=config.seed, basis=basis, dtype=dtype
+        )
         k = projector.bind(inf.fn).k
-        return projector, f"kronecker {k_out}x{k_in} per layer, k = {k} of p = {p} ({reason})"
+        return projector, f"kronecker {k_out}x{k_in} per layer ({basis} basis), k = {k} of p = {p} ({reason})"
     k = config.k
     if k is None:
         k = min(DEFAULT_K, p)

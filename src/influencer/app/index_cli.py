@@ -27,7 +27,7 @@ try:
 except ModuleNotFoundError:  # pragma: no cover - the app extra is not installed
     raise MissingExtraError(missing_message(["click"], "the influencer command line", "app")) from None
 from influencer.app.config import DTYPES, PRECONDITIONERS, read_toml
-from influencer.app.index_config import PROJECTORS, IndexConfig, QueryConfig
+from influencer.app.index_config import BASES, PROJECTORS, IndexConfig, QueryConfig
 
 __all__ = ["add_commands", "explain_store_flags", "refuse_with_store"]
 
@@ -138,6 +138,12 @@ _DEVICE = click.option("--device", help="cpu, cuda or cuda:N.  [default: cpu]")
 @click.option("--k-out", type=int, help="Kronecker: projected output dimension per layer.  [default: 32]")
 @click.option(
     "--k", "--dim", "k", type=int, help="Gaussian, Rademacher: projected dimension.  [default: 1024]"
+)
+@click.option(
+    "--basis",
+    type=click.Choice(BASES),
+    help="Kronecker: pca (top eigenvectors of each layer's K-FAC factors, fitted once to the training "
+    "data; better scores at the same k) or random.  [default: pca]",
 )
 @click.option("--seed", type=int, help="Seed of the random projection.  [default: 0]")
 @click.option(

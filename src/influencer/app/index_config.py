@@ -20,6 +20,7 @@ from influencer._kernel.errors import ConfigError
 from influencer.app.config import PRECONDITIONERS, ExplainConfig, _check_types, _did_you_mean
 
 PROJECTORS = ("kronecker", "gaussian", "rademacher", "identity")
+BASES = ("pca", "random")  # of a Kronecker projection
 DEFAULT_K_IN = 32  # Kronecker: projected input dimension per layer
 DEFAULT_K_OUT = 32  # Kronecker: projected output dimension per layer
 DEFAULT_K = 1024  # Gaussian / Rademacher: projected dimension
@@ -117,7 +118,8 @@ class IndexConfig:
     k_in: int | None = None  # Kronecker (default 32)
     k_out: int | None = None  # Kronecker (default 32)
     k: int | None = None  # Gaussian, Rademacher (default 1024)
-    seed: int = 0  # of the random projection
+    basis: str | None = None  # Kronecker: "pca" (default; fitted to the training data) or "random"
+    seed: int = 0  # of the random projection (PCA basis: of the examples it is estimated on)
     chunk: int = 4096  # training examples per stored file (the unit of resumption)
     # How queries precondition by default (recorded in the store; a query may choose another):
     # "fisher" (the projected Fisher, stored with the gradients), "ekfac" or "none".
@@ -148,6 +150,16 @@ class IndexConfig:
                 f"--k-in and --k-out set a Kronecker projection; the {self.projector} projector takes --k"
                 if self.projector != "identity"
                 else "the identity projector stores exact gradients: it takes no --k-in, --k-out or --k"
+            )
+        if self.basis is not None and self.basis not in BASES:
+            raise ConfigError(
+                f"unknown basis {self.basis!r}; choose one of {', '.join(BASES)}"
+                + _did_you_mean(self.basis, BASES)
+            )
+        if self.basis is not None and (self.k is not None or self.projector not in (None, "kronecker")):
+            raise ConfigError(
+                "--basis chooses the Kronecker projection's basis; a dense projection (--k, or "
+                f"--projector {self.projector or 'gaussian'}) is random and takes no --basis"
             )
         if self.k is not None and self.projector in ("kronecker", "identity"):
             raise ConfigError(

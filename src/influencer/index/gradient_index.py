@@ -49,7 +49,7 @@ from influencer.index.preconditioners import Preconditioner, ProjectedFisher
 from influencer.index.projectors import GaussianProjector, Projection, Projector
 from influencer.index.registry import projector_from_settings
 from influencer.index.results import QueryResult
-from influencer.index.store import FORMAT, VERSION, IndexStoreError, StoreLayout, mismatch
+from influencer.index.store import FORMAT, VERSION, IndexStoreError, StoreLayout, load_basis, mismatch
 from influencer.index.topk import RunningTopK, concat_rows, merge_ranked
 from influencer.influence import Influence
 
@@ -203,6 +203,15 @@ class GradientIndex:
                     "pass overwrite=True (CLI: --overwrite) to rebuild it, or choose another directory"
                 )
             old = None
+        fresh_basis = False
+        if projection.needs_fit:
+            stored = load_basis(layout, old.get("basis")) if old is not None else None
+            if stored is None:
+                old = None  # chunks projected with another (or a lost) basis are not reused
+                projection.fit(influence)
+                fresh_basis = True
+            else:
+                projection.load_state(torch.from_numpy(stored))
         known = {}
         if old is not None:
             for record in old.get("chunks", []):
@@ -225,10 +234,18 @@ class GradientIndex:
             "header": header,
             "chunks": [known[j] for j in sorted(known)],
         }
+        if projection.needs_fit:
+            building["basis"] = old["basis"] if old is not None else None
         if rank == 0:
             if old is None:
                 layout.clear()
                 layout.check_writable()
+            if fresh_basis:
+                state = projection.state().numpy()
+                building["basis"] = {
+                    "file": layout.basis_path.name,
+                    "sha256": atomic_save_array(layout.basis_path, state),
+                }
             layout.write_manifest(building)
         barrier()
 
@@ -358,6 +375,14 @@ class GradientIndex:
                 f"({mismatch(header['projector'], given)}); pass that projector or rebuild the index"
             )
         projection = projector.bind(influence.fn)
+        if projection.needs_fit:
+            stored = load_basis(layout, manifest.get("basis"))
+            if stored is None:
+                raise IndexStoreError(
+                    f"the projection basis of the index in {layout.root} (basis.npy) is missing or damaged; "
+                    "rebuild it with GradientIndex.build(influence, path, overwrite=True)"
+                )
+            projection.load_state(torch.from_numpy(stored))
         index = cls(influence, layout, manifest, projection)
         if len(manifest.get("chunks", [])) != index.num_chunks:
             raise IndexStoreError(

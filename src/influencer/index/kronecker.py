@@ -13,9 +13,23 @@ backward pass only needs the gradients of the layers' outputs, not of their weig
 projections are concatenated in the order of :func:`~influencer.estimators.kronecker.find_layers`,
 ``k = sum_l k_out,l k_in,l``.
 
-``P_out`` ``(k_out, d_out)`` and ``P_in`` ``(k_in, d_in)`` have i.i.d. entries of variance
-``1/k_out`` and ``1/k_in``, drawn from seeds derived from ``seed`` and the layer's name, so
-``E[(P_out ⊗ P_in)^T (P_out ⊗ P_in)] = I`` and projected inner products are unbiased.
+Two bases:
+
+* ``basis="random"``: ``P_out`` ``(k_out, d_out)`` and ``P_in`` ``(k_in, d_in)`` have
+  i.i.d. entries of variance ``1/k_out`` and ``1/k_in``, drawn from seeds derived from ``seed`` and
+  the layer's name, so ``E[(P_out ⊗ P_in)^T (P_out ⊗ P_in)] = I`` and projected inner products are
+  unbiased. Nothing is estimated from data.
+* ``basis="pca"`` (default; LoGra's PCA initialisation): the rows of ``P_in`` and ``P_out`` are the top
+  ``k_in`` / ``k_out`` eigenvectors of the layer's K-FAC factors ``A = E[a a^T]`` and ``S = E[g
+  g^T]`` (empirical: output gradients of the training loss), estimated on ``pca_examples`` training
+  examples drawn with ``seed``. ``P_out ⊗ P_in`` then keeps the directions that carry most of the
+  layer's gradient energy (and of its K-FAC curvature), so a preconditioned score loses far less
+  than with a random projection of the same ``k``: on the MNIST-1D MLP of
+  ``benchmarks/bench_lds.py`` the projected-Fisher LDS at ``16 x 16`` rises from 0.49 to 0.54
+  and at ``24 x 24`` from 0.53 to 0.57 (exact-gradient EK-FAC: 0.61). It costs one extra
+  forward/backward pass over ``pca_examples`` examples and one ``d x d`` eigendecomposition per
+  side and layer; inner products are no longer unbiased (directions outside the kept subspace are
+  dropped, not spread). The basis is stored with the index, so opening a store never re-estimates it.
 """
 
 from __future__ import annotations
@@ -29,6 +43,7 @@ from torch import Tensor, nn
 from torch.func import functional_call, grad
 
 from influencer._kernel.data import batch_size_of
+from influencer._kernel.distributed import all_reduce_sum, shard
 from influencer._kernel.errors import ConfigError
 from influencer._kernel.functional import ModelFunction
 from influencer.estimators.kronecker import Layer, _Capture, check_layer_model, find_layers
@@ -50,8 +65,12 @@ class KroneckerProjector(Projector):
         k_in: projected input dimension per layer (capped at the layer's ``d_in``, which counts the
             bias column; a convolution's ``d_in`` is ``channels x kernel area``).
         k_out: projected output dimension per layer (capped at ``d_out``).
-        seed: seed of the random factors.
-        distribution: ``"gaussian"`` or ``"rademacher"`` entries.
+        seed: seed of the random factors (``basis="pca"``: of the examples the basis is estimated on).
+        distribution: ``"gaussian"`` or ``"rademacher"`` entries (``basis="random"``).
+        basis: ``"pca"`` (top eigenvectors of each layer's K-FAC factors, estimated once from the
+            training data: better scores at the same ``k``, see the module docstring) or
+            ``"random"`` (unbiased inner products, data-free).
+        pca_examples: training examples the PCA basis is estimated on (all of them if fewer).
         dtype: storage dtype of the projected gradients.
 
     Every chosen parameter must belong to one of those layers (choose ``params=[...]`` accordingly,
@@ -62,6 +81,8 @@ class KroneckerProjector(Projector):
     k_out: int = 32
     seed: int = 0
     distribution: str = "gaussian"
+    basis: str = "pca"
+    pca_examples: int = 4096
     kind = "kronecker"
 
     def __post_init__(self) -> None:
@@ -75,6 +96,9 @@ class KroneckerProjector(Projector):
                 "KroneckerProjector.distribution must be 'gaussian' or 'rademacher', "
                 f"got {self.distribution!r}"
             )
+        if self.basis not in ("random", "pca"):
+            raise ConfigError(f"KroneckerProjector.basis must be 'random' or 'pca', got {self.basis!r}")
+        _check_k("KroneckerProjector.pca_examples", self.pca_examples)
 
     def bind(self, fn: ModelFunction) -> KroneckerProjection:
         try:
@@ -110,6 +134,9 @@ class KroneckerProjection(Projection):
     def __init__(self, config: KroneckerProjector, fn: ModelFunction, layers: list[Layer]) -> None:
         self.layers = layers
         self.p = fn.p
+        self.config = config
+        self.needs_fit = config.basis == "pca"
+        self._fitted = not self.needs_fit
         self.factors: list[tuple[Tensor, Tensor]] = []
         dims = []
         for layer in layers:
@@ -137,7 +164,16 @@ class KroneckerProjection(Projection):
     def blocks(self) -> list[tuple[str, int, int]]:
         return [(layer.name, self.offsets[i], self.offsets[i + 1]) for i, layer in enumerate(self.layers)]
 
+    def _check_fitted(self) -> None:
+        if not self._fitted:
+            raise ConfigError(
+                "this KroneckerProjector(basis='pca') has no basis yet: it is estimated from the training "
+                "data by GradientIndex.build (or projection.fit(influence)); use basis='random' for a "
+                "data-free projection"
+            )
+
     def project(self, grads: Tensor) -> Tensor:
+        self._check_fitted()
         g = grads.reshape(-1, self.p)
         out = g.new_empty(g.shape[0], self.k)
         for i, (layer, (p_out, p_in)) in enumerate(zip(self.layers, self.factors, strict=True)):
@@ -146,6 +182,19 @@ class KroneckerProjection(Projection):
         return out
 
     def gradients(self, fn: ModelFunction, theta: Tensor, batch: Any, kind: GradientKind) -> Tensor:
+        self._check_fitted()
+        b = batch_size_of(batch)
+        acts, rows, dtype = self._layer_rows(fn, theta, batch, kind)
+        with torch.no_grad():  # the activations carry the forward graph; the projection needs none
+            projected = self._project_rows(acts, rows, b, dtype)
+        if kind == "loss":
+            projected += self._regularizer(fn, theta)
+        return projected
+
+    def _layer_rows(
+        self, fn: ModelFunction, theta: Tensor, batch: Any, kind: GradientKind
+    ) -> tuple[list[list[Tensor]], list[list[Tensor]], torch.dtype]:
+        """Per layer and call: input rows ``(B, T, d_in)`` and output-gradient rows ``(B, T, d_out)``."""
         b = batch_size_of(batch)
         method = fn.task.loss if kind == "loss" else fn.task.measurement
         t = theta.detach().requires_grad_(True)
@@ -175,10 +224,60 @@ class KroneckerProjection(Projection):
                     if g is not None:
                         cap.grads[i][call] = self.layers[i].output_grads(g, b)
                 rows = cap.gradient_rows()
-            projected = self._project_rows(cap.acts, rows, b, values.dtype)
-        if kind == "loss":
-            projected += self._regularizer(fn, theta)
-        return projected
+        return cap.acts, rows, values.dtype
+
+    # ---- the PCA basis --------------------------------------------------------------------------
+
+    def fit(self, influence: Any) -> None:
+        """Top eigenvectors of each layer's ``A`` and ``S`` on ``pca_examples`` training examples.
+
+        The sums are split over ``torch.distributed`` ranks and reduced, so every rank gets the
+        same basis; eigenvector signs are fixed (largest entry positive) so it is reproducible.
+        """
+        if not self.needs_fit:
+            return
+        fn, n = influence.fn, influence.n
+        count = min(self.config.pca_examples, n)
+        gen = torch.Generator().manual_seed(derive_seed(self.config.seed, "pca-examples"))
+        ids = torch.randperm(n, generator=gen)[:count].sort().values
+        if influence.distributed:
+            ids = shard(ids)
+        f64 = dict(dtype=torch.float64, device=fn.device)
+        A = [torch.zeros(layer.d_in, layer.d_in, **f64) for layer in self.layers]
+        S = [torch.zeros(layer.d_out, layer.d_out, **f64) for layer in self.layers]
+        for _, raw in influence.train.chunks(influence.batch_size, ids):
+            acts, rows, _ = self._layer_rows(fn, influence.theta, fn.prepare(raw), "loss")
+            for i in range(len(self.layers)):
+                for a, g in zip(acts[i], rows[i], strict=True):
+                    # each batch's product in the compute dtype (float32 halves the cost), summed in float64
+                    a, g = a.detach().flatten(0, 1), g.flatten(0, 1)
+                    A[i] += (a.T @ a).double()
+                    S[i] += (g.T @ g).double()
+        if influence.distributed:
+            for m in (*A, *S):
+                all_reduce_sum(m)
+        factors = []
+        for (p_out, p_in), a, s_ in zip(self.factors, A, S, strict=True):
+            # in the compute dtype: only the leading subspace is kept, and float32 halves eigh's time
+            a, s_ = a.to(fn.dtype), s_.to(fn.dtype)
+            factors.append((_top_eigenvectors(s_, p_out.shape[0]), _top_eigenvectors(a, p_in.shape[0])))
+        self._set_factors(factors)
+
+    def state(self) -> Tensor:
+        return torch.cat([f.reshape(-1).to(torch.float64).cpu() for pair in self.factors for f in pair])
+
+    def load_state(self, state: Tensor) -> None:
+        sizes = [f.numel() for pair in self.factors for f in pair]
+        if state.dim() != 1 or state.numel() != sum(sizes):
+            raise ValueError(f"a stored Kronecker basis of {state.numel()} values, expected {sum(sizes)}")
+        parts = iter(torch.split(state, sizes))
+        self._set_factors([(next(parts).view_as(o), next(parts).view_as(i)) for o, i in self.factors])
+
+    def _set_factors(self, factors: list[tuple[Tensor, Tensor]]) -> None:
+        dtype, device = self.factors[0][0].dtype, self.factors[0][0].device
+        self.factors = [(o.to(device, dtype), i.to(device, dtype)) for o, i in factors]
+        self._reg = None  # projected with the old basis
+        self._fitted = True
 
     def _project_rows(self, acts: list[list[Tensor]], rows: list[list[Tensor]], b: int, dtype) -> Tensor:
         out = torch.empty(b, self.k, dtype=dtype, device=self.factors[0][0].device)
@@ -198,3 +297,12 @@ class KroneckerProjection(Projection):
         if self._reg is None or self._reg[0] is not theta:
             self._reg = (theta, self.project(grad(fn.regularizer)(theta.detach())[None])[0])
         return self._reg[1]
+
+
+def _top_eigenvectors(m: Tensor, k: int) -> Tensor:
+    """The ``k`` leading eigenvectors of a symmetric PSD ``m`` as rows ``(k, d)``, signs fixed."""
+    _, vectors = torch.linalg.eigh(0.5 * (m + m.T))
+    top = vectors[:, -k:].flip(1).T  # descending eigenvalues
+    # the sign of an eigenvector is arbitrary: make each row's largest-magnitude entry positive
+    pivot = top.gather(1, top.abs().argmax(1, keepdim=True))
+    return top * torch.where(pivot < 0, -1.0, 1.0).to(top)

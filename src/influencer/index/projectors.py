@@ -75,6 +75,22 @@ class Projection(ABC):
     def project(self, grads: Tensor) -> Tensor:
         """Projected rows ``(B, k)`` of per-example gradients ``grads`` ``(B, p)``."""
 
+    # A data-dependent projection (e.g. a PCA basis) estimates itself from the training data once,
+    # and the store keeps the result (``state``), so opening a store never re-estimates it.
+    needs_fit: bool = False
+
+    def fit(self, influence: Any) -> None:
+        """Estimate a data-dependent basis from ``influence``'s training data (default: nothing)."""
+        return None
+
+    def state(self) -> Tensor:
+        """The fitted basis as one float64 vector, to store (only when :attr:`needs_fit`)."""
+        raise NotImplementedError(f"{type(self).__name__} has no fitted state")
+
+    def load_state(self, state: Tensor) -> None:
+        """Restore the basis from :meth:`state`'s vector."""
+        raise NotImplementedError(f"{type(self).__name__} has no fitted state")
+
     @property
     def blocks(self) -> list[tuple[str, int, int]]:
         """``(name, start, stop)`` column ranges of the projected space, one per layer when the

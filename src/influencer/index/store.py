@@ -7,6 +7,7 @@
     <dir>/chunks/000012.json       # written after its .npy: this chunk is complete (rows, sha256)
     <dir>/fisher.npy               # (k, k) float64: (1/n) sum_i Pg_i Pg_i^T (its layers' blocks, or all)
     <dir>/regularizer.npy          # (k,) float64: P grad Omega(theta), shared by every g_i
+    <dir>/basis.npy                # a data-dependent projection's fitted basis (e.g. PCA), if any
 
 A build first writes the manifest with ``"status": "building"`` and its header, then the chunks
 (each ``.npy`` renamed into place, then its record), then commits: the chunk records move into the
@@ -27,7 +28,13 @@ from typing import Any
 import numpy as np
 
 from influencer._kernel.errors import InfluencerError
-from influencer._kernel.files import atomic_save_array, atomic_write_json, describe_changes, read_json
+from influencer._kernel.files import (
+    atomic_save_array,
+    atomic_write_json,
+    describe_changes,
+    file_sha256,
+    read_json,
+)
 
 FORMAT = "influencer-gradient-index"
 VERSION = 1
@@ -57,6 +64,10 @@ class StoreLayout:
     @property
     def fisher_path(self) -> Path:
         return self.root / "fisher.npy"
+
+    @property
+    def basis_path(self) -> Path:
+        return self.root / "basis.npy"
 
     @property
     def regularizer_path(self) -> Path:
@@ -125,7 +136,7 @@ class StoreLayout:
     def clear(self) -> None:
         """Delete everything a previous build wrote (before rebuilding with other inputs)."""
         shutil.rmtree(self.root / "chunks", ignore_errors=True)
-        for path in (self.manifest_path, self.fisher_path, self.regularizer_path):
+        for path in (self.manifest_path, self.fisher_path, self.regularizer_path, self.basis_path):
             with contextlib.suppress(FileNotFoundError):
                 path.unlink()
 
@@ -178,3 +189,12 @@ class StoreLayout:
 def mismatch(old: dict[str, Any], new: dict[str, Any]) -> str:
     """What changed between two store headers, for error messages."""
     return describe_changes(old, new) or "the format changed"
+
+
+def load_basis(layout: StoreLayout, record: dict[str, Any] | None) -> np.ndarray | None:
+    """The stored basis of a data-dependent projection if it is there and its sha256 matches."""
+    if not isinstance(record, dict) or not layout.basis_path.exists():
+        return None
+    if file_sha256(layout.basis_path) != record.get("sha256"):
+        return None
+    return np.load(layout.basis_path, allow_pickle=False)
