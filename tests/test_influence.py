@@ -9,6 +9,7 @@ from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 from influencer import CG, ClassificationTask, Exact, Influence, LiSSA, RegressionTask, top_k
 from influencer._kernel.stats import pearson
+from influencer.errors import ConfigError
 from influencer.testing import dense_reference_scores, ridge_reference
 
 
@@ -105,10 +106,25 @@ def test_scores_do_not_depend_on_batch_sizes(digits_small, logistic_small):
         )
         .fit()
         .scores(test)
-        for b, h, s in [(300, 300, 4), (7, 50, 1), (64, 1000, 3)]
+        for b, h, s in [(300, 300, 4), (7, 50, 1), (64, 1000, 3), (None, 512, 256)]
     ]
     for r in runs[1:]:
         torch.testing.assert_close(r, runs[0], rtol=1e-9, atol=1e-13)
+
+
+def test_default_batch_size_fills_a_gradient_block(digits_small, logistic_small):
+    """Default chunks hold ~256 MiB of (B, p) gradients, 128 to 4,096 examples: a small model's
+    training set goes through in one chunk, a large one keeps the old 128."""
+    from influencer.influence import GRADIENT_BLOCK_BYTES, default_batch_size
+
+    model, task = logistic_small
+    inf = Influence(model, task, digits_small.train)
+    assert inf.batch_size == default_batch_size(inf.p, inf.fn.dtype) == 4096  # p = 650
+    assert default_batch_size(10**6, torch.float32) == 128
+    assert default_batch_size(10**5, torch.float64) == GRADIENT_BLOCK_BYTES // (8 * 10**5) == 335
+    assert Influence(model, task, digits_small.train, batch_size=5).batch_size == 5
+    with pytest.raises(ConfigError, match="batch_size, hessian_batch_size and solve_batch must be >= 1"):
+        Influence(model, task, digits_small.train, batch_size=0)
 
 
 def test_every_data_form_gives_the_same_scores(digits_small, logistic_small):

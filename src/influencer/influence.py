@@ -43,6 +43,16 @@ from influencer.estimators.layer_scores import LayerScorer
 _KEEP: Any = object()  # replace(): keep this setting as it is
 
 
+# Per-example gradients are computed in (B, p) blocks of about this size by default.
+GRADIENT_BLOCK_BYTES = 256 * 2**20
+
+
+def default_batch_size(p: int, dtype: torch.dtype) -> int:
+    """Examples per gradient chunk: a ``GRADIENT_BLOCK_BYTES`` block of ``(B, p)``, 128 to 4,096."""
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    return int(min(4096, max(128, GRADIENT_BLOCK_BYTES // max(p * itemsize, 1))))
+
+
 class Influence:
     """Influence functions for ``model`` trained with ``task`` on ``train``.
 
@@ -63,7 +73,9 @@ class Influence:
             (forward-over-reverse, for models whose operations lack double-backward formulas).
         hessian_indices: training ids the curvature is estimated on (default: all); see
             :mod:`influencer.samplers` for representative subsets.
-        batch_size: examples per chunk for per-example gradients.
+        batch_size: examples per chunk for per-example gradients (default: as many as fill a
+            256 MiB block of ``(B, p)`` gradients, between 128 and 4,096: the whole training set of
+            a small model in a few chunks, where per-chunk overhead would otherwise dominate).
         hessian_batch_size: examples per chunk for Hessian-vector products.
         solve_batch: right-hand sides per inverse-HVP call (bounds memory for many test points).
         device: where to compute (``"cpu"``, ``"cuda"``, ...); default the model's device.
@@ -84,7 +96,7 @@ class Influence:
         hvp: HVPMode = "reverse",
         params: Sequence[str] | str | None = None,
         hessian_indices: Sequence[int] | Tensor | None = None,
-        batch_size: int = 128,
+        batch_size: int | None = None,
         hessian_batch_size: int = 512,
         solve_batch: int = 256,
         device: torch.device | str | None = None,
@@ -92,7 +104,7 @@ class Influence:
         progress: bool = False,
         distributed: bool = False,
     ) -> None:
-        if min(batch_size, hessian_batch_size, solve_batch) < 1:
+        if min(128 if batch_size is None else batch_size, hessian_batch_size, solve_batch) < 1:
             raise ConfigError("batch_size, hessian_batch_size and solve_batch must be >= 1")
         if not isinstance(task, Task):
             raise ConfigError(f"task must be an influencer.Task, got {type(task).__name__}")
@@ -101,7 +113,7 @@ class Influence:
             params = (estimator if estimator is not None else CG()).supported_parameters(model)
         self.fn = ModelFunction(model, task, params, device, dtype)
         self._setup(self.fn, self.fn.theta0, as_examples(train), estimator, curvature, hessian_indices)
-        self.batch_size = batch_size
+        self.batch_size = default_batch_size(self.fn.p, self.fn.dtype) if batch_size is None else batch_size
         self.hessian_batch_size = hessian_batch_size
         self.solve_batch = solve_batch
         self.progress = progress
