@@ -37,6 +37,7 @@ import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
@@ -62,6 +63,7 @@ NOTES = {
     ("influencer", "ekfac"): "exact expectation over labels",
     ("influencer", "kfac"): "exact expectation over labels",
     ("bergson", "identity-proj"): "two-sided Rademacher, k x k per layer",
+    ("influencer", "identity-proj"): "store on disk: Rademacher k x k per layer",
     ("dattri", "identity-proj"): "its random projector, same width",
 }
 
@@ -228,6 +230,8 @@ class Ours:
     def run(self, method: str, problem: Problem, r: Resolved) -> Run:
         from influencer import Influence
 
+        if method == "identity-proj":
+            return self.projected_store(problem, r)
         st = Stages(problem.device)
         estimator = self.estimator(method, r)
         with st("fit"):
@@ -235,6 +239,27 @@ class Ours:
         with st("score"):
             out = inf.scores(problem.test)
         self.last_info = dict(inf.solver.info)
+        return st.result(out)
+
+    def projected_store(self, problem: Problem, r: Resolved) -> Run:
+        """``identity-proj``: the gradient store (``influencer.index``) with bergson's projection:
+        Rademacher ``k x k`` per layer (random basis), no preconditioner. Fit = building the store on
+        disk (a temporary directory), score = projected test gradients and their dot products."""
+        from influencer import Identity, Influence
+        from influencer.index import GradientIndex, KroneckerProjector, NoPreconditioner
+
+        k = r.settings.projection_dim
+        dtype = str(next(problem.model.parameters()).dtype).removeprefix("torch.")
+        projector = KroneckerProjector(
+            k_in=k, k_out=k, basis="random", distribution="rademacher", dtype=dtype
+        )
+        st = Stages(problem.device)
+        with tempfile.TemporaryDirectory() as folder:
+            with st("fit"):
+                inf = Influence(problem.fresh_model(), problem.task, problem.train, estimator=Identity())
+                index = GradientIndex.build(inf, Path(folder) / "index", projector, fisher=False)
+            with st("score"):
+                out = index.scores(problem.test, preconditioner=NoPreconditioner())
         return st.result(out)
 
 
