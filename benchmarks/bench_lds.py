@@ -218,7 +218,8 @@ def single(problem: Problem) -> Problem:
 
 
 def ours_influence(method: str, world: World, resolved: Resolved, curvature: str, theta: Tensor) -> Influence:
-    estimator = Ours().estimator(method, resolved)
+    # Plain CG here: its iteration count is what dattri (no tolerance) runs to match it.
+    estimator = Ours().estimator(method, resolved, block=False)
     kind = curvature if method in CURVATURE_METHODS else "hessian"  # K-FAC & co. build their own
     return world.reference.replace(estimator=estimator, curvature=kind, theta=theta)
 

@@ -105,7 +105,7 @@ class Resolved:
 
     settings: Settings
     lissa_scale: float  # the same explicit LiSSA scale for all
-    cg_iterations: int  # ours' CG iteration count, for peers without a tolerance (dattri)
+    cg_iterations: int  # plain CG's iteration count, for peers without a tolerance (dattri)
 
 
 @dataclasses.dataclass
@@ -193,14 +193,16 @@ class Ours:
     def __init__(self) -> None:
         self.last_info: dict[str, Any] = {}
 
-    def estimator(self, method: str, r: Resolved):
-        from influencer import CG, EKFAC, KFAC, Arnoldi, Exact, Identity, LiSSA
+    def estimator(self, method: str, r: Resolved, block: bool = True):
+        """Our estimator for ``method``; ``cg`` is block CG (as pyDVL's fastest mode) unless
+        ``block=False``, which gives plain CG (independent columns, dattri's algorithm)."""
+        from influencer import CG, EKFAC, KFAC, Arnoldi, BlockCG, Exact, Identity, LiSSA
 
         s = r.settings
         if method == "exact":
             return Exact(damping=s.damping)
         if method == "cg":
-            return CG(damping=s.damping, tol=s.cg_tol, max_iter=s.cg_max_iter)
+            return (BlockCG if block else CG)(damping=s.damping, tol=s.cg_tol, max_iter=s.cg_max_iter)
         if method == "lissa":
             # A fixed depth, as every peer runs it: its residual is recorded, not refused.
             return LiSSA(
@@ -261,6 +263,16 @@ class Ours:
             with st("score"):
                 out = index.scores(problem.test, preconditioner=NoPreconditioner())
         return st.result(out)
+
+    def plain_cg_iterations(self, problem: Problem, r: Resolved) -> int:
+        """Iterations plain CG needs on ``problem``'s test points at the tolerance (untimed): the
+        fixed count dattri, which has no tolerance, must run to reach the same accuracy."""
+        from influencer import Influence
+
+        estimator = self.estimator("cg", r, block=False)
+        inf = Influence(problem.fresh_model(), problem.task, problem.train, estimator=estimator).fit()
+        inf.test_directions(problem.test)
+        return int(inf.solver.info["iterations"])
 
 
 # ---- captum -------------------------------------------------------------------------------------
@@ -354,7 +366,8 @@ class Dattri:
       batches are *summed*, so that loader must hold the training set in one batch;
     * attribution recomputes the inverse-HVP for every (train batch, test batch) pair, so the
       train loader is one batch too;
-    * its CG ignores ``tol`` (fixed ``max_iter`` iterations): it gets ours' iteration count;
+    * its CG ignores ``tol`` (fixed ``max_iter`` iterations): it gets the count our plain CG needs
+      to reach the tolerance (:meth:`Ours.plain_cg_iterations`);
     * its LiSSA update is ``h = v + (1 - d) h - H h / s``, i.e. ``(H + d s I)^-1``: ``d = damping / s``;
       and its LiSSA casts every data tensor to float32 (``_lissa_collate_fn``), so the loss
       casts inputs back to the model's dtype and labels back to integers;
@@ -486,6 +499,8 @@ class PyDVL:
 
     Fastest documented modes: block CG solving all right-hand sides at once
     (``solve_simultaneously=True``) with the full-data gradient kept (``precompute_grad=True``).
+    Its block CG stops a column at ``||r|| <= rtol^2 ||b||`` (the tolerance is squared but compared
+    with the unsquared norm), so it gets ``rtol = sqrt(cg_tol)`` to stop at our relative residual.
     Its LiSSA stops early once ``max |residual / h| < rtol``: ``rtol=0`` runs the full depth like
     the others; its minibatch is the loader's batch size. Its EK-FAC uses a label-free surrogate of
     the true Fisher (``ekfac`` row) and allocates its factors in torch's default dtype, so it runs
@@ -517,7 +532,8 @@ class PyDVL:
                 model,
                 F.cross_entropy,
                 regularization=reg,
-                rtol=s.cg_tol,
+                # Its block CG stops at ||r|| <= rtol^2 ||b||: sqrt(tol) stops where ours does.
+                rtol=math.sqrt(s.cg_tol),
                 atol=0.0,
                 maxiter=s.cg_max_iter,
                 precompute_grad=True,

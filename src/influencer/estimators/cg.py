@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
 
 from influencer._kernel.curvature import Curvature
-from influencer._kernel.errors import IndefiniteHessianError, NonFiniteError
+from influencer._kernel.errors import ConfigError, IndefiniteHessianError, NonFiniteError
 from influencer.estimators.base import (
     Estimator,
     Solver,
@@ -31,11 +31,18 @@ class CG(Estimator):
     :class:`ConvergenceError`, or only warns with ``on_unconverged="warn"``; ``info`` records
     ``converged`` and the worst relative residual either way. See :class:`BlockCG` for fewer
     iterations with many right-hand sides.
+
+    ``preconditioner``: another estimator (e.g. ``KFAC(damping=...)``) whose solve approximates
+    ``(H + damping I)^-1``; it is fitted on the same curvature and CG then iterates on the
+    preconditioned system (fewer iterations where it captures the curvature's spread). The
+    answer and stopping rule (on the unpreconditioned residual) are unchanged: exact at
+    convergence whatever the preconditioner, as long as it is symmetric positive definite.
     """
 
     tol: float = 1e-8
     max_iter: int = 200
     on_unconverged: str = "raise"
+    preconditioner: Estimator | None = None
     name = "cg"
     block: ClassVar[bool] = False
 
@@ -44,6 +51,27 @@ class CG(Estimator):
         require_positive("CG.tol", self.tol)
         require_positive("CG.max_iter", self.max_iter, integer=True)
         check_on_unconverged("CG.on_unconverged", self.on_unconverged)
+        if self.preconditioner is None:
+            return
+        if not isinstance(self.preconditioner, Estimator):
+            raise ConfigError(
+                f"{type(self).__name__}.preconditioner must be an estimator such as KFAC(damping=...) "
+                f"or None, got {self.preconditioner!r}"
+            )
+        if isinstance(self.preconditioner, CG) or self.preconditioner.name == "lissa":
+            # CG needs the same linear map at every step; an iterative or stochastic solve is not one.
+            raise ConfigError(
+                f"{type(self).__name__}.preconditioner must be a fixed linear solve (KFAC, EKFAC, "
+                f"Arnoldi, Exact), not the iterative {type(self.preconditioner).__name__}"
+            )
+
+    def settings(self) -> dict[str, Any]:
+        out = {"estimator": self.name, **{f.name: getattr(self, f.name) for f in dataclasses.fields(self)}}
+        if self.preconditioner is None:
+            del out["preconditioner"]  # the settings (and cache fingerprints) of unpreconditioned CG
+        else:
+            out["preconditioner"] = self.preconditioner.settings()
+        return out
 
     def fit(self, curvature: Curvature) -> CGSolver:
         return CGSolver(curvature, self)
@@ -71,6 +99,10 @@ class CGSolver(Solver):
         self.curvature = curvature
         self.config = config
         self.info: dict = {}
+        self.preconditioner = None if config.preconditioner is None else config.preconditioner.fit(curvature)
+
+    def _precondition(self, r: Tensor) -> Tensor:
+        return r if self.preconditioner is None or len(r) == 0 else self.preconditioner.solve(r)
 
     def _apply(self, v: Tensor) -> Tensor:
         return self.curvature.matvec(v) + self.config.damping * v
@@ -95,14 +127,16 @@ class CGSolver(Solver):
         ids = torch.nonzero(rs_out.sqrt() > target).reshape(-1)
         x = torch.zeros_like(b[ids])
         r = b[ids]
-        d = r.clone()
+        z = self._precondition(r)
+        d = z.clone()
         rs, tol = rs_out[ids], target[ids]
+        rz = (r * z).sum(1) if self.preconditioner is not None else rs
         iters = 0
         while len(ids) and iters < cfg.max_iter:
             iters += 1
             ad = self._apply(d)
             curv = (d * ad).sum(1)
-            alpha = rs / curv
+            alpha = rz / curv
             x.addcmul_(alpha[:, None], d)
             r.addcmul_(alpha[:, None], ad, value=-1.0)
             new_rs = (r * r).sum(1)
@@ -115,12 +149,26 @@ class CGSolver(Solver):
                 raise self._negative_curvature(float(curv.min()))
             if not finite:
                 raise NonFiniteError("CG produced a non-finite residual; check the gradients and damping")
-            d.mul_((new_rs / rs)[:, None]).add_(r)
-            rs = new_rs
+            if self.preconditioner is None:
+                d.mul_((new_rs / rs)[:, None]).add_(r)
+                rs = rz = new_rs
+            else:
+                z = self._precondition(r)
+                new_rz = (r * z).sum(1)
+                d.mul_((new_rz / rz)[:, None]).add_(z)
+                rs, rz = new_rs, new_rz
             if converged:
                 done = ~keep
                 out[ids[done]], rs_out[ids[done]] = x[done], rs[done]
-                ids, x, r, d, rs, tol = ids[keep], x[keep], r[keep], d[keep], rs[keep], tol[keep]
+                ids, x, r, d, rs, rz, tol = (
+                    ids[keep],
+                    x[keep],
+                    r[keep],
+                    d[keep],
+                    rs[keep],
+                    rz[keep],
+                    tol[keep],
+                )
         out[ids], rs_out[ids] = x, rs
         self._finish(b, rs_out, iters, len(ids))
         return out.reshape(vectors.shape).to(vectors.dtype)
@@ -133,7 +181,7 @@ class CGSolver(Solver):
         target = cfg.tol * b.norm(dim=1)
         ids = torch.nonzero(rs_out.sqrt() > target).reshape(-1)
         x, r, tol = torch.zeros_like(b[ids]), b[ids], target[ids]
-        p = _orthonormal_rows(r)  # (s, p), s <= active columns
+        p = _orthonormal_rows(self._precondition(r))  # (s, p), s <= active columns
         iters = 0
         while len(ids) and len(p) and iters < cfg.max_iter:
             iters += 1
@@ -155,9 +203,11 @@ class CGSolver(Solver):
                 done = ~keep
                 out[ids[done]], rs_out[ids[done]] = x[done], rs[done]
                 ids, x, r, tol = ids[keep], x[keep], r[keep], tol[keep]
-            # Next block: the residuals made H-conjugate to the current one, then orthonormalised.
-            beta = torch.cholesky_solve(q @ r.T, chol)  # (s, k_active)
-            p = _orthonormal_rows(r - beta.T @ p)
+            # Next block: the (preconditioned) residuals made H-conjugate to the current one, then
+            # orthonormalised; any basis of that span gives the same iterate.
+            z = self._precondition(r)
+            beta = torch.cholesky_solve(q @ z.T, chol)  # (s, k_active)
+            p = _orthonormal_rows(z - beta.T @ p)
         out[ids], rs_out[ids] = x, (r * r).sum(1)
         self._finish(b, rs_out, iters, len(ids))
         return out
