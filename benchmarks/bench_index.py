@@ -14,8 +14,9 @@ correlation across training examples) of its scores with exact-gradient Identity
 Methods (``--kron`` and ``--dense`` choose the projections):
 
 * ``exact identity`` / ``exact ekfac``: ``Influence(...).scores(test)`` with exact per-example gradients;
-* ``kron a x b + fisher``: :class:`KroneckerProjector` (``k_in=a``, ``k_out=b`` per layer), queried with
-  the projected Fisher, block-diagonal over layers (``ProjectedFisher``; ``--relative-damping``);
+* ``kron a x b + fisher``: :class:`KroneckerProjector` (``k_in=a``, ``k_out=b`` per layer, its default
+  PCA basis), queried with the projected Fisher, block-diagonal over layers (``ProjectedFisher``;
+  ``--relative-damping``); the store keeps the whole Fisher (``fisher="full"``) for the next row;
 * ``kron a x b + fisher-full``: the same store, the whole ``k x k`` projected Fisher;
 * ``kron a x b + none``: the same store, projected gradient dot products;
 * ``kron a x b + ekfac``: the same store, test gradients preconditioned by the fitted EK-FAC before
@@ -151,7 +152,9 @@ def main() -> None:
     for name, projector in projectors:
         with tempfile.TemporaryDirectory() as folder:
             with stopwatch(device) as t:
-                index = GradientIndex.build(inf, Path(folder) / "index", projector, chunk=args.chunk)
+                index = GradientIndex.build(
+                    inf, Path(folder) / "index", projector, chunk=args.chunk, fisher="full"
+                )
             build = t["seconds"]
             rd = args.relative_damping
             choices = [("fisher", ProjectedFisher(relative_damping=rd)), ("none", NoPreconditioner())]
