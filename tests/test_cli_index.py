@@ -123,6 +123,7 @@ def test_explain_with_a_store_writes_the_report_and_summary_from_it(store, tmp_p
     assert summary["estimator"] is None  # no estimator computed these scores
     report = (out / "report.html").read_text()
     assert f"gradient store {store}" in report and "Kronecker, k = 128 of p = 650" in report
+    assert "PCA basis" in report
     index, test = _library_index(store)
     want = index.scores(
         (test[0][[1, 4]], test[1][[1, 4]]), preconditioner=ProjectedFisher(relative_damping=0.1)

@@ -440,7 +440,8 @@ def preconditioner_text(pre: Preconditioner, index: GradientIndex, inf: Influenc
 
 
 def projection_text(record: Mapping[str, Any]) -> str:
-    """The store's projection in words, e.g. ``"Kronecker, k = 2048 (32x32 per layer, 2 layers)"``."""
+    """The store's projection in words, e.g. ``"Kronecker, k = 2048 (32x32 per layer, 2 layers, PCA
+    basis; seed 0), stored as float32"``."""
     settings, info = record["projector"], record.get("projection", {})
     kind, k, p = settings.get("kind"), record.get("k"), record.get("num_parameters")
     dtype = settings.get("dtype")
@@ -453,8 +454,10 @@ def projection_text(record: Mapping[str, Any]) -> str:
             if len(set(shapes)) == 1
             else ", ".join(shapes[:4]) + (", ..." if len(shapes) > 4 else "")
         )
+        basis = settings.get("basis", "random")
+        basis = "PCA basis" if basis == "pca" else "random basis"
         return (
-            f"Kronecker, k = {k} of p = {p} ({per} per layer, {len(shapes)} layers; "
+            f"Kronecker, k = {k} of p = {p} ({per} per layer, {len(shapes)} layers, {basis}; "
             f"seed {settings.get('seed')}), stored as {dtype}"
         )
     return f"{str(kind).capitalize()}, k = {k} of p = {p} (seed {settings.get('seed')}), stored as {dtype}"
