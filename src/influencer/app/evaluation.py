@@ -159,6 +159,17 @@ def describe_test_choice(config: ExplainConfig, evaluation: Evaluation, test_ids
     )
 
 
+def log_accuracy(evaluation: Evaluation, n_test: int) -> None:
+    """Log the test accuracy of a classification job (nothing for other tasks)."""
+    if evaluation.accuracy is not None:
+        log.info(
+            "test accuracy: %.2f%% (%d of %d)",
+            100 * evaluation.accuracy,
+            round(evaluation.accuracy * n_test),
+            n_test,
+        )
+
+
 def evaluate_and_choose(
     on: Job, n_test: int, config: ExplainConfig, device: torch.device, clock: Stopwatch
 ) -> tuple[Evaluation, np.ndarray, str]:
@@ -168,13 +179,7 @@ def evaluate_and_choose(
     with clock("evaluate"):
         evaluation = evaluate(on, device, config)
     check_finite_losses(evaluation.losses)
-    if evaluation.accuracy is not None:
-        log.info(
-            "test accuracy: %.2f%% (%d of %d)",
-            100 * evaluation.accuracy,
-            round(evaluation.accuracy * n_test),
-            n_test,
-        )
+    log_accuracy(evaluation, n_test)
     test_ids = choose_test_ids(config, evaluation, n_test)
     choice = describe_test_choice(config, evaluation, test_ids)
     log.info("explaining test examples %s", choice)

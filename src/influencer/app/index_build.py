@@ -26,7 +26,7 @@ from typing import Any
 
 import torch
 
-from influencer._kernel.errors import ConfigError, InfluencerError
+from influencer._kernel.errors import ConfigError
 from influencer._kernel.files import describe_changes
 from influencer.app.cached import optimality_of_norms
 from influencer.app.checks import check_job
@@ -50,7 +50,7 @@ from influencer.app.gradient_store import (
 )
 from influencer.app.index_config import DEFAULT_K, DEFAULT_K_IN, DEFAULT_K_OUT, JOB_FIELDS, IndexConfig
 from influencer.app.jobs import Job, chosen_head
-from influencer.app.logs import Stopwatch, run_logging
+from influencer.app.logs import Stopwatch, logged_stop, run_logging
 from influencer.app.store import RunStore, SectionChangedError, jsonable
 from influencer.estimators.kronecker import find_layers, is_supported
 from influencer.index import (
@@ -93,18 +93,11 @@ def build_index(config: IndexConfig, job: Job | None = None, *, console: bool = 
             "influencer index: store %s (%s)", root, datetime.now(timezone.utc).isoformat(timespec="seconds")
         )
         log.debug("settings: %s", config.to_json())
-        try:
-            return _build(config, job, store, device, warned)
-        except SectionChangedError as exc:
-            error = _changed(root, section_changes(exc))
-            log.error("stopped: %s", error, extra={"file_only": True})
-            raise error from None
-        except InfluencerError as exc:
-            log.error("stopped: %s", exc, extra={"file_only": True})
-            raise
-        except Exception:
-            log.error("stopped by an unexpected error:", exc_info=True, extra={"file_only": True})
-            raise
+        with logged_stop(log):
+            try:
+                return _build(config, job, store, device, warned)
+            except SectionChangedError as exc:
+                raise _changed(root, section_changes(exc)) from None
 
 
 def _changed(root: Path, changes: list[str]) -> GradientStoreError:

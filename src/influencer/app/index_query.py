@@ -33,7 +33,14 @@ from influencer._kernel.errors import ConfigError
 from influencer._kernel.scores import TopK
 from influencer.app.checks import check_finite_losses, check_job
 from influencer.app.devices import resolve_device
-from influencer.app.evaluation import Evaluation, choose_test_ids, describe_test_choice, evaluate, label_text
+from influencer.app.evaluation import (
+    Evaluation,
+    choose_test_ids,
+    describe_test_choice,
+    evaluate,
+    label_text,
+    log_accuracy,
+)
 from influencer.app.explanation import find_candidates
 from influencer.app.gradient_store import (
     Subset,
@@ -137,13 +144,7 @@ def _query(
         with clock("evaluate"):
             evaluation = evaluate(on, device, job_config)
         n_test = len(job.test)
-        if evaluation.accuracy is not None:
-            log.info(
-                "test accuracy: %.2f%% (%d of %d)",
-                100 * evaluation.accuracy,
-                round(evaluation.accuracy * n_test),
-                n_test,
-            )
+        log_accuracy(evaluation, n_test)
         if config.all_test:
             test_ids = np.arange(n_test, dtype=np.int64)
             choice = f"all {n_test}"
