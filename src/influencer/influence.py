@@ -49,8 +49,7 @@ GRADIENT_BLOCK_BYTES = 256 * 2**20
 
 def default_batch_size(p: int, dtype: torch.dtype) -> int:
     """Examples per gradient chunk: a ``GRADIENT_BLOCK_BYTES`` block of ``(B, p)``, 128 to 4,096."""
-    itemsize = torch.empty((), dtype=dtype).element_size()
-    return int(min(4096, max(128, GRADIENT_BLOCK_BYTES // max(p * itemsize, 1))))
+    return int(min(4096, max(128, GRADIENT_BLOCK_BYTES // max(p * dtype.itemsize, 1))))
 
 
 class Influence:

@@ -256,11 +256,11 @@ class KroneckerProjection(Projection):
         if influence.distributed:
             for m in (*A, *S):
                 all_reduce_sum(m)
+        # eigh in the compute dtype (at least float32, which eigh needs): only the leading subspace
+        # is kept, and float32 halves eigh's time
+        work = torch.float64 if fn.dtype == torch.float64 else torch.float32
         factors = []
         for (p_out, p_in), a, s_ in zip(self.factors, A, S, strict=True):
-            # in the compute dtype (at least float32, which eigh needs): only the leading subspace is
-            # kept, and float32 halves eigh's time
-            work = torch.float64 if fn.dtype == torch.float64 else torch.float32
             a, s_ = a.to(work), s_.to(work)
             factors.append((_top_eigenvectors(s_, p_out.shape[0]), _top_eigenvectors(a, p_in.shape[0])))
         self._set_factors(factors)
