@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from influencer import ClassificationTask
-from influencer.app.jobs import Job
+from influencer.app.job.job import Job
 from influencer.paper.datasets import load_digits
 from influencer.training import train_minibatch
 

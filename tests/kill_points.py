@@ -23,8 +23,8 @@ from pathlib import Path
 
 import torch
 
-import influencer.app.cli
-import influencer.app.pipeline  # noqa: F401
+import influencer.app.commands.cli
+import influencer.app.commands.explain  # noqa: F401
 import robust_jobs
 from influencer.app import store
 from influencer.app.entry import main

@@ -22,7 +22,7 @@ import torch
 from click.testing import CliRunner
 
 from influencer.app import store as store_module
-from influencer.app.cli import cli
+from influencer.app.commands.cli import cli
 
 TESTS = Path(__file__).parent
 OUTPUTS = ("scores.npy", "test_ids.npy", "config.json", "report.html", "summary.json")

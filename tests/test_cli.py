@@ -13,7 +13,7 @@ import pytest
 from click.testing import CliRunner
 
 from explain_support import TASK_MODULE
-from influencer.app.cli import cli
+from influencer.app.commands.cli import cli
 
 TINY_DIGITS = ["--train-size", "120", "--epochs", "1", "--num-test", "2", "--top-k", "3", "--no-progress"]
 
@@ -23,7 +23,7 @@ def _command() -> list[str]:
     if script.exists():
         return [str(script)]
     found = shutil.which("influencer")
-    return [found] if found else [sys.executable, "-m", "influencer.app.cli"]
+    return [found] if found else [sys.executable, "-m", "influencer.app.commands.cli"]
 
 
 def test_explain_end_to_end_on_the_digits_cnn(tmp_path):

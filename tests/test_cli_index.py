@@ -15,7 +15,7 @@ from click.testing import CliRunner
 
 from explain_support import TASK_MODULE
 from influencer import Influence
-from influencer.app.cli import cli
+from influencer.app.commands.cli import cli
 from influencer.index import GradientIndex, NoPreconditioner, ProjectedFisher
 from influencer.index.results import QueryResult
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from influencer import CG, Identity, LiSSA
-from influencer.app.config import DEFAULT_DAMPING, ExplainConfig, estimator_classes, parse_option
+from influencer.app.settings.explain import DEFAULT_DAMPING, ExplainConfig, estimator_classes, parse_option
 from influencer.errors import ConfigError
 
 

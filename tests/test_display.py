@@ -14,16 +14,16 @@ import torch
 
 from explain_support import WordTokenizer, tabular_job, text_job
 from influencer import Exact, Influence
-from influencer.app.config import ExplainConfig
-from influencer.app.display import (
+from influencer.app.settings.explain import ExplainConfig
+from influencer.app.report.display import (
     GenericDisplay,
     ImageDisplay,
     TableDisplay,
     TextDisplay,
     choose_display,
 )
-from influencer.app.jobs import Job
-from influencer.app.pipeline import explain
+from influencer.app.job.job import Job
+from influencer.app.commands.explain import explain
 from influencer.errors import ConfigError
 from influencer.uses import PerturbationInfluence
 

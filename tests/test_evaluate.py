@@ -11,10 +11,10 @@ from click.testing import CliRunner
 from torch import nn
 
 from influencer import ClassificationTask
-from influencer.app.cli import cli
-from influencer.app.config import ExplainConfig
-from influencer.app.evaluate import EvaluateConfig, recipe, reinitialised, run_evaluation
-from influencer.app.jobs import Job
+from influencer.app.commands.cli import cli
+from influencer.app.settings.explain import ExplainConfig
+from influencer.app.commands.evaluate import EvaluateConfig, recipe, reinitialised, run_evaluation
+from influencer.app.job.job import Job
 from influencer.errors import ConfigError
 from influencer.paper.datasets import load_digits
 from influencer.retraining import AdamRetrainer, LBFGSRetrainer

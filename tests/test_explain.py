@@ -17,12 +17,12 @@ from explain_support import TASK_MODULE, tiny_job
 from influencer import CG, ClassificationTask, Exact, Influence, RegressionTask, top_k
 from influencer._kernel.fingerprint import hash_module
 from influencer._kernel.functional import ModelFunction
-from influencer.app.cached import cache_key
-from influencer.app.config import ExplainConfig
-from influencer.app.evaluation import Evaluation, choose_test_ids
-from influencer.app.jobs import Job, as_job, digits_job, influence_job, load_job
-from influencer.app.pipeline import explain
-from influencer.app.store import MANIFEST, RunStore
+from influencer.app.run.cached import cache_key
+from influencer.app.settings.explain import ExplainConfig
+from influencer.app.job.evaluation import Evaluation, choose_test_ids
+from influencer.app.job.job import Job, as_job, digits_job, influence_job, load_job
+from influencer.app.commands.explain import explain
+from influencer.app.run.store import MANIFEST, RunStore
 from influencer.errors import ConfigError, TaskError
 from influencer.paper.datasets import load_tabular
 from influencer.samplers import SamplerContext, make_sampler
@@ -358,7 +358,7 @@ def test_build_results_in_every_form(tmp_path, monkeypatch):
 
 
 def test_digits_job_trains_once_and_its_head_view_equals_the_network_head(tmp_path, monkeypatch):
-    import influencer.app.jobs as jobs
+    import influencer.app.job.job as jobs
     from influencer.heads import Head
 
     trainings, extractions = [], []

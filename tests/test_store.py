@@ -14,7 +14,7 @@ import torch
 
 from influencer._kernel.fingerprint import hash_examples, hash_module, hash_tensors
 from influencer.app import store as store_module
-from influencer.app.store import (
+from influencer.app.run.store import (
     MANIFEST,
     RunStore,
     StoreError,
@@ -163,7 +163,7 @@ def test_an_entry_is_listed_only_once_written(tmp_path, monkeypatch):
     with RunStore(tmp_path) as store:
         s = store.section("gradients", COMPONENTS)
         s.save("c0", np.zeros(2))
-        monkeypatch.setattr("influencer.app.store.atomic_write_bytes", _fail_for_npy(atomic_write_bytes))
+        monkeypatch.setattr("influencer.app.run.store.atomic_write_bytes", _fail_for_npy(atomic_write_bytes))
         with pytest.raises(OSError):
             s.save("c1", np.zeros(2))
     with RunStore(tmp_path) as store:
@@ -196,7 +196,7 @@ def test_bad_keys_are_refused(tmp_path):
 
 HOLD_LOCK = """
 import sys, time
-from influencer.app.store import RunStore
+from influencer.app.run.store import RunStore
 store = RunStore(sys.argv[1])
 print("locked", flush=True)
 time.sleep(60)

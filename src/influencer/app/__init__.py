@@ -4,8 +4,8 @@ From Python: ``explain(ExplainConfig(...))`` runs what ``influencer explain`` ru
 :class:`ExplainResult`; ``Job`` describes a user's own trained model and data.
 """
 
-from influencer.app.config import ExplainConfig
-from influencer.app.jobs import Job
-from influencer.app.pipeline import ExplainResult, explain
+from influencer.app.settings.explain import ExplainConfig
+from influencer.app.job.job import Job
+from influencer.app.commands.explain import ExplainResult, explain
 
 __all__ = ["ExplainConfig", "ExplainResult", "Job", "explain"]

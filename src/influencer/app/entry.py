@@ -19,7 +19,7 @@ def main() -> None:
     if absent:
         print(f"influencer: {missing_message(absent, 'the influencer command', 'app')}", file=sys.stderr)
         raise SystemExit(1)
-    from influencer.app.cli import main as cli_main
+    from influencer.app.commands.cli import main as cli_main
 
     cli_main()
 

@@ -1,7 +1,7 @@
 """``influencer explain --store DIR``: the explain run, scored from a gradient store.
 
-Everything but the scores is the explain run of :mod:`~influencer.app.pipeline`: the job (the
-store's, :mod:`~influencer.app.gradient_store`), the checks, the evaluation, the choice of test
+Everything but the scores is the explain run of :mod:`~influencer.app.commands.explain`: the job (the
+store's, :mod:`~influencer.app.run.gradient_store`), the checks, the evaluation, the choice of test
 examples, the report with its pictures or texts and the candidates to inspect, the summary and
 the run's files. The scores of the chosen test examples come from the store's projected training
 gradients (:meth:`~influencer.index.GradientIndex.scores`) with the preconditioner the settings
@@ -21,13 +21,13 @@ import torch
 
 from influencer._kernel.errors import ConfigError
 from influencer._kernel.scores import top_k
-from influencer.app.cached import optimality_of_norms, solver_text
-from influencer.app.checks import check_job
-from influencer.app.config import ExplainConfig
-from influencer.app.devices import resolve_device
-from influencer.app.evaluation import evaluate_and_choose
-from influencer.app.explanation import ExplainResult, Explanation, StoreScoring, log_top
-from influencer.app.gradient_store import (
+from influencer.app.run.cached import optimality_of_norms, solver_text
+from influencer.app.job.checks import check_job
+from influencer.app.settings.explain import ExplainConfig
+from influencer.app.run.devices import resolve_device
+from influencer.app.job.evaluation import evaluate_and_choose
+from influencer.app.report.explanation import ExplainResult, Explanation, StoreScoring, log_top
+from influencer.app.run.gradient_store import (
     Subset,
     build_job,
     describe_store,
@@ -44,12 +44,12 @@ from influencer.app.gradient_store import (
     scoring_settings,
     translate_store_errors,
 )
-from influencer.app.jobs import Job, chosen_head
-from influencer.app.logs import Stopwatch, logged_stop, run_logging
-from influencer.app.outputs import output_files, write_outputs
-from influencer.app.report import build_report
-from influencer.app.store import RunStore, jsonable
-from influencer.app.summary import make_summary
+from influencer.app.job.job import Job, chosen_head
+from influencer.app.run.logs import Stopwatch, logged_stop, run_logging
+from influencer.app.run.outputs import output_files, write_outputs
+from influencer.app.report.build import build_report
+from influencer.app.run.store import RunStore, jsonable
+from influencer.app.report.summary import make_summary
 
 log = logging.getLogger("influencer.explain")
 

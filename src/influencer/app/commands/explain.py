@@ -7,12 +7,12 @@ Usage::
     result.scores            # (n_test, n_train) removal scores, positive = helpful
     result.summary["tests"]  # per test example: label, prediction, top helpful/harmful ids and scores
 
-This module only orchestrates: build the job (:mod:`~influencer.app.jobs`), evaluate the model and
-choose the test examples (:mod:`~influencer.app.evaluation`), solve ``s_test = H^-1 grad f(test)``
+This module only orchestrates: build the job (:mod:`~influencer.app.job.job`), evaluate the model and
+choose the test examples (:mod:`~influencer.app.job.evaluation`), solve ``s_test = H^-1 grad f(test)``
 for each and dot it with every training gradient, both through the run directory's cache
-(:mod:`~influencer.app.cached`), then hand the results to the report
-(:mod:`~influencer.app.report`), the summary (:mod:`~influencer.app.summary`) and the writer of
-the run's files (:mod:`~influencer.app.outputs`).
+(:mod:`~influencer.app.run.cached`), then hand the results to the report
+(:mod:`~influencer.app.report.build`), the summary (:mod:`~influencer.app.report.summary`) and the writer of
+the run's files (:mod:`~influencer.app.run.outputs`).
 """
 
 from __future__ import annotations
@@ -24,21 +24,21 @@ from pathlib import Path
 import torch
 
 from influencer._kernel.scores import top_k
-from influencer.app.cached import open_sections, scores_from_cache, test_directions
-from influencer.app.checks import check_job, influence_params
-from influencer.app.config import ExplainConfig
-from influencer.app.devices import resolve_device
-from influencer.app.evaluation import (
+from influencer.app.run.cached import open_sections, scores_from_cache, test_directions
+from influencer.app.job.checks import check_job, influence_params
+from influencer.app.settings.explain import ExplainConfig
+from influencer.app.run.devices import resolve_device
+from influencer.app.job.evaluation import (
     choose_hessian_ids,
     evaluate_and_choose,
 )
-from influencer.app.explanation import ExplainResult, Explanation, log_top, names_text
-from influencer.app.jobs import Job, digits_job, influence_job, load_job
-from influencer.app.logs import Stopwatch, logged_stop, run_logging
-from influencer.app.outputs import output_files, write_outputs
-from influencer.app.report import build_report
-from influencer.app.store import RunStore
-from influencer.app.summary import make_summary
+from influencer.app.report.explanation import ExplainResult, Explanation, log_top, names_text
+from influencer.app.job.job import Job, digits_job, influence_job, load_job
+from influencer.app.run.logs import Stopwatch, logged_stop, run_logging
+from influencer.app.run.outputs import output_files, write_outputs
+from influencer.app.report.build import build_report
+from influencer.app.run.store import RunStore
+from influencer.app.report.summary import make_summary
 from influencer.influence import Influence
 
 log = logging.getLogger("influencer.explain")
@@ -50,10 +50,10 @@ def explain(config: ExplainConfig, job: Job | None = None, *, console: bool = Tr
     """Run the whole job (see the module docstring); ``job`` overrides ``config.task``.
 
     With ``config.store`` the scores come from that gradient store instead
-    (:mod:`~influencer.app.store_explain`).
+    (:mod:`~influencer.app.commands.explain_store`).
     """
     if config.store is not None:
-        from influencer.app.store_explain import explain_with_store
+        from influencer.app.commands.explain_store import explain_with_store
 
         return explain_with_store(config, job, console=console)
     device = resolve_device(config.device)

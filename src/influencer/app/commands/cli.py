@@ -1,4 +1,4 @@
-"""The ``influencer`` command line, thin over :func:`influencer.app.pipeline.explain` (needs click,
+"""The ``influencer`` command line, thin over :func:`influencer.app.commands.explain.explain` (needs click,
 from the ``app`` extra; the console script :mod:`influencer.app.entry` checks for it first).
 
     influencer explain                                  # the built-in digits CNN, end to end
@@ -10,7 +10,7 @@ from the ``app`` extra; the console script :mod:`influencer.app.entry` checks fo
     influencer query --store runs/store --test all --top-k 10   # top-k of every test example from it
     influencer explain --store runs/store               # the report, scored from the store
 
-Every flag corresponds to a field of :class:`influencer.app.config.ExplainConfig`; only the flags that
+Every flag corresponds to a field of :class:`influencer.app.settings.explain.ExplainConfig`; only the flags that
 are given override the file's (or the default) values.
 """
 
@@ -28,9 +28,9 @@ try:
     import click
 except ModuleNotFoundError:  # pragma: no cover - the app extra is not installed
     raise MissingExtraError(missing_message(["click"], "the influencer command line", "app")) from None
-from influencer.app.config import CURVATURES, DTYPES, ExplainConfig, parse_option, read_toml
-from influencer.app.evaluate import add_command
-from influencer.app.index_cli import add_commands, explain_store_flags, refuse_with_store
+from influencer.app.settings.explain import CURVATURES, DTYPES, ExplainConfig, parse_option, read_toml
+from influencer.app.commands.evaluate import add_command
+from influencer.app.commands.store_cli import add_commands, explain_store_flags, refuse_with_store
 from influencer.samplers import SAMPLERS
 
 
@@ -126,7 +126,7 @@ def explain(config_file: str | None, estimator_option: tuple[str, ...], quiet: b
     cached gradients and solves; an interrupted run resumes. With --store DIR the scores come from a
     gradient store built by `influencer index` (projected gradients), and the report says so.
     """
-    from influencer.app.pipeline import explain as run
+    from influencer.app.commands.explain import explain as run
 
     run_dir = None
     try:
@@ -141,7 +141,7 @@ def explain(config_file: str | None, estimator_option: tuple[str, ...], quiet: b
     except InfluencerError as exc:
         raise click.ClickException(str(exc)) from exc
     except OSError as exc:  # the run directory cannot be written: read-only, full disk, long name, ...
-        from influencer.app.store import describe_os_error
+        from influencer.app.run.store import describe_os_error
 
         raise click.ClickException(describe_os_error(exc, run_dir)) from exc
     click.echo(f"Report: {result.files['report']}")

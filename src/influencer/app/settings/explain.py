@@ -11,7 +11,7 @@ go in an ``[estimator_options]`` table::
     depth = 500
     batch_size = 64
 
-Command-line flags override file values (see :mod:`influencer.app.cli`). Unknown keys are refused with
+Command-line flags override file values (see :mod:`influencer.app.commands.cli`). Unknown keys are refused with
 the list of valid ones, so a typo never silently falls back to a default.
 
 ``task = "package.module:function"`` imports that module and calls the function: a settings file that
@@ -84,7 +84,7 @@ class ExplainConfig:
     """Everything ``influencer explain`` does, in one place.
 
     The defaults explain the built-in job (a small CNN on scikit-learn's digits); ``task`` names a
-    function ``module:function`` returning the user's own job instead (see :mod:`influencer.app.jobs`).
+    function ``module:function`` returning the user's own job instead (see :mod:`influencer.app.job.job`).
     """
 
     # what to explain

@@ -2,8 +2,8 @@
 training examples to inspect, and the influence-vs-distance figure (drawn by
 :mod:`influencer.paper.plotting`).
 
-:mod:`influencer.app.page` lays the content out as one HTML document; :class:`Gallery` is the one
-place that turns examples into HTML, through the job's display (:mod:`influencer.app.display`:
+:mod:`influencer.app.report.page` lays the content out as one HTML document; :class:`Gallery` is the one
+place that turns examples into HTML, through the job's display (:mod:`influencer.app.report.display`:
 pictures, texts, feature tables, or shapes and values).
 """
 
@@ -21,12 +21,12 @@ from torch import Tensor
 
 from influencer._kernel.errors import InfluencerError
 from influencer._kernel.task import _Decayed
-from influencer.app.cached import solver_text
-from influencer.app.display import Display, TableDisplay
-from influencer.app.evaluation import label_text
-from influencer.app.explanation import Explanation, names_text
-from influencer.app.jobs import Job, chosen_head, labels_of
-from influencer.app.page import Card, Panel, render_report
+from influencer.app.run.cached import solver_text
+from influencer.app.report.display import Display, TableDisplay
+from influencer.app.job.evaluation import label_text
+from influencer.app.report.explanation import Explanation, names_text
+from influencer.app.job.job import Job, chosen_head, labels_of
+from influencer.app.report.page import Card, Panel, render_report
 from influencer.paper.plotting import figure_png, influence_vs_distance
 from influencer.uses.perturbation import PerturbationInfluence, get_input
 

@@ -19,8 +19,8 @@ from influencer._kernel.data import Examples, TensorExamples
 from influencer._kernel.errors import ConfigError, DataError, NonFiniteError
 from influencer._kernel.functional import ModelFunction, select_parameters
 from influencer._kernel.task import Task
-from influencer.app.config import ExplainConfig
-from influencer.app.jobs import Job
+from influencer.app.settings.explain import ExplainConfig
+from influencer.app.job.job import Job
 
 log = logging.getLogger("influencer.explain")
 

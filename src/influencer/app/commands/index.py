@@ -2,15 +2,15 @@
 
 Usage::
 
-    from influencer.app.index_build import build_index
-    from influencer.app.index_config import IndexConfig
+    from influencer.app.commands.index import build_index
+    from influencer.app.settings.store import IndexConfig
     built = build_index(IndexConfig(out="runs/index", task="mypkg.jobs:build"))
     built.index.top_k(test, k=10)
 
-The job is built as ``influencer explain`` builds it (:mod:`~influencer.app.jobs`, the same checks
+The job is built as ``influencer explain`` builds it (:mod:`~influencer.app.job.job`, the same checks
 before the work), every training gradient is projected and streamed to ``out/index`` in chunks
 (:class:`~influencer.index.GradientIndex`), and ``out/index.json`` records what the store was built
-from (:mod:`~influencer.app.gradient_store`). The same call again resumes an interrupted build, or
+from (:mod:`~influencer.app.run.gradient_store`). The same call again resumes an interrupted build, or
 does nothing when the store is complete; a store built from other inputs is refused in one line
 saying what changed, unless ``overwrite``.
 """
@@ -28,10 +28,10 @@ import torch
 
 from influencer._kernel.errors import ConfigError
 from influencer._kernel.files import describe_changes
-from influencer.app.cached import optimality_of_norms
-from influencer.app.checks import check_job
-from influencer.app.devices import resolve_device
-from influencer.app.gradient_store import (
+from influencer.app.run.cached import optimality_of_norms
+from influencer.app.job.checks import check_job
+from influencer.app.run.devices import resolve_device
+from influencer.app.run.gradient_store import (
     LOG_FILE,
     RECORD,
     RECORD_FORMAT,
@@ -48,10 +48,10 @@ from influencer.app.gradient_store import (
     projection_text,
     section_changes,
 )
-from influencer.app.index_config import DEFAULT_K, DEFAULT_K_IN, DEFAULT_K_OUT, JOB_FIELDS, IndexConfig
-from influencer.app.jobs import Job, chosen_head
-from influencer.app.logs import Stopwatch, logged_stop, run_logging
-from influencer.app.store import RunStore, SectionChangedError, jsonable
+from influencer.app.settings.store import DEFAULT_K, DEFAULT_K_IN, DEFAULT_K_OUT, JOB_FIELDS, IndexConfig
+from influencer.app.job.job import Job, chosen_head
+from influencer.app.run.logs import Stopwatch, logged_stop, run_logging
+from influencer.app.run.store import RunStore, SectionChangedError, jsonable
 from influencer.estimators.kronecker import find_layers, is_supported
 from influencer.index import (
     GaussianProjector,
@@ -291,7 +291,7 @@ def _layers(inf: Influence) -> tuple[int | None, str]:
 
 
 def projected_optimality(index: GradientIndex) -> dict[str, float]:
-    """How far the model is from a minimum (:func:`~influencer.app.cached.optimality`), from the
+    """How far the model is from a minimum (:func:`~influencer.app.run.cached.optimality`), from the
     stored projected gradients: projections preserve norms in expectation, so this estimates the
     ratio of the mean gradient's norm to a typical example's. One pass over the store."""
     total = torch.zeros(index.k, dtype=torch.float64)

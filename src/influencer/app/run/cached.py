@@ -25,8 +25,8 @@ from influencer._kernel.data import Examples
 from influencer._kernel.errors import NonFiniteError
 from influencer._kernel.fingerprint import hash_json, hash_tensors, unverifiable
 from influencer._kernel.scores import removal_scores
-from influencer.app.logs import Stopwatch
-from influencer.app.store import RunStore, Section, jsonable
+from influencer.app.run.logs import Stopwatch
+from influencer.app.run.store import RunStore, Section, jsonable
 from influencer.influence import Influence
 
 log = logging.getLogger("influencer.explain")

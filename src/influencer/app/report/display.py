@@ -28,7 +28,7 @@ from torch import Tensor
 from torch.utils._pytree import tree_flatten
 
 from influencer._kernel.errors import ConfigError
-from influencer.app.pictures import ExampleView, feature_table, image_layout
+from influencer.app.report.pictures import ExampleView, feature_table, image_layout
 
 Batch = Any  # a batch of the job's data (tuple, dict or tensor), or a list of strings
 
@@ -349,7 +349,7 @@ def as_display(value: Any) -> Display | None:
     if callable(value):
         return TextDisplay(texts=value)
     raise ConfigError(
-        "a job's display must be an influencer.app.display.Display (ImageDisplay, TextDisplay, "
+        "a job's display must be an influencer.app.report.display.Display (ImageDisplay, TextDisplay, "
         f"TableDisplay, GenericDisplay) or a function batch -> list of strings; got {type(value).__name__}"
     )
 

@@ -11,7 +11,7 @@ scikit-learn's bundled 8x8 digit images (no download), with its weights cached i
 A job may name a ``head``: influence is then computed over that module alone, on the network's
 features (the head's inputs), computed once and cached in the run directory
 (:func:`influence_job`, :mod:`influencer.heads`). How the report shows examples is the job's
-``display`` (:mod:`influencer.app.display`).
+``display`` (:mod:`influencer.app.report.display`).
 """
 
 from __future__ import annotations
@@ -40,9 +40,9 @@ from influencer._kernel.fingerprint import (
 )
 from influencer._kernel.functional import ModelFunction
 from influencer._kernel.task import ClassificationTask, Task
-from influencer.app.config import ExplainConfig
-from influencer.app.display import Display, as_display, choose_display, inputs_of
-from influencer.app.store import RunStore
+from influencer.app.settings.explain import ExplainConfig
+from influencer.app.report.display import Display, as_display, choose_display, inputs_of
+from influencer.app.run.store import RunStore
 from influencer.heads import FeatureExamples, Head, original_batch
 from influencer.retraining import Retrainer
 from influencer.training import fit_lbfgs, train_minibatch
@@ -78,10 +78,10 @@ class Job:
         feature_names: names of the input features (tables in the report).
         invert_images: show images dark-on-light (for data where larger values mean more ink).
         description: a sentence for the report about how the model was trained.
-        display: how the report shows an example: a :class:`~influencer.app.display.Display`
+        display: how the report shows an example: a :class:`~influencer.app.report.display.Display`
             (``TextDisplay(tokenizer)``, ``TableDisplay(names, importance=...)``, ...) or a
             function ``batch -> list[str]`` of texts; default: chosen from the data
-            (:func:`~influencer.app.display.choose_display`).
+            (:func:`~influencer.app.report.display.choose_display`).
         hessian_batch_size: examples per Hessian-vector-product batch, when the job knows a
             better value than the default 512 (``ExplainConfig.hessian_batch_size`` overrides it).
         tokenizer: decodes token ids for the report (anything with ``decode``; a Hugging Face
@@ -162,7 +162,7 @@ class Job:
         return (self.train if which == "train" else self.test).take(ids)
 
     def chosen_display(self) -> Display:
-        """The job's display, or the one :func:`~influencer.app.display.choose_display` picks."""
+        """The job's display, or the one :func:`~influencer.app.report.display.choose_display` picks."""
         if self.display is not None:
             return self.display
         sample = self.shown_batch("train", torch.arange(min(2, len(self.train))))
@@ -212,7 +212,7 @@ def as_job(result: Any, source: str = "build()") -> Job:
         return Job(*result)
     raise ConfigError(
         f"{source} must return (task, model, train, test), a dict with those keys, or an "
-        f"influencer.app.jobs.Job; got {type(result).__name__}"
+        f"influencer.app.job.job.Job; got {type(result).__name__}"
         + (f" of length {len(result)}" if isinstance(result, (tuple, list)) else "")
     )
 

@@ -1,5 +1,5 @@
 """Settings of ``influencer index`` and ``influencer query``: frozen dataclasses, validated on
-construction, serialisable like :class:`~influencer.app.config.ExplainConfig`.
+construction, serialisable like :class:`~influencer.app.settings.explain.ExplainConfig`.
 
 ``influencer index`` builds a gradient store for a job (the same jobs ``influencer explain``
 explains: the built-in digits CNN or ``--task package.module:function``); :class:`IndexConfig`
@@ -17,7 +17,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from influencer._kernel.errors import ConfigError
-from influencer.app.config import PRECONDITIONERS, ExplainConfig, _check_types, _did_you_mean
+from influencer.app.settings.explain import PRECONDITIONERS, ExplainConfig, _check_types, _did_you_mean
 
 PROJECTORS = ("kronecker", "gaussian", "rademacher", "identity")
 BASES = ("pca", "random")  # of a Kronecker projection

@@ -4,7 +4,7 @@
 ``influence_vs_distance.png`` (when the inputs can be compared), ``report.html`` and, last,
 ``summary.json``. Everything is encoded before the first file is written, so a value that cannot be
 stored stops the run before it has replaced any earlier output; then the files replace the previous
-run's as one set (:meth:`~influencer.app.store.RunStore.commit_outputs`). ``summary.json`` lists the
+run's as one set (:meth:`~influencer.app.run.store.RunStore.commit_outputs`). ``summary.json`` lists the
 sha256 of every other file, so a reader can check that the files it reads belong together.
 """
 
@@ -18,9 +18,9 @@ from typing import Any
 
 import numpy as np
 
-from influencer.app.explanation import Explanation
-from influencer.app.report import Report
-from influencer.app.store import RunStore, array_bytes
+from influencer.app.report.explanation import Explanation
+from influencer.app.report.build import Report
+from influencer.app.run.store import RunStore, array_bytes
 
 log = logging.getLogger("influencer.explain")
 

@@ -3,12 +3,12 @@ any number of test examples, streamed from a gradient store.
 
 Usage::
 
-    from influencer.app.index_config import QueryConfig
-    from influencer.app.index_query import query_store
+    from influencer.app.settings.store import QueryConfig
+    from influencer.app.commands.query import query_store
     run = query_store(QueryConfig(store="runs/index", all_test=True, top_k=10))
     run.top.helpful_ids      # (m, 10) training ids, most helpful first
 
-The job is the store's (:mod:`~influencer.app.gradient_store`); test examples are chosen as
+The job is the store's (:mod:`~influencer.app.run.gradient_store`); test examples are chosen as
 ``influencer explain`` chooses them, or given, or all of them. Scores are never held as an
 ``m x n`` matrix: :meth:`~influencer.index.GradientIndex.top_k` streams the stored chunks into
 running top-k lists, one block of test examples at a time, and keeps finished blocks in a
@@ -31,9 +31,9 @@ import torch
 
 from influencer._kernel.errors import ConfigError
 from influencer._kernel.scores import TopK
-from influencer.app.checks import check_finite_losses, check_job
-from influencer.app.devices import resolve_device
-from influencer.app.evaluation import (
+from influencer.app.job.checks import check_finite_losses, check_job
+from influencer.app.run.devices import resolve_device
+from influencer.app.job.evaluation import (
     Evaluation,
     choose_test_ids,
     describe_test_choice,
@@ -41,8 +41,8 @@ from influencer.app.evaluation import (
     label_text,
     log_accuracy,
 )
-from influencer.app.explanation import find_candidates
-from influencer.app.gradient_store import (
+from influencer.app.report.explanation import find_candidates
+from influencer.app.run.gradient_store import (
     Subset,
     build_job,
     describe_store,
@@ -59,11 +59,11 @@ from influencer.app.gradient_store import (
     scoring_settings,
     translate_store_errors,
 )
-from influencer.app.index_config import QueryConfig
-from influencer.app.jobs import Job, chosen_head
-from influencer.app.logs import Stopwatch, logged_stop, run_logging
-from influencer.app.store import RunStore, array_bytes, jsonable
-from influencer.app.summary import SIGN_CONVENTION
+from influencer.app.settings.store import QueryConfig
+from influencer.app.job.job import Job, chosen_head
+from influencer.app.run.logs import Stopwatch, logged_stop, run_logging
+from influencer.app.run.store import RunStore, array_bytes, jsonable
+from influencer.app.report.summary import SIGN_CONVENTION
 
 log = logging.getLogger("influencer.query")
 

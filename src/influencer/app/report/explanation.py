@@ -11,9 +11,9 @@ import numpy as np
 from torch import Tensor
 
 from influencer._kernel.scores import TopK
-from influencer.app.config import ExplainConfig
-from influencer.app.evaluation import Evaluation
-from influencer.app.jobs import Job
+from influencer.app.settings.explain import ExplainConfig
+from influencer.app.job.evaluation import Evaluation
+from influencer.app.job.job import Job
 from influencer.influence import Influence
 
 log = logging.getLogger("influencer.explain")
@@ -102,7 +102,7 @@ def names_text(names: list[str]) -> str:
 
 @dataclasses.dataclass
 class ExplainResult:
-    """What :func:`~influencer.app.pipeline.explain` computed; the same is on disk in ``run_dir``."""
+    """What :func:`~influencer.app.commands.explain.explain` computed; the same is on disk in ``run_dir``."""
 
     config: ExplainConfig
     run_dir: Path

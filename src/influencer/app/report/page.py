@@ -16,7 +16,7 @@ import hashlib
 import html
 from collections.abc import Sequence
 
-from influencer.app.pictures import data_uri
+from influencer.app.report.pictures import data_uri
 
 # Marks the document once every <img> has decoded: a headless browser can check the report
 # rendered (data-images-ok / data-images-broken on <body>).

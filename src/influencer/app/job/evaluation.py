@@ -14,10 +14,10 @@ from torch import Tensor
 from influencer._kernel.data import to_device
 from influencer._kernel.errors import ConfigError
 from influencer._kernel.progress import progress_bar
-from influencer.app.checks import check_finite_losses
-from influencer.app.config import ExplainConfig
-from influencer.app.jobs import Job, labels_of
-from influencer.app.logs import Stopwatch
+from influencer.app.job.checks import check_finite_losses
+from influencer.app.settings.explain import ExplainConfig
+from influencer.app.job.job import Job, labels_of
+from influencer.app.run.logs import Stopwatch
 from influencer.samplers import SamplerContext
 
 log = logging.getLogger("influencer.explain")

@@ -6,10 +6,10 @@ from typing import Any
 
 import numpy as np
 
-from influencer.app.evaluation import label_text
-from influencer.app.explanation import Explanation
-from influencer.app.jobs import chosen_head
-from influencer.app.store import jsonable
+from influencer.app.job.evaluation import label_text
+from influencer.app.report.explanation import Explanation
+from influencer.app.job.job import chosen_head
+from influencer.app.run.store import jsonable
 
 SIGN_CONVENTION = (
     "score = predicted change of the test loss if the training example were removed and the model "

@@ -3,14 +3,14 @@ read: a gradient index with the job it was built from.
 
 Layout::
 
-    <dir>/manifest.json, cache/   # a run directory (influencer.app.store): the digits job's trained
+    <dir>/manifest.json, cache/   # a run directory (influencer.app.run.store): the digits job's trained
                                   # model, a head's training features (the index depends on them)
     <dir>/index/                  # the projected gradients (influencer.index.GradientIndex)
     <dir>/index.json              # what they were built from, written when the build completes
     <dir>/index.log
     <dir>/.lock                   # one command at a time uses a store (an OS lock)
 
-``index.json`` records the job's settings (:data:`~influencer.app.index_config.JOB_FIELDS`), so a
+``index.json`` records the job's settings (:data:`~influencer.app.settings.store.JOB_FIELDS`), so a
 query rebuilds the same job from the store alone, and the projection. Readers open the run
 directory *frozen*: a cached model or features made from other inputs are refused, never replaced.
 Whether the model, data, task, parameters or dtype changed since the build is decided by the
@@ -37,11 +37,11 @@ from influencer._kernel.data import Examples
 from influencer._kernel.errors import ConfigError, InfluencerError
 from influencer._kernel.files import describe_changes, json_roundtrip
 from influencer._kernel.fingerprint import hash_examples, hash_json, task_fingerprint, unverifiable
-from influencer.app.checks import influence_params
-from influencer.app.config import ExplainConfig
-from influencer.app.index_config import DEFAULT_RELATIVE_DAMPING
-from influencer.app.jobs import Job, chosen_head, digits_job, fingerprint_of, load_job
-from influencer.app.store import MANIFEST, RunStore, SectionChangedError, StoreError
+from influencer.app.job.checks import influence_params
+from influencer.app.settings.explain import ExplainConfig
+from influencer.app.settings.store import DEFAULT_RELATIVE_DAMPING
+from influencer.app.job.job import Job, chosen_head, digits_job, fingerprint_of, load_job
+from influencer.app.run.store import MANIFEST, RunStore, SectionChangedError, StoreError
 from influencer.estimators import EKFAC
 from influencer.heads import Head
 from influencer.index import (

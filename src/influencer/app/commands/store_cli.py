@@ -5,11 +5,11 @@
     influencer explain --store runs/store --test-ids 3,17
 
 ``index`` projects every training gradient of the job once and streams it to the store
-(:mod:`~influencer.app.index_build`); the same command again resumes an interrupted build or does
+(:mod:`~influencer.app.commands.index`); the same command again resumes an interrupted build or does
 nothing. ``query`` streams the store into the most helpful and harmful training examples of any
-number of test examples (:mod:`~influencer.app.index_query`), in bounded memory and resumable.
-``explain --store`` (registered in :mod:`~influencer.app.cli`) writes the usual report with scores
-from the store (:mod:`~influencer.app.store_explain`).
+number of test examples (:mod:`~influencer.app.commands.query`), in bounded memory and resumable.
+``explain --store`` (registered in :mod:`~influencer.app.commands.cli`) writes the usual report with scores
+from the store (:mod:`~influencer.app.commands.explain_store`).
 """
 
 from __future__ import annotations
@@ -26,8 +26,8 @@ try:
     import click
 except ModuleNotFoundError:  # pragma: no cover - the app extra is not installed
     raise MissingExtraError(missing_message(["click"], "the influencer command line", "app")) from None
-from influencer.app.config import DTYPES, PRECONDITIONERS, read_toml
-from influencer.app.index_config import BASES, PROJECTORS, IndexConfig, QueryConfig
+from influencer.app.settings.explain import DTYPES, PRECONDITIONERS, read_toml
+from influencer.app.settings.store import BASES, PROJECTORS, IndexConfig, QueryConfig
 
 __all__ = ["add_commands", "explain_store_flags", "refuse_with_store"]
 
@@ -89,7 +89,7 @@ def _run(work: Callable[[], str], out: str | None) -> None:
     except InfluencerError as exc:
         raise click.ClickException(str(exc)) from exc
     except OSError as exc:  # the directory cannot be written: read-only, full disk, long name, ...
-        from influencer.app.store import describe_os_error
+        from influencer.app.run.store import describe_os_error
 
         raise click.ClickException(describe_os_error(exc, out)) from exc
     click.echo(message)
@@ -183,7 +183,7 @@ def index(config_file: str | None, quiet: bool, **flags: Any) -> None:
     interruption to resume; on a finished store it does nothing. A store built from another model,
     data or settings is refused, saying what changed (--overwrite rebuilds it).
     """
-    from influencer.app.index_build import build_index
+    from influencer.app.commands.index import build_index
 
     if quiet and flags.get("progress") is None:
         flags["progress"] = False
@@ -232,7 +232,7 @@ def query(config_file: str | None, quiet: bool, test: str | None, **flags: Any) 
     writes top_k.json and helpful/harmful ids and scores as .npy arrays. Finished blocks are kept,
     so an interrupted query resumes.
     """
-    from influencer.app.index_query import query_store
+    from influencer.app.commands.query import query_store
 
     if quiet and flags.get("progress") is None:
         flags["progress"] = False

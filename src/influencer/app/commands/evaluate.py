@@ -44,14 +44,14 @@ from torch import nn
 
 from influencer._kernel.errors import ConfigError, InfluencerError
 from influencer._kernel.stats import pearson, spearman
-from influencer.app.config import ExplainConfig, read_toml
-from influencer.app.evaluation import choose_test_ids
-from influencer.app.evaluation import evaluate as evaluate_model
-from influencer.app.jobs import Job, digits_job, load_job
-from influencer.app.logs import Stopwatch, run_logging
-from influencer.app.pipeline import _influence as build_influence
-from influencer.app.pipeline import resolve_device
-from influencer.app.store import RunStore, jsonable
+from influencer.app.settings.explain import ExplainConfig, read_toml
+from influencer.app.job.evaluation import choose_test_ids
+from influencer.app.job.evaluation import evaluate as evaluate_model
+from influencer.app.job.job import Job, digits_job, load_job
+from influencer.app.run.logs import Stopwatch, run_logging
+from influencer.app.commands.explain import _influence as build_influence
+from influencer.app.commands.explain import resolve_device
+from influencer.app.run.store import RunStore, jsonable
 from influencer.influence import Influence
 from influencer.paper.validation import plot_lds, plot_loo_many
 from influencer.retraining import AdamRetrainer, LBFGSRetrainer, Retrainer
