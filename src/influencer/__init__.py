@@ -16,13 +16,53 @@ of the test measurement if the training example were removed; with the default m
 test loss), positive = helpful, negative = harmful.
 """
 
-from influencer._kernel.errors import InfluencerError
-from influencer._kernel.scores import TopK, top_k
-from influencer._kernel.task import ClassificationTask, RegressionTask, SmoothHingeTask, Task
-from influencer.estimators import CG, EKFAC, KFAC, Arnoldi, BlockCG, Exact, Identity, LiSSA
-from influencer.influence import Influence
+from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
+
+# Public names, imported on first use: `import influencer` (and the command line's --help) does not
+# pay for torch until something needs it.
+_LAZY = {
+    "InfluencerError": "influencer._kernel.errors",
+    "TopK": "influencer._kernel.scores",
+    "top_k": "influencer._kernel.scores",
+    "ClassificationTask": "influencer._kernel.task",
+    "RegressionTask": "influencer._kernel.task",
+    "SmoothHingeTask": "influencer._kernel.task",
+    "Task": "influencer._kernel.task",
+    "CG": "influencer.estimators",
+    "EKFAC": "influencer.estimators",
+    "KFAC": "influencer.estimators",
+    "Arnoldi": "influencer.estimators",
+    "BlockCG": "influencer.estimators",
+    "Exact": "influencer.estimators",
+    "Identity": "influencer.estimators",
+    "LiSSA": "influencer.estimators",
+    "Influence": "influencer.influence",
+}
+
+if TYPE_CHECKING:
+    from influencer._kernel.errors import InfluencerError
+    from influencer._kernel.scores import TopK, top_k
+    from influencer._kernel.task import ClassificationTask, RegressionTask, SmoothHingeTask, Task
+    from influencer.estimators import CG, EKFAC, KFAC, Arnoldi, BlockCG, Exact, Identity, LiSSA
+    from influencer.influence import Influence
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'influencer' has no attribute {name!r}")
+    import importlib
+
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_LAZY])
+
 
 __all__ = [
     "CG",

@@ -1,5 +1,5 @@
-"""The ``influencer`` command line, thin over :func:`influencer.app.commands.explain.explain` (needs click,
-from the ``app`` extra; the console script :mod:`influencer.app.entry` checks for it first).
+"""The ``influencer`` command line (needs click, from the ``app`` extra; the console script
+:mod:`influencer.app.entry` checks for it first).
 
     influencer explain                                  # the built-in digits CNN, end to end
     influencer explain --test-ids 3,17 --top-k 8        # choose what to explain
@@ -10,41 +10,37 @@ from the ``app`` extra; the console script :mod:`influencer.app.entry` checks fo
     influencer query --store runs/store --test all --top-k 10   # top-k of every test example from it
     influencer explain --store runs/store               # the report, scored from the store
 
-Every flag corresponds to a field of :class:`influencer.app.settings.explain.ExplainConfig`; only the flags that
-are given override the file's (or the default) values.
+Each command resolves its settings once (defaults < ``--config`` TOML < flags) and runs the shared
+steps of :mod:`influencer.app.steps`; the flags are declared once in :mod:`.options`.
 """
 
 from __future__ import annotations
 
-import os
-import sys
 from typing import Any
 
 from influencer import __version__
-from influencer._kernel.errors import InfluencerError
-from influencer._kernel.extras import MissingExtraError, missing_message
+from influencer.app.commands.options import (
+    INFLUENCE,
+    JOB,
+    METHOD,
+    STORE,
+    TESTS,
+    click,
+    on_path,
+    options,
+    quiet_progress,
+    run_command,
+    settings_values,
+)
+from influencer.app.commands.store_cli import add_commands
+from influencer.app.settings.values import flag
 
-try:
-    import click
-except ModuleNotFoundError:  # pragma: no cover - the app extra is not installed
-    raise MissingExtraError(missing_message(["click"], "the influencer command line", "app")) from None
-from influencer.app.settings.explain import CURVATURES, DTYPES, ExplainConfig, parse_option, read_toml
-from influencer.app.commands.evaluate import add_command
-from influencer.app.commands.store_cli import add_commands, explain_store_flags, refuse_with_store
-from influencer.samplers import SAMPLERS
-
-
-def _ints(text: str | None) -> tuple[int, ...] | None:
-    if text is None:
-        return None
-    try:
-        return tuple(int(t) for t in text.replace(",", " ").split())
-    except ValueError as exc:
-        raise click.BadParameter(f"expected comma-separated integers, got {text!r}") from exc
-
-
-def _names(text: str | None) -> tuple[str, ...] | None:
-    return None if text is None else tuple(t for t in text.replace(",", " ").split() if t)
+# Flags of `explain` that choose how influence is computed or which job is built: with --store the
+# store fixes them, so giving one is an error rather than silently ignored.
+FIXED_BY_STORE = (
+    "estimator", "estimator_option", "on_unconverged", "curvature", "hessian_size", "hessian_sampler",
+    "params", "head", "dtype", "train_size", "epochs", "lr", "weight_decay", "method",
+)  # fmt: skip
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -53,116 +49,140 @@ def cli() -> None:
     """Explain a PyTorch model's predictions by its training data (influence functions)."""
 
 
+def refuse_with_store(flags: dict[str, Any], estimator_options: tuple[str, ...]) -> None:
+    """One line for an ``explain`` flag that a gradient store fixes (with ``--store``), or a store
+    flag without one."""
+    given = [n for n in FIXED_BY_STORE if flags.get(n) is not None] + (
+        ["estimator_option"] if estimator_options else []
+    )
+    if flags.get("store") is not None and given:
+        name = "-o" if given[0] == "estimator_option" else flag(given[0])
+        raise click.UsageError(
+            f"{name} does not apply with --store: the store fixes the job and how gradients are computed; "
+            "build another store with influencer index, or choose --preconditioner/--damping/"
+            "--relative-damping"
+        )
+    if flags.get("store") is None and flags.get("preconditioner") is not None:
+        raise click.UsageError(
+            "--preconditioner applies to scores from a gradient store: give --store DIR as well"
+        )
+
+
 @cli.command()
-@click.option("--config", "config_file", type=click.Path(dir_okay=False), help="TOML file of settings.")
-@click.option(
-    "--task",
-    help="package.module:function returning (task, model, train, test); default: digits CNN. The module "
-    "is imported and the function called, as Python code with your permissions: name only code you trust.",
+@options(
+    JOB,
+    click.option(
+        "--out", help="Run directory (cache, scores, summary.json, report.html).  [default: runs/explain]"
+    ),
+    TESTS,
+    click.option(
+        "--top-k", type=int, help="Helpful and harmful training examples per test example.  [default: 5]"
+    ),
+    METHOD,
+    INFLUENCE,
+    STORE,
 )
-@click.option(
-    "--out", help="Run directory (cache, scores, summary.json, report.html).  [default: runs/explain]"
-)
-@click.option("--test-ids", help="Test examples to explain, e.g. 3,17,42.  [default: chosen automatically]")
-@click.option("--num-test", type=int, help="How many test examples to choose automatically.  [default: 6]")
-@click.option(
-    "--top-k", type=int, help="Helpful and harmful training examples per test example.  [default: 5]"
-)
-@click.option(
-    "--estimator", help="Inverse-Hessian method: cg, exact, lissa, arnoldi, identity, ...  [default: cg]"
-)
-@click.option("--damping", type=float, help="Added to the curvature's diagonal.  [default: 0.001]")
-@click.option(
-    "-o",
-    "--estimator-option",
-    "estimator_option",
-    multiple=True,
-    metavar="NAME=VALUE",
-    help="Estimator option (repeatable), e.g. -o tol=1e-6 -o max_iter=500.",
-)
-@click.option(
-    "--on-unconverged",
-    type=click.Choice(["raise", "warn"]),
-    help="An iterative solve (cg, lissa) that does not converge: stop with an error, or accept it with a "
-    "warning in explain.log and summary.json.  [default: raise]",
-)
-@click.option(
-    "--curvature", type=click.Choice(CURVATURES), help="Hessian or Gauss-Newton.  [default: hessian]"
-)
-@click.option(
-    "--hessian-size",
-    type=int,
-    help="Estimate the curvature on this many training examples.  [default: all]",
-)
-@click.option(
-    "--hessian-sampler",
-    type=click.Choice(sorted(SAMPLERS)),
-    help="How --hessian-size examples are chosen (class, feature, logit: representative).  [default: random]",
-)
-@click.option("--params", help="Parameters/modules to compute influence over, comma-separated, or 'all'.")
-@click.option(
-    "--head",
-    help="Influence over this module alone (e.g. classifier), on the network's features computed once.",
-)
-@click.option("--dtype", type=click.Choice(DTYPES), help="Compute dtype for influence.  [default: float64]")
-@click.option("--device", help="cpu, cuda or cuda:N.  [default: cpu]")
-@click.option("--batch-size", type=int, help="Examples per training-gradient chunk.  [default: 128]")
-@click.option("--train-size", type=int, help="Digits job: use only the first N training images.")
-@click.option("--epochs", type=int, help="Digits job: training epochs.  [default: 20]")
-@click.option("--lr", type=float, help="Digits job: Adam learning rate.  [default: 0.01]")
-@click.option("--weight-decay", type=float, help="Digits job: L2 weight decay.  [default: 0.01]")
-@click.option(
-    "--seed", type=int, help="Digits job seed; also seeds the choice of test examples.  [default: 0]"
-)
-@click.option("--progress/--no-progress", default=None, help="Progress bars.  [default: on]")
-@click.option("--quiet", is_flag=True, help="Log to explain.log in the run directory only; no progress bars.")
 def explain(config_file: str | None, estimator_option: tuple[str, ...], quiet: bool, **flags: Any) -> None:
     """Find the training examples most responsible for a model's test predictions.
 
-    Trains (or loads from the run directory) the model, reports its test accuracy, computes the
-    influence of every training example on the chosen test examples, logs the most helpful and
-    most harmful training ids, and writes scores.npy, summary.json, report.html and
-    influence_vs_distance.png to the run directory. A second run with the same inputs reuses the
-    cached gradients and solves; an interrupted run resumes. With --store DIR the scores come from a
-    gradient store built by `influencer index` (projected gradients), and the report says so.
+    Builds the job (the built-in digits CNN is trained once, in the job cache), reports its test
+    accuracy, computes the influence of every training example on the chosen test examples, logs
+    the most helpful and most harmful training ids, and writes scores.npy, summary.json,
+    report.html and influence_vs_distance.png to the run directory. A second run with the same
+    inputs reuses the cached gradients and solves; an interrupted run resumes. With --store DIR the
+    scores come from a gradient store built by `influencer index`, and the report says so.
     """
     from influencer.app.commands.explain import explain as run
+    from influencer.app.settings.explain import ExplainConfig
 
-    run_dir = None
-    try:
-        if quiet and flags.get("progress") is None:
-            flags["progress"] = False
-        refuse_with_store(flags, estimator_option)
-        config = build_config(config_file, estimator_option, flags)
-        run_dir = config.out
-        if (config.task is not None or config.store is not None) and os.getcwd() not in sys.path:
-            sys.path.insert(0, os.getcwd())  # like `python -m`: modules in the current folder import
+    quiet_progress(quiet, flags)
+    refuse_with_store(flags, estimator_option)
+
+    def work() -> str:
+        config = ExplainConfig.from_dict(
+            settings_values(config_file, flags, estimator_option), config_file or "settings"
+        )
+        on_path(config.task)
         result = run(config, console=not quiet)
-    except InfluencerError as exc:
-        raise click.ClickException(str(exc)) from exc
-    except OSError as exc:  # the run directory cannot be written: read-only, full disk, long name, ...
-        from influencer.app.run.store import describe_os_error
+        return f"Report: {result.files['report']}"
 
-        raise click.ClickException(describe_os_error(exc, run_dir)) from exc
-    click.echo(f"Report: {result.files['report']}")
+    run_command(work, flags.get("out"))
 
 
-def build_config(config_file: str | None, options: tuple[str, ...], flags: dict[str, Any]) -> ExplainConfig:
-    """Defaults, then the TOML file, then the flags that were given."""
-    values: dict[str, Any] = read_toml(config_file) if config_file else {}
-    base = ExplainConfig.from_dict(values, config_file or "settings")
-    given = {k: v for k, v in flags.items() if v is not None}
-    if "test_ids" in given:
-        given["test_ids"] = _ints(given["test_ids"])
-    if "params" in given:
-        given["params"] = _names(given["params"])
-    if options:
-        given["estimator_options"] = {**base.estimator_options, **dict(parse_option(o) for o in options)}
-    return base.replace(**given)
+@cli.command()
+@options(
+    JOB,
+    click.option("--out", help="Run directory (evaluation.json, plots, log).  [default: runs/evaluate]"),
+    TESTS,
+    INFLUENCE,
+    click.option(
+        "--method", "checks", default="loo,lds", show_default=True, help="Checks to run: loo, lds or both."
+    ),
+    click.option("--loo-k", type=int, default=20, show_default=True, help="LOO: removals per test example."),
+    click.option(
+        "--loo-select",
+        type=click.Choice(["magnitude", "helpful", "harmful", "random"]),
+        default="magnitude",
+        show_default=True,
+        help="LOO: which training examples to remove.",
+    ),
+    click.option(
+        "--subsets", type=int, default=20, show_default=True, help="LDS: random subsets to retrain on."
+    ),
+    click.option(
+        "--alpha",
+        type=float,
+        default=0.5,
+        show_default=True,
+        help="LDS: fraction of the training data each subset keeps.",
+    ),
+    click.option(
+        "--seeds", type=int, default=1, show_default=True, help="LDS: retraining seeds per subset, averaged."
+    ),
+    click.option("--lds-tests", type=int, default=50, show_default=True, help="LDS: test examples to score."),
+)
+def evaluate(
+    config_file: str | None,
+    estimator_option: tuple[str, ...],
+    quiet: bool,
+    checks: str,
+    loo_k: int,
+    loo_select: str,
+    subsets: int,
+    alpha: float,
+    seeds: int,
+    lds_tests: int,
+    **flags: Any,
+) -> None:
+    """Check influence against real retraining: leave-one-out (predicted vs actual change of the
+    test loss) and the linear datamodeling score over random subsets.
+
+    Uses the same job, parameters (head), curvature and estimator as `explain` with the same flags;
+    says how many retrainings it will do and about how long before it starts; retrains with the
+    job's recipe (L-BFGS for a linear model or head, Adam from scratch for a network) and caches
+    every refit in the job cache. Writes evaluation.json, loo.png and lds.png.
+    """
+    from influencer.app.commands.evaluate import EvaluateConfig, run_evaluation
+    from influencer.app.settings.explain import ExplainConfig
+
+    quiet_progress(quiet, flags)
+
+    def work() -> str:
+        values = settings_values(config_file, flags, estimator_option)
+        values.setdefault("out", "runs/evaluate")
+        config = ExplainConfig.from_dict(values, config_file or "settings")
+        settings = EvaluateConfig(
+            methods=tuple(m for m in checks.replace(",", " ").split() if m),
+            loo_k=loo_k, loo_select=loo_select, subsets=subsets, alpha=alpha, seeds=seeds,
+            lds_tests=lds_tests,
+        )  # fmt: skip
+        on_path(config.task)
+        result = run_evaluation(config, settings, console=not quiet)
+        return f"Summary: {result.files['summary']}"
+
+    run_command(work, flags.get("out"))
 
 
-explain.params.extend(explain_store_flags())  # --store, --preconditioner
-add_command(cli, explain, build_config)  # `influencer evaluate`, with explain's influence options
 add_commands(cli)  # `influencer index`, `influencer query`
 
 

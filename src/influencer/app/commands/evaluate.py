@@ -30,8 +30,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import logging
-import os
-import sys
+import time
 import warnings
 from collections.abc import Callable
 from datetime import datetime, timezone
@@ -42,20 +41,20 @@ import numpy as np
 import torch
 from torch import nn
 
-from influencer._kernel.errors import ConfigError, InfluencerError
-from influencer._kernel.stats import pearson, spearman
-from influencer.app.settings.explain import ExplainConfig, read_toml
+from influencer import Influence
+from influencer.app.job.cache import cache_root
 from influencer.app.job.evaluation import choose_test_ids
 from influencer.app.job.evaluation import evaluate as evaluate_model
-from influencer.app.job.job import Job, digits_job, load_job
-from influencer.app.run.logs import Stopwatch, run_logging
-from influencer.app.commands.explain import _influence as build_influence
-from influencer.app.commands.explain import resolve_device
+from influencer.app.job.job import Job
+from influencer.app.run.logs import Stopwatch, logged_stop, run_logging
 from influencer.app.run.store import RunStore, jsonable
-from influencer.influence import Influence
-from influencer.paper.validation import plot_lds, plot_loo_many
+from influencer.app.settings.explain import ExplainConfig
+from influencer.app.steps import Ran, build_influence, prepare
+from influencer.errors import ConfigError
+from influencer.plotting import plot_lds, plot_loo_many
 from influencer.retraining import AdamRetrainer, LBFGSRetrainer, Retrainer
 from influencer.retraining_cache import CachedRetrainer
+from influencer.stats import pearson, spearman
 from influencer.uses.validation import LDSResult, LOOResult, Start, lds, leave_one_out
 
 log = logging.getLogger("influencer.evaluate")
@@ -151,18 +150,19 @@ def recipe(job: Job, config: ExplainConfig) -> tuple[Retrainer, Start, str]:
         return job.retrain, start, f"the job's recipe, {where}"
     if is_linear(job.model) and job.make_model is None:
         return LBFGSRetrainer(), None, "L-BFGS to the optimum, warm-started (a linear model: convex)"
-    adam = AdamRetrainer(epochs=config.epochs, lr=config.lr, batch_size=config.train_batch_size)
+    epochs, lr = config.digits("epochs"), config.digits("lr")
+    adam = AdamRetrainer(epochs=epochs, lr=lr, batch_size=config.digits("train_batch_size"))
     if job.make_model is not None:
         return (
             adam,
             _fresh(job.make_model),
-            f"Adam, {config.epochs} epochs, from the job's make_model per seed",
+            f"Adam, {epochs} epochs, from the job's make_model per seed",
         )
     reinitialised(job.model, 0)  # refuses a model it cannot re-initialise, before any work
     return (
         adam,
         lambda seed: reinitialised(job.model, seed),
-        f"Adam, {config.epochs} epochs (lr {config.lr:g}), from a re-initialised copy per seed",
+        f"Adam, {epochs} epochs (lr {lr:g}), from a re-initialised copy per seed (set Job.retrain to choose)",
     )
 
 
@@ -182,47 +182,53 @@ def run_evaluation(
     config: ExplainConfig, settings: EvaluateConfig, job: Job | None = None, *, console: bool = True
 ) -> EvaluateResult:
     """Run the checks (see the module docstring); ``job`` overrides ``config.task``."""
-    device = resolve_device(config.device)
     run_dir = Path(config.out)
-    with RunStore(run_dir) as store, run_logging(run_dir, console):
+    with RunStore(run_dir) as store, run_logging(run_dir, console) as warned:
         log.info(
             "influencer evaluate: run directory %s (%s)",
             run_dir,
             datetime.now(timezone.utc).isoformat(timespec="seconds"),
         )
-        return _run(config, settings, job, store, device)
+        with logged_stop(log):
+            return _run(config, settings, job, store, warned)
 
 
 def _run(
-    config: ExplainConfig, settings: EvaluateConfig, job: Job | None, store: RunStore, device: torch.device
+    config: ExplainConfig, settings: EvaluateConfig, job: Job | None, store: RunStore, warned: list[str]
 ) -> EvaluateResult:
-    clock = Stopwatch(device)
+    clock = Stopwatch(config.device)
     with clock("total"):
-        with clock("build"):
-            if job is None:
-                job = digits_job(config, store, device) if config.task is None else load_job(config.task)
-            job.model.to(device).eval()
-        log.info("job: %s; %d training and %d test examples", job.name, len(job.train), len(job.test))
-        inf = build_influence(config, job, device)
-        retrainer, start, described = recipe(job, config)
-        log.info("retraining: %s; refits cached in %s", described, store.root / "retrained")
-        cached = CachedRetrainer(retrainer, store.root / "retrained")
+        # The same job, parameters (head), curvature and estimator as `influencer explain`.
+        prepared = prepare(config, clock, job)
+        on = prepared.on
+        inf, ran = build_influence(config, prepared)
+        retrainer, start, described = recipe(on, config)
+        where = cache_root(config.cache_dir) / "retrained"
+        log.info("retraining: %s; refits cached in %s", described, where)
+        cached = CachedRetrainer(retrainer, where)
         with clock("fit"):
             inf.fit()
+        ran.applied(getattr(inf.solver, "info", {}))
 
-        loo: list[LOOResult] = []
         loo_ids = np.zeros(0, dtype=np.int64)
         if "loo" in settings.methods:
-            evaluation = evaluate_model(job, device, config)
-            loo_ids = choose_test_ids(config, evaluation, len(job.test))
+            evaluation = evaluate_model(on, prepared.device, config)
+            loo_ids = choose_test_ids(config, evaluation, len(on.test))
+        lds_ids = (
+            _lds_test_ids(len(on.test), settings.lds_tests, config.seed)
+            if "lds" in settings.methods
+            else (np.zeros(0, dtype=np.int64))
+        )
+        _announce(inf, cached, settings, len(loo_ids), clock)
+
+        loo: list[LOOResult] = []
+        if len(loo_ids):
             with clock("loo"):
-                loo = _leave_one_out(inf, job, loo_ids, settings, cached)
+                loo = _leave_one_out(inf, on, loo_ids, settings, cached)
 
         result: LDSResult | None = None
-        lds_ids = np.zeros(0, dtype=np.int64)
-        if "lds" in settings.methods:
-            lds_ids = _lds_test_ids(len(job.test), settings.lds_tests, config.seed)
-            test = job.test.take(torch.from_numpy(lds_ids))
+        if len(lds_ids):
+            test = on.test.take(torch.from_numpy(lds_ids))
             with clock("lds"):
                 scores = inf.scores(test)
                 result = lds(
@@ -238,20 +244,55 @@ def _run(
             )  # fmt: skip
 
         files: dict[str, Path] = {}
+        name = prepared.job.name
         if loo:
             labels = [f"test #{i}" for i in loo_ids.tolist()]
             files["loo"] = plot_loo_many(
-                loo, labels, store.path(FILES["loo"]), title=f"Leave-one-out: {job.name}"
+                loo, labels, store.path(FILES["loo"]), title=f"Leave-one-out: {name}"
             )
         if result is not None:
             files["lds"] = plot_lds(
                 result, store.path(FILES["lds"]), test_labels=[f"#{i}" for i in lds_ids.tolist()]
             )
-    summary = _summary(job, inf, config, settings, described, loo, loo_ids, result, lds_ids, clock.timings)
+    summary = _summary(
+        name, inf, ran, config, settings, described, loo, loo_ids, result, lds_ids, clock.timings, warned
+    )
     summary["files"] = {role: path.name for role, path in files.items()} | {"summary": FILES["summary"]}
     files["summary"] = store.write_json(FILES["summary"], summary)
     log.info("wrote %s", ", ".join(str(p) for p in files.values()))
     return EvaluateResult(store.root, loo, loo_ids, result, lds_ids, summary, files)
+
+
+def _announce(
+    inf: Influence, retrainer: Retrainer, settings: EvaluateConfig, loo_tests: int, clock: Stopwatch
+) -> None:
+    """Say how many retrainings the checks need and about how long they take, before they start:
+    the full-data refit (which leave-one-out needs first anyway) is timed and extrapolated."""
+    loo = loo_tests * settings.loo_k
+    lds_count = settings.subsets * settings.seeds + (settings.seeds if "lds" in settings.methods else 0)
+    total = 1 + loo + lds_count
+    begin = time.perf_counter()
+    with clock("retrain"):
+        retrainer.refit(inf)
+    took = time.perf_counter() - begin
+    parts = []
+    if loo:
+        parts.append(f"leave-one-out {loo_tests} x {settings.loo_k}")
+    if lds_count:
+        parts.append(f"LDS {settings.subsets} subsets x {settings.seeds} seed(s)")
+    log.info(
+        "evaluate: about %d retrainings (%s; refits already cached are free); one took %.2f s, so about "
+        "%s in all",
+        total, ", ".join(parts), took, _duration(total * took),
+    )  # fmt: skip
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    if seconds < 5400:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"
 
 
 def _leave_one_out(
@@ -283,8 +324,9 @@ def _lds_test_ids(n_test: int, k: int, seed: int) -> np.ndarray:
 
 
 def _summary(
-    job: Job,
+    name: str,
     inf: Influence,
+    ran: Ran,
     config: ExplainConfig,
     settings: EvaluateConfig,
     described: str,
@@ -293,18 +335,20 @@ def _summary(
     result: LDSResult | None,
     lds_ids: np.ndarray,
     timings: dict[str, float],
+    warned: list[str],
 ) -> dict[str, Any]:
     out: dict[str, Any] = {
-        "job": job.name,
+        "job": name,
         "n_train": inf.n,
-        "n_test": len(job.test),
         "num_parameters": inf.p,
         "estimator": inf.estimator.settings(),
-        "curvature": config.curvature,
+        "curvature": ran.curvature,
+        "damping": ran.damping,
         "dtype": config.dtype,
         "retraining": described,
         "sign_convention": "score = predicted change of the test loss if the training example were removed; "
         "an LDS subset's predicted change is the sum of the scores of the examples it leaves out",
+        "warnings": list(warned),
     }
     if loo:
         predicted = np.concatenate([r.predicted for r in loo])
@@ -333,82 +377,5 @@ def _summary(
         }
     out["timings_s"] = {k: round(v, 4) for k, v in timings.items()}
     out["settings"] = {**config.to_dict(), "evaluate": settings.to_dict()}
+    out["ran"] = ran.to_dict()
     return jsonable(out)
-
-
-# ---- the command ---------------------------------------------------------------------------------
-
-# The influence and job flags of `influencer explain` that `evaluate` shares.
-_SHARED = (
-    "config_file", "task", "test_ids", "num_test", "estimator", "damping", "estimator_option",
-    "curvature", "hessian_size", "hessian_sampler", "params", "dtype", "device", "batch_size",
-    "train_size", "epochs", "lr", "weight_decay", "seed", "progress", "quiet",
-)  # fmt: skip
-
-
-def add_command(group: Any, explain: Any, build_config: Callable[..., ExplainConfig]) -> None:
-    """Register ``evaluate`` on the click ``group``, with ``explain``'s influence and job options."""
-    import click
-
-    shared = [p for p in explain.params if p.name in _SHARED]
-
-    def command(
-        config_file: str | None,
-        estimator_option: tuple[str, ...],
-        quiet: bool,
-        method: str,
-        loo_k: int,
-        loo_select: str,
-        subsets: int,
-        alpha: float,
-        seeds: int,
-        lds_tests: int,
-        **flags: Any,
-    ) -> None:
-        try:
-            if quiet and flags.get("progress") is None:
-                flags["progress"] = False
-            if flags.get("out") is None:
-                from_file = read_toml(config_file).get("out") if config_file else None
-                flags["out"] = from_file or "runs/evaluate"
-            config = build_config(config_file, estimator_option, flags)
-            settings = EvaluateConfig(
-                methods=tuple(m for m in method.replace(",", " ").split() if m),
-                loo_k=loo_k, loo_select=loo_select, subsets=subsets, alpha=alpha, seeds=seeds,
-                lds_tests=lds_tests,
-            )  # fmt: skip
-            if config.task is not None and os.getcwd() not in sys.path:
-                sys.path.insert(0, os.getcwd())  # like `python -m`: modules in the current folder import
-            result = run_evaluation(config, settings, console=not quiet)
-        except InfluencerError as exc:
-            raise click.ClickException(str(exc)) from exc
-        click.echo(f"Summary: {result.files['summary']}")
-
-    def option(name: str, help: str, **kw: Any) -> Any:
-        return click.Option([name], help=help, show_default="default" in kw, **kw)
-
-    own = [
-        option("--out", "Run directory (cache, evaluation.json, plots).  [default: runs/evaluate]"),
-        option("--method", "Checks to run: loo, lds or both.", default="loo,lds"),
-        option("--loo-k", "LOO: removals per test example.", type=int, default=20),
-        option("--loo-select", "LOO: which training examples to remove.", type=click.Choice(SELECTIONS),
-               default="magnitude"),
-        option("--subsets", "LDS: random subsets to retrain on.", type=int, default=20),
-        option("--alpha", "LDS: fraction of the training data each subset keeps.", type=float, default=0.5),
-        option("--seeds", "LDS: retraining seeds per subset, averaged.", type=int, default=1),
-        option("--lds-tests", "LDS: test examples to score.", type=int, default=50),
-    ]  # fmt: skip
-    group.add_command(
-        click.Command(
-            "evaluate",
-            callback=command,
-            params=[*shared, *own],
-            help=(
-                "Check influence against real retraining: leave-one-out (predicted vs actual change "
-                "of the test loss) and the linear datamodeling score over random subsets.\n\n"
-                "Uses the same job and influence settings as `explain`; retrains with the job's recipe "
-                "(L-BFGS for a linear model, Adam from scratch for a network) and caches every refit in "
-                "the run directory. Writes evaluation.json, loo.png and lds.png."
-            ),
-        )
-    )

@@ -19,37 +19,33 @@ from typing import Any
 import numpy as np
 import torch
 
-from influencer._kernel.errors import ConfigError
-from influencer._kernel.scores import top_k
-from influencer.app.run.cached import optimality_of_norms, solver_text
-from influencer.app.job.checks import check_job
-from influencer.app.settings.explain import ExplainConfig
-from influencer.app.run.devices import resolve_device
+from influencer import top_k
 from influencer.app.job.evaluation import evaluate_and_choose
+from influencer.app.job.job import Job
 from influencer.app.report.explanation import ExplainResult, Explanation, StoreScoring, log_top
+from influencer.app.run.cached import optimality_of_norms, solver_text
 from influencer.app.run.gradient_store import (
-    Subset,
-    build_job,
-    describe_store,
-    influence_job,
-    make_influence,
-    make_preconditioner,
     open_index,
     open_store,
-    preconditioner_text,
-    preconditioning,
-    projection_text,
     read_job_settings,
     same_directory,
-    scoring_settings,
     translate_store_errors,
 )
-from influencer.app.job.job import Job, chosen_head
 from influencer.app.run.logs import Stopwatch, logged_stop, run_logging
-from influencer.app.run.outputs import output_files, write_outputs
-from influencer.app.report.build import build_report
+from influencer.app.run.outputs import finish
 from influencer.app.run.store import RunStore, jsonable
-from influencer.app.report.summary import make_summary
+from influencer.app.run.store_scoring import (
+    Subset,
+    describe_store,
+    preconditioner_text,
+    projection_text,
+    scoring_settings,
+    store_preconditioner,
+)
+from influencer.app.settings.explain import ExplainConfig
+from influencer.app.steps import build_influence, prepare
+from influencer.errors import ConfigError
+from influencer.index import EstimatorPreconditioner
 
 log = logging.getLogger("influencer.explain")
 
@@ -71,7 +67,6 @@ def explain_with_store(
             "task, parameters, head, dtype and training); build another store with influencer index "
             f"--{given[0].replace('_', '-')} ..."
         )
-    device = resolve_device(config.device)
     run_dir, root = Path(config.out), Path(config.store)
     if same_directory(run_dir, root):
         raise ConfigError(
@@ -86,7 +81,7 @@ def explain_with_store(
         )
         log.debug("settings: %s", config.to_json())
         with logged_stop(log), open_store(root) as (store, record), translate_store_errors(root):
-            return _run(config, job, store, record, run, device, warned)
+            return _run(config, job, store, record, run, warned)
 
 
 def _run(
@@ -95,40 +90,29 @@ def _run(
     store: RunStore,
     record: dict[str, Any],
     run: RunStore,
-    device: torch.device,
     warned: list[str],
 ) -> ExplainResult:
     root = store.root
-    settings = read_job_settings(root, record)
-    if config.task is not None:
-        settings["task"] = config.task
+    settings = read_job_settings(root, record, config.task, job is not None)
     config = config.replace(**settings)  # the store's job (what the report and summary record)
     log.info("%s", describe_store(root, record))
-    clock = Stopwatch(device)
+    clock = Stopwatch(config.device)
     with clock("total"):
-        with clock("build"):
-            job = build_job(config, store, device, job)
-        log.info("job: %s; %d training and %d test examples", job.name, len(job.train), len(job.test))
-        check_job(config, job, device)
-        with clock("features"):
-            on = influence_job(job, config, store, device)
-        evaluation, test_ids, choice = evaluate_and_choose(on, len(job.test), config, device, clock)
-
-        kind, damping = preconditioning(record, config.preconditioner, config.damping)
-        use_estimator = kind == "ekfac"
-        inf = make_influence(config, on, device, (kind, damping))
-        index = open_index(root, inf, chosen_head(config, job))
-        pre = make_preconditioner(kind, damping)
-        if use_estimator:
+        prepared = prepare(config, clock, job)
+        on = prepared.on
+        evaluation, test_ids, choice = evaluate_and_choose(on, len(on.test), config, prepared.device, clock)
+        pre, estimator, damping = store_preconditioner(record, config)
+        inf, ran = build_influence(config, prepared, estimator)
+        index = open_index(root, inf, prepared.head)
+        if isinstance(pre, EstimatorPreconditioner):
             with clock("fit"):
                 inf.fit()
         projection, directions = projection_text(record), preconditioner_text(pre, index, inf)
         log.info("scores: %s; test directions: %s", projection, directions)
         with clock("scores"):
             scores = index.scores(Subset(on.test, test_ids), preconditioner=pre).double().cpu().numpy()
-        top = top_k(torch.from_numpy(scores), config.top_k)
         solver: dict[str, Any] = {}
-        if use_estimator:
+        if isinstance(pre, EstimatorPreconditioner):
             solver = jsonable(getattr(inf.solver, "info", {}), limit=20)
             log.info(
                 "test directions: solved %d with %s %s",
@@ -136,33 +120,20 @@ def _run(
                 inf.estimator.name,
                 solver_text(solver),
             )
-        optimality = _optimality(record)
         scoring = StoreScoring(
-            str(root), projection, directions, scoring_settings(root, record, pre, index), use_estimator
-        )
+            str(root), projection, directions, scoring_settings(root, record, pre, index),
+            isinstance(pre, EstimatorPreconditioner),
+        )  # fmt: skip
+        ran.damping = damping
+        ran.store = scoring.settings
+        top = top_k(torch.from_numpy(scores), config.top_k)
+        # the directions are projected (k), not parameter-space: no feature attributions (None)
         ex = Explanation(
-            config,
-            job,
-            inf,
-            evaluation,
-            test_ids,
-            scores,
-            top,
-            solver,
-            choice,
-            None,  # the directions are projected (k), not parameter-space: no feature attributions
-            optimality=optimality,
-            scoring=scoring,
-        )
+            config, prepared.job, inf, evaluation, test_ids, scores, top, solver, choice, None,
+            optimality=_optimality(record), scoring=scoring, ran=ran,
+        )  # fmt: skip
         log_top(ex)
-        with clock("report"):
-            report = build_report(ex, run.root)
-    summary = make_summary(ex, clock.timings, output_files(report), warned)
-    files = write_outputs(run, ex, report, summary)
-    log.info("done in %.1f s", clock.timings["total"])
-    return ExplainResult(
-        config, run.root, test_ids, scores, top, evaluation.accuracy, summary, clock.timings, files
-    )
+        return finish(ex, run, clock, warned)
 
 
 def _optimality(record: dict[str, Any]) -> dict[str, float] | None:

@@ -26,33 +26,28 @@ from typing import Any
 
 import torch
 
-from influencer._kernel.errors import ConfigError
-from influencer._kernel.files import describe_changes
+from influencer import Identity, Influence
+from influencer.app.job.job import Job
 from influencer.app.run.cached import optimality_of_norms
-from influencer.app.job.checks import check_job
-from influencer.app.run.devices import resolve_device
 from influencer.app.run.gradient_store import (
     LOG_FILE,
     RECORD,
     RECORD_FORMAT,
     RECORD_VERSION,
     GradientStoreError,
-    build_job,
     check_fingerprintable,
     check_writable,
     fingerprint_changes,
     index_path,
-    influence_job,
-    make_influence,
-    preconditioning,
-    projection_text,
-    section_changes,
 )
-from influencer.app.settings.store import DEFAULT_K, DEFAULT_K_IN, DEFAULT_K_OUT, JOB_FIELDS, IndexConfig
-from influencer.app.job.job import Job, chosen_head
 from influencer.app.run.logs import Stopwatch, logged_stop, run_logging
-from influencer.app.run.store import RunStore, SectionChangedError, jsonable
+from influencer.app.run.store import RunStore, jsonable
+from influencer.app.run.store_scoring import preconditioning, projection_text
+from influencer.app.settings.store import DEFAULT_K, DEFAULT_K_IN, DEFAULT_K_OUT, JOB_FIELDS, IndexConfig
+from influencer.app.steps import build_influence, prepare
+from influencer.errors import ConfigError
 from influencer.estimators.kronecker import find_layers, is_supported
+from influencer.files import describe_changes
 from influencer.index import (
     GaussianProjector,
     GradientIndex,
@@ -63,7 +58,6 @@ from influencer.index import (
     RademacherProjector,
 )
 from influencer.index.store import StoreLayout
-from influencer.influence import Influence
 
 log = logging.getLogger("influencer.index")
 
@@ -84,20 +78,15 @@ class IndexBuild:
 def build_index(config: IndexConfig, job: Job | None = None, *, console: bool = True) -> IndexBuild:
     """Build, resume or check the store ``config.out`` (see the module docstring); ``job``
     overrides ``config.task``."""
-    device = resolve_device(config.device)
     root = Path(config.out)
     check_writable(root)
-    # Without --overwrite the cached model and features are never replaced: a change is refused.
-    with RunStore(root, frozen=not config.overwrite) as store, run_logging(root, console, LOG_FILE) as warned:
+    with RunStore(root) as store, run_logging(root, console, LOG_FILE) as warned:
         log.info(
             "influencer index: store %s (%s)", root, datetime.now(timezone.utc).isoformat(timespec="seconds")
         )
         log.debug("settings: %s", config.to_json())
         with logged_stop(log):
-            try:
-                return _build(config, job, store, device, warned)
-            except SectionChangedError as exc:
-                raise _changed(root, section_changes(exc)) from None
+            return _build(config, job, store, warned)
 
 
 def _changed(root: Path, changes: list[str]) -> GradientStoreError:
@@ -107,23 +96,16 @@ def _changed(root: Path, changes: list[str]) -> GradientStoreError:
     )
 
 
-def _build(
-    config: IndexConfig, job: Job | None, store: RunStore, device: torch.device, warned: list[str]
-) -> IndexBuild:
-    clock = Stopwatch(device)
+def _build(config: IndexConfig, job: Job | None, store: RunStore, warned: list[str]) -> IndexBuild:
+    clock = Stopwatch(config.device)
     job_config = config.job_config()
     with clock("total"):
-        with clock("build"):
-            job = build_job(job_config, store, device, job)
-        log.info("job: %s; %d training and %d test examples", job.name, len(job.train), len(job.test))
-        check_job(job_config, job, device)
-        with clock("features"):
-            on = influence_job(job, job_config, store, device)
-        inf = make_influence(job_config, on, device)
+        prepared = prepare(job_config, clock, job)
+        inf, _ = build_influence(job_config, prepared, Identity())  # gradients only: no curvature
         check_fingerprintable(inf)
         projector, why = choose_projector(config, inf)
         log.info("projector: %s", why)
-        head = chosen_head(job_config, job)
+        head = prepared.head
         up_to_date = _prepare(store, inf, projector, config, head)
         with clock("index"):
             index = GradientIndex.build(
@@ -139,16 +121,16 @@ def _build(
         if optimality is None:
             with clock("optimality"):
                 optimality = projected_optimality(index)
-    kind, damping = preconditioning({}, config.preconditioner, config.damping)
+    job_fields = {name: getattr(job_config, name) for name in JOB_FIELDS}
     record = {
         "format": RECORD_FORMAT,
         "version": RECORD_VERSION,
         "built": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "job": {name: getattr(job_config, name) for name in JOB_FIELDS},
-        "job_name": job.name,
+        "job": job_fields,
+        "job_name": prepared.job.name,
         "head": head,
         "n_train": inf.n,
-        "n_test": len(job.test),
+        "n_test": len(prepared.job.test),
         "num_parameters": inf.p,
         "parameters": inf.fn.names,
         "dtype": config.dtype,
@@ -158,7 +140,7 @@ def _build(
         "projector_choice": why,
         "chunk": config.chunk,
         # the default of queries and of explain --store (each may choose another)
-        "preconditioner": {"kind": kind, "damping": damping},
+        "preconditioner": preconditioning({}, config.preconditioner, config.relative_damping, config.damping),
         "optimality": optimality,
         "warnings": list(warned),
         "timings_s": {k: round(v, 4) for k, v in clock.timings.items()},
@@ -257,8 +239,21 @@ def choose_projector(config: IndexConfig, inf: Influence) -> tuple[Projector, st
         projector: Projector = KroneckerProjector(
             k_in=k_in, k_out=k_out, seed=config.seed, basis=basis, dtype=dtype
         )
-        k = projector.bind(inf.fn).k
-        return projector, f"kronecker {k_out}x{k_in} per layer ({basis} basis), k = {k} of p = {p} ({reason})"
+        bound = projector.bind(inf.fn)
+        capped = [
+            f"{d['layer']} ({d['k_out']}x{d['k_in']}: it has {d['d_out']} outputs, {d['d_in']} inputs)"
+            for d in bound.info.get("layers", [])
+            if d["k_out"] < k_out or d["k_in"] < k_in
+        ]
+        if capped:
+            reason += (
+                f"; --k-out {k_out} --k-in {k_in} capped at each layer's own size for {', '.join(capped[:4])}"
+                + (f" and {len(capped) - 4} more" if len(capped) > 4 else "")
+            )
+        return (
+            projector,
+            f"kronecker {k_out}x{k_in} per layer ({basis} basis), k = {bound.k} of p = {p} ({reason})",
+        )
     k = config.k
     if k is None:
         k = min(DEFAULT_K, p)

@@ -29,10 +29,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from influencer._kernel.errors import ConfigError
-from influencer._kernel.scores import TopK
-from influencer.app.job.checks import check_finite_losses, check_job
-from influencer.app.run.devices import resolve_device
+from influencer import TopK
+from influencer.app.job.checks import check_finite_losses
 from influencer.app.job.evaluation import (
     Evaluation,
     choose_test_ids,
@@ -41,29 +39,30 @@ from influencer.app.job.evaluation import (
     label_text,
     log_accuracy,
 )
+from influencer.app.job.job import Job
 from influencer.app.report.explanation import find_candidates
+from influencer.app.report.summary import SIGN_CONVENTION
 from influencer.app.run.gradient_store import (
-    Subset,
-    build_job,
-    describe_store,
-    influence_job,
-    make_influence,
-    make_preconditioner,
     open_index,
     open_store,
-    preconditioner_text,
-    preconditioning,
-    projection_text,
     read_job_settings,
     same_directory,
-    scoring_settings,
     translate_store_errors,
 )
-from influencer.app.settings.store import QueryConfig
-from influencer.app.job.job import Job, chosen_head
 from influencer.app.run.logs import Stopwatch, logged_stop, run_logging
 from influencer.app.run.store import RunStore, array_bytes, jsonable
-from influencer.app.report.summary import SIGN_CONVENTION
+from influencer.app.run.store_scoring import (
+    Subset,
+    describe_store,
+    preconditioner_text,
+    projection_text,
+    scoring_settings,
+    store_preconditioner,
+)
+from influencer.app.settings.store import QueryConfig
+from influencer.app.steps import build_influence, prepare
+from influencer.errors import ConfigError
+from influencer.index import EstimatorPreconditioner
 
 log = logging.getLogger("influencer.query")
 
@@ -99,7 +98,6 @@ class QueryRun:
 
 def query_store(config: QueryConfig, job: Job | None = None, *, console: bool = True) -> QueryRun:
     """Run the query (see the module docstring); ``job`` overrides the store's task."""
-    device = resolve_device(config.device)
     out, root = Path(config.out), Path(config.store)
     if same_directory(out, root):
         raise ConfigError(
@@ -113,7 +111,7 @@ def query_store(config: QueryConfig, job: Job | None = None, *, console: bool = 
         )
         log.debug("settings: %s", config.to_json())
         with logged_stop(log), open_store(root) as (store, record), translate_store_errors(root):
-            return _query(config, job, store, record, run, device, warned)
+            return _query(config, job, store, record, run, warned)
 
 
 def _query(
@@ -122,28 +120,18 @@ def _query(
     store: RunStore,
     record: dict[str, Any],
     run: RunStore,
-    device: torch.device,
     warned: list[str],
 ) -> QueryRun:
     root = store.root
-    clock = Stopwatch(device)
-    settings = read_job_settings(root, record)
+    clock = Stopwatch(config.device)
+    settings = read_job_settings(root, record, config.task, job is not None)
     job_config = config.job_config(settings)
     log.info("%s", describe_store(root, record))
-    if config.task is not None and config.task != settings.get("task"):
-        log.info(
-            "the store was built for --task %s; querying with --task %s", settings.get("task"), config.task
-        )
     with clock("total"):
-        with clock("build"):
-            job = build_job(job_config, store, device, job)
-        log.info("job: %s; %d training and %d test examples", job.name, len(job.train), len(job.test))
-        check_job(job_config, job, device)
-        with clock("features"):
-            on = influence_job(job, job_config, store, device)
+        prepared = prepare(job_config, clock, job)
+        on, n_test = prepared.on, len(prepared.job.test)
         with clock("evaluate"):
-            evaluation = evaluate(on, device, job_config)
-        n_test = len(job.test)
+            evaluation = evaluate(on, prepared.device, job_config)
         log_accuracy(evaluation, n_test)
         if config.all_test:
             test_ids = np.arange(n_test, dtype=np.int64)
@@ -154,12 +142,10 @@ def _query(
         _check_finite(evaluation.losses, test_ids)
         log.info("querying test examples: %s", choice if len(test_ids) <= 20 else choice.split(":")[0])
 
-        kind, damping = preconditioning(record, config.preconditioner, config.damping)
-        use_estimator = kind == "ekfac"
-        inf = make_influence(job_config, on, device, (kind, damping))
-        index = open_index(root, inf, chosen_head(job_config, job))
-        pre = make_preconditioner(kind, damping)
-        if use_estimator:
+        pre, estimator, _ = store_preconditioner(record, job_config)
+        inf, _ = build_influence(job_config, prepared, estimator)
+        index = open_index(root, inf, prepared.head)
+        if isinstance(pre, EstimatorPreconditioner):
             with clock("fit"):
                 inf.fit()
         scoring = scoring_settings(root, record, pre, index)
@@ -190,6 +176,7 @@ def _query(
                 blocks,
                 checkpoint,
             )
+    job = prepared.job
     _log_top(evaluation, job, test_ids, top)
     results = _results(config, job, inf.n, inf.p, evaluation, test_ids, top, choice, scoring, record, warned)
     results["projection"] = projection_text(record)

@@ -20,45 +20,20 @@ import dataclasses
 import importlib
 import inspect
 import logging
-import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
 
-from influencer._kernel.data import as_examples
-from influencer._kernel.errors import ConfigError, ConvergenceError, InfluencerError, TaskError
-from influencer._kernel.extras import require
-from influencer._kernel.fingerprint import (
-    hash_examples,
-    hash_json,
-    hash_tensors,
-    model_fingerprint,
-    task_fingerprint,
-)
-from influencer._kernel.functional import ModelFunction
-from influencer._kernel.task import ClassificationTask, Task
-from influencer.app.settings.explain import ExplainConfig
-from influencer.app.report.display import Display, as_display, choose_display, inputs_of
-from influencer.app.run.store import RunStore
-from influencer.heads import FeatureExamples, Head, original_batch
+from influencer import Task
+from influencer.app.report.display import Display, as_display, choose_display
+from influencer.data import as_examples
+from influencer.errors import ConfigError, InfluencerError, TaskError
+from influencer.heads import Head, original_batch
 from influencer.retraining import Retrainer
-from influencer.training import fit_lbfgs, train_minibatch
 
-__all__ = [
-    "Job",
-    "as_job",
-    "chosen_head",
-    "digits_job",
-    "fit_head",
-    "head_features",
-    "influence_job",
-    "inputs_of",
-    "labels_of",
-    "load_job",
-]
+__all__ = ["Job", "JobError", "as_job", "check_build_function", "labels_of", "load_job"]
 
 log = logging.getLogger("influencer.explain")
 
@@ -238,7 +213,14 @@ def load_job(spec: str) -> Job:
                 f"cannot import {module_name!r} (from --task {spec}): no module named {exc.name!r}. Run from "
                 "the folder that contains it, add that folder to PYTHONPATH, or pip install the package"
             ) from exc
-        raise
+        raise _import_failed(spec, exc) from exc
+    except SyntaxError as exc:
+        where = f"{exc.filename}, line {exc.lineno}" if exc.filename else "its source"
+        raise JobError(
+            f"cannot import {module_name!r} (from --task {spec}): syntax error in {where}: {exc.msg}"
+        ) from exc
+    except Exception as exc:
+        raise _import_failed(spec, exc) from exc
     obj: Any = module
     for part in attr.split("."):
         if not hasattr(obj, part):
@@ -258,6 +240,16 @@ def load_job(spec: str) -> Job:
     if job.name == "custom job":
         job.name = spec
     return job
+
+
+def _import_failed(spec: str, exc: BaseException) -> JobError:
+    log.debug("importing %s raised:", spec, exc_info=True)
+    first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    return JobError(
+        f"importing the module of --task {spec} raised {type(exc).__name__}"
+        + (f": {first}" if first else "")
+        + " (the traceback is in the run's log)"
+    )
 
 
 def check_build_function(obj: Any, spec: str) -> None:
@@ -283,220 +275,6 @@ def check_build_function(obj: Any, spec: str) -> None:
         ) from None
 
 
-# ---- the built-in job: a small CNN on scikit-learn's digits --------------------------------------
-
-
-def digits_job(config: ExplainConfig, store: RunStore, device: torch.device) -> Job:
-    """SmallCNN on the 8x8 digits, trained (or loaded from the run directory's cache).
-
-    Training: Adam for ``config.epochs`` epochs on ``mean cross-entropy + weight_decay/2 ||w||^2``,
-    then the linear head alone is fitted to the exact optimum of that objective with L-BFGS in
-    float64 (features fixed). The objective is convex in the head, so the head is then the
-    minimiser influence functions assume, and influence over the head (the default ``params``)
-    predicts what refitting it without a training image would do, as in Koh & Liang's
-    Inception experiments.
-    """
-    from influencer.models import SmallCNN
-    from influencer.paper.datasets import load_digits
-
-    require("sklearn", "the built-in digits job (its images come with scikit-learn)", "data")
-    split = load_digits(images=True, seed=0)
-    n = len(split.x_train) if config.train_size is None else min(config.train_size, len(split.x_train))
-    train = (split.x_train[:n], split.y_train[:n])
-    test = split.test
-    task = ClassificationTask(weight_decay=config.weight_decay)
-    settings = {
-        "model": "SmallCNN",
-        "channels": config.channels,
-        "epochs": config.epochs,
-        "lr": config.lr,
-        "batch_size": config.train_batch_size,
-        "weight_decay": config.weight_decay,
-        "seed": config.seed,
-        "head": "lbfgs-float64",
-    }
-    section = store.section(
-        "model",
-        {"training data": hash_tensors(train), "training settings": hash_json(settings)},
-        {"training": settings, "n_train": n},
-    )
-    with torch.random.fork_rng(devices=[]):  # seeded initialisation without touching the global RNG
-        torch.manual_seed(config.seed)
-        model = SmallCNN(num_classes=10, channels=config.channels)
-    state = {k: section.load(k) for k in model.state_dict()} if len(section) else {}
-    if state and all(v is not None for v in state.values()):
-        model.double().load_state_dict({k: torch.from_numpy(v) for k, v in state.items()})
-        log.info("model: loaded the trained SmallCNN from the cache (%s)", section.meta.get("trained", "?"))
-    else:
-        start = time.perf_counter()
-        log.info(
-            "model: training SmallCNN on %d digit images (%d epochs of Adam, lr %g, weight decay %g) on %s",
-            n,
-            config.epochs,
-            config.lr,
-            config.weight_decay,
-            device,
-        )
-        history = train_minibatch(
-            model,
-            task,
-            train,
-            epochs=config.epochs,
-            lr=config.lr,
-            batch_size=config.train_batch_size,
-            seed=config.seed,
-            device=device,
-            progress=config.progress,
-        )
-        model.double()
-        fit_head(model, task, train, device)
-        elapsed = time.perf_counter() - start
-        for k, v in model.state_dict().items():
-            section.save(k, v)
-        section.set_meta(trained=f"{elapsed:.1f} s, final epoch loss {history[-1]:.4f}", epoch_losses=history)
-        log.info("model: trained in %.1f s (final epoch loss %.4f)", elapsed, history[-1])
-    model.to(device).eval()
-    n_params = sum(p.numel() for p in model.parameters())
-    about = (
-        f"{n} training and {len(test[0])} test images (8x8). SmallCNN ({n_params} parameters) trained "
-        f"{config.epochs} epochs with Adam, then its linear head fitted to the optimum of mean "
-        f"cross-entropy + {config.weight_decay:g}/2 ||w||^2 with L-BFGS (float64)."
-    )
-    return Job(
-        task=task,
-        model=model,
-        train=train,
-        test=test,
-        name="SmallCNN on scikit-learn digits",
-        classes=list(split.classes),
-        invert_images=True,
-        description=about,
-        # Influence over the head (the default) needs only its inputs, the network's features:
-        # computed once, they make every gradient and Hessian-vector product a linear-layer
-        # operation instead of a pass through the convolutions, with the same scores.
-        head="head",
-    )
-
-
-def fit_head(model: nn.Module, task: Task, train: Any, device: torch.device, head: str = "head") -> None:
-    """Fit the module ``head`` of ``model`` to the optimum of the task's objective with the
-    features (the head's inputs) fixed, in place.
-
-    For a linear head and cross-entropy plus L2 the objective is convex in the head. The features
-    are computed once (:class:`~influencer.heads.Head`), so L-BFGS works on the head alone with
-    the same optimum (the other layers' weight decay is constant in the head): each of its few
-    hundred steps on this ill-conditioned problem is then a cheap matrix product instead of a
-    pass through the network. Computed in float64; ``model`` must already be float64.
-    """
-    part = Head(model, task, head)
-    features = part.features(train, device=device, dtype=torch.float64, batch_size=1024)
-    fn = ModelFunction(part.model, part.task, None, device, torch.float64)
-    try:
-        theta = fit_lbfgs(fn, features)
-    except ConvergenceError as exc:  # the Adam solution is still a fine model to explain
-        log.warning("model: the head did not reach the optimum (%s); keeping the Adam weights", exc)
-        return
-    shift = float((theta - fn.theta0).norm() / fn.theta0.norm().clamp_min(1e-30))
-    fn.load_into(theta)
-    log.info("model: head fitted to the optimum (relative change %.2g)", shift)
-
-
-# ---- influence over a head, on cached features ----------------------------------------------------
-
-
-def chosen_head(config: ExplainConfig, job: Job) -> str | None:
-    """The head influence is computed over: the settings' ``head``, else the job's unless the
-    settings choose ``params``."""
-    if config.head is not None:
-        return config.head
-    return job.head if config.params is None else None
-
-
-def influence_job(job: Job, config: ExplainConfig, store: RunStore, device: torch.device) -> Job:
-    """The job influence is computed on: ``job`` itself, or, with a head (:func:`chosen_head`),
-    the head as the model and the network's features (cached) as the data.
-
-    Everything but the report (which shows ``job``'s own examples) then runs on the head: the
-    evaluation, the curvature, the gradients.
-    """
-    name = chosen_head(config, job)
-    if name is None:
-        return job
-    head = Head(job.model, job.task, name)
-    dtype = torch.float64 if config.dtype == "float64" else torch.float32
-    train, test = head_features(head, job, store, device, dtype, config.batch_size, config.progress)
-    flat = train.tensor.ndim == 2
-    return dataclasses.replace(
-        job,
-        model=head.model,
-        task=head.task,
-        train=train,
-        test=test,
-        head=None,
-        display=None,
-        shown=None,
-        # A flat feature row is small: all examples in one HVP batch (one call per CG iteration
-        # instead of several) is cheap to hold and roughly halves the solve time on a CPU.
-        hessian_batch_size=job.hessian_batch_size or (4096 if flat else None),
-    )
-
-
-def head_features(
-    head: Head,
-    job: Job,
-    store: RunStore,
-    device: torch.device,
-    dtype: torch.dtype,
-    batch_size: int,
-    progress: bool,
-) -> tuple[FeatureExamples, FeatureExamples]:
-    """The training and test data with the head's features, from the run directory's cache or
-    computed (one pass of the network over each set) and cached.
-
-    The cache is keyed by the model's fingerprint (code and weights), the data, the task, the head
-    and the dtype; any change recomputes the features.
-    """
-    model = fingerprint_of(job.model)
-    settings = {
-        "head": head.name,
-        "dtype": str(dtype).removeprefix("torch."),
-        "task": task_fingerprint(job.task),
-    }
-    components = {
-        "model weights": str(model["state"]),
-        "model code": hash_json(model["classes"]),
-        "data": hash_json([hash_examples(job.train), hash_examples(job.test)]),
-        "settings": hash_json(settings),
-    }
-    section = store.section("features", components, {"head": head.name, "dtype": settings["dtype"]})
-    out = []
-    for which, data in (("train", job.train), ("test", job.test)):
-        cached = section.load(which) if which in section else None
-        if cached is not None and len(cached) == len(data):
-            features = torch.from_numpy(cached)
-        else:
-            start = time.perf_counter()
-            features = head.extract(
-                data, device=device, dtype=dtype, batch_size=batch_size, progress=progress
-            )
-            section.save(which, features)
-            log.info(
-                "features: the network ran once over the %d %s examples up to %r (%.1f s); influence "
-                "runs on the head alone",
-                len(data),
-                "training" if which == "train" else "test",
-                head.name,
-                time.perf_counter() - start,
-            )
-        out.append(head.examples(features, data))
-    return out[0], out[1]
-
-
-def fingerprint_of(model: nn.Module) -> dict[str, Any]:
-    """:func:`~influencer._kernel.fingerprint.model_fingerprint` of a module's own state."""
-    return model_fingerprint(model, dict(model.state_dict()))
-
-
 def labels_of(batch: Any) -> torch.Tensor | None:
     """The label tensor ``(B,)`` of a batch, when it has one: ``batch[1]`` or a ``label``-like key
     (for a batch of head features: of the examples' own batch)."""
@@ -511,7 +289,3 @@ def labels_of(batch: Any) -> torch.Tensor | None:
     if isinstance(y, torch.Tensor) and (y.ndim == 1 or (y.ndim == 2 and y.shape[1] == 1)):
         return y.reshape(-1)
     return None
-
-
-def numpy_of(t: torch.Tensor) -> np.ndarray:
-    return t.detach().cpu().numpy()

@@ -19,14 +19,14 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from influencer._kernel.errors import InfluencerError
-from influencer._kernel.task import _Decayed
-from influencer.app.run.cached import solver_text
-from influencer.app.report.display import Display, TableDisplay
 from influencer.app.job.evaluation import label_text
+from influencer.app.job.features import chosen_head
+from influencer.app.job.job import Job, labels_of
+from influencer.app.report.display import Display, TableDisplay
 from influencer.app.report.explanation import Explanation, names_text
-from influencer.app.job.job import Job, chosen_head, labels_of
 from influencer.app.report.page import Card, Panel, render_report
+from influencer.app.run.cached import solver_text
+from influencer.errors import InfluencerError
 from influencer.paper.plotting import figure_png, influence_vs_distance
 from influencer.uses.perturbation import PerturbationInfluence, get_input
 
@@ -88,7 +88,7 @@ class Attributions:
         )
         if not usable:
             return
-        key = job.task.input_key if isinstance(job.task, _Decayed) else 0
+        key = getattr(job.task, "input_key", 0)
         try:
             sample = get_input(job.train.take(torch.arange(min(SAMPLE, len(job.train)))), key)
             if not (sample.is_floating_point() and sample.ndim == 2):
@@ -287,13 +287,33 @@ def facts(ex: Explanation) -> list[tuple[str, str]]:
             *solver,
             ("computed in", config.dtype + " on " + str(inf.device)),
         ]
+    ran = ex.ran
+    estimator = f"{inf.estimator.name} {_settings_text(inf.estimator.settings())}"
+    if ran is not None:
+        estimator += f" ({ran.reason})"
     return [
         *common,
-        ("estimator", f"{inf.estimator.name} {_settings_text(inf.estimator.settings())}"),
-        ("curvature", config.curvature + _hessian_text(ex)),
+        ("method", "influence functions" if config.method == "influence" else config.method),
+        ("estimator", estimator),
+        ("curvature", (ran.curvature if ran else config.curvature or "hessian") + _hessian_text(ex)),
+        ("damping", _damping_text(ran.damping) if ran else "n/a"),
         ("solver", solver_text(ex.solver).strip("()") or "n/a"),
         ("computed in", config.dtype + " on " + str(inf.device)),
     ]
+
+
+def _damping_text(damping: dict[str, Any]) -> str:
+    """The damping that ran, e.g. ``"relative: 0.1 x the mean eigenvalue (0.0032 applied)"``."""
+    parts = [damping["kind"]]
+    if damping.get("absolute"):
+        parts.append(f"{damping['absolute']:.3g} added")
+    if damping.get("relative"):
+        parts.append(f"{damping['relative']:g} x the mean eigenvalue")
+    if damping.get("relative_if_indefinite"):
+        parts.append(f"{damping['relative_if_indefinite']:g} x the mean |eigenvalue| if indefinite")
+    if "applied" in damping:
+        parts.append(f"{damping['applied']:.3g} applied")
+    return ", ".join(parts)
 
 
 def _hessian_text(ex: Explanation) -> str:

@@ -10,10 +10,10 @@ from typing import Any
 import numpy as np
 from torch import Tensor
 
-from influencer._kernel.scores import TopK
-from influencer.app.settings.explain import ExplainConfig
+from influencer.scores import TopK
 from influencer.app.job.evaluation import Evaluation
 from influencer.app.job.job import Job
+from influencer.app.settings.explain import ExplainConfig
 from influencer.influence import Influence
 
 log = logging.getLogger("influencer.explain")
@@ -65,6 +65,8 @@ class Explanation:
     optimality: dict[str, float] | None = None
     # set when the scores come from a gradient store (projected gradients) instead of exact ones
     scoring: StoreScoring | None = None
+    # what the run computed with, resolved from the settings (influencer.app.steps.Ran)
+    ran: Any = None
 
     def candidates(self) -> list[Candidate]:
         """Training examples among the top-k most harmful (negative scores only) of at least

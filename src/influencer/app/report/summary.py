@@ -7,8 +7,8 @@ from typing import Any
 import numpy as np
 
 from influencer.app.job.evaluation import label_text
+from influencer.app.job.features import chosen_head
 from influencer.app.report.explanation import Explanation
-from influencer.app.job.job import chosen_head
 from influencer.app.run.store import jsonable
 
 SIGN_CONVENTION = (
@@ -56,8 +56,11 @@ def make_summary(
             "test_accuracy": ev.accuracy,
             "num_parameters": inf.p,
             "parameters": inf.fn.names,
+            "method": config.method,
             "estimator": jsonable(inf.estimator.settings()) if exact else None,
-            "curvature": config.curvature if exact else None,
+            "curvature": (ex.ran.curvature if ex.ran else config.curvature) if exact else None,
+            "damping": ex.ran.damping if ex.ran and exact else None,
+            "estimator_reason": ex.ran.reason if ex.ran and exact else None,
             "hessian_examples": (config.hessian_size or inf.n) if exact else None,
             "hessian_sampler": config.hessian_sampler if config.hessian_size and exact else None,
             "dtype": config.dtype,
@@ -85,5 +88,6 @@ def make_summary(
             "timings_s": {k: round(v, 4) for k, v in timings.items()},
             "files": files,
             "settings": config.to_dict(),
+            "ran": ex.ran.to_dict() if ex.ran else None,
         }
     )

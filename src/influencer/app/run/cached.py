@@ -21,10 +21,10 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from influencer._kernel.data import Examples
-from influencer._kernel.errors import NonFiniteError
-from influencer._kernel.fingerprint import hash_json, hash_tensors, unverifiable
-from influencer._kernel.scores import removal_scores
+from influencer.data import Examples
+from influencer.errors import NonFiniteError
+from influencer.fingerprint import hash_json, hash_tensors, unverifiable
+from influencer.scores import removal_scores
 from influencer.app.run.logs import Stopwatch
 from influencer.app.run.store import RunStore, Section, jsonable
 from influencer.influence import Influence

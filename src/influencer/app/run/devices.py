@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from influencer._kernel.errors import ConfigError
+from influencer.errors import ConfigError
 
 __all__ = ["resolve_device"]
 

@@ -3,8 +3,8 @@ read: a gradient index with the job it was built from.
 
 Layout::
 
-    <dir>/manifest.json, cache/   # a run directory (influencer.app.run.store): the digits job's trained
-                                  # model, a head's training features (the index depends on them)
+    <dir>/manifest.json           # a run directory (influencer.app.run.store); the job's trained
+                                  # model and features are in the job cache (influencer.app.job.cache)
     <dir>/index/                  # the projected gradients (influencer.index.GradientIndex)
     <dir>/index.json              # what they were built from, written when the build completes
     <dir>/index.log
@@ -20,41 +20,22 @@ index's fingerprint (:meth:`influencer.Influence.settings`), and said in words.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import json
 import logging
 import os
-import time
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-import torch
-from torch import Tensor
-
-from influencer._kernel.data import Examples
-from influencer._kernel.errors import ConfigError, InfluencerError
-from influencer._kernel.files import describe_changes, json_roundtrip
-from influencer._kernel.fingerprint import hash_examples, hash_json, task_fingerprint, unverifiable
-from influencer.app.job.checks import influence_params
+from influencer import Influence
+from influencer.app.run.store import MANIFEST, RunStore, SectionChangedError
 from influencer.app.settings.explain import ExplainConfig
-from influencer.app.settings.store import DEFAULT_RELATIVE_DAMPING
-from influencer.app.job.job import Job, chosen_head, digits_job, fingerprint_of, load_job
-from influencer.app.run.store import MANIFEST, RunStore, SectionChangedError, StoreError
-from influencer.estimators import EKFAC
-from influencer.heads import Head
-from influencer.index import (
-    EstimatorPreconditioner,
-    GradientIndex,
-    IndexStoreError,
-    NoPreconditioner,
-    Preconditioner,
-    ProjectedFisher,
-)
+from influencer.errors import ConfigError, InfluencerError
+from influencer.files import describe_changes, json_roundtrip
+from influencer.fingerprint import unverifiable
+from influencer.index import GradientIndex, IndexStoreError
 from influencer.index.store import FORMAT as INDEX_FORMAT
 from influencer.index.store import StoreLayout
-from influencer.influence import Influence
 
 log = logging.getLogger("influencer.index")
 
@@ -62,7 +43,7 @@ INDEX = "index"  # the gradient index, inside the store directory
 RECORD = "index.json"
 LOG_FILE = "index.log"
 RECORD_FORMAT = "influencer-gradient-store"
-RECORD_VERSION = 1
+RECORD_VERSION = 2  # 2: the preconditioner records relative and absolute damping apart
 _RUN_FORMAT = "influencer-run"
 
 
@@ -192,94 +173,6 @@ def open_store(root: str | Path) -> Iterator[tuple[RunStore, dict[str, Any]]]:
         yield store, read_record(root)
 
 
-# ---- the job ------------------------------------------------------------------------------------
-
-
-def build_job(config: ExplainConfig, store: RunStore, device: torch.device, job: Job | None = None) -> Job:
-    """The job the settings name (the digits job's model trained or loaded in ``store``)."""
-    if job is None:
-        job = digits_job(config, store, device) if config.task is None else load_job(config.task)
-    job.model.to(device).eval()
-    return job
-
-
-def influence_job(job: Job, config: ExplainConfig, store: RunStore, device: torch.device) -> Job:
-    """The job influence is computed on: ``job``, or its head on the network's features.
-
-    The training features are cached in ``store`` (the index's fingerprint is that of these
-    exact values, so a query must read the same ones); the test features are computed for each
-    command, so a query may use another test set.
-    """
-    name = chosen_head(config, job)
-    if name is None:
-        return job
-    head = Head(job.model, job.task, name)
-    dtype = torch.float64 if config.dtype == "float64" else torch.float32
-    model = fingerprint_of(job.model)
-    settings = {"head": name, "dtype": config.dtype, "task": task_fingerprint(job.task)}
-    components = {
-        "model weights": str(model["state"]),
-        "model code": hash_json(model["classes"]),
-        "training data": hash_examples(job.train),
-        "settings": hash_json(settings),
-    }
-    section = store.section("train_features", components, {"head": name, "dtype": config.dtype})
-    cached = section.load("train") if "train" in section else None
-    if cached is not None and len(cached) == len(job.train):
-        train = torch.from_numpy(cached)
-    else:
-        start = time.perf_counter()
-        train = head.extract(
-            job.train, device=device, dtype=dtype, batch_size=config.batch_size, progress=config.progress
-        )
-        section.save("train", train)
-        log.info(
-            "features: the network ran once over the %d training examples up to %r (%.1f s); influence "
-            "runs on the head alone",
-            len(job.train),
-            name,
-            time.perf_counter() - start,
-        )
-    test = head.extract(
-        job.test, device=device, dtype=dtype, batch_size=config.batch_size, progress=config.progress
-    )
-    return dataclasses.replace(
-        job,
-        model=head.model,
-        task=head.task,
-        train=head.examples(train, job.train),
-        test=head.examples(test, job.test),
-        head=None,
-        display=None,
-        shown=None,
-        hessian_batch_size=job.hessian_batch_size or (4096 if train.ndim == 2 else None),
-    )
-
-
-def make_influence(
-    config: ExplainConfig, job: Job, device: torch.device, preconditioning: tuple[str, float] | None = None
-) -> Influence:
-    """The :class:`Influence` of the job's chosen parameters; with an EK-FAC estimator when the
-    ``preconditioning`` (kind, relative damping) is ``"ekfac"`` (for :class:`EstimatorPreconditioner`)."""
-    kwargs: dict[str, Any] = {}
-    if preconditioning is not None and preconditioning[0] == "ekfac":
-        kwargs = {
-            "estimator": EKFAC(damping=0.0, relative_damping=preconditioning[1]),
-            "hessian_batch_size": config.hessian_batch_size or job.hessian_batch_size or 512,
-        }
-    return Influence(
-        job.model,
-        job.task,
-        job.train,
-        params=influence_params(config, job),  # type: ignore[arg-type]
-        batch_size=config.batch_size,
-        device=device,
-        dtype=torch.float64 if config.dtype == "float64" else torch.float32,
-        progress=config.progress,
-        **kwargs,
-    )
-
-
 def check_fingerprintable(inf: Influence) -> None:
     """Refuse a job whose inputs the store could not recognise later (see :func:`unverifiable`)."""
     unknown = unverifiable(inf.settings()["gradients"])
@@ -289,20 +182,6 @@ def check_fingerprintable(inf: Influence) -> None:
             "(source code Python cannot read, or a value without a reproducible fingerprint): define such "
             "classes and functions in a .py file and give the task plain attribute values"
         )
-
-
-class Subset(Examples):
-    """Examples ``ids`` ``(m,)`` of another set, in that order, read lazily."""
-
-    def __init__(self, data: Examples, ids: np.ndarray) -> None:
-        self.data = data
-        self.ids = torch.as_tensor(np.asarray(ids, dtype=np.int64))
-
-    def __len__(self) -> int:
-        return len(self.ids)
-
-    def take(self, indices: Tensor) -> Any:
-        return self.data.take(self.ids[indices.cpu()])
 
 
 # ---- what changed -------------------------------------------------------------------------------
@@ -393,99 +272,6 @@ def open_index(root: Path, inf: Influence, head: str | None = None) -> GradientI
         raise GradientStoreError(f"{exc} (command line: run influencer index --out {root} again)") from None
 
 
-def preconditioning(
-    record: Mapping[str, Any], kind: str | None = None, damping: float | None = None
-) -> tuple[str, float]:
-    """(kind, relative damping) of a query: the given ones, else the store's default
-    (``influencer index --preconditioner/--damping``); a kind other than the store's with no
-    damping gets :data:`DEFAULT_RELATIVE_DAMPING`."""
-    stored = record.get("preconditioner") or {}
-    stored_kind = stored.get("kind", "fisher")
-    kind = stored_kind if kind is None else kind
-    if damping is None:
-        damping = stored.get("damping") if kind == stored_kind else None
-    if kind == "none":
-        return kind, 0.0
-    return kind, float(DEFAULT_RELATIVE_DAMPING if damping is None else damping)
-
-
-def make_preconditioner(kind: str, damping: float = DEFAULT_RELATIVE_DAMPING) -> Preconditioner:
-    """The preconditioner a query or explain asks for by name (``fisher``, ``ekfac``, ``none``);
-    for ``ekfac`` the :class:`Influence` carries the estimator (:func:`make_influence`)."""
-    if kind == "fisher":
-        return ProjectedFisher(relative_damping=damping)
-    if kind == "none":
-        return NoPreconditioner()
-    if kind == "ekfac":
-        return EstimatorPreconditioner()
-    raise ConfigError(f"unknown preconditioner {kind!r}; choose fisher, ekfac or none")
-
-
-def preconditioner_text(pre: Preconditioner, index: GradientIndex, inf: Influence) -> str:
-    """How the test directions were formed, in words."""
-    if isinstance(pre, ProjectedFisher):
-        layers = len(index.projection.blocks)
-        shape = f"block-diagonal over {layers} layers, " if layers > 1 and pre.blocks == "layers" else ""
-        damping = f"relative damping {pre.relative_damping:g}"
-        if pre.damping:
-            damping += f" + {pre.damping:g}"
-        return f"the projected Fisher ({shape}{damping})"
-    if isinstance(pre, NoPreconditioner):
-        return "nothing: projected gradient dot products (TracIn at one checkpoint)"
-    est = inf.estimator
-    damping = getattr(est, "relative_damping", 0.0)
-    return (
-        f"{est.name.upper()} before projection (relative damping {damping:g}, {inf.curvature_kind} curvature)"
-    )
-
-
-def projection_text(record: Mapping[str, Any]) -> str:
-    """The store's projection in words, e.g. ``"Kronecker, k = 2048 (32x32 per layer, 2 layers, PCA
-    basis; seed 0), stored as float32"``."""
-    settings, info = record["projector"], record.get("projection", {})
-    kind, k, p = settings.get("kind"), record.get("k"), record.get("num_parameters")
-    dtype = settings.get("dtype")
-    if kind == "identity":
-        return f"none: the exact gradients (k = p = {k}), stored as {dtype}"
-    if kind == "kronecker":
-        shapes = [f"{d['k_out']}x{d['k_in']}" for d in info.get("layers", [])]
-        per = (
-            shapes[0]
-            if len(set(shapes)) == 1
-            else ", ".join(shapes[:4]) + (", ..." if len(shapes) > 4 else "")
-        )
-        basis = settings.get("basis", "random")
-        basis = "PCA basis" if basis == "pca" else "random basis"
-        return (
-            f"Kronecker, k = {k} of p = {p} ({per} per layer, {len(shapes)} layers, {basis}; "
-            f"seed {settings.get('seed')}), stored as {dtype}"
-        )
-    return f"{str(kind).capitalize()}, k = {k} of p = {p} (seed {settings.get('seed')}), stored as {dtype}"
-
-
-def scoring_settings(
-    root: Path, record: Mapping[str, Any], pre: Preconditioner, index: GradientIndex
-) -> dict[str, Any]:
-    """How scores were computed from a store, JSON-able (for top_k.json and summary.json)."""
-    return json_roundtrip(
-        {
-            "store": str(root),
-            "projector": record["projector"],
-            "k": record["k"],
-            "built": record.get("built"),
-            "preconditioner": pre.settings(index),
-        }
-    )
-
-
-def describe_store(root: Path, record: Mapping[str, Any]) -> str:
-    """One line about a store, for logs."""
-    return (
-        f"gradient store {root}: {record.get('job_name')}, {record.get('n_train')} training examples, "
-        f"{projection_text(record)}"
-    )
-
-
 def job_of_record(record: Mapping[str, Any]) -> dict[str, Any]:
     """The job's settings a store was built with (ExplainConfig fields), as recorded."""
     job = dict(record["job"])
@@ -494,8 +280,12 @@ def job_of_record(record: Mapping[str, Any]) -> dict[str, Any]:
     return job
 
 
-def read_job_settings(root: Path, record: Mapping[str, Any]) -> dict[str, Any]:
-    """:func:`job_of_record`, refusing settings this version cannot read."""
+def read_job_settings(
+    root: Path, record: Mapping[str, Any], task: str | None = None, job_given: bool = False
+) -> dict[str, Any]:
+    """:func:`job_of_record`, refusing settings this version cannot read; ``task`` is the user's own
+    ``--task``. A store is data: the task it records is never imported on the store's word, so a
+    store built for a ``--task`` job needs the user's ``--task`` (``job_given``: a job from Python)."""
     try:
         job = job_of_record(record)
         ExplainConfig(**job)
@@ -504,6 +294,16 @@ def read_job_settings(root: Path, record: Mapping[str, Any]) -> dict[str, Any]:
             f"{root / RECORD} records job settings this influencer cannot use ({exc}): build the store again "
             f"with {_rebuild_hint(root)}"
         ) from None
+    recorded = job.get("task")
+    if recorded is not None and task is None and not job_given:
+        raise GradientStoreError(
+            f"the gradient store {root} was built for --task {recorded}; a store is data and never chooses "
+            f"which code runs: pass --task {recorded} yourself (if you trust that code) to use it"
+        )
+    if task is not None:
+        if recorded != task:
+            log.info("the store was built for --task %s; using --task %s", recorded, task)
+        job["task"] = task
     return job
 
 
@@ -518,22 +318,6 @@ def translate_store_errors(root: Path) -> contextlib.AbstractContextManager[None
             raise mismatch_error(root, section_changes(exc)) from None
 
     return translating()
-
-
-__all__ = [
-    "GradientStoreError",
-    "StoreError",
-    "Subset",
-    "build_job",
-    "check_readable",
-    "check_writable",
-    "influence_job",
-    "make_influence",
-    "make_preconditioner",
-    "open_index",
-    "open_store",
-    "preconditioning",
-]
 
 
 def same_directory(a: Path, b: Path) -> bool:

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from influencer._kernel.errors import InfluencerError
+from influencer.errors import InfluencerError
 
 LOG_FILE = "explain.log"
 
@@ -103,18 +103,27 @@ class Stopwatch:
     """Seconds per named stage, summed over repeats: ``with clock("fit"): ...``.
 
     On CUDA the device is synchronised before a stage is stopped, so queued kernels count to it.
+    :meth:`stop` ends an open stage early (e.g. ``total`` before the summary that reports it).
     """
 
-    def __init__(self, device: torch.device) -> None:
-        self.device = device
+    def __init__(self, device: torch.device | str) -> None:
+        self.device = torch.device(device)
         self.timings: dict[str, float] = {}
+        self._open: dict[str, float] = {}
 
     @contextlib.contextmanager
     def __call__(self, name: str) -> Iterator[None]:
-        start = time.perf_counter()
+        self._open[name] = time.perf_counter()
         try:
             yield
         finally:
-            if self.device.type == "cuda":
-                torch.cuda.synchronize(self.device)
-            self.timings[name] = self.timings.get(name, 0.0) + time.perf_counter() - start
+            self.stop(name)
+
+    def stop(self, name: str) -> None:
+        """End the open stage ``name`` now (nothing if it has ended)."""
+        start = self._open.pop(name, None)
+        if start is None:
+            return
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        self.timings[name] = self.timings.get(name, 0.0) + time.perf_counter() - start

@@ -18,9 +18,11 @@ from typing import Any
 
 import numpy as np
 
-from influencer.app.report.explanation import Explanation
-from influencer.app.report.build import Report
-from influencer.app.run.store import RunStore, array_bytes
+from influencer.app.report.build import Report, build_report
+from influencer.app.report.explanation import ExplainResult, Explanation
+from influencer.app.report.summary import make_summary
+from influencer.app.run.logs import Stopwatch
+from influencer.app.run.store import RunStore, array_bytes, jsonable
 
 log = logging.getLogger("influencer.explain")
 
@@ -46,7 +48,7 @@ def encode_outputs(ex: Explanation, report: Report, summary: dict[str, Any]) -> 
     contents = {
         "scores": array_bytes(ex.scores.astype(dtype)),
         "test_ids": array_bytes(ex.test_ids),
-        "config": (ex.config.to_json() + "\n").encode("utf-8"),
+        "config": (json.dumps(run_settings(ex), indent=2, sort_keys=True) + "\n").encode("utf-8"),
         "plot": report.figure,
         "report": report.html.encode("utf-8"),
     }
@@ -70,3 +72,23 @@ def write_outputs(
     files = {role: paths[FILES[role]] for role in contents}
     log.info("wrote %s", ", ".join(str(p) for p in files.values()))
     return files
+
+
+def run_settings(ex: Explanation) -> dict[str, Any]:
+    """``config.json``: the settings as requested (defaults, TOML file, flags) and as they ran
+    (the estimator, damping, parameters and curvature they resolved to)."""
+    return jsonable({"requested": ex.config.to_dict(), "ran": ex.ran.to_dict() if ex.ran else None})
+
+
+def finish(ex: Explanation, store: RunStore, clock: Stopwatch, warned: list[str]) -> ExplainResult:
+    """The report, the summary and the run's files, written as one set; the result to return."""
+    with clock("report"):
+        report = build_report(ex, store.root)
+    clock.stop("total")
+    summary = make_summary(ex, clock.timings, output_files(report), warned)
+    files = write_outputs(store, ex, report, summary)
+    log.info("done in %.1f s", clock.timings["total"])
+    accuracy = ex.evaluation.accuracy
+    return ExplainResult(
+        ex.config, store.root, ex.test_ids, ex.scores, ex.top, accuracy, summary, clock.timings, files
+    )

@@ -47,8 +47,8 @@ from typing import Any
 import numpy as np
 from torch import Tensor
 
-from influencer._kernel.errors import InfluencerError
-from influencer._kernel.files import atomic_write_bytes, current_umask, describe_changes, file_sha256
+from influencer.errors import InfluencerError
+from influencer.files import atomic_write_bytes, describe_changes, file_sha256, write_durable
 
 FORMAT = "influencer-run"
 VERSION = 1
@@ -77,17 +77,6 @@ class SectionChangedError(StoreError):
 
 
 # ---- atomic files --------------------------------------------------------------------------------
-
-
-def _write_file(path: Path, data: bytes, fd: int | None = None) -> None:
-    """Write ``data`` to ``path`` (or the open ``fd``) durably, with the permissions the umask gives
-    a new file (``mkstemp`` would leave them at 0600)."""
-    with os.fdopen(fd, "wb") if fd is not None else open(path, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-        if hasattr(os, "fchmod"):
-            os.fchmod(f.fileno(), 0o666 & ~current_umask())
 
 
 def array_bytes(array: np.ndarray) -> bytes:
@@ -210,12 +199,12 @@ class RunStore:
     dropping its entries. Missing entries may still be added.
     """
 
-    def __init__(self, root: str | Path, frozen: bool = False) -> None:
+    def __init__(self, root: str | Path, frozen: bool = False, wait: float = 0.0) -> None:
         self.root = Path(root)
         self.frozen = frozen
         self._lock: _DirectoryLock | None = None
         self._check_usable()
-        self._lock = _DirectoryLock(self.root / _LOCK)
+        self._lock = _DirectoryLock(self.root / _LOCK, wait)
         try:
             self.manifest = self._read_or_create()
             self._finish_commit()
@@ -392,7 +381,7 @@ class RunStore:
         try:
             staging.mkdir()
             for name in order:
-                _write_file(staging / name, files[name])
+                write_durable(staging / name, files[name])
             _fsync_directory(staging)
         except BaseException:  # e.g. a full disk: the previous outputs stay as they were
             shutil.rmtree(staging, ignore_errors=True)
@@ -506,30 +495,59 @@ def _fsync_directory(path: Path) -> None:
 
 
 class _DirectoryLock:
-    """An exclusive, non-blocking OS lock on ``path``, held until :meth:`release` or process exit.
+    """An exclusive OS lock on ``path``, held until :meth:`release` or process exit.
 
     The file records the holder's process id for the message a second process gets. It is removed
     on release; a process that locked a file just removed by its holder sees that the path no
-    longer names its file and tries again, so two processes never both hold the lock.
+    longer names its file and tries again, so two processes never both hold the lock. With ``wait``
+    seconds, a lock held by another process is waited for (the wait is logged once). The file is
+    opened without following a symbolic link: a link planted at ``.lock`` is refused, never written
+    through.
     """
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, wait: float = 0.0) -> None:
         self.path = path
+        self.fd: int | None = None
+        deadline = time.monotonic() + wait
+        told = False
+        while True:
+            holder = self._acquire()
+            if holder is None:
+                return
+            if time.monotonic() >= deadline:
+                who = f" (process {holder})" if holder > 0 else ""
+                raise StoreError(
+                    f"another influencer run{who} is using {path.parent}; wait for it to finish "
+                    "or choose another output directory"
+                )
+            if not told:
+                log.info("waiting for %s, used by another influencer run (process %s)", path.parent, holder)
+                told = True
+            time.sleep(0.2)
+
+    def _acquire(self) -> int | None:
+        """Take the lock (None), or the holder's process id (0 if unknown)."""
+        path = self.path
         for _ in range(10):
-            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+            try:
+                fd = os.open(path, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o666)
+            except OSError as exc:
+                if exc.errno == errno.ELOOP or path.is_symlink():
+                    raise StoreError(
+                        f"{path} is a symbolic link: a run directory's lock file must be a plain file; "
+                        "remove the link (nothing was written through it)"
+                    ) from None
+                raise
             try:
                 if not _try_lock(fd):
                     holder = _read_pid(fd)
-                    who = f" (process {holder})" if holder else ""
-                    raise StoreError(
-                        f"another influencer run{who} is using {path.parent}; wait for it to finish "
-                        "or choose another output directory"
-                    )
+                    os.close(fd)
+                    return holder or 0
                 if _same_file(fd, path):
                     os.ftruncate(fd, 0)
                     os.write(fd, str(os.getpid()).encode())
-                    self.fd: int | None = fd
-                    return
+                    self.fd = fd
+                    return None
             except BaseException:
                 os.close(fd)
                 raise

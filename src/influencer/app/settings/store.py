@@ -12,21 +12,39 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 from collections.abc import Mapping
 from typing import Any
 
-from influencer._kernel.errors import ConfigError
-from influencer.app.settings.explain import PRECONDITIONERS, ExplainConfig, _check_types, _did_you_mean
+from influencer.app.settings.explain import ExplainConfig
+from influencer.app.settings.values import (
+    BASES,
+    DEFAULT_K,
+    DEFAULT_K_IN,
+    DEFAULT_K_OUT,
+    DEFAULT_RELATIVE_DAMPING,
+    PRECONDITIONERS,
+    PROJECTORS,
+    check_choice,
+    check_damping,
+    check_positive,
+    check_types,
+    did_you_mean,
+    from_dict,
+    to_dict,
+)
+from influencer.errors import ConfigError
 
-PROJECTORS = ("kronecker", "gaussian", "rademacher", "identity")
-BASES = ("pca", "random")  # of a Kronecker projection
-DEFAULT_K_IN = 32  # Kronecker: projected input dimension per layer
-DEFAULT_K_OUT = 32  # Kronecker: projected output dimension per layer
-DEFAULT_K = 1024  # Gaussian / Rademacher: projected dimension
-# Damping of the preconditioners, relative to the curvature's mean eigenvalue per layer block:
-# ProjectedFisher(relative_damping=...), EKFAC(relative_damping=...).
-DEFAULT_RELATIVE_DAMPING = 0.1
+__all__ = [
+    "BASES",
+    "DEFAULT_K",
+    "DEFAULT_K_IN",
+    "DEFAULT_K_OUT",
+    "DEFAULT_RELATIVE_DAMPING",
+    "JOB_FIELDS",
+    "PROJECTORS",
+    "IndexConfig",
+    "QueryConfig",
+]
 
 # The fields of ExplainConfig that define the job a store is built from: recorded in the store, and
 # used again by `influencer query` and `influencer explain --store` to rebuild the same job.
@@ -45,51 +63,15 @@ JOB_FIELDS = (
 )
 
 
-def _serialise(config: Any) -> dict[str, Any]:
-    out = {}
-    for f in dataclasses.fields(config):
-        value = getattr(config, f.name)
-        if isinstance(value, tuple):
-            value = list(value)
-        elif isinstance(value, Mapping):
-            value = dict(value)
-        out[f.name] = value
-    return out
-
-
-def _from_dict(cls: Any, values: Mapping[str, Any], source: str) -> Any:
-    names = [f.name for f in dataclasses.fields(cls)]
-    for key in values:
-        if key not in names:
-            raise ConfigError(
-                f"{source}: unknown setting {key!r}" + _did_you_mean(key, names) + f"; valid settings "
-                f"are {', '.join(names)}"
-            )
-    return cls(**dict(values))
-
-
-def check_preconditioner(kind: str | None, damping: float | None) -> None:
+def check_preconditioner(kind: str | None, relative: float | None, damping: float | None) -> None:
     """Refuse an unknown preconditioner, or a damping that is negative, not finite or meaningless."""
-    if kind is not None and kind not in PRECONDITIONERS:
+    check_choice("preconditioner", kind, PRECONDITIONERS)
+    check_damping("relative_damping", relative)
+    check_damping("damping", damping)
+    if kind == "none" and (relative is not None or damping is not None):
         raise ConfigError(
-            f"preconditioner must be one of {', '.join(PRECONDITIONERS)}; got {kind!r}"
-            + _did_you_mean(kind, PRECONDITIONERS)
+            "--preconditioner none uses no curvature: it takes no --damping or --relative-damping"
         )
-    if damping is None:
-        return
-    if isinstance(damping, bool) or not isinstance(damping, (int, float)) or not math.isfinite(damping):
-        raise ConfigError(f"damping must be a finite number >= 0, got {damping!r}")
-    if damping < 0:
-        raise ConfigError(f"damping must be >= 0 (relative to the mean curvature eigenvalue), got {damping}")
-    if kind == "none":
-        raise ConfigError("--preconditioner none uses no curvature, so it takes no --damping")
-
-
-def _positive(config: Any, *names: str) -> None:
-    for name in names:
-        value = getattr(config, name)
-        if value is not None and value < 1:
-            raise ConfigError(f"{name} must be >= 1, got {value}")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -110,9 +92,9 @@ class IndexConfig:
     device: str = "cpu"
     batch_size: int = 256  # examples per gradient batch
     train_size: int | None = None  # digits job: the first N training images
-    epochs: int = 20  # digits job
-    lr: float = 1e-2  # digits job
-    weight_decay: float = 1e-2  # digits job
+    epochs: int | None = None  # digits job (None: its default)
+    lr: float | None = None  # digits job
+    weight_decay: float | None = None  # digits job
     # the projection
     projector: str | None = None  # kronecker, gaussian, rademacher, identity; None: chosen (see above)
     k_in: int | None = None  # Kronecker (default 32)
@@ -124,21 +106,23 @@ class IndexConfig:
     # How queries precondition by default (recorded in the store; a query may choose another):
     # "fisher" (the projected Fisher, stored with the gradients), "ekfac" or "none".
     preconditioner: str = "fisher"
-    damping: float | None = None  # relative to the mean eigenvalue; None: DEFAULT_RELATIVE_DAMPING
+    relative_damping: float | None = None  # x the mean eigenvalue; None: DEFAULT_RELATIVE_DAMPING
+    damping: float | None = None  # absolute, added to that; None: 0
+    cache_dir: str | None = None  # the job cache (see ExplainConfig.cache_dir)
     overwrite: bool = False  # rebuild a store built from other inputs instead of refusing
     progress: bool = True
 
     def __post_init__(self) -> None:
         if self.params is not None:
             object.__setattr__(self, "params", tuple(self.params))
-        _check_types(self)
+        check_types(self)
         if not self.out.strip():
             raise ConfigError("out (the store directory) must not be empty")
-        _positive(self, "k_in", "k_out", "k", "chunk", "batch_size")
+        check_positive(self, "k_in", "k_out", "k", "chunk", "batch_size")
         if self.projector is not None and self.projector not in PROJECTORS:
             raise ConfigError(
                 f"unknown projector {self.projector!r}; choose one of {', '.join(PROJECTORS)}"
-                + _did_you_mean(self.projector, PROJECTORS)
+                + did_you_mean(self.projector, PROJECTORS)
             )
         kron = self.k_in is not None or self.k_out is not None
         if kron and self.k is not None:
@@ -154,7 +138,7 @@ class IndexConfig:
         if self.basis is not None and self.basis not in BASES:
             raise ConfigError(
                 f"unknown basis {self.basis!r}; choose one of {', '.join(BASES)}"
-                + _did_you_mean(self.basis, BASES)
+                + did_you_mean(self.basis, BASES)
             )
         if self.basis is not None and (self.k is not None or self.projector not in (None, "kronecker")):
             raise ConfigError(
@@ -167,7 +151,7 @@ class IndexConfig:
                 if self.projector == "kronecker"
                 else "the identity projector stores exact gradients: it takes no --k-in, --k-out or --k"
             )
-        check_preconditioner(self.preconditioner, self.damping)
+        check_preconditioner(self.preconditioner, self.relative_damping, self.damping)
         self.job_config()  # validates the job's settings
 
     def job_config(self, **changes: Any) -> ExplainConfig:
@@ -184,6 +168,7 @@ class IndexConfig:
             epochs=self.epochs,
             lr=self.lr,
             weight_decay=self.weight_decay,
+            cache_dir=self.cache_dir,
             progress=self.progress,
             top_k=1,
             num_test=1,
@@ -191,14 +176,14 @@ class IndexConfig:
         )
 
     def to_dict(self) -> dict[str, Any]:
-        return _serialise(self)
+        return to_dict(self)
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True)
 
     @classmethod
     def from_dict(cls, values: Mapping[str, Any], source: str = "settings") -> IndexConfig:
-        return _from_dict(cls, values, source)
+        return from_dict(cls, dict(values), source)
 
     def replace(self, **changes: Any) -> IndexConfig:
         return type(self).from_dict({**self.to_dict(), **changes}, "overrides")
@@ -225,7 +210,9 @@ class QueryConfig:
     overwrite: bool = False  # replace another query's blocks in --checkpoint instead of refusing
     block: int = 256  # test examples per block (the unit of checkpointing)
     preconditioner: str | None = None  # fisher, ekfac, none; None: the store's
-    damping: float | None = None  # relative damping of the preconditioner; None: the store's
+    relative_damping: float | None = None  # x the mean eigenvalue; None: the store's
+    damping: float | None = None  # absolute; None: the store's
+    cache_dir: str | None = None  # the job cache (see ExplainConfig.cache_dir)
     device: str = "cpu"
     batch_size: int = 256
     progress: bool = True
@@ -233,7 +220,7 @@ class QueryConfig:
     def __post_init__(self) -> None:
         if self.test_ids is not None:
             object.__setattr__(self, "test_ids", tuple(self.test_ids))
-        _check_types(self)
+        check_types(self)
         for name in ("store", "out"):
             if not getattr(self, name).strip():
                 raise ConfigError(f"{name} (a directory) must not be empty")
@@ -252,8 +239,8 @@ class QueryConfig:
         ]
         if len(chosen) > 1:
             raise ConfigError(f"choose the test examples one way: {' or '.join(chosen)}, not both")
-        _positive(self, "top_k", "block", "batch_size", "num_test")
-        check_preconditioner(self.preconditioner, self.damping)
+        check_positive(self, "top_k", "block", "batch_size", "num_test")
+        check_preconditioner(self.preconditioner, self.relative_damping, self.damping)
         self.job_config(
             {"task": None, "params": None, "head": None, "dtype": "float64"}
         )  # validates the rest
@@ -274,18 +261,21 @@ class QueryConfig:
             batch_size=self.batch_size,
             progress=self.progress,
             preconditioner=self.preconditioner,
+            relative_damping=self.relative_damping,
+            damping=self.damping,
+            cache_dir=self.cache_dir,
             **changes,
         )
 
     def to_dict(self) -> dict[str, Any]:
-        return _serialise(self)
+        return to_dict(self)
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True)
 
     @classmethod
     def from_dict(cls, values: Mapping[str, Any], source: str = "settings") -> QueryConfig:
-        return _from_dict(cls, values, source)
+        return from_dict(cls, dict(values), source)
 
     def replace(self, **changes: Any) -> QueryConfig:
         return type(self).from_dict({**self.to_dict(), **changes}, "overrides")
