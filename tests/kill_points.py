@@ -26,7 +26,7 @@ import torch
 import influencer.app.commands.cli
 import influencer.app.commands.explain  # noqa: F401
 import robust_jobs
-from influencer.app import store
+from influencer.app.run import store
 from influencer.app.entry import main
 
 

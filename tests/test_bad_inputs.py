@@ -21,7 +21,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from influencer.app import store as store_module
+from influencer.app.run import store as store_module
 from influencer.app.commands.cli import cli
 
 TESTS = Path(__file__).parent

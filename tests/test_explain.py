@@ -20,7 +20,9 @@ from influencer._kernel.functional import ModelFunction
 from influencer.app.run.cached import cache_key
 from influencer.app.settings.explain import ExplainConfig
 from influencer.app.job.evaluation import Evaluation, choose_test_ids
-from influencer.app.job.job import Job, as_job, digits_job, influence_job, load_job
+from influencer.app.job.digits import digits_job
+from influencer.app.job.features import influence_job
+from influencer.app.job.job import Job, as_job, load_job
 from influencer.app.commands.explain import explain
 from influencer.app.run.store import MANIFEST, RunStore
 from influencer.errors import ConfigError, TaskError

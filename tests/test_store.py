@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from influencer._kernel.fingerprint import hash_examples, hash_module, hash_tensors
-from influencer.app import store as store_module
+from influencer.app.run import store as store_module
 from influencer.app.run.store import (
     MANIFEST,
     RunStore,

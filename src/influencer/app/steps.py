@@ -27,7 +27,6 @@ from influencer.app.job.features import chosen_head, influence_job
 from influencer.app.job.job import Job, load_job
 from influencer.app.run.devices import resolve_device
 from influencer.app.run.logs import Stopwatch
-from influencer.app.settings.estimators import estimator_class, make_estimator
 from influencer.app.settings.explain import ExplainConfig
 from influencer.estimators import Estimator
 
@@ -128,11 +127,7 @@ def choose_estimator_for(config: ExplainConfig, job: Job) -> Chosen:
         return Chosen(
             estimator, choice.curvature, choice.params, reason, _damping_record(estimator, not given)
         )
-    options = dict(config.estimator_options)
-    cls = estimator_class(config.estimator)
-    if config.on_unconverged is not None and "on_unconverged" in {f.name for f in dataclasses.fields(cls)}:
-        options.setdefault("on_unconverged", config.on_unconverged)
-    estimator = make_estimator(config.estimator, options, 0.0)
+    estimator = config.make_estimator()
     estimator = _with_damping(estimator, config.damping, config.relative_damping)
     curvature = config.curvature or "hessian"
     return Chosen(

@@ -15,12 +15,12 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
+from influencer.app.job.job import Job
+from influencer.app.settings.explain import ExplainConfig
 from influencer.data import Examples, TensorExamples
 from influencer.errors import ConfigError, DataError, NonFiniteError
 from influencer.functional import ModelFunction, select_parameters
 from influencer.tasks import Task
-from influencer.app.job.job import Job
-from influencer.app.settings.explain import ExplainConfig
 
 log = logging.getLogger("influencer.explain")
 

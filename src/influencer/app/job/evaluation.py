@@ -11,13 +11,13 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from influencer.data import to_device
-from influencer.errors import ConfigError
-from influencer.progress import progress_bar
 from influencer.app.job.checks import check_finite_losses
 from influencer.app.job.job import Job, labels_of
 from influencer.app.run.logs import Stopwatch
 from influencer.app.settings.explain import ExplainConfig
+from influencer.data import to_device
+from influencer.errors import ConfigError
+from influencer.progress import progress_bar
 from influencer.samplers import SamplerContext
 
 log = logging.getLogger("influencer.explain")

@@ -27,8 +27,8 @@ import torch
 from torch import Tensor
 from torch.utils._pytree import tree_flatten
 
-from influencer.errors import ConfigError
 from influencer.app.report.pictures import ExampleView, feature_table, image_layout
+from influencer.errors import ConfigError
 
 Batch = Any  # a batch of the job's data (tuple, dict or tensor), or a list of strings
 

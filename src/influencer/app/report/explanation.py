@@ -10,11 +10,11 @@ from typing import Any
 import numpy as np
 from torch import Tensor
 
-from influencer.scores import TopK
 from influencer.app.job.evaluation import Evaluation
 from influencer.app.job.job import Job
 from influencer.app.settings.explain import ExplainConfig
 from influencer.influence import Influence
+from influencer.scores import TopK
 
 log = logging.getLogger("influencer.explain")
 

@@ -21,13 +21,13 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from influencer.app.run.logs import Stopwatch
+from influencer.app.run.store import RunStore, Section, jsonable
 from influencer.data import Examples
 from influencer.errors import NonFiniteError
 from influencer.fingerprint import hash_json, hash_tensors, unverifiable
-from influencer.scores import removal_scores
-from influencer.app.run.logs import Stopwatch
-from influencer.app.run.store import RunStore, Section, jsonable
 from influencer.influence import Influence
+from influencer.scores import removal_scores
 
 log = logging.getLogger("influencer.explain")
 

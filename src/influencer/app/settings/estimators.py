@@ -50,14 +50,14 @@ def estimator_class(name: str) -> type[Estimator]:
     cls = classes.get(name)
     if cls is None:
         raise ConfigError(
-            f"unknown estimator {name!r}; choose auto or one of {', '.join(classes)}"
+            f"unknown estimator {name!r}; choose one of auto, {', '.join(classes)}"
             + did_you_mean(name, [*classes, "auto"])
         )
     return cls
 
 
 def check_estimator(name: str, options: dict[str, Any]) -> None:
-    """Refuse an unknown estimator or option (its values are checked when it is made)."""
+    """Refuse an unknown estimator or option name (:func:`make_estimator` checks the values)."""
     cls = estimator_class(name)
     allowed = option_names(cls)
     unknown = [k for k in options if k not in allowed]
@@ -69,10 +69,14 @@ def check_estimator(name: str, options: dict[str, Any]) -> None:
 
 
 def make_estimator(name: str, options: dict[str, Any], damping: float) -> Estimator:
-    """The estimator ``name`` with ``options`` and an absolute ``damping``; bad values in one line."""
+    """The estimator ``name`` with ``options`` and an absolute ``damping``; bad values in one line.
+    ``on_unconverged`` is dropped for a method that always converges (it has no such option)."""
+    cls = estimator_class(name)
+    if "on_unconverged" not in option_names(cls):
+        options = {k: v for k, v in options.items() if k != "on_unconverged"}
     check_estimator(name, options)
     try:
-        return estimator_class(name)(damping=damping, **options)
+        return cls(damping=damping, **options)
     except ConfigError:
         raise
     except (TypeError, ValueError) as exc:

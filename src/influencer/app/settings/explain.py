@@ -183,9 +183,7 @@ class ExplainConfig:
             if value is not None and not value.strip():
                 raise ConfigError(f"{name} (a directory) must not be empty; leave it unset for the default")
         if self.estimator != "auto":
-            from influencer.app.settings.estimators import check_estimator
-
-            check_estimator(self.estimator, dict(self.estimator_options))
+            self.make_estimator()  # the estimator's own validation reports bad option values
         elif self.estimator_options:
             raise ConfigError(
                 f"-o {next(iter(self.estimator_options))}=... sets an option of a chosen estimator: give "
@@ -193,6 +191,18 @@ class ExplainConfig:
             )
 
     # ---- derived values --------------------------------------------------------------------------
+
+    def make_estimator(self) -> Any:
+        """The named estimator with its options and ``--damping`` (``auto`` is resolved per job, by
+        :func:`influencer.app.steps.choose_estimator_for`)."""
+        from influencer.app.settings.estimators import make_estimator
+
+        if self.estimator == "auto":
+            raise ConfigError("estimator 'auto' is chosen per job: see influencer.app.steps.choose_estimator_for")
+        options = dict(self.estimator_options)
+        if self.on_unconverged is not None:
+            options.setdefault("on_unconverged", self.on_unconverged)
+        return make_estimator(self.estimator, options, self.damping or 0.0)
 
     def digits(self, name: str) -> Any:
         """A training setting of the built-in digits job: the one given, else its default."""
