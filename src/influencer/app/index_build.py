@@ -52,7 +52,6 @@ from influencer.app.index_config import DEFAULT_K, DEFAULT_K_IN, DEFAULT_K_OUT, 
 from influencer.app.jobs import Job, chosen_head
 from influencer.app.logs import Stopwatch, logged_stop, run_logging
 from influencer.app.store import RunStore, SectionChangedError, jsonable
-from influencer.estimators.kronecker import find_layers, is_supported
 from influencer.index import (
     GaussianProjector,
     GradientIndex,
@@ -64,6 +63,7 @@ from influencer.index import (
 )
 from influencer.index.store import StoreLayout
 from influencer.influence import Influence
+from influencer.layers import find_layers, is_supported
 
 log = logging.getLogger("influencer.index")
 

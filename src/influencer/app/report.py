@@ -20,7 +20,6 @@ import torch
 from torch import Tensor
 
 from influencer._kernel.errors import InfluencerError
-from influencer._kernel.task import _Decayed
 from influencer.app.cached import solver_text
 from influencer.app.display import Display, TableDisplay
 from influencer.app.evaluation import label_text
@@ -28,6 +27,7 @@ from influencer.app.explanation import Explanation, names_text
 from influencer.app.jobs import Job, chosen_head, labels_of
 from influencer.app.page import Card, Panel, render_report
 from influencer.paper.plotting import figure_png, influence_vs_distance
+from influencer.tasks import DecayedTask as _Decayed
 from influencer.uses.perturbation import PerturbationInfluence, get_input
 
 log = logging.getLogger("influencer.explain")
