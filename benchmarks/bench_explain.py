@@ -36,8 +36,8 @@ import torch
 
 from influencer.app.config import ExplainConfig
 from influencer.app.pipeline import explain
+from influencer.datasets import load_digits
 from influencer.models import SmallCNN
-from influencer.paper.datasets import load_digits
 from influencer.tasks import ClassificationTask
 from influencer.training import train_minibatch
 

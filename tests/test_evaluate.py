@@ -15,8 +15,8 @@ from influencer.app.cli import cli
 from influencer.app.config import ExplainConfig
 from influencer.app.evaluate import EvaluateConfig, recipe, reinitialised, run_evaluation
 from influencer.app.jobs import Job
+from influencer.datasets import load_digits
 from influencer.errors import ConfigError
-from influencer.paper.datasets import load_digits
 from influencer.retraining import AdamRetrainer, LBFGSRetrainer
 
 PNG = b"\x89PNG\r\n\x1a\n"
@@ -26,7 +26,7 @@ TASK_MODULE = textwrap.dedent(
     """
     import torch
     from influencer import ClassificationTask
-    from influencer.paper.datasets import load_digits
+    from influencer.datasets import load_digits
     from influencer.training import train_lbfgs
 
 

@@ -23,8 +23,8 @@ from influencer.app.evaluation import Evaluation, choose_test_ids
 from influencer.app.jobs import Job, as_job, digits_job, influence_job, load_job
 from influencer.app.pipeline import explain
 from influencer.app.store import MANIFEST, RunStore
+from influencer.datasets import load_tabular
 from influencer.errors import ConfigError, TaskError
-from influencer.paper.datasets import load_tabular
 from influencer.samplers import SamplerContext, make_sampler
 
 CHUNK = 32  # 120 training examples -> chunks of 32, 32, 32, 24

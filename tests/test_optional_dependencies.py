@@ -11,7 +11,7 @@ import pytest
 from influencer._kernel.extras import MissingExtraError, missing, require
 from influencer.app.config import ExplainConfig
 from influencer.app.pipeline import explain
-from influencer.paper.plotting import pyplot
+from influencer.plotting import pyplot
 
 OPTIONAL = ("click", "matplotlib", "sklearn", "tomli", "mnist1d", "PIL")
 

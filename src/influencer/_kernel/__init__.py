@@ -9,7 +9,7 @@
 * :mod:`.distributed` splitting work between torch.distributed ranks;
 * :mod:`.errors`, :mod:`.progress`, :mod:`.stats`, :mod:`.losses` small shared pieces.
 
-Nothing here imports from the floors above (estimators, samplers, Influence, uses, paper, app).
+Nothing here imports from the floors above (estimators, samplers, Influence, uses, plotting, app).
 Users reach these names through :mod:`influencer`, :mod:`influencer.tasks`, :mod:`influencer.data`
 and :mod:`influencer.errors`.
 """

@@ -53,7 +53,7 @@ from influencer.app.pipeline import _influence as build_influence
 from influencer.app.pipeline import resolve_device
 from influencer.app.store import RunStore, jsonable
 from influencer.influence import Influence
-from influencer.paper.validation import plot_lds, plot_loo_many
+from influencer.plotting import plot_lds, plot_loo_many
 from influencer.retraining import AdamRetrainer, LBFGSRetrainer, Retrainer
 from influencer.retraining_cache import CachedRetrainer
 from influencer.uses.validation import LDSResult, LOOResult, Start, lds, leave_one_out

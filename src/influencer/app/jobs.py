@@ -296,8 +296,8 @@ def digits_job(config: ExplainConfig, store: RunStore, device: torch.device) -> 
     predicts what refitting it without a training image would do, as in Koh & Liang's
     Inception experiments.
     """
+    from influencer.datasets import load_digits
     from influencer.models import SmallCNN
-    from influencer.paper.datasets import load_digits
 
     require("sklearn", "the built-in digits job (its images come with scikit-learn)", "data")
     split = load_digits(images=True, seed=0)

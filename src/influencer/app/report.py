@@ -26,7 +26,7 @@ from influencer.app.evaluation import label_text
 from influencer.app.explanation import Explanation, names_text
 from influencer.app.jobs import Job, chosen_head, labels_of
 from influencer.app.page import Card, Panel, render_report
-from influencer.paper.plotting import figure_png, influence_vs_distance
+from influencer.plotting import figure_png, influence_vs_distance
 from influencer.tasks import DecayedTask as _Decayed
 from influencer.uses.perturbation import PerturbationInfluence, get_input
 
