@@ -27,14 +27,14 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from influencer._kernel.errors import ConfigError
-from influencer._kernel.task import ClassificationTask, SmoothHingeTask
 from influencer.datasets import Split, load_digits
+from influencer.errors import ConfigError
 from influencer.estimators import Exact
 from influencer.influence import Influence
 from influencer.models import SmallCNN
 from influencer.models.kernels import RBFKernelModel
 from influencer.plotting import pyplot, save_png
+from influencer.tasks import ClassificationTask, SmoothHingeTask
 from influencer.training import train_lbfgs, train_minibatch
 from influencer.uses.comparison import ModelComparison, compare_models
 

@@ -29,8 +29,8 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from influencer._kernel.errors import ConfigError, DataError
 from influencer.datasets import Split, split_arrays
+from influencer.errors import ConfigError, DataError
 from influencer.plotting import pyplot, save_png
 from influencer.retraining import LBFGSRetrainer
 from influencer.uses.debugging import explain_prediction, influence_share

@@ -31,9 +31,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from influencer._kernel.errors import ConfigError
 from influencer._kernel.stats import pearson, spearman
 from influencer.datasets import load_dataset
+from influencer.errors import ConfigError
 from influencer.influence import Influence
 from influencer.plotting import pyplot, save_png
 from influencer.retraining import Retrainer

@@ -36,16 +36,16 @@ import torch
 from torch import Tensor, nn
 
 from influencer import ClassificationTask
-from influencer._kernel.errors import ConfigError, DataError
 from influencer._kernel.progress import progress_bar
-from influencer._kernel.task import Task, predictions
 from influencer.datasets import Split, load_dataset
+from influencer.errors import ConfigError, DataError
 from influencer.estimators import Estimator, Exact
 from influencer.influence import Influence
 from influencer.models import LogisticRegression
 from influencer.models.kernels import RBFKernelModel
 from influencer.plotting import pyplot, save_png
 from influencer.retraining import LBFGSRetrainer, Retrainer
+from influencer.tasks import Task, predictions
 from influencer.uses.mislabels import STRATEGIES, Strategy, rank_for_review
 
 

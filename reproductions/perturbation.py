@@ -34,11 +34,11 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from influencer._kernel.errors import ConfigError, DataError
+from influencer import top_k
 from influencer._kernel.progress import progress_bar
-from influencer._kernel.scores import top_k
 from influencer._kernel.stats import pearson, spearman
 from influencer.datasets import Split, load_digits
+from influencer.errors import ConfigError, DataError
 from influencer.influence import Influence
 from influencer.plotting import predicted_vs_actual, pyplot, save_png
 from influencer.retraining import LBFGSRetrainer

@@ -32,17 +32,16 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from influencer._kernel.curvature import CurvatureKind
-from influencer._kernel.data import as_examples
-from influencer._kernel.errors import ConfigError
 from influencer._kernel.progress import progress_bar
 from influencer._kernel.stats import pearson
-from influencer._kernel.task import ClassificationTask
+from influencer.data import as_examples
 from influencer.datasets import Split, load_digits
-from influencer.estimators import Estimator, Exact
+from influencer.errors import ConfigError
+from influencer.estimators import CurvatureKind, Estimator, Exact
 from influencer.influence import Influence
 from influencer.models import SmallCNN
 from influencer.plotting import pyplot, save_png
+from influencer.tasks import ClassificationTask
 from influencer.training import train_minibatch
 from influencer.uses.poisoning import PoisonConfig, PoisoningAttack, PoisonResult
 

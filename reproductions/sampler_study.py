@@ -41,8 +41,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from influencer._kernel.errors import ConfigError
 from influencer._kernel.progress import progress_bar
+from influencer.errors import ConfigError
 from influencer.plotting import pyplot, save_png
 from influencer.samplers import SAMPLERS, make_sampler
 from influencer.samplers.base import Sampler

@@ -29,16 +29,15 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from influencer._kernel.curvature import CurvatureKind
-from influencer._kernel.errors import ConfigError
-from influencer._kernel.task import ClassificationTask, Task
 from influencer.datasets import load_digits, load_mnist1d
-from influencer.estimators import CG, Estimator, LiSSA
+from influencer.errors import ConfigError
+from influencer.estimators import CG, CurvatureKind, Estimator, LiSSA
 from influencer.influence import Influence
 from influencer.models import MLP
 from influencer.plotting import pyplot, save_png
 from influencer.retraining import AdamRetrainer
 from influencer.samplers import SAMPLERS, Sampler, make_sampler
+from influencer.tasks import ClassificationTask, Task
 from influencer.training import train_minibatch
 from influencer.uses.unlearning import ClassRemoval, ForgetMetrics, forget_metrics
 
