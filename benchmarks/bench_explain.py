@@ -34,10 +34,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from influencer.app.settings.explain import ExplainConfig
 from influencer.app.commands.explain import explain
+from influencer.app.settings.explain import ExplainConfig
+from influencer.datasets import load_digits
 from influencer.models import SmallCNN
-from influencer.paper.datasets import load_digits
 from influencer.tasks import ClassificationTask
 from influencer.training import train_minibatch
 

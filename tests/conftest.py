@@ -13,8 +13,8 @@ import pytest
 import torch
 
 from influencer import ClassificationTask
+from influencer.datasets import Split, load_digits
 from influencer.models import MLP, LogisticRegression
-from influencer.paper.datasets import Split, load_digits
 from influencer.training import train_lbfgs, train_minibatch
 
 

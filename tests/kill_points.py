@@ -26,8 +26,8 @@ import torch
 import influencer.app.commands.cli
 import influencer.app.commands.explain  # noqa: F401
 import robust_jobs
-from influencer.app.run import store
 from influencer.app.entry import main
+from influencer.app.run import store
 
 
 def die() -> None:

@@ -21,8 +21,8 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from influencer.app.run import store as store_module
 from influencer.app.commands.cli import cli
+from influencer.app.run import store as store_module
 
 TESTS = Path(__file__).parent
 OUTPUTS = ("scores.npy", "test_ids.npy", "config.json", "report.html", "summary.json")

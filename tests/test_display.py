@@ -14,7 +14,8 @@ import torch
 
 from explain_support import WordTokenizer, tabular_job, text_job
 from influencer import Exact, Influence
-from influencer.app.settings.explain import ExplainConfig
+from influencer.app.commands.explain import explain
+from influencer.app.job.job import Job
 from influencer.app.report.display import (
     GenericDisplay,
     ImageDisplay,
@@ -22,8 +23,7 @@ from influencer.app.report.display import (
     TextDisplay,
     choose_display,
 )
-from influencer.app.job.job import Job
-from influencer.app.commands.explain import explain
+from influencer.app.settings.explain import ExplainConfig
 from influencer.errors import ConfigError
 from influencer.uses import PerturbationInfluence
 

@@ -12,11 +12,11 @@ from torch import nn
 
 from influencer import ClassificationTask
 from influencer.app.commands.cli import cli
-from influencer.app.settings.explain import ExplainConfig
 from influencer.app.commands.evaluate import EvaluateConfig, recipe, reinitialised, run_evaluation
 from influencer.app.job.job import Job
+from influencer.app.settings.explain import ExplainConfig
+from influencer.datasets import load_digits
 from influencer.errors import ConfigError
-from influencer.paper.datasets import load_digits
 from influencer.retraining import AdamRetrainer, LBFGSRetrainer
 
 PNG = b"\x89PNG\r\n\x1a\n"
@@ -26,7 +26,7 @@ TASK_MODULE = textwrap.dedent(
     """
     import torch
     from influencer import ClassificationTask
-    from influencer.paper.datasets import load_digits
+    from influencer.datasets import load_digits
     from influencer.training import train_lbfgs
 
 

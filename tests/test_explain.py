@@ -17,16 +17,16 @@ from explain_support import TASK_MODULE, tiny_job
 from influencer import CG, ClassificationTask, Exact, Influence, RegressionTask, top_k
 from influencer._kernel.fingerprint import hash_module
 from influencer._kernel.functional import ModelFunction
-from influencer.app.run.cached import cache_key
-from influencer.app.settings.explain import ExplainConfig
-from influencer.app.job.evaluation import Evaluation, choose_test_ids
+from influencer.app.commands.explain import explain
 from influencer.app.job.digits import digits_job
+from influencer.app.job.evaluation import Evaluation, choose_test_ids
 from influencer.app.job.features import influence_job
 from influencer.app.job.job import Job, as_job, load_job
-from influencer.app.commands.explain import explain
+from influencer.app.run.cached import cache_key
 from influencer.app.run.store import MANIFEST, RunStore
+from influencer.app.settings.explain import ExplainConfig
+from influencer.datasets import load_tabular
 from influencer.errors import ConfigError, TaskError
-from influencer.paper.datasets import load_tabular
 from influencer.samplers import SamplerContext, make_sampler
 
 CHUNK = 32  # 120 training examples -> chunks of 32, 32, 32, 24

@@ -9,9 +9,9 @@ import textwrap
 import pytest
 
 from influencer._kernel.extras import MissingExtraError, missing, require
-from influencer.app.settings.explain import ExplainConfig
 from influencer.app.commands.explain import explain
-from influencer.paper.plotting import pyplot
+from influencer.app.settings.explain import ExplainConfig
+from influencer.plotting import pyplot
 
 OPTIONAL = ("click", "matplotlib", "sklearn", "tomli", "mnist1d", "PIL")
 

@@ -4,11 +4,12 @@ The public face: :class:`Influence`, the built-in tasks, the inverse-Hessian est
 :func:`top_k`. Everything else lives in a subpackage whose name says what it is:
 
 * :mod:`influencer.tasks` (also Hugging Face adapters), :mod:`influencer.data`,
-  :mod:`influencer.errors`, :mod:`influencer.estimators`, :mod:`influencer.samplers`;
+  :mod:`influencer.errors`, :mod:`influencer.estimators`, :mod:`influencer.samplers`,
+  :mod:`influencer.layers`;
 * :mod:`influencer.retraining`, :mod:`influencer.training`, :mod:`influencer.models`,
   :mod:`influencer.testing`;
 * :mod:`influencer.uses`: the paper's uses as library methods, each taking an ``Influence``;
-* :mod:`influencer.paper`: the reproductions (data sets, simulations, figures);
+* :mod:`influencer.datasets`: the bundled real data sets; :mod:`influencer.plotting`: the figures;
 * :mod:`influencer.app`: the ``influencer`` command.
 
 Sign convention (stated once in :mod:`influencer._kernel.scores`): a score is the predicted change

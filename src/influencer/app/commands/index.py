@@ -46,7 +46,6 @@ from influencer.app.run.store_scoring import preconditioning, projection_text
 from influencer.app.settings.store import DEFAULT_K, DEFAULT_K_IN, DEFAULT_K_OUT, JOB_FIELDS, IndexConfig
 from influencer.app.steps import build_influence, prepare
 from influencer.errors import ConfigError
-from influencer.estimators.kronecker import find_layers, is_supported
 from influencer.files import describe_changes
 from influencer.index import (
     GaussianProjector,
@@ -58,6 +57,7 @@ from influencer.index import (
     RademacherProjector,
 )
 from influencer.index.store import StoreLayout
+from influencer.layers import find_layers, is_supported
 
 log = logging.getLogger("influencer.index")
 

@@ -1,6 +1,6 @@
 """The report's content: the facts about a run, what goes on each test example's panel, the
 training examples to inspect, and the influence-vs-distance figure (drawn by
-:mod:`influencer.paper.plotting`).
+:mod:`influencer.plotting`).
 
 :mod:`influencer.app.report.page` lays the content out as one HTML document; :class:`Gallery` is the one
 place that turns examples into HTML, through the job's display (:mod:`influencer.app.report.display`:
@@ -27,7 +27,7 @@ from influencer.app.report.explanation import Explanation, names_text
 from influencer.app.report.page import Card, Panel, render_report
 from influencer.app.run.cached import solver_text
 from influencer.errors import InfluencerError
-from influencer.paper.plotting import figure_png, influence_vs_distance
+from influencer.plotting import figure_png, influence_vs_distance
 from influencer.uses.perturbation import PerturbationInfluence, get_input
 
 log = logging.getLogger("influencer.explain")

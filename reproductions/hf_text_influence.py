@@ -15,8 +15,8 @@ among the most harmful, and how well each estimate agrees with the reference. Ba
 (``input_ids``, ``attention_mask``, ``labels``) as a tokenizer returns them; per-example gradients
 run under ``vmap`` with the 4-D additive mask that ``SequenceClassificationTask`` builds.
 
-    python experiments/hf_text_influence.py                 # under a minute on a CPU
-    python experiments/hf_text_influence.py --n-train 1000 --flip 0.1 --explain 5
+    python -m reproductions.hf_text_influence  # under a minute on a CPU
+    python -m reproductions.hf_text_influence --n-train 1000 --flip 0.1 --explain 5
 
 Needs ``pip install 'influencer[hf]'`` (transformers).
 """

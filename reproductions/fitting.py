@@ -6,10 +6,10 @@ from typing import Any
 
 import torch
 
-from influencer._kernel.task import ClassificationTask
 from influencer.estimators import Exact
 from influencer.influence import Influence
 from influencer.models import LogisticRegression
+from influencer.tasks import ClassificationTask
 from influencer.training import train_lbfgs
 
 

@@ -86,7 +86,7 @@ def load_digits(
 
     ``images=True`` gives ``(n, 1, 8, 8)`` for CNNs; otherwise flat ``(n, 64)``.
     """
-    d = require("sklearn.datasets", "influencer.paper.datasets.load_digits", "data").load_digits()
+    d = require("sklearn.datasets", "influencer.datasets.load_digits", "data").load_digits()
     x = d.data / 16.0
     if images:
         x = x.reshape(-1, 1, 8, 8)
@@ -97,7 +97,7 @@ def load_tabular(
     name: str, test_fraction: float = 0.25, seed: int = 0, dtype: torch.dtype | None = None
 ) -> Split:
     """``breast_cancer``, ``wine`` or ``iris`` from scikit-learn, standardised on the training part."""
-    datasets = require("sklearn.datasets", "influencer.paper.datasets.load_tabular", "data")
+    datasets = require("sklearn.datasets", "influencer.datasets.load_tabular", "data")
 
     loaders = {
         "breast_cancer": datasets.load_breast_cancer,
@@ -133,7 +133,7 @@ def load_mnist1d(
     num_samples: int = 4000, test_fraction: float = 0.2, seed: int = 0, dtype: torch.dtype | None = None
 ) -> Split:
     """MNIST-1D (Greydanus 2020), generated procedurally (no download): ``(n, 40)`` signals, 10 classes."""
-    data = require("mnist1d.data", "influencer.paper.datasets.load_mnist1d")
+    data = require("mnist1d.data", "influencer.datasets.load_mnist1d")
     get_dataset_args, make_dataset = data.get_dataset_args, data.make_dataset
 
     args = get_dataset_args()
