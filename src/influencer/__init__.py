@@ -1,7 +1,8 @@
 """influencer: explain a PyTorch model's predictions by its training data (influence functions).
 
-The public face: :class:`Influence`, the built-in tasks, the inverse-Hessian estimators and
-:func:`top_k`. Everything else lives in a subpackage whose name says what it is:
+The public face: :class:`Influence`, the built-in tasks, the inverse-Hessian estimators,
+:func:`choose_estimator` (the default one) and :func:`top_k`. Everything else lives in a
+subpackage whose name says what it is:
 
 * :mod:`influencer.tasks` (also Hugging Face adapters), :mod:`influencer.data`,
   :mod:`influencer.errors`, :mod:`influencer.estimators`, :mod:`influencer.samplers`;
@@ -20,6 +21,7 @@ from influencer._kernel.errors import InfluencerError
 from influencer._kernel.scores import TopK, top_k
 from influencer._kernel.task import ClassificationTask, RegressionTask, SmoothHingeTask, Task
 from influencer.estimators import CG, EKFAC, KFAC, Arnoldi, BlockCG, Exact, Identity, LiSSA
+from influencer.estimators.auto import Choice, choose_estimator
 from influencer.influence import Influence
 
 __version__ = "0.1.0"
@@ -30,6 +32,7 @@ __all__ = [
     "KFAC",
     "Arnoldi",
     "BlockCG",
+    "Choice",
     "ClassificationTask",
     "Exact",
     "Identity",
@@ -40,5 +43,6 @@ __all__ = [
     "SmoothHingeTask",
     "Task",
     "TopK",
+    "choose_estimator",
     "top_k",
 ]
