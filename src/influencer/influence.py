@@ -82,7 +82,10 @@ class Influence:
         solve_batch: right-hand sides per inverse-HVP call (bounds memory for many test points).
         device: where to compute (``"cpu"``, ``"cuda"``, ...); default the model's device.
         dtype: compute dtype (e.g. ``torch.float64``); default the model's.
-        progress: show progress bars.
+        progress: progress bars on stderr for the long steps (gradient passes, curvature fits,
+            CG/LiSSA/Arnoldi iterations with the residual and the time left): ``True`` always;
+            ``None`` (default) on a terminal or in a notebook, for steps still running after 2 s;
+            ``False`` never.
         distributed: split the work between the ranks of an initialised ``torch.distributed``
             process group (see :mod:`influencer._kernel.distributed`); every rank gets the full results.
     """
@@ -103,7 +106,7 @@ class Influence:
         solve_batch: int = 256,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
-        progress: bool = False,
+        progress: bool | None = None,
         distributed: bool = False,
     ) -> None:
         if min(128 if batch_size is None else batch_size, hessian_batch_size, solve_batch) < 1:
@@ -406,7 +409,11 @@ class Influence:
         ex = self.examples(data)
         method = self.fn.measurement_grads if kind == "measurement" else self.fn.loss_grads
         out = []
-        for ids, batch in ex.chunks(self.batch_size):
+        total = -(-len(ex) // self.batch_size)
+        chunks = progress_bar(
+            ex.chunks(self.batch_size), f"{kind} gradients", self.progress and total > 1, total
+        )
+        for ids, batch in chunks:
             self.fn.task.check_batch(batch, ids)
             out.append(self._checked(method(self.theta, self.fn.prepare(batch)), ids, kind))
         return torch.cat(out)
