@@ -128,7 +128,7 @@ def test_self_influence_ranking_shows_progress_when_asked(capsys):
     assert "self-influence" not in capsys.readouterr().err
     shown = rank_for_review(inf, progress=True)
     assert "self-influence" in capsys.readouterr().err  # a bar over the training chunks
-    assert torch.equal(shown, quiet) and inf.progress is False  # the Influence itself is unchanged
+    assert torch.equal(shown, quiet) and inf.progress is None  # the Influence itself is unchanged
     loud = Influence(model, task, wine.train, estimator=Exact(), batch_size=40, progress=True).fit()
     rank_for_review(loud)
     assert "self-influence" in capsys.readouterr().err

@@ -1,7 +1,8 @@
 """influencer: explain a PyTorch model's predictions by its training data (influence functions).
 
-The public face: :class:`Influence`, the built-in tasks, the inverse-Hessian estimators and
-:func:`top_k`. Everything else lives in a subpackage whose name says what it is:
+The public face: :class:`Influence`, the built-in tasks, the inverse-Hessian estimators,
+:func:`choose_estimator` (the default one) and :func:`top_k`. Everything else lives in a
+subpackage whose name says what it is:
 
 * :mod:`influencer.tasks` (also Hugging Face adapters), :mod:`influencer.data`,
   :mod:`influencer.errors`, :mod:`influencer.estimators`, :mod:`influencer.samplers`,
@@ -40,6 +41,8 @@ _LAZY = {
     "Identity": "influencer.estimators",
     "LiSSA": "influencer.estimators",
     "Influence": "influencer.influence",
+    "Choice": "influencer.estimators.auto",
+    "choose_estimator": "influencer.estimators.auto",
 }
 
 if TYPE_CHECKING:
@@ -47,6 +50,7 @@ if TYPE_CHECKING:
     from influencer._kernel.scores import TopK, top_k
     from influencer._kernel.task import ClassificationTask, RegressionTask, SmoothHingeTask, Task
     from influencer.estimators import CG, EKFAC, KFAC, Arnoldi, BlockCG, Exact, Identity, LiSSA
+    from influencer.estimators.auto import Choice, choose_estimator
     from influencer.influence import Influence
 
 
@@ -71,6 +75,7 @@ __all__ = [
     "KFAC",
     "Arnoldi",
     "BlockCG",
+    "Choice",
     "ClassificationTask",
     "Exact",
     "Identity",
@@ -81,5 +86,6 @@ __all__ = [
     "SmoothHingeTask",
     "Task",
     "TopK",
+    "choose_estimator",
     "top_k",
 ]

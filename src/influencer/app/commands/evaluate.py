@@ -46,6 +46,7 @@ from influencer.app.job.cache import cache_root
 from influencer.app.job.evaluation import choose_test_ids
 from influencer.app.job.evaluation import evaluate as evaluate_model
 from influencer.app.job.job import Job
+from influencer.app.run.devices import resolve_device
 from influencer.app.run.logs import Stopwatch, logged_stop, run_logging
 from influencer.app.run.store import RunStore, jsonable
 from influencer.app.settings.explain import ExplainConfig
@@ -182,6 +183,7 @@ def run_evaluation(
     config: ExplainConfig, settings: EvaluateConfig, job: Job | None = None, *, console: bool = True
 ) -> EvaluateResult:
     """Run the checks (see the module docstring); ``job`` overrides ``config.task``."""
+    resolve_device(config.device)  # a device this machine lacks is refused before anything is written
     run_dir = Path(config.out)
     with RunStore(run_dir) as store, run_logging(run_dir, console) as warned:
         log.info(

@@ -31,6 +31,7 @@ from influencer.app.run.gradient_store import (
     same_directory,
     translate_store_errors,
 )
+from influencer.app.run.devices import resolve_device
 from influencer.app.run.logs import Stopwatch, logged_stop, run_logging
 from influencer.app.run.outputs import finish
 from influencer.app.run.store import RunStore, jsonable
@@ -67,6 +68,7 @@ def explain_with_store(
             "task, parameters, head, dtype and training); build another store with influencer index "
             f"--{given[0].replace('_', '-')} ..."
         )
+    resolve_device(config.device)  # a device this machine lacks is refused before anything is written
     run_dir, root = Path(config.out), Path(config.store)
     if same_directory(run_dir, root):
         raise ConfigError(

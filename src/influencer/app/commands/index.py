@@ -40,6 +40,7 @@ from influencer.app.run.gradient_store import (
     fingerprint_changes,
     index_path,
 )
+from influencer.app.run.devices import resolve_device
 from influencer.app.run.logs import Stopwatch, logged_stop, run_logging
 from influencer.app.run.store import RunStore, jsonable
 from influencer.app.run.store_scoring import preconditioning, projection_text
@@ -78,6 +79,7 @@ class IndexBuild:
 def build_index(config: IndexConfig, job: Job | None = None, *, console: bool = True) -> IndexBuild:
     """Build, resume or check the store ``config.out`` (see the module docstring); ``job``
     overrides ``config.task``."""
+    resolve_device(config.device)  # a device this machine lacks is refused before anything is written
     root = Path(config.out)
     check_writable(root)
     with RunStore(root) as store, run_logging(root, console, LOG_FILE) as warned:

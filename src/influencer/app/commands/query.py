@@ -49,6 +49,7 @@ from influencer.app.run.gradient_store import (
     same_directory,
     translate_store_errors,
 )
+from influencer.app.run.devices import resolve_device
 from influencer.app.run.logs import Stopwatch, logged_stop, run_logging
 from influencer.app.run.store import RunStore, array_bytes, jsonable
 from influencer.app.run.store_scoring import (
@@ -98,6 +99,7 @@ class QueryRun:
 
 def query_store(config: QueryConfig, job: Job | None = None, *, console: bool = True) -> QueryRun:
     """Run the query (see the module docstring); ``job`` overrides the store's task."""
+    resolve_device(config.device)  # a device this machine lacks is refused before anything is written
     out, root = Path(config.out), Path(config.store)
     if same_directory(out, root):
         raise ConfigError(

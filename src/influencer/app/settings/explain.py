@@ -209,6 +209,12 @@ class ExplainConfig:
         value = getattr(self, name)
         return DIGITS_DEFAULTS[name] if value is None else value
 
+    def make_sampler(self) -> Any:
+        """The sampler that chooses the curvature's examples when ``hessian_size`` is set."""
+        from influencer.samplers import make_sampler
+
+        return make_sampler(self.hessian_sampler)
+
     @property
     def torch_dtype(self) -> Any:
         import torch
