@@ -51,18 +51,18 @@ def install(point: str) -> None:
 
         os.replace = replace
     elif kind == "write":
-        real_write = store._write_file
+        real_write = store.write_durable
 
-        def write(path: Path, data: bytes, fd: int | None = None) -> None:
+        def write(path: Path, data: bytes) -> None:
             if path.name == rest and path.parent.name == ".staging":
                 with open(path, "wb") as f:
                     f.write(data[: len(data) // 2])
                     f.flush()
                     os.fsync(f.fileno())
                 die()
-            real_write(path, data, fd)
+            real_write(path, data)
 
-        store._write_file = write
+        store.write_durable = write
     else:
         raise SystemExit(f"unknown kill point {point!r}")
 

@@ -49,10 +49,6 @@ def explain(config: ExplainConfig, job: Job | None = None, *, console: bool = Tr
         from influencer.app.commands.explain_store import explain_with_store
 
         return explain_with_store(config, job, console=console)
-    if config.method == "unrolled":
-        from influencer.app.commands.unrolled import explain_unrolled
-
-        return explain_unrolled(config, job, console=console)
     resolve_device(config.device)  # a device this machine lacks is refused before anything is written
     run_dir = Path(config.out)
     with RunStore(run_dir) as store, run_logging(run_dir, console) as warned:

@@ -30,15 +30,10 @@ that do not implement these locks cannot give that guarantee.
 from __future__ import annotations
 
 import contextlib
-import errno
-import hashlib
-import io
 import json
 import logging
 import os
 import shutil
-import sys
-import time
 from collections.abc import Iterator, Mapping
 from datetime import datetime, timezone
 from pathlib import Path
@@ -47,8 +42,17 @@ from typing import Any
 import numpy as np
 from torch import Tensor
 
-from influencer.errors import InfluencerError
-from influencer.files import atomic_write_bytes, describe_changes, file_sha256, write_durable
+from influencer.app.run.lock import DirectoryLock, StoreError
+from influencer.app.run.os_errors import describe_os_error
+from influencer.app.run.section import (
+    Section,
+    SectionChangedError,
+    array_bytes,
+    check_key,
+    jsonable,
+    read_array,
+)
+from influencer.files import atomic_write_bytes, describe_changes, write_durable
 
 FORMAT = "influencer-run"
 VERSION = 1
@@ -57,133 +61,21 @@ _LOCK = ".lock"
 _STAGING = ".staging"  # the next output set, written in full before any output is replaced
 _JOURNAL = ".commit.json"  # present while a complete output set is being moved into place
 _TEMPORARY = (_LOCK, _STAGING, _JOURNAL)
-_KEY_CHARS = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_.")
 
 log = logging.getLogger("influencer.store")
 
-
-class StoreError(InfluencerError, RuntimeError):
-    """The run directory is not usable: a foreign or corrupt manifest, or another run holds it."""
-
-
-class SectionChangedError(StoreError):
-    """A section of a frozen store was asked for with other inputs than its entries were made from."""
-
-    def __init__(self, message: str, section: str, changed: list[str], details: str) -> None:
-        super().__init__(message)
-        self.section = section
-        self.changed = changed  # names of the components that differ, e.g. ["model weights"]
-        self.details = details  # the settings that differ, e.g. "head 'fc' -> 'classifier'"
-
-
-# ---- atomic files --------------------------------------------------------------------------------
-
-
-def array_bytes(array: np.ndarray) -> bytes:
-    """The ``.npy`` encoding of a numeric array (object arrays are refused: they would pickle)."""
-    array = np.asarray(array)
-    if array.dtype.hasobject:
-        raise StoreError("refusing to store an object array: it could only be saved with pickle")
-    buf = io.BytesIO()
-    np.save(buf, array, allow_pickle=False)
-    return buf.getvalue()
-
-
-def read_array(path: Path) -> np.ndarray:
-    """Load a ``.npy`` file without ever unpickling."""
-    return np.load(path, allow_pickle=False)
-
-
-# ---- the run directory ---------------------------------------------------------------------------
-
-
-class Section:
-    """Cached arrays that share one set of inputs (see the module docstring)."""
-
-    def __init__(self, store: RunStore, name: str, record: dict[str, Any]) -> None:
-        self.store = store
-        self.name = name
-        self.record = record
-
-    @property
-    def directory(self) -> Path:
-        return self.store.root / "cache" / self.name
-
-    @property
-    def meta(self) -> dict[str, Any]:
-        """Free-form JSON-able facts about the section (saved with the manifest)."""
-        return self.record["meta"]
-
-    def keys(self) -> list[str]:
-        return list(self.record["entries"])
-
-    def __contains__(self, key: str) -> bool:
-        return key in self.record["entries"]
-
-    def __len__(self) -> int:
-        return len(self.record["entries"])
-
-    def save(self, key: str, array: np.ndarray | Tensor) -> None:
-        """Write one entry atomically, then list it in the manifest."""
-        _check_key(key)
-        if isinstance(array, Tensor):
-            array = array.detach().cpu().numpy()
-        data = array_bytes(array)
-        path = self.directory / f"{key}.npy"
-        atomic_write_bytes(path, data)
-        self.record["entries"][key] = {
-            "file": path.relative_to(self.store.root).as_posix(),
-            "sha256": hashlib.sha256(data).hexdigest(),
-            "shape": list(array.shape),
-            "dtype": str(array.dtype),
-        }
-        self.store.flush()
-
-    def load(self, key: str) -> np.ndarray | None:
-        """The entry's array, or ``None`` if it is missing or damaged (then it is forgotten)."""
-        entry = self.record["entries"].get(key)
-        if entry is None:
-            return None
-        path = self.store.root / entry["file"]
-        problem = None
-        if not path.is_file():
-            problem = "its file is missing"
-        elif file_sha256(path) != entry["sha256"]:
-            problem = "its file does not match the recorded checksum"
-        else:
-            array = read_array(path)
-            if list(array.shape) != entry["shape"] or str(array.dtype) != entry["dtype"]:
-                problem = "its shape or dtype differs from the manifest"
-        if problem is not None:
-            log.warning("%s: cached entry %r is unusable (%s); recomputing it", self.name, key, problem)
-            del self.record["entries"][key]
-            self.store.flush()
-            return None
-        return array
-
-    def set_meta(self, **values: Any) -> None:
-        self.record["meta"].update(values)
-        self.store.flush()
-
-
-def _check_key(key: str) -> None:
-    if not key or not set(key) <= _KEY_CHARS or key.startswith("."):
-        raise StoreError(f"cache keys may use letters, digits, '-', '_' and '.'; got {key!r}")
-
-
-def jsonable(obj: Any, limit: int | None = None) -> Any:
-    """Plain JSON values (non-finite floats as strings); lists cut to ``limit`` items if given."""
-    if isinstance(obj, Mapping):
-        return {str(k): jsonable(v, limit) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [jsonable(v, limit) for v in (obj if limit is None else obj[:limit])]
-    if isinstance(obj, np.generic):
-        obj = obj.item()
-    if isinstance(obj, float) and not np.isfinite(obj):
-        return str(obj)
-    if isinstance(obj, (int, float, str, bool)) or obj is None:
-        return obj
-    return str(obj)
+__all__ = [
+    "MANIFEST",
+    "RunStore",
+    "Section",
+    "SectionChangedError",
+    "StoreError",
+    "array_bytes",
+    "describe_os_error",
+    "jsonable",
+    "read_array",
+    "write_durable",
+]
 
 
 class RunStore:
@@ -202,9 +94,9 @@ class RunStore:
     def __init__(self, root: str | Path, frozen: bool = False, wait: float = 0.0) -> None:
         self.root = Path(root)
         self.frozen = frozen
-        self._lock: _DirectoryLock | None = None
+        self._lock: DirectoryLock | None = None
         self._check_usable()
-        self._lock = _DirectoryLock(self.root / _LOCK, wait)
+        self._lock = DirectoryLock(self.root / _LOCK, wait)
         try:
             self.manifest = self._read_or_create()
             self._finish_commit()
@@ -308,7 +200,7 @@ class RunStore:
         ``details`` are the JSON-able settings behind the fingerprints; when they change, the log
         line says which ones did. Entries recorded under other components are deleted.
         """
-        _check_key(name)
+        check_key(name)
         components = dict(components)
         details = json.loads(json.dumps(dict(details or {}), sort_keys=True, default=str))
         sections = self.manifest["sections"]
@@ -492,145 +384,3 @@ def _fsync_directory(path: Path) -> None:
         pass
     finally:
         os.close(fd)
-
-
-class _DirectoryLock:
-    """An exclusive OS lock on ``path``, held until :meth:`release` or process exit.
-
-    The file records the holder's process id for the message a second process gets. It is removed
-    on release; a process that locked a file just removed by its holder sees that the path no
-    longer names its file and tries again, so two processes never both hold the lock. With ``wait``
-    seconds, a lock held by another process is waited for (the wait is logged once). The file is
-    opened without following a symbolic link: a link planted at ``.lock`` is refused, never written
-    through.
-    """
-
-    def __init__(self, path: Path, wait: float = 0.0) -> None:
-        self.path = path
-        self.fd: int | None = None
-        deadline = time.monotonic() + wait
-        told = False
-        while True:
-            holder = self._acquire()
-            if holder is None:
-                return
-            if time.monotonic() >= deadline:
-                who = f" (process {holder})" if holder > 0 else ""
-                raise StoreError(
-                    f"another influencer run{who} is using {path.parent}; wait for it to finish "
-                    "or choose another output directory"
-                )
-            if not told:
-                log.info("waiting for %s, used by another influencer run (process %s)", path.parent, holder)
-                told = True
-            time.sleep(0.2)
-
-    def _acquire(self) -> int | None:
-        """Take the lock (None), or the holder's process id (0 if unknown)."""
-        path = self.path
-        for _ in range(10):
-            try:
-                fd = os.open(path, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o666)
-            except OSError as exc:
-                if exc.errno == errno.ELOOP or path.is_symlink():
-                    raise StoreError(
-                        f"{path} is a symbolic link: a run directory's lock file must be a plain file; "
-                        "remove the link (nothing was written through it)"
-                    ) from None
-                raise
-            try:
-                if not _try_lock(fd):
-                    holder = _read_pid(fd)
-                    os.close(fd)
-                    return holder or 0
-                if _same_file(fd, path):
-                    os.ftruncate(fd, 0)
-                    os.write(fd, str(os.getpid()).encode())
-                    self.fd = fd
-                    return None
-            except BaseException:
-                os.close(fd)
-                raise
-            os.close(fd)  # the holder removed this file as we locked it: lock the new one
-        raise StoreError(f"could not lock {path}; if no influencer run uses {path.parent}, delete it")
-
-    def release(self) -> None:
-        if self.fd is None:
-            return
-        with contextlib.suppress(OSError):
-            os.unlink(self.path)  # while still locked, so no one can lock the old file afterwards
-        os.close(self.fd)  # closing releases the lock
-        self.fd = None
-
-    def __del__(self) -> None:  # a store that was never closed releases its lock when collected
-        with contextlib.suppress(Exception):
-            self.release()
-
-
-def _try_lock(fd: int) -> bool:
-    """Take an exclusive lock on ``fd`` without waiting; False if another process holds it."""
-    if sys.platform == "win32":  # pragma: no cover - exercised on Windows only
-        import msvcrt
-
-        try:
-            msvcrt.locking(fd, msvcrt.LK_NBLCK, 1)
-        except OSError:
-            return False
-        return True
-    import fcntl
-
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError as exc:
-        if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
-            return False
-        raise
-    return True
-
-
-def _same_file(fd: int, path: Path) -> bool:
-    try:
-        return os.path.samestat(os.fstat(fd), os.stat(path))
-    except FileNotFoundError:
-        return False
-
-
-def _read_pid(fd: int) -> int | None:
-    """The holder's process id; it writes it just after locking, so wait a moment for it."""
-    for _ in range(5):
-        try:
-            text = os.pread(fd, 32, 0) if hasattr(os, "pread") else b""
-            return int(text.decode().strip())
-        except (OSError, ValueError):
-            time.sleep(0.01)
-    return None
-
-
-def describe_os_error(exc: OSError, run_dir: str | Path | None = None) -> str:
-    """One line for an operating-system error: the file, the reason and, for a file in (or the path
-    of) the run directory ``run_dir``, how to fix it."""
-    where = f"{exc.filename}: " if exc.filename else ""
-    line = f"{where}{exc.strerror or exc}"
-    # No file name: a write into an open file (a full disk), which only the run directory has here.
-    if run_dir is None or (exc.filename and not _within(Path(str(exc.filename)), Path(run_dir))):
-        return line
-    if not exc.filename:
-        line = f"{line} while writing to {run_dir}"
-    fix = {
-        errno.ENOSPC: "the disk is full: free some space or choose an output directory on another disk",
-        getattr(errno, "EDQUOT", -1): "the disk quota is used up: free some space or choose another --out",
-        errno.EROFS: "the file system is read-only: choose a writable output directory (--out)",
-        errno.EACCES: "choose an output directory you can write to (--out), or fix its permissions",
-        errno.EPERM: "choose an output directory you can write to (--out), or fix its permissions",
-        errno.ENAMETOOLONG: "choose a shorter output directory name (--out)",
-        errno.ENOTDIR: "a part of the output directory's path is a file: choose another --out",
-        errno.ELOOP: "the output directory's path has a symbolic-link loop: choose another --out",
-        errno.ENOENT: "a part of the output directory's path cannot be created: choose another --out",
-    }.get(exc.errno or 0)
-    return f"{line}; {fix}" if fix else f"{line} (in the output directory {run_dir})"
-
-
-def _within(path: Path, root: Path) -> bool:
-    """True when ``path`` is ``root``, inside it, or one of its parents (lexically)."""
-    a, b = os.path.abspath(path), os.path.abspath(root)
-    return a == b or a.startswith(b + os.sep) or b.startswith(a + os.sep)
