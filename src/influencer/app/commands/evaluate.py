@@ -221,7 +221,7 @@ def _run(
             if "lds" in settings.methods
             else (np.zeros(0, dtype=np.int64))
         )
-        _announce(inf, cached, settings, len(loo_ids), clock)
+        _announce(inf, cached, start, settings, len(loo_ids), clock)
 
         loo: list[LOOResult] = []
         if len(loo_ids):
@@ -266,16 +266,28 @@ def _run(
 
 
 def _announce(
-    inf: Influence, retrainer: Retrainer, settings: EvaluateConfig, loo_tests: int, clock: Stopwatch
+    inf: Influence,
+    retrainer: Retrainer,
+    start: Start,
+    settings: EvaluateConfig,
+    loo_tests: int,
+    clock: Stopwatch,
 ) -> None:
-    """Say how many retrainings the checks need and about how long they take, before they start:
-    the full-data refit (which leave-one-out needs first anyway) is timed and extrapolated."""
+    """Say how many retrainings the checks need and about how long they take, before they start.
+
+    The first refit the checks need anyway is timed and extrapolated: the full-data refit
+    (leave-one-out's baseline, and LDS's for its first seed), kept in the refit cache."""
     loo = loo_tests * settings.loo_k
-    lds_count = settings.subsets * settings.seeds + (settings.seeds if "lds" in settings.methods else 0)
-    total = 1 + loo + lds_count
+    lds_count = settings.subsets * settings.seeds + settings.seeds if "lds" in settings.methods else 0
+    total = (1 if loo else 0) + loo + lds_count
     begin = time.perf_counter()
     with clock("retrain"):
-        retrainer.refit(inf)
+        if loo or start is None:
+            retrainer.refit(inf)
+        else:  # LDS from a fresh model per seed: its first seed's full-data refit
+            made = start(0) if callable(start) else start
+            init = inf.parameters_of(made) if isinstance(made, nn.Module) else made
+            retrainer.with_seed(0).refit(inf, None, init)
     took = time.perf_counter() - begin
     parts = []
     if loo:

@@ -24,14 +24,15 @@ from influencer.app.job.evaluation import evaluate_and_choose
 from influencer.app.job.job import Job
 from influencer.app.report.explanation import ExplainResult, Explanation, StoreScoring, log_top
 from influencer.app.run.cached import optimality_of_norms, solver_text
+from influencer.app.run.devices import resolve_device
 from influencer.app.run.gradient_store import (
+    check_store_task,
     open_index,
     open_store,
     read_job_settings,
     same_directory,
     translate_store_errors,
 )
-from influencer.app.run.devices import resolve_device
 from influencer.app.run.logs import Stopwatch, logged_stop, run_logging
 from influencer.app.run.outputs import finish
 from influencer.app.run.store import RunStore, jsonable
@@ -74,6 +75,7 @@ def explain_with_store(
         raise ConfigError(
             f"--out {run_dir} is the store itself: explain writes its run elsewhere (e.g. runs/explain)"
         )
+    check_store_task(root, config.task, job is not None)  # before anything is written
     with RunStore(run_dir) as run, run_logging(run_dir, console) as warned:
         log.info(
             "influencer explain: run directory %s (%s); scores from the gradient store %s",

@@ -29,6 +29,7 @@ import torch
 from influencer import Identity, Influence
 from influencer.app.job.job import Job
 from influencer.app.run.cached import optimality_of_norms
+from influencer.app.run.devices import resolve_device
 from influencer.app.run.gradient_store import (
     LOG_FILE,
     RECORD,
@@ -40,7 +41,6 @@ from influencer.app.run.gradient_store import (
     fingerprint_changes,
     index_path,
 )
-from influencer.app.run.devices import resolve_device
 from influencer.app.run.logs import Stopwatch, logged_stop, run_logging
 from influencer.app.run.store import RunStore, jsonable
 from influencer.app.run.store_scoring import preconditioning, projection_text

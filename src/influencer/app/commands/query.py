@@ -42,14 +42,15 @@ from influencer.app.job.evaluation import (
 from influencer.app.job.job import Job
 from influencer.app.report.explanation import find_candidates
 from influencer.app.report.summary import SIGN_CONVENTION
+from influencer.app.run.devices import resolve_device
 from influencer.app.run.gradient_store import (
+    check_store_task,
     open_index,
     open_store,
     read_job_settings,
     same_directory,
     translate_store_errors,
 )
-from influencer.app.run.devices import resolve_device
 from influencer.app.run.logs import Stopwatch, logged_stop, run_logging
 from influencer.app.run.store import RunStore, array_bytes, jsonable
 from influencer.app.run.store_scoring import (
@@ -105,6 +106,7 @@ def query_store(config: QueryConfig, job: Job | None = None, *, console: bool = 
         raise ConfigError(
             f"--out {out} is the store itself: a query writes its results elsewhere (e.g. --out runs/query)"
         )
+    check_store_task(root, config.task, job is not None)  # before anything is written
     with RunStore(out) as run, run_logging(out, console, LOG_FILE) as warned:
         log.info(
             "influencer query: run directory %s (%s)",

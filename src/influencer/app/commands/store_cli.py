@@ -142,7 +142,7 @@ def query(config_file: str | None, quiet: bool, test: str | None, **flags: Any) 
         if test.strip().lower() == "all":
             flags["all_test"] = True
         else:
-            flags["test_ids"] = _ids(test)
+            flags["test_ids"] = ",".join(str(i) for i in _ids(test))
 
     def work() -> str:
         values = settings_values(config_file, flags)

@@ -272,6 +272,14 @@ def open_index(root: Path, inf: Influence, head: str | None = None) -> GradientI
         raise GradientStoreError(f"{exc} (command line: run influencer index --out {root} again)") from None
 
 
+def check_store_task(root: str | Path, task: str | None, job_given: bool = False) -> None:
+    """Before any run starts: refuse to use a store built for a ``--task`` job without the user's own
+    ``--task`` (see :func:`read_job_settings`)."""
+    root = Path(root)
+    check_readable(root)
+    read_job_settings(root, read_record(root), task, job_given)
+
+
 def job_of_record(record: Mapping[str, Any]) -> dict[str, Any]:
     """The job's settings a store was built with (ExplainConfig fields), as recorded."""
     job = dict(record["job"])

@@ -198,7 +198,9 @@ class ExplainConfig:
         from influencer.app.settings.estimators import make_estimator
 
         if self.estimator == "auto":
-            raise ConfigError("estimator 'auto' is chosen per job: see influencer.app.steps.choose_estimator_for")
+            raise ConfigError(
+                "estimator 'auto' is chosen per job: see influencer.app.steps.choose_estimator_for"
+            )
         options = dict(self.estimator_options)
         if self.on_unconverged is not None:
             options.setdefault("on_unconverged", self.on_unconverged)
