@@ -157,7 +157,10 @@ class Ran:
     def applied(self, solver_info: dict[str, Any]) -> None:
         """Record the damping a fit settled on (an automatic or spectral damping), once known."""
         value = solver_info.get("damping")
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
+        known = (
+            self.damping.get("absolute", 0.0) if self.damping.get("kind") in ("absolute", "none") else None
+        )
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and value != known:
             self.damping["applied"] = float(value)
 
     def text(self) -> str:

@@ -74,7 +74,8 @@ def _run(config: ExplainConfig, job: Job | None, store: RunStore, warned: list[s
             directions = test_directions(inf, on.test, test_ids, directions_cache, config.progress, clock)
         with clock("gradients"):
             scores, optimality = scores_from_cache(inf, directions, gradients_cache, config.batch_size)
-        solver = dict(directions_cache.meta.get("solver", {}))
+        # in key order, as a resumed run reads it back from the manifest: the same bytes either way
+        solver = dict(sorted(directions_cache.meta.get("solver", {}).items()))
         ran.applied(solver)
         top = top_k(torch.from_numpy(scores), config.top_k)
         ex = Explanation(

@@ -97,43 +97,64 @@ def test_directions(
     """``s_test = H^-1 grad f(z_test)`` for each chosen test example ``(m, p)``, from the cache or solved.
 
     Entries are keyed by test id and a fingerprint of that example's data, so a changed test set
-    is never served stale directions.
+    is never served stale directions. They are solved in groups by test id (ids ``[8 b, 8 b + 8)``
+    of :data:`SOLVE_GROUP` = 8 form group ``b``), and a group is reused only whole: a solve's last
+    bits depend on which vectors are solved together (a block solver couples them; a matrix
+    product's blocking follows their number), so a run resumed after an interruption solves
+    exactly the groups an uninterrupted run solves, and gives the same bytes; a test id added
+    later re-solves only its own group. The solver's diagnostics are kept per group; the run
+    reports the last group's, as an uninterrupted run does.
     """
     ids = torch.as_tensor(test_ids)
     keys = [f"t{int(i)}-{hash_tensors(test.take(ids[j : j + 1]))[:16]}" for j, i in enumerate(test_ids)]
+    buckets: dict[int, list[int]] = {}
+    for j, i in enumerate(test_ids.tolist()):
+        buckets.setdefault(int(i) // SOLVE_GROUP, []).append(j)
+    groups = [buckets[b] for b in sorted(buckets)]
     out: list[np.ndarray | None] = [None] * len(keys)
-    for j, key in enumerate(keys):
-        if key in section:
-            arr = section.load(key)
-            if arr is not None and arr.shape == (inf.p,):
-                out[j] = arr
-    missing = [j for j, a in enumerate(out) if a is None]
-    if len(missing) < len(keys):
-        log.info("test directions: %d of %d reused from the cache", len(keys) - len(missing), len(keys))
-    if missing:
+    infos = dict(section.meta.get("solver_groups", {}))
+    todo = []
+    for group in groups:
+        name = "-".join(keys[j] for j in group)
+        rows = [section.load(keys[j]) if keys[j] in section else None for j in group]
+        if name in infos and all(r is not None and r.shape == (inf.p,) for r in rows):
+            for j, row in zip(group, rows, strict=True):
+                out[j] = row
+        else:
+            todo.append((name, group))
+    solved = sum(len(g) for _, g in todo)
+    if solved < len(keys):
+        log.info("test directions: %d of %d reused from the cache", len(keys) - solved, len(keys))
+    if todo:
         with clock("fit"):
             inf.fit()
         # closed (and cleared) on an error too, so the error's message starts a line of its own
-        with tqdm(
-            total=len(missing), desc="inverse HVPs", unit="test", disable=not progress, leave=False
-        ) as bar:
-            for start in range(0, len(missing), SOLVE_GROUP):
-                group = missing[start : start + SOLVE_GROUP]
+        with tqdm(total=solved, desc="inverse HVPs", unit="test", disable=not progress, leave=False) as bar:
+            for name, group in todo:
                 d = _directions(inf, test, ids[group]).detach().cpu().numpy()  # (g, p)
                 for j, row in zip(group, d, strict=True):
                     section.save(keys[j], row)
                     out[j] = row
+                # e.g. eigenvalue lists, cut short; listed last, once the group's entries are saved
+                infos[name] = jsonable(getattr(inf.solver, "info", {}), limit=20)
+                section.set_meta(solver_groups=infos)
                 bar.update(len(group))
-        info = jsonable(getattr(inf.solver, "info", {}), limit=20)  # e.g. eigenvalue lists, cut short
-        if section.meta.get("solver", {}).get("converged") is False:  # earlier entries stay approximate
-            info["converged"] = False
-        section.set_meta(solver=info)
-        log.info("test directions: solved %d with %s %s", len(missing), inf.estimator.name, solver_text(info))
-    elif section.meta.get("solver", {}).get("converged") is False:
+    last = "-".join(keys[j] for j in groups[-1]) if groups else ""
+    info = dict(sorted(infos.get(last, {}).items()))
+    if any(
+        i.get("converged") is False
+        for n, i in infos.items()
+        if n in {"-".join(keys[j] for j in g) for g in groups}
+    ):
+        info["converged"] = False  # some directions come from an accepted unconverged solve
+    section.set_meta(solver=info)
+    if todo:
+        log.info("test directions: solved %d with %s %s", solved, inf.estimator.name, solver_text(info))
+    elif info.get("converged") is False:
         log.warning(
             "the cached test directions come from a solve that did not converge %s, accepted with "
             "on_unconverged='warn': the scores are approximate",
-            solver_text(section.meta["solver"]),
+            solver_text(info),
         )
     return np.stack(out)  # type: ignore[arg-type]
 

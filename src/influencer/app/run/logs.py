@@ -29,6 +29,16 @@ class TqdmHandler(logging.StreamHandler):
             self.handleError(record)
 
 
+class RunFileHandler(logging.FileHandler):
+    """The run's log file. A line that cannot be written (a full disk) is dropped without a
+    traceback: the error that stops the run is what the user must see."""
+
+    def handleError(self, record: logging.LogRecord) -> None:  # noqa: N802 (logging.Handler API)
+        if isinstance(sys.exc_info()[1], OSError):
+            return
+        super().handleError(record)
+
+
 class WarningList(logging.Handler):
     """Collects the messages of WARNING records and above (they go into ``summary.json``)."""
 
@@ -72,7 +82,7 @@ def run_logging(run_dir: Path, console: bool, file_name: str = LOG_FILE) -> Iter
     logger = logging.getLogger("influencer")
     collected = WarningList()
     handlers: list[logging.Handler] = [collected]
-    file_handler = logging.FileHandler(run_dir / file_name, encoding="utf-8")
+    file_handler = RunFileHandler(run_dir / file_name, encoding="utf-8")
     file_handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     file_handler.setLevel(logging.DEBUG)
     handlers.append(file_handler)
