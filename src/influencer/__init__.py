@@ -21,7 +21,7 @@ from influencer._kernel.errors import InfluencerError
 from influencer._kernel.scores import TopK, top_k
 from influencer._kernel.task import ClassificationTask, RegressionTask, SmoothHingeTask, Task
 from influencer.estimators import CG, EKFAC, KFAC, Arnoldi, BlockCG, Exact, Identity, LiSSA
-from influencer.estimators.auto import Choice, choose_estimator
+from influencer.estimators.auto import choose_estimator
 from influencer.influence import Influence
 
 __version__ = "0.1.0"
@@ -32,7 +32,6 @@ __all__ = [
     "KFAC",
     "Arnoldi",
     "BlockCG",
-    "Choice",
     "ClassificationTask",
     "Exact",
     "Identity",
