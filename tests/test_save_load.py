@@ -123,3 +123,6 @@ def test_missing_unfitted_and_damaged_saves_are_clear_errors(mlp, tmp_path):
     tensors.write_bytes(bytes(data))
     with pytest.raises(DataError, match="does not match its manifest"):
         Influence.load(tmp_path / "fit", model, task, train, **kwargs)
+    (tmp_path / "fit" / "manifest.json").write_text("{not json")
+    with pytest.raises(ConfigError, match=r"manifest\.json is not a saved fit"):
+        Influence.load(tmp_path / "fit", model, task, train, **kwargs)

@@ -346,6 +346,8 @@ class Influence:
                 f"no saved fit at {path} ({Path(exc.filename).name} is missing): save one with "
                 "Influence.save(path) after fit()"
             ) from None
+        except json.JSONDecodeError:
+            manifest = None
         if not isinstance(manifest, dict) or manifest.get("format") != FITTED_FORMAT:
             raise ConfigError(
                 f"{manifest_path} is not a saved fit ({FITTED_FORMAT}); save one with Influence.save"
