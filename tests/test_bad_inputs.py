@@ -21,8 +21,8 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from influencer.app import store as store_module
-from influencer.app.cli import cli
+from influencer.app.commands.cli import cli
+from influencer.app.run import store as store_module
 
 TESTS = Path(__file__).parent
 OUTPUTS = ("scores.npy", "test_ids.npy", "config.json", "report.html", "summary.json")
@@ -290,14 +290,14 @@ def test_full_disk_while_writing_outputs_keeps_the_previous_run(tmp_path, finish
     run = tmp_path / "run"
     shutil.copytree(finished, run)
     before = outputs(run)
-    real = store_module._write_file
+    real = store_module.write_durable
 
-    def full(path, data, fd=None):
+    def full(path, data):
         if ".staging" in str(path) and path.name == "report.html":
             raise OSError(errno.ENOSPC, "No space left on device")
-        real(path, data, fd)
+        real(path, data)
 
-    monkeypatch.setattr(store_module, "_write_file", full)
+    monkeypatch.setattr(store_module, "write_durable", full)
     result = invoke([*GOOD, "--out", str(run), "--top-k", "4"])
     assert_one_clear_line(
         result, r"No space left on device while writing to .*run; the disk is full: free some space"

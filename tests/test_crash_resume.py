@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from influencer.app.cli import cli
+from influencer.app.commands.cli import cli
 
 TESTS = Path(__file__).parent
 OUTPUTS = (

@@ -9,13 +9,13 @@ import re
 
 import pytest
 import torch
+from influencer.paper.datasets import load_digits
 from torch import nn
 
 from influencer import CG, EKFAC, ClassificationTask, Exact, Influence, choose_estimator
 from influencer.errors import IndefiniteHessianError
 from influencer.estimators import SpectralDamping
 from influencer.models import SmallCNN
-from influencer.paper.datasets import load_digits
 from influencer.training import train_minibatch
 
 pytestmark = pytest.mark.usefixtures("one_thread")
