@@ -9,7 +9,7 @@ import re
 
 import pytest
 import torch
-from influencer.paper.datasets import load_digits
+from influencer.datasets import load_digits
 from torch import nn
 
 from influencer import CG, EKFAC, ClassificationTask, Exact, Influence, choose_estimator
