@@ -9,10 +9,10 @@ import re
 
 import pytest
 import torch
-from influencer.datasets import load_digits
 from torch import nn
 
 from influencer import CG, EKFAC, ClassificationTask, Exact, Influence, choose_estimator
+from influencer.datasets import load_digits
 from influencer.errors import IndefiniteHessianError
 from influencer.estimators import SpectralDamping
 from influencer.models import SmallCNN
