@@ -354,7 +354,18 @@ def test_top_k_equal_to_n_and_more_test_examples_than_there_are(tmp_path):
 def test_accepted_unconverged_solve_and_a_model_far_from_a_minimum_are_in_the_summary(tmp_path):
     run = tmp_path / "run"
     result = invoke(
-        ["--task", "robust_jobs:untrained", "--out", str(run), "--estimator", "cg", "-o", "max_iter=1", "--on-unconverged", "warn"]
+        [
+            "--task",
+            "robust_jobs:untrained",
+            "--out",
+            str(run),
+            "--estimator",
+            "cg",
+            "-o",
+            "max_iter=1",
+            "--on-unconverged",
+            "warn",
+        ]
     )
     assert result.exit_code == 0, result.output
     summary = json.loads((run / "summary.json").read_text())
@@ -367,7 +378,18 @@ def test_accepted_unconverged_solve_and_a_model_far_from_a_minimum_are_in_the_su
     assert "WARNING influencer.explain: RuntimeWarning: CG did not converge" in log
     # Reused, the approximate solves are flagged again, never passed off as converged.
     again = invoke(
-        ["--task", "robust_jobs:untrained", "--out", str(run), "--estimator", "cg", "-o", "max_iter=1", "--on-unconverged", "warn"]
+        [
+            "--task",
+            "robust_jobs:untrained",
+            "--out",
+            str(run),
+            "--estimator",
+            "cg",
+            "-o",
+            "max_iter=1",
+            "--on-unconverged",
+            "warn",
+        ]
     )
     assert again.exit_code == 0
     summary = json.loads((run / "summary.json").read_text())
