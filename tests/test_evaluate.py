@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import json
-import re
 import os
+import re
 import textwrap
 from pathlib import Path
 
@@ -85,7 +85,8 @@ def test_evaluate_command_end_to_end_on_a_linear_job(tmp_path, task_module):
     # removal of the last example timed for the up-front estimate (unless LOO removed it anyway)
     assert len(refits) == 1 + len(removed | {89}) + 6
     log = (run / "explain.log").read_text()
-    assert re.search(r"evaluate: about 18 retrainings \(leave-one-out 2 x 5, LDS 6 subsets x 1 seed\(s\);", log)
+    said = r"evaluate: about 18 retrainings \(leave-one-out 2 x 5, LDS 6 subsets x 1 seed\(s\);"
+    assert re.search(said, log)
 
     # Another estimator on the same job: every refit is read back, none is computed again.
     again = CliRunner().invoke(cli, [*args, "--estimator", "identity", "--method", "lds"])
