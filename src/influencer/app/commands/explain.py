@@ -43,12 +43,17 @@ def explain(config: ExplainConfig, job: Job | None = None, *, console: bool = Tr
     """Run the whole job (see the module docstring); ``job`` overrides ``config.task``.
 
     With ``config.store`` the scores come from that gradient store instead
-    (:mod:`~influencer.app.commands.explain_store`).
+    (:mod:`~influencer.app.commands.explain_store`); with ``method="unrolled"`` from the exact
+    derivative through the job's training run (:mod:`~influencer.app.commands.unrolled`).
     """
     if config.store is not None:
         from influencer.app.commands.explain_store import explain_with_store
 
         return explain_with_store(config, job, console=console)
+    if config.method == "unrolled":
+        from influencer.app.commands.unrolled import explain_unrolled
+
+        return explain_unrolled(config, job, console=console)
     resolve_device(config.device)  # a device this machine lacks is refused before anything is written
     run_dir = Path(config.out)
     with RunStore(run_dir) as store, run_logging(run_dir, console) as warned:

@@ -11,7 +11,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from influencer import ClassificationTask, Task
+from influencer import ClassificationTask, Identity, Influence, Task
 from influencer.app.job.job import Job
 from influencer.app.run.store import RunStore
 from influencer.app.settings.explain import ExplainConfig
@@ -19,6 +19,7 @@ from influencer.errors import ConvergenceError
 from influencer.extras import require
 from influencer.fingerprint import hash_json, hash_tensors
 from influencer.heads import Head
+from influencer.retraining import AdamRetrainer
 from influencer.training import train_lbfgs, train_minibatch
 
 log = logging.getLogger("influencer.explain")
@@ -55,7 +56,8 @@ def digits_job(config: ExplainConfig, cache: RunStore, device: torch.device) -> 
         "batch_size": config.digits("train_batch_size"),
         "weight_decay": config.digits("weight_decay"),
         "seed": config.seed,
-        "head": "lbfgs-float64",
+        # "recipe": Adam alone, replayable (--method unrolled); else the head is then fitted
+        "head": "recipe" if config.method == "unrolled" else "lbfgs-float64",
     }
     components = {"training data": hash_tensors(train), "training settings": hash_json(settings)}
     section = cache.section(
@@ -63,9 +65,16 @@ def digits_job(config: ExplainConfig, cache: RunStore, device: torch.device) -> 
         components,
         {"training": settings, "n_train": n},
     )
-    with torch.random.fork_rng(devices=[]):  # seeded initialisation without touching the global RNG
-        torch.manual_seed(config.seed)
-        model = SmallCNN(num_classes=10, channels=config.digits("channels"))
+
+    def fresh(seed: int) -> nn.Module:
+        with torch.random.fork_rng(devices=[]):  # seeded initialisation without touching the global RNG
+            torch.manual_seed(seed)
+            return SmallCNN(num_classes=10, channels=config.digits("channels"))
+
+    model = fresh(config.seed)
+    recipe = AdamRetrainer(
+        epochs=epochs, lr=config.digits("lr"), batch_size=config.digits("train_batch_size"), seed=config.seed
+    )
     state = {k: section.load(k) for k in model.state_dict()} if len(section) else {}
     if state and all(v is not None for v in state.values()):
         model.double().load_state_dict({k: torch.from_numpy(v) for k, v in state.items()})
@@ -74,25 +83,21 @@ def digits_job(config: ExplainConfig, cache: RunStore, device: torch.device) -> 
         start = time.perf_counter()
         log.info(
             "model: training SmallCNN on %d digit images (%d epochs of Adam, lr %g, weight decay %g) on %s",
-            n,
-            config.digits("epochs"),
-            config.digits("lr"),
-            config.digits("weight_decay"),
-            device,
-        )
-        history = train_minibatch(
-            model,
-            task,
-            train,
-            epochs=config.digits("epochs"),
-            lr=config.digits("lr"),
-            batch_size=config.digits("train_batch_size"),
-            seed=config.seed,
-            device=device,
-            progress=config.progress,
-        )
-        model.double()
-        fit_head(model, task, train, device)
+            n, epochs, config.digits("lr"), weight_decay, device,
+        )  # fmt: skip
+        if config.method == "unrolled":  # the recipe itself, replayable step by step
+            model.double()
+            inf = Influence(model, task, train, estimator=Identity(), device=device, progress=False)
+            inf.fn.load_into(recipe.refit(inf, None, inf.theta))
+            history = [float(inf.losses().mean())]
+        else:
+            history = train_minibatch(
+                model, task, train, epochs=epochs, lr=config.digits("lr"),
+                batch_size=config.digits("train_batch_size"), seed=config.seed, device=device,
+                progress=config.progress,
+            )  # fmt: skip
+            model.double()
+            fit_head(model, task, train, device)
         elapsed = time.perf_counter() - start
         for k, v in model.state_dict().items():
             section.save(k, v)
@@ -100,11 +105,13 @@ def digits_job(config: ExplainConfig, cache: RunStore, device: torch.device) -> 
         log.info("model: trained in %.1f s (final epoch loss %.4f)", elapsed, history[-1])
     model.to(device).eval()
     n_params = sum(p.numel() for p in model.parameters())
-    about = (
-        f"{n} training and {len(test[0])} test images (8x8). SmallCNN ({n_params} parameters) trained "
-        f"{epochs} epochs with Adam, then its linear head fitted to the optimum of mean "
-        f"cross-entropy + {weight_decay:g}/2 ||w||^2 with L-BFGS (float64)."
+    trained = (
+        f"trained {epochs} epochs with Adam (the replayable recipe of --method unrolled)"
+        if config.method == "unrolled"
+        else f"trained {epochs} epochs with Adam, then its linear head fitted to the optimum of mean "
+        f"cross-entropy + {weight_decay:g}/2 ||w||^2 with L-BFGS (float64)"
     )
+    about = f"{n} training and {len(test[0])} test images (8x8). SmallCNN ({n_params} parameters) {trained}."
     return Job(
         task=task,
         model=model,
@@ -117,7 +124,9 @@ def digits_job(config: ExplainConfig, cache: RunStore, device: torch.device) -> 
         # Influence over the head (the default) needs only its inputs, the network's features:
         # computed once, they make every gradient and Hessian-vector product a linear-layer
         # operation instead of a pass through the convolutions, with the same scores.
-        head="head",
+        head=None if config.method == "unrolled" else "head",
+        retrain=recipe if config.method == "unrolled" else None,
+        start=fresh(config.seed).double() if config.method == "unrolled" else None,
     )
 
 

@@ -74,6 +74,9 @@ class Job:
             for a linear model, Adam for the configured epochs for a network).
         make_model: ``seed -> nn.Module``, a fresh untrained model of the same architecture, for
             retraining from scratch (default for a network: a copy with its layers reset).
+        start: the model ``retrain`` started from (same architecture), for ``--method unrolled``,
+            which differentiates through that run: with a stepwise ``retrain`` (``AdamRetrainer``,
+            ``SGDRetrainer``), replaying it from ``start`` must reproduce ``model``.
     """
 
     task: Task
@@ -93,6 +96,7 @@ class Job:
     shown: tuple[Any, Any] | None = None
     retrain: Retrainer | None = None
     make_model: Callable[[int], nn.Module] | None = None
+    start: nn.Module | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.task, Task):

@@ -288,6 +288,12 @@ def facts(ex: Explanation) -> list[tuple[str, str]]:
             ("computed in", config.dtype + " on " + str(inf.device)),
         ]
     ran = ex.ran
+    if ran is not None and ran.method == "unrolled":
+        return [
+            *common,
+            *_unrolled_facts(ran.estimator),
+            ("computed in", config.dtype + " on " + str(inf.device)),
+        ]
     estimator = f"{inf.estimator.name} {_settings_text(inf.estimator.settings())}"
     if ran is not None:
         estimator += f" ({ran.reason})"
@@ -300,6 +306,33 @@ def facts(ex: Explanation) -> list[tuple[str, str]]:
         ("solver", solver_text(ex.solver).strip("()") or "n/a"),
         ("computed in", config.dtype + " on " + str(inf.device)),
     ]
+
+
+def _unrolled_facts(summary: dict[str, Any]) -> list[tuple[str, str]]:
+    """How unrolled scores were made, and how far they extrapolate (measured by real replays)."""
+    recipe = summary.get("recipe", {})
+    name = str(recipe.get("class", "?")).rsplit(".", 1)[-1]
+    settings = ", ".join(f"{k} {v}" for k, v in recipe.items() if k != "class")
+    rows = [
+        ("method", "unrolled: the exact derivative of the test loss through every step of the training run"),
+        ("recipe", f"{name} ({settings}), {summary.get('steps')} steps, replay verified (largest difference "
+         f"{summary.get('replay_difference', 0) or 0:.2g})"),
+    ]  # fmt: skip
+    reach = summary.get("extrapolation")
+    if reach:
+        slopes = ", ".join(
+            f"{e:g}: {s:.2f}" for e, s in zip(reach["strengths"], reach["slopes"], strict=True)
+        )
+        verdict = (
+            "removals are within reach"
+            if reach["removals_in_reach"]
+            else "removing examples is NOT predicted well: read the scores as effects of small re-weightings"
+        )
+        rows.append(
+            ("extrapolation", f"actual / predicted change when re-weighting {reach['fraction']:.0%} of the "
+             f"data by eps ({slopes}); {verdict}")
+        )  # fmt: skip
+    return rows
 
 
 def _damping_text(damping: dict[str, Any]) -> str:

@@ -47,6 +47,7 @@ def make_summary(
         tests.append(entry)
     store = ex.scoring
     exact = store is None or store.uses_estimator  # an estimator computed (part of) the scores
+    unrolled = ex.ran is not None and ex.ran.method == "unrolled"
     return jsonable(
         {
             "job": job.name,
@@ -57,7 +58,9 @@ def make_summary(
             "num_parameters": inf.p,
             "parameters": inf.fn.names,
             "method": config.method,
-            "estimator": jsonable(inf.estimator.settings()) if exact else None,
+            "estimator": jsonable(ex.ran.estimator if unrolled else inf.estimator.settings())
+            if exact
+            else None,
             "curvature": (ex.ran.curvature if ex.ran else config.curvature) if exact else None,
             "damping": ex.ran.damping if ex.ran and exact else None,
             "estimator_reason": ex.ran.reason if ex.ran and exact else None,

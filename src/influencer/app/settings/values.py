@@ -22,7 +22,7 @@ BASES = ("pca", "random")  # of a Kronecker projection
 # The samplers of influencer.samplers (checked against it when a sampler is made).
 SAMPLER_NAMES = ("class", "feature", "logit", "random")
 # How scores are computed: influence functions, or the exact derivative through the training run.
-METHODS = ("influence",)
+METHODS = ("influence", "unrolled")
 
 DEFAULT_K_IN = 32  # Kronecker: projected input dimension per layer
 DEFAULT_K_OUT = 32  # Kronecker: projected output dimension per layer
