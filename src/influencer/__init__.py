@@ -1,6 +1,7 @@
 """influencer: explain a PyTorch model's predictions by its training data (influence functions).
 
-The public face: :class:`Influence`, the built-in tasks, the inverse-Hessian estimators and
+The public face: :class:`Influence`, :class:`Unrolled` (exact derivatives through the
+training run), the built-in tasks, the inverse-Hessian estimators and
 :func:`top_k`. Everything else lives in a subpackage whose name says what it is:
 
 * :mod:`influencer.tasks` (also Hugging Face adapters), :mod:`influencer.data`,
@@ -21,6 +22,7 @@ from influencer._kernel.scores import TopK, top_k
 from influencer._kernel.task import ClassificationTask, RegressionTask, SmoothHingeTask, Task
 from influencer.estimators import CG, EKFAC, KFAC, Arnoldi, BlockCG, Exact, Identity, LiSSA
 from influencer.influence import Influence
+from influencer.unrolled import Unrolled
 
 __version__ = "0.1.0"
 
@@ -40,5 +42,6 @@ __all__ = [
     "SmoothHingeTask",
     "Task",
     "TopK",
+    "Unrolled",
     "top_k",
 ]
