@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -13,6 +14,7 @@ from influencer import ClassificationTask, Exact, Influence, Unrolled
 from influencer.errors import ConfigError
 from influencer.retraining import AdamRetrainer, SGDRetrainer
 from influencer.unrolled import Extrapolation
+from influencer.validation import lds
 
 TASK = ClassificationTask(weight_decay=1e-2)
 
@@ -200,3 +202,24 @@ def test_recipe_settings_are_validated():
     assert AdamRetrainer(schedule="cosine").settings()["schedule"] == "cosine"
     lr = [SGDRetrainer(lr=1.0, warmup=2, schedule="linear").learning_rate(t, 6) for t in range(6)]
     assert lr == pytest.approx([0.5, 1.0, 1.0, 0.75, 0.5, 0.25])
+
+
+def test_single_model_lds_of_the_exact_derivative_is_near_one_for_small_reweightings():
+    train, test = data(40), data(6, seed=8)
+    init, recipe = mlp(), RECIPES[0]
+    model = trained(recipe, train, init)
+    unrolled = Unrolled(model, TASK, train, recipe=recipe, start=init).fit()
+    scores = unrolled.scores(test)
+    start = unrolled.start
+    options = dict(scores=scores, subsets=8, alpha=0.9, retrain=recipe, start=start, setting="single-model")
+    result = lds(unrolled.influence, test, eps=1e-3, **options)
+    assert result.mean >= 0.95 and result.summary()["setting"] == "single-model"
+    assert result.summary()["eps"] == 1e-3
+    # the actual changes are the predicted ones, to first order in eps (predicted carries eps)
+    assert np.abs(result.actual - result.predicted).max() <= 0.05 * np.abs(result.predicted).max()
+    with pytest.raises(ConfigError, match="pass one seed"):
+        lds(unrolled.influence, test, seeds=(0, 1), **options)
+    with pytest.raises(ConfigError, match="pass start= the initial model"):
+        lds(unrolled.influence, test, **{**options, "start": None})
+    with pytest.raises(ConfigError, match="setting='single-model'"):
+        lds(unrolled.influence, test, scores=scores, subsets=8, eps=0.5, retrain=recipe, start=start)
