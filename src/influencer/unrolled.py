@@ -14,8 +14,8 @@ Every step ``t`` of a :class:`~influencer.retraining.StepwiseRetrainer` maps the
 to ``s_{t+1}``; the objective of the step is ``(1/B_t) sum_b w_b (loss_b + Omega)``. The reverse
 pass carries a cotangent of the full state back from ``(grad f(theta_T), 0, ...)`` and collects, at
 every step, the derivative with respect to the weights of that step's batch. The cotangents of a
-block of test examples travel together (``vmap`` over the vector-Jacobian product), so one reverse
-pass serves ``test_batch`` test examples.
+block of test examples travel together (one batched backward pass per step, vmapped over the
+cotangents), so one reverse pass serves ``test_batch`` test examples.
 
 **Scores and sign.** ``score_ij = -d f(test_j) / d w_i`` at ``w = 1``: removing example ``i`` is
 ``dw_i = -1``, so the score is the first-order predicted change of ``f`` if ``i`` were removed from
@@ -25,11 +25,12 @@ function ``(1/n) grad f^T H^-1 g_i`` of :class:`~influencer.Influence`.
 
 **Memory.** Checkpoint and recompute in segments of ``K = ceil(sqrt(T))`` steps (``segment``):
 :meth:`Unrolled.fit` keeps the state at every ``K``-th step of its replay; the reverse pass
-recomputes one segment's ``K`` states from its checkpoint, then walks back through them. At most
-``ceil(T / K) + K`` states (about ``2 sqrt(T)`` states of ``p`` values times the optimiser's
-state count) are held, never ``T``; plus the cotangents, ``test_batch`` times one state. Cost per
-block of test examples: one forward recomputation of the run, and one vector-Jacobian product per
-step (the step's forward pass again, and a batched backward pass).
+recomputes one segment's ``K`` steps from its checkpoint with their autograd graphs kept, then
+walks back through them, freeing each graph as it goes. At most ``ceil(T / K)`` checkpoints and
+``K`` recomputed steps (a state and one step's graph each: the batch's activations and a few
+``(p,)`` tensors) are held, about ``2 sqrt(T)``, never ``T``; plus the cotangents, ``test_batch``
+times one state. Cost per block of test examples: the run's forward pass once more (with graphs)
+and one batched backward pass per step.
 
 **How far it extrapolates.** The derivative is exact for infinitesimal re-weightings; removing
 whole examples is a finite step, as accurate as training is smooth in the weights.
@@ -47,7 +48,6 @@ from typing import Any
 import numpy as np
 import torch
 from torch import Tensor, nn
-from torch.func import vjp, vmap
 
 from influencer._kernel.errors import ConfigError, DataError
 from influencer._kernel.progress import progress_bar
@@ -55,7 +55,7 @@ from influencer._kernel.scores import TopK, top_k
 from influencer._kernel.stats import pearson
 from influencer._kernel.task import Task
 from influencer.influence import Influence
-from influencer.retraining import State, StepwiseRetrainer, step_gradient
+from influencer.retraining import State, StepwiseRetrainer
 
 # Slopes of the actual on the predicted change inside this band count as "within reach".
 REACH_BAND = (0.5, 2.0)
@@ -64,7 +64,8 @@ REACH_BAND = (0.5, 2.0)
 @dataclass(frozen=True)
 class ReverseStats:
     """The checkpointing of the last reverse pass: ``checkpoints`` states kept by :meth:`Unrolled.fit`
-    (one per ``segment`` steps of ``steps``), and the most states held at once during the pass."""
+    (one per ``segment`` steps of ``steps``), and the most held at once during the pass, counting
+    each recomputed step of the current segment (its state and autograd graph) as one."""
 
     steps: int
     segment: int
@@ -248,23 +249,40 @@ class Unrolled:
             raise ConfigError("call fit() before computing unrolled scores")
         return self._final
 
-    def _step_vjp(self, state: State, t: int, lam: State) -> tuple[State, Tensor]:
-        """Cotangents ``(k, ...)`` of state ``t`` and of step ``t``'s batch weights ``(k, B)``."""
-        fn, ids = self.influence.fn, self._plan[t]
-        batch = fn.prepare(self.influence.train.take(ids))
-        total = len(self._plan)
+    def _segment(self, s: int, end: int) -> list[tuple[State, tuple[Tensor, ...]]]:
+        """Steps ``s .. end - 1`` recomputed from checkpoint ``s``, each with its autograd graph kept:
+        ``(state after the step, (state before, batch weights ``(B,)``))`` as graph leaves.
 
-        def step(s: State, w: Tensor) -> State:
-            g = torch.func.grad(lambda th: fn.objective(th, batch, 1.0 / len(ids), w))(s[0])
-            return self.recipe.update(s, g, t, total)
+        The forward pass that recomputes the states is the one the reverse pass differentiates,
+        so each step's forward runs once per reverse pass.
+        """
+        fn, plan, total = self.influence.fn, self._plan, len(self._plan)
+        state, graphs = self._checkpoints[s], []
+        for t in range(s, end):
+            ids = plan[t]
+            batch = fn.prepare(self.influence.train.take(ids))
+            leaves = tuple(x.detach().requires_grad_(True) for x in state)
+            w = torch.ones(len(ids), dtype=leaves[0].dtype, device=leaves[0].device, requires_grad=True)
+            with torch.enable_grad():
+                (g,) = torch.autograd.grad(
+                    fn.objective(leaves[0], batch, 1.0 / len(ids), w), leaves[0], create_graph=True
+                )
+                out = self.recipe.update(leaves, g, t, total)
+            graphs.append((out, (*leaves, w)))
+            state = tuple(x.detach() for x in out)
+        return graphs
 
-        ones = torch.ones(len(ids), dtype=state[0].dtype, device=state[0].device)
-        _, pull = vjp(step, state, ones)
+    @staticmethod
+    def _pull(graph: tuple[State, tuple[Tensor, ...]], lam: State) -> tuple[State, Tensor]:
+        """Cotangents ``(k, ...)`` of the state before a step and of its batch weights ``(k, B)``,
+        from cotangents ``lam`` of the state after it: one batched backward pass (frees the graph)."""
+        out, leaves = graph
         if lam[0].shape[0] == 1:  # one backward pass: cheaper than a batched one of size 1
-            back_state, back_w = pull(tuple(x[0] for x in lam))
-            return tuple(x[None] for x in back_state), back_w[None]
-        back_state, back_w = vmap(pull)(lam)
-        return tuple(back_state), back_w
+            back = torch.autograd.grad(out, leaves, tuple(x[0] for x in lam), materialize_grads=True)
+            back = tuple(x[None] for x in back)
+        else:
+            back = torch.autograd.grad(out, leaves, lam, is_grads_batched=True, materialize_grads=True)
+        return tuple(back[:-1]), back[-1]
 
     def _reverse(self, batch: Any) -> Tensor:
         """``d f(test_j) / d w_i`` ``(k, n)`` for the ``k`` test examples of a prepared batch."""
@@ -277,14 +295,10 @@ class Unrolled:
         ticks = progress_bar(range(total), "reverse pass", self.progress, total=total, unit="step")
         for s in sorted(self._checkpoints, reverse=True):
             end = min(s + k, total)
-            states = [self._checkpoints[s]]
-            for t in range(s, end - 1):  # recompute the segment from its checkpoint
-                batch_t = fn.prepare(self.influence.train.take(plan[t]))
-                g = step_gradient(fn, states[-1][0], batch_t, None, plan[t])
-                states.append(self.recipe.update(states[-1], g, t, total))
-            held = max(held, len(self._checkpoints) + len(states) - 1)
+            graphs = self._segment(s, end)
+            held = max(held, len(self._checkpoints) + len(graphs))
             for t in range(end - 1, s - 1, -1):
-                lam, back_w = self._step_vjp(states.pop(), t, lam)
+                lam, back_w = self._pull(graphs.pop(), lam)
                 dw.index_add_(1, plan[t].to(dw.device), back_w)
                 next(ticks, None)
         self.reverse_stats = ReverseStats(total, k, len(self._checkpoints), held)
