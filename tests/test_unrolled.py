@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import math
+import re
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -223,3 +225,14 @@ def test_single_model_lds_of_the_exact_derivative_is_near_one_for_small_reweight
         lds(unrolled.influence, test, **{**options, "start": None})
     with pytest.raises(ConfigError, match="setting='single-model'"):
         lds(unrolled.influence, test, scores=scores, subsets=8, eps=0.5, retrain=recipe, start=start)
+
+
+def test_readme_unrolled_example_runs(capsys):
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    code = re.search(r"## Unrolled attribution\n.*?```python\n(.*?)```", readme, re.S).group(1)
+    namespace: dict = {}
+    exec(compile(code, "README.md", "exec"), namespace)
+    assert "'slopes'" in capsys.readouterr().out
+    summary = namespace["unrolled"].extrapolation_result.summary()
+    assert summary["strengths"] == [1e-3, 0.1, 1.0] and summary["slopes"][0] == pytest.approx(1.0, abs=0.1)
+    assert namespace["scores"].shape == (10, len(namespace["data"].x_train))
