@@ -156,8 +156,8 @@ Setting = Literal["seed-averaged", "single-model"]
 SETTINGS: tuple[str, ...] = ("seed-averaged", "single-model")
 
 # A fresh initialisation per seed (an nn.Module of the influence's architecture, or its chosen
-# parameters (p,)), a fixed start (p,), or None: warm-started from the full-data refit.
-Start = Tensor | Callable[[int], nn.Module | Tensor] | None
+# parameters (p,)), a fixed start (p,) or module, or None: warm-started from the full-data refit.
+Start = Tensor | nn.Module | Callable[[int], nn.Module | Tensor] | None
 
 
 @dataclass(frozen=True)
@@ -260,6 +260,8 @@ def draw_subsets(n: int, subsets: int, alpha: float, seed: int = 0) -> np.ndarra
 def _start_for(reference: Influence, start: Start, seed: int) -> Tensor | None:
     if start is None or isinstance(start, Tensor):
         return start
+    if isinstance(start, nn.Module):  # one fixed initial model (a module is callable too)
+        return reference.parameters_of(start)
     made = start(seed)
     if isinstance(made, nn.Module):
         return reference.parameters_of(made)
@@ -296,7 +298,8 @@ def retrain_on_subsets(
         retrain: the recipe (default :class:`~influencer.retraining.LBFGSRetrainer`: to the
             optimum, for convex models).
         start: where each refit starts: ``None`` warm-starts from the model refitted on all the
-            data (with the same seed); a tensor ``(p,)`` is one fixed initialisation; a callable
+            data (with the same seed); a tensor ``(p,)`` or a module is one fixed initialisation; a
+            callable
             ``seed -> nn.Module | Tensor`` gives a fresh initialisation per seed, e.g.
             ``lambda s: (torch.manual_seed(s), make_model())[1]``, to retrain from scratch.
         seeds: the recipe's seeds (default ``(0,)``; in the single-model setting the recipe's own
