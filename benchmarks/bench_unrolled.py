@@ -37,7 +37,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-
 import torch
 from common import format_table, machine, write_json
 from torch import Tensor, nn
