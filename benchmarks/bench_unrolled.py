@@ -125,8 +125,10 @@ def cost(args: argparse.Namespace) -> dict[str, Any]:
             unrolled.scores((test[0][:m], test[1][:m]))
             s = time.perf_counter() - start
             stats = unrolled.reverse_stats
-            rss = peak(f"unrolled-{m}", name, args.epochs)["max_rss_mib"] - base
-            every = peak(f"unrolled-{m}-every", name, args.epochs)["max_rss_mib"] - base
+            rss = every = None  # each costs a fresh process that trains and attributes again
+            if m in args.memory_counts:
+                rss = peak(f"unrolled-{m}", name, args.epochs)["max_rss_mib"] - base
+                every = peak(f"unrolled-{m}-every", name, args.epochs)["max_rss_mib"] - base
             rows.append({
                 "problem": name, "p": p, "n": unrolled.n, "steps": stats.steps, "m": m,
                 "train_s": seconds, "fit_s": fit_seconds, "scores_s": s, "trainings": s / seconds,
@@ -277,6 +279,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--mode", default="baseline", help="(memory: baseline, train, unrolled-M[-every])")
     parser.add_argument("--epochs", type=int, default=None, help="training epochs (cost: 10, lds: 20)")
     parser.add_argument("--test-counts", type=int, nargs="+", default=[1, 10, 100])
+    parser.add_argument(
+        "--memory-counts", type=int, nargs="*", default=[1, 10], help="(cost) m to measure memory at"
+    )
     parser.add_argument("--n-test", type=int, default=100)
     parser.add_argument("--subsets", type=int, default=50)
     parser.add_argument("--no-seed-averaged", action="store_true")
