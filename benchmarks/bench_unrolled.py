@@ -111,30 +111,37 @@ def cost(args: argparse.Namespace) -> dict[str, Any]:
         task = ClassificationTask(weight_decay=WEIGHT_DECAY)
         recipe = AdamRetrainer(epochs=args.epochs, lr=3e-3, batch_size=64)
         model, _ = train(recipe, init, data)
-        seconds = min(train(recipe, init, data)[1] for _ in range(2))  # the faster of two runs
         unrolled = Unrolled(model, task, data, recipe=recipe, start=init)
         start = time.perf_counter()
         unrolled.fit()
         fit_seconds = time.perf_counter() - start
         p = unrolled.p
+        # Peak resident memory of fresh processes: loading only, training, training + attributing.
         base = peak("baseline", name, args.epochs)["max_rss_mib"]
-        trained = peak("train", name, args.epochs)["max_rss_mib"] - base
+        trained = peak("train", name, args.epochs)["max_rss_mib"]
         for m in args.test_counts:
             unrolled.test_batch = m
+            # The machine is shared: a training run right before and right after each measurement,
+            # their mean the unit, so that a change of load between them shows rather than skews.
+            before = train(recipe, init, data)[1]
             start = time.perf_counter()
             unrolled.scores((test[0][:m], test[1][:m]))
             s = time.perf_counter() - start
+            after = train(recipe, init, data)[1]
+            seconds = (before + after) / 2
             stats = unrolled.reverse_stats
             rss = every = None  # each costs a fresh process that trains and attributes again
             if m in args.memory_counts:
-                rss = peak(f"unrolled-{m}", name, args.epochs)["max_rss_mib"] - base
-                every = peak(f"unrolled-{m}-every", name, args.epochs)["max_rss_mib"] - base
+                rss = peak(f"unrolled-{m}", name, args.epochs)["max_rss_mib"]
+                every = peak(f"unrolled-{m}-every", name, args.epochs)["max_rss_mib"]
             rows.append({
                 "problem": name, "p": p, "n": unrolled.n, "steps": stats.steps, "m": m,
-                "train_s": seconds, "fit_s": fit_seconds, "scores_s": s, "trainings": s / seconds,
+                "train_s": seconds, "train_before_s": before, "train_after_s": after,
+                "load": os.getloadavg()[0], "fit_s": fit_seconds, "scores_s": s, "trainings": s / seconds,
                 "fit_trainings": fit_seconds / seconds, "segment": stats.segment,
                 "checkpoints": stats.checkpoints, "max_states_held": stats.max_states_held,
-                "train_rss_mib": trained, "unrolled_rss_mib": rss, "every_state_rss_mib": every,
+                "baseline_rss_mib": base, "train_rss_mib": trained, "unrolled_rss_mib": rss,
+                "every_state_rss_mib": every,
             })  # fmt: skip
             print(json.dumps(rows[-1]), flush=True)
     table = format_table(
@@ -149,6 +156,7 @@ def cost(args: argparse.Namespace) -> dict[str, Any]:
                 r["trainings"],
                 r["fit_trainings"],
                 f"{r['checkpoints']}+{r['segment']}",
+                r["baseline_rss_mib"],
                 r["train_rss_mib"],
                 r["unrolled_rss_mib"],
                 r["every_state_rss_mib"],
@@ -165,6 +173,7 @@ def cost(args: argparse.Namespace) -> dict[str, Any]:
             "trainings",
             "fit (trainings)",
             "held",
+            "load MiB",
             "train MiB",
             "unrolled MiB",
             "every state MiB",
