@@ -182,6 +182,8 @@ def test_extrapolation_slope_is_one_for_small_reweightings():
     assert result.correlations[0] > 0.999
     assert result.actual.shape == (2, 2, 6)
     summary = json.loads(json.dumps(unrolled.extrapolation_result.summary()))
+    about = json.loads(json.dumps(unrolled.summary()))
+    assert about["method"] == "unrolled" and about["extrapolation"] == summary and about["steps"] == 6
     assert summary["reach"] == 1e-2 and summary["removals_in_reach"] is False  # not measured
 
 

@@ -242,6 +242,21 @@ class Unrolled:
         self._plan, self._checkpoints, self._final, self._k = plan, checkpoints, final, k
         return self
 
+    def summary(self) -> dict[str, Any]:
+        """How the scores were computed, JSON-able (e.g. for a run's ``summary.json``): the method,
+        the recipe, the replay check, the checkpointing and, once measured, the extrapolation."""
+        measured = self.extrapolation_result
+        return {
+            "method": "unrolled",
+            "recipe": self.recipe.settings(),
+            "steps": self.steps,
+            "segment": self._k if self._final is not None else None,
+            "checkpoints": len(self._checkpoints),
+            "replay_difference": self.replay_difference,
+            "tolerance": self.tolerance,
+            "extrapolation": None if measured is None else measured.summary(),
+        }
+
     # ---- the reverse pass ----------------------------------------------------------------------
 
     def _require_fit(self) -> Tensor:
