@@ -1,8 +1,8 @@
 """influencer: explain a PyTorch model's predictions by its training data (influence functions).
 
-The public face: :class:`Influence`, the built-in tasks, the inverse-Hessian estimators,
-:func:`choose_estimator` (the default one) and :func:`top_k`. Everything else lives in a
-subpackage whose name says what it is:
+The public face: :class:`Influence`, :class:`Unrolled` (exact derivatives through the training
+run), the built-in tasks, the inverse-Hessian estimators, :func:`choose_estimator` (the default one)
+and :func:`top_k`. Everything else lives in a subpackage whose name says what it is:
 
 * :mod:`influencer.tasks` (also Hugging Face adapters), :mod:`influencer.data`,
   :mod:`influencer.errors`, :mod:`influencer.estimators`, :mod:`influencer.samplers`,
@@ -43,6 +43,7 @@ _LAZY = {
     "Influence": "influencer.influence",
     "Choice": "influencer.estimators.auto",
     "choose_estimator": "influencer.estimators.auto",
+    "Unrolled": "influencer.unrolled",
 }
 
 if TYPE_CHECKING:
@@ -52,6 +53,7 @@ if TYPE_CHECKING:
     from influencer.estimators import CG, EKFAC, KFAC, Arnoldi, BlockCG, Exact, Identity, LiSSA
     from influencer.estimators.auto import Choice, choose_estimator
     from influencer.influence import Influence
+    from influencer.unrolled import Unrolled
 
 
 def __getattr__(name: str) -> Any:
@@ -86,6 +88,7 @@ __all__ = [
     "SmoothHingeTask",
     "Task",
     "TopK",
+    "Unrolled",
     "choose_estimator",
     "top_k",
 ]

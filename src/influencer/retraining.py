@@ -7,7 +7,8 @@ says how to get them::
 
     theta = retrainer.refit(influence, ids, start)     # (p,)
 
-minimises ``J(theta) = mean_{i in ids} loss_i(theta) + Omega(theta)`` over the influence's chosen
+minimises ``J(theta) = mean_{i in ids} w_i (loss_i(theta) + Omega(theta))`` (data weights ``w``,
+default all ones: ``refit(..., weights=w)``) over the influence's chosen
 parameters (the others stay fixed) on ``influence.train`` (use :meth:`Influence.replace` for other
 data or another precision), starting from ``start`` (default the influence's parameters; pass a
 fresh initialisation, e.g. from :meth:`Influence.parameters_of`, to retrain from scratch).
@@ -15,7 +16,10 @@ fresh initialisation, e.g. from :meth:`Influence.parameters_of`, to retrain from
 * :class:`LBFGSRetrainer`: full-batch L-BFGS polished by Newton steps, to the optimum of a convex
   objective (linear, logistic, smooth-hinge SVM with L2): then any gap between influence and
   retraining is the influence approximation's, not the optimiser's.
-* :class:`AdamRetrainer`: minibatch Adam for a fixed number of epochs (networks).
+* :class:`AdamRetrainer`, :class:`SGDRetrainer`: minibatch Adam or SGD for a fixed number of epochs
+  (networks), with learning-rate schedules and weight decay. Both are stepwise recipes
+  (:class:`StepwiseRetrainer`): fixed sequences of differentiable optimiser steps, which
+  :class:`~influencer.unrolled.Unrolled` differentiates through.
 * :class:`ChainedRetrainer`: one recipe after another, e.g. Adam from scratch, then L-BFGS to
   the nearest optimum (so the end point no longer depends on the minibatch order).
 
@@ -31,7 +35,7 @@ import dataclasses
 import math
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import Tensor
@@ -50,11 +54,18 @@ class Retrainer(ABC):
     """How to refit the model's chosen parameters on (a subset of) an influence's training data."""
 
     @abstractmethod
-    def refit(self, influence: Influence, ids: Indices = None, start: Tensor | None = None) -> Tensor:
+    def refit(
+        self,
+        influence: Influence,
+        ids: Indices = None,
+        start: Tensor | None = None,
+        weights: Tensor | None = None,
+    ) -> Tensor:
         """Parameters ``(p,)`` minimising the objective over training ``ids`` (default all).
 
         Starts from ``start`` ``(p,)`` (default ``influence.theta``); computes in the influence's
-        device and dtype.
+        device and dtype. ``weights`` ``(n,)``, by training id (default all ones), multiply each
+        example's term ``loss_i + Omega``; a weight-0 example keeps its place in the data order.
         """
 
     def settings(self) -> dict[str, Any]:
@@ -64,6 +75,9 @@ class Retrainer(ABC):
             return {"class": kind, "repr": repr(self)}
         fields = {}
         for f in dataclasses.fields(self):
+            # Settings added to a recipe later enter its key only when changed: old keys stay valid.
+            if f.metadata.get("key_if_changed") and getattr(self, f.name) == f.default:
+                continue
             if f.init:
                 value = getattr(self, f.name)
                 fields[f.name] = value.settings() if isinstance(value, Retrainer) else value
@@ -128,8 +142,15 @@ class LBFGSRetrainer(Retrainer):
             self._polish.update(key=key, solve=solver.solve)
         return self._polish["solve"]
 
-    def refit(self, influence: Influence, ids: Indices = None, start: Tensor | None = None) -> Tensor:
+    def refit(
+        self,
+        influence: Influence,
+        ids: Indices = None,
+        start: Tensor | None = None,
+        weights: Tensor | None = None,
+    ) -> Tensor:
         theta = self._start(influence, start)
+        w = _weights(influence, weights)
         subset = ids is not None
         idx = influence.train.check_indices(ids)
         polish = self._inverse_hessian(influence, theta) if subset and self.newton_steps else None
@@ -137,38 +158,131 @@ class LBFGSRetrainer(Retrainer):
         try:
             return fit_lbfgs(
                 influence.fn, influence.train, idx, theta, newton_steps=self.newton_steps,
-                inverse_hessian=polish, **options,
+                inverse_hessian=polish, weights=w, **options,
             )  # fmt: skip
         except ConvergenceError:
             if self.newton_steps:
                 raise
-            return fit_lbfgs(influence.fn, influence.train, idx, theta, newton_steps=5, **options)
+            return fit_lbfgs(influence.fn, influence.train, idx, theta, newton_steps=5, weights=w, **options)
 
 
-@dataclasses.dataclass(frozen=True, kw_only=True)
-class AdamRetrainer(Retrainer):
-    """``epochs`` passes of minibatch Adam on ``mean loss + Omega`` (networks).
+Schedule = Literal["constant", "linear", "cosine"]
+SCHEDULES: tuple[str, ...] = ("constant", "linear", "cosine")
+State = tuple[Tensor, ...]
 
-    Each epoch visits ``ids`` in a fresh random order from a generator seeded with ``seed``, so a
-    refit is reproducible; the model runs in evaluation mode, as influence defines it.
+
+class StepwiseRetrainer(Retrainer):
+    """A recipe that is a fixed sequence of minibatch optimiser steps (SGD, Adam).
+
+    Its run is a pure function of the start, the data weights and the seed: :meth:`plan` gives the
+    training ids of every step (the data order), :meth:`initial_state` the optimiser state
+    (parameters first), and :meth:`update` one step, written with differentiable tensor
+    operations so that :class:`~influencer.unrolled.Unrolled` can differentiate through it. The
+    objective of step ``t`` is ``(1/B_t) sum_{i in batch t} w_i (loss_i + Omega)``: a weight-0
+    example keeps its slot (the other examples are visited at the same steps, in the same
+    batches, divided by the same ``B_t``), so "the same run without these examples" is defined.
     """
 
-    epochs: int = 30
-    lr: float = 1e-2
-    batch_size: int = 64
-    seed: int = 0
+    epochs: int
+    lr: float
+    batch_size: int
+    seed: int
+    weight_decay: float
+    schedule: Schedule
+    warmup: int
 
-    def __post_init__(self) -> None:
+    def _check_common(self) -> None:
         _positive("epochs", self.epochs, integer=True)
         _positive("lr", self.lr)
         _positive("batch_size", self.batch_size, integer=True)
         _positive("seed", self.seed, integer=True, zero=True)
+        _positive("weight_decay", self.weight_decay, zero=True)
+        _positive("warmup", self.warmup, integer=True, zero=True)
+        if self.schedule not in SCHEDULES:
+            raise ConfigError(f"schedule must be one of {SCHEDULES}, got {self.schedule!r}")
 
-    def with_seed(self, seed: int) -> AdamRetrainer:
-        return dataclasses.replace(self, seed=seed)
+    def with_seed(self, seed: int) -> StepwiseRetrainer:
+        return dataclasses.replace(self, seed=seed)  # type: ignore[type-var]
 
-    def refit(self, influence: Influence, ids: Indices = None, start: Tensor | None = None) -> Tensor:
-        return self.trajectory(influence, ids, start, [self.epochs])[0]
+    def plan(self, ids: Tensor) -> list[Tensor]:
+        """The training ids of every step, in order: each epoch a fresh permutation of ``ids``
+        (from a generator seeded with ``seed``) cut into batches of ``batch_size``."""
+        gen = torch.Generator().manual_seed(self.seed)
+        steps = []
+        for _ in range(self.epochs):
+            order = ids[torch.randperm(len(ids), generator=gen)]
+            steps.extend(order[i : i + self.batch_size] for i in range(0, len(order), self.batch_size))
+        return steps
+
+    def learning_rate(self, step: int, total: int) -> float:
+        """The learning rate of ``step`` (0-based) of ``total``: linear warmup, then the schedule."""
+        if step < self.warmup:
+            return self.lr * (step + 1) / self.warmup
+        done = (step - self.warmup) / max(total - self.warmup, 1)
+        if self.schedule == "linear":
+            return self.lr * (1.0 - done)
+        if self.schedule == "cosine":
+            return self.lr * 0.5 * (1.0 + math.cos(math.pi * done))
+        return self.lr
+
+    @abstractmethod
+    def initial_state(self, theta: Tensor) -> State:
+        """The optimiser state before the first step: ``(theta, *buffers)``, each ``(p,)``."""
+
+    @abstractmethod
+    def update(self, state: State, grad: Tensor, step: int, total: int) -> State:
+        """The state after ``step`` (0-based, of ``total``) given the objective's gradient ``(p,)``.
+
+        Pure and differentiable in ``state`` and ``grad`` (no in-place changes).
+        """
+
+    def refit(
+        self,
+        influence: Influence,
+        ids: Indices = None,
+        start: Tensor | None = None,
+        weights: Tensor | None = None,
+    ) -> Tensor:
+        return self.run(influence, ids, start, weights)[0]
+
+    def run(
+        self,
+        influence: Influence,
+        ids: Indices = None,
+        start: Tensor | None = None,
+        weights: Tensor | None = None,
+        keep: Sequence[int] = (),
+        on_state: Callable[[int, State], None] | None = None,
+    ) -> list[Tensor]:
+        """The parameters ``(p,)`` after each number of steps in ``keep`` (0 ... total).
+
+        ``on_state(t, state)`` is called with the optimiser state before every step ``t`` and
+        after the last one (``t = total``); :class:`~influencer.unrolled.Unrolled` keeps its
+        checkpoints this way, from the very computation that :meth:`refit` does.
+        """
+        fn, data = influence.fn, influence.train
+        idx = data.check_indices(ids)
+        w = _weights(influence, weights)
+        plan = self.plan(idx)
+        wanted = set(int(k) for k in keep)
+        state = self.initial_state(self._start(influence, start))
+        out: dict[int, Tensor] = {}
+        steps = progress_bar(range(len(plan)), "training", influence.progress, total=len(plan), unit="step")
+        for t in steps:
+            if on_state is not None:
+                on_state(t, state)
+            if t in wanted:
+                out[t] = state[0]
+            g = step_gradient(fn, state[0], fn.prepare(data.take(plan[t])), w, plan[t])
+            state = self.update(state, g, t, len(plan))
+        if on_state is not None:
+            on_state(len(plan), state)
+        out[len(plan)] = state[0]
+        return [out[k] for k in sorted(wanted)] if wanted else [state[0]]
+
+    def steps_per_epoch(self, n: int) -> int:
+        """Optimiser steps per epoch on ``n`` training examples."""
+        return -(-n // self.batch_size)
 
     def trajectory(
         self,
@@ -176,6 +290,7 @@ class AdamRetrainer(Retrainer):
         ids: Indices = None,
         start: Tensor | None = None,
         epochs: Sequence[int] = (),
+        weights: Tensor | None = None,
     ) -> list[Tensor]:
         """The parameters ``(p,)`` after each of ``epochs`` (1-based, increasing, at most
         ``self.epochs``) of the same run as :meth:`refit`: checkpoints along training, e.g. for
@@ -183,22 +298,116 @@ class AdamRetrainer(Retrainer):
         wanted = [int(e) for e in epochs]
         if not wanted or wanted != sorted(set(wanted)) or wanted[0] < 1 or wanted[-1] > self.epochs:
             raise ConfigError(f"epochs must increase within 1..{self.epochs}, got {list(epochs)}")
-        fn, data = influence.fn, influence.train
-        idx = data.check_indices(ids)
-        theta = self._start(influence, start).clone().requires_grad_(True)
-        opt = torch.optim.Adam([theta], lr=self.lr)
-        gen = torch.Generator().manual_seed(self.seed)
-        out = []
-        for epoch in progress_bar(range(1, wanted[-1] + 1), "retraining", influence.progress, unit="epoch"):
-            order = idx[torch.randperm(len(idx), generator=gen)]
-            for chunk, batch in data.chunks(self.batch_size, order):
-                objective = fn.objective(theta, fn.prepare(batch), 1.0 / len(chunk))  # mean loss + Omega
-                opt.zero_grad()
-                objective.backward()
-                opt.step()
-            if epoch in wanted:
-                out.append(theta.detach().clone())
-        return out
+        per = self.steps_per_epoch(len(influence.train.check_indices(ids)))
+        return self.run(influence, ids, start, weights, [e * per for e in wanted])
+
+
+def _weights(influence: Influence, weights: Tensor | None) -> Tensor | None:
+    """Data weights ``(n,)`` by training id, checked, in the influence's dtype (None: all ones)."""
+    if weights is None:
+        return None
+    w = torch.as_tensor(weights).detach()
+    if w.shape != (influence.n,) or not w.is_floating_point() or not bool(torch.isfinite(w).all()):
+        raise ConfigError(
+            f"weights must be finite floats of shape ({influence.n},), one per training example, got "
+            f"{tuple(w.shape)} {w.dtype}"
+        )
+    return w.to(influence.device, influence.theta.dtype)
+
+
+def step_gradient(fn: Any, theta: Tensor, batch: Any, weights: Tensor | None, ids: Tensor) -> Tensor:
+    """Gradient ``(p,)`` of one step's objective ``(1/B) sum_b w_b (loss_b + Omega)`` at ``theta``.
+
+    ``weights`` ``(n,)`` by training id (None: all ones, computed without them).
+    """
+    w = None if weights is None else weights[ids.to(weights.device)]
+    return torch.func.grad(lambda t: fn.objective(t, batch, 1.0 / len(ids), w))(theta)
+
+
+def _safe_sqrt(x: Tensor) -> Tensor:
+    """``sqrt(x)`` for ``x >= 0`` with a zero derivative at 0 instead of infinity: a second moment
+    that is exactly 0 belongs to a parameter no gradient has reached, which a cotangent cannot move."""
+    positive = x > 0
+    root = torch.sqrt(torch.where(positive, x, torch.ones_like(x)))
+    return torch.where(positive, root, torch.zeros_like(x))
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class SGDRetrainer(StepwiseRetrainer):
+    """``epochs`` passes of minibatch SGD (heavy-ball ``momentum`` as ``torch.optim.SGD``) on
+    ``w``-weighted ``mean loss + Omega``; ``weight_decay`` adds ``weight_decay * theta`` to every
+    gradient (on top of the task's regulariser), the learning rate follows ``schedule`` after
+    ``warmup`` steps of linear warmup. Batches as :class:`AdamRetrainer`'s."""
+
+    epochs: int = 30
+    lr: float = 1e-2
+    batch_size: int = 64
+    momentum: float = 0.0
+    seed: int = 0
+    weight_decay: float = 0.0
+    schedule: Schedule = "constant"
+    warmup: int = 0
+
+    def __post_init__(self) -> None:
+        self._check_common()
+        if not (isinstance(self.momentum, (int, float)) and 0 <= self.momentum < 1):
+            raise ConfigError(f"momentum must be in [0, 1), got {self.momentum!r}")
+
+    def initial_state(self, theta: Tensor) -> State:
+        return (theta,) if self.momentum == 0 else (theta, torch.zeros_like(theta))
+
+    def update(self, state: State, grad: Tensor, step: int, total: int) -> State:
+        lr = self.learning_rate(step, total)
+        if self.weight_decay:
+            grad = grad.add(state[0], alpha=self.weight_decay)
+        if self.momentum == 0:
+            return (state[0].add(grad, alpha=-lr),)
+        buf = grad if step == 0 else state[1].mul(self.momentum).add(grad)
+        return state[0].add(buf, alpha=-lr), buf
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class AdamRetrainer(StepwiseRetrainer):
+    """``epochs`` passes of minibatch Adam on ``w``-weighted ``mean loss + Omega`` (networks).
+
+    Each epoch visits ``ids`` in a fresh random order from a generator seeded with ``seed``, so a
+    refit is reproducible; the model runs in evaluation mode, as influence defines it. The update
+    is ``torch.optim.Adam``'s (``betas``, ``eps``; ``weight_decay`` coupled, added to the
+    gradient), computed by the same operations; the learning rate follows ``schedule``.
+    """
+
+    epochs: int = 30
+    lr: float = 1e-2
+    batch_size: int = 64
+    seed: int = 0
+    betas: tuple[float, float] = dataclasses.field(default=(0.9, 0.999), metadata={"key_if_changed": True})
+    eps: float = dataclasses.field(default=1e-8, metadata={"key_if_changed": True})
+    weight_decay: float = dataclasses.field(default=0.0, metadata={"key_if_changed": True})
+    schedule: Schedule = dataclasses.field(default="constant", metadata={"key_if_changed": True})
+    warmup: int = dataclasses.field(default=0, metadata={"key_if_changed": True})
+
+    def __post_init__(self) -> None:
+        self._check_common()
+        object.__setattr__(self, "betas", tuple(float(b) for b in self.betas))
+        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
+            raise ConfigError(f"betas must be two numbers in [0, 1), got {self.betas!r}")
+        _positive("eps", self.eps)
+
+    def initial_state(self, theta: Tensor) -> State:
+        return theta, torch.zeros_like(theta), torch.zeros_like(theta)
+
+    def update(self, state: State, grad: Tensor, step: int, total: int) -> State:
+        theta, m, v = state
+        beta1, beta2 = self.betas
+        if self.weight_decay:
+            grad = grad.add(theta, alpha=self.weight_decay)
+        # The operations of torch.optim.Adam's single-tensor step, out of place: the same bits.
+        m = torch.lerp(m, grad, 1 - beta1)
+        v = torch.addcmul(v.mul(beta2), grad, grad, value=1 - beta2)
+        count = step + 1
+        step_size = self.learning_rate(step, total) / (1 - beta1**count)
+        denom = (_safe_sqrt(v) / (1 - beta2**count) ** 0.5).add(self.eps)
+        return torch.addcdiv(theta, m, denom, value=-step_size), m, v
 
 
 @dataclasses.dataclass(frozen=True)
@@ -228,8 +437,14 @@ class ChainedRetrainer(Retrainer):
     def with_seed(self, seed: int) -> ChainedRetrainer:
         return ChainedRetrainer(tuple(r.with_seed(seed) for r in self.steps))
 
-    def refit(self, influence: Influence, ids: Indices = None, start: Tensor | None = None) -> Tensor:
+    def refit(
+        self,
+        influence: Influence,
+        ids: Indices = None,
+        start: Tensor | None = None,
+        weights: Tensor | None = None,
+    ) -> Tensor:
         theta = self._start(influence, start)
         for step in self.steps:
-            theta = step.refit(influence, ids, theta)
+            theta = step.refit(influence, ids, theta, weights)
         return theta

@@ -11,8 +11,8 @@ interrupted evaluation resumes::
 
 The key is the sha256 of: ``influence.settings()["gradients"]`` (model classes and state, training
 data, task, parameter choice, dtype; not the curvature or the estimator, which retraining does not
-use), the recipe's :meth:`~influencer.retraining.Retrainer.settings`, the training ids and the
-start ``(p,)``. Layout::
+use), the recipe's :meth:`~influencer.retraining.Retrainer.settings`, the training ids, the
+start ``(p,)`` and the data weights (when given). Layout::
 
     <directory>/manifest.json       # format marker; a foreign manifest is refused
     <directory>/<key>.npy           # the refitted parameters (p,), np.save without pickle
@@ -84,26 +84,41 @@ class CachedRetrainer(Retrainer):
     def with_seed(self, seed: int) -> CachedRetrainer:
         return dataclasses.replace(self, retrainer=self.retrainer.with_seed(seed))
 
-    def key(self, influence: Influence, ids: Indices, start: Tensor) -> dict[str, Any]:
+    def key(
+        self, influence: Influence, ids: Indices, start: Tensor, weights: Tensor | None = None
+    ) -> dict[str, Any]:
         """What a refit depends on, JSON-able (its hash names the entry)."""
         idx = influence.train.check_indices(ids)
-        return {
+        key = {
             "influence": influence.settings()["gradients"],
             "recipe": self.retrainer.settings(),
             "ids": "all" if ids is None else hash_tensors(idx.to(torch.int64).cpu()),
             "n_ids": len(idx),
             "start": hash_tensors(start.detach().cpu()),
         }
+        if weights is not None:  # absent when unweighted: the keys of earlier refits stay valid
+            key["weights"] = hash_tensors(torch.as_tensor(weights).detach().to(torch.float64).cpu())
+        return key
 
-    def refit(self, influence: Influence, ids: Indices = None, start: Tensor | None = None) -> Tensor:
+    def refit(
+        self,
+        influence: Influence,
+        ids: Indices = None,
+        start: Tensor | None = None,
+        weights: Tensor | None = None,
+    ) -> Tensor:
         theta0 = self._start(influence, start)
-        key = self.key(influence, ids, theta0)
+        key = self.key(influence, ids, theta0, weights)
         name = hash_json(key)[:40]
         path = Path(self.directory) / f"{name}.npy"
         cached = self._read(path, influence.p)
         if cached is not None:
             return torch.from_numpy(cached).to(influence.device, influence.theta.dtype)
-        theta = self.retrainer.refit(influence, ids, theta0)
+        theta = (
+            self.retrainer.refit(influence, ids, theta0)
+            if weights is None  # recipes written before data weights take three arguments
+            else self.retrainer.refit(influence, ids, theta0, weights)
+        )
         text = json.dumps(key, indent=1, default=str) + "\n"
         atomic_write_bytes(path.with_suffix(".json"), text.encode())
         buf = io.BytesIO()

@@ -24,14 +24,23 @@ from influencer.estimators.cg import CG
 
 
 def objective_and_grad(
-    fn: ModelFunction, theta: Tensor, data: Examples, indices: Tensor, batch_size: int
+    fn: ModelFunction,
+    theta: Tensor,
+    data: Examples,
+    indices: Tensor,
+    batch_size: int,
+    weights: Tensor | None = None,
 ) -> tuple[float, Tensor]:
-    """``J(theta)`` over ``indices`` and its gradient ``(p,)``, accumulated chunk by chunk."""
+    """``J(theta)`` over ``indices`` and its gradient ``(p,)``, accumulated chunk by chunk.
+
+    ``weights`` ``(n,)``: data weights by training id (each term ``w_i (loss_i + Omega)``).
+    """
     theta = theta.detach().requires_grad_(True)
     total = 0.0
     g = torch.zeros_like(theta)
-    for _, batch in data.chunks(batch_size, indices):
-        value = fn.objective(theta, fn.prepare(batch), 1.0 / len(indices))
+    for ids, batch in data.chunks(batch_size, indices):
+        w = None if weights is None else weights[ids].to(theta)
+        value = fn.objective(theta, fn.prepare(batch), 1.0 / len(indices), w)
         g += torch.autograd.grad(value, theta)[0]
         total += float(value.detach())
     return total, g
@@ -52,6 +61,7 @@ def fit_lbfgs(
     newton_steps: int = 5,
     inverse_hessian: Callable[[Tensor], Tensor] | None = None,
     batch_size: int = 4096,
+    weights: Tensor | None = None,
 ) -> Tensor:
     """Parameters ``(p,)`` minimising ``J`` over examples ``indices`` (default all), from ``theta0``.
 
@@ -81,12 +91,12 @@ def fit_lbfgs(
     )
 
     def closure() -> Tensor:
-        value, g = objective_and_grad(fn, theta, data, idx, batch_size)
+        value, g = objective_and_grad(fn, theta, data, idx, batch_size, weights)
         theta.grad = g
         return torch.tensor(value, dtype=theta.dtype)
 
     def gradient() -> tuple[Tensor, bool]:
-        value, g = objective_and_grad(fn, theta, data, idx, batch_size)
+        value, g = objective_and_grad(fn, theta, data, idx, batch_size, weights)
         return g, float(g.abs().max()) <= grad_tol * max(1.0, abs(value))
 
     if inverse_hessian is not None and theta0 is not None:

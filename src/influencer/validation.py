@@ -8,6 +8,10 @@ one set of refits), and damping chosen by that score (:func:`choose_damping`)::
     from influencer.validation import lds
     result = lds(inf, test, subsets=50, retrain=AdamRetrainer(), start=make_model, seeds=(0, 1))
     print(result.mean, result.interval)
+
+    # the same run re-weighted: 10% of the examples down-weighted by 0.001 (eps=1: removed)
+    lds(inf, test, scores=unrolled.scores(test), retrain=recipe, start=init, alpha=0.9,
+        setting="single-model", eps=1e-3)
 """
 
 from influencer.uses.validation import (

@@ -188,10 +188,15 @@ class ModelFunction:
         r = self.task.regularizer(self.param_dict(theta))
         return torch.as_tensor(r, dtype=theta.dtype, device=theta.device)
 
-    def objective(self, theta: Tensor, batch: Batch, weight: float) -> Tensor:
-        """``weight * sum_i (loss_i + Omega)`` over the batch; with weight 1/n, batches sum to J."""
+    def objective(self, theta: Tensor, batch: Batch, weight: float, weights: Tensor | None = None) -> Tensor:
+        """``weight * sum_i w_i (loss_i + Omega)`` over the batch; with weight 1/n, batches sum to J.
+
+        ``weights`` ``(B,)``: the data weights ``w_i`` (default all ones, computed without them).
+        """
         losses = self.loss(theta, batch)
-        return weight * (losses.sum() + losses.shape[0] * self.regularizer(theta))
+        if weights is None:
+            return weight * (losses.sum() + losses.shape[0] * self.regularizer(theta))
+        return weight * ((weights * losses).sum() + weights.sum() * self.regularizer(theta))
 
     def check(self, batch: Batch, theta: Tensor | None = None, what: str = "training") -> None:
         """Validate the task's outputs on a real batch; raise :class:`TaskError` naming the fix.

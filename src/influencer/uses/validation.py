@@ -19,6 +19,13 @@ over the examples left out::
 (exact to first order in the removed fraction; to first order in the example weights it is
 ``n / |S|`` times that, a constant factor when every subset has the same size, which rank
 correlation ignores). The LDS of an attribution method is the mean of the per-test correlations.
+
+Two settings of the ground truth (``setting``): ``"seed-averaged"`` retrains on each subset (from
+scratch or warm-started, averaged over seeds): the question influence functions answer about the
+recipe. ``"single-model"`` replays the one run that trained the model, same recipe, seed, start
+and data order, with the left-out examples' weights set to ``1 - eps`` (``eps = 1``: removed): the
+question an exact derivative through training (:class:`~influencer.unrolled.Unrolled`) answers;
+a small ``eps`` checks the derivative itself, ``eps = 1`` how far it extrapolates.
 :func:`retrain_on_subsets` does the retraining once and :func:`linear_datamodeling_score`
 evaluates any number of score matrices on it; a retraining cache directory
 (:class:`~influencer.retraining_cache.CachedRetrainer`) keeps the refits across processes.
@@ -45,7 +52,7 @@ from influencer._kernel.errors import ConfigError, DataError
 from influencer._kernel.progress import progress_bar
 from influencer._kernel.stats import bootstrap_interval, pearson, spearman
 from influencer.influence import Influence
-from influencer.retraining import LBFGSRetrainer, Retrainer
+from influencer.retraining import LBFGSRetrainer, Retrainer, StepwiseRetrainer
 from influencer.retraining_cache import CachedRetrainer
 
 
@@ -142,9 +149,15 @@ def leave_one_out(
 
 # ---- linear datamodeling score -------------------------------------------------------------------
 
+# "seed-averaged": retrained on each subset (from scratch or warm-started), measurements averaged
+# over seeds; "single-model": the same run (recipe, seed, start, data order) with the left-out
+# examples re-weighted to 1 - eps, the question an exact derivative through training answers.
+Setting = Literal["seed-averaged", "single-model"]
+SETTINGS: tuple[str, ...] = ("seed-averaged", "single-model")
+
 # A fresh initialisation per seed (an nn.Module of the influence's architecture, or its chosen
-# parameters (p,)), a fixed start (p,), or None: warm-started from the full-data refit.
-Start = Tensor | Callable[[int], nn.Module | Tensor] | None
+# parameters (p,)), a fixed start (p,) or module, or None: warm-started from the full-data refit.
+Start = Tensor | nn.Module | Callable[[int], nn.Module | Tensor] | None
 
 
 @dataclass(frozen=True)
@@ -162,6 +175,8 @@ class SubsetRetraining:
     seeds: tuple[int, ...]
     alpha: float
     seed: int  # of the subset draw
+    setting: Setting = "seed-averaged"
+    eps: float = 1.0  # the left-out examples' weight is 1 - eps (1: removed)
 
     @property
     def actual(self) -> np.ndarray:
@@ -169,7 +184,7 @@ class SubsetRetraining:
         return self.measurements.mean(axis=1) - self.full.mean(axis=0)[None]
 
     def predicted(self, scores: Tensor | np.ndarray) -> np.ndarray:
-        """``sum_{i not in S_k} score[j, i]`` ``(M, m)`` from removal scores ``(m, n)``."""
+        """``eps * sum_{i not in S_k} score[j, i]`` ``(M, m)`` from removal scores ``(m, n)``."""
         s = scores.detach().double().cpu().numpy() if isinstance(scores, Tensor) else np.asarray(scores)
         m, n = self.full.shape[1], self.kept.shape[1]
         if s.shape != (m, n):
@@ -179,7 +194,7 @@ class SubsetRetraining:
             )
         if not np.isfinite(s).all():
             raise DataError("the scores contain NaN or infinite values; an LDS of them is meaningless")
-        return (~self.kept).astype(np.float64) @ s.astype(np.float64).T
+        return self.eps * ((~self.kept).astype(np.float64) @ s.astype(np.float64).T)
 
 
 @dataclass(frozen=True)
@@ -201,10 +216,14 @@ class LDSResult:
     mean: float
     interval: tuple[float, float]
     level: float
+    setting: Setting = "seed-averaged"
+    eps: float = 1.0
 
     def summary(self) -> dict[str, Any]:
         finite = self.correlations[np.isfinite(self.correlations)]
         return {
+            "setting": self.setting,
+            "eps": self.eps,
             "lds": self.mean,
             "interval": list(self.interval),
             "level": self.level,
@@ -241,6 +260,8 @@ def draw_subsets(n: int, subsets: int, alpha: float, seed: int = 0) -> np.ndarra
 def _start_for(reference: Influence, start: Start, seed: int) -> Tensor | None:
     if start is None or isinstance(start, Tensor):
         return start
+    if isinstance(start, nn.Module):  # one fixed initial model (a module is callable too)
+        return reference.parameters_of(start)
     made = start(seed)
     if isinstance(made, nn.Module):
         return reference.parameters_of(made)
@@ -260,10 +281,12 @@ def retrain_on_subsets(
     alpha: float = 0.5,
     retrain: Retrainer | None = None,
     start: Start = None,
-    seeds: Sequence[int] = (0,),
+    seeds: Sequence[int] | None = None,
     seed: int = 0,
     cache: str | Path | None = None,
     float64: bool = True,
+    setting: Setting = "seed-averaged",
+    eps: float = 1.0,
 ) -> SubsetRetraining:
     """Retrain on ``subsets`` random subsets (each keeping ``alpha`` of the data) and measure ``test``.
 
@@ -275,20 +298,45 @@ def retrain_on_subsets(
         retrain: the recipe (default :class:`~influencer.retraining.LBFGSRetrainer`: to the
             optimum, for convex models).
         start: where each refit starts: ``None`` warm-starts from the model refitted on all the
-            data (with the same seed); a tensor ``(p,)`` is one fixed initialisation; a callable
+            data (with the same seed); a tensor ``(p,)`` or a module is one fixed initialisation; a
+            callable
             ``seed -> nn.Module | Tensor`` gives a fresh initialisation per seed, e.g.
             ``lambda s: (torch.manual_seed(s), make_model())[1]``, to retrain from scratch.
-        seeds: the recipe's seeds (:meth:`~influencer.retraining.Retrainer.with_seed`, and the
+        seeds: the recipe's seeds (default ``(0,)``; in the single-model setting the recipe's own
+            seed; :meth:`~influencer.retraining.Retrainer.with_seed`, and the
             argument of ``start``); the measurements of the models of all seeds are averaged.
         seed: seeds the draw of the subsets.
         cache: a directory that keeps every refit (:class:`~influencer.retraining_cache.CachedRetrainer`),
             so a second evaluation, or one resumed after an interruption, retrains nothing again.
         float64: retrain and measure in double precision.
+        setting: ``"seed-averaged"`` (above) or ``"single-model"``: one run, the recipe's (with
+            its own seed, or the one seed given) from ``start`` (required for stepwise recipes: the
+            initial model), replayed on all the data with the left-out examples re-weighted to
+            ``1 - eps`` (same order, same batches); ``full`` is the same run unweighted.
+        eps: how far the left-out examples are down-weighted in the single-model setting (1:
+            removed; small, e.g. 1e-3: the infinitesimal change a derivative predicts).
     """
-    seeds = tuple(int(s) for s in seeds)
+    own_seed = seeds is None and setting == "single-model"  # the run as the recipe says
+    retrainer = retrain or LBFGSRetrainer()
+    if own_seed:
+        seeds = (int(getattr(retrainer, "seed", 0)),)
+    seeds = (0,) if seeds is None else tuple(int(s) for s in seeds)
     if not seeds or len(set(seeds)) != len(seeds):
         raise ConfigError(f"seeds must be one or more distinct integers, got {list(seeds)}")
-    retrainer = retrain or LBFGSRetrainer()
+    if setting not in SETTINGS:
+        raise ConfigError(f"setting must be one of {SETTINGS}, got {setting!r}")
+    if not (isinstance(eps, (int, float)) and 0 < eps <= 1):
+        raise ConfigError(f"eps (the down-weighting of the left-out examples) must be in (0, 1], got {eps!r}")
+    if setting == "seed-averaged" and eps != 1:
+        raise ConfigError("eps < 1 re-weights one run: use it with setting='single-model'")
+    if setting == "single-model":
+        if len(seeds) > 1:
+            raise ConfigError("setting='single-model' replays one run: pass one seed, e.g. seeds=(0,)")
+        if start is None and isinstance(retrainer, StepwiseRetrainer):
+            raise ConfigError(
+                "setting='single-model' replays the training run: pass start= the initial model "
+                "(its parameters (p,), or a callable seed -> nn.Module)"
+            )
     if (
         len(seeds) > 1
         and not callable(start)
@@ -311,10 +359,22 @@ def retrain_on_subsets(
     jobs = [(s, k) for s in range(len(seeds)) for k in (-1, *range(subsets))]
     begin: Tensor | None = None
     for s, k in progress_bar(jobs, "retraining on subsets", influence.progress, unit="model"):
-        recipe = retrainer.with_seed(seeds[s])
+        recipe = retrainer if own_seed else retrainer.with_seed(seeds[s])
+        if k >= 0 and setting == "single-model":
+            weights = torch.ones(influence.n, dtype=torch.float64)
+            weights[torch.from_numpy(~kept[k])] = 1.0 - eps
+            theta = recipe.refit(reference, None, _start_for(reference, start, seeds[s]), weights)
+            measurements[k, s] = reference.measurements(ex, theta).double().cpu().numpy()
+            continue
         if k < 0:
             init = _start_for(reference, start, seeds[s])
-            theta_full = recipe.refit(reference, None, init)
+            # single-model: the unweighted run computed as the weighted ones are, weights all 1
+            ones = torch.ones(influence.n, dtype=torch.float64) if setting == "single-model" else None
+            theta_full = (
+                recipe.refit(reference, None, init, ones)
+                if ones is not None
+                else recipe.refit(reference, None, init)
+            )
             full[s] = reference.measurements(ex, theta_full).double().cpu().numpy()
             begin = theta_full if start is None else init
             continue
@@ -324,7 +384,7 @@ def retrain_on_subsets(
         raise DataError(
             "a retrained model gives NaN or infinite test measurements; check the recipe (lr, epochs)"
         )
-    return SubsetRetraining(kept, measurements, full, seeds, float(alpha), seed)
+    return SubsetRetraining(kept, measurements, full, seeds, float(alpha), seed, setting, float(eps))
 
 
 def linear_datamodeling_score(
@@ -347,6 +407,8 @@ def linear_datamodeling_score(
         mean,
         bootstrap_interval(correlations, level),
         level,
+        retraining.setting,
+        retraining.eps,
     )
 
 
@@ -359,11 +421,13 @@ def lds(
     alpha: float = 0.5,
     retrain: Retrainer | None = None,
     start: Start = None,
-    seeds: Sequence[int] = (0,),
+    seeds: Sequence[int] | None = None,
     seed: int = 0,
     cache: str | Path | None = None,
     float64: bool = True,
     level: float = 0.95,
+    setting: Setting = "seed-averaged",
+    eps: float = 1.0,
 ) -> LDSResult:
     """Linear datamodeling score of ``influence`` (or of other ``scores`` ``(m, n)``) on ``test``.
 
@@ -376,7 +440,7 @@ def lds(
         scores = influence.scores(test)
     retraining = retrain_on_subsets(
         influence, test, subsets=subsets, alpha=alpha, retrain=retrain, start=start, seeds=seeds,
-        seed=seed, cache=cache, float64=float64,
+        seed=seed, cache=cache, float64=float64, setting=setting, eps=eps,
     )  # fmt: skip
     return linear_datamodeling_score(scores, retraining, level=level)
 
