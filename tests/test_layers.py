@@ -36,6 +36,7 @@ FLOORS = {
     "scores": 1,
     "stats": 1,
     "influence": 2,
+    "unrolled": 2,
     "heads": 2,
     "retraining": 2,
     "retraining_cache": 2,
