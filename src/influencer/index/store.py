@@ -25,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import io
+import json
 import os
 import shutil
 from pathlib import Path
@@ -98,8 +99,23 @@ class StoreLayout:
                 f"reads version {VERSION}; rebuild it (overwrite=True) or {fix}"
             )
         status = manifest.get("status")
-        if not isinstance(manifest.get("header"), dict) or status not in ("building", "complete"):
+        header = manifest.get("header")
+        if not isinstance(header, dict) or status not in ("building", "complete"):
             raise IndexStoreError(f"{path} is damaged (no header or status); {fix}")
+        kinds = {"fingerprint": dict, "projector": dict, "n": int, "k": int, "chunk": int}
+        for key, kind in kinds.items():
+            value = header.get(key)
+            if not isinstance(value, kind) or isinstance(value, bool) or (kind is int and value < 1):
+                raise IndexStoreError(
+                    f"{path} is damaged: header.{key} is {json.dumps(value)[:60]}, not "
+                    f"{'an object' if kind is dict else 'a positive integer'}; {fix}"
+                )
+        chunks = manifest.get("chunks", [])
+        good = ("first", "rows")
+        if not isinstance(chunks, list) or not all(
+            isinstance(c, dict) and all(isinstance(c.get(f), int) for f in good) for c in chunks
+        ):
+            raise IndexStoreError(f"{path} is damaged: its chunk list is not a list of chunk records; {fix}")
         return manifest
 
     def write_manifest(self, manifest: dict[str, Any]) -> None:
