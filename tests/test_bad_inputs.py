@@ -147,7 +147,8 @@ CASES = [
     ),
     (
         [*GOOD, "--estimator", "lissa", "-o", "depth=1", "-o", "tol=0.001"],
-        r"LiSSA did not converge: the relative residual .* > tol=0\.001; .*depth \(now 1\)",
+        r"LiSSA did not converge: its series is too short for its answer: after depth=1 steps "
+        r".*raise depth to at least \d+",
     ),
     (
         ["--task", "robust_jobs:singular", "--estimator", "exact", "--damping", "0"],
