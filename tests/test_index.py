@@ -505,3 +505,18 @@ def test_top_k_refuses_non_finite_scores_naming_them():
     with pytest.raises(NonFiniteError, match=r"training id: \(0, 21\)"):
         running.add(scores, torch.tensor([20, 21, 22, 23]))
     assert top_k(scores.nan_to_num(0.0, 0.0, 0.0), 1).helpful_ids.tolist() == [[3], [1]]
+
+
+def test_a_damaged_query_checkpoint_block_is_recomputed(problem, tmp_path):
+    inf, test = problem
+    index = GradientIndex.build(inf, tmp_path / "index", GaussianProjector(k=8, seed=1), chunk=70)
+    whole = index.top_k(test, 3, block=5, checkpoint=tmp_path / "query")
+    scores = sorted((tmp_path / "query").rglob("*.npy"))
+    assert scores
+    for path in scores:
+        if "scores" in path.name:
+            _flip_bytes(path)
+    redone = []
+    again = index.top_k(test, 3, block=5, checkpoint=tmp_path / "query", on_block=redone.append)
+    assert redone == [0, 1, 2, 3]  # every block's scores file was changed on disk: none is served
+    torch.testing.assert_close(again.helpful_scores, whole.helpful_scores)

@@ -52,13 +52,15 @@ class LiSSA(Estimator):
     Why this rule, measured against the exact solve (``experiments/lissa_stopping.py``, damping
     1e-3, depths 2 to 3000, float64): the residual says little about the error (depth 2 on the
     command line's logistic job: 35% off in scores, residual 0.45; the default depth on logistic
-    regression on digits: 26% off, residual 1.04), while the error estimate follows the true
-    ``A``-norm error within about 25% on every model tried (logistic regression on digits and on
-    the command line's job, MLPs on digits and MNIST-1D, a digits CNN). At the default depth and
-    batch size the error is LiSSA's minibatch noise: estimates 0.15-0.5 on these models (the
-    MNIST-1D MLP, ``hidden=(64,)``: 0.48, scores 40% off the exact solve, correlation 0.91), which
-    ``tol=0.6`` accepts; truncated series have truncation 0.3-0.8 at depth 2-50 and are refused.
-    For answers closer to exact, raise ``batch_size`` or ``repeats`` and lower ``tol``, or use CG.
+    regression on digits: 26% off, residual 1.04). The error estimate follows the true ``A``-norm
+    error within 25% on every model tried (logistic regression on digits and on the command
+    line's job, MLPs on digits and MNIST-1D, a digits CNN) once the series passes the truncation
+    check (depth >= 200 there); it overstates truncated series (up to 2.4x at depth 2), which the
+    truncation check refuses first (0.3-0.8 at depths 2-50 on the MNIST-1D MLP, 0.4 at depth 2 on
+    the job). At the default depth and batch size what remains is LiSSA's minibatch noise: true
+    errors 0.33-0.54 on these models (the MNIST-1D MLP, ``hidden=(64,)``: scores 40% off the exact
+    solve, correlation 0.91, estimated 0.48 on the checked columns), which ``tol=0.6`` accepts. For
+    answers closer to exact, raise ``batch_size`` or ``repeats`` and lower ``tol``, or use CG.
 
     These checks see negative curvature once the series has grown along it; a short series
     (small ``depth``) on a Hessian with slightly negative eigenvalues can still pass them (an
