@@ -97,6 +97,18 @@ CASES = [
     ),
     (["--task", "robust_jobs:hinge_with_01_labels"], r"SmoothHingeTask needs labels -1 or \+1"),
     (
+        ["--task", "robust_jobs:negative_label_late"],
+        r"label -1 of example\(s\) \[100\] is negative",
+    ),
+    (
+        ["--task", "robust_jobs:forward_returns_tuple"],
+        r"the model returned a tuple, not a tensor",
+    ),
+    (
+        ["--task", "robust_jobs:forward_calls_item"],
+        r"calls \.item\(\), or branches on a tensor's value .*vmap cannot trace",
+    ),
+    (
         ["--task", "robust_jobs:wrong_test_shape"],
         r"the test examples are not shaped like the training examples: "
         r".*\[\(6,\) float64, \(\) int64\].*\[\(5,\) float64",

@@ -215,5 +215,5 @@ def test_singular_curvature_without_damping_gives_the_pseudo_inverse_answer_with
         inf.replace(estimator=Arnoldi(damping=0.0, rank=rank + 4)).fit().inverse_hvp(v)
     # a right-hand side with a part in the null space has no solution: CG refuses it
     null = torch.linalg.eigh(h).eigenvectors[:, 0]
-    with pytest.raises((ConvergenceError, IndefiniteHessianError), match="CG (did not converge|met)"):
+    with pytest.raises((ConvergenceError, IndefiniteHessianError), match=r"CG (did not converge|met)"):
         inf.replace(estimator=CG(damping=0.0)).fit().inverse_hvp(v[:1] + null * v[:1].norm())
