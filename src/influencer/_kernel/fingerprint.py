@@ -292,13 +292,15 @@ def user_code_digest(start: str) -> str | None:
 _SKIPPED_PACKAGES = ("builtins", "torch", "abc", "typing")
 
 
-def _classes(obj: Any) -> dict[str, str | None]:
-    """``{qualified name: source digest}`` of ``type(obj)`` and its bases outside torch and builtins."""
+def _classes(obj: Any, known: dict[str, str | None] | None = None) -> dict[str, str | None]:
+    """``{qualified name: source digest}`` of ``type(obj)`` and its bases outside torch and builtins
+    (those in ``known`` are taken from it: a model holds many instances of a few classes)."""
     out = {}
     for cls in type(obj).__mro__:
         if cls.__module__.split(".")[0] in _SKIPPED_PACKAGES:
             continue
-        out[f"{cls.__module__}.{cls.__qualname__}"] = source_digest(cls)
+        name = f"{cls.__module__}.{cls.__qualname__}"
+        out[name] = known[name] if known is not None and name in known else source_digest(cls)
     return out
 
 
@@ -312,7 +314,7 @@ def model_fingerprint(model: torch.nn.Module, state: dict[str, Tensor]) -> dict[
     """
     classes: dict[str, str | None] = {}
     for module in model.modules():
-        classes.update(_classes(module))
+        classes.update(_classes(module, classes))
     return {"classes": classes, "state": hash_tensors(state)}
 
 
