@@ -254,7 +254,7 @@ def test_settings_are_frozen_and_json_ready():
         "scale": None,
         "batch_size": 32,
         "seed": 0,
-        "tol": 0.5,
+        "tol": 0.6,
         "on_unconverged": "raise",
     }
 
