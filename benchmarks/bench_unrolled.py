@@ -39,11 +39,11 @@ from typing import Any
 import numpy as np
 import torch
 from common import format_table, machine, write_json
+from influencer.paper.datasets import load_digits, load_mnist1d
 from torch import Tensor, nn
 
 from influencer import CG, EKFAC, ClassificationTask, Identity, Influence, Unrolled
 from influencer.models import MLP, SmallCNN
-from influencer.paper.datasets import load_digits, load_mnist1d
 from influencer.retraining import AdamRetrainer
 from influencer.retraining_cache import CachedRetrainer
 from influencer.validation import linear_datamodeling_score, retrain_on_subsets

@@ -86,7 +86,7 @@ def main(folder: Path) -> None:
     results = {
         "cg": cg(True),
         "lissa": Influence(
-            model, task, train, estimator=LiSSA(depth=60, batch_size=50, damping=0.01), distributed=True
+            model, task, train, estimator=LiSSA(depth=100, batch_size=50, damping=0.01), distributed=True
         )
         .fit()
         .scores(test),

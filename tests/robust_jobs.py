@@ -178,3 +178,39 @@ def ignored_label_opted_in():
     y[3] = -100
     task = ClassificationTask(weight_decay=0.05, ignore_index=-100)
     return task, fit(linear(), task, (x, y)), (x, y), test
+
+
+def negative_label_late():
+    """160 training examples, label -1 at id 100: beyond the first batch the checks see."""
+    (x, y), test = data(n=160)
+    y = y.clone()
+    y[100] = -1
+    return ClassificationTask(weight_decay=0.05), linear(), (x, y), test
+
+
+class _PairModel(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = linear()
+
+    def forward(self, x):
+        return self.linear(x), x  # (logits, features): a tuple, not a tensor
+
+
+def forward_returns_tuple():
+    train, test = data()
+    return ClassificationTask(weight_decay=0.05), _PairModel(), train, test
+
+
+class _ItemModel(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = linear()
+
+    def forward(self, x):
+        return self.linear(x) * float(x.abs().max().item() > 0)
+
+
+def forward_calls_item():
+    train, test = data()
+    return ClassificationTask(weight_decay=0.05), _ItemModel(), train, test

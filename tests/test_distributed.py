@@ -59,7 +59,7 @@ def test_two_ranks_give_the_single_process_results(tmp_path: Path, digits):
 
     train, test = (x[:250], y[:250]), (x[250:], y[250:])
     cg = Influence(model, task, train, estimator=CG(tol=1e-10)).fit()
-    lissa = Influence(model, task, train, estimator=LiSSA(depth=60, batch_size=50, damping=0.01)).fit()
+    lissa = Influence(model, task, train, estimator=LiSSA(depth=100, batch_size=50, damping=0.01)).fit()
     exact = Influence(model, task, train, estimator=Exact()).fit()
     groups = [list(range(0, 40)), [5, 17, 130, 131, 240], list(range(100, 200))]
     single = {

@@ -7,7 +7,14 @@ import torch
 from torch import nn
 
 from influencer import CG, ClassificationTask, Exact, Influence, Task
-from influencer.errors import ConfigError, DataError, IndefiniteHessianError, NonFiniteError, TaskError
+from influencer.errors import (
+    ConfigError,
+    ConvergenceError,
+    DataError,
+    IndefiniteHessianError,
+    NonFiniteError,
+    TaskError,
+)
 
 
 class ReducedLoss(Task):
@@ -179,3 +186,34 @@ def test_a_task_without_outputs_cannot_use_gauss_newton(small):
         Influence(model, LossOnly(), train, estimator=CG(damping=0.1), curvature="gauss_newton").fit().scores(
             (train[0][:1], train[1][:1])
         )
+
+
+# Arnoldi's spectrum warning at rank = rank(H) counts the null directions as dropped ones.
+@pytest.mark.filterwarnings("ignore:Arnoldi with rank")
+def test_singular_curvature_without_damping_gives_the_pseudo_inverse_answer_with_cg_and_arnoldi():
+    """As the README says: Exact refuses singular curvature; CG and BlockCG return H^+ v for
+    gradients (which lie in H's range: the null space is a shared shift of the logits and the
+    weights of two always-zero features); Arnoldi the same within the eigenpairs it keeps, and it
+    refuses once its rank reaches the null space."""
+    import robust_jobs
+    from influencer import Arnoldi, BlockCG
+
+    task, model, train, test = robust_jobs.singular()
+    inf = Influence(model, task, train, estimator=CG(damping=0.0)).fit()
+    h = inf.curvature.dense()
+    eigenvalues = torch.linalg.eigvalsh(h)
+    rank = int((eigenvalues > 1e-10 * eigenvalues[-1]).sum())
+    assert rank < inf.p  # singular
+    v = inf.gradients(test)
+    pinv = v @ torch.linalg.pinv(h, hermitian=True)
+    with pytest.raises(IndefiniteHessianError, match="singular"):
+        inf.replace(estimator=Exact()).fit()
+    for estimator in (CG(damping=0.0), BlockCG(damping=0.0), Arnoldi(damping=0.0, rank=rank)):
+        x = inf.replace(estimator=estimator).fit().inverse_hvp(v)
+        assert float((x - pinv).norm() / pinv.norm()) < 1e-6, type(estimator).__name__
+    with pytest.raises(IndefiniteHessianError, match=r"eigenvalue .* <= -damping \(0\)"):
+        inf.replace(estimator=Arnoldi(damping=0.0, rank=rank + 4)).fit().inverse_hvp(v)
+    # a right-hand side with a part in the null space has no solution: CG refuses it
+    null = torch.linalg.eigh(h).eigenvectors[:, 0]
+    with pytest.raises((ConvergenceError, IndefiniteHessianError), match=r"CG (did not converge|met)"):
+        inf.replace(estimator=CG(damping=0.0)).fit().inverse_hvp(v[:1] + null * v[:1].norm())

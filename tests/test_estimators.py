@@ -99,8 +99,10 @@ def test_lissa_converges_to_exact_and_repeats_reduce_noise(logistic_curvature, r
 
 
 def test_lissa_is_invariant_to_how_columns_are_grouped(logistic_curvature, rhs):
-    solver = LiSSA(depth=50, batch_size=32, damping=0.01).fit(logistic_curvature)
-    torch.testing.assert_close(solver.solve(rhs[1:2]), solver.solve(rhs)[1:2])
+    # (50 steps are too few to converge here: accepted, since grouping is what is tested)
+    solver = LiSSA(depth=50, batch_size=32, damping=0.01, on_unconverged="warn").fit(logistic_curvature)
+    with pytest.warns(RuntimeWarning, match="LiSSA did not converge"):
+        torch.testing.assert_close(solver.solve(rhs[1:2]), solver.solve(rhs)[1:2])
 
 
 def test_lissa_with_too_small_a_scale_diverges_with_a_clear_error(logistic_curvature, rhs):
@@ -108,21 +110,28 @@ def test_lissa_with_too_small_a_scale_diverges_with_a_clear_error(logistic_curva
         LiSSA(depth=500, scale=0.05, batch_size=64).fit(logistic_curvature).solve(rhs[:1])
 
 
-def test_lissa_checks_its_residual_with_the_full_curvature(logistic_curvature, dense_h, rhs):
+def test_lissa_checks_its_error_with_the_full_curvature(logistic_curvature, dense_h, rhs):
     solver = LiSSA(depth=150, batch_size=100, damping=0.01, seed=1).fit(logistic_curvature)
     x = solver.solve(rhs[:3])
     a = dense_h + 0.01 * torch.eye(650, dtype=torch.float64)
     expected = float(((x @ a - rhs[:3]).norm(dim=1) / rhs[:3].norm(dim=1)).max())
     assert solver.info["max_relative_residual"] == pytest.approx(expected, rel=1e-9)
-    assert solver.info["converged"] is True and expected < 0.5
+    # the estimated A-norm error is close to the true one (within 25%)
+    e = x - torch.linalg.solve(a, rhs[:3].T).T
+    true = float((((e @ a) * e).sum(1) / ((x @ a) * x).sum(1)).sqrt().max())
+    assert solver.info["estimated_error"] == pytest.approx(true, rel=0.25)
+    assert solver.info["converged"] is True and solver.info["estimated_error"] < 0.5
     with pytest.raises(
-        ConvergenceError, match=r"LiSSA did not converge: the relative residual .* > tol=0.01"
+        ConvergenceError,
+        match=r"LiSSA did not converge: the estimated relative error of its answer is .* > tol=0.01",
     ):
         LiSSA(depth=150, batch_size=100, damping=0.01, seed=1, tol=0.01).fit(logistic_curvature).solve(
             rhs[:3]
         )
     too_short = LiSSA(depth=3, batch_size=100, damping=0.01, on_unconverged="warn").fit(logistic_curvature)
-    with pytest.warns(RuntimeWarning, match=r"raise damping \(now 0.01\) .*depth \(now 3\)"):
+    with pytest.warns(
+        RuntimeWarning, match=r"after depth=3 steps .*raise depth to at least \d+, raise damping"
+    ):
         too_short.solve(rhs[:1])
     assert too_short.info["converged"] is False
 
@@ -245,7 +254,7 @@ def test_settings_are_frozen_and_json_ready():
         "scale": None,
         "batch_size": 32,
         "seed": 0,
-        "tol": 0.5,
+        "tol": 0.6,
         "on_unconverged": "raise",
     }
 

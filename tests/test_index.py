@@ -408,3 +408,115 @@ def test_half_precision_storage(problem, tmp_path):
     ).stat().st_size
     a, b = half.scores(test), full.scores(test)
     assert float((a - b).abs().max()) < 1e-2 * float(b.abs().max())
+
+
+# ---- damaged stores -----------------------------------------------------------------------------
+
+
+def _flip_bytes(path: Path) -> None:
+    """32 bytes inverted in the data part of a .npy file: same size, valid header."""
+    data = bytearray(path.read_bytes())
+    data[-64:-32] = bytes(b ^ 0xFF for b in data[-64:-32])
+    path.write_bytes(bytes(data))
+
+
+def _truncate(path: Path) -> None:
+    path.write_bytes(path.read_bytes()[:-8])
+
+
+def _nan_with_its_checksum(path: Path) -> None:
+    """A NaN written into the chunk and its sha256 recorded, as a damaged build could have done."""
+    import hashlib
+    import json
+
+    rows = np.load(path, allow_pickle=False)
+    rows[3, 1] = np.nan
+    np.save(path, rows, allow_pickle=False)
+    manifest_path = path.parent.parent / "manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    manifest["chunks"][2]["sha256"] = hashlib.sha256(path.read_bytes()).hexdigest()
+    manifest_path.write_text(json.dumps(manifest))
+
+
+@pytest.mark.parametrize(
+    ("damage", "message"),
+    [
+        (_flip_bytes, r"chunk 2 of the index .* is damaged: its sha256 differs"),
+        (_truncate, r"chunk 2 .* (missing or damaged|is damaged)"),
+        (_nan_with_its_checksum, r"chunk 2 .* holds NaN or infinite values for training id\(s\) \[143\]"),
+    ],
+)
+def test_a_damaged_chunk_is_refused_by_every_reader(problem, tmp_path, damage, message):
+    inf, test = problem
+    projector = GaussianProjector(k=8, seed=1)
+    intact = GradientIndex.build(inf, tmp_path, projector, chunk=70)
+    before = intact.top_k(test, 3)
+    damage(tmp_path / "chunks" / "000002.npy")
+    readers = {
+        "top_k": lambda index: index.top_k(test, 3),
+        "scores": lambda index: index.scores(test[:2]),
+        "gradients": lambda index: index.gradients([141, 150]),
+        "self_influence": lambda index: index.self_influence(),
+    }
+    for name, read in readers.items():
+        with pytest.raises(IndexStoreError, match=message):
+            read(GradientIndex.open(tmp_path, inf))
+        if name == "top_k" and damage is not _truncate:  # unverified, the damage is read as data
+            with pytest.raises((AssertionError, NonFiniteError)):
+                torch.testing.assert_close(
+                    GradientIndex.open(tmp_path, inf, verify=False).top_k(test, 3).helpful_scores,
+                    before.helpful_scores,
+                )
+    # a build recomputes the damaged chunk alone
+    redone = []
+    rebuilt = GradientIndex.build(inf, tmp_path, projector, chunk=70, on_chunk=redone.append)
+    assert redone == [2]
+    torch.testing.assert_close(rebuilt.top_k(test, 3).helpful_scores, before.helpful_scores)
+
+
+def test_damaged_fisher_file_is_refused(problem, tmp_path):
+    inf, test = problem
+    GradientIndex.build(inf, tmp_path, GaussianProjector(k=8, seed=1), chunk=70)
+    _flip_bytes(tmp_path / "fisher.npy")
+    with pytest.raises(IndexStoreError, match=r"fisher\.npy is damaged: its sha256 differs"):
+        GradientIndex.open(tmp_path, inf).top_k(test, 3)
+
+
+def test_resuming_a_build_removes_the_temporary_files_of_the_interrupted_one(problem, tmp_path):
+    inf, _ = problem
+    projector = GaussianProjector(k=8, seed=1)
+    with pytest.raises(StopBuildError):
+        GradientIndex.build(inf, tmp_path, projector, chunk=70, on_chunk=stop_after(2))
+    stale = [tmp_path / "chunks" / ".000002.npy.abc123.tmp", tmp_path / ".manifest.json.xyz.tmp"]
+    for path in stale:
+        path.write_bytes(b"half a chunk")
+    GradientIndex.build(inf, tmp_path, projector, chunk=70)
+    assert not any(path.exists() for path in stale)
+    assert not list(tmp_path.rglob("*.tmp"))
+
+
+def test_top_k_refuses_non_finite_scores_naming_them():
+    scores = torch.tensor([[0.1, float("nan"), -0.2, 0.3], [0.0, 0.5, float("inf"), 0.1]])
+    with pytest.raises(NonFiniteError, match=r"2 of 8 scores are NaN or infinite .*\(0, 1\), \(1, 2\)"):
+        top_k(scores, 2)
+    with pytest.raises(NonFiniteError, match=r"\(0, 11\)"):  # named by training id
+        top_k(scores, 2, ids=torch.tensor([10, 11, 12, 13]))
+    running = RunningTopK(2, 2, scores.dtype, "cpu")
+    with pytest.raises(NonFiniteError, match=r"training id: \(0, 21\)"):
+        running.add(scores, torch.tensor([20, 21, 22, 23]))
+    assert top_k(scores.nan_to_num(0.0, 0.0, 0.0), 1).helpful_ids.tolist() == [[3], [1]]
+
+
+def test_a_damaged_query_checkpoint_block_is_recomputed(problem, tmp_path):
+    inf, test = problem
+    index = GradientIndex.build(inf, tmp_path / "index", GaussianProjector(k=8, seed=1), chunk=70)
+    whole = index.top_k(test, 3, block=5, checkpoint=tmp_path / "query")
+    scores = sorted((tmp_path / "query").rglob("*.npy"))
+    assert scores
+    for path in scores:
+        if "scores" in path.name:
+            _flip_bytes(path)
+    redone = []
+    again = index.top_k(test, 3, block=5, checkpoint=tmp_path / "query", on_block=redone.append)
+    assert redone == [0, 1, 2, 3]  # every block's scores file was changed on disk: none is served
+    torch.testing.assert_close(again.helpful_scores, whole.helpful_scores)

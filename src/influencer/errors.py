@@ -8,6 +8,7 @@ from influencer._kernel.errors import (
     InfluencerError,
     NonFiniteError,
     TaskError,
+    UnsafePathError,
 )
 
 __all__ = [
@@ -18,4 +19,5 @@ __all__ = [
     "InfluencerError",
     "NonFiniteError",
     "TaskError",
+    "UnsafePathError",
 ]

@@ -488,7 +488,9 @@ class Influence:
         self, method: Callable[[Tensor, Any], Tensor], indices: Sequence[int] | Tensor | None, desc: str
     ) -> Iterator[tuple[Tensor, Tensor]]:
         for ids, batch in self._train_batches(indices, desc):
-            yield ids, self._checked(method(self.theta, batch), ids, "training-loss")
+            with self.fn.failures_explained(self.theta, batch, ids):
+                g = method(self.theta, batch)
+            yield ids, self._checked(g, ids, "training-loss")
 
     def _train_batches(
         self, indices: Sequence[int] | Tensor | None, desc: str
@@ -516,7 +518,10 @@ class Influence:
         )
         for ids, batch in chunks:
             self.fn.task.check_batch(batch, ids)
-            out.append(self._checked(method(self.theta, self.fn.prepare(batch)), ids, kind))
+            batch = self.fn.prepare(batch)
+            with self.fn.failures_explained(self.theta, batch, ids):
+                g = method(self.theta, batch)
+            out.append(self._checked(g, ids, kind))
         return torch.cat(out)
 
     def _evaluate(self, method: Any, data: Any, theta: Tensor | None, desc: str) -> Tensor:

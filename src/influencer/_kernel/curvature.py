@@ -14,6 +14,7 @@ first backward pass once instead of once per iteration.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any, Literal
 
@@ -23,8 +24,8 @@ from torch.utils._pytree import tree_flatten, tree_map
 
 from influencer._kernel.data import Examples, TensorExamples
 from influencer._kernel.distributed import all_reduce_sum, shard
-from influencer._kernel.errors import ConfigError, NonFiniteError
-from influencer._kernel.functional import HVPMode, Linearized, ModelFunction, check_hvp_mode
+from influencer._kernel.errors import ConfigError, InfluencerError, NonFiniteError
+from influencer._kernel.functional import HVPMode, Linearized, ModelFunction, check_hvp_mode, traceable
 from influencer._kernel.progress import progress_bar
 
 CurvatureKind = Literal["hessian", "gauss_newton"]
@@ -117,6 +118,10 @@ class Curvature:
         return batches
 
     def _apply(self, batch, vectors: Tensor, weight: float) -> Tensor:
+        with traceable():
+            return self._apply_unchecked(batch, vectors, weight)
+
+    def _apply_unchecked(self, batch, vectors: Tensor, weight: float) -> Tensor:
         if self.hvp == "reverse":
             # One graph for the batch, reused by every block of vectors.
             return self._chunked(self.fn.linearize(self.theta, batch, weight, self.kind), vectors)
@@ -170,8 +175,9 @@ class Curvature:
         single = vectors.ndim == 1
         v = vectors.reshape(-1, self.p).to(self.theta)
         out = torch.zeros_like(v)
-        for product in self._products():
-            out += self._chunked(product, v)
+        with traceable(), self._failures_explained():
+            for product in self._products():
+                out += self._chunked(product, v)
         if self.distributed:
             all_reduce_sum(out)
         out += self._regularizer(v)
@@ -188,7 +194,8 @@ class Curvature:
         weight = 1.0 / len(pick)
         v = vectors.to(self.theta)
         if not self.distributed:
-            out = self._apply(self._minibatch(pick), v, weight)
+            with self._failures_explained():
+                out = self._apply(self._minibatch(pick), v, weight)
         else:
             # Every rank drew the same minibatch (same generator state); each takes a block of it.
             mine = shard(pick)
@@ -197,6 +204,19 @@ class Curvature:
                 out += self._apply(self.fn.prepare(self.data.take(self.indices[mine])), v, weight)
             all_reduce_sum(out)
         return out + self._regularizer(v)
+
+    @contextlib.contextmanager
+    def _failures_explained(self) -> Iterator[None]:
+        """On a failure of the model or task, look for the examples at fault (labels out of range,
+        ...) batch by batch and raise the task's one-line error naming them; else re-raise."""
+        try:
+            yield
+        except (RuntimeError, IndexError, ValueError) as exc:
+            if isinstance(exc, InfluencerError):
+                raise
+            for ids, batch in self.data.chunks(self.batch_size, self.local_indices):
+                self.fn.explain_failure(self.theta, self.fn.prepare(batch), ids)
+            raise
 
     def _minibatch(self, pick: Tensor) -> Any:
         """The prepared batch of examples at positions ``pick`` of the Hessian set."""

@@ -15,6 +15,11 @@ class DataError(InfluencerError, ValueError):
     """Data is empty, ragged, or does not match the data the model was trained on."""
 
 
+class UnsafePathError(InfluencerError, OSError):
+    """A path where influencer writes a file is a link or not a regular file, so writing could change
+    some other file."""
+
+
 class NonFiniteError(InfluencerError, FloatingPointError):
     """A loss, gradient or solver iterate contained NaN or infinity."""
 

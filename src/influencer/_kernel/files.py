@@ -8,15 +8,19 @@ the whole new one, and a process killed mid-write leaves only a stray ``.tmp`` f
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import os
+import stat
 import tempfile
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import IO, Any
 
 import numpy as np
+
+from influencer._kernel.errors import UnsafePathError
 
 
 def current_umask() -> int:
@@ -63,6 +67,66 @@ def _atomic(path: Path, write: Callable[[IO[bytes]], None]) -> None:
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
+        raise
+
+
+_OPEN_FLAGS = {
+    "w": os.O_WRONLY | os.O_CREAT,  # truncated once checked (see open_no_follow)
+    "a": os.O_WRONLY | os.O_CREAT | os.O_APPEND,
+    "x": os.O_WRONLY | os.O_CREAT | os.O_EXCL,
+    "+": os.O_RDWR | os.O_CREAT,  # read and write, created if missing, kept (a lock file)
+}
+
+
+def open_no_follow(
+    path: str | Path, how: str = "w", *, text: bool = False, permissions: int = 0o666
+) -> IO[Any]:
+    """Open ``path`` to write without following a link planted there; refuse anything but a file.
+
+    ``how``: ``"w"`` (create or truncate), ``"a"`` (create or append), ``"x"`` (create; an existing
+    file is an error), ``"+"`` (read and write, created if missing, never truncated: a lock file).
+    The last component of ``path`` is opened with ``O_NOFOLLOW`` (a symbolic link there is refused,
+    not written through) and ``O_NONBLOCK`` (a FIFO does not hang the open); what was opened must be
+    a regular file with no other hard link, else :class:`UnsafePathError` says what is there and what
+    to do. Truncation (``"w"``) happens only after those checks, so a refused file is left as it was.
+    Links in the directories above ``path`` are followed: the caller chose that directory.
+    Returns a binary file object (``text=True``: UTF-8 text, line-buffered for logs).
+    """
+    if how not in _OPEN_FLAGS:
+        raise ValueError(f"how must be one of {sorted(_OPEN_FLAGS)}, got {how!r}")
+    path = Path(path)
+    fix = "remove it (influencer writes its own file there) or choose another directory"
+    nofollow = getattr(os, "O_NOFOLLOW", 0)
+    if not nofollow and path.is_symlink():  # no O_NOFOLLOW (Windows): checked before the open
+        raise UnsafePathError(f"{path} is a symbolic link to {os.readlink(path)}; {fix}")
+    flags = _OPEN_FLAGS[how] | nofollow | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0)
+    try:
+        fd = os.open(path, flags, permissions)
+    except OSError as exc:
+        if path.is_symlink():  # ELOOP on Linux, EMLINK or EFTYPE elsewhere
+            raise UnsafePathError(f"{path} is a symbolic link to {os.readlink(path)}; {fix}") from None
+        if exc.errno == errno.ENXIO:  # a FIFO with no reader, or a socket
+            raise UnsafePathError(f"{path} is a FIFO or socket, not a file; {fix}") from None
+        raise
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise UnsafePathError(f"{path} is not a regular file (mode {stat.filemode(info.st_mode)}); {fix}")
+        if info.st_nlink > 1:
+            raise UnsafePathError(
+                f"{path} has {info.st_nlink - 1} other hard link(s): writing it would change another "
+                f"file; {fix}"
+            )
+        if hasattr(os, "set_blocking"):
+            os.set_blocking(fd, True)
+        if how == "w":
+            os.ftruncate(fd, 0)
+        mode = {"w": "wb", "a": "ab", "x": "wb", "+": "r+b"}[how]
+        if text:
+            return os.fdopen(fd, mode.replace("b", ""), encoding="utf-8", buffering=1)
+        return os.fdopen(fd, mode)
+    except BaseException:
+        os.close(fd)
         raise
 
 

@@ -5,11 +5,16 @@ Caches key their entries by these, so a changed input is recomputed rather than 
 
 from __future__ import annotations
 
+import ast
+import contextlib
+import functools
 import hashlib
 import inspect
 import json
+import os
 import sys
 import types
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -124,12 +129,14 @@ def loaded_code_digest(obj: Any) -> str:
 
 
 def source_digest(cls: type) -> str | None:
-    """sha256 of a class's source code and of its module's whole source file (both as on disk and as
-    loaded), or None when Python cannot show the source (built-ins, the REPL, notebooks,
-    ``exec``-generated code).
+    """sha256 of a class's source code, of its module's whole source file (both as on disk and as
+    loaded) and of every module of the user's own code that module reaches (:func:`user_code_digest`),
+    or None when Python cannot show one of them (built-ins, the REPL, notebooks, ``exec``-generated
+    code).
 
     The module's file is part of it because a method may call the module's functions or read its
-    constants: an edit anywhere in that file may change what the class computes.
+    constants: an edit anywhere in that file may change what the class computes; the modules it
+    imports (a ``helpers.act()`` the forward calls, a ``helpers.SCALE`` it reads) likewise.
     """
     try:
         own = inspect.getsource(cls)
@@ -138,21 +145,162 @@ def source_digest(cls: type) -> str | None:
     source = _module_source(cls.__module__)
     if source is None:
         return None
+    reached = user_code_digest(cls.__module__)
+    if reached is None:
+        return None
     loaded = loaded_code_digest(cls) + loaded_code_digest(sys.modules[cls.__module__])
-    text = f"{cls.__module__}.{cls.__qualname__}\n{own}\n{source}\n{loaded}"
+    text = f"{cls.__module__}.{cls.__qualname__}\n{own}\n{source}\n{loaded}\n{reached}"
     return hashlib.sha256(text.encode()).hexdigest()
+
+
+# Never the user's own code, wherever they are installed (an editable install is not in site-packages).
+_LIBRARIES = ("torch", "numpy", "influencer", "scipy", "transformers", "sklearn", "pandas")
+_MAX_MODULES = 2000
+
+
+@functools.cache
+def _library_roots() -> tuple[str, ...]:
+    """Directories of the standard library and of installed packages (site-packages)."""
+    import site
+    import sysconfig
+
+    roots = {sysconfig.get_paths().get(k) for k in ("stdlib", "platstdlib", "purelib", "platlib")}
+    with contextlib.suppress(AttributeError):  # virtualenv's old site.py lacks them
+        roots.update(site.getsitepackages())
+        roots.add(site.getusersitepackages())
+    return tuple(sorted(os.path.realpath(r) + os.sep for r in roots if r))
+
+
+def _user_file(module: types.ModuleType) -> str | None:
+    """``"<file>"`` of a module of the user's own code; ``""`` for user code without a readable
+    file; None for everything else (standard library, installed packages, torch, influencer)."""
+    name = module.__name__
+    top = name.split(".")[0]
+    if top in _LIBRARIES or top in sys.stdlib_module_names or name in sys.builtin_module_names:
+        return None
+    file = getattr(module, "__file__", None)
+    if file is None:
+        # a namespace package has no code of its own; a module made at run time (the REPL's or a
+        # notebook's __main__, types.ModuleType) has code that cannot be read
+        return None if hasattr(module, "__path__") else ""
+    real = os.path.realpath(file)
+    parts = real.split(os.sep)
+    if "site-packages" in parts or "dist-packages" in parts or real.startswith(_library_roots()):
+        return None
+    return real
+
+
+_IMPORTS: dict[str, tuple[tuple[str, int], ...]] = {}  # by the sha256 of a file's bytes
+
+
+def _file_facts(path: str) -> tuple[str, tuple[tuple[str, int], ...]] | None:
+    """sha256 of a file's bytes (read now) and the modules its source imports (name, relative
+    level), or None when it cannot be read."""
+    try:
+        data = Path(path).read_bytes()
+    except OSError:
+        return None
+    sha = hashlib.sha256(data).hexdigest()
+    if sha not in _IMPORTS:
+        imports: list[tuple[str, int]] = []
+        with contextlib.suppress(SyntaxError, ValueError, UnicodeDecodeError):
+            for node in ast.walk(ast.parse(data)):
+                if isinstance(node, ast.Import):
+                    imports += [(alias.name, 0) for alias in node.names]
+                elif isinstance(node, ast.ImportFrom):
+                    base = node.module or ""
+                    imports.append((base, node.level))
+                    imports += [(f"{base}.{a.name}" if base else a.name, node.level) for a in node.names]
+        _IMPORTS[sha] = tuple(imports)
+    return sha, _IMPORTS[sha]
+
+
+def _imported(module: types.ModuleType, name: str, level: int) -> types.ModuleType | None:
+    """The loaded module an import statement of ``module`` names (relative imports resolved)."""
+    if level:
+        package = module.__package__ or ""
+        parts = package.split(".") if package else []
+        if level - 1 > len(parts):
+            return None
+        base = ".".join(parts[: len(parts) - (level - 1)])
+        name = f"{base}.{name}" if name else base
+    return sys.modules.get(name)
+
+
+def _simple_globals(module: types.ModuleType) -> str:
+    """The module's plain-valued globals (numbers, strings, tuples of them): a constant changed at
+    run time (``helpers.SCALE = 2``) changes the fingerprint, not only one edited in the file."""
+    out = []
+    for name, value in sorted(vars(module).items()):
+        if name.startswith("__"):
+            continue
+        if isinstance(value, (bool, int, float, complex, str, bytes, type(None))) or (
+            isinstance(value, (tuple, frozenset)) and len(value) <= 64
+        ):
+            out.append(f"{name}={_stable_repr(value)[:1000]}")
+        elif isinstance(value, (Tensor, np.ndarray)):
+            out.append(f"{name}={hash_tensors(value)}")
+    return "\n".join(out)
+
+
+def reachable_user_modules(start: str) -> dict[str, str]:
+    """``{module name: file}`` of the user's own modules reachable from module ``start`` (itself
+    included, if it is one): the modules it imports, or whose functions and classes it holds,
+    followed transitively, outside the standard library, installed packages, torch and influencer.
+    A file of ``""`` is a module whose code cannot be read."""
+    first = sys.modules.get(start)
+    out: dict[str, str] = {}
+    todo = [first] if first is not None else []
+    seen: set[str] = set()
+    while todo and len(seen) < _MAX_MODULES:
+        module = todo.pop()
+        if module.__name__ in seen:
+            continue
+        seen.add(module.__name__)
+        file = _user_file(module)
+        if file is None:
+            continue
+        out[module.__name__] = file
+        linked = []
+        for value in list(vars(module).values()):
+            if isinstance(value, types.ModuleType):
+                linked.append(value)
+            elif isinstance(value, (type, types.FunctionType)):
+                linked.append(sys.modules.get(getattr(value, "__module__", None) or ""))
+        facts = _file_facts(file) if file else None
+        for name, level in facts[1] if facts else ():
+            linked.append(_imported(module, name, level))
+        todo += [m for m in linked if isinstance(m, types.ModuleType) and m.__name__ not in seen]
+    return out
+
+
+def user_code_digest(start: str) -> str | None:
+    """sha256 over every module of the user's own code reachable from module ``start`` (see
+    :func:`reachable_user_modules`): each file's bytes as on disk, its code as loaded and its
+    plain-valued globals. None when one of them cannot be read, so that a cache keyed by it is
+    never reused (an edit there could not be seen)."""
+    h = hashlib.sha256()
+    for name, file in sorted(reachable_user_modules(start).items()):
+        facts = _file_facts(file) if file else None
+        if facts is None:
+            return None
+        module = sys.modules[name]
+        h.update(f"{name}\n{facts[0]}\n{loaded_code_digest(module)}\n{_simple_globals(module)}\n".encode())
+    return h.hexdigest()
 
 
 _SKIPPED_PACKAGES = ("builtins", "torch", "abc", "typing")
 
 
-def _classes(obj: Any) -> dict[str, str | None]:
-    """``{qualified name: source digest}`` of ``type(obj)`` and its bases outside torch and builtins."""
+def _classes(obj: Any, known: dict[str, str | None] | None = None) -> dict[str, str | None]:
+    """``{qualified name: source digest}`` of ``type(obj)`` and its bases outside torch and builtins
+    (those in ``known`` are taken from it: a model holds many instances of a few classes)."""
     out = {}
     for cls in type(obj).__mro__:
         if cls.__module__.split(".")[0] in _SKIPPED_PACKAGES:
             continue
-        out[f"{cls.__module__}.{cls.__qualname__}"] = source_digest(cls)
+        name = f"{cls.__module__}.{cls.__qualname__}"
+        out[name] = known[name] if known is not None and name in known else source_digest(cls)
     return out
 
 
@@ -166,7 +314,7 @@ def model_fingerprint(model: torch.nn.Module, state: dict[str, Tensor]) -> dict[
     """
     classes: dict[str, str | None] = {}
     for module in model.modules():
-        classes.update(_classes(module))
+        classes.update(_classes(module, classes))
     return {"classes": classes, "state": hash_tensors(state)}
 
 
@@ -203,11 +351,12 @@ def _value_fingerprint(value: Any) -> Any:
         except (OSError, TypeError):
             return None
         module = _module_source(function.__module__)
-        if module is None:
+        reached = user_code_digest(function.__module__)
+        if module is None or reached is None:
             return None
         return (
             f"function {function.__module__}.{function.__qualname__}:"
-            + hashlib.sha256(f"{own}\n{module}".encode()).hexdigest()
+            + hashlib.sha256(f"{own}\n{module}\n{reached}".encode()).hexdigest()
         )
     text = repr(value)
     if " at 0x" in text:  # the default repr: an address, not the value

@@ -35,7 +35,7 @@ from torch.func import functional_call, grad, jvp, vjp, vmap
 from torch.utils._pytree import tree_flatten, tree_map
 
 from influencer._kernel.data import batch_size_of, to_device
-from influencer._kernel.errors import ConfigError, TaskError
+from influencer._kernel.errors import ConfigError, InfluencerError, TaskError
 from influencer._kernel.modes import evaluating
 from influencer._kernel.task import Batch, Task
 
@@ -74,6 +74,11 @@ def select_parameters(model: nn.Module, params: Sequence[str] | str | None) -> l
     named = dict(model.named_parameters())
     if not named:
         raise TaskError("the model has no parameters")
+    if params is not None and not isinstance(params, str) and len(list(params)) == 0:
+        raise ConfigError(
+            "params is empty, so there is nothing to compute influence over: name parameters or modules "
+            "(e.g. params=['fc']), or pass params=None for every trainable parameter"
+        )
     if params == "supported" and "supported" not in dict(model.named_modules()):
         raise TaskError(
             "params='supported' depends on the estimator: pass it to Influence(..., params='supported'), "
@@ -97,6 +102,74 @@ def select_parameters(model: nn.Module, params: Sequence[str] | str | None) -> l
     return names
 
 
+def check_device(device: torch.device | str) -> torch.device:
+    """``device`` as a :class:`torch.device` that this process can use; :class:`ConfigError` otherwise."""
+    try:
+        out = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        raise ConfigError(
+            f"device {device!r} is not a torch device: use 'cpu', 'cuda', 'cuda:1' or 'mps'"
+        ) from None
+    if out.type == "cuda" and not torch.cuda.is_available():
+        why = "this torch is built without CUDA" if torch.version.cuda is None else "no CUDA GPU is visible"
+        raise ConfigError(f"device {device!r} is not available ({why}); use device='cpu'")
+    if out.type == "cuda" and out.index is not None and out.index >= torch.cuda.device_count():
+        raise ConfigError(
+            f"device {device!r} does not exist: this machine has {torch.cuda.device_count()} CUDA device(s), "
+            f"cuda:0 .. cuda:{torch.cuda.device_count() - 1}"
+        )
+    if out.type == "mps" and not torch.backends.mps.is_available():
+        raise ConfigError(f"device {device!r} is not available (no Apple GPU); use device='cpu'")
+    return out
+
+
+def check_dtype(dtype: Any) -> torch.dtype:
+    """``dtype`` if it is a floating torch dtype (gradients need one); :class:`ConfigError` otherwise."""
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise ConfigError(
+            f"dtype must be a floating torch dtype (torch.float32 or torch.float64; gradients need one), "
+            f"got {dtype!r}"
+        )
+    return dtype
+
+
+_VMAP_FAILURE = "vmap: It looks like you're either (1) calling .item()"
+
+
+def untraceable(exc: BaseException) -> TaskError | None:
+    """A one-line :class:`TaskError` for a model that torch.func cannot differentiate as influence
+    needs (a forward ``vmap`` cannot trace; a ``torch.compile``'d module without double backward),
+    else None."""
+    text = str(exc) if isinstance(exc, RuntimeError) else ""
+    if "double backward" in text and "compile" in text:
+        return TaskError(
+            "the model is torch.compile'd, and compiled graphs do not support the double backward "
+            "(second derivatives) influence needs: pass the uncompiled module (module._orig_mod, or "
+            "the model before torch.compile)"
+        )
+    if _VMAP_FAILURE not in text:
+        return None
+    return TaskError(
+        "the model's forward (or the task) calls .item(), or branches on a tensor's value (if x > 0), "
+        "which torch.func.vmap cannot trace for per-example gradients: remove .item() and keep values "
+        "as tensors (torch.where instead of if), or set vectorize = False on the task (per-example "
+        "gradients one example at a time, slower)"
+    )
+
+
+@contextlib.contextmanager
+def traceable() -> Any:
+    """Turn torch.func's failure on a model it cannot differentiate (see :func:`untraceable`) into
+    a one-line :class:`TaskError`; other errors pass through."""
+    try:
+        yield
+    except RuntimeError as exc:
+        clear = untraceable(exc)
+        if clear is None:
+            raise
+        raise clear from exc
+
+
 class ModelFunction:
     """``model`` + ``task`` as functions of flat parameters ``theta`` of length ``p``."""
 
@@ -115,8 +188,8 @@ class ModelFunction:
         self.names = select_parameters(model, params)
         named = dict(model.named_parameters())
         first = named[self.names[0]]
-        self.device = torch.device(device) if device is not None else first.device
-        self.dtype = dtype if dtype is not None else first.dtype
+        self.device = check_device(device) if device is not None else first.device
+        self.dtype = check_dtype(dtype) if dtype is not None else first.dtype
 
         def place(t: Tensor) -> Tensor:
             t = t.detach().to(self.device)
@@ -207,8 +280,17 @@ class ModelFunction:
         theta = self.theta0 if theta is None else theta
         self.task.check_batch(batch)
         with torch.no_grad():
-            if type(self.task).check_outputs is not Task.check_outputs:
-                self.task.check_outputs(self._first_call(self.outputs, theta, batch, what), batch)
+            checks_outputs = type(self.task).check_outputs is not Task.check_outputs
+            if checks_outputs or self.task.supports_gauss_newton:
+                outputs = self._first_call(self.outputs, theta, batch, what)
+                if not isinstance(outputs, Tensor):
+                    raise TaskError(
+                        f"the model returned a {type(outputs).__name__}, not a tensor: "
+                        f"{type(self.task).__name__} needs one tensor of outputs (B, ...); return only it "
+                        "from forward, or override Task.outputs(model, batch) to pick it (e.g. model(x)[0])"
+                    )
+                if checks_outputs:
+                    self.task.check_outputs(outputs, batch)
             for name, fn in (("loss", self.loss), ("measurement", self.measurement)):
                 out = self._first_call(fn, theta, batch, what)
                 if not isinstance(out, Tensor):
@@ -234,6 +316,33 @@ class ModelFunction:
             if reg.ndim != 0 or not torch.isfinite(reg):
                 raise TaskError(f"Task.regularizer must return a finite scalar, got {reg}")
 
+    def explain_failure(self, theta: Tensor, batch: Batch, ids: Tensor | None) -> None:
+        """After the model or task failed on ``batch``: raise the task's own one-line error naming the
+        examples at fault by ``ids`` (e.g. a label out of range) when its checks find one; else return
+        (the caller re-raises the failure). One forward pass, only on failure."""
+        self.task.check_batch(batch, ids)
+        if type(self.task).check_outputs is Task.check_outputs:
+            return
+        with torch.no_grad():
+            try:
+                outputs = self.outputs(theta, batch)
+            except Exception:  # the task's checks cannot run: leave the original error to the caller
+                return
+        if isinstance(outputs, Tensor):
+            self.task.check_outputs(outputs, batch, ids)
+
+    @contextlib.contextmanager
+    def failures_explained(self, theta: Tensor, batch: Batch, ids: Tensor | None) -> Any:
+        """Run a computation on ``batch``; if the model or task fails on it (an IndexError for a label
+        beyond the classes, ...), raise the error :meth:`explain_failure` finds instead."""
+        try:
+            yield
+        except (RuntimeError, IndexError, ValueError) as exc:
+            if isinstance(exc, InfluencerError):
+                raise
+            self.explain_failure(theta, batch, ids)
+            raise
+
     def _first_call(self, fn: Callable[[Tensor, Batch], Any], theta: Tensor, batch: Batch, what: str) -> Any:
         """``fn(theta, batch)``; an exception from the model or task on the first examples becomes a
         :class:`TaskError` that says so (the original stays chained as its cause)."""
@@ -256,7 +365,8 @@ class ModelFunction:
             return fn(t, one).sum()
 
         if getattr(self.task, "vectorize", True):
-            return vmap(grad(single), in_dims=(None, 0))(theta, batch)
+            with traceable():
+                return vmap(grad(single), in_dims=(None, 0))(theta, batch)
         # The task's fallback for models whose forward cannot run under vmap (data-dependent
         # Python control flow): the same per-example gradients, one example at a time.
         g = grad(single)

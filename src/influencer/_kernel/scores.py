@@ -29,6 +29,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from influencer._kernel.errors import NonFiniteError
+
 
 def removal_scores(test_directions: Tensor, train_grads: Tensor, n: int) -> Tensor:
     """Scores ``(m, c)`` from ``H^-1 grad f(test)`` ``(m, p)`` and training gradients ``(c, p)``."""
@@ -38,6 +40,24 @@ def removal_scores(test_directions: Tensor, train_grads: Tensor, n: int) -> Tens
 def up_loss_from_scores(scores: Tensor, n: int) -> Tensor:
     """The paper's ``I_up,loss`` (unscaled, up-weighting sign) from removal scores."""
     return -n * scores
+
+
+def check_finite_scores(scores: Tensor, ids: Tensor | None = None) -> None:
+    """Refuse a score block ``(m, c)`` holding NaN or infinity, which a sort would rank first or last.
+
+    The error names how many entries are bad and the first few as ``(test row, training id)``.
+    """
+    bad = ~torch.isfinite(scores)
+    if not bool(bad.any()):
+        return
+    where = bad.nonzero()[:5].cpu()
+    cols = where[:, 1] if ids is None else torch.as_tensor(ids).cpu()[where[:, 1]]
+    pairs = ", ".join(f"({int(r)}, {int(c)})" for r, c in zip(where[:, 0], cols, strict=True))
+    raise NonFiniteError(
+        f"{int(bad.sum())} of {scores.numel()} scores are NaN or infinite (test row, training id: {pairs}"
+        f"{', ...' if int(bad.sum()) > 5 else ''}), so they cannot be ranked: check those training and test "
+        "gradients (a damaged gradient store, a NaN loss) and the solver's result"
+    )
 
 
 @dataclass(frozen=True)
@@ -59,13 +79,15 @@ class TopK:
 def top_k(scores: Tensor, k: int, ids: Tensor | None = None) -> TopK:
     """Top ``k`` helpful and harmful training examples for each row of ``scores`` ``(m, n)``.
 
-    ``ids`` ``(n,)`` maps score columns to training ids (default: column index).
+    ``ids`` ``(n,)`` maps score columns to training ids (default: column index). Scores holding NaN
+    or infinity are refused (:class:`~influencer.errors.NonFiniteError`): a sort ranks NaN first.
     """
     scores = scores.reshape(-1, scores.shape[-1])
     k = min(k, scores.shape[1])
     if k < 1:
         raise ValueError("top_k needs k >= 1 and at least one training score")
     ids = torch.arange(scores.shape[1]) if ids is None else torch.as_tensor(ids)
+    check_finite_scores(scores, ids)
     hv, hi = scores.topk(k, dim=1, largest=True)
     bv, bi = scores.topk(k, dim=1, largest=False)
     ids = ids.to(hi.device)

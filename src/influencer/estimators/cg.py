@@ -126,6 +126,14 @@ class CGSolver(Solver):
         return self.curvature.matvec(v) + self.config.damping * v
 
     def _negative_curvature(self, value: float) -> IndefiniteHessianError:
+        dtype = self.curvature.dtype
+        if dtype in (torch.float16, torch.bfloat16):
+            return IndefiniteHessianError(
+                f"CG met d^T (H + {self.config.damping:g} I) d = {value:.3g} in {str(dtype)[6:]}, whose "
+                f"{3 if dtype == torch.float16 else 2} significant digits cannot resolve these products: "
+                "the cause is likely the precision, not the Hessian; solve in float32 or float64 "
+                "(Influence(..., dtype=torch.float32))"
+            )
         return IndefiniteHessianError(
             f"CG met negative curvature (d^T (H + {self.config.damping:g} I) d = {value:.3g}): "
             "the Hessian is not positive definite at these parameters. Increase damping, use "

@@ -18,6 +18,7 @@ import torch
 from torch import Tensor
 
 from influencer._kernel.curvature import Curvature
+from influencer._kernel.errors import ConfigError
 from influencer.estimators.kronecker import KroneckerEstimator, KroneckerSolver, Layer, eigenbasis, sweep
 
 _CHUNK_ELEMENTS = 2**24  # per-example gradient elements held at once
@@ -36,6 +37,12 @@ class EKFAC(KroneckerEstimator):
     name = "ekfac"
 
     def fit(self, curvature: Curvature) -> KroneckerSolver:
+        if curvature.dtype in (torch.float16, torch.bfloat16):
+            name = str(curvature.dtype).removeprefix("torch.")
+            raise ConfigError(
+                f"EK-FAC needs eigendecompositions (torch.linalg.eigh), which have no {name} kernels: "
+                "compute in float32 or float64 (Influence(..., dtype=torch.float32))"
+            )
         layers, factors = self.factors(curvature)
         bases = [(eigenbasis(s)[1], eigenbasis(a)[1]) for a, s in factors]
         values = corrected_eigenvalues(

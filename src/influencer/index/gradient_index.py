@@ -41,7 +41,7 @@ from torch.func import grad
 from influencer._kernel.data import Examples
 from influencer._kernel.distributed import all_gather_blocks, all_reduce_sum, barrier, rank_and_size, shard
 from influencer._kernel.errors import ConfigError, NonFiniteError
-from influencer._kernel.files import atomic_save_array, file_sha256, json_roundtrip
+from influencer._kernel.files import atomic_save_array, json_roundtrip
 from influencer._kernel.fingerprint import hash_examples, hash_json
 from influencer._kernel.progress import progress_bar
 from influencer._kernel.scores import TopK, removal_scores
@@ -85,9 +85,15 @@ class GradientIndex:
     """
 
     def __init__(
-        self, influence: Influence, layout: StoreLayout, manifest: dict[str, Any], projection: Projection
+        self,
+        influence: Influence,
+        layout: StoreLayout,
+        manifest: dict[str, Any],
+        projection: Projection,
+        verify: bool = True,
     ) -> None:
         self.influence = influence
+        self.verify = verify
         self.layout = layout
         self.manifest = manifest
         self.projection = projection
@@ -216,7 +222,7 @@ class GradientIndex:
         if old is not None:
             for record in old.get("chunks", []):
                 j = record["first"] // chunk
-                if layout.chunk_is_valid(j, record["rows"], k, dtype):
+                if layout.chunk_is_intact(j, record, k, dtype):
                     known[j] = record
         if (
             old is not None
@@ -237,6 +243,7 @@ class GradientIndex:
         if projection.needs_fit:
             building["basis"] = old["basis"] if old is not None else None
         if rank == 0:
+            layout.remove_stale_temporaries()  # an interrupted writer's half-written files
             if old is None:
                 layout.clear()
                 layout.check_writable()
@@ -313,7 +320,8 @@ class GradientIndex:
         dtype = header["projector"]["dtype"]
         records = []
         for j, (first, rows) in enumerate(bounds):
-            record = known.get(j) or layout.chunk_record(j, first, rows, header["k"], dtype)
+            # (the chunks were read back and verified, or written, by this build: shape checks suffice)
+            record = known.get(j) or layout.chunk_record(j, first, rows, header["k"], dtype, verify=False)
             if record is None:
                 raise IndexStoreError(
                     f"chunk {j} of {layout.root} is missing after the build (did a rank fail?); run "
@@ -338,12 +346,17 @@ class GradientIndex:
 
     @classmethod
     def open(
-        cls, path: str | Path, influence: Influence, projector: Projector | None = None, verify: bool = False
+        cls, path: str | Path, influence: Influence, projector: Projector | None = None, verify: bool = True
     ) -> GradientIndex:
         """Open a built store for ``influence``'s model and data; refuse it if they changed.
 
         ``projector`` is needed only for a projector kind this library does not define (else it
-        is rebuilt from the manifest). ``verify`` checks every file's sha256 (reads the whole store).
+        is rebuilt from the manifest). Opening checks every file's presence and shape. With
+        ``verify`` (the default) every chunk is also verified as it is read by a query, ``scores``,
+        ``gradients`` or ``self_influence``: its sha256, taken over the bytes read, must equal the one
+        recorded at build time and its values must be finite, else an :class:`IndexStoreError`
+        names the chunk. ``verify=False`` reads chunks memory-mapped and unchecked (a damaged chunk
+        is then scored as it reads).
         """
         layout = StoreLayout(path)
         manifest = layout.read_manifest()
@@ -383,17 +396,14 @@ class GradientIndex:
                     "rebuild it with GradientIndex.build(influence, path, overwrite=True)"
                 )
             projection.load_state(torch.from_numpy(stored))
-        index = cls(influence, layout, manifest, projection)
+        index = cls(influence, layout, manifest, projection, verify=verify)
         if len(manifest.get("chunks", [])) != index.num_chunks:
             raise IndexStoreError(
                 f"the manifest of {layout.root} lists {len(manifest.get('chunks', []))} chunks, not "
                 f"{index.num_chunks}; it is damaged: rebuild it with GradientIndex.build(..., overwrite=True)"
             )
         for j, record in enumerate(manifest["chunks"]):
-            ok = layout.chunk_is_valid(j, record["rows"], index.k, header["projector"]["dtype"])
-            if ok and verify:
-                ok = file_sha256(layout.chunk_path(j)) == record["sha256"]
-            if not ok:
+            if not layout.chunk_is_valid(j, record["rows"], index.k, header["projector"]["dtype"]):
                 raise IndexStoreError(
                     f"chunk {j} of the index in {layout.root} is missing or damaged; run "
                     "GradientIndex.build(influence, path, ...) with the same settings to recompute it"
@@ -405,6 +415,10 @@ class GradientIndex:
     def _rows(self, j: int) -> Tensor:
         """Stored chunk ``j`` ``(rows, k)`` on the influence's device and in its dtype."""
         fn = self.influence.fn
+        if self.verify:  # read into memory once, its sha256 and finiteness checked on that copy
+            record = self.manifest["chunks"][j]
+            rows = self.layout.read_chunk(j, record, self.k, self.header["projector"]["dtype"])
+            return torch.from_numpy(rows).to(fn.device, fn.dtype)
         if j not in self._maps:  # opening a memory map costs a file open and a header parse
             self._maps[j] = self.layout.load_chunk(j)
         rows = np.array(self._maps[j])  # a writable copy of the chunk, read from the map
@@ -440,7 +454,11 @@ class GradientIndex:
 
     def regularizer(self) -> Tensor:
         """``P grad Omega(theta)`` ``(k,)``, the part of every stored ``Pg_i`` that is not the loss's."""
-        reg = np.load(self.layout.regularizer_path, allow_pickle=False)
+        path = self.layout.regularizer_path
+        if self.verify:
+            reg = self.layout.read_array(path, self.manifest.get("regularizer", {}).get("sha256"))
+        else:
+            reg = np.load(path, allow_pickle=False)
         return torch.from_numpy(reg).to(self.influence.device, self.influence.fn.dtype)
 
     def fisher(self) -> Tensor:
@@ -454,7 +472,11 @@ class GradientIndex:
                 "this index was built with fisher=False, so it has no projected Fisher; rebuild it with "
                 "fisher='layers' or 'full', or query with NoPreconditioner() or EstimatorPreconditioner()"
             )
-        f = np.load(self.layout.fisher_path, allow_pickle=False)
+        path = self.layout.fisher_path
+        if self.verify:
+            f = self.layout.read_array(path, self.manifest.get("fisher", {}).get("sha256"))
+        else:
+            f = np.load(path, allow_pickle=False)
         return torch.from_numpy(f).to(self.influence.device)
 
     @property

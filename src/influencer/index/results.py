@@ -15,6 +15,8 @@ block size; a directory holding another query's results is refused (or cleared w
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import io
 import shutil
 from pathlib import Path
 from typing import Any
@@ -159,8 +161,12 @@ class QueryResult:
             return None
         ids_path, scores_path = self._paths(b)
         try:
-            ids = np.load(ids_path, allow_pickle=False)
-            scores = np.load(scores_path, allow_pickle=False)
+            # each file read once; its sha256, recorded when it was written, checked on those bytes
+            data = {name: path.read_bytes() for name, path in (("ids", ids_path), ("scores", scores_path))}
+            if any(hashlib.sha256(data[n]).hexdigest() != record.get(f"{n}_sha256") for n in data):
+                return None  # changed on disk since it was written: recomputed
+            ids = np.load(io.BytesIO(data["ids"]), allow_pickle=False)
+            scores = np.load(io.BytesIO(data["scores"]), allow_pickle=False)
         except (OSError, ValueError):
             return None
         if ids.shape != scores.shape or ids.ndim != 3 or ids.shape[1] != record["rows"]:

@@ -13,13 +13,19 @@ A build first writes the manifest with ``"status": "building"`` and its header, 
 (each ``.npy`` renamed into place, then its record), then commits: the chunk records move into the
 manifest, with the Fisher and regulariser files, and ``"status"`` becomes ``"complete"``. A build
 that dies at any point leaves only complete chunks with records, which a resumed build keeps.
-Chunk files are opened memory-mapped (``numpy.load(mmap_mode="r")``), so a store larger than
-memory is read one chunk at a time.
+Readers take one chunk at a time, so a store larger than memory is read piece by piece, and verify
+each as it is read (:meth:`StoreLayout.read_chunk`): the sha256 of the bytes read must equal the one
+recorded when the chunk was written, and every value must be finite. A bit flipped on disk, a
+truncated file or a NaN is refused in one line instead of being scored. The digest is computed over
+the buffer the chunk is read into, not in a second pass over the file.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import io
+import json
 import os
 import shutil
 from pathlib import Path
@@ -93,8 +99,23 @@ class StoreLayout:
                 f"reads version {VERSION}; rebuild it (overwrite=True) or {fix}"
             )
         status = manifest.get("status")
-        if not isinstance(manifest.get("header"), dict) or status not in ("building", "complete"):
+        header = manifest.get("header")
+        if not isinstance(header, dict) or status not in ("building", "complete"):
             raise IndexStoreError(f"{path} is damaged (no header or status); {fix}")
+        kinds = {"fingerprint": dict, "projector": dict, "n": int, "k": int, "chunk": int}
+        for key, kind in kinds.items():
+            value = header.get(key)
+            if not isinstance(value, kind) or isinstance(value, bool) or (kind is int and value < 1):
+                raise IndexStoreError(
+                    f"{path} is damaged: header.{key} is {json.dumps(value)[:60]}, not "
+                    f"{'an object' if kind is dict else 'a positive integer'}; {fix}"
+                )
+        chunks = manifest.get("chunks", [])
+        good = ("first", "rows")
+        if not isinstance(chunks, list) or not all(
+            isinstance(c, dict) and all(isinstance(c.get(f), int) for f in good) for c in chunks
+        ):
+            raise IndexStoreError(f"{path} is damaged: its chunk list is not a list of chunk records; {fix}")
         return manifest
 
     def write_manifest(self, manifest: dict[str, Any]) -> None:
@@ -133,6 +154,21 @@ class StoreLayout:
                 "gradient index; refusing to write there. Choose a new or empty directory"
             )
 
+    def remove_stale_temporaries(self) -> list[str]:
+        """Delete the temporary files (``.NAME.*.tmp``) an interrupted writer left; returns their names.
+
+        Only a build that owns the directory may call this: a live writer's temporary file would go.
+        """
+        removed = []
+        for folder in (self.root, self.root / "chunks"):
+            if not folder.is_dir():
+                continue
+            for path in folder.glob(".*.tmp"):
+                with contextlib.suppress(FileNotFoundError):
+                    path.unlink()
+                    removed.append(path.relative_to(self.root).as_posix())
+        return sorted(removed)
+
     def clear(self) -> None:
         """Delete everything a previous build wrote (before rebuilding with other inputs)."""
         shutil.rmtree(self.root / "chunks", ignore_errors=True)
@@ -154,8 +190,11 @@ class StoreLayout:
         atomic_write_json(self.record_path(j), record)
         return record
 
-    def chunk_record(self, j: int, first: int, rows: int, k: int, dtype: str) -> dict[str, Any] | None:
-        """Chunk ``j``'s record if the chunk is complete and its file has the expected shape."""
+    def chunk_record(
+        self, j: int, first: int, rows: int, k: int, dtype: str, verify: bool = True
+    ) -> dict[str, Any] | None:
+        """Chunk ``j``'s record if the chunk is complete and its file has the expected shape (and,
+        with ``verify``, the recorded sha256 and finite values)."""
         path = self.record_path(j)
         if not path.exists():
             return None
@@ -165,7 +204,17 @@ class StoreLayout:
             return None
         if not isinstance(record, dict) or record.get("first") != first or record.get("rows") != rows:
             return None
+        if verify:
+            return record if self.chunk_is_intact(j, record, k, dtype) else None
         return record if self.chunk_is_valid(j, rows, k, dtype) else None
+
+    def chunk_is_intact(self, j: int, record: dict[str, Any], k: int, dtype: str) -> bool:
+        """The chunk reads back as written: :meth:`read_chunk` accepts it."""
+        try:
+            self.read_chunk(j, record, k, dtype)
+        except IndexStoreError:
+            return False
+        return True
 
     def chunk_is_valid(self, j: int, rows: int, k: int, dtype: str) -> bool:
         """The chunk's file exists, has the expected shape and dtype, and its full size on disk."""
@@ -177,8 +226,72 @@ class StoreLayout:
         return array.shape == (rows, k) and str(array.dtype) == dtype
 
     def load_chunk(self, j: int) -> np.ndarray:
-        """Chunk ``j`` memory-mapped, read-only."""
+        """Chunk ``j`` memory-mapped, read-only, unverified (see :meth:`read_chunk`)."""
         return np.load(self.chunk_path(j), mmap_mode="r", allow_pickle=False)
+
+    def read_chunk(self, j: int, record: dict[str, Any], k: int, dtype: str) -> np.ndarray:
+        """Chunk ``j`` ``(rows, k)`` read into memory (writable) and verified as it is read.
+
+        The file is read once into one buffer; its sha256 is taken over that buffer and must equal
+        ``record["sha256"]``, and the array it holds must be ``(record["rows"], k)`` of ``dtype`` with
+        every value finite. Anything else is an :class:`IndexStoreError` naming the chunk and the fix.
+        """
+        path = self.chunk_path(j)
+        fix = "run GradientIndex.build(influence, path, ...) with the same settings to recompute it"
+        where = f"chunk {j} of the index in {self.root} ({path.name})"
+        try:
+            with open(path, "rb") as f:
+                size = os.fstat(f.fileno()).st_size
+                buffer = np.empty(size, np.uint8)  # writable, not zero-filled: filled by the read
+                got = f.readinto(memoryview(buffer))
+        except OSError as exc:
+            raise IndexStoreError(f"{where} cannot be read ({exc.strerror or exc}); {fix}") from None
+        if got != size or hashlib.sha256(buffer).hexdigest() != record.get("sha256"):
+            raise IndexStoreError(
+                f"{where} is damaged: its sha256 differs from the one recorded when it was written "
+                f"(changed or truncated on disk, {size} bytes); {fix}"
+            )
+        try:
+            header = io.BytesIO(buffer[: min(size, 1 << 16)].tobytes())
+            version = np.lib.format.read_magic(header)
+            npy = np.lib.format
+            read_header = {(1, 0): npy.read_array_header_1_0, (2, 0): npy.read_array_header_2_0}
+            if version not in read_header:
+                raise ValueError(f".npy format version {version} is not one a store writes")
+            shape, fortran, stored = read_header[version](header)
+        except ValueError as exc:
+            raise IndexStoreError(f"{where} is not a .npy array ({exc}); {fix}") from None
+        rows = record.get("rows")
+        if fortran or shape != (rows, k) or str(stored) != dtype or stored.hasobject:
+            raise IndexStoreError(f"{where} holds a {shape} {stored} array, not ({rows}, {k}) {dtype}; {fix}")
+        start = header.tell()
+        if size - start != rows * k * stored.itemsize:
+            raise IndexStoreError(
+                f"{where} has {size - start} bytes of data, not {rows * k * stored.itemsize}; {fix}"
+            )
+        array = buffer[start:].view(stored).reshape(rows, k)
+        finite = np.isfinite(array).all(axis=1)
+        if not finite.all():
+            first = int(record.get("first", 0))
+            bad = (np.flatnonzero(~finite)[:10] + first).tolist()
+            raise IndexStoreError(
+                f"{where} holds NaN or infinite values for training id(s) {bad}: the store is damaged "
+                f"(a build never writes them); {fix}"
+            )
+        return array
+
+    def read_array(self, path: Path, sha256: str | None) -> np.ndarray:
+        """A small stored array (Fisher, regulariser) read once, its sha256 checked on the bytes read."""
+        fix = "rebuild the index with GradientIndex.build(influence, path, overwrite=True)"
+        try:
+            data = path.read_bytes()
+        except OSError as exc:
+            raise IndexStoreError(f"{path} cannot be read ({exc.strerror or exc}); {fix}") from None
+        if hashlib.sha256(data).hexdigest() != sha256:
+            raise IndexStoreError(
+                f"{path} is damaged: its sha256 differs from the one in {MANIFEST} (changed on disk); {fix}"
+            )
+        return np.load(io.BytesIO(data), allow_pickle=False)
 
     def remove_records(self, count: int) -> None:
         for j in range(count):

@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from influencer._kernel.scores import TopK
+from influencer._kernel.scores import TopK, check_finite_scores
 
 
 def merge(values: Tensor, ids: Tensor, k: int, largest: bool) -> tuple[Tensor, Tensor]:
@@ -55,6 +55,7 @@ class RunningTopK:
 
     def add(self, scores: Tensor, ids: Tensor) -> None:
         """Merge a block of scores ``(m, c)`` for training ids ``(c,)`` larger than any seen before."""
+        check_finite_scores(scores, ids)
         ids = ids.to(scores.device)
         for name, largest in (("helpful", True), ("harmful", False)):
             v, i = getattr(self, name)

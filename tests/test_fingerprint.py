@@ -1,0 +1,132 @@
+"""A model's fingerprint sees all of the user's own code its class reaches: an edit to a helper in
+another module, or to a constant there, changes it; code that cannot be read makes it unverifiable."""
+
+from __future__ import annotations
+
+import importlib
+import sys
+import textwrap
+import types
+import uuid
+
+import pytest
+import torch
+
+from influencer._kernel.fingerprint import (
+    model_fingerprint,
+    reachable_user_modules,
+    task_fingerprint,
+    unverifiable,
+)
+
+JOB = """
+import torch
+import {helpers}
+from {helpers} import scale_of
+
+
+class Net(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = torch.nn.Linear(3, 2)
+
+    def forward(self, x):
+        return {helpers}.act(self.lin(x)) * scale_of(x)
+"""
+
+HELPERS = """
+import torch
+from . import deeper
+
+SCALE = {scale}
+
+
+def act(x):
+    return {body}
+
+
+def scale_of(x):
+    return deeper.FACTOR
+"""
+
+DEEPER = "FACTOR = {factor}\n"
+
+
+@pytest.fixture
+def user_code(tmp_path, monkeypatch):
+    """A job module importing a helper package (``pkg.helpers``) that imports ``pkg.deeper``, under
+    fresh names; returns ``write(**edits)`` which (re)writes the files and returns the model's class
+    digest as a fresh import would see it."""
+    tag = uuid.uuid4().hex[:8]
+    job, package = f"job_{tag}", f"pkg_{tag}"
+    (tmp_path / package).mkdir()
+    (tmp_path / package / "__init__.py").write_text("")
+    monkeypatch.syspath_prepend(str(tmp_path))
+
+    def write(body="torch.tanh(x) * SCALE", scale="1.0", factor="2.0"):
+        (tmp_path / f"{job}.py").write_text(textwrap.dedent(JOB.format(helpers=f"{package}.helpers")))
+        (tmp_path / package / "helpers.py").write_text(HELPERS.format(scale=scale, body=body))
+        (tmp_path / package / "deeper.py").write_text(DEEPER.format(factor=factor))
+        for name in [n for n in sys.modules if n == job or n.startswith(package)]:
+            del sys.modules[name]
+        importlib.invalidate_caches()
+        model = importlib.import_module(job).Net()
+        return model_fingerprint(model, dict(model.state_dict()))["classes"][f"{job}.Net"]
+
+    yield write, job, package
+    for name in [n for n in sys.modules if n == job or n.startswith(package)]:
+        del sys.modules[name]
+
+
+def test_editing_a_helper_in_another_module_changes_the_fingerprint(user_code):
+    write, job, package = user_code
+    base = write()
+    assert base is not None and write() == base  # reproducible: the same code, the same digest
+    assert write(body="torch.relu(x) * SCALE") != base  # a helper's body
+    assert write(scale="1.5") != base  # a constant the helper reads
+    assert write(factor="3.0") != base  # two imports away (a relative import)
+    assert write() == base
+    # only the user's own modules are followed: not torch, not the standard library
+    assert set(reachable_user_modules(job)) == {job, f"{package}.helpers", f"{package}.deeper", package}
+
+
+def test_a_constant_changed_at_run_time_changes_the_fingerprint(user_code):
+    write, job, package = user_code
+    base = write()
+    helpers = sys.modules[f"{package}.helpers"]
+    helpers.SCALE = 4.0
+    model = sys.modules[job].Net()
+    assert model_fingerprint(model, dict(model.state_dict()))["classes"][f"{job}.Net"] != base
+
+
+def test_a_helper_module_without_readable_code_makes_the_model_unverifiable(user_code):
+    write, job, package = user_code
+    write()
+    made = types.ModuleType(f"{package}.generated")  # code made at run time: no file to read
+    exec("def act(x):\n    return x\n", made.__dict__)
+    sys.modules[made.__name__] = made
+    sys.modules[job].generated = made
+    model = sys.modules[job].Net()
+    fingerprint = model_fingerprint(model, dict(model.state_dict()))
+    assert fingerprint["classes"][f"{job}.Net"] is None
+    gradients = {"model": fingerprint, "task": {"classes": {}, "attributes": {}}}
+    assert unverifiable(gradients) == [f"{job}.Net"]
+
+
+def test_a_function_held_by_the_task_sees_its_helpers(user_code):
+    from influencer import ClassificationTask
+
+    write, job, _ = user_code
+    write()
+    task = ClassificationTask()
+    task.transform = sys.modules[job].Net.forward
+    before = task_fingerprint(task)["attributes"]["transform"]
+    write(body="torch.sigmoid(x) * SCALE")
+    task.transform = sys.modules[job].Net.forward
+    assert task_fingerprint(task)["attributes"]["transform"] != before
+
+
+def test_library_models_fingerprint_as_before():
+    model = torch.nn.Sequential(torch.nn.Linear(3, 2), torch.nn.Tanh())
+    classes = model_fingerprint(model, dict(model.state_dict()))["classes"]
+    assert classes == {}  # torch's own classes are not the user's code
