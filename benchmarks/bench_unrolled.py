@@ -39,7 +39,7 @@ from typing import Any
 import numpy as np
 import torch
 from common import format_table, machine, write_json
-from influencer.paper.datasets import load_digits, load_mnist1d
+from influencer.datasets import load_digits, load_mnist1d
 from torch import Tensor, nn
 
 from influencer import CG, EKFAC, ClassificationTask, Identity, Influence, Unrolled

@@ -7,7 +7,7 @@ scores' relative error and Pearson correlation against the exact scores, and the
 ``residual`` (``||(H + damping I) x - v|| / ||v||``, the rule up to now) and ``drift`` (``||x_J -
 x_{J/2}|| / ||x_J||``, how much the second half of the series moved the answer).
 
-    PYTHONPATH=src python experiments/lissa_stopping.py
+    python -m reproductions.lissa_stopping
 
 (``drift``, ``correction``: other candidates, not chosen; ``energy``: the estimate LiSSA now uses,
 ``sqrt(|r . c| / x^T A x)`` with ``c`` the same series run on the residual; ``true_energy``: the

@@ -300,3 +300,18 @@ def test_describe_changes():
         describe_changes({"a": 1, "b": {"c": 2}}, {"a": 1, "b": {"c": 3}, "d": "x"})
         == 'b.c 2 -> 3, d "unset" -> "x"'
     )
+
+
+@pytest.mark.parametrize("name", [".lock", "explain.log"])
+def test_a_link_planted_in_a_run_directory_is_refused_and_its_target_untouched(tmp_path, name):
+    from influencer.app.run.logs import run_logging
+    from influencer.errors import InfluencerError
+
+    run, target = tmp_path / "run", tmp_path / "victim.txt"
+    RunStore(run).close()  # an existing run directory
+    target.write_text("precious")
+    (run / name).symlink_to(target)
+    with pytest.raises(InfluencerError, match="symbolic link"):
+        with RunStore(run), run_logging(run, console=False):
+            pass
+    assert target.read_text() == "precious"

@@ -9,6 +9,7 @@ from influencer._kernel.files import (
     describe_changes,
     file_sha256,
     json_roundtrip,
+    open_no_follow,
     write_durable,
 )
 
@@ -20,5 +21,6 @@ __all__ = [
     "describe_changes",
     "file_sha256",
     "json_roundtrip",
+    "open_no_follow",
     "write_durable",
 ]

@@ -46,9 +46,9 @@ def _durable(f: IO[bytes]) -> None:
 
 def write_durable(path: Path, data: bytes) -> None:
     """Write ``data`` to a new file ``path`` and flush it to disk, without following a symbolic
-    link at ``path`` (for files a caller renames into place itself, e.g. a staged set of outputs)."""
-    flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_NOFOLLOW", 0)
-    with os.fdopen(os.open(path, flags, 0o666), "wb") as f:
+    link at ``path`` (:func:`open_no_follow`; for files a caller renames into place itself, e.g. a
+    staged set of outputs)."""
+    with open_no_follow(path, "w") as f:
         f.write(data)
         _durable(f)
 

@@ -50,7 +50,7 @@ class LiSSA(Estimator):
     comparison with other solvers) and ``converged``. The check costs one more series of ``depth``
     steps on at most ``CHECKED_COLUMNS`` columns.
 
-    Why this rule, measured against the exact solve (``experiments/lissa_stopping.py``, damping
+    Why this rule, measured against the exact solve (``reproductions/lissa_stopping.py``, damping
     1e-3, depths 2 to 3000, float64): the residual says little about the error (depth 2 on the
     command line's logistic job: 35% off in scores, residual 0.45; the default depth on logistic
     regression on digits: 26% off, residual 1.04). The error estimate follows the true ``A``-norm

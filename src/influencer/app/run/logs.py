@@ -15,6 +15,7 @@ import torch
 from tqdm.auto import tqdm
 
 from influencer.errors import InfluencerError
+from influencer.files import open_no_follow
 
 LOG_FILE = "explain.log"
 
@@ -29,9 +30,20 @@ class TqdmHandler(logging.StreamHandler):
             self.handleError(record)
 
 
-class RunFileHandler(logging.FileHandler):
-    """The run's log file. A line that cannot be written (a full disk) is dropped without a
-    traceback: the error that stops the run is what the user must see."""
+class RunFileHandler(logging.StreamHandler):
+    """The run's log file, opened without following a link planted in its place
+    (:func:`influencer.files.open_no_follow`). A line that cannot be written (a full disk) is
+    dropped without a traceback: the error that stops the run is what the user must see."""
+
+    def __init__(self, path: Path) -> None:
+        super().__init__(open_no_follow(path, "a", text=True))
+
+    def close(self) -> None:
+        try:
+            self.flush()
+            self.stream.close()
+        finally:
+            super().close()
 
     def handleError(self, record: logging.LogRecord) -> None:  # noqa: N802 (logging.Handler API)
         if isinstance(sys.exc_info()[1], OSError):
@@ -82,7 +94,7 @@ def run_logging(run_dir: Path, console: bool, file_name: str = LOG_FILE) -> Iter
     logger = logging.getLogger("influencer")
     collected = WarningList()
     handlers: list[logging.Handler] = [collected]
-    file_handler = RunFileHandler(run_dir / file_name, encoding="utf-8")
+    file_handler = RunFileHandler(run_dir / file_name)
     file_handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     file_handler.setLevel(logging.DEBUG)
     handlers.append(file_handler)
