@@ -39,10 +39,10 @@ from typing import Any
 import numpy as np
 import torch
 from common import format_table, machine, write_json
-from influencer.datasets import load_digits, load_mnist1d
 from torch import Tensor, nn
 
 from influencer import CG, EKFAC, ClassificationTask, Identity, Influence, Unrolled
+from influencer.datasets import load_digits, load_mnist1d
 from influencer.models import MLP, SmallCNN
 from influencer.retraining import AdamRetrainer
 from influencer.retraining_cache import CachedRetrainer

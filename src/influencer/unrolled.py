@@ -54,6 +54,7 @@ from influencer._kernel.progress import progress_bar
 from influencer._kernel.scores import TopK, top_k
 from influencer._kernel.stats import pearson
 from influencer._kernel.task import Task
+from influencer.estimators import Identity
 from influencer.influence import Influence
 from influencer.retraining import State, StepwiseRetrainer
 
@@ -165,9 +166,11 @@ class Unrolled:
             raise ConfigError(f"segment must be an integer >= 1 or None (sqrt of the steps), got {segment!r}")
         if not (isinstance(test_batch, int) and test_batch >= 1):
             raise ConfigError(f"test_batch must be an integer >= 1, got {test_batch!r}")
+        # gradients and measurements only: no inverse-Hessian method is fitted or chosen
         self.influence = Influence(
-            model, task, train, params=params, device=device, dtype=dtype, progress=progress
-        )
+            model, task, train, estimator=Identity(), params=params, device=device, dtype=dtype,
+            progress=progress,
+        )  # fmt: skip
         self.recipe = recipe
         self.start = self._flat_start(start)
         self.tolerance = float(tolerance)

@@ -88,8 +88,9 @@ def digits_job(config: ExplainConfig, cache: RunStore, device: torch.device) -> 
         if config.method == "unrolled":  # the recipe itself, replayable step by step
             model.double()
             inf = Influence(model, task, train, estimator=Identity(), device=device, progress=False)
-            inf.fn.load_into(recipe.refit(inf, None, inf.theta))
-            history = [float(inf.losses().mean())]
+            theta = recipe.refit(inf, None, inf.theta)
+            inf.fn.load_into(theta)
+            history = [float(inf.losses(theta=theta).mean())]
         else:
             history = train_minibatch(
                 model, task, train, epochs=epochs, lr=config.digits("lr"),
