@@ -82,8 +82,8 @@ def test_evaluate_command_end_to_end_on_a_linear_job(tmp_path, task_module):
     refits = _refits(run)
     removed = {i for t in summary["loo"]["tests"] for i in t["train_ids"]}
     # the optimum, each LOO removal once (shared by both test examples), the LDS subsets, and the
-    # removal of the last example timed for the up-front estimate (unless LOO removed it anyway)
-    assert len(refits) == 1 + len(removed | {89}) + 6
+    # removals of the first and last examples timed for the estimate (unless LOO removed them anyway)
+    assert len(refits) == 1 + len(removed | {0, 89}) + 6
     log = (run / "explain.log").read_text()
     said = r"evaluate: about 18 retrainings \(leave-one-out 2 x 5, LDS 6 subsets x 1 seed\(s\);"
     assert re.search(said, log)
