@@ -32,7 +32,15 @@ from influencer.estimators import Estimator
 
 log = logging.getLogger("influencer.explain")
 
-__all__ = ["Prepared", "Ran", "build_influence", "choose_estimator_for", "prepare"]
+__all__ = [
+    "Prepared",
+    "Ran",
+    "StoreScorer",
+    "build_influence",
+    "choose_estimator_for",
+    "prepare",
+    "store_scorer",
+]
 
 
 @dataclasses.dataclass
@@ -229,3 +237,53 @@ def build_influence(
     )  # fmt: skip
     log.info("influence: %s", ran.text())
     return inf, ran
+
+
+@dataclasses.dataclass
+class StoreScorer:
+    """What scores test examples from a gradient store: the :class:`Influence` of the store's job
+    (fitted when the preconditioner is an estimator), the store's index and the preconditioner,
+    with a record of what runs and how it is said in words."""
+
+    influence: Influence
+    ran: Ran
+    index: Any  # influencer.index.GradientIndex
+    preconditioner: Any  # influencer.index.Preconditioner
+    projection: str  # the store's projection, in words
+    directions: str  # how test directions are formed, in words
+    settings: dict[str, Any]  # JSON-able, for summary.json / top_k.json
+
+    @property
+    def solves(self) -> bool:
+        """Whether an estimator solves the test directions (EK-FAC before projection)."""
+        from influencer.index import EstimatorPreconditioner
+
+        return isinstance(self.preconditioner, EstimatorPreconditioner)
+
+
+def store_scorer(
+    config: ExplainConfig, prepared: Prepared, root: Any, record: dict[str, Any], clock: Stopwatch
+) -> StoreScorer:
+    """Open the store at ``root`` for ``prepared``'s job with the preconditioner the settings (or
+    the store) name; a store built from other inputs is refused in words."""
+    from influencer.app.run.gradient_store import open_index
+    from influencer.app.run.store_scoring import (
+        preconditioner_text,
+        projection_text,
+        scoring_settings,
+        store_preconditioner,
+    )
+
+    pre, estimator, damping = store_preconditioner(record, config)
+    inf, ran = build_influence(config, prepared, estimator)
+    index = open_index(root, inf, prepared.head)
+    scorer = StoreScorer(
+        inf, ran, index, pre, projection_text(record), "", scoring_settings(root, record, pre, index)
+    )
+    if scorer.solves:
+        with clock("fit"):
+            inf.fit()
+    scorer.directions = preconditioner_text(pre, index, inf)
+    ran.damping, ran.store = damping, scorer.settings
+    log.info("scores: %s; test directions: %s", scorer.projection, scorer.directions)
+    return scorer

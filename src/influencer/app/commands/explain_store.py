@@ -27,7 +27,6 @@ from influencer.app.run.cached import optimality_of_norms, solver_text
 from influencer.app.run.devices import resolve_device
 from influencer.app.run.gradient_store import (
     check_store_task,
-    open_index,
     open_store,
     read_job_settings,
     same_directory,
@@ -39,15 +38,10 @@ from influencer.app.run.store import RunStore, jsonable
 from influencer.app.run.store_scoring import (
     Subset,
     describe_store,
-    preconditioner_text,
-    projection_text,
-    scoring_settings,
-    store_preconditioner,
 )
 from influencer.app.settings.explain import ExplainConfig
-from influencer.app.steps import build_influence, prepare
+from influencer.app.steps import prepare, store_scorer
 from influencer.errors import ConfigError
-from influencer.index import EstimatorPreconditioner
 
 log = logging.getLogger("influencer.explain")
 
@@ -105,18 +99,13 @@ def _run(
         prepared = prepare(config, clock, job)
         on = prepared.on
         evaluation, test_ids, choice = evaluate_and_choose(on, len(on.test), config, prepared.device, clock)
-        pre, estimator, damping = store_preconditioner(record, config)
-        inf, ran = build_influence(config, prepared, estimator)
-        index = open_index(root, inf, prepared.head)
-        if isinstance(pre, EstimatorPreconditioner):
-            with clock("fit"):
-                inf.fit()
-        projection, directions = projection_text(record), preconditioner_text(pre, index, inf)
-        log.info("scores: %s; test directions: %s", projection, directions)
+        scorer = store_scorer(config, prepared, root, record, clock)
+        inf = scorer.influence
         with clock("scores"):
-            scores = index.scores(Subset(on.test, test_ids), preconditioner=pre).double().cpu().numpy()
+            test = Subset(on.test, test_ids)
+            scores = scorer.index.scores(test, preconditioner=scorer.preconditioner).double().cpu().numpy()
         solver: dict[str, Any] = {}
-        if isinstance(pre, EstimatorPreconditioner):
+        if scorer.solves:
             solver = jsonable(getattr(inf.solver, "info", {}), limit=20)
             log.info(
                 "test directions: solved %d with %s %s",
@@ -125,16 +114,13 @@ def _run(
                 solver_text(solver),
             )
         scoring = StoreScoring(
-            str(root), projection, directions, scoring_settings(root, record, pre, index),
-            isinstance(pre, EstimatorPreconditioner),
-        )  # fmt: skip
-        ran.damping = damping
-        ran.store = scoring.settings
+            str(root), scorer.projection, scorer.directions, scorer.settings, scorer.solves
+        )
         top = top_k(torch.from_numpy(scores), config.top_k)
         # the directions are projected (k), not parameter-space: no feature attributions (None)
         ex = Explanation(
             config, prepared.job, inf, evaluation, test_ids, scores, top, solver, choice, None,
-            optimality=_optimality(record), scoring=scoring, ran=ran,
+            optimality=_optimality(record), scoring=scoring, ran=scorer.ran,
         )  # fmt: skip
         log_top(ex)
         return finish(ex, run, clock, warned)

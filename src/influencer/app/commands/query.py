@@ -45,7 +45,6 @@ from influencer.app.report.summary import SIGN_CONVENTION
 from influencer.app.run.devices import resolve_device
 from influencer.app.run.gradient_store import (
     check_store_task,
-    open_index,
     open_store,
     read_job_settings,
     same_directory,
@@ -56,15 +55,10 @@ from influencer.app.run.store import RunStore, array_bytes, jsonable
 from influencer.app.run.store_scoring import (
     Subset,
     describe_store,
-    preconditioner_text,
-    projection_text,
-    scoring_settings,
-    store_preconditioner,
 )
 from influencer.app.settings.store import QueryConfig
-from influencer.app.steps import build_influence, prepare
+from influencer.app.steps import prepare, store_scorer
 from influencer.errors import ConfigError
-from influencer.index import EstimatorPreconditioner
 
 log = logging.getLogger("influencer.query")
 
@@ -146,16 +140,8 @@ def _query(
         _check_finite(evaluation.losses, test_ids)
         log.info("querying test examples: %s", choice if len(test_ids) <= 20 else choice.split(":")[0])
 
-        pre, estimator, _ = store_preconditioner(record, job_config)
-        inf, _ = build_influence(job_config, prepared, estimator)
-        index = open_index(root, inf, prepared.head)
-        if isinstance(pre, EstimatorPreconditioner):
-            with clock("fit"):
-                inf.fit()
-        scoring = scoring_settings(root, record, pre, index)
-        log.info(
-            "scores: %s; test directions: %s", projection_text(record), preconditioner_text(pre, index, inf)
-        )
+        scorer = store_scorer(job_config, prepared, root, record, clock)
+        inf, index, pre = scorer.influence, scorer.index, scorer.preconditioner
 
         test = on.test if config.all_test else Subset(on.test, test_ids)
         checkpoint = Path(config.checkpoint) if config.checkpoint is not None else run.root / "checkpoint"
@@ -182,9 +168,11 @@ def _query(
             )
     job = prepared.job
     _log_top(evaluation, job, test_ids, top)
-    results = _results(config, job, inf.n, inf.p, evaluation, test_ids, top, choice, scoring, record, warned)
-    results["projection"] = projection_text(record)
-    results["preconditioner"] = preconditioner_text(pre, index, inf)
+    results = _results(
+        config, job, inf.n, inf.p, evaluation, test_ids, top, choice, scorer.settings, record, warned
+    )
+    results["projection"] = scorer.projection
+    results["preconditioner"] = scorer.directions
     results["timings_s"] = {k: round(v, 4) for k, v in clock.timings.items()}
     files = _write(run, test_ids, top, results)
     log.info("done in %.1f s", clock.timings["total"])
