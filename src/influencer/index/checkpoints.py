@@ -55,14 +55,18 @@ class CheckpointStores:
         self.indexes, self.lrs = indexes, [float(lr) for lr in lrs]
 
     @classmethod
-    def open(cls, path: str | Path, model: nn.Module, task: Any, train: Any, **influence: Any) -> CheckpointStores:
+    def open(
+        cls, path: str | Path, model: nn.Module, task: Any, train: Any, **influence: Any
+    ) -> CheckpointStores:
         """Every complete ``step-*`` store under ``path``, each opened for ``model`` at its parameters.
 
         ``model`` is copied per checkpoint (its own parameters are left alone); ``influence``:
         keyword arguments of :class:`~influencer.Influence` (e.g. ``batch_size``, ``params``).
         """
         root = Path(path)
-        dirs = sorted(d for d in root.glob("step-*") if (d / "manifest.json").exists()) if root.is_dir() else []
+        dirs = (
+            sorted(d for d in root.glob("step-*") if (d / "manifest.json").exists()) if root.is_dir() else []
+        )
         if not dirs:
             raise IndexStoreError(
                 f"{root} holds no checkpoint stores (step-*/manifest.json); collect them with "
@@ -112,7 +116,9 @@ class CheckpointStores:
         for start in range(0, len(ex), block):
             stop = min(start + block, len(ex))
             sub = ex.take(torch.arange(start, stop))
-            directions = [lr * pre.directions(index, sub) for index, lr in zip(self.indexes, self.lrs, strict=True)]
+            directions = [
+                lr * pre.directions(index, sub) for index, lr in zip(self.indexes, self.lrs, strict=True)
+            ]
             running = RunningTopK(stop - start, kk, directions[0].dtype, directions[0].device)
             for first in range(0, n, chunk):
                 ids = torch.arange(first, min(first + chunk, n))

@@ -181,7 +181,8 @@ class _Window:
             return old["status"] == "complete"
         if not overwrite:
             raise IndexStoreError(
-                f"{layout.root} holds an index built from other inputs ({mismatch(old['header'], self.header)}); "
+                f"{layout.root} holds an index built from other inputs "
+                f"({mismatch(old['header'], self.header)}); "
                 "pass TrainingStoreSettings(overwrite=True) to replace it, or choose another path"
             )
         return False
@@ -208,7 +209,9 @@ class _Window:
     def add(self, ids: Tensor, rows: Tensor) -> None:
         """Keep the rows ``(B, k)`` of ids not seen yet (an id repeated in the batch: its first row)."""
         unique, inverse = torch.unique(ids, return_inverse=True)
-        first = torch.full((len(unique),), len(ids)).scatter_reduce(0, inverse, torch.arange(len(ids)), "amin")
+        first = torch.full((len(unique),), len(ids)).scatter_reduce(
+            0, inverse, torch.arange(len(ids)), "amin"
+        )
         keep = first[~self.seen[unique]]  # positions in the batch
         if len(keep):
             at = ids[keep]
@@ -248,11 +251,13 @@ class _Hooks:
         layers = projection.layers
         self.inputs: list[list[Tensor]] = [[] for _ in layers]  # per layer and call: (B, T, k_in)
         self.grads: list[dict[int, Tensor]] = [{} for _ in layers]  # per layer, call -> (B, T, k_out)
-        self.handles = [layer.module.register_forward_hook(self._forward(i)) for i, layer in enumerate(layers)]
+        self.handles = [
+            layer.module.register_forward_hook(self._forward(i)) for i, layer in enumerate(layers)
+        ]
 
     def _forward(self, i: int):
         layer = self.projection.layers[i]
-        p_out, p_in = self.projection.factors[i]
+        p_in = self.projection.factors[i][1]
 
         def hook(module: nn.Module, inputs: tuple[Any, ...], output: Tensor) -> None:
             call = len(self.inputs[i])
@@ -370,8 +375,9 @@ class TrainingStore:
         bad = ~torch.isfinite(rows).all(dim=1)
         if bad.any():
             raise NonFiniteError(
-                f"the training-loss gradient is NaN or infinite for example(s) {idx[bad.cpu()][:10].tolist()} "
-                f"at step {step}: check the loss and learning rate (training diverged?)"
+                "the training-loss gradient is NaN or infinite for example(s) "
+                f"{idx[bad.cpu()][:10].tolist()} at step {step}: check the loss and the learning rate "
+                "(training diverged?)"
             )
         if not window.checked:
             self._check(window, idx, rows, step)
