@@ -3,7 +3,7 @@
 TracIn (Pruthi et al., 2020) scores a training example by the sum over checkpoints ``c`` of
 ``lr_c grad f(test; theta_c) . grad loss_i(theta_c)``. With the stores a
 :class:`~influencer.index.training.TrainingStore` wrote (one per checkpoint, each with its
-parameters ``theta_c`` and learning rate ``lr_c``)::
+model state at ``theta_c`` and learning rate ``lr_c``)::
 
     stores = CheckpointStores.open("runs/store", model, task, train)
     s = stores.scores(test)            # (m, n) = sum_c lr_c * (projected scores at checkpoint c)
@@ -28,13 +28,12 @@ import torch
 from torch import Tensor, nn
 
 from influencer._kernel.errors import ConfigError
-from influencer._kernel.functional import ModelFunction
 from influencer._kernel.scores import TopK, removal_scores
 from influencer.index.gradient_index import GradientIndex
 from influencer.index.preconditioners import NoPreconditioner, Preconditioner
 from influencer.index.store import IndexStoreError, StoreLayout
 from influencer.index.topk import RunningTopK, concat_rows
-from influencer.index.training import stored_parameters
+from influencer.index.training import load_model_state
 from influencer.influence import Influence
 
 
@@ -80,8 +79,7 @@ class CheckpointStores:
             if not isinstance(training, dict):
                 raise IndexStoreError(f"{d} was not collected during training (no 'training' in its header)")
             copied = copy.deepcopy(model)
-            theta = torch.from_numpy(stored_parameters(d))
-            ModelFunction(copied, task, influence.get("params")).load_into(theta)
+            load_model_state(copied, d)
             inf = Influence(copied, task, train, **influence)
             indexes.append(GradientIndex.open(d, inf))
             lrs.append(training["lr"])

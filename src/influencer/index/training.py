@@ -23,7 +23,8 @@ of every example in the following steps' batches (the first time it appears) unt
 training examples were seen, i.e. one epoch, and is then written as a store in ``<path>/step-<s>``:
 the format of :meth:`~influencer.index.GradientIndex.build`, whose header (fingerprint of the model
 at ``theta_s``, projector, ``n``, ``k``, chunk) gains ``"training": {"step", "lr"}``; the
-parameters ``theta_s`` go with it (``parameters.npy``), so :class:`CheckpointStores` can rebuild the
+model state at ``theta_s`` (floating parameters and buffers, ``parameters.npy``) goes with it, so
+:class:`~influencer.index.checkpoints.CheckpointStores` can rebuild the
 model at every checkpoint. :meth:`GradientIndex.open <influencer.index.GradientIndex.open>` opens
 it like any store, for the model at ``theta_s``.
 
@@ -139,7 +140,9 @@ class _Window:
     def __init__(self, store: TrainingStore, step: int, lr: float) -> None:
         settings = store.settings
         self.step, self.lr = step, float(lr)
-        self.influence = Influence(store.model, store.task, store.train, batch_size=store.batch_size)
+        self.influence = Influence(
+            store.model, store.task, store.train, params=store.params, batch_size=store.batch_size
+        )
         fn = self.influence.fn
         self.projection: KroneckerProjection = settings.projector.bind(fn)
         self.layout = StoreLayout(Path(store.path) / f"step-{step:08d}")
@@ -202,8 +205,9 @@ class _Window:
             sha = atomic_save_array(layout.basis_path, self.projection.state().numpy())
             self.manifest["basis"] = {"file": layout.basis_path.name, "sha256": sha}
         params = self.layout.root / "parameters.npy"
-        theta = self.influence.theta.detach().to(torch.float64).cpu().numpy()
-        self.manifest["parameters"] = {"file": params.name, "sha256": atomic_save_array(params, theta)}
+        names, state = model_state(self.influence.fn.model)
+        sha = atomic_save_array(params, state.numpy())
+        self.manifest["parameters"] = {"file": params.name, "sha256": sha, "names": names}
         layout.write_manifest(self.manifest)
 
     def add(self, ids: Tensor, rows: Tensor) -> None:
@@ -309,6 +313,8 @@ class TrainingStore:
         train: the training data, indexed by the ids passed to :meth:`step`.
         path: directory holding one store per checkpoint, ``step-<s>``.
         settings: :class:`TrainingStoreSettings`.
+        params: the parameters the stores cover, as ``Influence(params=...)`` (every one must be in
+            a supported layer; transformers' tied embeddings are not).
         batch_size: examples per batch of the PCA fit and of the first-batch check.
     """
 
@@ -320,6 +326,7 @@ class TrainingStore:
         path: str | Path,
         settings: TrainingStoreSettings,
         *,
+        params: Sequence[str] | None = None,
         batch_size: int | None = None,
     ) -> None:
         if not isinstance(settings, TrainingStoreSettings):
@@ -327,6 +334,7 @@ class TrainingStore:
         self.model, self.task, self.train = model, task, as_examples(train)
         self.path = Path(path)
         self.settings = settings
+        self.params = list(params) if params is not None else None
         self.batch_size = batch_size
         self.steps = 0  # step() calls so far
         self.window: _Window | None = None
@@ -338,12 +346,15 @@ class TrainingStore:
         return self.window is not None or self.steps in self.settings.checkpoints
 
     @contextlib.contextmanager
-    def step(self, ids: Sequence[int] | Tensor, lr: float) -> Iterator[None]:
+    def step(
+        self, ids: Sequence[int] | Tensor, lr: float, scale: float | Tensor | None = None
+    ) -> Iterator[None]:
         """Wrap one training step's forward and backward pass (before ``optimizer.step()``).
 
         ``ids``: the training-example ids of the batch, in the batch's order; ``lr``: the step's
         learning rate (a window keeps its first step's, the weight of its checkpoint in
-        :class:`CheckpointStores`).
+        :class:`~influencer.index.checkpoints.CheckpointStores`); ``scale``: this step's
+        ``loss_scale`` (a number or one per example), instead of the settings' rule.
         """
         step = self.steps
         if step in self.settings.checkpoints:
@@ -370,7 +381,7 @@ class TrainingStore:
         finally:
             hooks.remove()
         self.steps += 1
-        rows = hooks.rows(self._scale(idx).to(window.rows.device), window.rows.dtype)
+        rows = hooks.rows(self._scale(idx, scale).to(window.rows.device), window.rows.dtype)
         rows += window.regularizer
         bad = ~torch.isfinite(rows).all(dim=1)
         if bad.any():
@@ -387,11 +398,13 @@ class TrainingStore:
             self.written.append(window.layout.root)
             self.window = None
 
-    def _scale(self, ids: Tensor) -> Tensor:
+    def _scale(self, ids: Tensor, given: float | Tensor | None) -> Tensor:
         """The factor turning the step's output gradients into those of the per-example losses."""
-        scale = self.settings.loss_scale
-        if scale == "mean":
-            value: Any = float(len(ids))
+        scale = self.settings.loss_scale if given is None else given
+        if isinstance(scale, Tensor):
+            value: Any = scale.detach().cpu()
+        elif scale == "mean":
+            value = float(len(ids))
         elif scale == "sum":
             value = 1.0
         elif callable(scale):
@@ -450,8 +463,35 @@ def _chosen(model: nn.Module, names: Sequence[str]) -> list[Tensor]:
     return [named[n] for n in names]
 
 
-def stored_parameters(path: str | Path) -> np.ndarray:
-    """The parameters ``theta_s`` ``(p,)`` float64 a training-time store was collected at."""
+def _floating_state(model: nn.Module) -> list[tuple[str, Tensor]]:
+    """The model's floating parameters, then its floating buffers, by name."""
+    items = [*model.named_parameters(), *model.named_buffers()]
+    return [(n, t) for n, t in items if t.is_floating_point()]
+
+
+def model_state(model: nn.Module) -> tuple[list[str], Tensor]:
+    """Names and one float64 vector of every floating parameter and buffer (what training changes)."""
+    items = _floating_state(model)
+    flat = torch.cat([t.detach().reshape(-1).to(torch.float64).cpu() for _, t in items])
+    return [n for n, _ in items], flat
+
+
+def load_model_state(model: nn.Module, path: str | Path) -> None:
+    """Copy the state a training-time store was collected at into ``model`` (same architecture)."""
+    names, flat = stored_state(path)
+    items = _floating_state(model)
+    if [n for n, _ in items] != names or sum(t.numel() for _, t in items) != flat.numel():
+        raise IndexStoreError(
+            f"the model's parameters and buffers differ from those the store in {path} was collected "
+            "with (names or sizes); pass the model that was trained"
+        )
+    with torch.no_grad():
+        for (_, t), part in zip(items, torch.split(flat, [t.numel() for _, t in items]), strict=True):
+            t.copy_(part.view_as(t).to(t.device, t.dtype))
+
+
+def stored_state(path: str | Path) -> tuple[list[str], Tensor]:
+    """The names and float64 values of the model state a training-time store was collected at."""
     from influencer._kernel.files import file_sha256
 
     layout = StoreLayout(path)
@@ -465,4 +505,4 @@ def stored_parameters(path: str | Path) -> np.ndarray:
     file = layout.root / record["file"]
     if not file.exists() or file_sha256(file) != record["sha256"]:
         raise IndexStoreError(f"{file} is missing or damaged; collect the store again")
-    return np.load(file, allow_pickle=False)
+    return list(record["names"]), torch.from_numpy(np.load(file, allow_pickle=False))
