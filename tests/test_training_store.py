@@ -91,6 +91,24 @@ def test_store_of_a_full_batch_window_equals_the_post_hoc_store_bit_for_bit(tmp_
         assert ours.gradients().abs().max() > 0.1  # not a store of zeros
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device on this machine")
+def test_cuda_training_store_equals_the_post_hoc_store(tmp_path):
+    model, task, (x, y) = _problem("cnn")
+    model, data = model.cuda(), (x.cuda(), y.cuda())
+    projector = KroneckerProjector(k_in=4, k_out=3, basis="pca", pca_examples=100)
+    settings = TrainingStoreSettings(checkpoints=(0, 4), projector=projector, loss_scale=float(N))
+    store = TrainingStore(model, task, data, tmp_path / "train", settings, batch_size=BATCH)
+    states = _full_batch_training(model, task, data, store, lrs=(0.5, 0.25))
+    for state, path in zip(states, store.finish(), strict=True):
+        _load(model, state)
+        inf = Influence(model, task, data, batch_size=BATCH)
+        post = GradientIndex.build(inf, tmp_path / f"post-{path.name}", projector).gradients()
+        ours = GradientIndex.open(path, inf).gradients()
+        assert ours.is_cuda and float((ours - post).norm() / post.norm()) < 1e-5
+    stores = CheckpointStores.open(tmp_path / "train", model, task, data)
+    assert stores.scores((data[0][:3], data[1][:3])).is_cuda
+
+
 def test_rows_of_an_sgd_window_are_each_steps_gradients(tmp_path):
     """Parameters move every step: row i is the loss gradient at the step that saw i, plus the
     regulariser's gradient at the checkpoint."""

@@ -35,7 +35,7 @@ during the window (gradient accumulation over the epoch, i.e. full-batch steps) 
 row :meth:`GradientIndex.build` computes at ``theta_s``; with power-of-two batch sizes and
 ``loss_scale="mean"`` bit for bit (the rescaling by the batch size is then exact). The gradients
 are those of the module's mode during training: dropout or batch statistics make them differ from
-the evaluation-mode gradients of a post-hoc store. The first step of every window is checked
+the evaluation-mode gradients of a post-hoc store. The first window's first step is checked
 against a post-hoc projection of its batch (``check=True``), which catches a training loss that
 is not the one ``loss_scale`` describes.
 
@@ -62,6 +62,7 @@ from torch.func import grad
 from influencer._kernel.data import as_examples
 from influencer._kernel.errors import ConfigError, NonFiniteError
 from influencer._kernel.files import atomic_save_array, json_roundtrip
+from influencer._kernel.fingerprint import hash_tensors
 from influencer.index.gradient_index import GradientIndex, _fisher_kind
 from influencer.index.kronecker import KroneckerProjection, KroneckerProjector
 from influencer.index.store import FORMAT, VERSION, IndexStoreError, StoreLayout, mismatch
@@ -86,7 +87,8 @@ class TrainingStoreSettings:
         chunk: training examples per stored chunk, as in ``GradientIndex.build``.
         fisher: also store the projected Fisher (``"layers"``, ``"full"``) for ``ProjectedFisher``
             queries; default ``False`` (TracIn-style queries need none).
-        check: compare each window's first batch with a post-hoc projection at the same parameters.
+        check: compare the first window's first batch with a post-hoc projection at the same
+            parameters (one extra forward and backward pass of that batch).
         overwrite: replace a store built from other inputs in a checkpoint's directory.
     """
 
@@ -148,7 +150,7 @@ class _Window:
         self.layout = StoreLayout(Path(store.path) / f"step-{step:08d}")
         self.header = json_roundtrip(
             {
-                "fingerprint": self.influence.settings()["gradients"],
+                "fingerprint": store.fingerprint(self.influence),
                 "projector": settings.projector.settings(),
                 "projection": self.projection.info,
                 "n": self.influence.n,
@@ -169,7 +171,6 @@ class _Window:
         n, k = self.influence.n, self.projection.k
         self.rows = torch.empty(n, k, dtype=fn.dtype, device=fn.device)  # (n, k)
         self.seen = torch.zeros(n, dtype=torch.bool)
-        self.checked = not settings.check
         self._start_manifest()
 
     def _open_layout(self, overwrite: bool) -> bool:
@@ -339,6 +340,21 @@ class TrainingStore:
         self.steps = 0  # step() calls so far
         self.window: _Window | None = None
         self.written: list[Path] = []
+        self.checked = not settings.check  # the loss is checked on the first window's first batch
+        self._fingerprint: dict[str, Any] | None = None
+
+    def fingerprint(self, influence: Influence) -> dict[str, Any]:
+        """``influence.settings()["gradients"]``; after the first window only the weights are hashed again.
+
+        The model's classes (their source files), the task and the training data do not change
+        during training, and hashing them (the data: all of it) at every checkpoint would cost more
+        than collecting.
+        """
+        if self._fingerprint is None:
+            self._fingerprint = json_roundtrip(influence.settings()["gradients"])
+            return self._fingerprint
+        state = hash_tensors(influence.fn.state(influence.theta))
+        return {**self._fingerprint, "model": {**self._fingerprint["model"], "state": state}}
 
     @property
     def collecting(self) -> bool:
@@ -390,7 +406,7 @@ class TrainingStore:
                 f"{idx[bad.cpu()][:10].tolist()} at step {step}: check the loss and the learning rate "
                 "(training diverged?)"
             )
-        if not window.checked:
+        if not self.checked:
             self._check(window, idx, rows, step)
         window.add(idx, rows.detach())
         if window.complete:
@@ -444,7 +460,7 @@ class TrainingStore:
                 "model must compute the same in training mode as in evaluation mode (dropout, batch "
                 "normalisation); fix the loss_scale, or pass check=False to keep the training-mode gradients"
             )
-        window.checked = True
+        self.checked = True
 
     def finish(self) -> list[Path]:
         """The stores written; raises if a window is still open (it did not see every example)."""
