@@ -32,8 +32,8 @@ it like any store, for the model at ``theta_s``.
 is the step of the window that saw example ``i``: the loss gradient training computed (TracIn's
 per-step gradient), the task's regulariser at the checkpoint. When the parameters do not move
 during the window (gradient accumulation over the epoch, i.e. full-batch steps) it is exactly the
-row :meth:`GradientIndex.build` computes at ``theta_s``; with power-of-two batch sizes and
-``loss_scale="mean"`` bit for bit (the rescaling by the batch size is then exact). The gradients
+row :meth:`GradientIndex.build` computes at ``theta_s``, up to rounding; bit for bit with
+``arithmetic="post-hoc"`` and a power-of-two ``loss_scale`` (the rescaling is then exact). The gradients
 are those of the module's mode during training: dropout or batch statistics make them differ from
 the evaluation-mode gradients of a post-hoc store. The first window's first step is checked
 against a post-hoc projection of its batch (``check=True``), which catches a training loss that
@@ -56,6 +56,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import grad
 
@@ -63,6 +64,7 @@ from influencer._kernel.data import as_examples
 from influencer._kernel.errors import ConfigError, NonFiniteError
 from influencer._kernel.files import atomic_save_array, json_roundtrip
 from influencer._kernel.fingerprint import hash_tensors
+from influencer.estimators.kronecker import Layer
 from influencer.index.gradient_index import GradientIndex, _fisher_kind
 from influencer.index.kronecker import KroneckerProjection, KroneckerProjector
 from influencer.index.store import FORMAT, VERSION, IndexStoreError, StoreLayout, mismatch
@@ -89,6 +91,10 @@ class TrainingStoreSettings:
             queries; default ``False`` (TracIn-style queries need none).
         check: compare the first window's first batch with a post-hoc projection at the same
             parameters (one extra forward and backward pass of that batch).
+        arithmetic: ``"fast"`` (default): each layer's inputs projected in one fused operation (a
+            convolution's by a convolution with ``P_in``'s rows as kernels, no unfolded patches);
+            ``"post-hoc"``: in :meth:`GradientIndex.build`'s arithmetic, so that a window over
+            unmoving parameters gives its rows bit for bit (slower for convolutions).
         overwrite: replace a store built from other inputs in a checkpoint's directory.
     """
 
@@ -98,6 +104,7 @@ class TrainingStoreSettings:
     chunk: int = 2048
     fisher: bool | str = False
     check: bool = True
+    arithmetic: str = "fast"
     overwrite: bool = False
 
     def __post_init__(self) -> None:
@@ -134,6 +141,10 @@ class TrainingStoreSettings:
         if not isinstance(self.chunk, int) or isinstance(self.chunk, bool) or self.chunk < 1:
             raise ConfigError(f"TrainingStoreSettings.chunk must be a positive integer, got {self.chunk!r}")
         _fisher_kind(self.fisher)
+        if self.arithmetic not in ("fast", "post-hoc"):
+            raise ConfigError(
+                f"TrainingStoreSettings.arithmetic must be 'fast' or 'post-hoc', got {self.arithmetic!r}"
+            )
 
 
 class _Window:
@@ -166,11 +177,17 @@ class _Window:
             return
         if self.projection.needs_fit:
             self.projection.fit(self.influence)
+        exact = settings.arithmetic == "post-hoc"
+        self.project_inputs = [
+            _input_projector(layer, p_in, exact)
+            for layer, (_, p_in) in zip(self.projection.layers, self.projection.factors, strict=True)
+        ]
         theta = self.influence.theta
         self.regularizer = self.projection.project(grad(fn.regularizer)(theta.detach())[None])[0]
         n, k = self.influence.n, self.projection.k
         self.rows = torch.empty(n, k, dtype=fn.dtype, device=fn.device)  # (n, k)
         self.seen = torch.zeros(n, dtype=torch.bool)
+        self.count = 0  # ids seen
         self._start_manifest()
 
     def _open_layout(self, overwrite: bool) -> bool:
@@ -213,24 +230,36 @@ class _Window:
 
     def add(self, ids: Tensor, rows: Tensor) -> None:
         """Keep the rows ``(B, k)`` of ids not seen yet (an id repeated in the batch: its first row)."""
-        unique, inverse = torch.unique(ids, return_inverse=True)
-        first = torch.full((len(unique),), len(ids)).scatter_reduce(
-            0, inverse, torch.arange(len(ids)), "amin"
-        )
-        keep = first[~self.seen[unique]]  # positions in the batch
-        if len(keep):
-            at = ids[keep]
-            self.rows[at.to(self.rows.device)] = rows[keep.to(rows.device)]
-            self.seen[at] = True
+        fresh = ~self.seen[ids]
+        self.seen[ids] = True
+        count = int(self.seen.sum())
+        if count - self.count == len(ids):  # the usual batch: distinct ids, none seen before
+            self.rows[ids.to(self.rows.device)] = rows
+        else:
+            unique, inverse = torch.unique(ids, return_inverse=True)
+            first = torch.full((len(unique),), len(ids)).scatter_reduce(
+                0, inverse, torch.arange(len(ids)), "amin"
+            )
+            keep = first[fresh[first]]  # positions in the batch: first occurrences of unseen ids
+            self.rows[ids[keep].to(self.rows.device)] = rows[keep.to(rows.device)]
+        self.count = count
 
     @property
     def complete(self) -> bool:
-        return bool(self.seen.all())
+        return self.count == len(self.seen)
 
     def commit(self) -> None:
         """Write the chunks, the Fisher (if asked for), the regulariser and the manifest."""
         inf, layout, header = self.influence, self.layout, self.header
         n, chunk, k = inf.n, header["chunk"], header["k"]
+        self.rows += self.regularizer  # every row's objective carries the regulariser's gradient
+        bad = ~torch.isfinite(self.rows).all(dim=1)
+        if bad.any():
+            raise NonFiniteError(
+                "the training-loss gradient is NaN or infinite for example(s) "
+                f"{bad.nonzero().flatten()[:10].tolist()} in the window of step {self.step}: check the "
+                "loss and the learning rate (training diverged?)"
+            )
         dtype = header["projector"]["dtype"]
         bounds = [(j * chunk, min(chunk, n - j * chunk)) for j in range(-(-n // chunk))]
         fisher = header["fisher"]
@@ -248,11 +277,48 @@ class _Window:
         del self.rows
 
 
+def _input_projector(layer: Layer, p_in: Tensor, exact: bool) -> Callable[[Tensor, int], Tensor]:
+    """``(layer input, B) -> P_in a_t`` rows ``(B, T, k_in)``.
+
+    ``exact``: the post-hoc store's arithmetic (the activation rows with their bias column, then a
+    product), else one fused operation: ``F.linear`` with ``P_in``'s weight and bias columns, or for
+    a convolution a convolution whose ``k_in`` kernels are ``P_in``'s rows (no unfolded patches).
+    Both give the same rows up to rounding.
+    """
+    module = layer.module
+    if exact or not layer.weight:
+        return lambda x, b: layer.inputs(x, b) @ p_in.T
+    d = layer.d_in - int(layer.bias)
+    weight, bias = p_in[:, :d], (p_in[:, d] if layer.bias else None)
+    if isinstance(module, nn.Conv2d):
+        kernels = weight.reshape(p_in.shape[0], module.in_channels, *module.kernel_size)
+        pad = module._reversed_padding_repeated_twice
+        mode = "constant" if module.padding_mode == "zeros" else module.padding_mode
+
+        def conv(x: Tensor, b: int) -> Tensor:
+            if x.ndim != 4 or x.shape[0] != b:
+                return layer.inputs(x, b)  # raises the layer model's error
+            x = F.pad(x, pad, mode=mode) if any(pad) else x
+            y = F.conv2d(x, kernels, bias, module.stride, 0, module.dilation)  # (B, k_in, H', W')
+            return y.flatten(2).transpose(1, 2)
+
+        return conv
+
+    def dense(x: Tensor, b: int) -> Tensor:
+        if x.ndim < 2 or x.shape[0] != b:
+            return layer.inputs(x, b)  # raises the layer model's error
+        return F.linear(x.reshape(b, -1, x.shape[-1]), weight, bias)
+
+    return dense
+
+
 class _Hooks:
     """Forward hooks projecting each layer's inputs, tensor hooks projecting its output gradients."""
 
-    def __init__(self, projection: KroneckerProjection, batch: int) -> None:
-        self.projection, self.batch = projection, batch
+    def __init__(
+        self, projection: KroneckerProjection, inputs: list[Callable[[Tensor, int], Tensor]], batch: int
+    ) -> None:
+        self.projection, self.project_inputs, self.batch = projection, inputs, batch
         layers = projection.layers
         self.inputs: list[list[Tensor]] = [[] for _ in layers]  # per layer and call: (B, T, k_in)
         self.grads: list[dict[int, Tensor]] = [{} for _ in layers]  # per layer, call -> (B, T, k_out)
@@ -261,13 +327,12 @@ class _Hooks:
         ]
 
     def _forward(self, i: int):
-        layer = self.projection.layers[i]
-        p_in = self.projection.factors[i][1]
+        project = self.project_inputs[i]
 
         def hook(module: nn.Module, inputs: tuple[Any, ...], output: Tensor) -> None:
             call = len(self.inputs[i])
             with torch.no_grad():
-                self.inputs[i].append(layer.inputs(inputs[0], self.batch) @ p_in.T)
+                self.inputs[i].append(project(inputs[0], self.batch))
             if output.requires_grad:
                 # registered on the output itself, so an in-place edit of it later is still seen
                 output.register_hook(lambda g: self._backward(i, call, g))
@@ -297,12 +362,12 @@ class _Hooks:
                 pg = self.grads[i].get(call)  # (B, T, k_out)
                 if pg is None:
                     pg = pa.new_zeros(*pa.shape[:2], proj.factors[i][0].shape[0])
-                pg = pg * scale.to(pg.dtype)
                 # the same products as KroneckerProjection._project_rows
                 y = pg[:, 0, :, None] * pa[:, 0, None, :] if pg.shape[1] == 1 else pg.mT @ pa
                 total = y if total is None else total + y
             out[:, proj.offsets[i] : proj.offsets[i + 1]] = total.flatten(1)
-        return out
+        # one product for all layers (bilinear in the output gradients; exact for a power of two)
+        return out.mul_(scale.reshape(-1, 1).to(dtype))
 
 
 class TrainingStore:
@@ -391,23 +456,15 @@ class TrainingStore:
             yield
             return
         idx = self.train.check_indices(ids)
-        hooks = _Hooks(window.projection, len(idx))
+        hooks = _Hooks(window.projection, window.project_inputs, len(idx))
         try:
             yield
         finally:
             hooks.remove()
         self.steps += 1
         rows = hooks.rows(self._scale(idx, scale).to(window.rows.device), window.rows.dtype)
-        rows += window.regularizer
-        bad = ~torch.isfinite(rows).all(dim=1)
-        if bad.any():
-            raise NonFiniteError(
-                "the training-loss gradient is NaN or infinite for example(s) "
-                f"{idx[bad.cpu()][:10].tolist()} at step {step}: check the loss and the learning rate "
-                "(training diverged?)"
-            )
         if not self.checked:
-            self._check(window, idx, rows, step)
+            self._check(window, idx, rows + window.regularizer, step)
         window.add(idx, rows.detach())
         if window.complete:
             window.commit()
