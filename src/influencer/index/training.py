@@ -32,8 +32,10 @@ it like any store, for the model at ``theta_s``.
 is the step of the window that saw example ``i``: the loss gradient training computed (TracIn's
 per-step gradient), the task's regulariser at the checkpoint. When the parameters do not move
 during the window (gradient accumulation over the epoch, i.e. full-batch steps) it is exactly the
-row :meth:`GradientIndex.build` computes at ``theta_s``, up to rounding; bit for bit with
-``arithmetic="post-hoc"`` and a power-of-two ``loss_scale`` (the rescaling is then exact). The gradients
+row :meth:`GradientIndex.build` computes at ``theta_s``: the same operations
+(:func:`~influencer.index.kronecker.input_projector`, :func:`~influencer.index.kronecker.combine`),
+so bit for bit when ``loss_scale`` is a power of two (the rescaling is then exact) and the batches
+are the same, up to float rounding otherwise. The gradients
 are those of the module's mode during training: dropout or batch statistics make them differ from
 the evaluation-mode gradients of a post-hoc store. The first window's first step is checked
 against a post-hoc projection of its batch (``check=True``), which catches a training loss that
@@ -56,7 +58,6 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import grad
 
@@ -64,9 +65,8 @@ from influencer._kernel.data import as_examples
 from influencer._kernel.errors import ConfigError, NonFiniteError
 from influencer._kernel.files import atomic_save_array, json_roundtrip
 from influencer._kernel.fingerprint import hash_tensors
-from influencer.estimators.kronecker import Layer
 from influencer.index.gradient_index import GradientIndex, _fisher_kind
-from influencer.index.kronecker import KroneckerProjection, KroneckerProjector
+from influencer.index.kronecker import KroneckerProjection, KroneckerProjector, combine
 from influencer.index.store import FORMAT, VERSION, IndexStoreError, StoreLayout, mismatch
 from influencer.influence import Influence
 
@@ -91,10 +91,6 @@ class TrainingStoreSettings:
             queries; default ``False`` (TracIn-style queries need none).
         check: compare the first window's first batch with a post-hoc projection at the same
             parameters (one extra forward and backward pass of that batch).
-        arithmetic: ``"fast"`` (default): each layer's inputs projected in one fused operation (a
-            convolution's by a convolution with ``P_in``'s rows as kernels, no unfolded patches);
-            ``"post-hoc"``: in :meth:`GradientIndex.build`'s arithmetic, so that a window over
-            unmoving parameters gives its rows bit for bit (slower for convolutions).
         overwrite: replace a store built from other inputs in a checkpoint's directory.
     """
 
@@ -104,7 +100,6 @@ class TrainingStoreSettings:
     chunk: int = 2048
     fisher: bool | str = False
     check: bool = True
-    arithmetic: str = "fast"
     overwrite: bool = False
 
     def __post_init__(self) -> None:
@@ -141,10 +136,6 @@ class TrainingStoreSettings:
         if not isinstance(self.chunk, int) or isinstance(self.chunk, bool) or self.chunk < 1:
             raise ConfigError(f"TrainingStoreSettings.chunk must be a positive integer, got {self.chunk!r}")
         _fisher_kind(self.fisher)
-        if self.arithmetic not in ("fast", "post-hoc"):
-            raise ConfigError(
-                f"TrainingStoreSettings.arithmetic must be 'fast' or 'post-hoc', got {self.arithmetic!r}"
-            )
 
 
 class _Window:
@@ -177,11 +168,6 @@ class _Window:
             return
         if self.projection.needs_fit:
             self.projection.fit(self.influence)
-        exact = settings.arithmetic == "post-hoc"
-        self.project_inputs = [
-            _input_projector(layer, p_in, exact)
-            for layer, (_, p_in) in zip(self.projection.layers, self.projection.factors, strict=True)
-        ]
         theta = self.influence.theta
         self.regularizer = self.projection.project(grad(fn.regularizer)(theta.detach())[None])[0]
         n, k = self.influence.n, self.projection.k
@@ -277,48 +263,11 @@ class _Window:
         del self.rows
 
 
-def _input_projector(layer: Layer, p_in: Tensor, exact: bool) -> Callable[[Tensor, int], Tensor]:
-    """``(layer input, B) -> P_in a_t`` rows ``(B, T, k_in)``.
-
-    ``exact``: the post-hoc store's arithmetic (the activation rows with their bias column, then a
-    product), else one fused operation: ``F.linear`` with ``P_in``'s weight and bias columns, or for
-    a convolution a convolution whose ``k_in`` kernels are ``P_in``'s rows (no unfolded patches).
-    Both give the same rows up to rounding.
-    """
-    module = layer.module
-    if exact or not layer.weight:
-        return lambda x, b: layer.inputs(x, b) @ p_in.T
-    d = layer.d_in - int(layer.bias)
-    weight, bias = p_in[:, :d], (p_in[:, d] if layer.bias else None)
-    if isinstance(module, nn.Conv2d):
-        kernels = weight.reshape(p_in.shape[0], module.in_channels, *module.kernel_size)
-        pad = module._reversed_padding_repeated_twice
-        mode = "constant" if module.padding_mode == "zeros" else module.padding_mode
-
-        def conv(x: Tensor, b: int) -> Tensor:
-            if x.ndim != 4 or x.shape[0] != b:
-                return layer.inputs(x, b)  # raises the layer model's error
-            x = F.pad(x, pad, mode=mode) if any(pad) else x
-            y = F.conv2d(x, kernels, bias, module.stride, 0, module.dilation)  # (B, k_in, H', W')
-            return y.flatten(2).transpose(1, 2)
-
-        return conv
-
-    def dense(x: Tensor, b: int) -> Tensor:
-        if x.ndim < 2 or x.shape[0] != b:
-            return layer.inputs(x, b)  # raises the layer model's error
-        return F.linear(x.reshape(b, -1, x.shape[-1]), weight, bias)
-
-    return dense
-
-
 class _Hooks:
     """Forward hooks projecting each layer's inputs, tensor hooks projecting its output gradients."""
 
-    def __init__(
-        self, projection: KroneckerProjection, inputs: list[Callable[[Tensor, int], Tensor]], batch: int
-    ) -> None:
-        self.projection, self.project_inputs, self.batch = projection, inputs, batch
+    def __init__(self, projection: KroneckerProjection, batch: int) -> None:
+        self.projection, self.batch = projection, batch
         layers = projection.layers
         self.inputs: list[list[Tensor]] = [[] for _ in layers]  # per layer and call: (B, T, k_in)
         self.grads: list[dict[int, Tensor]] = [{} for _ in layers]  # per layer, call -> (B, T, k_out)
@@ -327,7 +276,7 @@ class _Hooks:
         ]
 
     def _forward(self, i: int):
-        project = self.project_inputs[i]
+        project = self.projection.inputs[i]
 
         def hook(module: nn.Module, inputs: tuple[Any, ...], output: Tensor) -> None:
             call = len(self.inputs[i])
@@ -357,14 +306,9 @@ class _Hooks:
                     f"layer {layer.name!r} was not called in the training step's forward pass; leave it "
                     "out of the store (Influence params) or run the forward inside store.step()"
                 )
-            total = None
-            for call, pa in enumerate(self.inputs[i]):  # (B, T, k_in)
-                pg = self.grads[i].get(call)  # (B, T, k_out)
-                if pg is None:
-                    pg = pa.new_zeros(*pa.shape[:2], proj.factors[i][0].shape[0])
-                # the same products as KroneckerProjection._project_rows
-                y = pg[:, 0, :, None] * pa[:, 0, None, :] if pg.shape[1] == 1 else pg.mT @ pa
-                total = y if total is None else total + y
+            k_out = proj.factors[i][0].shape[0]
+            pg = [self.grads[i].get(call) for call in range(len(self.inputs[i]))]
+            total = combine(self.inputs[i], pg, k_out)  # (B, k_out, k_in)
             out[:, proj.offsets[i] : proj.offsets[i + 1]] = total.flatten(1)
         # one product for all layers (bilinear in the output gradients; exact for a power of two)
         return out.mul_(scale.reshape(-1, 1).to(dtype))
@@ -456,7 +400,7 @@ class TrainingStore:
             yield
             return
         idx = self.train.check_indices(ids)
-        hooks = _Hooks(window.projection, window.project_inputs, len(idx))
+        hooks = _Hooks(window.projection, len(idx))
         try:
             yield
         finally:
