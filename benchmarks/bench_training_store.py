@@ -3,12 +3,13 @@
 Two models, each trained with a plain PyTorch loop: the digits CNN (``SmallCNN``, 1,348 training
 images 8 x 8, Adam, batch 64 as in the ``influencer explain`` digits job) and a tiny GPT-2 (4
 layers, width 128, 1,024 sequences of 64 tokens from a random bigram table, AdamW, batch 16, the
-model's own token-mean loss). Epochs alternate between plain training
-and training that collects a store (a window opened at the epoch's first step, so the epoch
-writes one complete store: the window's set-up, the hooks of every step, the chunks and manifest),
-``--repeats`` of each (one store, a checkpoint at each collecting epoch; the first window also
-checks its first batch and hashes the model's classes and the data, later ones hash the weights
-only); the table reports the median epoch of each kind and:
+model's own token-mean loss). Two identical copies of each are trained side by side, step by step
+in turn on the same batches, so that both see the same machine load: one plainly, one collecting a
+store in every epoch (a window opened at the epoch's first step, so each epoch writes one complete
+store: the window's set-up, the hooks of every step, the chunks and manifest; the first window also
+checks its first batch and hashes the model's classes and the data, later ones the weights only).
+After a warm-up epoch, ``--repeats`` epochs; the table reports the median epoch (the sum of its
+steps' times) of each copy and:
 
 * ``per_epoch``: collecting epoch / plain epoch, the overhead when every epoch is a checkpoint;
 * ``schedule``: the overhead of ``--checkpoints`` stores over ``--epochs`` epochs of training,
@@ -111,43 +112,48 @@ def tiny_gpt2() -> dict[str, Any]:
 PROBLEMS = {"digits-cnn": digits_cnn, "gpt2-tiny": tiny_gpt2}
 
 
-def epoch(problem: dict[str, Any], store: Any, gen: torch.Generator) -> float:
-    """One epoch (shuffled batches); wrapped in ``store.step`` when a store is given. Seconds."""
-    model, opt, b = problem["model"], problem["opt"], problem["batch"]
-    model.train()
-    order = torch.randperm(problem["n"], generator=gen)
+def step(problem: dict[str, Any], ids: torch.Tensor, store: Any) -> float:
+    """One training step (wrapped in ``store.step`` when a store is given); seconds."""
+    opt = problem["opt"]
     start = time.perf_counter()
-    for ids in order.split(b):
-        ctx = store.step(ids, lr=opt.param_groups[0]["lr"]) if store is not None else contextlib.nullcontext()
-        with ctx:
-            loss = problem["loss"](ids)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-        opt.step()
+    ctx = store.step(ids, lr=opt.param_groups[0]["lr"]) if store is not None else contextlib.nullcontext()
+    with ctx:
+        loss = problem["loss"](ids)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+    opt.step()
     return time.perf_counter() - start
 
 
 def run(name: str, args: argparse.Namespace) -> dict[str, Any]:
+    """Two identical copies of the problem, one trained plainly and one collecting, step by step in
+    turn, so that both see the same machine load; per epoch the sum of each copy's step times."""
     from influencer.index import KroneckerProjector, TrainingStore, TrainingStoreSettings
 
-    problem = PROBLEMS[name]()
+    plain_problem, problem = PROBLEMS[name](), PROBLEMS[name]()
+    for p in (plain_problem, problem):
+        p["model"].train()
     projector = KroneckerProjector(k_in=args.k, k_out=args.k, basis=args.basis)
     steps = -(-problem["n"] // problem["batch"])  # per epoch
-    # one store; only the collecting epochs call store.step, so their checkpoints are consecutive
-    checkpoints = tuple(r * steps for r in range(args.repeats))
+    checkpoints = tuple(range(0, (args.repeats + 1) * steps, steps))  # every epoch but the warm-up
     settings = TrainingStoreSettings(
-        checkpoints=checkpoints, projector=projector, loss_scale=problem["scale"]
+        checkpoints=checkpoints[1:], projector=projector, loss_scale=problem["scale"]
     )
     gen = torch.Generator().manual_seed(0)
-    epoch(problem, None, gen)  # warm-up (allocator, first-call costs)
     plain, collect = [], []
     with tempfile.TemporaryDirectory() as tmp:
         store = TrainingStore(
             problem["model"], problem["task"], problem["data"], Path(tmp), settings, params=problem["params"]
         )
-        for _ in range(args.repeats):
-            plain.append(epoch(problem, None, gen))
-            collect.append(epoch(problem, store, gen))
+        for r in range(args.repeats + 1):  # the first epoch warms up (allocator, first calls)
+            order = torch.randperm(problem["n"], generator=gen)
+            times = [0.0, 0.0]
+            for ids in order.split(problem["batch"]):
+                times[0] += step(plain_problem, ids, None)
+                times[1] += step(problem, ids, store)
+            if r:
+                plain.append(times[0])
+                collect.append(times[1])
         assert len(store.finish()) == args.repeats
     p, c = statistics.median(plain), statistics.median(collect)
     sched = 1 + args.checkpoints * (c - p) / (args.epochs * p)

@@ -239,8 +239,9 @@ class _Window:
         inf, layout, header = self.influence, self.layout, self.header
         n, chunk, k = inf.n, header["chunk"], header["k"]
         self.rows += self.regularizer  # every row's objective carries the regulariser's gradient
-        bad = ~torch.isfinite(self.rows).all(dim=1)
-        if bad.any():
+        # a row's sum is not finite if an entry is not (one reduction; the entries only then)
+        bad = ~torch.isfinite(self.rows.sum(dim=1))
+        if bad.any() and (bad := ~torch.isfinite(self.rows).all(dim=1)).any():
             raise NonFiniteError(
                 "the training-loss gradient is NaN or infinite for example(s) "
                 f"{bad.nonzero().flatten()[:10].tolist()} in the window of step {self.step}: check the "
