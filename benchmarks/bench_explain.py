@@ -34,10 +34,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from influencer.app.config import ExplainConfig
-from influencer.app.pipeline import explain
+from influencer.app.commands.explain import explain
+from influencer.app.settings.explain import ExplainConfig
+from influencer.datasets import load_digits
 from influencer.models import SmallCNN
-from influencer.paper.datasets import load_digits
 from influencer.tasks import ClassificationTask
 from influencer.training import train_minibatch
 
@@ -103,8 +103,8 @@ def agreement(base: ExplainConfig, device: str, top: int = 10) -> dict[str, Any]
     with tempfile.TemporaryDirectory(prefix="bench-explain-") as tmp:
         config = base.replace(out=str(Path(tmp) / "run"), device=device, progress=False)
         result = explain(config, console=False)
-        from influencer.app.jobs import digits_job
-        from influencer.app.store import RunStore
+        from influencer.app.job.job import digits_job
+        from influencer.app.run.store import RunStore
 
         with RunStore(config.out) as store:
             job = digits_job(config.replace(params=("all",)), store, torch.device(device))  # the whole CNN

@@ -36,6 +36,7 @@ import torch
 from common import format_table, machine, stopwatch, versions, write_json
 
 from influencer import EKFAC, ClassificationTask, Identity, Influence
+from influencer.datasets import load_mnist1d
 from influencer.index import (
     EstimatorPreconditioner,
     GaussianProjector,
@@ -45,7 +46,6 @@ from influencer.index import (
     ProjectedFisher,
 )
 from influencer.models import MLP
-from influencer.paper.datasets import load_mnist1d
 from influencer.training import train_minibatch
 
 

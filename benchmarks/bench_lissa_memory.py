@@ -47,8 +47,8 @@ MIB = 2**20
 def build(hidden: int, n_test: int, device: str):
     """Digits, an MLP ``64 -> hidden -> 10`` (tanh), float64; the model is untrained until loaded."""
     from influencer import ClassificationTask
+    from influencer.datasets import load_digits
     from influencer.models import MLP
-    from influencer.paper.datasets import load_digits
 
     split = load_digits(dtype=torch.float64)
     torch.manual_seed(0)

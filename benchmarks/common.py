@@ -28,8 +28,8 @@ from influencer import ClassificationTask
 from influencer._kernel.functional import ModelFunction
 from influencer._kernel.stats import pearson, spearman
 from influencer.data import as_examples
+from influencer.datasets import load_digits
 from influencer.models import MLP, LogisticRegression
-from influencer.paper.datasets import load_digits
 from influencer.training import fit_lbfgs
 
 
@@ -130,7 +130,7 @@ def load_split(spec: ProblemSpec):
     if spec.dataset == "digits":
         return load_digits(dtype=torch.float64, seed=spec.seed)
     if spec.dataset == "mnist1d":
-        from influencer.paper.datasets import load_mnist1d
+        from influencer.datasets import load_mnist1d
 
         return load_mnist1d(spec.mnist1d_samples, seed=spec.seed, dtype=torch.float64)
     raise ValueError(f"unknown data set {spec.dataset!r}; choose digits or mnist1d")

@@ -13,9 +13,17 @@ import pytest
 import torch
 
 from influencer import ClassificationTask
+from influencer.datasets import Split, load_digits
 from influencer.models import MLP, LogisticRegression
-from influencer.paper.datasets import Split, load_digits
 from influencer.training import train_lbfgs, train_minibatch
+
+
+@pytest.fixture(autouse=True)
+def job_cache(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """Each test gets its own job cache (the built-in model, features, refits), as a fresh machine
+    would: no test sees another's trained model. Subprocesses inherit it through the environment."""
+    monkeypatch.setenv("INFLUENCER_CACHE", str(tmp_path_factory.mktemp("job-cache")))
+    yield
 
 
 @pytest.fixture(scope="module")

@@ -9,8 +9,8 @@ import torch
 from torch import nn
 
 from influencer import ClassificationTask
-from influencer.app.jobs import Job
-from influencer.paper.datasets import load_digits
+from influencer.app.job.job import Job
+from influencer.datasets import load_digits
 from influencer.training import train_minibatch
 
 # A user's job module, as `--task tiny_job:build` would import it.
@@ -18,7 +18,7 @@ TASK_MODULE = textwrap.dedent(
     """
     import torch
     from influencer import ClassificationTask
-    from influencer.paper.datasets import load_digits
+    from influencer.datasets import load_digits
     from influencer.training import train_minibatch
 
 
@@ -178,7 +178,7 @@ def text_job(n_train: int = 48, n_test: int = 12, **fields) -> Job:
 
 def tabular_job(**fields) -> Job:
     """Logistic regression on scikit-learn's wine data (13 named features, standardised)."""
-    from influencer.paper.datasets import load_tabular
+    from influencer.datasets import load_tabular
 
     data = load_tabular("wine", dtype=torch.float64)
     with torch.random.fork_rng():

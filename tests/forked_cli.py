@@ -13,8 +13,8 @@ import sys
 
 import torch
 
-import influencer.app.cli
-import influencer.app.pipeline  # noqa: F401
+import influencer.app.commands.cli
+import influencer.app.commands.explain  # noqa: F401
 from influencer.app.entry import main
 
 if __name__ == "__main__":

@@ -23,11 +23,11 @@ from pathlib import Path
 
 import torch
 
-import influencer.app.cli
-import influencer.app.pipeline  # noqa: F401
+import influencer.app.commands.cli
+import influencer.app.commands.explain  # noqa: F401
 import robust_jobs
-from influencer.app import store
 from influencer.app.entry import main
+from influencer.app.run import store
 
 
 def die() -> None:
@@ -51,18 +51,18 @@ def install(point: str) -> None:
 
         os.replace = replace
     elif kind == "write":
-        real_write = store._write_file
+        real_write = store.write_durable
 
-        def write(path: Path, data: bytes, fd: int | None = None) -> None:
+        def write(path: Path, data: bytes) -> None:
             if path.name == rest and path.parent.name == ".staging":
                 with open(path, "wb") as f:
                     f.write(data[: len(data) // 2])
                     f.flush()
                     os.fsync(f.fileno())
                 die()
-            real_write(path, data, fd)
+            real_write(path, data)
 
-        store._write_file = write
+        store.write_durable = write
     else:
         raise SystemExit(f"unknown kill point {point!r}")
 

@@ -14,8 +14,8 @@ import sys
 
 import torch
 
-import influencer.app.cli
-import influencer.app.pipeline  # noqa: F401
+import influencer.app.commands.cli
+import influencer.app.commands.explain  # noqa: F401
 import robust_jobs
 from influencer.app.entry import main
 

@@ -19,7 +19,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 @pytest.fixture(scope="module")
 def mnist1d():
     pytest.importorskip("mnist1d")
-    from influencer.paper.datasets import load_mnist1d
+    from influencer.datasets import load_mnist1d
 
     return load_mnist1d(600, dtype=torch.float64)
 

@@ -16,8 +16,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from influencer.app.config import ExplainConfig
-from influencer.app.pipeline import explain
+from influencer.app.commands.explain import explain
+from influencer.app.settings.explain import ExplainConfig
 
 TESTS = Path(__file__).parent
 

@@ -13,7 +13,7 @@ import pytest
 from click.testing import CliRunner
 
 from explain_support import TASK_MODULE
-from influencer.app.cli import cli
+from influencer.app.commands.cli import cli
 
 TINY_DIGITS = ["--train-size", "120", "--epochs", "1", "--num-test", "2", "--top-k", "3", "--no-progress"]
 
@@ -23,7 +23,7 @@ def _command() -> list[str]:
     if script.exists():
         return [str(script)]
     found = shutil.which("influencer")
-    return [found] if found else [sys.executable, "-m", "influencer.app.cli"]
+    return [found] if found else [sys.executable, "-m", "influencer.app.commands.cli"]
 
 
 def test_explain_end_to_end_on_the_digits_cnn(tmp_path):
@@ -74,7 +74,8 @@ def task_module(tmp_path, monkeypatch):
 def test_toml_config_with_flag_overrides(tmp_path, task_module):
     config = tmp_path / "job.toml"
     config.write_text(
-        f'task = "{task_module}"\nout = "{tmp_path / "run"}"\ntop_k = 2\ndamping = 0.01\ntest_ids = [1, 2]\n'
+        f'task = "{task_module}"\nout = "{tmp_path / "run"}"\ntop_k = 2\n'
+        'estimator = "cg"\ndamping = 0.01\ntest_ids = [1, 2]\n'
         "progress = false\n\n[estimator_options]\ntol = 1e-7\n"
     )
     result = CliRunner().invoke(
@@ -99,12 +100,17 @@ def test_toml_config_with_flag_overrides(tmp_path, task_module):
     [
         (["--config", "{tmp}/bad.toml"], "unknown setting 'dampng' (did you mean 'damping'?)"),
         (["--estimator", "cgg"], "unknown estimator 'cgg'"),
-        (["-o", "depth=3"], "estimator 'cg' has no option 'depth'"),
+        (["--estimator", "cg", "-o", "depth=3"], "estimator 'cg' has no option 'depth'"),
+        (["-o", "depth=3"], "-o depth=... sets an option of a chosen estimator: give --estimator too"),
         (["--task", "no_such_module:build"], "no module named 'no_such_module'"),
         (["--test-ids", "1,x"], "expected comma-separated integers"),
         (["--test-ids", "999"], "out of range: the test set has 20"),
         (["--curvature", "fisher"], "'fisher' is not one of 'hessian', 'gauss_newton'"),
         (["--head", "clasifier"], "the model has no module named 'clasifier'"),
+        (["--epochs", "3"], "--epochs sets the training of the built-in digits job; a --task job trains"),
+        (["--train-size", "50"], "--train-size sets the training of the built-in digits job"),
+        (["--damping", "-1"], "damping must be a finite number >= 0, got -1.0 (--damping)"),
+        (["--preconditioner", "fisher"], "--preconditioner applies to scores from a gradient store"),
     ],
 )
 def test_clear_errors(tmp_path, task_module, args, message):
@@ -172,3 +178,17 @@ def test_head_flag_computes_influence_over_the_head_on_cached_features(tmp_path,
         assert x["helpful_ids"] == y["helpful_ids"] and x["harmful_ids"] == y["harmful_ids"]
         assert x["helpful_scores"] == pytest.approx(y["helpful_scores"], rel=1e-8)
     assert "features: the network ran once" in (tmp_path / "head" / "explain.log").read_text()
+
+
+def test_library_errors_are_said_in_flags():
+    from influencer.app.commands.options import as_flags
+
+    assert as_flags("One-line fix: Influence(..., estimator=CG(damping=0.02)) or more") == (
+        "One-line fix: --estimator cg --damping 0.02 or more"
+    )
+    assert as_flags("use curvature='gauss_newton', or train") == "use --curvature gauss_newton, or train"
+    assert as_flags("pass damping > 6.2e-15 (e.g. damping=5.3e-05)") == (
+        "pass damping > 6.2e-15 (e.g. --damping 5.3e-05)"
+    )
+    assert as_flags("EKFAC(relative_damping=0.1)") == "EKFAC(--relative-damping 0.1)"
+    assert as_flags("estimator=EKFAC(relative_damping=0.1)") == "--estimator ekfac --relative-damping 0.1"

@@ -15,7 +15,7 @@ from click.testing import CliRunner
 
 from explain_support import TASK_MODULE
 from influencer import Influence
-from influencer.app.cli import cli
+from influencer.app.commands.cli import cli
 from influencer.index import GradientIndex, NoPreconditioner, ProjectedFisher
 from influencer.index.results import QueryResult
 
@@ -39,8 +39,13 @@ def jobs(tmp_path_factory):
         sys.modules.pop(name, None)
 
 
-def _invoke(*args: str):
-    return CliRunner().invoke(cli, [str(a) for a in args])
+def _invoke(*args: str, own_task: bool = True):
+    """Run a command; one that reads a store names the store's code itself (``--task``), as a
+    user must: a store never chooses what code runs (``own_task=False`` leaves it out)."""
+    args = tuple(str(a) for a in args)
+    if own_task and "--store" in args and "--task" not in args:
+        args = (*args, "--task", f"{MODULE}:build")
+    return CliRunner().invoke(cli, list(args))
 
 
 def _ok(result) -> None:
@@ -206,6 +211,16 @@ def test_an_interrupted_query_resumes_from_its_finished_blocks(store, tmp_path, 
         assert np.array_equal(np.load(out / f"{name}.npy"), np.load(fresh / f"{name}.npy")), name
 
 
+def test_a_store_never_chooses_the_code_that_runs(store, tmp_path):
+    for command in ("query", "explain"):
+        line = _error_line(_invoke(command, "--store", store, "--out", tmp_path / command, own_task=False))
+        assert (
+            f"was built for --task {MODULE}:build; a store is data and never chooses which code runs" in line
+        )
+        assert f"pass --task {MODULE}:build yourself" in line
+        assert not (tmp_path / command / "top_k.json").exists()
+
+
 def test_a_store_of_another_model_or_settings_is_refused_in_one_line(store, tmp_path):
     moved = ["--task", f"{MOVED}:build"]  # the store's job, trained one epoch longer
     line = _error_line(_invoke("query", "--store", store, *moved, "--out", tmp_path / "q", "--quiet"))
@@ -236,7 +251,7 @@ def test_a_store_of_another_model_or_settings_is_refused_in_one_line(store, tmp_
         (["index", "--k", "9999"], "--k 9999 is more than the 650 chosen parameters"),
         (["index", "--chunk", "0"], "chunk must be >= 1"),
         (["index", "--preconditioner", "none", "--damping", "0.1"], "takes no --damping"),
-        (["index", "--damping", "-1"], "damping must be >= 0"),
+        (["index", "--damping", "-1"], "damping must be a finite number >= 0"),
         (["index", "--projector", "pca"], "'pca' is not one of"),
         (["index", "--projector", "gaussian", "--basis", "random"], "is random and takes no --basis"),
         (["index", "--basis", "svd"], "'svd' is not one of"),

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from influencer.app.store import RunStore, StoreError
+from influencer.app.run.store import RunStore, StoreError
 
 TESTS = Path(__file__).parent
 

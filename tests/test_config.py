@@ -5,16 +5,20 @@ from __future__ import annotations
 import pytest
 
 from influencer import CG, Identity, LiSSA
-from influencer.app.config import DEFAULT_DAMPING, ExplainConfig, estimator_classes, parse_option
+from influencer.app.settings.estimators import estimator_classes
+from influencer.app.settings.explain import ExplainConfig
+from influencer.app.settings.values import parse_option
 from influencer.errors import ConfigError
 
 
 def test_defaults_and_json_round_trip():
-    config = ExplainConfig(test_ids=[3, 1], params=["head"], estimator_options={"tol": 1e-6})
+    config = ExplainConfig(test_ids=[3, 1], params=["head"], estimator="cg", estimator_options={"tol": 1e-6})
     assert config.test_ids == (3, 1) and config.params == ("head",)
     again = ExplainConfig.from_json(config.to_json())
     assert again == config
-    assert ExplainConfig().make_estimator() == CG(damping=DEFAULT_DAMPING)
+    assert ExplainConfig().estimator == "auto"  # the library's automatic choice, made per job
+    assert ExplainConfig(estimator="cg").make_estimator() == CG()  # damping only when asked for
+    assert ExplainConfig(estimator="cg", damping=0.01).make_estimator() == CG(damping=0.01)
 
 
 def test_frozen():
@@ -38,8 +42,18 @@ def test_toml_file(tmp_path):
     [
         ({"dampng": 0.1}, "unknown setting 'dampng' (did you mean 'damping'?)"),
         ({"estimator": "cgg"}, "unknown estimator 'cgg'; choose one of .*cg.* (did you mean 'cg'?)"),
-        ({"estimator_options": {"tol": 1e-6, "depth": 3}}, "estimator 'cg' has no option 'depth'"),
-        ({"estimator_options": {"tol": -1.0}}, "CG.tol must be a finite number > 0"),
+        (
+            {"estimator": "cg", "estimator_options": {"tol": 1e-6, "depth": 3}},
+            "estimator 'cg' has no option 'depth'",
+        ),
+        ({"estimator": "cg", "estimator_options": {"tol": -1.0}}, "CG.tol must be a finite number > 0"),
+        (
+            {"estimator_options": {"tol": 1e-6}},
+            "-o tol=... sets an option of a chosen estimator: give --estimator",
+        ),
+        ({"task": "m:build", "epochs": 3}, "--epochs sets the training of the built-in digits job"),
+        ({"damping": -1.0}, "damping must be a finite number >= 0"),
+        ({"relative_damping": float("nan")}, "relative_damping must be a finite number >= 0"),
         ({"estimator": "identity", "damping": 0.1}, "damping has no meaning"),
         ({"damping": "0.1"}, "damping must be a float; got '0.1'"),
         ({"epochs": 2.5}, "epochs must be a int"),
@@ -55,7 +69,7 @@ def test_toml_file(tmp_path):
         ({"lr": 0.0}, "lr must be > 0"),
         ({"dtype": "float16"}, "dtype must be one of float32, float64"),
         ({"hessian_size": 0}, "hessian_size must be >= 1"),
-        ({"hessian_sampler": "logits"}, "unknown hessian_sampler 'logits'; choose one of"),
+        ({"hessian_sampler": "logits"}, "hessian_sampler must be one of class, feature, logit, random"),
     ],
 )
 def test_bad_settings_are_refused_with_the_fix(values, message):

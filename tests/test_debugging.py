@@ -8,17 +8,17 @@ import numpy as np
 import pytest
 import torch
 
+from influencer.datasets import Split
 from influencer.errors import ConfigError, DataError
-from influencer.paper.datasets import Split
-from influencer.paper.debugging import (
+from influencer.uses.debugging import explain_prediction, influence_share
+from influencer.uses.perturbation import PerturbationInfluence
+from reproductions.debugging import (
     MismatchDebugResult,
     debug_domain_mismatch,
     load_diabetes_subgroup,
     remove_subgroup_negatives,
 )
-from influencer.paper.fitting import fit_logistic
-from influencer.uses.debugging import explain_prediction, influence_share
-from influencer.uses.perturbation import PerturbationInfluence
+from reproductions.fitting import fit_logistic
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

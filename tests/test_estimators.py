@@ -170,8 +170,8 @@ def test_arnoldi_full_rank_is_exact_despite_repeated_eigenvalues():
     """Softmax regression's Hessian has an eigenvalue repeated ~p/C times (the shared logit shift
     only sees the L2 term); a Krylov basis restarted at breakdown still spans everything."""
     from influencer import ClassificationTask
+    from influencer.datasets import load_tabular
     from influencer.models import LogisticRegression
-    from influencer.paper.datasets import load_tabular
 
     wine = load_tabular("wine", dtype=torch.float64)
     fn = ModelFunction(LogisticRegression(13, 3).double(), ClassificationTask(weight_decay=0.1))

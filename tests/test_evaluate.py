@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
 import textwrap
+from pathlib import Path
 
 import pytest
 import torch
@@ -11,12 +13,12 @@ from click.testing import CliRunner
 from torch import nn
 
 from influencer import ClassificationTask
-from influencer.app.cli import cli
-from influencer.app.config import ExplainConfig
-from influencer.app.evaluate import EvaluateConfig, recipe, reinitialised, run_evaluation
-from influencer.app.jobs import Job
+from influencer.app.commands.cli import cli
+from influencer.app.commands.evaluate import EvaluateConfig, recipe, reinitialised, run_evaluation
+from influencer.app.job.job import Job
+from influencer.app.settings.explain import ExplainConfig
+from influencer.datasets import load_digits
 from influencer.errors import ConfigError
-from influencer.paper.datasets import load_digits
 from influencer.retraining import AdamRetrainer, LBFGSRetrainer
 
 PNG = b"\x89PNG\r\n\x1a\n"
@@ -26,7 +28,7 @@ TASK_MODULE = textwrap.dedent(
     """
     import torch
     from influencer import ClassificationTask
-    from influencer.paper.datasets import load_digits
+    from influencer.datasets import load_digits
     from influencer.training import train_lbfgs
 
 
@@ -50,8 +52,10 @@ def task_module(tmp_path, monkeypatch):
     return "optimal_job:build"
 
 
-def _refits(run) -> dict[str, float]:
-    return {p.name: p.stat().st_mtime_ns for p in (run / "retrained").glob("*.npy")}
+def _refits(run=None) -> dict[str, float]:
+    """The refits in the job cache (shared by every run directory)."""
+    root = Path(os.environ["INFLUENCER_CACHE"]) / "retrained"
+    return {p.name: p.stat().st_mtime_ns for p in root.glob("*.npy")}
 
 
 def test_evaluate_command_end_to_end_on_a_linear_job(tmp_path, task_module):
@@ -111,7 +115,9 @@ def test_a_network_is_retrained_from_scratch_with_adam(tmp_path):
 def test_the_recipe_follows_the_job():
     config = ExplainConfig(epochs=7)
     retrainer, start, text = recipe(_mlp_job(), config)
-    assert retrainer == AdamRetrainer(epochs=7, lr=config.lr, batch_size=config.train_batch_size)
+    assert retrainer == AdamRetrainer(
+        epochs=7, lr=config.digits("lr"), batch_size=config.digits("train_batch_size")
+    )
     fresh = start(3)
     assert not torch.equal(fresh[0].weight, _mlp_job().model[0].weight)
     assert torch.equal(fresh[0].weight, reinitialised(_mlp_job().model, 3)[0].weight)  # seeded

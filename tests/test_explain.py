@@ -17,14 +17,16 @@ from explain_support import TASK_MODULE, tiny_job
 from influencer import CG, ClassificationTask, Exact, Influence, RegressionTask, top_k
 from influencer._kernel.fingerprint import hash_module
 from influencer._kernel.functional import ModelFunction
-from influencer.app.cached import cache_key
-from influencer.app.config import ExplainConfig
-from influencer.app.evaluation import Evaluation, choose_test_ids
-from influencer.app.jobs import Job, as_job, digits_job, influence_job, load_job
-from influencer.app.pipeline import explain
-from influencer.app.store import MANIFEST, RunStore
+from influencer.app.commands.explain import explain
+from influencer.app.job.digits import digits_job
+from influencer.app.job.evaluation import Evaluation, choose_test_ids
+from influencer.app.job.features import influence_job
+from influencer.app.job.job import Job, as_job, load_job
+from influencer.app.run.cached import cache_key
+from influencer.app.run.store import MANIFEST, RunStore
+from influencer.app.settings.explain import ExplainConfig
+from influencer.datasets import load_tabular
 from influencer.errors import ConfigError, TaskError
-from influencer.paper.datasets import load_tabular
 from influencer.samplers import SamplerContext, make_sampler
 
 CHUNK = 32  # 120 training examples -> chunks of 32, 32, 32, 24
@@ -56,6 +58,7 @@ def config(tmp_path, **changes) -> ExplainConfig:
         "batch_size": CHUNK,
         "progress": False,
         "estimator": "exact",
+        "damping": 1e-3,
     }
     return ExplainConfig(**{**values, **changes})
 
@@ -116,7 +119,13 @@ def test_scores_and_summary_match_the_direct_api(tmp_path):
     assert "Most harmful IDs: " + str(top.harmful_ids[1].tolist()) in log
     for name in ("report.html", "influence_vs_distance.png", "config.json", MANIFEST):
         assert (run / name).is_file()
-    assert ExplainConfig.from_json((run / "config.json").read_text()) == result.config
+    recorded = json.loads((run / "config.json").read_text())
+    assert ExplainConfig.from_dict(recorded["requested"]) == result.config
+    # what ran, resolved: the estimator with its damping, the parameters, the curvature
+    assert recorded["ran"]["estimator"]["estimator"] == "exact"
+    assert recorded["ran"]["damping"] == {"absolute": 1e-3, "kind": "absolute"}
+    assert recorded["ran"]["parameters"]["count"] == 650 and recorded["ran"]["curvature"] == "hessian"
+    assert summary["ran"] == recorded["ran"]
 
 
 def test_first_run_computes_everything_once(tmp_path, monkeypatch):
@@ -269,7 +278,8 @@ def test_changed_test_example_is_solved_again(tmp_path, monkeypatch, finished):
     x[7] = x[7].flip(-1)  # same id, different image
     spy = Spy(monkeypatch)
     explain(config(tmp_path), Job(job.task, job.model, job.train, (x, y)), console=False)
-    assert spy.solves == 1 and spy.grad_chunks == 0
+    # test 7's group (ids 0-7) is solved again whole (the same group as a fresh run: same bytes)
+    assert spy.solves == 2 and spy.grad_chunks == 0
 
 
 def test_killed_run_resumes_without_redoing_finished_chunks(tmp_path, monkeypatch, template):
@@ -358,7 +368,7 @@ def test_build_results_in_every_form(tmp_path, monkeypatch):
 
 
 def test_digits_job_trains_once_and_its_head_view_equals_the_network_head(tmp_path, monkeypatch):
-    import influencer.app.jobs as jobs
+    import influencer.app.job.digits as jobs
     from influencer.heads import Head
 
     trainings, extractions = [], []
@@ -374,7 +384,7 @@ def test_digits_job_trains_once_and_its_head_view_equals_the_network_head(tmp_pa
         view = influence_job(job, cfg, store, cpu)  # default: the head on the network's features
         assert len(extractions) == fits + 2  # training and test features, one pass each
         influence_job(job, cfg, store, cpu)
-        assert len(extractions) == fits + 2  # then read from the run directory's cache
+        assert len(extractions) == fits + 2  # then read from the job cache
         assert influence_job(job, cfg.replace(params=("head",)), store, cpu) is job  # params: whole network
     assert len(trainings) == 1 and hash_module(job.model) == hash_module(again.model)
     assert job.head == "head" and view.model.head is job.model.head

@@ -9,10 +9,9 @@ import torch
 from torch import nn
 
 from influencer import ClassificationTask, Exact, Influence, RegressionTask
+from influencer.datasets import load_tabular
 from influencer.errors import ConfigError, DataError
 from influencer.models import LogisticRegression
-from influencer.paper.datasets import load_tabular
-from influencer.paper.group import GroupComparison, compare_group_influence, make_groups
 from influencer.training import fit_lbfgs, train_lbfgs
 from influencer.uses.group import (
     group_curvature_product,
@@ -20,6 +19,7 @@ from influencer.uses.group import (
     group_params,
     retrain_without_groups,
 )
+from reproductions.group import GroupComparison, compare_group_influence, make_groups
 
 LAM = 0.05
 

@@ -9,10 +9,10 @@ from torch import nn
 
 from explain_support import _text_data, tiny_bert
 from influencer import ClassificationTask, Exact, Influence, RegressionTask
+from influencer.datasets import load_digits
 from influencer.errors import TaskError
 from influencer.heads import Head, original_batch
 from influencer.models import SmallCNN
-from influencer.paper.datasets import load_digits
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 F64 = torch.float64

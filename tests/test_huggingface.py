@@ -285,6 +285,20 @@ def test_ekfac_on_supported_layers_of_a_padded_bert():
     assert torch.corrcoef(torch.stack([ekfac.flatten(), exact.flatten()]))[0, 1] > 0.99  # 0.99999 here
 
 
+def test_default_influence_on_a_tiny_bert_returns_finite_scores_and_says_why():
+    model, batch, task = bert().eval(), padded(30, 3), SequenceClassificationTask()
+    inf = Influence(model, task, batch)  # no estimator: p = 3083 > 3000, EK-FAC over the Linear layers
+    reason = inf.settings()["curvature"]["chosen_by_default"]
+    assert "EK-FAC" in reason and "bert.embeddings.word_embeddings.weight" in reason
+    linear = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+    assert inf.fn.names == [f"{m}.{a}" for m in linear for a in ("weight", "bias")]
+    scores = inf.fit().scores(batch)
+    assert scores.shape == (6, 6) and torch.isfinite(scores).all()
+    # Only the classifier: 51 parameters, Exact on the Hessian (undamped or damped, as its spectrum says)
+    head = Influence(model, task, batch, params=["classifier"])
+    assert isinstance(head.estimator, Exact) and torch.isfinite(head.fit().scores(batch)).all()
+
+
 def test_ekfac_on_the_conv1d_layers_of_gpt2():
     model, batch = gpt2(), lm_batch()
     with pytest.warns(UserWarning, match="transformer.wte.weight") as record:

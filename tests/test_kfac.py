@@ -20,11 +20,11 @@ from influencer._kernel.curvature import Curvature
 from influencer._kernel.functional import ModelFunction
 from influencer._kernel.stats import pearson
 from influencer.data import as_examples
+from influencer.datasets import load_digits, load_tabular
 from influencer.errors import ConfigError, IndefiniteHessianError
 from influencer.estimators.ekfac import EKFAC, corrected_eigenvalues
 from influencer.estimators.kfac import KFAC
 from influencer.estimators.kronecker import covariance_factors, eigenbasis, find_layers
-from influencer.paper.datasets import load_digits, load_tabular
 from influencer.tasks import RegressionTask, Task
 from influencer.training import train_minibatch
 

@@ -15,8 +15,8 @@ import pytest
 import torch
 
 from influencer import ClassificationTask, Influence, LiSSA
+from influencer.datasets import load_tabular
 from influencer.models import LogisticRegression
-from influencer.paper.datasets import load_tabular
 
 DEPTH = 60
 

@@ -10,7 +10,7 @@ from torch import nn
 from influencer import CG, ClassificationTask, Exact, Influence, SmoothHingeTask
 from influencer._kernel.functional import ModelFunction
 from influencer.data import as_examples
-from influencer.paper.validation import plot_loo
+from influencer.plotting import plot_loo
 from influencer.training import fit_lbfgs
 from influencer.uses.validation import leave_one_out
 

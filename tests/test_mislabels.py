@@ -7,13 +7,13 @@ import torch
 import torch.nn.functional as F
 
 from influencer import ClassificationTask, Exact, Influence
+from influencer.datasets import load_digits, load_tabular
 from influencer.errors import ConfigError, DataError
 from influencer.models import LogisticRegression
 from influencer.models.kernels import RBFKernelModel
-from influencer.paper.datasets import load_digits, load_tabular
-from influencer.paper.mislabels import MislabelConfig, flip_labels, simulate_fixing, subsample
 from influencer.training import train_lbfgs
 from influencer.uses.mislabels import rank_for_review, training_losses
+from reproductions.mislabels import MislabelConfig, flip_labels, simulate_fixing, subsample
 
 
 @pytest.fixture(scope="module")
@@ -88,7 +88,7 @@ def test_self_influence_finds_flips_that_loss_and_random_miss(digits):
 def test_plot(digits, tmp_path):
     import numpy as np
 
-    from influencer.paper.mislabels import MislabelResult
+    from reproductions.mislabels import MislabelResult
 
     found = np.random.default_rng(0).uniform(size=(3, 2, 2))
     res = MislabelResult(
@@ -128,7 +128,7 @@ def test_self_influence_ranking_shows_progress_when_asked(capsys):
     assert "self-influence" not in capsys.readouterr().err
     shown = rank_for_review(inf, progress=True)
     assert "self-influence" in capsys.readouterr().err  # a bar over the training chunks
-    assert torch.equal(shown, quiet) and inf.progress is False  # the Influence itself is unchanged
+    assert torch.equal(shown, quiet) and inf.progress is None  # the Influence itself is unchanged
     loud = Influence(model, task, wine.train, estimator=Exact(), batch_size=40, progress=True).fit()
     rank_for_review(loud)
     assert "self-influence" in capsys.readouterr().err

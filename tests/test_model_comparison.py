@@ -9,14 +9,14 @@ import torch
 from influencer import CG, Exact, Influence, SmoothHingeTask
 from influencer.errors import ConfigError, DataError
 from influencer.models.kernels import RBFKernelModel, median_gamma
-from influencer.paper.comparison import (
+from influencer.training import objective_and_grad, train_lbfgs
+from influencer.uses.comparison import compare_models
+from reproductions.comparison import (
     DigitsComparisonConfig,
     digits_comparison,
     plot_comparison,
     two_class_digits,
 )
-from influencer.training import objective_and_grad, train_lbfgs
-from influencer.uses.comparison import compare_models
 
 
 @pytest.fixture(scope="module")

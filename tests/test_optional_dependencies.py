@@ -9,9 +9,9 @@ import textwrap
 import pytest
 
 from influencer._kernel.extras import MissingExtraError, missing, require
-from influencer.app.config import ExplainConfig
-from influencer.app.pipeline import explain
-from influencer.paper.plotting import pyplot
+from influencer.app.commands.explain import explain
+from influencer.app.settings.explain import ExplainConfig
+from influencer.plotting import pyplot
 
 OPTIONAL = ("click", "matplotlib", "sklearn", "tomli", "mnist1d", "PIL")
 
@@ -50,7 +50,8 @@ def core_only() -> subprocess.CompletedProcess:
 
 def test_every_module_imports_with_the_core_alone_or_names_its_extra(core_only):
     assert core_only.stdout.rstrip().endswith("imported"), core_only.stderr[-3000:]
-    assert "influencer.app.cli -> the influencer command line needs click (not installed)" in core_only.stdout
+    line = "influencer.app.commands.options -> the influencer command line needs click (not installed)"
+    assert line in core_only.stdout
 
 
 def test_the_command_without_the_app_extra_prints_one_line(core_only):

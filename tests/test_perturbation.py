@@ -12,10 +12,9 @@ from torch import Tensor, nn
 from influencer import ClassificationTask, Exact, Influence, Task
 from influencer._kernel.functional import ModelFunction
 from influencer.data import as_examples
+from influencer.datasets import Split, load_digits, load_tabular
 from influencer.errors import DataError
 from influencer.models import MLP, LogisticRegression, SmallCNN
-from influencer.paper.datasets import Split, load_digits, load_tabular
-from influencer.paper.perturbation import check_perturbation
 from influencer.training import fit_lbfgs
 from influencer.uses.perturbation import (
     PatchedExamples,
@@ -24,6 +23,7 @@ from influencer.uses.perturbation import (
     replace_input,
     top_features,
 )
+from reproductions.perturbation import check_perturbation
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

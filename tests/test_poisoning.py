@@ -11,12 +11,12 @@ from torch import nn
 from influencer import ClassificationTask, Exact, Influence
 from influencer._kernel.functional import ModelFunction
 from influencer.data import as_examples
+from influencer.datasets import Split
 from influencer.errors import ConfigError, DataError
 from influencer.models import SmallCNN
-from influencer.paper.datasets import Split
-from influencer.paper.poisoning import binary_digits, success_rates
 from influencer.training import fit_lbfgs
 from influencer.uses.poisoning import PoisonConfig, PoisoningAttack
+from reproductions.poisoning import binary_digits, success_rates
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -48,3 +48,11 @@ def test_setup_commands_install_the_extras_they_need_and_ci_runs_the_test_comman
     ci = (root / ".ci" / "run").read_text()
     assert "pip install -q torch==2.13.0 -e '.[dev]'" in ci
     assert "\npython -m pytest -q\n" in ci
+
+
+def test_reproductions_the_readme_names_exist():
+    root = Path(__file__).parents[1]
+    names = set(re.findall(r"reproductions\.(\w+)", (root / "README.md").read_text()))
+    assert len(names) >= 9
+    missing = sorted(n for n in names if not (root / "reproductions" / f"{n}.py").is_file())
+    assert not missing, f"the README names reproductions that do not exist: {missing}"

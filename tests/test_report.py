@@ -17,10 +17,10 @@ import torch
 from PIL import Image
 
 from explain_support import tiny_job
-from influencer.app.config import ExplainConfig
-from influencer.app.page import Card, Panel, render_report
-from influencer.app.pictures import ExampleView, image_layout, png_bytes
-from influencer.app.pipeline import explain
+from influencer.app.commands.explain import explain
+from influencer.app.report.page import Card, Panel, render_report
+from influencer.app.report.pictures import ExampleView, image_layout, png_bytes
+from influencer.app.settings.explain import ExplainConfig
 
 HOSTILE = "<script>alert('x')</script>&\"'"
 

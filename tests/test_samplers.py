@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from influencer import CG, ClassificationTask, Influence
+from influencer.datasets import load_digits
 from influencer.errors import ConfigError
 from influencer.models import MLP
-from influencer.paper.datasets import load_digits
 from influencer.samplers import (
     SAMPLERS,
     ClassStratifiedSampler,

@@ -13,8 +13,8 @@ import pytest
 import torch
 
 from influencer._kernel.fingerprint import hash_examples, hash_module, hash_tensors
-from influencer.app import store as store_module
-from influencer.app.store import (
+from influencer.app.run import store as store_module
+from influencer.app.run.store import (
     MANIFEST,
     RunStore,
     StoreError,
@@ -163,7 +163,8 @@ def test_an_entry_is_listed_only_once_written(tmp_path, monkeypatch):
     with RunStore(tmp_path) as store:
         s = store.section("gradients", COMPONENTS)
         s.save("c0", np.zeros(2))
-        monkeypatch.setattr("influencer.app.store.atomic_write_bytes", _fail_for_npy(atomic_write_bytes))
+        failing = _fail_for_npy(atomic_write_bytes)
+        monkeypatch.setattr("influencer.app.run.section.atomic_write_bytes", failing)
         with pytest.raises(OSError):
             s.save("c1", np.zeros(2))
     with RunStore(tmp_path) as store:
@@ -196,7 +197,7 @@ def test_bad_keys_are_refused(tmp_path):
 
 HOLD_LOCK = """
 import sys, time
-from influencer.app.store import RunStore
+from influencer.app.run.store import RunStore
 store = RunStore(sys.argv[1])
 print("locked", flush=True)
 time.sleep(60)
@@ -239,14 +240,14 @@ def test_outputs_are_committed_as_one_set(tmp_path, monkeypatch):
 
     # Killed while writing the staging folder: the previous outputs are untouched and the staging
     # folder is dropped when the directory is next opened.
-    real_write = store_module._write_file
+    real_write = store_module.write_durable
 
-    def die_on_second(path, data, fd=None):
+    def die_on_second(path, data):
         if path.name == "b.txt":
             raise KeyboardInterrupt
-        real_write(path, data, fd)
+        real_write(path, data)
 
-    monkeypatch.setattr(store_module, "_write_file", die_on_second)
+    monkeypatch.setattr(store_module, "write_durable", die_on_second)
     with RunStore(tmp_path) as store, pytest.raises(KeyboardInterrupt):
         store.commit_outputs({"a.txt": b"new a", "b.txt": b"new b", "s.json": b"new s"}, last="s.json")
     monkeypatch.undo()

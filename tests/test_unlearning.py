@@ -10,14 +10,14 @@ from torch.func import functional_call, jacrev, vmap
 from influencer import CG, ClassificationTask, Exact, Influence, LiSSA
 from influencer._kernel.functional import ModelFunction
 from influencer.data import as_examples
+from influencer.datasets import load_digits, load_tabular
 from influencer.errors import ConfigError, DataError
 from influencer.models import MLP, LogisticRegression
-from influencer.paper.datasets import load_digits, load_tabular
-from influencer.paper.sampler_study import PeakMemory, run_sampler_study
-from influencer.paper.unlearning import TrainingRecipe, compare_with_retraining, retrain_without_class
 from influencer.samplers import LogitSampler, RandomSampler
 from influencer.training import fit_lbfgs
 from influencer.uses.unlearning import ClassRemoval, forget_f1, forget_metrics
+from reproductions.sampler_study import PeakMemory, run_sampler_study
+from reproductions.unlearning import TrainingRecipe, compare_with_retraining, retrain_without_class
 
 
 def _optimum(model: torch.nn.Module, task: ClassificationTask, train) -> torch.nn.Module:

@@ -35,7 +35,7 @@ from influencer._kernel.errors import TaskError
 from influencer._kernel.fingerprint import hash_json, task_fingerprint
 from influencer._kernel.functional import ModelFunction
 from influencer._kernel.progress import progress_bar
-from influencer._kernel.task import Batch, Task, _Decayed
+from influencer._kernel.task import Batch, DecayedTask, Task
 
 __all__ = ["FeatureExamples", "Head", "HeadModel", "HeadTask", "original_batch"]
 
@@ -202,7 +202,7 @@ class Head:
         """What the loss reads of an example's own batch: for the built-in tasks only the labels
         (the inputs become an empty ``(B, 0)`` placeholder), else the whole batch."""
         task = self.inner
-        builtin = isinstance(task, _Decayed) and type(task).output_loss.__module__ == Task.__module__
+        builtin = isinstance(task, DecayedTask) and type(task).output_loss.__module__ == Task.__module__
         if not builtin:
             return batch
         key = task.input_key

@@ -18,7 +18,7 @@ regulariser's gradient, shared by every ``g_i``, enters the scores once as a shi
 from __future__ import annotations
 
 import copy
-import math
+import logging
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
@@ -29,18 +29,19 @@ from torch.func import grad
 from influencer._kernel.curvature import Curvature, CurvatureKind
 from influencer._kernel.data import Examples, as_examples
 from influencer._kernel.distributed import all_gather_blocks, all_reduce_sum, shard
-from influencer._kernel.errors import ConfigError, DataError, IndefiniteHessianError, NonFiniteError
+from influencer._kernel.errors import ConfigError, DataError, NonFiniteError
 from influencer._kernel.fingerprint import hash_examples, hash_json, model_fingerprint, task_fingerprint
 from influencer._kernel.functional import HVPMode, ModelFunction, check_hvp_mode
 from influencer._kernel.progress import progress_bar
 from influencer._kernel.scores import removal_scores, up_loss_from_scores
 from influencer._kernel.task import Task
-from influencer.estimators import CG, Estimator, Solver
-from influencer.estimators.arnoldi import lanczos
+from influencer.estimators import Estimator, Solver
+from influencer.estimators.auto import Choice, choose_estimator
 from influencer.estimators.kronecker import KroneckerSolver
 from influencer.estimators.layer_scores import LayerScorer
 
 _KEEP: Any = object()  # replace(): keep this setting as it is
+log = logging.getLogger(__name__)
 
 
 # Per-example gradients are computed in (B, p) blocks of about this size by default.
@@ -60,10 +61,12 @@ class Influence:
         task: per-example loss, measurement and regulariser (:mod:`influencer._kernel.task`).
         train: the training data, in any form :func:`influencer._kernel.data.as_examples` accepts, in the
             order that defines training ids.
-        estimator: inverse-Hessian method (default ``CG()``, undamped: the exact influence
-            function, for a positive definite Hessian; an indefinite one is refused with an error
-            that names the one-line fix, a damping value or the Gauss-Newton curvature).
-        curvature: ``"hessian"`` or ``"gauss_newton"`` (positive semi-definite for non-convex nets).
+        estimator: inverse-Hessian method (default: chosen by :func:`influencer.choose_estimator`
+            from the model's size and layers, e.g. :class:`Exact` undamped for a small convex model,
+            EK-FAC with Gauss-Newton curvature for a network; the choice and its reason are in
+            :attr:`choice`, :meth:`settings` and the ``influencer`` log).
+        curvature: ``"hessian"`` or ``"gauss_newton"`` (positive semi-definite for non-convex nets);
+            default the Hessian, or the default estimator's choice.
         params: parameter names or module prefixes to compute influence over (default: every
             parameter that requires grad); ``"supported"``: those the estimator can model (for
             K-FAC/EK-FAC the Linear/Conv layers, with a warning listing what is left out).
@@ -79,7 +82,10 @@ class Influence:
         solve_batch: right-hand sides per inverse-HVP call (bounds memory for many test points).
         device: where to compute (``"cpu"``, ``"cuda"``, ...); default the model's device.
         dtype: compute dtype (e.g. ``torch.float64``); default the model's.
-        progress: show progress bars.
+        progress: progress bars on stderr for the long steps (gradient passes, curvature fits,
+            CG/LiSSA/Arnoldi iterations with the residual and the time left): ``True`` always;
+            ``None`` (default) on a terminal or in a notebook, for steps still running after 2 s;
+            ``False`` never.
         distributed: split the work between the ranks of an initialised ``torch.distributed``
             process group (see :mod:`influencer._kernel.distributed`); every rank gets the full results.
     """
@@ -91,7 +97,7 @@ class Influence:
         train: Any,
         *,
         estimator: Estimator | None = None,
-        curvature: CurvatureKind = "hessian",
+        curvature: CurvatureKind | None = None,
         hvp: HVPMode = "reverse",
         params: Sequence[str] | str | None = None,
         hessian_indices: Sequence[int] | Tensor | None = None,
@@ -100,7 +106,7 @@ class Influence:
         solve_batch: int = 256,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
-        progress: bool = False,
+        progress: bool | None = None,
         distributed: bool = False,
     ) -> None:
         if min(128 if batch_size is None else batch_size, hessian_batch_size, solve_batch) < 1:
@@ -108,10 +114,17 @@ class Influence:
         if not isinstance(task, Task):
             raise ConfigError(f"task must be an influencer.Task, got {type(task).__name__}")
         check_hvp_mode(hvp)
-        if isinstance(params, str) and params == "supported":
-            params = (estimator if estimator is not None else CG()).supported_parameters(model)
+        train = as_examples(train)
+        choice = None
+        if estimator is None:
+            choice = choose_estimator(model, task, train, params=params, curvature=curvature)
+            estimator, curvature, params = choice.estimator, choice.curvature, choice.params
+            log.info("default estimator: %s", choice.reason)
+        elif isinstance(params, str) and params == "supported":
+            params = estimator.supported_parameters(model)
         self.fn = ModelFunction(model, task, params, device, dtype)
-        self._setup(self.fn, self.fn.theta0, as_examples(train), estimator, curvature, hessian_indices)
+        self._setup(self.fn, self.fn.theta0, train, estimator, curvature or "hessian", hessian_indices)
+        self.choice: Choice | None = choice
         self.batch_size = default_batch_size(self.fn.p, self.fn.dtype) if batch_size is None else batch_size
         self.hessian_batch_size = hessian_batch_size
         self.solve_batch = solve_batch
@@ -124,7 +137,7 @@ class Influence:
         fn: ModelFunction,
         theta: Tensor,
         train: Examples,
-        estimator: Estimator | None,
+        estimator: Estimator,
         curvature: CurvatureKind,
         hessian_indices: Sequence[int] | Tensor | None,
     ) -> None:
@@ -134,8 +147,7 @@ class Influence:
         self.fn = fn
         self._theta = theta.detach()
         self.train = train
-        self.estimator = estimator if estimator is not None else CG()
-        self._default_estimator = estimator is None
+        self.estimator = estimator
         if not isinstance(self.estimator, Estimator):
             raise ConfigError(
                 f"estimator must be an influencer Estimator, got {type(self.estimator).__name__}"
@@ -189,7 +201,8 @@ class Influence:
             curvature if curvature is not None else self.curvature_kind,
             indices,
         )
-        other._default_estimator = estimator is None and self._default_estimator
+        if estimator is not None or curvature is not None:
+            other.choice = None  # no longer the default's choice
         return other
 
     # ---- basic facts ---------------------------------------------------------------------------
@@ -257,7 +270,23 @@ class Influence:
         self.fn.check(self.fn.prepare(self.train.take(torch.arange(min(2, self.n)))), self.theta)
         self.curvature = self._curvature(self.hessian_indices)
         self._solver = self.estimator.fit(self.curvature)
+        self._log_fitted()
         return self
+
+    def _log_fitted(self) -> None:
+        info = self.solver.info
+        damping: Any = info.get("damping", getattr(self.estimator, "damping", None))
+        relative = getattr(self.estimator, "relative_damping", 0.0)
+        if relative and "damping" not in info:
+            damping = f"{damping:g} + {relative:g} x each layer's mean eigenvalue"
+        log.info(
+            "fitted %s on the %s curvature of %d parameters (damping %s%s)",
+            self.estimator.name,
+            self.curvature_kind,
+            self.p,
+            f"{damping:.3g}" if isinstance(damping, float) else damping,
+            f": {info['damping_reason']}" if "damping_reason" in info else "",
+        )
 
     def _curvature(self, indices: Tensor | None) -> Curvature:
         return Curvature(
@@ -297,6 +326,8 @@ class Influence:
             "examples": examples,
             "estimator": self.estimator.settings(),
         }
+        if self.choice is not None:
+            curvature["chosen_by_default"] = self.choice.reason
         return {"gradients": gradients, "curvature": curvature}
 
     # ---- gradients -----------------------------------------------------------------------------
@@ -378,7 +409,11 @@ class Influence:
         ex = self.examples(data)
         method = self.fn.measurement_grads if kind == "measurement" else self.fn.loss_grads
         out = []
-        for ids, batch in ex.chunks(self.batch_size):
+        total = -(-len(ex) // self.batch_size)
+        chunks = progress_bar(
+            ex.chunks(self.batch_size), f"{kind} gradients", self.progress and total > 1, total
+        )
+        for ids, batch in chunks:
             self.fn.task.check_batch(batch, ids)
             out.append(self._checked(method(self.theta, self.fn.prepare(batch)), ids, kind))
         return torch.cat(out)
@@ -432,19 +467,14 @@ class Influence:
     def inverse_hvp(self, vectors: Tensor) -> Tensor:
         """``(H + damping I)^-1 v`` for each row of ``(k, p)``, in chunks of ``solve_batch``."""
         v = vectors.detach().reshape(-1, self.p).to(self.theta)
-        try:
-            parts = [
-                self.solver.solve(v[i : i + self.solve_batch])
-                for i in progress_bar(
-                    range(0, len(v), self.solve_batch),
-                    "inverse HVPs",
-                    self.progress and len(v) > self.solve_batch,
-                )
-            ]
-        except IndefiniteHessianError as exc:
-            if not self._default_estimator or self.curvature is None:
-                raise
-            raise default_estimator_refused(self.curvature) from exc
+        parts = [
+            self.solver.solve(v[i : i + self.solve_batch])
+            for i in progress_bar(
+                range(0, len(v), self.solve_batch),
+                "inverse HVPs",
+                self.progress and len(v) > self.solve_batch,
+            )
+        ]
         return torch.cat(parts).reshape(vectors.shape)
 
     def test_directions(self, test: Any) -> Tensor:
@@ -513,29 +543,3 @@ class Influence:
             out.append((loss_grad * self.inverse_hvp(g)).sum(1) / self.n)
         local = torch.cat(out) if out else self.theta.new_zeros(0)
         return all_gather_blocks(local, dim=0) if self.distributed else local
-
-
-def default_estimator_refused(curvature: Curvature, steps: int = 30) -> IndefiniteHessianError:
-    """The error for the default, undamped ``CG()`` meeting a Hessian that is not positive definite:
-    its extreme eigenvalues (a short Lanczos run) and the one-line fixes, with a damping value."""
-    values, _ = lanczos(curvature, min(steps, curvature.p))
-    low, high = float(values.min()), float(values.max())
-    indefinite = low < -1e-8 * abs(high)
-    # Ritz values lie inside the spectrum: twice the most negative one leaves a margin. A singular
-    # Hessian gets damping small next to its largest eigenvalue. Rounded up to one digit.
-    need = 2 * -low if indefinite else max(1e-3 * abs(high), 1e-12)
-    scale = 10.0 ** math.floor(math.log10(need))
-    damping = float(f"{math.ceil(need / scale - 1e-9) * scale:.1g}")
-    what = (
-        "indefinite, as it usually is for a network not trained to an exact minimum"
-        if indefinite
-        else "singular (it has directions of zero curvature: more parameters than the data determine)"
-    )
-    return IndefiniteHessianError(
-        f"the Hessian is {what} (eigenvalues from about {low:.3g} to {high:.3g}), and the default "
-        "estimator, CG() without damping, solves only positive definite systems. One-line fix: "
-        f"Influence(..., estimator=CG(damping={damping:g})) (damping "
-        + ("above the most negative eigenvalue" if indefinite else "small next to the largest eigenvalue")
-        + "; scores then answer the damped question), or "
-        "Influence(..., curvature='gauss_newton', estimator=CG(damping=1e-3)) (positive semi-definite)"
-    )

@@ -25,12 +25,9 @@ recomputed.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import io
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -39,26 +36,13 @@ import torch
 from torch import Tensor
 
 from influencer._kernel.errors import ConfigError
+from influencer._kernel.files import atomic_write_bytes
 from influencer._kernel.fingerprint import hash_json, hash_tensors
 from influencer.influence import Influence
 from influencer.retraining import Indices, Retrainer
 
 FORMAT = "influencer-retrained"
 VERSION = 1
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
 
 
 @dataclasses.dataclass(frozen=True)
@@ -92,7 +76,7 @@ class CachedRetrainer(Retrainer):
                 raise ConfigError(f"{root} exists and is not a directory; choose another cache directory")
             root.mkdir(parents=True, exist_ok=True)
             body = json.dumps({"format": FORMAT, "version": VERSION}, indent=2) + "\n"
-            _atomic_write(manifest, body.encode())
+            atomic_write_bytes(manifest, body.encode())
 
     def settings(self) -> dict[str, Any]:
         return self.retrainer.settings()  # where the refits are kept does not change them
@@ -120,10 +104,11 @@ class CachedRetrainer(Retrainer):
         if cached is not None:
             return torch.from_numpy(cached).to(influence.device, influence.theta.dtype)
         theta = self.retrainer.refit(influence, ids, theta0)
-        _atomic_write(path.with_suffix(".json"), (json.dumps(key, indent=1, default=str) + "\n").encode())
+        text = json.dumps(key, indent=1, default=str) + "\n"
+        atomic_write_bytes(path.with_suffix(".json"), text.encode())
         buf = io.BytesIO()
         np.save(buf, theta.detach().cpu().numpy(), allow_pickle=False)
-        _atomic_write(path, buf.getvalue())
+        atomic_write_bytes(path, buf.getvalue())
         return theta
 
     @staticmethod

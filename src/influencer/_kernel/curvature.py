@@ -43,7 +43,7 @@ class Curvature:
         kind: CurvatureKind = "hessian",
         batch_size: int = 256,
         vector_batch: int = 64,
-        progress: bool = False,
+        progress: bool | None = False,
         distributed: bool = False,
         hvp: HVPMode = "reverse",
     ) -> None:
@@ -240,7 +240,7 @@ class Curvature:
         v = torch.randn(self.p, generator=gen, dtype=self.dtype).to(self.device)
         v /= v.norm()
         lam = 0.0
-        for _ in range(iters):
+        for _ in progress_bar(range(iters), "largest eigenvalue", self.progress):
             hv = self.matvec(v)
             new = float(v @ hv)
             norm = hv.norm()

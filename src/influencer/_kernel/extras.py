@@ -41,7 +41,7 @@ def missing_message(modules: list[str], purpose: str, extra: str | None) -> str:
 def require(module: str, purpose: str, extra: str | None = None) -> ModuleType:
     """Import ``module``, or raise :class:`MissingExtraError` naming the extra that provides it.
 
-    ``purpose`` says what needs it (``"influencer.paper.plotting"``); ``extra`` defaults to the
+    ``purpose`` says what needs it (``"influencer.plotting"``); ``extra`` defaults to the
     smallest extra that installs the package (none: the message says to install the package).
     """
     top = module.split(".")[0]

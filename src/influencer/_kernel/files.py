@@ -31,19 +31,34 @@ def current_umask() -> int:
     return mask
 
 
+def _durable(f: IO[bytes]) -> None:
+    """Flush ``f`` to disk and give it the permissions the umask gives a new file (``mkstemp``
+    would leave 0600)."""
+    f.flush()
+    os.fsync(f.fileno())
+    if hasattr(os, "fchmod"):
+        os.fchmod(f.fileno(), 0o666 & ~current_umask())
+
+
+def write_durable(path: Path, data: bytes) -> None:
+    """Write ``data`` to a new file ``path`` and flush it to disk, without following a symbolic
+    link at ``path`` (for files a caller renames into place itself, e.g. a staged set of outputs)."""
+    flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_NOFOLLOW", 0)
+    with os.fdopen(os.open(path, flags, 0o666), "wb") as f:
+        f.write(data)
+        _durable(f)
+
+
 def _atomic(path: Path, write: Callable[[IO[bytes]], None]) -> None:
-    """Write through ``write`` to a temporary file beside ``path``, make it durable, give it the
-    permissions the umask gives a new file (``mkstemp`` would leave 0600), then rename it into place:
-    readers see the old file or the whole new one, never half."""
+    """Write through ``write`` to a temporary file beside ``path``, make it durable, then rename it
+    into place: readers see the old file or the whole new one, never half. The rename replaces a
+    symbolic link at ``path`` itself; nothing is ever written through one."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
             write(f)
-            f.flush()
-            os.fsync(f.fileno())
-            if hasattr(os, "fchmod"):
-                os.fchmod(f.fileno(), 0o666 & ~current_umask())
+            _durable(f)
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):

@@ -137,7 +137,7 @@ def l2_penalty(params: Mapping[str, Tensor], weight_decay: float) -> Tensor | fl
     return 0.5 * weight_decay * sum((p * p).sum() for p in params.values())
 
 
-class _Decayed(Task):
+class DecayedTask(Task):
     """Shared weight decay and batch layout of the built-in tasks.
 
     A batch is ``(inputs, targets)`` by default; ``input_key`` and ``label_key`` name the entries
@@ -175,7 +175,7 @@ class _Decayed(Task):
 
     def regularizer_curvature(self) -> float | None:
         # Only when the subclass kept this L2 penalty.
-        return self.weight_decay if type(self).regularizer is _Decayed.regularizer else None
+        return self.weight_decay if type(self).regularizer is DecayedTask.regularizer else None
 
     def settings(self) -> dict[str, Any]:
         out: dict[str, Any] = {"task": type(self).__qualname__, "weight_decay": self.weight_decay}
@@ -184,7 +184,7 @@ class _Decayed(Task):
         return out
 
 
-class ClassificationTask(_Decayed):
+class ClassificationTask(DecayedTask):
     """Cross-entropy on batches ``(inputs, integer_labels)``; outputs are logits ``(B, C)``.
 
     Labels are class indices ``0..C-1``; anything else is refused before the model runs.
@@ -272,7 +272,7 @@ class ClassificationTask(_Decayed):
         return out
 
 
-class RegressionTask(_Decayed):
+class RegressionTask(DecayedTask):
     """Half squared error ``0.5 * ||f(x) - y||^2`` on batches ``(inputs, targets)`` (see ``input_key``)."""
 
     def output_loss(self, outputs: Tensor, batch: Batch) -> Tensor:
@@ -289,7 +289,7 @@ class RegressionTask(_Decayed):
             )
 
 
-class SmoothHingeTask(_Decayed):
+class SmoothHingeTask(DecayedTask):
     """Binary SVM loss: smooth hinge of margin ``y * f(x)``, labels ``y`` in {-1, +1}.
 
     Outputs are one score per example, ``(B,)`` or ``(B, 1)``. ``temperature`` t -> 0 recovers

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import sys
 
-from influencer._kernel.extras import missing, missing_message
+from influencer.extras import missing, missing_message
 
 # What the command needs beyond the core (torch, numpy, tqdm): the `app` extra in pyproject.toml.
 APP_MODULES = ["click", "matplotlib", "sklearn"] + (["tomli"] if sys.version_info < (3, 11) else [])
@@ -19,7 +19,7 @@ def main() -> None:
     if absent:
         print(f"influencer: {missing_message(absent, 'the influencer command', 'app')}", file=sys.stderr)
         raise SystemExit(1)
-    from influencer.app.cli import main as cli_main
+    from influencer.app.commands.cli import main as cli_main
 
     cli_main()
 

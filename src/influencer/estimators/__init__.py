@@ -7,6 +7,7 @@ A custom estimator subclasses :class:`Estimator` (a frozen, validated dataclass)
 
 from influencer._kernel.curvature import Curvature, CurvatureKind
 from influencer.estimators.arnoldi import Arnoldi
+from influencer.estimators.auto import Choice, SpectralDamping, choose_estimator
 from influencer.estimators.base import Estimator, Solver
 from influencer.estimators.cg import CG, BlockCG
 from influencer.estimators.ekfac import EKFAC
@@ -21,6 +22,7 @@ __all__ = [
     "KFAC",
     "Arnoldi",
     "BlockCG",
+    "Choice",
     "Curvature",
     "CurvatureKind",
     "Estimator",
@@ -28,4 +30,6 @@ __all__ = [
     "Identity",
     "LiSSA",
     "Solver",
+    "SpectralDamping",
+    "choose_estimator",
 ]

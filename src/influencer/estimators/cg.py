@@ -10,6 +10,7 @@ from torch import Tensor
 
 from influencer._kernel.curvature import Curvature
 from influencer._kernel.errors import ConfigError, IndefiniteHessianError, NonFiniteError
+from influencer._kernel.progress import SolveProgress
 from influencer.estimators.base import (
     Estimator,
     Solver,
@@ -132,6 +133,7 @@ class CGSolver(Solver):
         rs, tol = rs_out[ids], target[ids]
         rz = (r * z).sum(1) if self.preconditioner is not None else rs
         iters = 0
+        bar = self._progress()
         while len(ids) and iters < cfg.max_iter:
             iters += 1
             ad = self._apply(d)
@@ -141,6 +143,8 @@ class CGSolver(Solver):
             r.addcmul_(alpha[:, None], ad, value=-1.0)
             new_rs = (r * r).sum(1)
             keep = new_rs.sqrt() > tol
+            if bar.enabled:
+                bar.update(iters, cfg.tol * float((new_rs.sqrt() / tol).max()))
             # One host sync per iteration for all three decisions.
             negative, finite, converged = torch.stack(
                 [(curv <= 0).any(), torch.isfinite(new_rs).all(), ~keep.all()]
@@ -170,6 +174,7 @@ class CGSolver(Solver):
                     tol[keep],
                 )
         out[ids], rs_out[ids] = x, rs
+        bar.close()
         self._finish(b, rs_out, iters, len(ids))
         return out.reshape(vectors.shape).to(vectors.dtype)
 
@@ -183,6 +188,7 @@ class CGSolver(Solver):
         x, r, tol = torch.zeros_like(b[ids]), b[ids], target[ids]
         p = _orthonormal_rows(self._precondition(r))  # (s, p), s <= active columns
         iters = 0
+        bar = self._progress()
         while len(ids) and len(p) and iters < cfg.max_iter:
             iters += 1
             q = self._apply(p)  # (s, p)
@@ -196,6 +202,8 @@ class CGSolver(Solver):
             r.addmm_(alpha.T, q, alpha=-1.0)
             rs = (r * r).sum(1)
             keep = rs.sqrt() > tol
+            if bar.enabled:
+                bar.update(iters, cfg.tol * float((rs.sqrt() / tol).max()))
             finite, converged = torch.stack([torch.isfinite(rs).all(), ~keep.all()]).tolist()
             if not finite:
                 raise NonFiniteError("CG produced a non-finite residual; check the gradients and damping")
@@ -209,8 +217,17 @@ class CGSolver(Solver):
             beta = torch.cholesky_solve(q @ z.T, chol)  # (s, k_active)
             p = _orthonormal_rows(z - beta.T @ p)
         out[ids], rs_out[ids] = x, (r * r).sum(1)
+        bar.close()
         self._finish(b, rs_out, iters, len(ids))
         return out
+
+    def _progress(self) -> SolveProgress:
+        return SolveProgress(
+            type(self.config).__name__,
+            getattr(self.curvature, "progress", False),  # duck-typed curvatures may have none
+            self.config.tol,
+            self.config.max_iter,
+        )
 
     def _finish(self, b: Tensor, rs: Tensor, iters: int, left: int) -> None:
         cfg = self.config

@@ -20,15 +20,25 @@ class Exact(Estimator):
     ``float64`` computes the Hessian in double precision whatever the model's dtype, which makes
     this the reference the other estimators are tested against. Refuses models with more than
     ``max_params`` parameters (memory grows as p^2).
+
+    ``fallback_relative_damping``: ``None`` (default) refuses a ``H + damping I`` that is not
+    positive definite (an indefinite Hessian, or a singular one such as a network's Gauss-Newton
+    matrix). A number ``r > 0`` damps it instead, by the amount that lifts its smallest eigenvalue
+    to ``r`` times its mean absolute eigenvalue (both of ``H + damping I``; ``r = 0.1`` on a
+    singular Gauss-Newton matrix is Grosse et al.'s 0.1 x mean eigenvalue); a positive definite one
+    stays as it is. The damping used is ``solver.info["damping"]``.
     """
 
     float64: bool = True
     max_params: int = 20_000
+    fallback_relative_damping: float | None = None
     name = "exact"
 
     def __post_init__(self) -> None:
         super().__post_init__()
         require_positive("Exact.max_params", self.max_params, integer=True)
+        if self.fallback_relative_damping is not None:
+            require_positive("Exact.fallback_relative_damping", self.fallback_relative_damping)
 
     def fit(self, curvature: Curvature) -> ExactSolver:
         if curvature.p > self.max_params:
@@ -37,16 +47,28 @@ class Exact(Estimator):
                 f"{self.max_params}; use CG, LiSSA or Arnoldi, or choose fewer parameters (params=[...])"
             )
         h = curvature.dense(torch.float64 if self.float64 else None)
-        return ExactSolver(h, self.damping)
+        return ExactSolver(h, self.damping, self.fallback_relative_damping)
 
 
 class ExactSolver(Solver):
-    def __init__(self, hessian: Tensor, damping: float) -> None:
+    def __init__(self, hessian: Tensor, damping: float, fallback: float | None = None) -> None:
         p = hessian.shape[0]
-        damped = hessian + damping * torch.eye(p, dtype=hessian.dtype, device=hessian.device)
-        evals, evecs = torch.linalg.eigh(damped)
+        eye = torch.eye(p, dtype=hessian.dtype, device=hessian.device)
+        evals, evecs = torch.linalg.eigh(hessian + damping * eye)
         lo, hi = float(evals[0]), float(evals[-1])
         floor = numerical_floor(hessian.dtype, p)
+        reason = "as given"
+        if lo <= floor * max(abs(hi), 1e-30) and fallback is not None:
+            # Lift the smallest eigenvalue to fallback x the mean absolute one (of H + damping I).
+            target = fallback * float(evals.abs().mean())
+            if target > 0:
+                damping += target - lo
+                reason = (
+                    f"H + damping I was not positive definite (eigenvalues {lo:.3g} to {hi:.3g}): damped "
+                    f"so that its smallest eigenvalue is {fallback:g} x its mean absolute eigenvalue"
+                )
+                evals, evecs = torch.linalg.eigh(hessian + damping * eye)
+                lo, hi = float(evals[0]), float(evals[-1])
         if lo <= floor * max(abs(hi), 1e-30):
             kind = "singular" if lo > -floor * max(abs(hi), 1e-30) else "indefinite"
             needed, suggest = damping_needed(lo - damping, hi - damping, floor)
@@ -58,7 +80,14 @@ class ExactSolver(Solver):
             )
         self.hessian = hessian
         self.evals, self.evecs = evals, evecs
-        self.info = {"min_eigenvalue": lo, "max_eigenvalue": hi, "condition_number": hi / lo}
+        self.damping = damping
+        self.info = {
+            "min_eigenvalue": lo,
+            "max_eigenvalue": hi,
+            "condition_number": hi / lo,
+            "damping": damping,
+            "damping_reason": reason,
+        }
 
     def solve(self, vectors: Tensor) -> Tensor:
         q = self.evecs

@@ -1,7 +1,7 @@
 """Scores of training examples from per-layer pieces, without per-example gradients of length p.
 
 When every chosen parameter belongs to an ``nn.Linear``/``nn.Conv2d`` layer (see
-:mod:`influencer.estimators.kronecker`), an example's loss gradient in a layer is
+:mod:`influencer.layers`), an example's loss gradient in a layer is
 ``G_i = sum_t g_it a_it^T`` ``(d_out, d_in)`` from the layer's input rows ``a`` and output gradients
 ``g``, and its dot product with a test direction's block ``D`` ``(d_out, d_in)`` is
 
@@ -30,7 +30,7 @@ from torch.func import functional_call
 from influencer._kernel.data import batch_size_of
 from influencer._kernel.errors import ConfigError
 from influencer._kernel.functional import ModelFunction
-from influencer.estimators.kronecker import Layer, _Capture, check_layer_model
+from influencer._kernel.layers import Layer, LayerCapture, check_layer_model
 
 _CHUNK_ELEMENTS = 2**24  # elements of the largest intermediate held at once
 
@@ -78,7 +78,7 @@ class LayerScorer:
         of the per-example losses; and the gradient ``(p,)`` of their sum."""
         fn = self.fn
         leaf = theta.detach().requires_grad_(True)
-        with _Capture(self.layers) as cap, torch.enable_grad():
+        with LayerCapture(self.layers) as cap, torch.enable_grad():
             cap.start(batch_size_of(batch))
             cap.grads = [{} for _ in self.layers]
             losses = functional_call(fn.bound, fn.state(leaf), (fn.task.loss, batch))

@@ -9,6 +9,7 @@ from torch import Tensor
 
 from influencer._kernel.curvature import Curvature
 from influencer._kernel.errors import ConfigError, ConvergenceError, IndefiniteHessianError, NonFiniteError
+from influencer._kernel.progress import progress_bar
 from influencer.estimators.base import Estimator, Solver, check_on_unconverged, require_positive, unconverged
 
 # Right-hand sides per solve whose residual is checked with the full curvature (one HVP pass).
@@ -97,9 +98,12 @@ class LiSSASolver(Solver):
         gen = torch.Generator().manual_seed(cfg.seed)
         v_norm = v.norm(dim=1).clamp_min(torch.finfo(v.dtype).tiny)
         total = torch.zeros_like(v)
+        desc = f"LiSSA ({len(v)} vectors)"
         for _ in range(cfg.repeats):
             h = v.clone()
-            for step in range(1, cfg.depth + 1):
+            for step in progress_bar(
+                range(1, cfg.depth + 1), desc, getattr(self.curvature, "progress", False), unit="step"
+            ):
                 hv = self.curvature.sample_matvec(h, gen, cfg.batch_size)
                 # h <- v + h - (H h + damping h) / scale, in place: memory flat in depth.
                 h.mul_(1.0 - cfg.damping / self.scale).sub_(hv, alpha=1.0 / self.scale).add_(v)

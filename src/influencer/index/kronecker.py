@@ -10,7 +10,7 @@ layer's ``[W | b]`` is ``DW = sum_t g_t a_t^T`` ``(d_out, d_in)`` (see
 (``vec`` row-major, as flat parameters are stored), so a layer costs ``T (d_out k_out + d_in
 k_in + k_out k_in)`` flops per example instead of forming ``d_out d_in`` gradient entries, and the
 backward pass only needs the gradients of the layers' outputs, not of their weights. The layers'
-projections are concatenated in the order of :func:`~influencer.estimators.kronecker.find_layers`,
+projections are concatenated in the order of :func:`~influencer.layers.find_layers`,
 ``k = sum_l k_out,l k_in,l``.
 
 Two bases:
@@ -48,12 +48,12 @@ from influencer._kernel.data import batch_size_of
 from influencer._kernel.distributed import all_reduce_sum, shard
 from influencer._kernel.errors import ConfigError
 from influencer._kernel.functional import ModelFunction
-from influencer.estimators.kronecker import Layer, _Capture, check_layer_model, find_layers
+from influencer._kernel.layers import Layer, LayerCapture, check_layer_model, find_layers
 from influencer.index.projectors import (
     GradientKind,
     Projection,
     Projector,
-    _check_k,
+    check_k,
     derive_seed,
     random_matrix,
 )
@@ -89,8 +89,8 @@ class KroneckerProjector(Projector):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        _check_k("KroneckerProjector.k_in", self.k_in)
-        _check_k("KroneckerProjector.k_out", self.k_out)
+        check_k("KroneckerProjector.k_in", self.k_in)
+        check_k("KroneckerProjector.k_out", self.k_out)
         if not isinstance(self.seed, int) or isinstance(self.seed, bool):
             raise ConfigError(f"KroneckerProjector.seed must be an integer, got {self.seed!r}")
         if self.distribution not in ("gaussian", "rademacher"):
@@ -100,7 +100,7 @@ class KroneckerProjector(Projector):
             )
         if self.basis not in ("random", "pca"):
             raise ConfigError(f"KroneckerProjector.basis must be 'random' or 'pca', got {self.basis!r}")
-        _check_k("KroneckerProjector.pca_examples", self.pca_examples)
+        check_k("KroneckerProjector.pca_examples", self.pca_examples)
 
     def bind(self, fn: ModelFunction) -> KroneckerProjection:
         try:
@@ -112,16 +112,16 @@ class KroneckerProjector(Projector):
         return KroneckerProjection(self, fn, layers)
 
 
-class _OutputCapture(_Capture):
-    """:class:`_Capture` that also keeps each layer call's output (to differentiate with respect to)."""
+class _OutputCapture(LayerCapture):
+    """:class:`LayerCapture` that also keeps each layer call's output (to differentiate with respect to)."""
 
     def start(self, batch: int) -> None:
         super().start(batch)
         self.grads = [{} for _ in self.layers]
         self.outputs: list[tuple[int, int, Tensor, int]] = []  # (layer, call, output, version)
 
-    def _forward(self, i: int):
-        hook = super()._forward(i)
+    def forward_hook(self, i: int):
+        hook = super().forward_hook(i)
 
         def record(module: nn.Module, inputs: tuple[Any, ...], output: Tensor) -> None:
             hook(module, inputs, output)

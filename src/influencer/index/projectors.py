@@ -59,7 +59,7 @@ def random_matrix(rows: int, cols: int, seed: int, distribution: str) -> Tensor:
     raise ConfigError(f"distribution must be 'gaussian' or 'rademacher', got {distribution!r}")
 
 
-def _check_k(name: str, k: Any) -> None:
+def check_k(name: str, k: Any) -> None:
     if not isinstance(k, int) or isinstance(k, bool) or k <= 0:
         raise ConfigError(f"{name} must be a positive integer (the projected dimension), got {k!r}")
 
@@ -159,7 +159,7 @@ class _DenseProjector(Projector):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        _check_k(f"{type(self).__name__}.k", self.k)
+        check_k(f"{type(self).__name__}.k", self.k)
         if not isinstance(self.seed, int) or isinstance(self.seed, bool):
             raise ConfigError(f"{type(self).__name__}.seed must be an integer, got {self.seed!r}")
 

@@ -13,6 +13,7 @@ from influencer._kernel.losses import hinge, smooth_hinge
 from influencer._kernel.task import (
     Batch,
     ClassificationTask,
+    DecayedTask,
     RegressionTask,
     SmoothHingeTask,
     Task,
@@ -32,6 +33,7 @@ __all__ = [
     "Batch",
     "CausalLMTask",
     "ClassificationTask",
+    "DecayedTask",
     "HuggingFaceTask",
     "RegressionTask",
     "SequenceClassificationTask",

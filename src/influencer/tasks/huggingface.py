@@ -35,7 +35,7 @@ from torch import Tensor, nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from influencer._kernel.errors import TaskError
-from influencer._kernel.task import Batch, _Decayed, batch_entry
+from influencer._kernel.task import Batch, DecayedTask, batch_entry
 
 IGNORE_INDEX = -100  # transformers' label for "not scored"
 REDUCTIONS = ("sum", "mean")
@@ -74,7 +74,7 @@ def additive_attention_mask(attention_mask: Tensor, dtype: torch.dtype, causal: 
     return torch.where(keep, zero, torch.finfo(dtype).min)
 
 
-class HuggingFaceTask(_Decayed):
+class HuggingFaceTask(DecayedTask):
     """Shared batch handling of :class:`SequenceClassificationTask` and :class:`CausalLMTask`.
 
     Args:

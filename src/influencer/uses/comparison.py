@@ -15,7 +15,7 @@ distance), while a network's helpful images can be far away in pixel space but s
 * the share of the total ``|influence|`` carried by the nearest ``near_fraction`` of the data;
 
 and :class:`ModelComparison` keeps every score and distance for tables and figures
-(:mod:`influencer.paper.comparison` draws the paper's figure and builds its experiment on digits).
+(``reproductions.comparison`` draws the paper's figure and builds its experiment on digits).
 """
 
 from __future__ import annotations

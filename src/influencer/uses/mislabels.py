@@ -9,7 +9,7 @@ fix) only some of the examples. Which to check first? Rank them by
 * ``random``: the order a reviewer without a model would use.
 
 :func:`rank_for_review` ranks the training examples of an :class:`~influencer.influence.Influence`
-(fitted, for self-influence). :func:`influencer.paper.mislabels.simulate_fixing` reproduces the
+(fitted, for self-influence). ``reproductions.mislabels.simulate_fixing`` reproduces the
 paper's experiment (flip labels, rank, fix the top, retrain, measure test accuracy).
 """
 

@@ -23,7 +23,7 @@ Feature attribution splits a training point's score over its input features: ``g
 ``(x_i - baseline) * grad_x score_i`` is the first-order share of ``score_i`` carried by each feature
 (it sums to ``score_i(x_i) - score_i(baseline)`` for a locally linear score).
 
-:func:`influencer.paper.perturbation.check_perturbation` checks these predictions against
+``reproductions.perturbation.check_perturbation`` checks these predictions against
 retraining with moved inputs (:class:`PatchedExamples`).
 """
 

@@ -25,7 +25,7 @@ Usage::
     attack = PoisoningAttack(inf, config=PoisonConfig(max_change=2 / 16))
     result = attack.attack(test, target=17, k=5)                # result.success, result.poisoned
 
-:mod:`influencer.paper.poisoning` runs it over many targets and budgets on the digits.
+``reproductions.poisoning`` runs it over many targets and budgets on the digits.
 """
 
 from __future__ import annotations

@@ -17,7 +17,7 @@ factor that maximises the forgetting F1 on a held-out validation split (never th
 
 Quality is measured by the accuracy on the removed class ``a_f`` (lower is better), on the rest
 ``a_r`` (higher is better) and ``F1 = 2 (1 - a_f) a_r / (1 - a_f + a_r)``
-(:mod:`influencer.paper.unlearning` compares it with retraining from scratch without the class).
+(``reproductions.unlearning`` compares it with retraining from scratch without the class).
 Nothing here modifies the model it is given.
 
 Usage::

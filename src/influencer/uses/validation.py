@@ -24,7 +24,7 @@ evaluates any number of score matrices on it; a retraining cache directory
 (:class:`~influencer.retraining_cache.CachedRetrainer`) keeps the refits across processes.
 :func:`choose_damping` picks an estimator's damping by the LDS on (other) subsets.
 
-:mod:`influencer.paper.validation` draws both results.
+:mod:`influencer.plotting` draws both results.
 """
 
 from __future__ import annotations

@@ -1,0 +1,1 @@
+"""The ``influencer`` commands: each a short sequence of the shared steps (:mod:`influencer.app.steps`)."""

@@ -1,0 +1,86 @@
+"""``influencer explain`` as a Python function: which training examples explain these predictions?
+
+Usage::
+
+    from influencer.app import ExplainConfig, explain
+    result = explain(ExplainConfig(out="runs/digits", test_ids=(3, 17)))
+    result.scores            # (n_test, n_train) removal scores, positive = helpful
+    result.summary["tests"]  # per test example: label, prediction, top helpful/harmful ids and scores
+
+The shared steps (:mod:`influencer.app.steps`): the job and its features, the evaluation and the
+choice of test examples, the :class:`~influencer.Influence` of the settings; then
+``s_test = H^-1 grad f(test)`` for each test example dotted with every training gradient, both
+through the run directory's cache (:mod:`~influencer.app.run.cached`), and the outputs
+(:mod:`~influencer.app.run.outputs`).
+"""
+
+from __future__ import annotations
+
+import logging
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+
+from influencer import top_k
+from influencer.app.job.evaluation import evaluate_and_choose
+from influencer.app.job.job import Job
+from influencer.app.report.explanation import ExplainResult, Explanation, log_top
+from influencer.app.run.cached import open_sections, scores_from_cache, test_directions
+from influencer.app.run.devices import resolve_device
+from influencer.app.run.logs import Stopwatch, logged_stop, run_logging
+from influencer.app.run.outputs import finish
+from influencer.app.run.store import RunStore
+from influencer.app.settings.explain import ExplainConfig
+from influencer.app.steps import build_influence, prepare
+
+log = logging.getLogger("influencer.explain")
+
+__all__ = ["ExplainResult", "explain"]
+
+
+def explain(config: ExplainConfig, job: Job | None = None, *, console: bool = True) -> ExplainResult:
+    """Run the whole job (see the module docstring); ``job`` overrides ``config.task``.
+
+    With ``config.store`` the scores come from that gradient store instead
+    (:mod:`~influencer.app.commands.explain_store`).
+    """
+    if config.store is not None:
+        from influencer.app.commands.explain_store import explain_with_store
+
+        return explain_with_store(config, job, console=console)
+    resolve_device(config.device)  # a device this machine lacks is refused before anything is written
+    run_dir = Path(config.out)
+    with RunStore(run_dir) as store, run_logging(run_dir, console) as warned:
+        log.info(
+            "influencer explain: run directory %s (%s)",
+            run_dir,
+            datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        )
+        log.debug("settings: %s", config.to_json())
+        with logged_stop(log):
+            return _run(config, job, store, warned)
+
+
+def _run(config: ExplainConfig, job: Job | None, store: RunStore, warned: list[str]) -> ExplainResult:
+    clock = Stopwatch(config.device)
+    with clock("total"):
+        prepared = prepare(config, clock, job)
+        on = prepared.on
+        evaluation, test_ids, choice = evaluate_and_choose(on, len(on.test), config, prepared.device, clock)
+        inf, ran = build_influence(config, prepared)
+        with clock("directions"):
+            directions_cache, gradients_cache = open_sections(store, inf, config.batch_size)
+            directions = test_directions(inf, on.test, test_ids, directions_cache, config.progress, clock)
+        with clock("gradients"):
+            scores, optimality = scores_from_cache(inf, directions, gradients_cache, config.batch_size)
+        # in key order, as a resumed run reads it back from the manifest: the same bytes either way
+        solver = dict(sorted(directions_cache.meta.get("solver", {}).items()))
+        ran.applied(solver)
+        top = top_k(torch.from_numpy(scores), config.top_k)
+        ex = Explanation(
+            config, prepared.job, inf, evaluation, test_ids, scores, top, solver, choice, directions,
+            optimality=optimality, ran=ran,
+        )  # fmt: skip
+        log_top(ex)
+        return finish(ex, store, clock, warned)

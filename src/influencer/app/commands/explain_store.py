@@ -1,0 +1,155 @@
+"""``influencer explain --store DIR``: the explain run, scored from a gradient store.
+
+Everything but the scores is the explain run of :mod:`~influencer.app.commands.explain`: the job (the
+store's, :mod:`~influencer.app.run.gradient_store`), the checks, the evaluation, the choice of test
+examples, the report with its pictures or texts and the candidates to inspect, the summary and
+the run's files. The scores of the chosen test examples come from the store's projected training
+gradients (:meth:`~influencer.index.GradientIndex.scores`) with the preconditioner the settings
+name, instead of exact gradients and inverse-HVP solves; the report and ``summary.json``
+(``scores_from_store``) say which projection and preconditioner made them.
+"""
+
+from __future__ import annotations
+
+import logging
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from influencer import top_k
+from influencer.app.job.evaluation import evaluate_and_choose
+from influencer.app.job.job import Job
+from influencer.app.report.explanation import ExplainResult, Explanation, StoreScoring, log_top
+from influencer.app.run.cached import optimality_of_norms, solver_text
+from influencer.app.run.devices import resolve_device
+from influencer.app.run.gradient_store import (
+    check_store_task,
+    open_index,
+    open_store,
+    read_job_settings,
+    same_directory,
+    translate_store_errors,
+)
+from influencer.app.run.logs import Stopwatch, logged_stop, run_logging
+from influencer.app.run.outputs import finish
+from influencer.app.run.store import RunStore, jsonable
+from influencer.app.run.store_scoring import (
+    Subset,
+    describe_store,
+    preconditioner_text,
+    projection_text,
+    scoring_settings,
+    store_preconditioner,
+)
+from influencer.app.settings.explain import ExplainConfig
+from influencer.app.steps import build_influence, prepare
+from influencer.errors import ConfigError
+from influencer.index import EstimatorPreconditioner
+
+log = logging.getLogger("influencer.explain")
+
+__all__ = ["explain_with_store"]
+
+# Settings that the store fixes (it was built for one job): refused with --store, not ignored.
+_FIXED = ("params", "head", "train_size")
+
+
+def explain_with_store(
+    config: ExplainConfig, job: Job | None = None, *, console: bool = True
+) -> ExplainResult:
+    """Run ``influencer explain`` with ``config.store`` (see the module docstring)."""
+    assert config.store is not None
+    given = [name for name in _FIXED if getattr(config, name) is not None]
+    if given:
+        raise ConfigError(
+            f"{given[0]} cannot be combined with store: the store fixes the job it was built for (its "
+            "task, parameters, head, dtype and training); build another store with influencer index "
+            f"--{given[0].replace('_', '-')} ..."
+        )
+    resolve_device(config.device)  # a device this machine lacks is refused before anything is written
+    run_dir, root = Path(config.out), Path(config.store)
+    if same_directory(run_dir, root):
+        raise ConfigError(
+            f"--out {run_dir} is the store itself: explain writes its run elsewhere (e.g. runs/explain)"
+        )
+    check_store_task(root, config.task, job is not None)  # before anything is written
+    with RunStore(run_dir) as run, run_logging(run_dir, console) as warned:
+        log.info(
+            "influencer explain: run directory %s (%s); scores from the gradient store %s",
+            run_dir,
+            datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            root,
+        )
+        log.debug("settings: %s", config.to_json())
+        with logged_stop(log), open_store(root) as (store, record), translate_store_errors(root):
+            return _run(config, job, store, record, run, warned)
+
+
+def _run(
+    config: ExplainConfig,
+    job: Job | None,
+    store: RunStore,
+    record: dict[str, Any],
+    run: RunStore,
+    warned: list[str],
+) -> ExplainResult:
+    root = store.root
+    settings = read_job_settings(root, record, config.task, job is not None)
+    config = config.replace(**settings)  # the store's job (what the report and summary record)
+    log.info("%s", describe_store(root, record))
+    clock = Stopwatch(config.device)
+    with clock("total"):
+        prepared = prepare(config, clock, job)
+        on = prepared.on
+        evaluation, test_ids, choice = evaluate_and_choose(on, len(on.test), config, prepared.device, clock)
+        pre, estimator, damping = store_preconditioner(record, config)
+        inf, ran = build_influence(config, prepared, estimator)
+        index = open_index(root, inf, prepared.head)
+        if isinstance(pre, EstimatorPreconditioner):
+            with clock("fit"):
+                inf.fit()
+        projection, directions = projection_text(record), preconditioner_text(pre, index, inf)
+        log.info("scores: %s; test directions: %s", projection, directions)
+        with clock("scores"):
+            scores = index.scores(Subset(on.test, test_ids), preconditioner=pre).double().cpu().numpy()
+        solver: dict[str, Any] = {}
+        if isinstance(pre, EstimatorPreconditioner):
+            solver = jsonable(getattr(inf.solver, "info", {}), limit=20)
+            log.info(
+                "test directions: solved %d with %s %s",
+                len(test_ids),
+                inf.estimator.name,
+                solver_text(solver),
+            )
+        scoring = StoreScoring(
+            str(root), projection, directions, scoring_settings(root, record, pre, index),
+            isinstance(pre, EstimatorPreconditioner),
+        )  # fmt: skip
+        ran.damping = damping
+        ran.store = scoring.settings
+        top = top_k(torch.from_numpy(scores), config.top_k)
+        # the directions are projected (k), not parameter-space: no feature attributions (None)
+        ex = Explanation(
+            config, prepared.job, inf, evaluation, test_ids, scores, top, solver, choice, None,
+            optimality=_optimality(record), scoring=scoring, ran=ran,
+        )  # fmt: skip
+        log_top(ex)
+        return finish(ex, run, clock, warned)
+
+
+def _optimality(record: dict[str, Any]) -> dict[str, float] | None:
+    """How far the model is from a minimum, as measured on the store's gradients when it was built
+    (warned again here, so the run's summary carries it)."""
+    found = record.get("optimality")
+    if not isinstance(found, dict):
+        return None
+    try:
+        norm, mean = float(found["objective_gradient_norm"]), float(found["mean_example_gradient_norm"])
+    except (KeyError, TypeError, ValueError):
+        return None
+    if not (np.isfinite(norm) and np.isfinite(mean)):
+        return None
+    return optimality_of_norms(norm, mean)

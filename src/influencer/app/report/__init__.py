@@ -1,0 +1,1 @@
+"""What a run shows: the HTML report, its displays and pictures, and summary.json."""

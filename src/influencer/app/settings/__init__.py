@@ -1,0 +1,1 @@
+"""Settings of every command: frozen dataclasses resolved from defaults, a TOML file and flags."""

@@ -1,1 +1,0 @@
-"""Reproductions of the paper's experiments: data-set builders, simulations, comparisons, figures."""
