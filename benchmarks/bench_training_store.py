@@ -39,8 +39,8 @@ from common import format_table, machine, versions, write_json
 
 def digits_cnn() -> dict[str, Any]:
     from influencer import ClassificationTask
+    from influencer.datasets import load_digits
     from influencer.models import SmallCNN
-    from influencer.paper.datasets import load_digits
 
     split = load_digits(images=True, seed=0)
     torch.manual_seed(0)

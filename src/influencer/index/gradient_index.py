@@ -168,7 +168,7 @@ class GradientIndex:
         """
         if not isinstance(chunk, int) or isinstance(chunk, bool) or chunk < 1:
             raise ConfigError(f"chunk must be a positive integer (training examples per file), got {chunk!r}")
-        fisher = _fisher_kind(fisher)
+        fisher = fisher_setting(fisher)
         projector = GaussianProjector() if projector is None else projector
         if not isinstance(projector, Projector):
             raise ConfigError(
@@ -621,7 +621,7 @@ class GradientIndex:
         return all_gather_blocks(local, dim=0) if self.influence.distributed else local
 
 
-def _fisher_kind(fisher: bool | str) -> str | bool:
+def fisher_setting(fisher: bool | str) -> str | bool:
     """``build(fisher=...)`` as stored in the header: ``"layers"``, ``"full"`` or ``False``."""
     if fisher is True:
         return "full"

@@ -65,7 +65,7 @@ from influencer._kernel.data import as_examples
 from influencer._kernel.errors import ConfigError, NonFiniteError
 from influencer._kernel.files import atomic_save_array, json_roundtrip
 from influencer._kernel.fingerprint import hash_tensors
-from influencer.index.gradient_index import GradientIndex, _fisher_kind
+from influencer.index.gradient_index import GradientIndex, fisher_setting
 from influencer.index.kronecker import KroneckerProjection, KroneckerProjector, combine
 from influencer.index.store import FORMAT, VERSION, IndexStoreError, StoreLayout, mismatch
 from influencer.influence import Influence
@@ -135,7 +135,7 @@ class TrainingStoreSettings:
             )
         if not isinstance(self.chunk, int) or isinstance(self.chunk, bool) or self.chunk < 1:
             raise ConfigError(f"TrainingStoreSettings.chunk must be a positive integer, got {self.chunk!r}")
-        _fisher_kind(self.fisher)
+        fisher_setting(self.fisher)
 
 
 class _Window:
@@ -159,7 +159,7 @@ class _Window:
                 "p": self.influence.p,
                 "k": self.projection.k,
                 "chunk": settings.chunk,
-                "fisher": _fisher_kind(settings.fisher),
+                "fisher": fisher_setting(settings.fisher),
                 "training": {"step": step, "lr": self.lr},
             }
         )
