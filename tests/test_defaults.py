@@ -9,10 +9,10 @@ import re
 
 import pytest
 import torch
-from influencer.paper.datasets import load_digits
 from torch import nn
 
 from influencer import CG, EKFAC, ClassificationTask, Exact, Influence, choose_estimator
+from influencer.datasets import load_digits
 from influencer.errors import IndefiniteHessianError
 from influencer.estimators import SpectralDamping
 from influencer.models import SmallCNN
@@ -90,7 +90,9 @@ class Bare(nn.Module):
         return torch.tanh(x @ self.w) @ self.v
 
 
-def test_default_without_supported_layers_is_cg_on_gauss_newton_damped_by_the_mean_eigenvalue(digits_small):
+def test_default_without_supported_layers_is_cg_on_gauss_newton_damped_by_the_mean_eigenvalue(
+    digits_small, tmp_path
+):
     torch.manual_seed(0)
     model, task = Bare().double(), ClassificationTask(weight_decay=1e-3)
     train, test = digits_small.train, (digits_small.x_test[:3], digits_small.y_test[:3])
@@ -102,10 +104,13 @@ def test_default_without_supported_layers_is_cg_on_gauss_newton_damped_by_the_me
     assert torch.isfinite(scores).all()
     # The damping is 0.1 x trace(G)/p estimated with sign probes: within 20% of the dense trace here.
     dense = inf.curvature_product(torch.eye(inf.p, dtype=torch.float64))
-    damping = inf.solver.config.damping
+    damping = inf.solver.info["damping"]
     assert abs(damping / (0.1 * float(dense.trace()) / inf.p) - 1) < 0.2
     explicit = Influence(model, task, train, estimator=CG(damping=damping), curvature="gauss_newton").fit()
     torch.testing.assert_close(explicit.scores(test), scores, rtol=1e-6, atol=1e-12)
+    inf.save(tmp_path)  # the damping found at fit time is saved with it
+    loaded = Influence.load(tmp_path, model, task, train)
+    assert loaded.solver.info["damping"] == damping and torch.equal(loaded.scores(test), scores)
 
 
 def test_choice_follows_the_parameters_and_curvature_asked_for(cnn):

@@ -39,7 +39,7 @@ def test_setup_commands_install_the_extras_they_need_and_ci_runs_the_test_comman
     assert "pip install torch==2.13.0 -e '.[dev]'" in test and test.endswith("&& python -m pytest -q")
     with open(root / "pyproject.toml", "rb") as f:
         project = tomllib.load(f)["project"]
-    assert [d.split(">")[0] for d in project["dependencies"]] == ["torch", "numpy", "tqdm"]
+    assert [d.split(">")[0] for d in project["dependencies"]] == ["torch", "numpy", "tqdm", "safetensors"]
     extras = project["optional-dependencies"]
     assert {"click>=8.1", "matplotlib>=3.7", "scikit-learn>=1.2"} <= set(extras["app"])
     assert extras["all"] == ["influencer[app,plot,data,hf]"] and "influencer[all]" in extras["dev"]

@@ -18,8 +18,12 @@ regulariser's gradient, shared by every ``g_i``, enters the scores once as a shi
 from __future__ import annotations
 
 import copy
+import hashlib
+import json
 import logging
+import math
 from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -30,6 +34,13 @@ from influencer._kernel.curvature import Curvature, CurvatureKind
 from influencer._kernel.data import Examples, as_examples
 from influencer._kernel.distributed import all_gather_blocks, all_reduce_sum, shard
 from influencer._kernel.errors import ConfigError, DataError, NonFiniteError
+from influencer._kernel.files import (
+    atomic_write_bytes,
+    atomic_write_json,
+    describe_changes,
+    flatten,
+    json_roundtrip,
+)
 from influencer._kernel.fingerprint import hash_examples, hash_json, model_fingerprint, task_fingerprint
 from influencer._kernel.functional import HVPMode, ModelFunction, check_hvp_mode
 from influencer._kernel.progress import progress_bar
@@ -271,6 +282,96 @@ class Influence:
         self.curvature = self._curvature(self.hessian_indices)
         self._solver = self.estimator.fit(self.curvature)
         self._log_fitted()
+        return self
+
+    # ---- saving and loading the fitted state ---------------------------------------------------
+
+    def save(self, path: str | Path) -> Path:
+        """Save the fitted estimator to the directory ``path`` (created; its two files replaced).
+
+        ``solver.safetensors`` holds the tensors ``fit()`` computed (Exact's Hessian and its
+        eigendecomposition, K-FAC/EK-FAC factors, eigenbases and eigenvalues, Arnoldi's eigenpairs,
+        LiSSA's scale, a damping found at fit time; nothing for CG, which iterates at every solve);
+        ``manifest.json`` holds :meth:`settings` (the fingerprint of model, data, task and
+        settings), the solver's ``info`` and the tensors file's sha256. Each file is written
+        atomically, the manifest last. Load with :meth:`load` or :meth:`load_fitted`.
+        """
+        from safetensors.torch import save as safetensors_bytes
+
+        state = self.solver.state_dict()
+        # Column-major matrices (eigh's eigenvectors) are stored transposed and read back as the
+        # same layout, so that products with them, and the scores, are the same bit for bit.
+        columns = sorted(k for k, v in state.items() if _column_major(v))
+        data = safetensors_bytes(
+            {k: (v.mT if k in columns else v).detach().cpu().contiguous().clone() for k, v in state.items()}
+        )
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        atomic_write_bytes(path / FITTED_TENSORS, data)
+        manifest = {
+            "format": FITTED_FORMAT,
+            "settings": json_roundtrip(self.settings()),
+            "solver": type(self.solver).__name__,
+            "info": _json_safe(json_roundtrip(self.solver.info)),
+            "column_major": columns,
+            "tensors_sha256": hashlib.sha256(data).hexdigest(),
+        }
+        atomic_write_json(path / FITTED_MANIFEST, manifest)
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path, model: nn.Module, task: Task, train: Any, **kwargs: Any) -> Influence:
+        """``Influence(model, task, train, **kwargs)`` with the fitted state saved at ``path``
+        instead of ``fit()``; the arguments must be those it was saved with (see :meth:`load_fitted`)."""
+        return cls(model, task, train, **kwargs).load_fitted(path)
+
+    def load_fitted(self, path: str | Path) -> Influence:
+        """Take the fitted state saved by :meth:`save` at ``path`` in place of :meth:`fit`.
+
+        Refused, naming what changed (model, training data, task, parameters/dtype, curvature or
+        estimator), unless this object's :meth:`settings` equal the saved ones: the model's weights
+        and the code of its classes (a class defined in a script is fingerprinted with the
+        script's source, so define it in a module to share a fit between scripts), the data, the
+        task and every setting results depend on.
+        """
+        from safetensors.torch import load as safetensors_load
+
+        path = Path(path)
+        manifest_path, tensors_path = path / FITTED_MANIFEST, path / FITTED_TENSORS
+        try:
+            manifest = json.loads(manifest_path.read_text())
+            data = tensors_path.read_bytes()
+        except FileNotFoundError as exc:
+            raise ConfigError(
+                f"no saved fit at {path} ({Path(exc.filename).name} is missing): save one with "
+                "Influence.save(path) after fit()"
+            ) from None
+        except json.JSONDecodeError:
+            manifest = None
+        if not isinstance(manifest, dict) or manifest.get("format") != FITTED_FORMAT:
+            raise ConfigError(
+                f"{manifest_path} is not a saved fit ({FITTED_FORMAT}); save one with Influence.save"
+            )
+        changed = _what_changed(manifest["settings"], json_roundtrip(self.settings()))
+        if changed:
+            raise ConfigError(
+                f"the fit saved at {path} is for other inputs: {changed}. Load it with the model, data "
+                "and settings it was saved with, or fit() and save() again"
+            )
+        if hashlib.sha256(data).hexdigest() != manifest["tensors_sha256"]:
+            raise DataError(
+                f"{tensors_path} does not match its manifest (a save was interrupted or the file was "
+                "changed): fit() and save() again"
+            )
+        columns = set(manifest.get("column_major", []))
+        state = {
+            k: (v.to(self.device).mT if k in columns else v.to(self.device))
+            for k, v in safetensors_load(data).items()
+        }
+        self.fn.check(self.fn.prepare(self.train.take(torch.arange(min(2, self.n)))), self.theta)
+        self.curvature = self._curvature(self.hessian_indices)
+        self._solver = self.estimator.load_solver(self.curvature, state, manifest["info"])
+        log.info("loaded the fitted %s from %s", self.estimator.name, path)
         return self
 
     def _log_fitted(self) -> None:
@@ -543,3 +644,58 @@ class Influence:
             out.append((loss_grad * self.inverse_hvp(g)).sum(1) / self.n)
         local = torch.cat(out) if out else self.theta.new_zeros(0)
         return all_gather_blocks(local, dim=0) if self.distributed else local
+
+
+FITTED_FORMAT = "influencer.fitted/1"
+FITTED_MANIFEST = "manifest.json"
+FITTED_TENSORS = "solver.safetensors"
+
+# Settings by what a user changed; the default's reason is a statement, not an input of results.
+_SECTIONS = {
+    "gradients.model.state": "the model's weights",
+    "gradients.model.classes": "the code of the model's classes",
+    "gradients.train": "the training data",
+    "gradients.task": "the task",
+    "gradients.params": "the parameters chosen (params)",
+    "gradients.dtype": "the dtype",
+    "curvature.kind": "the curvature kind",
+    "curvature.examples": "the curvature's examples (hessian_indices)",
+    "curvature.estimator": "the estimator",
+}
+_STATEMENTS = ("curvature.chosen_by_default",)
+
+
+def _what_changed(saved: dict[str, Any], now: dict[str, Any]) -> str:
+    """Which of model, data, task, parameters, curvature and estimator differ, and how; "" if none."""
+    a, b = flatten(saved), flatten(now)
+    for key in _STATEMENTS:
+        a.pop(key, None)
+        b.pop(key, None)
+    keys = [k for k in sorted(set(a) | set(b)) if a.get(k, "unset") != b.get(k, "unset")]
+    if not keys:
+        return ""
+    labels = [label for prefix, label in _SECTIONS.items() if any(k.startswith(prefix) for k in keys)]
+    labels += ["other settings"] if not labels else []
+    if a.get("curvature.estimator.estimator") != b.get("curvature.estimator.estimator"):
+        # another estimator altogether: its name says it, not each of its settings
+        for d in (a, b):
+            for k in [
+                k for k in d if k.startswith("curvature.estimator.") and k != "curvature.estimator.estimator"
+            ]:
+                del d[k]
+    return f"{', '.join(labels)} changed ({describe_changes(a, b)})"
+
+
+def _column_major(t: Tensor) -> bool:
+    return t.ndim == 2 and min(t.shape) > 1 and not t.is_contiguous() and t.mT.is_contiguous()
+
+
+def _json_safe(obj: Any) -> Any:
+    """``obj`` with non-finite floats as strings (JSON has no NaN or infinity)."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return str(obj)
+    if isinstance(obj, list):
+        return [_json_safe(v) for v in obj]
+    if isinstance(obj, dict):
+        return {k: _json_safe(v) for k, v in obj.items()}
+    return obj

@@ -69,6 +69,11 @@ class Arnoldi(Estimator):
                 )
         return solver
 
+    def load_solver(self, curvature: Curvature, state: dict[str, Tensor], info: dict) -> ArnoldiSolver:
+        solver = ArnoldiSolver(state["values"], state["vectors"], self.damping)
+        solver.info = dict(info)
+        return solver
+
 
 # The cut is "not small" when the smallest kept |eigenvalue| exceeds this fraction of the largest.
 CUT_RATIO = 0.05
@@ -149,6 +154,9 @@ class ArnoldiSolver(Solver):
         self.values, self.vectors, self.damping = values, vectors, damping
         self.info = {"rank": int(values.numel()), "eigenvalues": values.tolist()}
         self.warned = False
+
+    def state_dict(self) -> dict[str, Tensor]:
+        return {"values": self.values, "vectors": self.vectors}
 
     def solve(self, vectors: Tensor) -> Tensor:
         u = self.vectors

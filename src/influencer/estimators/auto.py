@@ -26,14 +26,14 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from influencer._kernel.curvature import Curvature, CurvatureKind
 from influencer._kernel.data import as_examples
 from influencer._kernel.errors import ConfigError
 from influencer._kernel.functional import ModelFunction, select_parameters
 from influencer._kernel.task import Task
-from influencer.estimators.base import Estimator, Solver, require_positive
+from influencer.estimators.base import Estimator, Solver, prefixed, require_positive, unprefixed
 from influencer.estimators.cg import CG
 from influencer.estimators.ekfac import EKFAC
 from influencer.estimators.exact import Exact
@@ -198,6 +198,29 @@ class SpectralDamping(Estimator):
 
     def fit(self, curvature: Curvature) -> Solver:
         inner = self.resolved(curvature)
-        solver = inner.fit(curvature)
-        solver.info = {**solver.info, "damping": inner.damping}
-        return solver
+        return ResolvedSolver(inner.fit(curvature), inner.damping)
+
+    def load_solver(self, curvature: Curvature, state: dict[str, Tensor], info: dict[str, Any]) -> Solver:
+        damping = float(state["damping"])
+        inner = dataclasses.replace(self.estimator, damping=damping)
+        return ResolvedSolver(inner.load_solver(curvature, unprefixed(state, "inner."), info), damping)
+
+
+class ResolvedSolver(Solver):
+    """A solver fitted with a damping found at fit time (``info["damping"]``)."""
+
+    def __init__(self, inner: Solver, damping: float) -> None:
+        self.inner, self.damping = inner, damping
+
+    @property
+    def info(self) -> dict[str, Any]:  # type: ignore[override]
+        return {**self.inner.info, "damping": self.damping}
+
+    def solve(self, vectors: Tensor) -> Tensor:
+        return self.inner.solve(vectors)
+
+    def state_dict(self) -> dict[str, Tensor]:
+        return {
+            "damping": torch.tensor(self.damping, dtype=torch.float64),
+            **prefixed(self.inner.state_dict(), "inner."),
+        }

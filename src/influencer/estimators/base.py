@@ -49,6 +49,14 @@ class Estimator(ABC):
         """JSON-able settings, e.g. for cache fingerprints and reports."""
         return {"estimator": self.name, **dataclasses.asdict(self)}
 
+    def load_solver(self, curvature: Curvature, state: dict[str, Tensor], info: dict[str, Any]) -> Solver:
+        """The solver that ``fit(curvature)`` returned, rebuilt from its :meth:`Solver.state_dict`
+        (and ``info``) without fitting again."""
+        raise ConfigError(
+            f"{type(self).__name__} cannot load a saved fit: implement load_solver() and the solver's "
+            "state_dict(), or call fit()"
+        )
+
 
 class Solver(ABC):
     """A fitted estimator: applies the (approximate) damped inverse Hessian."""
@@ -58,6 +66,23 @@ class Solver(ABC):
     @abstractmethod
     def solve(self, vectors: Tensor) -> Tensor:
         """``(H + damping I)^-1 v`` for each row of ``vectors`` ``(k, p)``; returns ``(k, p)``."""
+
+    def state_dict(self) -> dict[str, Tensor]:
+        """The tensors ``fit`` computed, by name (empty when nothing was fitted), for saving; the
+        estimator's :meth:`Estimator.load_solver` rebuilds the solver from them."""
+        raise ConfigError(
+            f"{type(self).__name__} cannot be saved: implement state_dict() and its estimator's load_solver()"
+        )
+
+
+def prefixed(state: dict[str, Tensor], prefix: str) -> dict[str, Tensor]:
+    """``state`` with ``prefix`` before every name (a nested solver's part of a state dict)."""
+    return {f"{prefix}{k}": v for k, v in state.items()}
+
+
+def unprefixed(state: dict[str, Tensor], prefix: str) -> dict[str, Tensor]:
+    """The entries of ``state`` under ``prefix``, without it."""
+    return {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
 
 
 def require_positive(name: str, value: float, minimum: float = 0.0, integer: bool = False) -> None:

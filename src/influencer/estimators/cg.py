@@ -15,8 +15,10 @@ from influencer.estimators.base import (
     Estimator,
     Solver,
     check_on_unconverged,
+    prefixed,
     require_positive,
     unconverged,
+    unprefixed,
 )
 
 
@@ -77,6 +79,12 @@ class CG(Estimator):
     def fit(self, curvature: Curvature) -> CGSolver:
         return CGSolver(curvature, self)
 
+    def load_solver(self, curvature: Curvature, state: dict[str, Tensor], info: dict) -> CGSolver:
+        # Only a preconditioner is fitted; CG itself iterates at every solve.
+        pre = self.preconditioner
+        loaded = None if pre is None else pre.load_solver(curvature, unprefixed(state, "preconditioner."), {})
+        return CGSolver(curvature, self, loaded)
+
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class BlockCG(CG):
@@ -96,11 +104,20 @@ class BlockCG(CG):
 
 
 class CGSolver(Solver):
-    def __init__(self, curvature: Curvature, config: CG) -> None:
+    def __init__(self, curvature: Curvature, config: CG, preconditioner: Solver | None = None) -> None:
         self.curvature = curvature
         self.config = config
         self.info: dict = {}
-        self.preconditioner = None if config.preconditioner is None else config.preconditioner.fit(curvature)
+        self.preconditioner = preconditioner
+        if preconditioner is None and config.preconditioner is not None:
+            self.preconditioner = config.preconditioner.fit(curvature)
+
+    def state_dict(self) -> dict[str, Tensor]:
+        return (
+            {}
+            if self.preconditioner is None
+            else prefixed(self.preconditioner.state_dict(), "preconditioner.")
+        )
 
     def _precondition(self, r: Tensor) -> Tensor:
         return r if self.preconditioner is None or len(r) == 0 else self.preconditioner.solve(r)

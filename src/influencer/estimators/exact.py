@@ -49,6 +49,13 @@ class Exact(Estimator):
         h = curvature.dense(torch.float64 if self.float64 else None)
         return ExactSolver(h, self.damping, self.fallback_relative_damping)
 
+    def load_solver(self, curvature: Curvature, state: dict[str, Tensor], info: dict) -> ExactSolver:
+        solver = object.__new__(ExactSolver)
+        solver.hessian, solver.evals, solver.evecs = state["hessian"], state["evals"], state["evecs"]
+        solver.damping = float(state["damping"])
+        solver.info = dict(info)
+        return solver
+
 
 class ExactSolver(Solver):
     def __init__(self, hessian: Tensor, damping: float, fallback: float | None = None) -> None:
@@ -88,6 +95,10 @@ class ExactSolver(Solver):
             "damping": damping,
             "damping_reason": reason,
         }
+
+    def state_dict(self) -> dict[str, Tensor]:
+        damping = torch.tensor(self.damping, dtype=torch.float64)
+        return {"hessian": self.hessian, "evals": self.evals, "evecs": self.evecs, "damping": damping}
 
     def solve(self, vectors: Tensor) -> Tensor:
         q = self.evecs

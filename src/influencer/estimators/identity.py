@@ -28,10 +28,16 @@ class Identity(Estimator):
     def fit(self, curvature: Curvature) -> Solver:
         return IdentitySolver()
 
+    def load_solver(self, curvature: Curvature, state: dict[str, Tensor], info: dict) -> Solver:
+        return IdentitySolver()
+
 
 class IdentitySolver(Solver):
     def __init__(self) -> None:
         self.info = {}
+
+    def state_dict(self) -> dict[str, Tensor]:
+        return {}
 
     def solve(self, vectors: Tensor) -> Tensor:
         return vectors.clone()

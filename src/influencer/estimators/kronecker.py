@@ -277,6 +277,16 @@ class KroneckerEstimator(Estimator):
         reg = regularizer_curvature(curvature.fn, curvature.theta, layers, self.seed)
         return KroneckerSolver(layers, factors, bases, values, reg, self, curvature.p)
 
+    def load_solver(self, curvature: Curvature, state: dict[str, Tensor], info: dict) -> KroneckerSolver:
+        layers = find_layers(curvature.fn)
+        shapes = [(layer.d_out, layer.d_in) for layer in layers]
+        saved = [tuple(state[f"{i}.values"].shape) for i in range(len(state) // len(KroneckerSolver._PARTS))]
+        if shapes != saved:
+            raise ConfigError(
+                f"the saved {self.name} state has layers {saved}, this model {shapes}: fit() anew"
+            )
+        return KroneckerSolver.from_state(layers, state, self, curvature.p)
+
 
 class KroneckerSolver(Solver):
     """``V -> Q_S [(Q_S^T V Q_A) / (values + c + damping)] Q_A^T`` per layer block.
@@ -309,13 +319,42 @@ class KroneckerSolver(Solver):
                     f"(e.g. damping={max(abs(hi) * 1e-3, 1e-8):.2g}) or relative_damping (e.g. 0.1)"
                 )
             self.damped.append(d)
+        self._describe(config, reg)
+
+    def _describe(self, config: KroneckerEstimator, reg: list[float]) -> None:
+        self.config, self.reg = config, reg
         self.info = {
-            "layers": [layer.name for layer in layers],
+            "layers": [layer.name for layer in self.layers],
             "fisher": config.fisher,
             "regularizer_curvature": reg,
             "min_eigenvalue": min(float(v.min()) for v in self.values),
             "max_eigenvalue": max(float(v.max()) for v in self.values),
         }
+
+    _PARTS = ("A", "S", "Q_S", "Q_A", "values", "damped")
+
+    def state_dict(self) -> dict[str, Tensor]:
+        """Per layer ``i``: ``i.A``, ``i.S`` (factors), ``i.Q_S``, ``i.Q_A`` (eigenbases), ``i.values``
+        (eigenvalues incl. the regulariser), ``i.damped``; and ``regularizer`` ``(layers,)``."""
+        out = {"regularizer": torch.tensor(self.reg, dtype=torch.float64)}
+        parts = zip(self.factors, self.bases, self.values, self.damped, strict=True)
+        for i, ((a, s), (qs, qa), v, d) in enumerate(parts):
+            out.update(zip([f"{i}.{k}" for k in self._PARTS], (a, s, qs, qa, v, d), strict=True))
+        return out
+
+    @classmethod
+    def from_state(
+        cls, layers: list[Layer], state: dict[str, Tensor], config: KroneckerEstimator, p: int
+    ) -> KroneckerSolver:
+        """The solver whose :meth:`state_dict` is ``state``, for the same ``layers``."""
+        solver = object.__new__(cls)
+        solver.layers, solver.p = layers, p
+        a, s, qs, qa, v, d = ([state[f"{i}.{k}"] for i in range(len(layers))] for k in cls._PARTS)
+        solver.factors = list(zip(a, s, strict=True))
+        solver.bases = list(zip(qs, qa, strict=True))
+        solver.values, solver.damped = v, d
+        solver._describe(config, state["regularizer"].tolist())
+        return solver
 
     def solve(self, vectors: Tensor) -> Tensor:
         v = vectors.reshape(-1, self.p).to(self.damped[0])

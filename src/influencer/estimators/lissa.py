@@ -82,6 +82,9 @@ class LiSSA(Estimator):
                 raise ConfigError("the curvature is zero on the Hessian data; LiSSA cannot invert it")
         return LiSSASolver(curvature, self, float(scale), info)
 
+    def load_solver(self, curvature: Curvature, state: dict[str, Tensor], info: dict) -> LiSSASolver:
+        return LiSSASolver(curvature, self, float(state["scale"]), dict(info))
+
 
 class LiSSASolver(Solver):
     def __init__(self, curvature: Curvature, config: LiSSA, scale: float, info: dict) -> None:
@@ -89,6 +92,9 @@ class LiSSASolver(Solver):
         self.config = config
         self.scale = scale
         self.info = {**info, "scale": scale}
+
+    def state_dict(self) -> dict[str, Tensor]:
+        return {"scale": torch.tensor(self.scale, dtype=torch.float64)}  # the power iteration's, if any
 
     def solve(self, vectors: Tensor) -> Tensor:
         cfg = self.config
