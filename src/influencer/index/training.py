@@ -145,8 +145,15 @@ class _Window:
         settings = store.settings
         self.step, self.lr = step, float(lr)
         self.influence = Influence(
-            store.model, store.task, store.train, params=store.params, batch_size=store.batch_size
+            store.model, store.task, store.train, batch_size=store.batch_size, **store.influence_options
         )
+        # the first window's choices (the default estimator picks the parameters) for the others,
+        # which then skip choosing them again
+        store.influence_options = {
+            "params": list(self.influence.fn.names),
+            "estimator": self.influence.estimator,
+            "curvature": self.influence.curvature_kind,
+        }
         fn = self.influence.fn
         self.projection: KroneckerProjection = settings.projector.bind(fn)
         self.layout = StoreLayout(Path(store.path) / f"step-{step:08d}")
@@ -345,7 +352,7 @@ class TrainingStore:
         self.model, self.task, self.train = model, task, as_examples(train)
         self.path = Path(path)
         self.settings = settings
-        self.params = list(params) if params is not None else None
+        self.influence_options: dict[str, Any] = {"params": list(params) if params is not None else None}
         self.batch_size = batch_size
         self.steps = 0  # step() calls so far
         self.window: _Window | None = None
