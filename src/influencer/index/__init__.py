@@ -15,8 +15,13 @@ Build once, query many times without ever forming the ``m x n`` score matrix::
 * :mod:`~influencer.index.preconditioners`: the projected Fisher (after projection), the
   influence's estimator, e.g. EK-FAC (before projection), or none.
 * :mod:`~influencer.index.results`: checkpointed query results (:class:`QueryResult`).
+* :mod:`~influencer.index.training`: :class:`TrainingStore`, stores collected during training from the
+  training step's own backward pass; :mod:`~influencer.index.checkpoints`: :class:`CheckpointStores`,
+  queries summed over checkpoints with their learning rates (TracIn); :mod:`~influencer.index.trainer`:
+  the Hugging Face ``Trainer`` callback.
 """
 
+from influencer.index.checkpoints import CheckpointStores
 from influencer.index.gradient_index import GradientIndex
 from influencer.index.kronecker import KroneckerProjector
 from influencer.index.preconditioners import (
@@ -35,8 +40,10 @@ from influencer.index.projectors import (
 from influencer.index.registry import projector_from_settings
 from influencer.index.results import QueryResult
 from influencer.index.store import IndexStoreError
+from influencer.index.training import TrainingStore, TrainingStoreSettings
 
 __all__ = [
+    "CheckpointStores",
     "EstimatorPreconditioner",
     "GaussianProjector",
     "GradientIndex",
@@ -50,5 +57,7 @@ __all__ = [
     "Projector",
     "QueryResult",
     "RademacherProjector",
+    "TrainingStore",
+    "TrainingStoreSettings",
     "projector_from_settings",
 ]

@@ -70,6 +70,10 @@ class _Slice(Examples):
 
 
 def _check_finite(rows: Tensor, ids: Tensor, what: str) -> None:
+    # a row's sum is NaN or infinite if any entry is (one reduction instead of a (B, k) mask); only
+    # then, or when a sum of finite entries overflows, are the entries looked at
+    if bool(torch.isfinite(rows.sum(dim=1)).all()):
+        return
     bad = ~torch.isfinite(rows).all(dim=1)
     if bad.any():
         raise NonFiniteError(
@@ -170,7 +174,7 @@ class GradientIndex:
         """
         if not isinstance(chunk, int) or isinstance(chunk, bool) or chunk < 1:
             raise ConfigError(f"chunk must be a positive integer (training examples per file), got {chunk!r}")
-        fisher = _fisher_kind(fisher)
+        fisher = fisher_setting(fisher)
         projector = GaussianProjector() if projector is None else projector
         if not isinstance(projector, Projector):
             raise ConfigError(
@@ -299,12 +303,15 @@ class GradientIndex:
         """Projected objective gradients ``(rows, k)`` of training ids ``first .. first + rows``."""
         fn = influence.fn
         ids = torch.arange(first, first + rows)
-        parts = []
+        out = None
         for idx, batch in influence.train.chunks(influence.batch_size, ids):
             x = projection.gradients(fn, influence.theta, fn.prepare(batch), "loss")
             _check_finite(x, idx, "training-loss")
-            parts.append(x)
-        return torch.cat(parts)
+            if out is None:  # the chunk's rows in place, instead of concatenating its batches
+                out = x.new_empty(rows, x.shape[1])
+            out[idx[0] - first : idx[-1] + 1 - first] = x
+        assert out is not None
+        return out
 
     @staticmethod
     def _commit(
@@ -636,7 +643,7 @@ class GradientIndex:
         return all_gather_blocks(local, dim=0) if self.influence.distributed else local
 
 
-def _fisher_kind(fisher: bool | str) -> str | bool:
+def fisher_setting(fisher: bool | str) -> str | bool:
     """``build(fisher=...)`` as stored in the header: ``"layers"``, ``"full"`` or ``False``."""
     if fisher is True:
         return "full"

@@ -36,9 +36,11 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Callable
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call, grad
 
@@ -128,6 +130,104 @@ class _OutputCapture(LayerCapture):
         return record
 
 
+def input_projector(layer: Layer, p_in: Tensor) -> Callable[[Tensor, int], Tensor]:
+    """``(layer input, B) -> P_in a_t``, rows ``(B, T, k_in)``, in one fused operation.
+
+    ``F.linear`` with ``P_in``'s weight and bias columns, or for a convolution a convolution whose
+    ``k_in`` kernels are ``P_in``'s rows: the same rows as ``layer.inputs(x, B) @ P_in^T`` up to
+    rounding, without forming the activation rows (for a convolution, the unfolded patches) or
+    copying them to append the bias column. An input the layer model cannot represent goes to
+    ``layer.inputs``, which raises its error.
+    """
+    module = layer.module
+    if not layer.weight:
+        return lambda x, b: layer.inputs(x, b) @ p_in.T
+    d = layer.d_in - int(layer.bias)
+    weight, bias = p_in[:, :d], (p_in[:, d] if layer.bias else None)
+    if isinstance(module, nn.Conv2d):
+        kernels = weight.reshape(p_in.shape[0], module.in_channels, *module.kernel_size)
+        pad = module._reversed_padding_repeated_twice
+        mode = "constant" if module.padding_mode == "zeros" else module.padding_mode
+
+        def conv(x: Tensor, b: int) -> Tensor:
+            if x.ndim != 4 or x.shape[0] != b:
+                return layer.inputs(x, b)
+            x = F.pad(x, pad, mode=mode) if any(pad) else x
+            y = F.conv2d(x, kernels, bias, module.stride, 0, module.dilation)  # (B, k_in, H', W')
+            return y.flatten(2).transpose(1, 2)
+
+        return conv
+
+    def dense(x: Tensor, b: int) -> Tensor:
+        if x.ndim < 2 or x.shape[0] != b:
+            return layer.inputs(x, b)
+        return F.linear(x.reshape(b, -1, x.shape[-1]), weight, bias)
+
+    return dense
+
+
+def combine(projected_inputs: list[Tensor], projected_grads: list[Tensor | None], k_out: int) -> Tensor:
+    """One layer's ``(B, k_out, k_in)`` = ``sum_t (P_out g_t)(P_in a_t)^T`` over its calls.
+
+    Per call: ``P_in a`` ``(B, T, k_in)`` and ``P_out g`` ``(B, T, k_out)`` (None: no gradient).
+    """
+    total = None
+    for pa, pg in zip(projected_inputs, projected_grads, strict=True):
+        if pg is None:
+            pg = pa.new_zeros(*pa.shape[:2], k_out)
+        # for one position an outer product, which is cheaper than a batched matmul of 1-wide matrices
+        y = pg[:, 0, :, None] * pa[:, 0, None, :] if pg.shape[1] == 1 else pg.mT @ pa
+        total = y if total is None else total + y
+    assert total is not None
+    return total
+
+
+class _ProjectingCapture:
+    """Forward hooks keeping each layer call's projected inputs ``P_in a`` and its output (and the
+    activation rows too when ``rows``, to check the layer model); tensor hooks keep the output
+    gradients' rows."""
+
+    def __init__(
+        self, layers: list[Layer], inputs: list[Callable[[Tensor, int], Tensor]], rows: bool
+    ) -> None:
+        self.layers, self.inputs, self.keep_rows = layers, inputs, rows
+        self.handles: list[Any] = []
+
+    def __enter__(self) -> _ProjectingCapture:
+        self.handles = [
+            layer.module.register_forward_hook(self._forward(i)) for i, layer in enumerate(self.layers)
+        ]
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for h in self.handles:
+            h.remove()
+
+    def start(self, batch: int) -> None:
+        self.batch = batch
+        self.projected: list[list[Tensor]] = [[] for _ in self.layers]
+        self.acts: list[list[Tensor]] = [[] for _ in self.layers]
+        self.grads: list[dict[int, Tensor]] = [{} for _ in self.layers]
+        self.outputs: list[tuple[int, int, Tensor, int]] = []  # (layer, call, output, version)
+
+    def _forward(self, i: int):
+        layer, project = self.layers[i], self.inputs[i]
+
+        def hook(module: nn.Module, inputs: tuple[Any, ...], output: Tensor) -> None:
+            call = len(self.projected[i])
+            with torch.no_grad():
+                self.projected[i].append(project(inputs[0], self.batch))
+            if self.keep_rows:
+                self.acts[i].append(layer.inputs(inputs[0], self.batch))
+            if not output.requires_grad:
+                raise ConfigError(f"layer {layer.name!r} ran without autograd (torch.no_grad in the task?)")
+            # registered now, it sees this output's gradient even if the model edits it in place later
+            output.register_hook(lambda g: self.grads[i].__setitem__(call, layer.output_grads(g, self.batch)))
+            self.outputs.append((i, call, output, output._version))
+
+        return hook
+
+
 class KroneckerProjection(Projection):
     """A :class:`KroneckerProjector` bound to a model: per layer ``(P_out, P_in)`` and offsets."""
 
@@ -157,6 +257,9 @@ class KroneckerProjection(Projection):
         self.offsets = [sum(sizes[:i]) for i in range(len(sizes) + 1)]
         self.k = self.offsets[-1]
         self.info = {"k": self.k, "layers": dims}
+        self.inputs = [
+            input_projector(layer, p_in) for layer, (_, p_in) in zip(layers, self.factors, strict=True)
+        ]
         self._verified = False  # the layer model is checked against autograd on the first batch
         self._reg: tuple[Tensor, Tensor] | None = None  # (theta, projected grad Omega)
 
@@ -184,12 +287,51 @@ class KroneckerProjection(Projection):
     def gradients(self, fn: ModelFunction, theta: Tensor, batch: Any, kind: GradientKind) -> Tensor:
         self._check_fitted()
         b = batch_size_of(batch)
-        acts, rows, dtype = self._layer_rows(fn, theta, batch, kind)
-        with torch.no_grad():  # the activations carry the forward graph; the projection needs none
-            projected = self._project_rows(acts, rows, b, dtype)
+        method = fn.task.loss if kind == "loss" else fn.task.measurement
+        t = theta.detach().requires_grad_(True)
+        with (
+            _ProjectingCapture(self.layers, self.inputs, rows=not self._verified) as cap,
+            torch.enable_grad(),
+        ):
+            cap.start(b)
+            values = functional_call(fn.bound, fn.state(t), (method, batch))  # (B,)
+            self._check_called(cap.projected)
+            modified = any(out._version != v for _, _, out, v in cap.outputs)
+            if not self._verified or modified:
+                # Full backward: the tensor hooks see every output gradient even if a later op
+                # edited an output in place; the first batch also checks the layer model.
+                g_theta = torch.autograd.grad(values.sum(), t)[0]
+                if not self._verified:
+                    check_layer_model(self.layers, cap.acts, _gradient_rows(self.layers, cap), g_theta)
+                    self._verified = True
+            else:
+                # Only the layers' output gradients: the weight-gradient products are skipped.
+                outs = [out for _, _, out, _ in cap.outputs]
+                grads = torch.autograd.grad(values.sum(), outs, allow_unused=True)
+                for (i, call, _, _), g in zip(cap.outputs, grads, strict=True):
+                    if g is not None:
+                        cap.grads[i][call] = self.layers[i].output_grads(g, b)
+        with torch.no_grad():
+            out = torch.empty(b, self.k, dtype=values.dtype, device=self.factors[0][0].device)
+            for i, (p_out, _) in enumerate(self.factors):
+                pg = [
+                    cap.grads[i][c] @ p_out.T if c in cap.grads[i] else None
+                    for c in range(len(cap.projected[i]))
+                ]
+                out[:, self.offsets[i] : self.offsets[i + 1]] = combine(
+                    cap.projected[i], pg, p_out.shape[0]
+                ).flatten(1)
         if kind == "loss":
-            projected += self._regularizer(fn, theta)
-        return projected
+            out += self._regularizer(fn, theta)
+        return out
+
+    def _check_called(self, calls: list[list[Tensor]]) -> None:
+        for i, layer in enumerate(self.layers):
+            if not calls[i]:
+                raise ConfigError(
+                    f"layer {layer.name!r} was not called by the model's forward (its weights may be "
+                    "used functionally); leave it out of params=[...] or use a GaussianProjector"
+                )
 
     def _layer_rows(
         self, fn: ModelFunction, theta: Tensor, batch: Any, kind: GradientKind
@@ -278,27 +420,25 @@ class KroneckerProjection(Projection):
     def _set_factors(self, factors: list[tuple[Tensor, Tensor]]) -> None:
         dtype, device = self.factors[0][0].dtype, self.factors[0][0].device
         self.factors = [(o.to(device, dtype), i.to(device, dtype)) for o, i in factors]
+        self.inputs = [
+            input_projector(layer, p_in) for layer, (_, p_in) in zip(self.layers, self.factors, strict=True)
+        ]
         self._reg = None  # projected with the old basis
         self._fitted = True
-
-    def _project_rows(self, acts: list[list[Tensor]], rows: list[list[Tensor]], b: int, dtype) -> Tensor:
-        out = torch.empty(b, self.k, dtype=dtype, device=self.factors[0][0].device)
-        for i, (p_out, p_in) in enumerate(self.factors):
-            total = None
-            for a, g in zip(acts[i], rows[i], strict=True):  # (B, T, d_in), (B, T, d_out) per call
-                pg, pa = g @ p_out.T, a @ p_in.T  # (B, T, k_out), (B, T, k_in)
-                # (B, k_out, k_in) = sum_t (P_out g_t)(P_in a_t)^T; for one position an outer product,
-                # which is cheaper than a batched matmul of 1-wide matrices
-                y = pg[:, 0, :, None] * pa[:, 0, None, :] if pg.shape[1] == 1 else pg.mT @ pa
-                total = y if total is None else total + y
-            out[:, self.offsets[i] : self.offsets[i + 1]] = total.flatten(1)
-        return out
 
     def _regularizer(self, fn: ModelFunction, theta: Tensor) -> Tensor:
         """``P grad Omega(theta)`` ``(k,)``: every example's objective term carries it."""
         if self._reg is None or self._reg[0] is not theta:
             self._reg = (theta, self.project(grad(fn.regularizer)(theta.detach())[None])[0])
         return self._reg[1]
+
+
+def _gradient_rows(layers: list[Layer], cap: _ProjectingCapture) -> list[list[Tensor]]:
+    """Per layer and call: output-gradient rows ``(B, T, d_out)`` (zero where there was none)."""
+    return [
+        [cap.grads[i].get(c, a.new_zeros(*a.shape[:2], layer.d_out)) for c, a in enumerate(cap.acts[i])]
+        for i, layer in enumerate(layers)
+    ]
 
 
 def _top_eigenvectors(m: Tensor, k: int) -> Tensor:

@@ -1,0 +1,213 @@
+"""The cost of collecting a gradient store during training (``influencer.index.TrainingStore``).
+
+Two models, each trained with a plain PyTorch loop: the digits CNN (``SmallCNN``, 1,348 training
+images 8 x 8, Adam, batch 64 as in the ``influencer explain`` digits job) and a tiny GPT-2 (4
+layers, width 128, 1,024 sequences of 64 tokens from a random bigram table, AdamW, batch 16, the
+model's own token-mean loss). Two identical copies of each are trained side by side, step by step
+in turn on the same batches, so that both see the same machine load: one plainly, one collecting a
+store in every epoch (a window opened at the epoch's first step, so each epoch writes one complete
+store: the window's set-up, the hooks of every step, the chunks and manifest; the first window also
+checks its first batch and hashes the model's classes and the data, later ones the weights only).
+After a warm-up epoch, ``--repeats`` epochs; the table reports the median epoch (the sum of its
+steps' times) of each copy and:
+
+* ``per_epoch``: collecting epoch / plain epoch, the overhead when every epoch is a checkpoint;
+* ``schedule``: the overhead of ``--checkpoints`` stores over ``--epochs`` epochs of training,
+  ``1 + C (collect - plain) / (E plain)``, the usual use (a few checkpoints of a longer run).
+
+The projection is Kronecker ``--k x --k`` per layer, random basis (a PCA basis adds its fit, a
+forward and backward pass over ``pca_examples`` examples, per checkpoint), float32 storage, no
+Fisher (TracIn-style queries need none)::
+
+    python benchmarks/bench_training_store.py --threads 1 --json out/training_store.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from common import format_table, machine, versions, write_json
+
+
+def digits_cnn() -> dict[str, Any]:
+    from influencer import ClassificationTask
+    from influencer.datasets import load_digits
+    from influencer.models import SmallCNN
+
+    split = load_digits(images=True, seed=0)
+    torch.manual_seed(0)
+    model = SmallCNN(10, 16)
+    task = ClassificationTask(weight_decay=1e-3)
+    x, y = split.x_train.float(), split.y_train
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+
+    def loss(ids: torch.Tensor) -> torch.Tensor:
+        batch = (x[ids], y[ids])
+        return task.loss(model, batch).mean() + task.regularizer(dict(model.named_parameters()))
+
+    return {
+        "name": "digits-cnn",
+        "model": model,
+        "task": task,
+        "data": (x, y),
+        "n": len(x),
+        "batch": 64,
+        "opt": opt,
+        "loss": loss,
+        "scale": "mean",
+        "params": None,
+    }
+
+
+def tiny_gpt2() -> dict[str, Any]:
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from influencer.tasks.huggingface import CausalLMTask
+
+    torch.manual_seed(0)
+    n, t, vocab = 1024, 64, 512
+    config = GPT2Config(
+        vocab_size=vocab, n_positions=t, n_embd=128, n_layer=4, n_head=4, resid_pdrop=0.0,
+        embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=0, eos_token_id=0,
+    )  # fmt: skip
+    model = GPT2LMHeadModel(config)
+    # tokens from a random bigram table, so there is something to learn
+    gen = torch.Generator().manual_seed(0)
+    table = torch.randint(0, vocab, (vocab, 4), generator=gen)
+    tokens = torch.empty(n, t, dtype=torch.long)
+    tokens[:, 0] = torch.randint(0, vocab, (n,), generator=gen)
+    for i in range(1, t):
+        tokens[:, i] = table[tokens[:, i - 1], torch.randint(0, 4, (n,), generator=gen)]
+    data = {"input_ids": tokens, "attention_mask": torch.ones_like(tokens), "labels": tokens.clone()}
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.0)
+    params = [name for name, _ in model.named_parameters() if name.endswith(("c_attn.weight", "c_attn.bias",
+              "c_proj.weight", "c_proj.bias", "c_fc.weight", "c_fc.bias"))]  # fmt: skip
+
+    def loss(ids: torch.Tensor) -> torch.Tensor:
+        return model(input_ids=tokens[ids], labels=tokens[ids]).loss  # mean over the batch's tokens
+
+    batch = 16
+    return {
+        "name": "gpt2-tiny",
+        "model": model,
+        "task": CausalLMTask(),
+        "data": data,
+        "n": n,
+        "batch": batch,
+        "opt": opt,
+        "loss": loss,
+        "scale": float(batch * (t - 1)),  # the loss divides the summed token losses by this
+        "params": params,
+    }
+
+
+PROBLEMS = {"digits-cnn": digits_cnn, "gpt2-tiny": tiny_gpt2}
+
+
+def step(problem: dict[str, Any], ids: torch.Tensor, store: Any) -> float:
+    """One training step (wrapped in ``store.step`` when a store is given); seconds."""
+    opt = problem["opt"]
+    start = time.perf_counter()
+    ctx = store.step(ids, lr=opt.param_groups[0]["lr"]) if store is not None else contextlib.nullcontext()
+    with ctx:
+        loss = problem["loss"](ids)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+    opt.step()
+    return time.perf_counter() - start
+
+
+def run(name: str, args: argparse.Namespace) -> dict[str, Any]:
+    """Two identical copies of the problem, one trained plainly and one collecting, step by step in
+    turn, so that both see the same machine load; per epoch the sum of each copy's step times."""
+    from influencer.index import KroneckerProjector, TrainingStore, TrainingStoreSettings
+
+    plain_problem, problem = PROBLEMS[name](), PROBLEMS[name]()
+    for p in (plain_problem, problem):
+        p["model"].train()
+    projector = KroneckerProjector(k_in=args.k, k_out=args.k, basis=args.basis)
+    steps = -(-problem["n"] // problem["batch"])  # per epoch
+    checkpoints = tuple(range(0, (args.repeats + 1) * steps, steps))  # every epoch but the warm-up
+    settings = TrainingStoreSettings(
+        checkpoints=checkpoints[1:], projector=projector, loss_scale=problem["scale"]
+    )
+    gen = torch.Generator().manual_seed(0)
+    plain, collect = [], []
+    with tempfile.TemporaryDirectory() as tmp:
+        store = TrainingStore(
+            problem["model"], problem["task"], problem["data"], Path(tmp), settings, params=problem["params"]
+        )
+        for r in range(args.repeats + 1):  # the first epoch warms up (allocator, first calls)
+            order = torch.randperm(problem["n"], generator=gen)
+            times = [0.0, 0.0]
+            for ids in order.split(problem["batch"]):
+                times[0] += step(plain_problem, ids, None)
+                times[1] += step(problem, ids, store)
+            if r:
+                plain.append(times[0])
+                collect.append(times[1])
+        assert len(store.finish()) == args.repeats
+    p, c = statistics.median(plain), statistics.median(collect)
+    sched = 1 + args.checkpoints * (c - p) / (args.epochs * p)
+    return {
+        "problem": name,
+        "n": problem["n"],
+        "batch": problem["batch"],
+        "k_per_layer": args.k,
+        "plain_s": p,
+        "collect_s": c,
+        "per_epoch": c / p,
+        "schedule": sched,
+        "plain_all": plain,
+        "collect_all": collect,
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--problems", default=",".join(PROBLEMS))
+    parser.add_argument("--k", type=int, default=16, help="Kronecker k_in = k_out per layer")
+    parser.add_argument("--basis", default="random", choices=("random", "pca"))
+    parser.add_argument("--repeats", type=int, default=5, help="epochs of each kind (medians reported)")
+    parser.add_argument("--epochs", type=int, default=20, help="training epochs of the schedule column")
+    parser.add_argument("--checkpoints", type=int, default=4, help="stores collected in the schedule column")
+    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--json", default=None, metavar="PATH")
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    env = {
+        "machine": machine(torch.device("cpu")),
+        "versions": versions(("influencer", "torch", "transformers")),
+    }
+    print("machine: " + ", ".join(f"{k}={v}" for k, v in env["machine"].items()), flush=True)
+    rows = [run(name, args) for name in args.problems.split(",") if name]
+    table = [
+        [r["problem"], r["n"], r["batch"], r["plain_s"], r["collect_s"], r["per_epoch"], r["schedule"]]
+        for r in rows
+    ]
+    header = [
+        "problem",
+        "n",
+        "batch",
+        "plain_s",
+        "collect_s",
+        "per_epoch",
+        f"schedule {args.checkpoints}/{args.epochs}",
+    ]
+    print(format_table(table, header, align="lrrrrrr"))
+    if args.json:
+        write_json(args.json, {**env, "args": vars(args), "rows": rows})
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

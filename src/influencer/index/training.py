@@ -1,0 +1,533 @@
+"""A gradient store collected during training, from the backward passes training already runs.
+
+A Kronecker projection (:mod:`influencer.index.kronecker`) needs, per layer and example, only the
+layer's inputs ``a_t`` and the gradients of its outputs ``g_t``: ``(P_out ⊗ P_in) vec(DW) =
+vec(sum_t (P_out g_t)(P_in a_t)^T)``. A training step computes both for its batch: hooks on the
+layers project the inputs in the forward pass and the output gradients in the backward pass, and
+one small product per layer gives every example's projected gradient. No extra forward or backward
+pass, and no ``p``-dimensional per-example gradient, is ever formed::
+
+    store = TrainingStore(model, task, (x, y), "runs/store", TrainingStoreSettings(
+        checkpoints=(0, 500), projector=KroneckerProjector(k_in=24, k_out=24, basis="random")))
+    for step, ids in enumerate(batches):                   # ids: the batch's training-example ids
+        with store.step(ids, lr=opt.param_groups[0]["lr"]):
+            loss = task.loss(model, (x[ids], y[ids])).mean()   # the loss training backpropagates
+            opt.zero_grad()
+            loss.backward()
+        opt.step()
+    store.finish()                                         # raises if a window saw too few examples
+
+**Windows.** At each checkpoint step ``s`` (counted in ``step()`` calls, from 0) a window opens,
+before that step's forward pass, at the parameters ``theta_s``; it records the projected gradient
+of every example in the following steps' batches (the first time it appears) until all ``n``
+training examples were seen, i.e. one epoch, and is then written as a store in ``<path>/step-<s>``:
+the format of :meth:`~influencer.index.GradientIndex.build`, whose header (fingerprint of the model
+at ``theta_s``, projector, ``n``, ``k``, chunk) gains ``"training": {"step", "lr"}``; the
+model state at ``theta_s`` (floating parameters and buffers, ``parameters.npy``) goes with it, so
+:class:`~influencer.index.checkpoints.CheckpointStores` can rebuild the
+model at every checkpoint. :meth:`GradientIndex.open <influencer.index.GradientIndex.open>` opens
+it like any store, for the model at ``theta_s``.
+
+**What a row holds.** Row ``i`` is ``P grad(loss_i)(theta_t) + P grad Omega(theta_s)`` where ``t``
+is the step of the window that saw example ``i``: the loss gradient training computed (TracIn's
+per-step gradient), the task's regulariser at the checkpoint. When the parameters do not move
+during the window (gradient accumulation over the epoch, i.e. full-batch steps) it is exactly the
+row :meth:`GradientIndex.build` computes at ``theta_s``: the same operations
+(:func:`~influencer.index.kronecker.input_projector`, :func:`~influencer.index.kronecker.combine`),
+so bit for bit when ``loss_scale`` is a power of two (the rescaling is then exact) and the batches
+are the same, up to float rounding otherwise. The gradients
+are those of the module's mode during training: dropout or batch statistics make them differ from
+the evaluation-mode gradients of a post-hoc store. The first window's first step is checked
+against a post-hoc projection of its batch (``check=True``), which catches a training loss that
+is not the one ``loss_scale`` describes.
+
+Cost per collected step: per layer two thin products (``B T d k`` for each side) and one
+``(k_out, k_in)`` product per example, then the rows of the window are held in memory until it
+closes (``n k`` values) and written in chunks; a PCA basis costs its fit (a forward and backward
+pass over ``pca_examples`` training examples) when the window opens; ``fisher`` costs ``n sum_l
+k_l^2`` when it closes. ``benchmarks/bench_training_store.py`` measures the overhead.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+from torch.func import grad
+
+from influencer._kernel.data import as_examples
+from influencer._kernel.errors import ConfigError, NonFiniteError
+from influencer._kernel.files import atomic_save_array, json_roundtrip
+from influencer._kernel.fingerprint import hash_tensors
+from influencer.index.gradient_index import GradientIndex, fisher_setting
+from influencer.index.kronecker import KroneckerProjection, KroneckerProjector, combine
+from influencer.index.store import FORMAT, VERSION, IndexStoreError, StoreLayout, mismatch
+from influencer.influence import Influence
+
+_TORCH_DTYPES = {"float16": torch.float16, "float32": torch.float32, "float64": torch.float64}
+LossScale = str | float | Callable[[Tensor], "float | Tensor"]
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class TrainingStoreSettings:
+    """What a :class:`TrainingStore` collects, validated on construction.
+
+    Args:
+        checkpoints: the steps (``step()`` calls, from 0) at which a window opens; increasing.
+        projector: a :class:`~influencer.index.KroneckerProjector` (the only projection that needs
+            nothing but the layers' inputs and output gradients).
+        loss_scale: how the loss training backpropagates relates to the task's per-example
+            losses: ``"mean"`` (their mean over the batch, the default), ``"sum"`` (their sum), a
+            number ``c`` (their sum divided by ``c``, e.g. ``n`` for full-batch accumulation), or a
+            callable ``ids -> c`` (a number or one per example, ``(B,)``).
+        chunk: training examples per stored chunk, as in ``GradientIndex.build``.
+        fisher: also store the projected Fisher (``"layers"``, ``"full"``) for ``ProjectedFisher``
+            queries; default ``False`` (TracIn-style queries need none).
+        check: compare the first window's first batch with a post-hoc projection at the same
+            parameters (one extra forward and backward pass of that batch).
+        overwrite: replace a store built from other inputs in a checkpoint's directory.
+    """
+
+    checkpoints: tuple[int, ...]
+    projector: KroneckerProjector
+    loss_scale: LossScale = "mean"
+    chunk: int = 2048
+    fisher: bool | str = False
+    check: bool = True
+    overwrite: bool = False
+
+    def __post_init__(self) -> None:
+        steps = tuple(self.checkpoints) if isinstance(self.checkpoints, (list, tuple, range)) else None
+        if (
+            not steps
+            or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in steps)
+            or list(steps) != sorted(set(steps))
+        ):
+            raise ConfigError(
+                "TrainingStoreSettings.checkpoints must be a non-empty increasing sequence of step "
+                f"numbers >= 0 (step() calls, from 0), got {self.checkpoints!r}"
+            )
+        object.__setattr__(self, "checkpoints", steps)
+        if not isinstance(self.projector, KroneckerProjector):
+            raise ConfigError(
+                "TrainingStoreSettings.projector must be a KroneckerProjector: a training step yields the "
+                "layers' inputs and output gradients, not per-example gradients, so a dense projection "
+                f"(got {type(self.projector).__name__}) would need a pass of its own; use "
+                "GradientIndex.build after training for it"
+            )
+        scale = self.loss_scale
+        ok = (
+            scale in ("mean", "sum")
+            if isinstance(scale, str)
+            else callable(scale)
+            or (isinstance(scale, (int, float)) and not isinstance(scale, bool) and scale > 0)
+        )
+        if not ok:
+            raise ConfigError(
+                "TrainingStoreSettings.loss_scale must be 'mean', 'sum', a positive number or a callable "
+                f"ids -> number, got {scale!r}"
+            )
+        if not isinstance(self.chunk, int) or isinstance(self.chunk, bool) or self.chunk < 1:
+            raise ConfigError(f"TrainingStoreSettings.chunk must be a positive integer, got {self.chunk!r}")
+        fisher_setting(self.fisher)
+
+
+class _Window:
+    """One checkpoint's collection: the model at ``theta_s``, its projection, the rows seen so far."""
+
+    def __init__(self, store: TrainingStore, step: int, lr: float) -> None:
+        settings = store.settings
+        self.step, self.lr = step, float(lr)
+        self.influence = Influence(
+            store.model, store.task, store.train, batch_size=store.batch_size, **store.influence_options
+        )
+        # the first window's choices (the default estimator picks the parameters) for the others,
+        # which then skip choosing them again
+        store.influence_options = {
+            "params": list(self.influence.fn.names),
+            "estimator": self.influence.estimator,
+            "curvature": self.influence.curvature_kind,
+        }
+        fn = self.influence.fn
+        self.projection: KroneckerProjection = settings.projector.bind(fn)
+        self.layout = StoreLayout(Path(store.path) / f"step-{step:08d}")
+        self.header = json_roundtrip(
+            {
+                "fingerprint": store.fingerprint(self.influence),
+                "projector": settings.projector.settings(),
+                "projection": self.projection.info,
+                "n": self.influence.n,
+                "p": self.influence.p,
+                "k": self.projection.k,
+                "chunk": settings.chunk,
+                "fisher": fisher_setting(settings.fisher),
+                "training": {"step": step, "lr": self.lr},
+            }
+        )
+        self.done = self._open_layout(settings.overwrite)
+        if self.done:
+            return
+        if self.projection.needs_fit:
+            self.projection.fit(self.influence)
+        theta = self.influence.theta
+        self.regularizer = self.projection.project(grad(fn.regularizer)(theta.detach())[None])[0]
+        n, k = self.influence.n, self.projection.k
+        self.rows = torch.empty(n, k, dtype=fn.dtype, device=fn.device)  # (n, k)
+        self.seen = torch.zeros(n, dtype=torch.bool)
+        self.count = 0  # ids seen
+        self._start_manifest()
+
+    def _open_layout(self, overwrite: bool) -> bool:
+        """Whether a complete store from the same inputs is already there (nothing to collect)."""
+        layout = self.layout
+        layout.check_empty_or_index()
+        layout.check_writable()
+        old = layout.read_manifest()
+        if old is None:
+            return False
+        if old["header"] == self.header:
+            return old["status"] == "complete"
+        if not overwrite:
+            raise IndexStoreError(
+                f"{layout.root} holds an index built from other inputs "
+                f"({mismatch(old['header'], self.header)}); "
+                "pass TrainingStoreSettings(overwrite=True) to replace it, or choose another path"
+            )
+        return False
+
+    def _start_manifest(self) -> None:
+        layout = self.layout
+        layout.clear()
+        layout.check_writable()
+        self.manifest: dict[str, Any] = {
+            "format": FORMAT,
+            "version": VERSION,
+            "status": "building",
+            "header": self.header,
+            "chunks": [],
+        }
+        if self.projection.needs_fit:
+            sha = atomic_save_array(layout.basis_path, self.projection.state().numpy())
+            self.manifest["basis"] = {"file": layout.basis_path.name, "sha256": sha}
+        params = self.layout.root / "parameters.npy"
+        names, state = model_state(self.influence.fn.model)
+        sha = atomic_save_array(params, state.numpy())
+        self.manifest["parameters"] = {"file": params.name, "sha256": sha, "names": names}
+        layout.write_manifest(self.manifest)
+
+    def add(self, ids: Tensor, rows: Tensor) -> None:
+        """Keep the rows ``(B, k)`` of ids not seen yet (an id repeated in the batch: its first row)."""
+        fresh = ~self.seen[ids]
+        self.seen[ids] = True
+        count = int(self.seen.sum())
+        if count - self.count == len(ids):  # the usual batch: distinct ids, none seen before
+            self.rows[ids.to(self.rows.device)] = rows
+        else:
+            unique, inverse = torch.unique(ids, return_inverse=True)
+            first = torch.full((len(unique),), len(ids)).scatter_reduce(
+                0, inverse, torch.arange(len(ids)), "amin"
+            )
+            keep = first[fresh[first]]  # positions in the batch: first occurrences of unseen ids
+            self.rows[ids[keep].to(self.rows.device)] = rows[keep.to(rows.device)]
+        self.count = count
+
+    @property
+    def complete(self) -> bool:
+        return self.count == len(self.seen)
+
+    def commit(self) -> None:
+        """Write the chunks, the Fisher (if asked for), the regulariser and the manifest."""
+        inf, layout, header = self.influence, self.layout, self.header
+        n, chunk, k = inf.n, header["chunk"], header["k"]
+        self.rows += self.regularizer  # every row's objective carries the regulariser's gradient
+        # a row's sum is not finite if an entry is not (one reduction; the entries only then)
+        bad = ~torch.isfinite(self.rows.sum(dim=1))
+        if bad.any() and (bad := ~torch.isfinite(self.rows).all(dim=1)).any():
+            raise NonFiniteError(
+                "the training-loss gradient is NaN or infinite for example(s) "
+                f"{bad.nonzero().flatten()[:10].tolist()} in the window of step {self.step}: check the "
+                "loss and the learning rate (training diverged?)"
+            )
+        dtype = header["projector"]["dtype"]
+        bounds = [(j * chunk, min(chunk, n - j * chunk)) for j in range(-(-n // chunk))]
+        fisher = header["fisher"]
+        accumulate = torch.float64 if dtype == "float64" else torch.float32
+        total = torch.zeros(k, k, dtype=torch.float64, device=self.rows.device) if fisher else None
+        spans = [(a, b) for _, a, b in self.projection.blocks] if fisher == "layers" else [(0, k)]
+        for j, (first, count) in enumerate(bounds):
+            stored = self.rows[first : first + count].to(_TORCH_DTYPES[dtype]).cpu().numpy()
+            layout.save_chunk(j, stored, first)
+            if total is not None:  # from the stored values, as GradientIndex.build accumulates it
+                x = torch.from_numpy(stored).to(self.rows.device, accumulate)
+                for a, b in spans:
+                    total[a:b, a:b] += (x[:, a:b].T @ x[:, a:b]).double()
+        GradientIndex._commit(inf, layout, self.projection, self.manifest, bounds, {}, total)
+        del self.rows
+
+
+class _Hooks:
+    """Forward hooks projecting each layer's inputs, tensor hooks projecting its output gradients."""
+
+    def __init__(self, projection: KroneckerProjection, batch: int) -> None:
+        self.projection, self.batch = projection, batch
+        layers = projection.layers
+        self.inputs: list[list[Tensor]] = [[] for _ in layers]  # per layer and call: (B, T, k_in)
+        self.grads: list[dict[int, Tensor]] = [{} for _ in layers]  # per layer, call -> (B, T, k_out)
+        self.handles = [
+            layer.module.register_forward_hook(self._forward(i)) for i, layer in enumerate(layers)
+        ]
+
+    def _forward(self, i: int):
+        project = self.projection.inputs[i]
+
+        def hook(module: nn.Module, inputs: tuple[Any, ...], output: Tensor) -> None:
+            call = len(self.inputs[i])
+            with torch.no_grad():
+                self.inputs[i].append(project(inputs[0], self.batch))
+            if output.requires_grad:
+                # registered on the output itself, so an in-place edit of it later is still seen
+                output.register_hook(lambda g: self._backward(i, call, g))
+
+        return hook
+
+    def _backward(self, i: int, call: int, g: Tensor) -> None:
+        p_out = self.projection.factors[i][0]
+        self.grads[i][call] = self.projection.layers[i].output_grads(g, self.batch) @ p_out.T
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
+
+    def rows(self, scale: Tensor, dtype: torch.dtype) -> Tensor:
+        """Projected per-example loss gradients ``(B, k)``, output gradients multiplied by ``scale``."""
+        proj = self.projection
+        out = torch.empty(self.batch, proj.k, dtype=dtype, device=proj.factors[0][0].device)
+        for i, layer in enumerate(proj.layers):
+            if not self.inputs[i]:
+                raise ConfigError(
+                    f"layer {layer.name!r} was not called in the training step's forward pass; leave it "
+                    "out of the store (Influence params) or run the forward inside store.step()"
+                )
+            k_out = proj.factors[i][0].shape[0]
+            pg = [self.grads[i].get(call) for call in range(len(self.inputs[i]))]
+            total = combine(self.inputs[i], pg, k_out)  # (B, k_out, k_in)
+            out[:, proj.offsets[i] : proj.offsets[i + 1]] = total.flatten(1)
+        # one product for all layers (bilinear in the output gradients; exact for a power of two)
+        return out.mul_(scale.reshape(-1, 1).to(dtype))
+
+
+class TrainingStore:
+    """Collects gradient stores at checkpoints of a training loop (see the module docstring).
+
+    Args:
+        model: the model being trained (its layers are hooked only inside :meth:`step`).
+        task: the :class:`~influencer.Task` whose per-example loss the stored gradients are of.
+        train: the training data, indexed by the ids passed to :meth:`step`.
+        path: directory holding one store per checkpoint, ``step-<s>``.
+        settings: :class:`TrainingStoreSettings`.
+        params: the parameters the stores cover, as ``Influence(params=...)`` (every one must be in
+            a supported layer; transformers' tied embeddings are not).
+        batch_size: examples per batch of the PCA fit and of the first-batch check.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        task: Any,
+        train: Any,
+        path: str | Path,
+        settings: TrainingStoreSettings,
+        *,
+        params: Sequence[str] | None = None,
+        batch_size: int | None = None,
+    ) -> None:
+        if not isinstance(settings, TrainingStoreSettings):
+            raise ConfigError(f"settings must be a TrainingStoreSettings, got {type(settings).__name__}")
+        self.model, self.task, self.train = model, task, as_examples(train)
+        self.path = Path(path)
+        self.settings = settings
+        self.influence_options: dict[str, Any] = {"params": list(params) if params is not None else None}
+        self.batch_size = batch_size
+        self.steps = 0  # step() calls so far
+        self.window: _Window | None = None
+        self.written: list[Path] = []
+        self.checked = not settings.check  # the loss is checked on the first window's first batch
+        self._fingerprint: dict[str, Any] | None = None
+
+    def fingerprint(self, influence: Influence) -> dict[str, Any]:
+        """``influence.settings()["gradients"]``; after the first window only the weights are hashed again.
+
+        The model's classes (their source files), the task and the training data do not change
+        during training, and hashing them (the data: all of it) at every checkpoint would cost more
+        than collecting.
+        """
+        if self._fingerprint is None:
+            self._fingerprint = json_roundtrip(influence.settings()["gradients"])
+            return self._fingerprint
+        state = hash_tensors(influence.fn.state(influence.theta))
+        return {**self._fingerprint, "model": {**self._fingerprint["model"], "state": state}}
+
+    @property
+    def collecting(self) -> bool:
+        """Whether the next :meth:`step` records gradients (a window is or will be open)."""
+        return self.window is not None or self.steps in self.settings.checkpoints
+
+    @contextlib.contextmanager
+    def step(
+        self, ids: Sequence[int] | Tensor, lr: float, scale: float | Tensor | None = None
+    ) -> Iterator[None]:
+        """Wrap one training step's forward and backward pass (before ``optimizer.step()``).
+
+        ``ids``: the training-example ids of the batch, in the batch's order; ``lr``: the step's
+        learning rate (a window keeps its first step's, the weight of its checkpoint in
+        :class:`~influencer.index.checkpoints.CheckpointStores`); ``scale``: this step's
+        ``loss_scale`` (a number or one per example), instead of the settings' rule.
+        """
+        step = self.steps
+        if step in self.settings.checkpoints:
+            if self.window is not None:
+                raise IndexStoreError(
+                    f"checkpoint step {step} opens a window while the one of step {self.window.step} has "
+                    f"seen {int(self.window.seen.sum())} of {self.window.influence.n} examples; space the "
+                    "checkpoints at least one epoch apart"
+                )
+            window = _Window(self, step, lr)
+            if window.done:
+                self.written.append(window.layout.root)
+            else:
+                self.window = window
+        window = self.window
+        if window is None:
+            self.steps += 1
+            yield
+            return
+        idx = self.train.check_indices(ids)
+        hooks = _Hooks(window.projection, len(idx))
+        try:
+            yield
+        finally:
+            hooks.remove()
+        self.steps += 1
+        rows = hooks.rows(self._scale(idx, scale).to(window.rows.device), window.rows.dtype)
+        if not self.checked:
+            self._check(window, idx, rows + window.regularizer, step)
+        window.add(idx, rows.detach())
+        if window.complete:
+            window.commit()
+            self.written.append(window.layout.root)
+            self.window = None
+
+    def _scale(self, ids: Tensor, given: float | Tensor | None) -> Tensor:
+        """The factor turning the step's output gradients into those of the per-example losses."""
+        scale = self.settings.loss_scale if given is None else given
+        if isinstance(scale, Tensor):
+            value: Any = scale.detach().cpu()
+        elif scale == "mean":
+            value = float(len(ids))
+        elif scale == "sum":
+            value = 1.0
+        elif callable(scale):
+            value = scale(ids)
+        else:
+            value = float(scale)
+        value = torch.as_tensor(value, dtype=torch.float64)
+        if value.ndim == 0:
+            return value.reshape(1, 1, 1)
+        if value.shape != (len(ids),):
+            raise ConfigError(
+                f"loss_scale returned shape {tuple(value.shape)} for a batch of {len(ids)}; return one "
+                "number or one per example"
+            )
+        return value.reshape(-1, 1, 1)
+
+    def _check(self, window: _Window, ids: Tensor, rows: Tensor, step: int) -> None:
+        """The window's first batch against a post-hoc projection at the same parameters."""
+        inf = window.influence
+        fn = inf.fn
+        theta = torch.cat([p.detach().reshape(-1) for p in _chosen(self.model, fn.names)]).to(fn.dtype)
+        if not torch.equal(theta, inf.theta):
+            return  # the step changed the parameters before the window saw it: nothing to compare
+        reference = torch.cat(
+            [
+                window.projection.gradients(fn, inf.theta, fn.prepare(batch), "loss")
+                for _, batch in inf.train.chunks(inf.batch_size, ids)
+            ]
+        )
+        err = float((rows - reference).norm() / (reference.norm() + 1e-30))
+        tol = 1e-4 if fn.dtype in (torch.float32, torch.float16, torch.bfloat16) else 1e-9
+        if err > tol:
+            raise ConfigError(
+                f"the gradients collected at step {step} differ from the task's per-example loss gradients "
+                f"(relative error {err:.2g}): the loss training backpropagates must be the task's loss "
+                "reduced as TrainingStoreSettings.loss_scale says (default 'mean' over the batch), and the "
+                "model must compute the same in training mode as in evaluation mode (dropout, batch "
+                "normalisation); fix the loss_scale, or pass check=False to keep the training-mode gradients"
+            )
+        self.checked = True
+
+    def finish(self) -> list[Path]:
+        """The stores written; raises if a window is still open (it did not see every example)."""
+        if self.window is not None:
+            w = self.window
+            raise IndexStoreError(
+                f"the window of checkpoint step {w.step} saw {int(w.seen.sum())} of {w.influence.n} training "
+                f"examples before training ended; its store in {w.layout.root} is unfinished. Open the "
+                "checkpoint at least one epoch before the end, or feed every example in the epoch"
+            )
+        return list(self.written)
+
+
+def _chosen(model: nn.Module, names: Sequence[str]) -> list[Tensor]:
+    named = dict(model.named_parameters())
+    return [named[n] for n in names]
+
+
+def _floating_state(model: nn.Module) -> list[tuple[str, Tensor]]:
+    """The model's floating parameters, then its floating buffers, by name."""
+    items = [*model.named_parameters(), *model.named_buffers()]
+    return [(n, t) for n, t in items if t.is_floating_point()]
+
+
+def model_state(model: nn.Module) -> tuple[list[str], Tensor]:
+    """Names and one float64 vector of every floating parameter and buffer (what training changes)."""
+    items = _floating_state(model)
+    flat = torch.cat([t.detach().reshape(-1).to(torch.float64).cpu() for _, t in items])
+    return [n for n, _ in items], flat
+
+
+def load_model_state(model: nn.Module, path: str | Path) -> None:
+    """Copy the state a training-time store was collected at into ``model`` (same architecture)."""
+    names, flat = stored_state(path)
+    items = _floating_state(model)
+    if [n for n, _ in items] != names or sum(t.numel() for _, t in items) != flat.numel():
+        raise IndexStoreError(
+            f"the model's parameters and buffers differ from those the store in {path} was collected "
+            "with (names or sizes); pass the model that was trained"
+        )
+    with torch.no_grad():
+        for (_, t), part in zip(items, torch.split(flat, [t.numel() for _, t in items]), strict=True):
+            t.copy_(part.view_as(t).to(t.device, t.dtype))
+
+
+def stored_state(path: str | Path) -> tuple[list[str], Tensor]:
+    """The names and float64 values of the model state a training-time store was collected at."""
+    from influencer._kernel.files import file_sha256
+
+    layout = StoreLayout(path)
+    manifest = layout.read_manifest()
+    record = manifest.get("parameters") if manifest is not None else None
+    if not isinstance(record, dict):
+        raise IndexStoreError(
+            f"{layout.root} is not a store collected during training (its manifest has no parameters); "
+            "open it with GradientIndex.open and the model at its checkpoint"
+        )
+    file = layout.root / record["file"]
+    if not file.exists() or file_sha256(file) != record["sha256"]:
+        raise IndexStoreError(f"{file} is missing or damaged; collect the store again")
+    return list(record["names"]), torch.from_numpy(np.load(file, allow_pickle=False))

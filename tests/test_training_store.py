@@ -1,0 +1,313 @@
+"""The gradient store collected during training against the post-hoc store at the same checkpoint."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch.func import grad
+
+from influencer import ClassificationTask, Influence
+from influencer.errors import ConfigError
+from influencer.index import (
+    CheckpointStores,
+    GaussianProjector,
+    GradientIndex,
+    IndexStoreError,
+    KroneckerProjector,
+    NoPreconditioner,
+    TrainingStore,
+    TrainingStoreSettings,
+)
+from influencer.models import MLP, SmallCNN
+
+N, BATCH = 256, 64  # powers of two: rescaling the batch-mean loss's gradients is exact
+
+
+@pytest.fixture(autouse=True)
+def _threads(one_thread):
+    yield
+
+
+def _problem(kind: str):
+    gen = torch.Generator().manual_seed(0)
+    torch.manual_seed(0)
+    if kind == "mlp":
+        x, model = torch.randn(N, 10, generator=gen), MLP(10, (16,), 3)
+    else:
+        x, model = torch.randn(N, 1, 8, 8, generator=gen), SmallCNN(3, 4)
+    y = torch.randint(0, 3, (N,), generator=gen)
+    return model, ClassificationTask(weight_decay=1e-2), (x, y)
+
+
+def _state(model):
+    return [p.detach().clone() for p in model.parameters()]
+
+
+def _load(model, state):
+    with torch.no_grad():
+        for p, t in zip(model.parameters(), state, strict=True):
+            p.copy_(t)
+
+
+def _full_batch_training(model, task, data, store, lrs):
+    """One optimizer step per epoch, its gradient accumulated over micro-batches in id order."""
+    x, y = data
+    states = []
+    for lr in lrs:
+        opt = torch.optim.SGD(model.parameters(), lr=lr)
+        states.append(_state(model))
+        opt.zero_grad()
+        for ids in torch.arange(N).split(BATCH):
+            with store.step(ids, lr=lr):
+                loss = task.loss(model, (x[ids], y[ids])).sum() / N
+                (loss + task.regularizer(dict(model.named_parameters())) * len(ids) / N).backward()
+        opt.step()
+    return states
+
+
+@pytest.mark.parametrize("kind", ["mlp", "cnn"])
+@pytest.mark.parametrize("basis", ["random", "pca"])
+def test_store_of_a_full_batch_window_equals_the_post_hoc_store_bit_for_bit(tmp_path, kind, basis):
+    model, task, data = _problem(kind)
+    projector = KroneckerProjector(k_in=4, k_out=3, basis=basis, pca_examples=100)
+    settings = TrainingStoreSettings(
+        checkpoints=(0, 4), projector=projector, loss_scale=float(N), fisher="layers"
+    )
+    store = TrainingStore(model, task, data, tmp_path / "train", settings, batch_size=BATCH)
+    states = _full_batch_training(model, task, data, store, lrs=(0.5, 0.25))
+    written = store.finish()
+    assert [p.name for p in written] == ["step-00000000", "step-00000004"]
+    for state, path in zip(states, written, strict=True):
+        _load(model, state)
+        inf = Influence(model, task, data, batch_size=BATCH)
+        post = GradientIndex.build(inf, tmp_path / f"post-{path.name}", projector)
+        ours = GradientIndex.open(path, inf)
+        assert {k: v for k, v in ours.header.items() if k != "training"} == post.header
+        assert torch.equal(ours.gradients(), post.gradients())
+        assert torch.equal(ours.fisher(), post.fisher())
+        assert torch.equal(ours.regularizer(), post.regularizer())
+        assert ours.gradients().abs().max() > 0.1  # not a store of zeros
+
+
+def test_other_batches_agree_with_the_post_hoc_store_to_float32_rounding(tmp_path):
+    model, task, data = _problem("cnn")  # convolutions (padding, stride 2) and a linear head
+    projector = KroneckerProjector(k_in=5, k_out=3, basis="random")
+    settings = TrainingStoreSettings(checkpoints=(0,), projector=projector, loss_scale=float(N))
+    store = TrainingStore(model, task, data, tmp_path / "train", settings)
+    (state,) = _full_batch_training(model, task, data, store, lrs=(0.5,))
+    _load(model, state)
+    inf = Influence(model, task, data)
+    post = GradientIndex.build(inf, tmp_path / "post", projector).gradients()
+    ours = GradientIndex.open(store.finish()[0], inf).gradients()
+    err = (ours - post).norm(dim=1) / post.norm(dim=1)
+    assert float(err.max()) < 1e-5 and float(post.norm(dim=1).min()) > 1e-3
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device on this machine")
+def test_cuda_training_store_equals_the_post_hoc_store(tmp_path):
+    model, task, (x, y) = _problem("cnn")
+    model, data = model.cuda(), (x.cuda(), y.cuda())
+    projector = KroneckerProjector(k_in=4, k_out=3, basis="pca", pca_examples=100)
+    settings = TrainingStoreSettings(checkpoints=(0, 4), projector=projector, loss_scale=float(N))
+    store = TrainingStore(model, task, data, tmp_path / "train", settings, batch_size=BATCH)
+    states = _full_batch_training(model, task, data, store, lrs=(0.5, 0.25))
+    for state, path in zip(states, store.finish(), strict=True):
+        _load(model, state)
+        inf = Influence(model, task, data, batch_size=BATCH)
+        post = GradientIndex.build(inf, tmp_path / f"post-{path.name}", projector).gradients()
+        ours = GradientIndex.open(path, inf).gradients()
+        assert ours.is_cuda and float((ours - post).norm() / post.norm()) < 1e-5
+    stores = CheckpointStores.open(tmp_path / "train", model, task, data)
+    assert stores.scores((data[0][:3], data[1][:3])).is_cuda
+
+
+def test_rows_of_an_sgd_window_are_each_steps_gradients(tmp_path):
+    """Parameters move every step: row i is the loss gradient at the step that saw i, plus the
+    regulariser's gradient at the checkpoint."""
+    model, task, (x, y) = _problem("mlp")
+    projector = KroneckerProjector(k_in=4, k_out=3, basis="random")
+    settings = TrainingStoreSettings(checkpoints=(2,), projector=projector)
+    store = TrainingStore(model, task, (x, y), tmp_path, settings)
+    opt = torch.optim.SGD(model.parameters(), lr=0.3)
+    gen = torch.Generator().manual_seed(1)
+    seen = []  # (ids, parameters before the step)
+    for _ in range(2):
+        for ids in torch.randperm(N, generator=gen).split(32):
+            seen.append((ids, _state(model)))
+            with store.step(ids, lr=0.3):
+                loss = task.loss(model, (x[ids], y[ids])).mean()
+                opt.zero_grad()
+                (loss + task.regularizer(dict(model.named_parameters()))).backward()
+            opt.step()
+    (path,) = store.finish()
+    window = seen[2:]  # from checkpoint step 2 until every example was seen (in the next epoch)
+    _load(model, window[0][1])
+    inf = Influence(model, task, (x, y))
+    index = GradientIndex.open(path, inf)
+    fn, proj = inf.fn, index.projection
+
+    def flat(state):
+        return torch.cat([t.reshape(-1) for t in state])
+
+    def reg(theta):
+        return proj.project(grad(fn.regularizer)(theta)[None])[0]
+
+    expected = torch.empty(N, index.k)
+    filled = torch.zeros(N, dtype=torch.bool)
+    for ids, state in window:
+        theta = flat(state)
+        rows = proj.gradients(fn, theta, (x[ids], y[ids]), "loss") - reg(theta) + reg(inf.theta)
+        new = ~filled[ids]  # an example's first visit in the window
+        expected[ids[new]] = rows[new]
+        filled[ids] = True
+    assert filled.all()
+    got = index.gradients()
+    assert torch.allclose(got, expected, rtol=1e-5, atol=1e-6 * float(expected.abs().max()))
+    assert not torch.allclose(got, expected + 1e-3)
+
+
+def test_checkpoint_stores_sum_the_post_hoc_scores_with_the_learning_rates(tmp_path):
+    model, task, data = _problem("mlp")
+    projector = KroneckerProjector(k_in=4, k_out=3, basis="random")
+    settings = TrainingStoreSettings(checkpoints=(0, 4), projector=projector, loss_scale=float(N))
+    store = TrainingStore(model, task, data, tmp_path / "train", settings, batch_size=BATCH)
+    lrs = (0.5, 0.125)
+    states = _full_batch_training(model, task, data, store, lrs=lrs)
+    store.finish()
+    test = (data[0][:5] + 0.1, data[1][:5])
+    expected = torch.zeros(5, N)
+    probe = copy.deepcopy(model)
+    for lr, state in zip(lrs, states, strict=True):
+        _load(probe, state)
+        post = GradientIndex.build(Influence(probe, task, data), tmp_path / f"post-{lr}", projector)
+        expected += lr * post.scores(test, preconditioner=NoPreconditioner())
+    before = _state(model)
+    stores = CheckpointStores.open(tmp_path / "train", model, task, data)
+    assert stores.lrs == list(lrs)
+    assert all(torch.equal(a, b) for a, b in zip(_state(model), before, strict=True))  # left alone
+    scores = stores.scores(test)
+    # the post-hoc store ran other batches (its default batch size): float32 agreement
+    assert torch.allclose(scores, expected, rtol=1e-5, atol=1e-6 * float(expected.abs().max()))
+    assert not torch.allclose(scores, expected * 1.001, rtol=1e-5, atol=1e-6 * float(expected.abs().max()))
+    top = stores.top_k(test, k=7, block=2)
+    order = torch.sort(scores, dim=1, descending=True, stable=True).indices[:, :7]
+    assert torch.equal(top.helpful_ids, order)
+    assert torch.allclose(top.helpful_scores, scores.gather(1, order))
+    low = torch.sort(scores, dim=1, stable=True).indices[:, :7]
+    assert torch.equal(top.harmful_ids, low)
+
+
+def test_the_first_batch_check_catches_a_loss_that_is_not_the_declared_one(tmp_path):
+    model, task, (x, y) = _problem("mlp")
+    settings = TrainingStoreSettings(checkpoints=(0,), projector=KroneckerProjector(k_in=4, k_out=3))
+    store = TrainingStore(model, task, (x, y), tmp_path, settings)
+    ids = torch.arange(BATCH)
+    with pytest.raises(ConfigError, match="loss_scale"), store.step(ids, lr=0.1):
+        task.loss(model, (x[ids], y[ids])).sum().backward()  # a sum, declared as the mean
+
+
+def test_an_unfinished_window_and_overlapping_windows_are_refused(tmp_path):
+    model, task, (x, y) = _problem("mlp")
+    projector = KroneckerProjector(k_in=2, k_out=2, basis="random")
+    store = TrainingStore(
+        model, task, (x, y), tmp_path, TrainingStoreSettings(checkpoints=(0, 1), projector=projector)
+    )
+    ids = torch.arange(BATCH)
+    with store.step(ids, lr=0.1):
+        task.loss(model, (x[ids], y[ids])).mean().backward()
+    with pytest.raises(IndexStoreError, match="one epoch apart"), store.step(ids, lr=0.1):
+        pass
+    store = TrainingStore(
+        model, task, (x, y), tmp_path / "b", TrainingStoreSettings(checkpoints=(0,), projector=projector)
+    )
+    with store.step(ids, lr=0.1):
+        task.loss(model, (x[ids], y[ids])).mean().backward()
+    with pytest.raises(IndexStoreError, match=f"saw {BATCH} of {N}"):
+        store.finish()
+    with pytest.raises(IndexStoreError, match="unfinished"):
+        GradientIndex.open(tmp_path / "b" / "step-00000000", Influence(model, task, (x, y)))
+
+
+def test_settings_are_validated():
+    k = KroneckerProjector(k_in=2, k_out=2)
+    for bad in [(), (3, 1), (-1,), (1, 1), (1.5,)]:
+        with pytest.raises(ConfigError, match="checkpoints"):
+            TrainingStoreSettings(checkpoints=bad, projector=k)
+    with pytest.raises(ConfigError, match="KroneckerProjector"):
+        TrainingStoreSettings(checkpoints=(0,), projector=GaussianProjector(k=8))
+    for bad in ["avg", 0, -2.0, True]:
+        with pytest.raises(ConfigError, match="loss_scale"):
+            TrainingStoreSettings(checkpoints=(0,), projector=k, loss_scale=bad)
+    with pytest.raises(ConfigError, match="fisher"):
+        TrainingStoreSettings(checkpoints=(0,), projector=k, fisher="diag")
+    assert TrainingStoreSettings(checkpoints=[0, 5], projector=k).checkpoints == (0, 5)
+
+
+def test_a_hugging_face_trainer_writes_the_post_hoc_store(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    from influencer.index.trainer import IndexedDataset, store_callback
+    from influencer.tasks.huggingface import CausalLMTask
+
+    torch.manual_seed(0)
+    config = transformers.GPT2Config(
+        vocab_size=64,
+        n_positions=16,
+        n_embd=32,
+        n_layer=2,
+        n_head=2,
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
+        bos_token_id=0,
+        eos_token_id=0,
+    )
+    model = transformers.GPT2LMHeadModel(config)
+    n, t = 32, 16
+    tokens = torch.randint(0, 64, (n, t))
+    data = {
+        "input_ids": tokens,
+        "attention_mask": torch.ones(n, t, dtype=torch.long),
+        "labels": tokens.clone(),
+    }
+    rows = [{k: v[i] for k, v in data.items()} for i in range(n)]
+    task = CausalLMTask()
+    params = [
+        name for name, _ in model.named_parameters() if any(s in name for s in ("c_attn", "c_proj", "c_fc"))
+    ]
+    projector = KroneckerProjector(k_in=4, k_out=4, basis="random")
+    store = TrainingStore(
+        model,
+        task,
+        data,
+        tmp_path / "train",
+        TrainingStoreSettings(checkpoints=(0, 4), projector=projector),
+        params=params,
+    )
+    args = transformers.TrainingArguments(
+        output_dir=str(tmp_path / "out"),
+        per_device_train_batch_size=8,
+        num_train_epochs=2,
+        learning_rate=0.0,
+        lr_scheduler_type="constant",
+        weight_decay=0.0,
+        remove_unused_columns=False,
+        report_to=[],
+        save_strategy="no",
+        logging_strategy="no",
+        use_cpu=True,
+        disable_tqdm=True,
+    )
+    trainer = transformers.Trainer(
+        model=model, args=args, train_dataset=IndexedDataset(rows), callbacks=[store_callback(store)]
+    )
+    trainer.train()
+    inf = Influence(model, task, data, params=params)
+    post = GradientIndex.build(inf, tmp_path / "post", projector).gradients()
+    for step in (0, 4):
+        ours = GradientIndex.open(tmp_path / "train" / f"step-{step:08d}", inf).gradients()
+        # the Trainer runs the model's own attention mask and kernel: float32 rounding apart
+        assert float((ours - post).norm() / post.norm()) < 1e-5
+    stores = CheckpointStores.open(tmp_path / "train", model, task, data, params=params)
+    assert stores.lrs == [0.0, 0.0]
