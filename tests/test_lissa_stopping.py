@@ -46,9 +46,8 @@ def test_a_depth_2_series_is_refused_on_the_command_lines_logistic_job():
 def test_the_default_solve_on_an_mnist1d_mlp_is_accepted():
     """The MNIST-1D MLP of benchmarks/bench_lds.py (hidden 64, weight decay 1e-2, trained to
     grad J ~ 0), damping 1e-3: the default LiSSA's residual is above 1, its estimated error 0.48."""
-    from influencer.datasets import load_mnist1d
-
     from influencer._kernel.functional import ModelFunction
+    from influencer.datasets import load_mnist1d
     from influencer.models import MLP
     from influencer.training import fit_lbfgs, train_minibatch
 

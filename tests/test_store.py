@@ -311,7 +311,10 @@ def test_a_link_planted_in_a_run_directory_is_refused_and_its_target_untouched(t
     RunStore(run).close()  # an existing run directory
     target.write_text("precious")
     (run / name).symlink_to(target)
-    with pytest.raises(InfluencerError, match="symbolic link"):
-        with RunStore(run), run_logging(run, console=False):
-            pass
+    with (
+        pytest.raises(InfluencerError, match="symbolic link"),
+        RunStore(run),
+        run_logging(run, console=False),
+    ):
+        pass
     assert target.read_text() == "precious"
