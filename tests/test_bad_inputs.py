@@ -174,15 +174,31 @@ CASES = [
     ([*GOOD, "--config", "{tmp}/typo.toml"], r"unknown setting 'dampng' \(did you mean 'damping'\?\)"),
     ([*GOOD, "--config", "{tmp}/broken.toml"], r"is not valid TOML"),
     ([*GOOD, "--config", "{tmp}/missing.toml"], r"config file .*missing\.toml does not exist"),
+    ([*GOOD, "--config", "{tmp}/binary.toml"], r"config file .*binary\.toml is not text \(not UTF-8\)"),
+    (
+        ["--task", "broken_syntax:build"],
+        r"cannot import 'broken_syntax' .*syntax error in .*broken_syntax\.py, line 2",
+    ),
+    (
+        ["--task", "raises_on_import:build"],
+        r"importing the module of --task raises_on_import:build raised KeyError",
+    ),
+    ([*GOOD, "--epochs", "3"], r"--epochs sets the training of the built-in digits job; a --task job trains"),
     (["--config", "{tmp}/system.toml"], r"os:system is a built-in function"),
 ]
 
 
 @pytest.mark.parametrize(("args", "message"), CASES, ids=[" ".join(a)[-60:] for a, _ in CASES])
-def test_bad_input_gets_one_clear_line_and_keeps_the_previous_run(tmp_path, finished, args, message):
+def test_bad_input_gets_one_clear_line_and_keeps_the_previous_run(
+    tmp_path, finished, args, message, monkeypatch
+):
     (tmp_path / "typo.toml").write_text("dampng = 0.1\n")
     (tmp_path / "broken.toml").write_text("damping = [0.1\n")
     (tmp_path / "system.toml").write_text('task = "os:system"\n')
+    (tmp_path / "binary.toml").write_bytes(bytes(range(256)))
+    (tmp_path / "broken_syntax.py").write_text("def build():\n    return (\n")
+    (tmp_path / "raises_on_import.py").write_text("import os\nos.environ['NO_SUCH_VARIABLE_AT_ALL']\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
     run = tmp_path / "run"
     shutil.copytree(finished, run)
     before = outputs(run)

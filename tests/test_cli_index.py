@@ -291,3 +291,23 @@ def test_index_records_the_kronecker_basis(jobs, tmp_path):
         manifest = json.loads((out / "index" / "manifest.json").read_text())
         assert manifest["header"]["projector"]["basis"] == basis
         assert (out / "index" / "basis.npy").exists() == (basis == "pca")
+
+
+@pytest.mark.parametrize("damage", ["flip", "truncate", "nan"])
+def test_a_damaged_chunk_is_refused_by_every_command_that_reads_the_store(store, tmp_path, damage):
+    copy = tmp_path / "store"
+    shutil.copytree(store, copy)
+    chunk = sorted((copy / "index" / "chunks").glob("*.npy"))[1]
+    data = bytearray(chunk.read_bytes())
+    if damage == "flip":
+        data[-40:-8] = bytes(b ^ 0xFF for b in data[-40:-8])  # same size, valid header
+    elif damage == "truncate":
+        del data[-64:]
+    else:  # a NaN written where a value was, as float32
+        data[-4:] = np.array([np.nan], dtype=np.float32).tobytes()
+    chunk.write_bytes(bytes(data))
+    for command in (["query", "--test", "0,1"], ["explain", "--test-ids", "0,1"]):
+        out = tmp_path / command[0]
+        line = _error_line(_invoke(*command, "--store", copy, "--out", out, "--quiet"))
+        assert "chunk" in line, line  # names the damaged chunk
+        assert not (out / "top_k.json").exists() and not (out / "summary.json").exists()
