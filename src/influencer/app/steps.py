@@ -191,18 +191,21 @@ class Ran:
 
 
 def build_influence(
-    config: ExplainConfig, prepared: Prepared, estimator: Estimator | None = None
+    config: ExplainConfig,
+    prepared: Prepared,
+    estimator: Estimator | None = None,
+    reason: str = "the gradient store's preconditioner",
 ) -> tuple[Influence, Ran]:
     """The (unfitted) :class:`Influence` the settings describe for ``prepared.on``, and what it runs.
 
     ``estimator`` overrides the settings' (a gradient store's EK-FAC preconditioner, or the
-    curvature-free one a store's gradients need)."""
+    curvature-free one a store's gradients need), for ``reason``."""
     job, device = prepared.on, prepared.device
     if estimator is None:
         chosen = choose_estimator_for(config, job)
     else:
         chosen = Chosen(
-            estimator, config.curvature or "hessian", influence_params(config, job), "the gradient store's",
+            estimator, config.curvature or "hessian", influence_params(config, job), reason,
             _damping_record(estimator, False),
         )  # fmt: skip
     inf = Influence(

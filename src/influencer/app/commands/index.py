@@ -103,7 +103,8 @@ def _build(config: IndexConfig, job: Job | None, store: RunStore, warned: list[s
     job_config = config.job_config()
     with clock("total"):
         prepared = prepare(job_config, clock, job)
-        inf, _ = build_influence(job_config, prepared, Identity())  # gradients only: no curvature
+        # gradients only: queries choose the preconditioner
+        inf, _ = build_influence(job_config, prepared, Identity(), "the store's gradients (no curvature yet)")
         check_fingerprintable(inf)
         projector, why = choose_projector(config, inf)
         log.info("projector: %s", why)
