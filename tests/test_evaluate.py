@@ -15,8 +15,9 @@ from torch import nn
 
 from influencer import ClassificationTask
 from influencer.app.commands.cli import cli
-from influencer.app.commands.evaluate import EvaluateConfig, recipe, reinitialised, run_evaluation
+from influencer.app.commands.evaluate import EvaluateConfig, run_evaluation
 from influencer.app.job.job import Job
+from influencer.app.job.recipe import recipe, reinitialised
 from influencer.app.settings.explain import ExplainConfig
 from influencer.datasets import load_digits
 from influencer.errors import ConfigError

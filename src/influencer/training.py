@@ -103,21 +103,22 @@ def fit_lbfgs(
         # Warm-started near the optimum of a nearby objective (a refit without a few examples):
         # chord steps with the fixed inverse contract the gradient by a constant factor each, for
         # the price of one gradient pass, where L-BFGS would spend hundreds on an ill-conditioned
-        # problem. L-BFGS takes over from the best point if they stop paying.
+        # problem. They go on past grad_tol while they still halve the gradient (to round-off, as
+        # the Newton polish below does); L-BFGS takes over if they stop paying before grad_tol.
         g, done = gradient()
         for _ in range(CHORD_STEPS):
-            if done:
-                return theta.detach()
             step = inverse_hessian(g[None])[0]
             with torch.no_grad():
                 theta -= step
-            new_g, done = gradient()
+            new_g, new_done = gradient()
             if float(new_g.abs().max()) > 0.5 * float(g.abs().max()):
                 if float(new_g.abs().max()) >= float(g.abs().max()):
                     with torch.no_grad():  # no progress: undo
                         theta += step
+                else:
+                    g, done = new_g, new_done
                 break
-            g = new_g
+            g, done = new_g, new_done
         if done:
             return theta.detach()
     # LBFGS.step may stop early on a flat line search; restarting resets its curvature memory.

@@ -27,12 +27,10 @@ run directory.
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import logging
 import time
 import warnings
-from collections.abc import Callable
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -46,6 +44,7 @@ from influencer.app.job.cache import cache_root
 from influencer.app.job.evaluation import choose_test_ids
 from influencer.app.job.evaluation import evaluate as evaluate_model
 from influencer.app.job.job import Job
+from influencer.app.job.recipe import recipe
 from influencer.app.run.devices import resolve_device
 from influencer.app.run.logs import Stopwatch, logged_stop, run_logging
 from influencer.app.run.store import RunStore, jsonable
@@ -53,7 +52,7 @@ from influencer.app.settings.explain import ExplainConfig
 from influencer.app.steps import Ran, build_influence, prepare
 from influencer.errors import ConfigError
 from influencer.plotting import plot_lds, plot_loo_many
-from influencer.retraining import AdamRetrainer, LBFGSRetrainer, Retrainer
+from influencer.retraining import Retrainer
 from influencer.retraining_cache import CachedRetrainer
 from influencer.stats import pearson, spearman
 from influencer.uses.validation import LDSResult, LOOResult, Start, lds, leave_one_out
@@ -115,65 +114,6 @@ class EvaluateResult:
     lds_test_ids: np.ndarray  # (m,)
     summary: dict[str, Any]
     files: dict[str, Path]
-
-
-# ---- the retraining recipe -----------------------------------------------------------------------
-
-
-def is_linear(model: nn.Module) -> bool:
-    """One ``nn.Linear`` holds every parameter: the objective is convex for the built-in tasks."""
-    holders = [m for m in model.modules() if any(True for _ in m.parameters(recurse=False))]
-    return len(holders) == 1 and isinstance(holders[0], nn.Linear)
-
-
-def reinitialised(model: nn.Module, seed: int) -> nn.Module:
-    """A copy of ``model`` with every layer's ``reset_parameters()`` called under ``seed``."""
-    fresh = copy.deepcopy(model)
-    holders = [m for m in fresh.modules() if any(True for _ in m.parameters(recurse=False))]
-    missing = sorted({type(m).__name__ for m in holders if not hasattr(m, "reset_parameters")})
-    if missing:
-        raise ConfigError(
-            f"cannot re-initialise the model to retrain it from scratch: {', '.join(missing)} has no "
-            "reset_parameters(). Give the job a make_model (seed -> a fresh model) or a retrain recipe"
-        )
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        for m in holders:
-            m.reset_parameters()
-    return fresh
-
-
-def recipe(job: Job, config: ExplainConfig) -> tuple[Retrainer, Start, str]:
-    """``(retrainer, start, description)`` for retraining the job's model (see the module doc)."""
-    if job.retrain is not None:
-        start: Start = _fresh(job.make_model) if job.make_model is not None else None
-        where = "from a fresh model per seed (the job's make_model)" if start else "warm-started"
-        return job.retrain, start, f"the job's recipe, {where}"
-    if is_linear(job.model) and job.make_model is None:
-        return LBFGSRetrainer(), None, "L-BFGS to the optimum, warm-started (a linear model: convex)"
-    epochs, lr = config.digits("epochs"), config.digits("lr")
-    adam = AdamRetrainer(epochs=epochs, lr=lr, batch_size=config.digits("train_batch_size"))
-    if job.make_model is not None:
-        return (
-            adam,
-            _fresh(job.make_model),
-            f"Adam, {epochs} epochs, from the job's make_model per seed",
-        )
-    reinitialised(job.model, 0)  # refuses a model it cannot re-initialise, before any work
-    return (
-        adam,
-        lambda seed: reinitialised(job.model, seed),
-        f"Adam, {epochs} epochs (lr {lr:g}), from a re-initialised copy per seed (set Job.retrain to choose)",
-    )
-
-
-def _fresh(make_model: Callable[[int], nn.Module]) -> Callable[[int], nn.Module]:
-    def start(seed: int) -> nn.Module:
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            return make_model(seed)
-
-    return start
 
 
 # ---- the run -------------------------------------------------------------------------------------

@@ -1,0 +1,75 @@
+"""How a job is retrained for ``influencer evaluate``: the job's own recipe (``Job.retrain``, from
+``Job.make_model`` when given), else L-BFGS to the optimum for a linear model (or head, warm-started,
+as influence assumes) and, for a network, Adam from a fresh initialisation per seed."""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from influencer.app.job.job import Job
+from influencer.app.settings.explain import ExplainConfig
+from influencer.errors import ConfigError
+from influencer.retraining import AdamRetrainer, LBFGSRetrainer, Retrainer
+from influencer.uses.validation import Start
+
+__all__ = ["is_linear", "recipe", "reinitialised"]
+
+
+def is_linear(model: nn.Module) -> bool:
+    """One ``nn.Linear`` holds every parameter: the objective is convex for the built-in tasks."""
+    holders = [m for m in model.modules() if any(True for _ in m.parameters(recurse=False))]
+    return len(holders) == 1 and isinstance(holders[0], nn.Linear)
+
+
+def reinitialised(model: nn.Module, seed: int) -> nn.Module:
+    """A copy of ``model`` with every layer's ``reset_parameters()`` called under ``seed``."""
+    fresh = copy.deepcopy(model)
+    holders = [m for m in fresh.modules() if any(True for _ in m.parameters(recurse=False))]
+    missing = sorted({type(m).__name__ for m in holders if not hasattr(m, "reset_parameters")})
+    if missing:
+        raise ConfigError(
+            f"cannot re-initialise the model to retrain it from scratch: {', '.join(missing)} has no "
+            "reset_parameters(). Give the job a make_model (seed -> a fresh model) or a retrain recipe"
+        )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        for m in holders:
+            m.reset_parameters()
+    return fresh
+
+
+def recipe(job: Job, config: ExplainConfig) -> tuple[Retrainer, Start, str]:
+    """``(retrainer, start, description)`` for retraining the job's model (see the module doc)."""
+    if job.retrain is not None:
+        start: Start = _fresh(job.make_model) if job.make_model is not None else None
+        where = "from a fresh model per seed (the job's make_model)" if start else "warm-started"
+        return job.retrain, start, f"the job's recipe, {where}"
+    if is_linear(job.model) and job.make_model is None:
+        return LBFGSRetrainer(), None, "L-BFGS to the optimum, warm-started (a linear model: convex)"
+    epochs, lr = config.digits("epochs"), config.digits("lr")
+    adam = AdamRetrainer(epochs=epochs, lr=lr, batch_size=config.digits("train_batch_size"))
+    if job.make_model is not None:
+        return (
+            adam,
+            _fresh(job.make_model),
+            f"Adam, {epochs} epochs, from the job's make_model per seed",
+        )
+    reinitialised(job.model, 0)  # refuses a model it cannot re-initialise, before any work
+    return (
+        adam,
+        lambda seed: reinitialised(job.model, seed),
+        f"Adam, {epochs} epochs (lr {lr:g}), from a re-initialised copy per seed (set Job.retrain to choose)",
+    )
+
+
+def _fresh(make_model: Callable[[int], nn.Module]) -> Callable[[int], nn.Module]:
+    def start(seed: int) -> nn.Module:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            return make_model(seed)
+
+    return start
