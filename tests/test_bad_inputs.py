@@ -667,11 +667,23 @@ def test_library_mistakes_get_one_clear_line(tmp_path, make, kind, message):
     assert "\n" not in text and re.search(message, text), text
 
 
-def test_a_compiled_model_gives_the_uncompiled_scores():
-    """torch.compile'd modules run through torch.func here (eagerly), with the same answer; where
-    compiled graphs refuse the double backward, the refusal is one line (tested below)."""
+def test_a_compiled_model_gives_the_uncompiled_scores_or_one_line():
+    """torch.compile'd modules run through torch.func (eagerly): gradients give the same answer;
+    a curvature needs the double backward, which compiled graphs may refuse: then in one line."""
+    from influencer import Identity
+    from influencer.errors import TaskError
+
     compiled = torch.compile(_library_model())
-    torch.testing.assert_close(_library_case(model=compiled), _library_case())
+    torch.testing.assert_close(
+        _library_case(model=compiled, estimator=Identity()), _library_case(estimator=Identity())
+    )
+    try:
+        scores = _library_case(model=torch.compile(_library_model()))
+    except TaskError as exc:
+        assert "torch.compile'd" in str(exc) and "pass the uncompiled module" in str(exc)
+        assert len(str(exc).splitlines()) == 1
+    else:
+        torch.testing.assert_close(scores, _library_case())
 
 
 def test_double_backward_refused_by_a_compiled_graph_is_one_line():
