@@ -220,9 +220,9 @@ class Ours:
             )
         # The exact expectation over the model's outputs: K-FAC/EK-FAC of the Gauss-Newton matrix.
         if method == "kfac":
-            return KFAC(damping=s.damping, fisher="exact")
+            return KFAC(damping=s.damping)
         if method == "ekfac":
-            return EKFAC(damping=s.damping, fisher="exact")
+            return EKFAC(damping=s.damping)
         if method == "ekfac-emp":
             return EKFAC(damping=s.damping, fisher="empirical")
         if method == "identity":

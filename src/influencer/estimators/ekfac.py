@@ -36,17 +36,18 @@ class EKFAC(KroneckerEstimator):
     name = "ekfac"
 
     def fit(self, curvature: Curvature) -> KroneckerSolver:
-        layers, factors = self.factors(curvature)
+        record: dict = {}
+        layers, factors = self.factors(curvature, record)
         bases = [(eigenbasis(s)[1], eigenbasis(a)[1]) for a, s in factors]
         values = corrected_eigenvalues(
             curvature,
             layers,
             bases,
-            self.fisher,
+            record.get("fisher", self.fisher),  # what "auto" resolved to for the factors
             self.samples,
             self.seed + 1,  # fresh samples
         )
-        return self.solver(curvature, layers, factors, bases, values)
+        return self.solver(curvature, layers, factors, bases, values, record)
 
 
 def corrected_eigenvalues(
