@@ -610,6 +610,9 @@ def _kronfluence_task():
     return CrossEntropy()
 
 
+KRONFLUENCE_MAX_BATCH = 2048
+
+
 class Kronfluence:
     """kronfluence: ``Analyzer.fit_all_factors`` (fit) then ``compute_pairwise_scores`` (score).
 
@@ -667,6 +670,9 @@ class Kronfluence:
             score_dtype=dtype,
         )
         train, test = TensorDataset(*problem.train), TensorDataset(*problem.test)
+        # One batch for the small problems; at most 2,048 examples for the large ones, where one
+        # batch of n holds (n, d_out, d_in) per-sample gradients per layer (gigabytes at p ~ 1e5).
+        batch = min(problem.n, KRONFLUENCE_MAX_BATCH)
         torch.manual_seed(s.seed)  # its sampled labels
         with tempfile.TemporaryDirectory() as out:
             analyzer = Analyzer(
@@ -680,7 +686,7 @@ class Kronfluence:
             )
             with st("fit"):
                 analyzer.fit_all_factors(
-                    "factors", train, per_device_batch_size=problem.n, factor_args=factor_args
+                    "factors", train, per_device_batch_size=batch, factor_args=factor_args
                 )
             with st("score"):
                 scores = analyzer.compute_pairwise_scores(
@@ -689,7 +695,7 @@ class Kronfluence:
                     test,
                     train,
                     per_device_query_batch_size=len(test),
-                    per_device_train_batch_size=problem.n,
+                    per_device_train_batch_size=batch,
                     score_args=score_args,
                 )
                 if scores is None:  # some versions only write them to the store
