@@ -379,8 +379,9 @@ def sweep(
             def run(directions=directions, out=out) -> Iterator[tuple[list[list[Tensor]], float]]:
                 nonlocal checked
                 for cot, weight, last in directions:
-                    # The first chunk's last direction (for the exact Fisher the largest curvature)
-                    # also checks the layer model against autograd's parameter gradient.
+                    # The first chunk's last direction also checks the layer model against
+                    # autograd's parameter gradient (for the generic factor, the column of the
+                    # largest curvature).
                     check = not checked and last
                     rows, g_theta = cap.backward(out, cot, theta if check else None, retain=not last)
                     if check:
