@@ -9,11 +9,10 @@ Usage::
 
 Scores are computed the efficient way round: one inverse-HVP per *test* example
 (``s_test = H^-1 grad f(test)``), then a stream of training-gradient chunks, each ``(c, p)``,
-dotted with ``s_test``. The ``n x p`` gradient matrix is never held in memory. With a Kronecker
-solver (K-FAC, EK-FAC), and with any solver on a model of at least 10,000 parameters all in
-``nn.Linear``/``nn.Conv2d`` layers, not even the chunks are: each layer's part of ``s_test . g_i``
-is contracted from the layer's inputs and output gradients
-(:mod:`influencer.estimators.layer_scores`). The
+dotted with ``s_test``. The ``n x p`` gradient matrix is never held in memory. When every chosen
+parameter is in an ``nn.Linear``/``nn.Conv2d`` layer (whatever the estimator) not even the chunks
+are: each layer's part of ``s_test . g_i`` is contracted from the layer's inputs and output
+gradients (:mod:`influencer.estimators.layer_scores`). The
 regulariser's gradient, shared by every ``g_i``, enters the scores once as a shift.
 """
 
@@ -52,9 +51,6 @@ GRADIENT_BLOCK_BYTES = 256 * 2**20
 def default_batch_size(p: int, dtype: torch.dtype) -> int:
     """Examples per gradient chunk: a ``GRADIENT_BLOCK_BYTES`` block of ``(B, p)``, 128 to 4,096."""
     return int(min(4096, max(128, GRADIENT_BLOCK_BYTES // max(p * dtype.itemsize, 1))))
-
-
-_LAYERED_MIN_P = 10_000  # from this many parameters every solver scores through the layers
 
 
 class Influence:
@@ -467,18 +463,9 @@ class Influence:
         return self.scores_from_directions(directions, train_indices)
 
     def _score_layers(self) -> list[Layer] | None:
-        """The layers holding every chosen parameter (a Kronecker solver's, or found), else None.
-
-        For other solvers only from :data:`_LAYERED_MIN_P` parameters: below it, per-example
-        gradient rows are cheap and one product with all directions was as fast or faster than
-        the per-layer contraction (up to 3x on the MNIST-1D MLP of the benchmarks, p = 1,642, 100
-        test points); above it, forming those rows dominates (10x slower than the contraction at
-        p = 1e5, n = 1e4, 10 test points).
-        """
+        """The layers holding every chosen parameter (a Kronecker solver's, or found), else None."""
         if isinstance(self._solver, KroneckerSolver):
             return self._solver.layers
-        if self.p < _LAYERED_MIN_P:
-            return None
         try:
             return find_layers(self.fn)
         except ConfigError:
