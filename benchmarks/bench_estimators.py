@@ -64,14 +64,42 @@ FULL_PROBLEMS = (
     ProblemSpec("mlp-digits", hidden=(32,), weight_decay=1e-2, n_test=10),
     ProblemSpec("mlp-mnist1d", dataset="mnist1d", hidden=(32,), weight_decay=1e-2, n_test=10),
 )
+# The sizes users bring: synthetic data (see common.synthetic_data), p ~ 1e4-1e6 and n ~ 1e4-5e4.
+# Too large for a dense Hessian (no exact rows, no exact reference: agreement is rel_ours alone).
+LARGE_PROBLEMS = (
+    ProblemSpec(
+        "mlp-p1e4-n1e4", dataset="synthetic", features=64, hidden=(128,), n_train=10_000,
+        weight_decay=1e-3, adam_epochs=5, polish=False,
+    ),  # p = 9,610
+    ProblemSpec(
+        "mlp-p1e5-n1e4", dataset="synthetic", features=128, hidden=(256, 256), n_train=10_000,
+        weight_decay=1e-3, adam_epochs=3, polish=False,
+    ),  # p = 101,386
+    ProblemSpec(
+        "mlp-p1e5-n5e4", dataset="synthetic", features=128, hidden=(256, 256), n_train=50_000,
+        weight_decay=1e-3, adam_epochs=2, polish=False,
+    ),  # p = 101,386
+    ProblemSpec(
+        "mlp-p1e6-n5e4", dataset="synthetic", features=512, hidden=(768, 768), n_train=50_000,
+        weight_decay=1e-3, adam_epochs=1, polish=False,
+    ),  # p = 992,266
+)  # fmt: skip
+DENSE_MAX_P = 20_000  # exact rows and the exact reference only up to this many parameters
 QUICK_PROBLEMS = (
     ProblemSpec("logreg-digits-300", hidden=(), weight_decay=1e-3, n_train=300, n_test=4),
     ProblemSpec("mlp-mnist1d-300", dataset="mnist1d", hidden=(16,), weight_decay=1e-2, n_train=300, n_test=4),
 )
 FULL_SETTINGS = Settings()
+# At p ~ 1e4-1e6 on CPU, CG at damping 1e-3 and tol 1e-8 takes hundreds of data passes per race:
+# the large problems race at damping 1e-2 and tol 1e-6 (the same for every library).
+LARGE_SETTINGS = Settings(damping=1e-2, cg_tol=1e-6, cg_max_iter=300, lissa_depth=200)
 QUICK_SETTINGS = Settings(lissa_depth=100, arnoldi_rank=20, arnoldi_iterations=40, projection_dim=8)
 PACKAGES = ("influencer", "torch", "captum", "dattri", "pyDVL", "kronfluence", "bergson")
 DTYPES = {"float64": torch.float64, "float32": torch.float32}
+
+
+class TooLargeError(NotAvailableError):
+    """The method needs a dense ``p x p`` Hessian, which this problem is too large for."""
 
 
 def describe_error(exc: BaseException) -> str:
@@ -117,9 +145,19 @@ def run_problem(
     cast to ``dtype``. Every row's time is the best of ``repeats`` runs.
     """
     ours = Ours()
-    ref_run = ours.run("exact", problem, Resolved(settings, 1.0, 1))
-    reference, exact_info = ref_run.scores, ours.last_info
-    scale = settings.lissa_scale or largest_eigenvalue_bound(exact_info["max_eigenvalue"])
+    dense = problem.p <= DENSE_MAX_P
+    if dense:
+        ref_run = ours.run("exact", problem, Resolved(settings, 1.0, 1))
+        reference, exact_info = ref_run.scores, ours.last_info
+    else:  # no dense Hessian: the largest eigenvalue (for LiSSA's scale) by power iteration
+        reference, exact_info = None, {"min_eigenvalue": float("nan")}
+        if "lissa" in methods and not settings.lissa_scale:
+            exact_info["max_eigenvalue"] = ours.largest_eigenvalue(problem, settings) + settings.damping
+        else:
+            exact_info["max_eigenvalue"] = float("nan")
+    scale = settings.lissa_scale or (
+        largest_eigenvalue_bound(exact_info["max_eigenvalue"]) if "lissa" in methods else float("nan")
+    )
     resolved = Resolved(settings, scale, settings.cg_max_iter)
     racing = problem.astype(dtype)
     ours_scores: dict[str, torch.Tensor] = {}
@@ -132,6 +170,8 @@ def run_problem(
             if note := NOTES.get((lib, method)):
                 row["note"] = note
             try:
+                if method == "exact" and not dense:
+                    raise TooLargeError(f"p = {problem.p}: no dense Hessian")
                 if lib == "influencer" and method == "exact" and dtype == torch.float64:
                     result: Run = ref_run
                     if repeats > 1:  # the reference run counts as the first
@@ -146,6 +186,9 @@ def run_problem(
                         if method == "cg":
                             resolved.cg_iterations = ours.plain_cg_iterations(racing, resolved)
                             cg_iterations_block = int(ours.last_info["iterations"])
+            except TooLargeError as exc:
+                rows.append({**row, "status": "n/a", "reason": str(exc)})
+                continue
             except NotAvailableError:
                 rows.append({**row, "status": "n/a"})
                 continue
@@ -162,7 +205,11 @@ def run_problem(
                 fit_seconds=result.fit_seconds,
                 score_seconds=result.score_seconds,
                 seconds=result.seconds,
-                **agreement(result.scores, reference),
+                **(
+                    agreement(result.scores, reference)
+                    if reference is not None
+                    else {"pearson": None, "spearman": None, "rel_err": None}
+                ),
                 rel_ours=relative(result.scores, counterpart) if counterpart is not None else None,
                 ratio=result.seconds / base_time if base_time else None,
             )
@@ -218,7 +265,8 @@ def render(summary: dict, rows: list[dict], settings: Settings) -> str:
                 ]
             )
         else:
-            note = "not implemented" if r["status"] == "n/a" else "error: " + r["error"][:70]
+            failed = "error: " + r.get("error", "")[:70]
+            note = r.get("reason", "not implemented") if r["status"] == "n/a" else failed
             table.append([r["method"], r["library"], *[None] * 8, note])
     header = [
         "method",
@@ -245,7 +293,19 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--methods", default=",".join(METHODS), help=f"comma list of {', '.join(METHODS)}")
     parser.add_argument("--libraries", default=None, help=f"comma list of {', '.join(LIBRARIES)}")
-    parser.add_argument("--problems", default=None, help="comma list of problem names (default: all)")
+    parser.add_argument(
+        "--problems",
+        default=None,
+        help="comma list of problem names (default: the three small ones; large: "
+        + ", ".join(s.name for s in LARGE_PROBLEMS)
+        + ")",
+    )
+    parser.add_argument(
+        "--tests",
+        type=int,
+        default=None,
+        help="test points per problem (e.g. 10, 100, 1000; default: each problem's own, 10)",
+    )
     parser.add_argument("--lissa-depth", type=int, default=None)
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     parser.add_argument("--repeats", type=int, default=3, help="time each row as the best of this many runs")
@@ -263,9 +323,14 @@ def main(argv: list[str] | None = None) -> int:
     specs = QUICK_PROBLEMS if args.quick else FULL_PROBLEMS
     if args.problems:
         wanted = args.problems.split(",")
-        specs = tuple(s for s in specs if s.name in wanted)
-        if not specs:
-            parser.error(f"no problem among {wanted}")
+        known = {s.name: s for s in (*QUICK_PROBLEMS, *FULL_PROBLEMS, *LARGE_PROBLEMS)}
+        if unknown := [w for w in wanted if w not in known]:
+            parser.error(f"unknown problems {unknown}; choose from {', '.join(known)}")
+        specs = tuple(known[w] for w in wanted)
+    if args.tests is not None:
+        if args.tests < 1:
+            parser.error("--tests must be >= 1")
+        specs = tuple(dataclasses.replace(s, n_test=args.tests) for s in specs)
     settings = QUICK_SETTINGS if args.quick else FULL_SETTINGS
     if args.lissa_depth:
         settings = dataclasses.replace(settings, lissa_depth=args.lissa_depth)
@@ -285,9 +350,14 @@ def main(argv: list[str] | None = None) -> int:
     for spec in specs:
         problem = make_problem(spec, device)
         preload([])  # exempt the problem's training objects from every later collection too
-        summary, rows = run_problem(problem, settings, methods, libraries, dtype, args.repeats)
+        own = settings
+        if spec.name in {s.name for s in LARGE_PROBLEMS}:
+            depth = args.lissa_depth or LARGE_SETTINGS.lissa_depth
+            own = dataclasses.replace(LARGE_SETTINGS, lissa_depth=depth)
+        summary, rows = run_problem(problem, own, methods, libraries, dtype, args.repeats)
+        summary["settings"] = own
         print()
-        print(render(summary, rows, settings), flush=True)
+        print(render(summary, rows, own), flush=True)
         results.append({**summary, "rows": rows})
     if args.json:
         write_json(args.json, {**env, "settings": settings, "problems": results})

@@ -47,14 +47,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from common import format_table, machine, synchronize, versions, write_json
+from common import NUM_CLASSES, format_table, machine, synchronize, synthetic_data, versions, write_json
 from torch import Tensor, nn
 
 GRID_N = (1_000, 10_000, 50_000)
 GRID_P = (1_000, 100_000, 1_000_000)
 QUICK_N = (1_000,)
 QUICK_P = (1_000, 100_000)
-NUM_CLASSES = 10
 # p -> (input dimension, hidden widths): MLP d -> h -> h -> 10 with tanh, biases included.
 ARCHITECTURES = {
     1_000: (40, (16, 16)),  # p = 1,098 (MNIST-1D-sized inputs)
@@ -233,19 +232,6 @@ METHODS: dict[str, Method] = {
 
 
 # ---- one cell in this process ---------------------------------------------------------------------
-
-
-def synthetic_data(n: int, m: int, d: int, seed: int, device: torch.device) -> tuple[tuple, tuple]:
-    """Gaussian inputs ``(n + m, d)``; labels = argmax of a random tanh teacher + 10% label noise."""
-    gen = torch.Generator().manual_seed(seed)
-    x = torch.randn(n + m, d, generator=gen)
-    w1 = torch.randn(d, 64, generator=gen) / d**0.5
-    w2 = torch.randn(64, NUM_CLASSES, generator=gen) / 8
-    y = (torch.tanh(x @ w1) @ w2).argmax(1)
-    flip = torch.rand(n + m, generator=gen) < 0.1
-    y[flip] = torch.randint(0, NUM_CLASSES, (int(flip.sum()),), generator=gen)
-    x, y = x.to(device), y.to(device)
-    return (x[:n], y[:n]), (x[n:], y[n:])
 
 
 def build_cell(n: int, p: int, m: int, settings: Settings, device: torch.device) -> tuple[Cell, float]:

@@ -37,18 +37,30 @@ from influencer.training import fit_lbfgs
 class ProblemSpec:
     """Which model and data: ``hidden=()`` is multinomial logistic regression.
 
-    ``dataset``: ``"digits"`` (scikit-learn's 8x8 images) or ``"mnist1d"`` (MNIST-1D, generated
-    locally with ``mnist1d_samples`` signals of length 40).
+    ``dataset``: ``"digits"`` (scikit-learn's 8x8 images), ``"mnist1d"`` (MNIST-1D, generated
+    locally with ``mnist1d_samples`` signals of length 40) or ``"synthetic"`` (``features``
+    Gaussian inputs labelled by a random teacher network, ``n_train`` + ``n_test`` of them: the
+    large problems). ``n_test`` beyond a data set's test split takes the extra test points from
+    the start of the training split.
+
+    ``adam_epochs``: epochs of Adam before the polish; ``polish``: L-BFGS to ``grad J ~ 1e-10``
+    (the small problems). Without it (the large problems, where it would take longer than every
+    race) the model is made stationary exactly instead: the task's regulariser gains the linear
+    term ``-r . theta`` with ``r = grad J`` at the trained parameters, which adds no curvature and
+    leaves every peer's mapping (``peers.py``) exact.
     """
 
     name: str
     hidden: tuple[int, ...] = ()
-    dataset: str = "digits"  # "digits" or "mnist1d" (see load_split)
+    dataset: str = "digits"  # "digits", "mnist1d" or "synthetic" (see load_split)
     weight_decay: float = 1e-3
     n_train: int | None = None  # None: the whole training split
     n_test: int = 10
     seed: int = 0
     mnist1d_samples: int = 2000
+    features: int = 0  # synthetic inputs' width
+    adam_epochs: int = 60
+    polish: bool = True
 
     def __post_init__(self) -> None:
         if self.weight_decay <= 0:
@@ -121,6 +133,43 @@ def build_model(spec: ProblemSpec, num_features: int, num_classes: int) -> nn.Mo
     return LogisticRegression(num_features, num_classes)
 
 
+NUM_CLASSES = 10
+
+
+def synthetic_data(n: int, m: int, d: int, seed: int, device: torch.device) -> tuple[tuple, tuple]:
+    """Gaussian inputs ``(n + m, d)``; labels = argmax of a random tanh teacher + 10% label noise."""
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(n + m, d, generator=gen)
+    w1 = torch.randn(d, 64, generator=gen) / d**0.5
+    w2 = torch.randn(64, NUM_CLASSES, generator=gen) / 8
+    y = (torch.tanh(x @ w1) @ w2).argmax(1)
+    flip = torch.rand(n + m, generator=gen) < 0.1
+    y[flip] = torch.randint(0, NUM_CLASSES, (int(flip.sum()),), generator=gen)
+    x, y = x.to(device), y.to(device)
+    return (x[:n], y[:n]), (x[n:], y[n:])
+
+
+class StationaryTask(ClassificationTask):
+    """Cross-entropy + ``weight_decay / 2 ||theta||^2 - r . theta``: the linear term makes given
+    parameters an exact stationary point (``r`` = the gradient of the rest there) and has no
+    curvature, so the L2 fast paths still hold (``regularizer_curvature`` = ``weight_decay``)."""
+
+    def __init__(self, weight_decay: float, shift: dict[str, Tensor]) -> None:
+        super().__init__(weight_decay=weight_decay)
+        self.shift = shift
+
+    def regularizer(self, params):
+        linear = sum((self.shift[name] * value).sum() for name, value in params.items())
+        return super().regularizer(params) - linear
+
+    def regularizer_curvature(self) -> float | None:
+        return self.weight_decay
+
+    def settings(self) -> dict[str, Any]:
+        norm = float(sum(r.pow(2).sum() for r in self.shift.values()) ** 0.5)
+        return {**super().settings(), "shift_norm": norm}
+
+
 def load_split(spec: ProblemSpec):
     """Digits (scikit-learn's bundled 8x8 images, 1,348 training points) or MNIST-1D.
 
@@ -139,13 +188,24 @@ def load_split(spec: ProblemSpec):
 def make_problem(spec: ProblemSpec, device: torch.device | str = "cpu") -> Problem:
     """The spec's data set and model, trained to ``grad J ~ 0`` in float64."""
     device = torch.device(device)
-    split = load_split(spec)
-    x_train, y_train = split.x_train, split.y_train
-    if spec.n_train is not None:
-        x_train, y_train = x_train[: spec.n_train], y_train[: spec.n_train]
-    x_test, y_test = split.x_test[: spec.n_test], split.y_test[: spec.n_test]
+    if spec.dataset == "synthetic":
+        if spec.n_train is None or spec.features < 1:
+            raise ValueError("a synthetic problem needs n_train and features")
+        (x_train, y_train), (x_test, y_test) = synthetic_data(
+            spec.n_train, spec.n_test, spec.features, spec.seed, torch.device("cpu")
+        )
+        x_train, x_test, num_classes = x_train.double(), x_test.double(), NUM_CLASSES
+    else:
+        split = load_split(spec)
+        x_train, y_train = split.x_train, split.y_train
+        if spec.n_train is not None:
+            x_train, y_train = x_train[: spec.n_train], y_train[: spec.n_train]
+        x_test, y_test = split.x_test[: spec.n_test], split.y_test[: spec.n_test]
+        extra = spec.n_test - len(x_test)  # more test points than the split has: training points
+        x_test, y_test = torch.cat([x_test, x_train[:extra]]), torch.cat([y_test, y_train[:extra]])
+        num_classes = split.num_classes
     torch.manual_seed(spec.seed)
-    model = build_model(spec, x_train.shape[1], split.num_classes).to(device, torch.float64)
+    model = build_model(spec, x_train.shape[1], num_classes).to(device, torch.float64)
     task = ClassificationTask(weight_decay=spec.weight_decay)
     fn = ModelFunction(model, task)
     start = time.perf_counter()
@@ -154,10 +214,21 @@ def make_problem(spec: ProblemSpec, device: torch.device | str = "cpu") -> Probl
     if spec.hidden:
         from influencer.training import train_minibatch
 
-        train_minibatch(model, task, (x_train, y_train), epochs=60, lr=1e-2, batch_size=64, seed=spec.seed)
+        options = {"lr": 1e-2, "batch_size": 64 if spec.polish else 128, "seed": spec.seed}
+        train_minibatch(model, task, (x_train, y_train), epochs=spec.adam_epochs, **options)
         fn = ModelFunction(model, task)
-    theta = fit_lbfgs(fn, as_examples((x_train.to(device), y_train.to(device))), grad_tol=1e-10)
-    fn.load_into(theta)
+    data = as_examples((x_train.to(device), y_train.to(device)))
+    if spec.polish:
+        theta = fit_lbfgs(fn, data, grad_tol=1e-10)
+        fn.load_into(theta)
+    else:
+        theta = fn.theta0
+        residual = torch.zeros_like(theta)
+        for _, chunk in data.chunks(4096):
+            batch = fn.prepare(chunk)
+            residual += torch.func.grad(lambda t, b=batch: fn.loss(t, b).sum())(theta)
+        residual = residual / len(data) + fn.regularizer_grad(theta)  # grad J (p,)
+        task = StationaryTask(spec.weight_decay, {k: v.detach() for k, v in fn.unflatten(residual).items()})
     model.eval()
     seconds = time.perf_counter() - start
     move = {"device": device}

@@ -91,6 +91,7 @@ def test_toml_config_with_flag_overrides(tmp_path, task_module):
         "tol": 1e-7,
         "max_iter": 300,
         "on_unconverged": "raise",
+        "block": True,
     }
     assert summary["job"] == task_module
 

@@ -32,7 +32,9 @@ OUTPUTS = (
     "summary.json",
 )
 EARLIER = ["--task", "robust_jobs:build", "--test-ids", "0,1", "--top-k", "3"]
-# Other test examples and gradient chunks: the resumed run has every kind of entry to write.
+# Other test examples and gradient chunks: the resumed run has every kind of entry to write (the
+# directions are solved in groups by test id and reused only whole, so any solver resumes to the
+# same bytes; the default here is Exact).
 NEW = ["--task", "robust_jobs:build", "--test-ids", "2,5,7", "--top-k", "4", "--batch-size", "16"]
 KILL_POINTS = {
     "first gradient chunk written": "replace:c000000.npy:1:after",

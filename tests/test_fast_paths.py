@@ -295,7 +295,7 @@ def test_block_cg_solves_the_damped_system_in_fewer_iterations(logistic_curvatur
     rhs[4] = rhs[1]  # a repeated column: the search block loses rank and must drop a direction
     rhs[5] = 0.0  # a zero column is solved at once
     exact = Exact(damping=0.01).fit(logistic_curvature).solve(rhs)
-    single = CG(damping=0.01, tol=1e-10).fit(logistic_curvature)
+    single = CG(damping=0.01, tol=1e-10, block=False).fit(logistic_curvature)
     block = BlockCG(damping=0.01, tol=1e-10).fit(logistic_curvature)
     x = block.solve(rhs)
     assert float((x - exact).norm() / exact.norm()) < 1e-8
@@ -344,13 +344,17 @@ def test_block_cg_on_a_network_equals_the_dense_solve_for_any_hessian_chunking(d
         assert solver.info["converged"] and solver.info["max_relative_residual"] <= 1e-10
         torch.testing.assert_close(x, exact, rtol=1e-6, atol=1e-7 * float(exact.abs().max()))
         iterations.append(solver.info["iterations"])
-    single = CG(damping=1e-3, tol=1e-10, max_iter=1000).fit(whole)
+    single = CG(damping=1e-3, tol=1e-10, max_iter=1000, block=False).fit(whole)
     torch.testing.assert_close(single.solve(rhs), exact, rtol=1e-6, atol=1e-7 * float(exact.abs().max()))
     assert max(iterations) < single.info["iterations"]
     assert abs(iterations[0] - iterations[1]) <= 2  # chunking changes only the rounding
 
 
-@pytest.mark.parametrize("estimator", [CG, BlockCG])
+def per_column_cg(**options) -> CG:
+    return CG(block=False, **options)
+
+
+@pytest.mark.parametrize("estimator", [per_column_cg, CG, BlockCG])
 def test_kfac_preconditioned_cg_equals_the_dense_solve_in_fewer_iterations(
     digits_small, mlp_fn, logistic_curvature, estimator
 ):
@@ -382,3 +386,7 @@ def test_cg_refuses_a_preconditioner_that_is_not_a_fixed_linear_solve():
     for iterative in (CG(), LiSSA()):
         with pytest.raises(ConfigError, match="fixed linear solve"):
             BlockCG(preconditioner=iterative)
+    with pytest.raises(ConfigError, match=r"use CG\(block=False\)"):
+        BlockCG(block=False)
+    with pytest.raises(ConfigError, match="block must be True or False"):
+        CG(block="yes")

@@ -49,7 +49,7 @@ def kronecker_basis(solver, i: int = 0) -> torch.Tensor:
 # ---- (1) exact where the Gauss-Newton is a Kronecker product ------------------------------------
 
 
-@pytest.mark.parametrize("estimator", [KFAC(), EKFAC()], ids=["kfac", "ekfac"])
+@pytest.mark.parametrize("estimator", [KFAC(fisher="exact"), EKFAC(fisher="exact")], ids=["kfac", "ekfac"])
 @pytest.mark.parametrize("outputs", [1, 3])
 def test_exact_for_linear_least_squares(estimator, outputs):
     # A linear model with squared error: Hessian = (1/n) sum x x^T ⊗ I + wd I = S ⊗ A + wd I exactly.
@@ -104,8 +104,8 @@ def test_ekfac_corrects_kfac_eigenvalues_on_digits(logistic):
     model, task = logistic
     d = digits()
     wd = task.weight_decay
-    kfac = Influence(model, task, d.train, estimator=KFAC()).fit()
-    ekfac = Influence(model, task, d.train, estimator=EKFAC()).fit()
+    kfac = Influence(model, task, d.train, estimator=KFAC(fisher="exact")).fit()
+    ekfac = Influence(model, task, d.train, estimator=EKFAC(fisher="exact")).fit()
     layer = kfac.solver.layers[0]
     g = logistic_gauss_newton(model, d.x_train)  # (650, 650), [W | b] layout
     q = kronecker_basis(ekfac.solver)
@@ -289,14 +289,14 @@ def test_layer_called_twice_and_bias_only_blocks():
     model = Twice().double()
     # Both calls are positions of one Kronecker block; EK-FAC still gets the exact diagonal.
     curv = curvature_of(model, ClassificationTask(), data, params=["shared"], batch_size=64)
-    solver = EKFAC(damping=1e-3).fit(curv)
+    solver = EKFAC(damping=1e-3, fisher="exact").fit(curv)
     q = kronecker_basis(solver)
     idx = solver.layers[0].index
     g = curv.dense()[idx][:, idx]
     assert torch.allclose(solver.values[0].reshape(-1), torch.diagonal(q.T @ g @ q), rtol=1e-9, atol=1e-13)
     # A bias alone is a layer with one input (the constant 1): its block S is exact.
     curv = curvature_of(model, ClassificationTask(), data, params=["head.bias", "inp.bias"])
-    solver = KFAC(damping=1e-6).fit(curv)
+    solver = KFAC(damping=1e-6, fisher="exact").fit(curv)
     exact = curv.dense()
     blocks = torch.block_diag(*(exact[lay.index][:, lay.index] for lay in solver.layers))
     perm = torch.argsort(torch.cat([lay.index for lay in solver.layers]))

@@ -9,9 +9,10 @@ Usage::
 
 Scores are computed the efficient way round: one inverse-HVP per *test* example
 (``s_test = H^-1 grad f(test)``), then a stream of training-gradient chunks, each ``(c, p)``,
-dotted with ``s_test``. The ``n x p`` gradient matrix is never held in memory. With a Kronecker
-solver (K-FAC, EK-FAC) not even the chunks are: each layer's part of ``s_test . g_i`` is contracted
-from the layer's inputs and output gradients (:mod:`influencer.estimators.layer_scores`). The
+dotted with ``s_test``. The ``n x p`` gradient matrix is never held in memory. When every chosen
+parameter is in an ``nn.Linear``/``nn.Conv2d`` layer (whatever the estimator) not even the chunks
+are: each layer's part of ``s_test . g_i`` is contracted from the layer's inputs and output
+gradients (:mod:`influencer.estimators.layer_scores`). The
 regulariser's gradient, shared by every ``g_i``, enters the scores once as a shift.
 """
 
@@ -43,6 +44,7 @@ from influencer._kernel.files import (
 )
 from influencer._kernel.fingerprint import hash_examples, hash_json, model_fingerprint, task_fingerprint
 from influencer._kernel.functional import HVPMode, ModelFunction, check_hvp_mode
+from influencer._kernel.layers import Layer, find_layers
 from influencer._kernel.progress import progress_bar
 from influencer._kernel.scores import removal_scores, up_loss_from_scores
 from influencer._kernel.task import Task
@@ -597,6 +599,15 @@ class Influence:
         directions = self.test_directions(test)
         return self.scores_from_directions(directions, train_indices)
 
+    def _score_layers(self) -> list[Layer] | None:
+        """The layers holding every chosen parameter (a Kronecker solver's, or found), else None."""
+        if isinstance(self._solver, KroneckerSolver):
+            return self._solver.layers
+        try:
+            return find_layers(self.fn)
+        except ConfigError:
+            return None
+
     def scores_from_directions(
         self, directions: Tensor, train_indices: Sequence[int] | Tensor | None = None
     ) -> Tensor:
@@ -604,9 +615,10 @@ class Influence:
         directions = directions.to(self.theta)
         # s . g_i = s . grad loss_i + s . grad Omega: the regulariser enters once, as a column shift.
         shift = removal_scores(directions, self._reg_grad[None], self.n)  # (m, 1)
-        # A Kronecker solver's layers give the loss-gradient dot products without (c, p) gradients.
-        layered = isinstance(self._solver, KroneckerSolver) and directions.shape[0] > 0
-        scorer = LayerScorer(self.fn, self._solver.layers, directions) if layered else None
+        # When every chosen parameter is in a Linear/Conv layer (whatever the solver), the layers give
+        # the loss-gradient dot products without (c, p) per-example gradients.
+        layers = self._score_layers() if directions.shape[0] > 0 else None
+        scorer = LayerScorer(self.fn, layers, directions) if layers is not None else None
         # A row of ones makes the product also return each gradient's row sum, the finite check,
         # at almost no cost: the product is bound by reading the gradients, which it does anyway.
         probe = torch.cat([directions, directions.new_ones(1, self.p)])  # (m + 1, p)

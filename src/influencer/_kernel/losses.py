@@ -23,3 +23,34 @@ def smooth_hinge(margin: Tensor, temperature: float) -> Tensor:
 def hinge(margin: Tensor) -> Tensor:
     """The non-differentiable hinge ``max(0, 1 - margin)``, the limit of :func:`smooth_hinge`."""
     return torch.clamp(1.0 - margin, min=0.0)
+
+
+def cross_entropy_fisher(
+    logits: Tensor, weight: Tensor, samples: int | None, generator: torch.Generator
+) -> Tensor:
+    """Output directions ``(..., C, K)`` for the curvature of ``weight * CE`` in the logits ``(..., C)``.
+
+    The Hessian of the cross-entropy in the logits is ``diag(p) - p p^T`` with ``p = softmax``,
+    whatever the label (a class index or class probabilities summing to 1): the Fisher of the
+    model's own predictive distribution, ``E_{y ~ p}[(p - e_y)(p - e_y)^T]``.
+
+    * ``samples=None``: its ``C`` columns ``sqrt(p_c) (e_c - p)``, whose outer products sum to it
+      exactly (the expectation over all ``C`` labels).
+    * ``samples=S``: ``S`` columns ``p - e_y``, the loss's gradient at labels ``y`` drawn from
+      ``p`` with ``generator`` (CPU), whose outer products average to it.
+
+    Every column is scaled by ``sqrt(weight)`` ``(...)``, a per-output weight of the loss (0 for
+    an output left out of it).
+    """
+    dtype = torch.promote_types(logits.dtype, torch.float32)  # probabilities in at least float32
+    p = torch.softmax(logits.detach().to(dtype), dim=-1)
+    c = p.shape[-1]
+    scale = weight.detach().to(dtype).clamp_min(0).sqrt()[..., None, None]
+    if samples is None:
+        eye = torch.eye(c, dtype=dtype, device=p.device)
+        rows = (eye - p[..., None, :]) * p.sqrt()[..., :, None]  # [..., k, :] = sqrt(p_k) (e_k - p)
+    else:
+        u = torch.rand(*p.shape[:-1], samples, generator=generator, dtype=dtype).to(p.device)
+        labels = (p.cumsum(-1)[..., None, :] < u[..., :, None]).sum(-1).clamp_max(c - 1)  # (..., S)
+        rows = p[..., None, :] - F.one_hot(labels, c).to(dtype)  # (..., S, C)
+    return (rows.transpose(-1, -2) * scale).to(logits.dtype)

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from influencer._kernel.errors import DataError, TaskError
-from influencer._kernel.losses import smooth_hinge
+from influencer._kernel.losses import cross_entropy_fisher, smooth_hinge
 from influencer._kernel.modes import evaluating
 
 Batch = Any  # a pytree (tensor, tuple, list or dict of tensors) with a leading batch dimension
@@ -80,6 +80,22 @@ class Task:
         :meth:`regularizer` with anything but that L2 form must leave this returning None.
         """
         return 0.0 if type(self).regularizer is Task.regularizer else None
+
+    def fisher_directions(
+        self, outputs: Tensor, batch: Batch, samples: int | None, generator: torch.Generator
+    ) -> Tensor | None:
+        """Output directions ``(B, D, K)`` whose outer products give each example's output Hessian.
+
+        ``D`` is the number of outputs per example (``outputs`` flattened after the batch
+        dimension). ``samples=None``: ``sum_k c_k c_k^T`` is the Hessian of ``output_loss`` in the
+        outputs (the exact expectation); ``samples=S``: ``K = S`` random directions with
+        ``E[c c^T]`` equal to it, e.g. the loss's gradient at targets drawn from the model's own
+        predictive distribution (the true Fisher), drawn with ``generator`` (CPU). K-FAC and
+        EK-FAC backpropagate each column. Default None: they take a factor of each example's
+        ``D x D`` output Hessian by automatic differentiation (and Gaussian combinations of its
+        columns when sampling).
+        """
+        return None
 
     @property
     def supports_gauss_newton(self) -> bool:
@@ -210,6 +226,22 @@ class ClassificationTask(DecayedTask):
     def output_loss(self, outputs: Tensor, batch: Batch) -> Tensor:
         ignore = -100 if self.ignore_index is None else self.ignore_index  # refused by check_batch
         return F.cross_entropy(outputs, self.targets(batch), reduction="none", ignore_index=ignore)
+
+    def fisher_directions(
+        self, outputs: Tensor, batch: Batch, samples: int | None, generator: torch.Generator
+    ) -> Tensor | None:
+        """Exact: ``sqrt(p_c) (e_c - p)`` for every class ``c``; sampled: ``p - e_y`` for labels
+        ``y`` drawn from the model's ``p`` (see :func:`~influencer._kernel.losses.cross_entropy_fisher`)."""
+        if outputs.ndim != 2:
+            return None
+        y = self.targets(batch)
+        if y.is_floating_point():
+            weight = y.sum(dim=1)  # soft labels: the Hessian scales with their total
+        elif self.ignore_index is not None:
+            weight = (y != self.ignore_index).to(outputs.dtype)
+        else:
+            weight = torch.ones(outputs.shape[0], dtype=outputs.dtype, device=outputs.device)
+        return cross_entropy_fisher(outputs, weight.to(outputs.device), samples, generator)
 
     def check_batch(self, batch: Batch, ids: Tensor | None = None) -> None:
         y = self.targets(batch)

@@ -43,17 +43,18 @@ class EKFAC(KroneckerEstimator):
                 f"EK-FAC needs eigendecompositions (torch.linalg.eigh), which have no {name} kernels: "
                 "compute in float32 or float64 (Influence(..., dtype=torch.float32))"
             )
-        layers, factors = self.factors(curvature)
+        record: dict = {}
+        layers, factors = self.factors(curvature, record)
         bases = [(eigenbasis(s)[1], eigenbasis(a)[1]) for a, s in factors]
         values = corrected_eigenvalues(
             curvature,
             layers,
             bases,
-            self.fisher,
+            record.get("fisher", self.fisher),  # what "auto" resolved to for the factors
             self.samples,
             self.seed + 1,  # fresh samples
         )
-        return self.solver(curvature, layers, factors, bases, values)
+        return self.solver(curvature, layers, factors, bases, values, record)
 
 
 def corrected_eigenvalues(

@@ -31,11 +31,12 @@ class KFAC(KroneckerEstimator):
     name = "kfac"
 
     def fit(self, curvature: Curvature) -> KroneckerSolver:
-        layers, factors = self.factors(curvature)
+        record: dict = {}
+        layers, factors = self.factors(curvature, record)
         bases, values = [], []
         for a, s in factors:
             d_a, q_a = eigenbasis(a)
             d_s, q_s = eigenbasis(s)
             bases.append((q_s, q_a))
             values.append(d_s[:, None] * d_a[None, :])  # (d_out, d_in)
-        return self.solver(curvature, layers, factors, bases, values)
+        return self.solver(curvature, layers, factors, bases, values, record)

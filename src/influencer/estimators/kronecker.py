@@ -44,8 +44,68 @@ from influencer._kernel.layers import (
 from influencer._kernel.progress import progress_bar
 from influencer.estimators.base import Estimator, Solver, require_positive
 
-FISHERS = ("exact", "sampled", "empirical")
-_MAX_OUTPUTS = 1024  # the exact/sampled output-Hessian factor is (B, D, D)
+FISHERS = ("auto", "exact", "sampled", "empirical")
+_MAX_OUTPUTS = 1024  # the generic output-Hessian factor is (B, D, D)
+
+
+# ---- capture for the Fisher sweeps ------------------------------------------------------------
+
+
+class ProbeCapture(LayerCapture):
+    """:class:`~influencer._kernel.layers.LayerCapture` that adds a zero leaf (a probe) to each layer
+    call's output.
+
+    The gradient with respect to a probe is the gradient with respect to that output, so a
+    backward pass asks autograd for the probes only and never computes the weights' gradients.
+    """
+
+    def start(self, batch: int) -> None:
+        super().start(batch)
+        self.probes: list[list[Tensor]] = [[] for _ in self.layers]
+
+    def forward_hook(self, i: int):  # type: ignore[override]
+        def hook(module: nn.Module, inputs: tuple[Any, ...], output: Tensor) -> Tensor:
+            layer = self.layers[i]
+            self.acts[i].append(layer.inputs(inputs[0], self.batch))
+            if not output.requires_grad:
+                raise ConfigError(f"layer {layer.name!r} ran without autograd (torch.no_grad in the task?)")
+            probe = torch.zeros_like(output, requires_grad=True)
+            self.probes[i].append(probe)
+            # A new tensor: the model editing it in place later (e.g. ReLU(inplace=True)) cannot
+            # change the gradient that reaches the probe.
+            return output + probe
+
+        return hook
+
+    def backward(
+        self, out: Tensor, cotangent: Tensor, theta: Tensor | None, retain: bool
+    ) -> tuple[list[list[Tensor]], Tensor | None]:
+        """Output-gradient rows per layer and call (as :meth:`gradient_rows`) for one direction,
+        and the parameters' gradient when ``theta`` is given (for :func:`check_layer_model`)."""
+        probes = [probe for calls in self.probes for probe in calls]
+        inputs = probes if theta is None else [*probes, theta]
+        grads = torch.autograd.grad(out, inputs, cotangent, retain_graph=retain, allow_unused=True)
+        rows, k = [], 0
+        for i, layer in enumerate(self.layers):
+            calls = []
+            for a in self.acts[i]:
+                g = grads[k]
+                k += 1
+                calls.append(
+                    layer.output_grads(g, self.batch)
+                    if g is not None
+                    else a.new_zeros(*a.shape[:2], layer.d_out)
+                )
+            rows.append(calls)
+        return rows, (grads[-1] if theta is not None else None)
+
+
+def resolve_fisher(fisher: str, outputs: int, exact_max_outputs: int) -> str:
+    """The Fisher ``"auto"`` stands for with ``outputs`` per example: the exact expectation up to
+    ``exact_max_outputs`` (one backward pass per output), else sampled labels."""
+    if fisher != "auto":
+        return fisher
+    return "exact" if outputs <= exact_max_outputs else "sampled"
 
 
 def output_hessian_factor(fn: ModelFunction, outputs: Tensor, batch: Any) -> Tensor:
@@ -57,8 +117,10 @@ def output_hessian_factor(fn: ModelFunction, outputs: Tensor, batch: Any) -> Ten
     b, d = outputs.shape[0], outputs[0].numel()
     if d > _MAX_OUTPUTS:
         raise ConfigError(
-            f"the model has {d} outputs per example; the exact output-Hessian factor needs D x D per "
-            f"example (limit {_MAX_OUTPUTS}). Use fisher='empirical'"
+            f"the model has {d} outputs per example; the output-Hessian factor needs D x D per example "
+            f"(limit {_MAX_OUTPUTS}) for a task without fisher_directions(). Use fisher='empirical', or "
+            "a task whose fisher_directions() samples labels (the built-in classification and language "
+            "model tasks) with fisher='sampled'"
         )
     flat = outputs.detach().reshape(b, d)
     g = grad(lambda o: fn.task.output_loss(o.reshape(outputs.shape), batch).sum())
@@ -70,14 +132,23 @@ def output_hessian_factor(fn: ModelFunction, outputs: Tensor, batch: Any) -> Ten
 
 
 def sweep(
-    curvature: Curvature, layers: list[Layer], fisher: str, samples: int, seed: int, desc: str
+    curvature: Curvature,
+    layers: list[Layer],
+    fisher: str,
+    samples: int,
+    seed: int,
+    desc: str,
+    exact_max_outputs: int = 0,
+    record: dict[str, Any] | None = None,
 ) -> Iterator[tuple[int, list[list[Tensor]], Iterator[tuple[list[list[Tensor]], float]]]]:
     """For each chunk of the curvature's examples: ``(B, acts, directions)``.
 
     ``acts[l][k]`` are the activation rows ``(B, T, d_in)`` of layer l's k-th call; iterating
     ``directions`` runs one backward pass per output direction and yields the output-gradient rows
     (same nesting, ``(B, T, d_out)``) with the direction's weight. The weighted sum over directions
-    of ``g g^T`` has, per example, the expectation of the chosen Fisher.
+    of ``g g^T`` has, per example, the expectation of the chosen Fisher. ``fisher="auto"`` is
+    resolved per chunk by :func:`resolve_fisher`; ``record`` (if given) receives the Fisher used
+    and the number of outputs per example.
     """
     fn = curvature.fn
     theta = curvature.theta.detach().requires_grad_(True)
@@ -85,7 +156,7 @@ def sweep(
     chunks = curvature.data.chunks(curvature.batch_size, curvature.indices)
     total = -(-curvature.n // curvature.batch_size)
     checked = False
-    with LayerCapture(layers) as cap:
+    with ProbeCapture(layers) as cap:
         for ids, raw in progress_bar(chunks, desc, curvature.progress, total=total, unit="batch"):
             batch = fn.prepare(raw)
             cap.start(len(ids))
@@ -98,15 +169,22 @@ def sweep(
                         f"layer {layer.name!r} was not called by the model's forward (its weights may be "
                         "used functionally); leave it out of params=[...] or use CG/Arnoldi"
                     )
-            directions = _directions(fn, out, batch, fisher, samples, gen)
+            used = resolve_fisher(fisher, out[0].numel(), exact_max_outputs)
+            if record is not None:
+                record["fisher"] = used
+                if fisher != "empirical":  # out is then the loss, not the outputs
+                    record["outputs_per_example"] = out[0].numel()
+            directions = _directions(fn, out, batch, used, samples, gen)
 
             def run(directions=directions, out=out) -> Iterator[tuple[list[list[Tensor]], float]]:
                 nonlocal checked
                 for cot, weight, last in directions:
-                    cap.grads = [{} for _ in layers]
-                    g_theta = torch.autograd.grad(out, theta, cot, retain_graph=not last)[0]
-                    rows = cap.gradient_rows()
-                    if not checked and last:  # the last exact direction has the largest curvature
+                    # The first chunk's last direction also checks the layer model against
+                    # autograd's parameter gradient (for the generic factor, the column of the
+                    # largest curvature).
+                    check = not checked and last
+                    rows, g_theta = cap.backward(out, cot, theta if check else None, retain=not last)
+                    if check:
                         check_layer_model(layers, cap.acts, rows, g_theta)
                         checked = True
                     yield rows, weight
@@ -119,10 +197,12 @@ def _directions(fn: ModelFunction, out: Tensor, batch: Any, fisher: str, samples
     if fisher == "empirical":
         yield torch.ones_like(out), 1.0, True
         return
-    factor = output_hessian_factor(fn, out, batch)  # (B, D, D)
-    if fisher == "sampled":
-        z = torch.randn(*factor.shape[:2], samples, generator=gen, dtype=factor.dtype).to(factor.device)
-        factor = factor @ z  # (B, D, samples): E[(L z)(L z)^T] = L L^T
+    factor = fn.task.fisher_directions(out.detach(), batch, None if fisher == "exact" else samples, gen)
+    if factor is None:
+        factor = output_hessian_factor(fn, out, batch)  # (B, D, D)
+        if fisher == "sampled":
+            z = torch.randn(*factor.shape[:2], samples, generator=gen, dtype=factor.dtype).to(factor.device)
+            factor = factor @ z  # (B, D, samples): E[(L z)(L z)^T] = L L^T
     cols = factor.shape[-1]
     weight = 1.0 / samples if fisher == "sampled" else 1.0
     for c in range(cols):
@@ -133,26 +213,34 @@ def _directions(fn: ModelFunction, out: Tensor, batch: Any, fisher: str, samples
 
 
 def covariance_factors(
-    curvature: Curvature, layers: list[Layer], fisher: str = "exact", samples: int = 1, seed: int = 0
+    curvature: Curvature,
+    layers: list[Layer],
+    fisher: str = "exact",
+    samples: int = 1,
+    seed: int = 0,
+    exact_max_outputs: int = 0,
+    record: dict[str, Any] | None = None,
 ) -> list[tuple[Tensor, Tensor]]:
-    """Per layer ``(A (d_in, d_in), S (d_out, d_out))`` as defined in the module docstring."""
+    """Per layer ``(A (d_in, d_in), S (d_out, d_out))`` as defined in the module docstring
+    (``exact_max_outputs`` and ``record``: see :func:`sweep`)."""
     dtype, device = curvature.dtype, curvature.device
     A = [torch.zeros(layer.d_in, layer.d_in, dtype=dtype, device=device) for layer in layers]
     S = [torch.zeros(layer.d_out, layer.d_out, dtype=dtype, device=device) for layer in layers]
     rows = [0] * len(layers)
     n = 0
-    for b, acts, directions in sweep(curvature, layers, fisher, samples, seed, "K-FAC factors"):
+    chunks = sweep(curvature, layers, fisher, samples, seed, "K-FAC factors", exact_max_outputs, record)
+    for b, acts, directions in chunks:
         n += b
         for i, calls in enumerate(acts):
             for a in calls:
                 a = a.flatten(0, 1)  # (B*T, d_in)
-                A[i] += a.T @ a
+                A[i].addmm_(a.T, a)
                 rows[i] += a.shape[0]
         for grads, weight in directions:
             for i, calls in enumerate(grads):
                 for g in calls:
                     g = g.flatten(0, 1)  # (B*T, d_out)
-                    S[i] += weight * (g.T @ g)
+                    S[i].addmm_(g.T, g, alpha=weight)
     return [(a / r, s / n) for a, s, r in zip(A, S, rows, strict=True)]
 
 
@@ -169,6 +257,9 @@ def regularizer_curvature(fn: ModelFunction, theta: Tensor, layers: list[Layer],
     identity per layer (e.g. decay on weights but not biases) each block gets its mean curvature,
     with a warning: K-FAC's eigenbasis cannot hold a general regulariser Hessian exactly.
     """
+    constant = fn.task.regularizer_curvature()
+    if constant is not None:  # Omega = c/2 ||theta||^2: no probe needed
+        return [float(constant)] * len(layers)
     gen = torch.Generator().manual_seed(seed)
     v = torch.randn(theta.shape, generator=gen, dtype=theta.dtype).to(theta.device)
     hv = jvp(grad(fn.regularizer), (theta,), (v,))[1]
@@ -196,15 +287,24 @@ def regularizer_curvature(fn: ModelFunction, theta: Tensor, layers: list[Layer],
 class KroneckerEstimator(Estimator):
     """Settings shared by :class:`KFAC` and :class:`EKFAC`.
 
-    ``fisher`` chooses how the expectation over outputs is taken (both equal the Gauss-Newton
-    matrix ``J^T H_out J`` in expectation; for cross-entropy and squared error it is the true
-    Fisher of the model's predictive distribution):
+    ``fisher`` chooses how the expectation over outputs is taken (the first three equal the
+    Gauss-Newton matrix ``J^T H_out J`` in expectation; for cross-entropy and squared error it is
+    the true Fisher of the model's predictive distribution):
 
-    * ``"exact"``: each example's output Hessian ``H_out = L L^T`` is factored and every column of
-      ``L`` is backpropagated: ``D`` backward passes per chunk for ``D`` outputs (exact expectation;
-      no sampling noise). Needs a task with ``outputs`` and ``output_loss``.
-    * ``"sampled"``: ``samples`` random directions ``L z``, ``z ~ N(0, I)``: an unbiased Monte-Carlo
-      estimate costing ``samples`` backward passes (for many outputs).
+    * ``"auto"`` (default): ``"exact"`` when the model has at most ``exact_max_outputs`` outputs
+      per example (default 2: binary classifiers, scalar regression), else ``"sampled"``. The
+      exact expectation costs one backward pass per output (10 for ten classes, a vocabulary
+      per token for a language model); one sampled label per example costs one, and its noise
+      averages out over the examples (kronfluence's default true Fisher). The Fisher used is
+      in the solver's ``info["fisher"]``.
+    * ``"exact"``: every column of a factor of each example's output Hessian ``H_out = L L^T`` is
+      backpropagated (for cross-entropy ``sqrt(p_c) (e_c - p)``, one per class): ``D`` backward
+      passes per chunk for ``D`` outputs, no sampling noise. Needs a task with ``outputs`` and
+      ``output_loss``.
+    * ``"sampled"``: ``samples`` random directions per example with ``E[c c^T] = H_out``, one
+      backward pass each: for the built-in classification and language-model tasks the loss's
+      gradient at a label drawn from the model's own prediction (``Task.fisher_directions``),
+      otherwise ``L z`` with ``z ~ N(0, I)``. Drawn with ``seed``.
     * ``"empirical"``: the gradient of each example's actual loss (the empirical Fisher): one
       backward pass, works for any task, but biased away from the optimum's curvature.
 
@@ -214,10 +314,11 @@ class KroneckerEstimator(Estimator):
     times the layer's mean eigenvalue (Grosse et al. 2023 use 0.1).
     """
 
-    fisher: str = "exact"
+    fisher: str = "auto"
     samples: int = 1
     seed: int = 0
     relative_damping: float = 0.0
+    exact_max_outputs: int = 2
     name: ClassVar[str] = "kronecker"
 
     def __post_init__(self) -> None:
@@ -225,6 +326,7 @@ class KroneckerEstimator(Estimator):
         if self.fisher not in FISHERS:
             raise ConfigError(f"{type(self).__name__}.fisher must be one of {FISHERS}, got {self.fisher!r}")
         require_positive(f"{type(self).__name__}.samples", self.samples, integer=True)
+        require_positive(f"{type(self).__name__}.exact_max_outputs", self.exact_max_outputs, integer=True)
         if not isinstance(self.seed, int):
             raise ConfigError(f"{type(self).__name__}.seed must be an integer, got {self.seed!r}")
         if not (
@@ -255,8 +357,11 @@ class KroneckerEstimator(Estimator):
             )
         return chosen
 
-    def factors(self, curvature: Curvature) -> tuple[list[Layer], list[tuple[Tensor, Tensor]]]:
-        """The layers and their ``(A, S)`` factors for this curvature's examples and parameters."""
+    def factors(
+        self, curvature: Curvature, record: dict[str, Any] | None = None
+    ) -> tuple[list[Layer], list[tuple[Tensor, Tensor]]]:
+        """The layers and their ``(A, S)`` factors for this curvature's examples and parameters;
+        ``record`` (if given) receives the Fisher used (see :func:`sweep`)."""
         if self.fisher != "empirical" and not curvature.fn.task.supports_gauss_newton:
             raise ConfigError(
                 f"fisher={self.fisher!r} needs a task with outputs(model, batch) and output_loss(outputs, "
@@ -264,7 +369,28 @@ class KroneckerEstimator(Estimator):
                 "fisher='empirical'"
             )
         layers = find_layers(curvature.fn)
-        return layers, covariance_factors(curvature, layers, self.fisher, self.samples, self.seed)
+        factors = covariance_factors(
+            curvature, layers, self.fisher, self.samples, self.seed, self.exact_max_outputs, record
+        )
+        return layers, factors
+
+    def fisher_used(self) -> str:
+        """In words, which Fisher ``fisher`` stands for (for settings and reports)."""
+        exact = "the exact expectation over the model's outputs (one backward pass per output)"
+        sampled = (
+            f"{self.samples} label(s) per example sampled from the model's prediction (random "
+            "output directions of the same expectation for tasks that cannot sample labels)"
+        )
+        return {
+            "auto": f"{exact} when the model has at most {self.exact_max_outputs} outputs per example, "
+            f"else {sampled}",
+            "exact": exact,
+            "sampled": sampled,
+            "empirical": "the empirical Fisher (gradients at the observed labels)",
+        }[self.fisher]
+
+    def settings(self) -> dict[str, Any]:
+        return {**super().settings(), "fisher_used": self.fisher_used()}
 
     def solver(
         self,
@@ -273,9 +399,15 @@ class KroneckerEstimator(Estimator):
         factors: list[tuple[Tensor, Tensor]],
         bases: list[tuple[Tensor, Tensor]],
         values: list[Tensor],
+        record: dict[str, Any] | None = None,
     ) -> KroneckerSolver:
         reg = regularizer_curvature(curvature.fn, curvature.theta, layers, self.seed)
-        return KroneckerSolver(layers, factors, bases, values, reg, self, curvature.p)
+        solver = KroneckerSolver(layers, factors, bases, values, reg, self, curvature.p)
+        if record:  # the Fisher "auto" resolved to, and the outputs per example it was chosen by
+            solver.info.update(record)
+            if record.get("fisher") == "sampled":
+                solver.info["fisher_samples"] = self.samples
+        return solver
 
     def load_solver(self, curvature: Curvature, state: dict[str, Tensor], info: dict) -> KroneckerSolver:
         layers = find_layers(curvature.fn)

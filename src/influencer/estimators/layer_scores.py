@@ -90,7 +90,10 @@ def _contract(a_calls: list[Tensor], g_calls: list[Tensor], block: Tensor, b: in
     """``(m, B)``: ``<block_j, sum_{calls, t} g_t a_t^T>`` for rows ``(B, T, .)`` of one layer."""
     m, d_out, d_in = block.shape
     out = block.new_zeros(m, b)
-    if all(a.shape[1] == 1 for a in a_calls):
+    # With more directions than the layer's smaller side, forming the per-example gradients
+    # (B d_out d_in, once) and one product with all blocks is cheaper than a per-direction
+    # contraction, whose batched matrix-vector products run far below matrix-product speed.
+    if all(a.shape[1] == 1 for a in a_calls) and m <= min(d_out, d_in):
         # One position per call: contract the larger side with all blocks in one product.
         wide = d_in >= d_out
         flat = block.reshape(m * d_out, d_in) if wide else block.transpose(1, 2).reshape(m * d_in, d_out)

@@ -35,6 +35,7 @@ from torch import Tensor, nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from influencer._kernel.errors import TaskError
+from influencer._kernel.losses import cross_entropy_fisher
 from influencer._kernel.task import Batch, DecayedTask, batch_entry
 
 IGNORE_INDEX = -100  # transformers' label for "not scored"
@@ -205,6 +206,14 @@ class SequenceClassificationTask(HuggingFaceTask):
     def output_loss(self, outputs: Tensor, batch: Batch) -> Tensor:
         return F.cross_entropy(outputs, self.targets(batch), reduction="none")
 
+    def fisher_directions(
+        self, outputs: Tensor, batch: Batch, samples: int | None, generator: torch.Generator
+    ) -> Tensor:
+        """The cross-entropy's directions (see :func:`~influencer._kernel.losses.cross_entropy_fisher`);
+        an example labelled ``-100`` is not in the loss and gets none."""
+        weight = (self.targets(batch) != IGNORE_INDEX).to(outputs.device, outputs.dtype)
+        return cross_entropy_fisher(outputs, weight, samples, generator)
+
 
 class CausalLMTask(HuggingFaceTask):
     """Next-token cross-entropy of a ``...ForCausalLM`` model, one value per sequence.
@@ -223,9 +232,10 @@ class CausalLMTask(HuggingFaceTask):
             tokens use :func:`per_token_examples`.
         **options: see :class:`HuggingFaceTask`.
 
-    Outputs are the logits ``(B, T, V)``, so the Gauss-Newton curvature works; K-FAC/EK-FAC with
-    ``fisher="exact"`` need ``T * V`` backward passes per chunk: use ``fisher="empirical"``
-    for real vocabularies.
+    Outputs are the logits ``(B, T, V)``, so the Gauss-Newton curvature works; K-FAC/EK-FAC take
+    the true Fisher from one next token per position sampled from the model (their default for
+    models with many outputs, ``fisher="sampled"``); ``fisher="exact"`` would need ``T * V``
+    backward passes per chunk.
     """
 
     def __init__(self, *, reduction: str = "sum", **options: Any) -> None:
@@ -262,6 +272,24 @@ class CausalLMTask(HuggingFaceTask):
         if self.reduction == "sum":
             return total
         return total / scored.sum(dim=1).clamp_min(1).to(total.dtype)
+
+    def fisher_directions(
+        self, outputs: Tensor, batch: Batch, samples: int | None, generator: torch.Generator
+    ) -> Tensor | None:
+        """Sampled: one next token per scored position drawn from the model (the true Fisher;
+        positions are independent given the inputs), ``(B, T * V, samples)``. The exact
+        expectation (``V`` directions per position) is left to the generic factor, which refuses
+        real vocabularies."""
+        if samples is None or outputs.ndim != 3:
+            return None
+        _, scored = scored_targets(batch, self.label_key)
+        scored = scored[:, 1:] & _context(batch, scored)[:, :-1]  # (B, T-1): position t predicts t + 1
+        weight = scored.to(outputs.dtype)
+        if self.reduction == "mean":
+            weight = weight / scored.sum(dim=1, keepdim=True).clamp_min(1).to(weight.dtype)
+        weight = F.pad(weight, (0, 1))  # (B, T): the last position predicts nothing
+        cols = cross_entropy_fisher(outputs, weight.to(outputs.device), samples, generator)  # (B, T, V, S)
+        return cols.reshape(outputs.shape[0], -1, samples)
 
     def settings(self) -> dict[str, Any]:
         return {**super().settings(), "reduction": self.reduction}
