@@ -73,7 +73,9 @@ def test_default_on_a_cnn_is_ekfac_with_gauss_newton_and_relative_damping(cnn):
     assert "5050 parameters > 3000: EK-FAC" in inf.settings()["curvature"]["chosen_by_default"]
     scores = inf.fit().scores(test)
     assert scores.shape == (4, 200) and torch.isfinite(scores).all()
-    explicit = Influence(model, task, train, estimator=EKFAC(relative_damping=0.1), curvature="gauss_newton")
+    explicit = Influence(
+        model, task, train, estimator=EKFAC(relative_damping=0.1, fisher="exact"), curvature="gauss_newton"
+    )
     assert torch.equal(explicit.fit().scores(test), scores)
     assert "chosen_by_default" not in explicit.settings()["curvature"]
 

@@ -152,7 +152,8 @@ class CGSolver(Solver):
     def solve(self, vectors: Tensor) -> Tensor:
         cfg = self.config
         b = vectors.detach().reshape(-1, self.curvature.p).to(self.curvature.theta)
-        if cfg.block:
+        # The block's small dense factorisations have no half-precision kernels: columns run alone.
+        if cfg.block and b.dtype not in (torch.float16, torch.bfloat16):
             return self._solve_block(b).reshape(vectors.shape).to(vectors.dtype)
         out = torch.zeros_like(b)
         rs_out = (b * b).sum(1)  # (k,) squared residual norms, final once a column stops
