@@ -517,3 +517,16 @@ def test_a_dataloader_padding_each_batch_gives_the_scores_of_one_padded_tensor(e
     expected = whole.scores(pad_batch(test_items))  # (5, 16), every sequence padded to one length
     torch.testing.assert_close(per_batch.scores(test_loader), expected, rtol=1e-9, atol=1e-12)
     torch.testing.assert_close(per_batch.scores(pad_batch(test_items)), expected, rtol=1e-9, atol=1e-12)
+
+
+def test_a_collate_returning_a_tokenizer_batch_encoding_is_accepted():
+    # What transformers' DataCollatorWithPadding returns: a BatchEncoding, a Mapping that is not a dict.
+    encode = transformers().BatchEncoding
+    train_items, test_items = ragged(16, seed=0), ragged(5, seed=1)
+    loader = torch.utils.data.DataLoader(train_items, collate_fn=lambda items: encode(pad_batch(items)))
+    model, task = bert().eval(), SequenceClassificationTask()
+    options = {"estimator": CG(damping=0.1), "params": ["classifier"], "batch_size": 4}
+    per_batch = Influence(model, task, loader, **options).fit()
+    whole = Influence(model, task, pad_batch(train_items), **options).fit()
+    expected = whole.scores(pad_batch(test_items))
+    torch.testing.assert_close(per_batch.scores(pad_batch(test_items)), expected, rtol=1e-9, atol=1e-12)
