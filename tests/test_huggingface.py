@@ -464,3 +464,71 @@ def test_influence_computes_in_eval_mode_and_restores_the_users_mode():
     torch.testing.assert_close(again.scores(batch), scores)
     torch.testing.assert_close(predictions(task, model, batch), predicted)
     assert not model.training
+
+
+# ---- a DataLoader that pads each batch on its own ------------------------------------------------
+
+
+def pad_batch(items: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """A tokenizer-like collate: right-pad to the batch's longest sequence, mask and labels."""
+    ids = nn.utils.rnn.pad_sequence([item["input_ids"] for item in items], batch_first=True)  # pad id 0
+    lengths = torch.tensor([len(item["input_ids"]) for item in items])
+    mask = (torch.arange(ids.shape[1]) < lengths[:, None]).long()
+    labels = torch.stack([item["labels"] for item in items])
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+def ragged(n: int, seed: int) -> list[dict[str, torch.Tensor]]:
+    """``n`` unpadded examples of 2 to 11 tokens (ids 1..29, 0 is padding) with labels in 0..2."""
+    gen = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(2, 12, (n,), generator=gen).tolist()
+    ids = [torch.randint(1, 30, (t,), generator=gen) for t in lengths]
+    labels = torch.randint(0, 3, (n,), generator=gen)
+    return [{"input_ids": x, "labels": y} for x, y in zip(ids, labels, strict=True)]
+
+
+PAD_BLIND = pytest.mark.xfail(
+    strict=True,
+    reason="K-FAC's activation factor A averages over every (example, position) row, pad positions "
+    "included, so its scores depend on how far each batch is padded",
+)
+
+
+@pytest.mark.parametrize(
+    "estimator, params, curvature",
+    [
+        (Exact(damping=0.1), ["classifier", "bert.encoder.layer.0.attention.self.value"], None),
+        (CG(damping=1e-3, tol=1e-12), None, "gauss_newton"),
+        pytest.param(EKFAC(relative_damping=0.1), "supported", None, marks=PAD_BLIND),
+    ],
+    ids=["exact", "cg", "ekfac"],
+)
+def test_a_dataloader_padding_each_batch_gives_the_scores_of_one_padded_tensor(estimator, params, curvature):
+    train_items, test_items = ragged(16, seed=0), ragged(5, seed=1)
+    loader = torch.utils.data.DataLoader(train_items, batch_size=8, collate_fn=pad_batch)
+    test_loader = torch.utils.data.DataLoader(test_items, batch_size=8, collate_fn=pad_batch)
+    widths = {pad_batch(train_items[i : i + 4])["input_ids"].shape[1] for i in range(0, 16, 4)}
+    assert len(widths) > 1  # the batches below really are padded to different lengths
+    model, task = bert().eval(), SequenceClassificationTask()
+    options = {"estimator": estimator, "params": params, "curvature": curvature}
+    options |= {"batch_size": 4, "hessian_batch_size": 4}  # several batches, each padded to its own width
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*leaves out.*")
+        per_batch = Influence(model, task, loader, **options).fit()
+        whole = Influence(model, task, pad_batch(train_items), **options).fit()
+    expected = whole.scores(pad_batch(test_items))  # (5, 16), every sequence padded to one length
+    torch.testing.assert_close(per_batch.scores(test_loader), expected, rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(per_batch.scores(pad_batch(test_items)), expected, rtol=1e-9, atol=1e-12)
+
+
+def test_a_collate_returning_a_tokenizer_batch_encoding_is_accepted():
+    # What transformers' DataCollatorWithPadding returns: a BatchEncoding, a Mapping that is not a dict.
+    encode = transformers().BatchEncoding
+    train_items, test_items = ragged(16, seed=0), ragged(5, seed=1)
+    loader = torch.utils.data.DataLoader(train_items, collate_fn=lambda items: encode(pad_batch(items)))
+    model, task = bert().eval(), SequenceClassificationTask()
+    options = {"estimator": CG(damping=0.1), "params": ["classifier"], "batch_size": 4}
+    per_batch = Influence(model, task, loader, **options).fit()
+    whole = Influence(model, task, pad_batch(train_items), **options).fit()
+    expected = whole.scores(pad_batch(test_items))
+    torch.testing.assert_close(per_batch.scores(pad_batch(test_items)), expected, rtol=1e-9, atol=1e-12)

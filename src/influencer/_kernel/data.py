@@ -149,7 +149,7 @@ class DatasetExamples(Examples):
         return self.n
 
     def take(self, indices: Tensor) -> Batch:
-        return self.collate_fn([self.dataset[int(i)] for i in indices])
+        return _plain(self.collate_fn([self.dataset[int(i)] for i in indices]))
 
     def chunks(
         self, batch_size: int, indices: Tensor | Sequence[int] | None = None
@@ -167,7 +167,13 @@ class DatasetExamples(Examples):
             num_workers=self.num_workers,
         )
         for start, batch in zip(range(0, len(idx), batch_size), loader, strict=True):
-            yield idx[start : start + batch_size], batch
+            yield idx[start : start + batch_size], _plain(batch)
+
+
+def _plain(batch: Batch) -> Batch:
+    """A collated mapping as a dict: a tokenizer's ``BatchEncoding`` (what Hugging Face's
+    ``DataCollatorWithPadding`` returns) is one leaf to pytrees, its tensors out of their reach."""
+    return dict(batch) if isinstance(batch, Mapping) and not isinstance(batch, dict) else batch
 
 
 def as_examples(data: Any) -> Examples:
@@ -188,8 +194,7 @@ def as_examples(data: Any) -> Examples:
     if isinstance(data, (tuple, list, Mapping)):
         if len(data) == 0:
             raise DataError("data is empty: pass e.g. (inputs, labels) with at least one example")
-        if isinstance(data, Mapping) and not isinstance(data, dict):
-            data = dict(data)  # e.g. a tokenizer's BatchEncoding, which pytrees treat as one leaf
+        data = _plain(data)
         return TensorExamples(tuple(data) if isinstance(data, list) else data)
     raise DataError(
         f"cannot use {type(data).__name__} as data; pass (inputs, labels) arrays or tensors, "
