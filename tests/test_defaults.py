@@ -21,19 +21,29 @@ from influencer.training import train_minibatch
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def test_default_on_an_mlp_with_an_indefinite_hessian_is_exact_damped_from_its_spectrum(
-    mlp_small, digits_small, caplog
-):
+def test_default_on_an_mlp_is_exact_on_the_gauss_newton_matrix(mlp_small, digits_small, caplog):
     model, task = mlp_small
     train, test = digits_small.train, (digits_small.x_test[:3], digits_small.y_test[:3])
     with caplog.at_level(logging.INFO, logger="influencer"):
         inf = Influence(model, task, train).fit()
         scores = inf.scores(test)
-    assert isinstance(inf.estimator, Exact) and inf.curvature_kind == "hessian"
+    assert isinstance(inf.estimator, Exact) and inf.curvature_kind == "gauss_newton"
     reason = inf.settings()["curvature"]["chosen_by_default"]
-    assert reason == inf.choice.reason and "910 parameters <= 3000: Exact" in reason
-    assert reason in caplog.text and "damped so that its smallest eigenvalue" in caplog.text
-    assert torch.isfinite(scores).all()
+    assert reason == inf.choice.reason and "910 parameters <= 3000: Exact on the dense Gauss-Newton" in reason
+    assert reason in caplog.text and torch.isfinite(scores).all()
+    # Positive semi-definite, and definite with weight decay: undamped, the explicit estimator's scores.
+    assert float(torch.linalg.eigvalsh(inf.solver.hessian)[0]) > 0 and inf.solver.info["damping"] == 0
+    explicit = Influence(model, task, train, estimator=Exact(), curvature="gauss_newton").fit().scores(test)
+    torch.testing.assert_close(scores, explicit, rtol=1e-9, atol=1e-13)
+
+
+def test_the_hessian_asked_for_is_exact_damped_from_its_spectrum_when_indefinite(mlp_small, digits_small):
+    model, task = mlp_small
+    train, test = digits_small.train, (digits_small.x_test[:3], digits_small.y_test[:3])
+    inf = Influence(model, task, train, curvature="hessian")
+    assert inf.choice is not None and isinstance(inf.estimator, Exact)  # the default, on the Hessian
+    scores = inf.fit().scores(test)
+    assert torch.isfinite(scores).all() and "damped so that its smallest eigenvalue" in inf.choice.reason
     # The damping lifts the Hessian's smallest eigenvalue to 0.1 x its mean |eigenvalue| (undamped).
     h = inf.solver.hessian  # (p, p) float64
     values = torch.linalg.eigvalsh(h)

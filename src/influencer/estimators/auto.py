@@ -3,10 +3,12 @@
 :func:`choose_estimator` is what ``Influence(model, task, train)`` uses without ``estimator=``
 (and what the command line uses by default), so both give the same answer for the same model:
 
-* ``p <= EXACT_MAX_PARAMS``: :class:`Exact` on the requested curvature (the Hessian by default).
-  A positive definite Hessian (a convex model with weight decay) stays undamped: the influence
-  function of Koh & Liang. Otherwise (a network's indefinite Hessian, a singular Gauss-Newton
-  matrix) it is damped by the least amount that lifts its smallest eigenvalue to
+* ``p <= EXACT_MAX_PARAMS``: :class:`Exact` on the requested curvature (by default the
+  Gauss-Newton matrix where the task has one, which equals the Hessian of a linear model with a
+  convex loss; else the Hessian). A positive definite matrix (a convex model with weight decay,
+  a network's Gauss-Newton matrix with weight decay) stays undamped: for a convex model the
+  influence function of Koh & Liang. Otherwise (an indefinite Hessian asked for, a singular
+  Gauss-Newton matrix) it is damped by the least amount that lifts its smallest eigenvalue to
   ``RELATIVE_DAMPING`` x its mean absolute eigenvalue.
 * larger models with ``nn.Linear``/``nn.Conv2d``/``Conv1D`` layers: :class:`EKFAC` over those
   layers (the others, e.g. embeddings and layer norms, left out and named in the reason) with the
@@ -86,7 +88,10 @@ def choose_estimator(
     p = sum(named[n].numel() for n in names)
     gauss_newton = task.supports_gauss_newton
     if p <= EXACT_MAX_PARAMS:
-        kind: CurvatureKind = curvature or "hessian"
+        # The Gauss-Newton matrix where the task has one: positive semi-definite, so a network's is
+        # damped only where it is singular, and equal to the Hessian for a linear model with a
+        # convex loss (the paper's exact influence function); the Hessian otherwise.
+        kind: CurvatureKind = curvature or ("gauss_newton" if gauss_newton else "hessian")
         matrix = "Hessian" if kind == "hessian" else "Gauss-Newton matrix"
         return Choice(
             Exact(fallback_relative_damping=RELATIVE_DAMPING),
