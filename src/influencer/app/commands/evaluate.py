@@ -215,41 +215,42 @@ def _announce(
 ) -> None:
     """Say how many retrainings the checks need and about how long they take, before they start.
 
-    Retrainings like the many the checks do are timed and extrapolated: refits without one example
-    from the full-data optimum (itself leave-one-out's baseline), or LDS's first refit from a fresh
-    model; they stay in the refit cache."""
+    Retrainings like the ones the checks do are timed and extrapolated, each kind apart: a refit
+    without one example from the full-data optimum (the first also pays once for what every refit
+    from that start shares, e.g. a factorised Hessian), a refit on a random ``alpha`` of the data,
+    or LDS's refit from a fresh model. They stay in the refit cache."""
     loo = loo_tests * settings.loo_k
-    lds_count = settings.subsets * settings.seeds + settings.seeds if "lds" in settings.methods else 0
-    total = (1 if loo else 0) + loo + lds_count
-    first = 0.0
+    lds = settings.subsets * settings.seeds if "lds" in settings.methods else 0
+    gen = torch.Generator().manual_seed(271828)  # a subset apart from LDS's own (drawn from --seed)
     with clock("retrain"):
+        once, each = 0.0, {}
         if loo or start is None:
             full = retrainer.refit(inf)  # leave-one-out's baseline (LDS's warm start)
-            # Two removals, as the checks do many: the first pays once for what every refit from
-            # this start shares (e.g. a factorised Hessian), the second is the cost of the rest.
-            begin = time.perf_counter()
-            retrainer.refit(inf, torch.arange(inf.n - 1), full)
-            first = time.perf_counter() - begin
-            begin = time.perf_counter()
-            retrainer.refit(inf, torch.arange(1, inf.n), full)
-        else:  # LDS from a fresh model per seed: its first seed's full-data refit
-            begin = time.perf_counter()
+            once, _ = _timed(retrainer.refit, inf, torch.arange(inf.n - 1), full)
+            if loo:
+                each["leave-one-out"] = _timed(retrainer.refit, inf, torch.arange(1, inf.n), full)[0]
+            if lds and start is None:
+                kept = torch.randperm(inf.n, generator=gen)[: max(1, round(settings.alpha * inf.n))]
+                each["LDS"] = _timed(retrainer.refit, inf, kept.sort().values, full)[0]
+        if lds and start is not None:  # from a fresh model per seed: its first seed's full-data refit
             made = start(0) if callable(start) else start
             init = inf.parameters_of(made) if isinstance(made, nn.Module) else made
-            retrainer.with_seed(0).refit(inf, None, init)
-    took = time.perf_counter() - begin
-    parts = []
-    if loo:
-        parts.append(f"leave-one-out {loo_tests} x {settings.loo_k}")
-    if lds_count:
-        parts.append(f"LDS {settings.subsets} subsets x {settings.seeds} seed(s)")
+            each["LDS"] = _timed(retrainer.with_seed(0).refit, inf, None, init)[0]
+    counts = {"leave-one-out": loo, "LDS": lds + (settings.seeds if lds else 0)}
+    total = sum(counts.values())
+    seconds = once + sum(counts[k] * t for k, t in each.items())
+    parts = [f"{k} {counts[k]} x {t:.2f} s" for k, t in each.items()]
     log.info(
-        "evaluate: about %d retrainings (%s; refits already cached are free); one takes %.2f s%s, so "
-        "about %s in all",
-        total, ", ".join(parts), took,
-        f" (the first {first:.1f} s, with what later refits share)" if first > 2 * took else "",
-        _duration(first + total * took),
+        "evaluate: about %d retrainings (%s%s; refits already cached are free), so about %s in all",
+        total, ", ".join(parts), f"; once {once:.1f} s for what they share" if once > 1 else "",
+        _duration(seconds),
     )  # fmt: skip
+
+
+def _timed(f: Any, *args: Any) -> tuple[float, Any]:
+    begin = time.perf_counter()
+    out = f(*args)
+    return time.perf_counter() - begin, out
 
 
 def _duration(seconds: float) -> str:
