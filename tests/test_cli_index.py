@@ -311,3 +311,13 @@ def test_a_damaged_chunk_is_refused_by_every_command_that_reads_the_store(store,
         line = _error_line(_invoke(*command, "--store", copy, "--out", out, "--quiet"))
         assert "chunk" in line, line  # names the damaged chunk
         assert not (out / "top_k.json").exists() and not (out / "summary.json").exists()
+
+
+def test_no_run_writes_into_a_gradient_store(store, tmp_path):
+    copy = tmp_path / "store"
+    shutil.copytree(store, copy)
+    before = (copy / "index.json").read_bytes()
+    for command in (["explain", "--task", f"{MODULE}:build"], ["evaluate", "--task", f"{MODULE}:build"]):
+        line = _error_line(_invoke(*command, "--out", copy, "--quiet"))
+        assert f"--out {copy} holds a gradient store" in line
+    assert (copy / "index.json").read_bytes() == before

@@ -46,6 +46,7 @@ from influencer.app.job.evaluation import evaluate as evaluate_model
 from influencer.app.job.job import Job
 from influencer.app.job.recipe import recipe
 from influencer.app.run.devices import resolve_device
+from influencer.app.run.gradient_store import refuse_store_as_run
 from influencer.app.run.logs import Stopwatch, logged_stop, run_logging
 from influencer.app.run.store import RunStore, jsonable
 from influencer.app.settings.explain import ExplainConfig
@@ -125,6 +126,7 @@ def run_evaluation(
     """Run the checks (see the module docstring); ``job`` overrides ``config.task``."""
     resolve_device(config.device)  # a device this machine lacks is refused before anything is written
     run_dir = Path(config.out)
+    refuse_store_as_run(config.out)
     with RunStore(run_dir) as store, run_logging(run_dir, console) as warned:
         log.info(
             "influencer evaluate: run directory %s (%s)",

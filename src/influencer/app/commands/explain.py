@@ -28,6 +28,7 @@ from influencer.app.job.job import Job
 from influencer.app.report.explanation import ExplainResult, Explanation, log_top
 from influencer.app.run.cached import open_sections, scores_from_cache, test_directions
 from influencer.app.run.devices import resolve_device
+from influencer.app.run.gradient_store import refuse_store_as_run
 from influencer.app.run.logs import Stopwatch, logged_stop, run_logging
 from influencer.app.run.outputs import finish
 from influencer.app.run.store import RunStore
@@ -56,6 +57,7 @@ def explain(config: ExplainConfig, job: Job | None = None, *, console: bool = Tr
         return explain_unrolled(config, job, console=console)
     resolve_device(config.device)  # a device this machine lacks is refused before anything is written
     run_dir = Path(config.out)
+    refuse_store_as_run(config.out)
     with RunStore(run_dir) as store, run_logging(run_dir, console) as warned:
         log.info(
             "influencer explain: run directory %s (%s)",

@@ -29,6 +29,7 @@ from influencer.app.run.gradient_store import (
     check_store_task,
     open_store,
     read_job_settings,
+    refuse_store_as_run,
     same_directory,
     translate_store_errors,
 )
@@ -69,6 +70,7 @@ def explain_with_store(
         raise ConfigError(
             f"--out {run_dir} is the store itself: explain writes its run elsewhere (e.g. runs/explain)"
         )
+    refuse_store_as_run(config.out)
     check_store_task(root, config.task, job is not None)  # before anything is written
     with RunStore(run_dir) as run, run_logging(run_dir, console) as warned:
         log.info(

@@ -47,6 +47,7 @@ from influencer.app.run.gradient_store import (
     check_store_task,
     open_store,
     read_job_settings,
+    refuse_store_as_run,
     same_directory,
     translate_store_errors,
 )
@@ -100,6 +101,7 @@ def query_store(config: QueryConfig, job: Job | None = None, *, console: bool = 
         raise ConfigError(
             f"--out {out} is the store itself: a query writes its results elsewhere (e.g. --out runs/query)"
         )
+    refuse_store_as_run(config.out)
     check_store_task(root, config.task, job is not None)  # before anything is written
     with RunStore(out) as run, run_logging(out, console, LOG_FILE) as warned:
         log.info(

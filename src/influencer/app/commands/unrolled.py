@@ -26,6 +26,7 @@ from influencer.app.job.evaluation import evaluate_and_choose
 from influencer.app.job.job import Job
 from influencer.app.report.explanation import ExplainResult, Explanation, log_top
 from influencer.app.run.devices import resolve_device
+from influencer.app.run.gradient_store import refuse_store_as_run
 from influencer.app.run.logs import Stopwatch, logged_stop, run_logging
 from influencer.app.run.outputs import finish
 from influencer.app.run.store import RunStore
@@ -53,6 +54,7 @@ def explain_unrolled(config: ExplainConfig, job: Job | None = None, *, console: 
         )
     resolve_device(config.device)  # a device this machine lacks is refused before anything is written
     run_dir = Path(config.out)
+    refuse_store_as_run(config.out)
     with RunStore(run_dir) as store, run_logging(run_dir, console) as warned:
         log.info(
             "influencer explain --method unrolled: run directory %s (%s)",

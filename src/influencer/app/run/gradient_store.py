@@ -124,6 +124,17 @@ def check_readable(root: Path) -> None:
         )
 
 
+def refuse_store_as_run(run_dir: str | Path) -> None:
+    """Refuse a run directory (``--out`` of explain, evaluate, query) that holds a gradient store:
+    the run's outputs replace the directory's, and would take the store's record with them."""
+    run_dir = Path(run_dir)
+    if (run_dir / RECORD).exists() or (run_dir / INDEX).is_dir():
+        raise GradientStoreError(
+            f"--out {run_dir} holds a gradient store (built by influencer index): a run there would replace "
+            "its files; choose another --out (e.g. runs/explain)"
+        )
+
+
 def check_writable(root: Path) -> None:
     """Refuse an ``--out`` that holds something other than a gradient store (before it is opened)."""
     if not root.is_dir():
