@@ -103,7 +103,7 @@ class SolveProgress:
         fallen = math.log(self.first / residual)  # in the iterations after the first
         rate = fallen / max(elapsed - per_iteration, 1e-9)
         left = min(math.log(residual / self.tol) / rate, bound)
-        return f", about {_duration(left)} left"
+        return f", about {duration_text(left)} left"
 
     def close(self) -> None:
         if self.bar is not None:
@@ -112,7 +112,8 @@ class SolveProgress:
             self.bar.close()
 
 
-def _duration(seconds: float) -> str:
+def duration_text(seconds: float) -> str:
+    """``"45 s"``, ``"12 min"`` or ``"1.5 h"``."""
     if seconds < 90:
         return f"{seconds:.0f} s"
     if seconds < 5400:

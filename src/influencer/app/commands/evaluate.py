@@ -53,6 +53,7 @@ from influencer.app.settings.explain import ExplainConfig
 from influencer.app.steps import Ran, build_influence, prepare
 from influencer.errors import ConfigError
 from influencer.plotting import plot_lds, plot_loo_many
+from influencer.progress import duration_text
 from influencer.retraining import Retrainer
 from influencer.retraining_cache import CachedRetrainer
 from influencer.stats import pearson, spearman
@@ -245,7 +246,7 @@ def _announce(
     log.info(
         "evaluate: about %d retrainings (%s%s; refits already cached are free), so about %s in all",
         total, ", ".join(parts), f"; once {once:.1f} s for what they share" if once > 1 else "",
-        _duration(seconds),
+        duration_text(seconds),
     )  # fmt: skip
 
 
@@ -253,14 +254,6 @@ def _timed(f: Any, *args: Any) -> tuple[float, Any]:
     begin = time.perf_counter()
     out = f(*args)
     return time.perf_counter() - begin, out
-
-
-def _duration(seconds: float) -> str:
-    if seconds < 90:
-        return f"{seconds:.0f} s"
-    if seconds < 5400:
-        return f"{seconds / 60:.0f} min"
-    return f"{seconds / 3600:.1f} h"
 
 
 def _leave_one_out(

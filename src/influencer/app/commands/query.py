@@ -40,7 +40,7 @@ from influencer.app.job.evaluation import (
     log_accuracy,
 )
 from influencer.app.job.job import Job
-from influencer.app.report.explanation import find_candidates
+from influencer.app.report.explanation import candidates_json, find_candidates
 from influencer.app.report.summary import SIGN_CONVENTION
 from influencer.app.run.devices import resolve_device
 from influencer.app.run.gradient_store import (
@@ -268,15 +268,7 @@ def _results(
             "test_selection": choice,
             "warnings": list(warned),
             "tests": tests,
-            "candidates_to_inspect": [
-                {
-                    "train_id": c.train_id,
-                    "harmful_to": c.count,
-                    "test_ids": list(c.test_ids),
-                    "total_score": c.total_score,
-                }
-                for c in find_candidates(top, test_ids)
-            ],
+            "candidates_to_inspect": candidates_json(find_candidates(top, test_ids)),
             "candidates_rule": (
                 f"training examples among the {k} most harmful (negative scores) of at least 2 queried "
                 "test examples"

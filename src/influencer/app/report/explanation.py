@@ -97,6 +97,19 @@ def find_candidates(top: TopK, test_ids: np.ndarray, min_recurrence: int = MIN_R
     return sorted(found, key=lambda c: (-c.count, c.total_score, c.train_id))
 
 
+def candidates_json(candidates: list[Candidate]) -> list[dict[str, Any]]:
+    """The candidates to inspect as JSON (``summary.json``, ``top_k.json``)."""
+    return [
+        {
+            "train_id": c.train_id,
+            "harmful_to": c.count,
+            "test_ids": list(c.test_ids),
+            "total_score": c.total_score,
+        }
+        for c in candidates
+    ]
+
+
 def names_text(names: list[str]) -> str:
     """Parameter names, the first five and a count when there are many."""
     return ", ".join(names) if len(names) <= 6 else f"{', '.join(names[:5])}, ... ({len(names)} tensors)"

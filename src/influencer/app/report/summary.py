@@ -8,7 +8,7 @@ import numpy as np
 
 from influencer.app.job.evaluation import label_text
 from influencer.app.job.features import chosen_head
-from influencer.app.report.explanation import Explanation
+from influencer.app.report.explanation import Explanation, candidates_json
 from influencer.app.run.store import jsonable
 
 SIGN_CONVENTION = (
@@ -75,15 +75,7 @@ def make_summary(
             **({"scores_from_store": store.settings} if store is not None else {}),
             "warnings": list(warnings or []),
             "tests": tests,
-            "candidates_to_inspect": [
-                {
-                    "train_id": c.train_id,
-                    "harmful_to": c.count,
-                    "test_ids": list(c.test_ids),
-                    "total_score": c.total_score,
-                }
-                for c in ex.candidates()
-            ],
+            "candidates_to_inspect": candidates_json(ex.candidates()),
             "candidates_rule": (
                 f"training examples among the {top.harmful_ids.shape[1]} most harmful (negative scores) "
                 f"of at least {ex.min_recurrence} explained test examples"
