@@ -397,3 +397,36 @@ def test_digits_job_trains_once_and_its_head_view_equals_the_network_head(tmp_pa
     a = Influence(view.model, view.task, view.train, estimator=solve).fit().scores(view.test.take(ids))
     b = Influence(job.model, job.task, job.train, estimator=solve, params=["head"]).fit()
     np.testing.assert_allclose(a, b.scores(job.test.take(ids)), rtol=1e-7, atol=1e-12)
+
+
+def test_unrolled_method_replays_the_jobs_recipe_and_reports_its_reach(tmp_path):
+    import copy
+
+    from influencer import Identity, Influence, Unrolled
+    from influencer.retraining import AdamRetrainer
+
+    base = tiny_job(n_train=60, n_test=12)
+    torch.manual_seed(1)
+    start = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 10)).double()
+    recipe = AdamRetrainer(epochs=2, lr=1e-2, batch_size=20, seed=0)
+    model = copy.deepcopy(start)
+    inf = Influence(model, base.task, base.train, estimator=Identity())
+    inf.fn.load_into(recipe.refit(inf, None, inf.theta))  # the training run, by the recipe
+    job = Job(base.task, model, base.train, base.test, name="recipe digits", retrain=recipe, start=start)
+    result = explain(config(tmp_path, method="unrolled", estimator="auto", damping=None), job, console=False)
+    expected = Unrolled(model, base.task, base.train, recipe=recipe, start=start).fit()
+    np.testing.assert_allclose(
+        result.scores, expected.scores(base.test.take(torch.tensor([0, 7]))).numpy(), rtol=1e-9, atol=1e-15
+    )
+    summary = result.summary
+    assert summary["method"] == "unrolled" and summary["estimator"]["estimator"] == "unrolled"
+    assert summary["estimator"]["replay_difference"] == 0.0
+    assert summary["estimator"]["extrapolation"]["strengths"] == [0.001, 0.1, 1.0]
+    assert "the exact derivative of the test loss through every step" in result.files["report"].read_text()
+    # a job without its recipe, and settings that do not apply, are refused in one line
+    with pytest.raises(ConfigError, match="--method unrolled needs the job's training recipe"):
+        explain(
+            config(tmp_path / "b", method="unrolled", estimator="auto", damping=None), base, console=False
+        )
+    with pytest.raises(ConfigError, match="--estimator does not apply with --method unrolled"):
+        explain(config(tmp_path / "c", method="unrolled"), job, console=False)
