@@ -193,3 +193,30 @@ def test_library_errors_are_said_in_flags():
     )
     assert as_flags("EKFAC(relative_damping=0.1)") == "EKFAC(--relative-damping 0.1)"
     assert as_flags("estimator=EKFAC(relative_damping=0.1)") == "--estimator ekfac --relative-damping 0.1"
+
+
+def test_explain_index_and_evaluate_train_the_builtin_job_once(tmp_path):
+    """One job cache behind every command: the built-in CNN is trained by the first command only,
+    and evaluate checks the parameters explain explained (the head), with the same estimator."""
+    job = ["--train-size", "60", "--epochs", "1", "--quiet"]
+    runs = {
+        "explain": ["explain", *job, "--test-ids", "0,1", "--out", str(tmp_path / "e")],
+        "index": ["index", *job, "--out", str(tmp_path / "i")],
+        "evaluate": ["evaluate", *job, "--method", "loo", "--loo-k", "2", "--test-ids", "0",
+                     "--out", str(tmp_path / "v")],
+    }  # fmt: skip
+    logs = {}
+    for name, args in runs.items():
+        result = CliRunner().invoke(cli, args)
+        assert result.exit_code == 0, result.output
+        log_file = {"explain": "e/explain.log", "index": "i/index.log", "evaluate": "v/explain.log"}[name]
+        logs[name] = (tmp_path / log_file).read_text()
+    assert "training SmallCNN" in logs["explain"]
+    for name in ("index", "evaluate"):
+        assert "training SmallCNN" not in logs[name]
+        assert "loaded the trained SmallCNN from the cache" in logs[name]
+    explained = json.loads((tmp_path / "e" / "summary.json").read_text())
+    evaluated = json.loads((tmp_path / "v" / "evaluation.json").read_text())
+    assert evaluated["ran"]["parameters"] == explained["ran"]["parameters"]  # the head's 2,570
+    assert evaluated["ran"]["estimator"] == explained["ran"]["estimator"]
+    assert evaluated["ran"]["curvature"] == explained["ran"]["curvature"] == "gauss_newton"
