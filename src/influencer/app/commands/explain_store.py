@@ -31,7 +31,6 @@ from influencer.app.run.gradient_store import (
     read_job_settings,
     refuse_store_as_run,
     same_directory,
-    translate_store_errors,
 )
 from influencer.app.run.logs import Stopwatch, logged_stop, run_logging
 from influencer.app.run.outputs import finish
@@ -80,7 +79,7 @@ def explain_with_store(
             root,
         )
         log.debug("settings: %s", config.to_json())
-        with logged_stop(log), open_store(root) as (store, record), translate_store_errors(root):
+        with logged_stop(log), open_store(root) as (store, record):
             return _run(config, job, store, record, run, warned)
 
 

@@ -49,7 +49,6 @@ from influencer.app.run.gradient_store import (
     read_job_settings,
     refuse_store_as_run,
     same_directory,
-    translate_store_errors,
 )
 from influencer.app.run.logs import Stopwatch, logged_stop, run_logging
 from influencer.app.run.store import RunStore, array_bytes, jsonable
@@ -110,7 +109,7 @@ def query_store(config: QueryConfig, job: Job | None = None, *, console: bool = 
             datetime.now(timezone.utc).isoformat(timespec="seconds"),
         )
         log.debug("settings: %s", config.to_json())
-        with logged_stop(log), open_store(root) as (store, record), translate_store_errors(root):
+        with logged_stop(log), open_store(root) as (store, record):
             return _query(config, job, store, record, run, warned)
 
 

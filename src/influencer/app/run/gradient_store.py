@@ -10,9 +10,10 @@ Layout::
     <dir>/index.log
     <dir>/.lock                   # one command at a time uses a store (an OS lock)
 
-``index.json`` records the job's settings (:data:`~influencer.app.settings.store.JOB_FIELDS`), so a
-query rebuilds the same job from the store alone, and the projection. Readers open the run
-directory *frozen*: a cached model or features made from other inputs are refused, never replaced.
+``index.json`` records the job's settings (:data:`~influencer.app.settings.store.JOB_FIELDS`) and
+the projection, so a query rebuilds the same job: the built-in one from the store alone, a
+``--task`` job only with the user's own ``--task`` (a store is data and never chooses the code that
+runs). Readers open the run directory locked and *frozen*: nothing in it is ever replaced by a reader.
 Whether the model, data, task, parameters or dtype changed since the build is decided by the
 index's fingerprint (:meth:`influencer.Influence.settings`), and said in words.
 """
@@ -28,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from influencer import Influence
-from influencer.app.run.store import MANIFEST, RunStore, SectionChangedError
+from influencer.app.run.store import MANIFEST, RunStore
 from influencer.app.settings.explain import ExplainConfig
 from influencer.errors import ConfigError, InfluencerError
 from influencer.files import describe_changes, json_roundtrip
@@ -228,17 +229,6 @@ def fingerprint_changes(old: Mapping[str, Any], new: Mapping[str, Any], head: st
     return out
 
 
-def section_changes(exc: SectionChangedError) -> list[str]:
-    """A frozen store's refused section (the digits model, a head's features), in words."""
-    out = []
-    for name in exc.changed:
-        text = f"the {name} changed"
-        if name in ("settings", "training settings") and exc.details:
-            text += f" ({exc.details})"
-        out.append(text)
-    return out or ["its inputs changed"]
-
-
 def mismatch_error(root: Path, changes: list[str]) -> GradientStoreError:
     """The one line a reader gets for a store built from other inputs."""
     return GradientStoreError(
@@ -324,19 +314,6 @@ def read_job_settings(
             log.info("the store was built for --task %s; using --task %s", recorded, task)
         job["task"] = task
     return job
-
-
-def translate_store_errors(root: Path) -> contextlib.AbstractContextManager[None]:
-    """Inside: a frozen store's refused section becomes the one line of :func:`mismatch_error`."""
-
-    @contextlib.contextmanager
-    def translating() -> Iterator[None]:
-        try:
-            yield
-        except SectionChangedError as exc:
-            raise mismatch_error(root, section_changes(exc)) from None
-
-    return translating()
 
 
 def same_directory(a: Path, b: Path) -> bool:
