@@ -14,6 +14,7 @@ from torch import Tensor
 
 from influencer import EKFAC, Identity, Influence
 from influencer.app.settings.explain import ExplainConfig
+from influencer.app.settings.store import check_preconditioner
 from influencer.app.settings.values import DEFAULT_RELATIVE_DAMPING
 from influencer.data import Examples
 from influencer.errors import ConfigError
@@ -65,11 +66,8 @@ def preconditioning(
     stored_kind = stored.get("kind", "fisher")
     kind = stored_kind if kind is None else kind
     same = kind == stored_kind
+    check_preconditioner(kind, relative, damping)  # the settings' own check, for a store's default too
     if kind == "none":
-        if relative is not None or damping is not None:
-            raise ConfigError(
-                "--preconditioner none uses no curvature: it takes no --damping or --relative-damping"
-            )
         return {"kind": kind, "relative_damping": 0.0, "damping": 0.0}
     if relative is None:
         relative = stored.get("relative_damping") if same else None
