@@ -135,8 +135,8 @@ def choose_estimator_for(config: ExplainConfig, job: Job) -> Chosen:
         return Chosen(
             estimator, choice.curvature, choice.params, reason, _damping_record(estimator, not given)
         )
-    estimator = config.make_estimator()
-    estimator = _with_damping(estimator, config.damping, config.relative_damping)
+    # the named estimator carries --damping already; a relative damping is added as for "auto"
+    estimator = _with_damping(config.make_estimator(), None, config.relative_damping)
     curvature = config.curvature or "hessian"
     return Chosen(
         estimator, curvature, params, f"--estimator {config.estimator}", _damping_record(estimator, False)
