@@ -238,3 +238,51 @@ def test_readme_unrolled_example_runs(capsys):
     summary = namespace["unrolled"].extrapolation_result.summary()
     assert summary["strengths"] == [1e-3, 0.1, 1.0] and summary["slopes"][0] == pytest.approx(1.0, abs=0.1)
     assert namespace["scores"].shape == (10, len(namespace["data"].x_train))
+
+
+def test_per_token_measurements_of_a_causal_lm_sum_to_the_sequence_and_match_replays():
+    """Per-token scores (``per_token_examples``) of a tiny GPT-2: their sum over a sequence's tokens
+    is the sequence's score (the derivative is linear in the measurement), and one of them matches
+    a central finite difference of real re-weighted replays."""
+    tf = pytest.importorskip("transformers")
+    from influencer.tasks import CausalLMTask, per_token_examples
+
+    lengths = [7, 3, 5, 2, 6, 4]
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(1, 20, (len(lengths), 7), generator=gen)
+    mask = (torch.arange(7) < torch.tensor(lengths)[:, None]).long()
+    train = {"input_ids": ids * mask, "attention_mask": mask}
+    test = {
+        "input_ids": torch.randint(1, 20, (1, 6), generator=gen),
+        "attention_mask": torch.ones(1, 6).long(),
+    }
+
+    def gpt2() -> nn.Module:
+        torch.manual_seed(0)
+        config = tf.GPT2Config(vocab_size=20, n_positions=16, n_embd=8, n_layer=1, n_head=2, bos_token_id=0,
+                               eos_token_id=0, attn_pdrop=0.0, embd_pdrop=0.0, resid_pdrop=0.0)  # fmt: skip
+        return tf.GPT2LMHeadModel(config).double().eval()
+
+    task, recipe = CausalLMTask(), AdamRetrainer(epochs=2, lr=1e-2, batch_size=3, seed=1)
+    init, model = gpt2(), gpt2()
+    inf = Influence(model, task, train)
+    start = inf.parameters_of(init)
+    inf.fn.load_into(recipe.refit(inf, start=start))
+    unrolled = Unrolled(model, task, train, recipe=recipe, start=init).fit()
+    tokens = per_token_examples(test, index=0)  # 5 copies, each scoring one token
+    per_token = unrolled.scores(tokens)
+    assert per_token.shape == (5, 6)
+    torch.testing.assert_close(per_token.sum(0), unrolled.scores(test)[0], rtol=1e-9, atol=1e-12)
+
+    # score = -d f / d w_i: a central difference of replays with example 2's weight 1 +- h (its
+    # error falls as h^2: 7e-5 at h = 1e-5, 7e-7 at 1e-6; Adam's first steps are far from linear)
+    h, i, j = 1e-7, 2, 3
+    changed = []
+    for sign in (1.0, -1.0):
+        w = torch.ones(6, dtype=torch.float64)
+        w[i] += sign * h
+        theta = recipe.refit(inf, start=start, weights=w)
+        changed.append(inf.measurements({k: v[j : j + 1] for k, v in tokens.items()}, theta))
+    numeric = -(changed[0] - changed[1]) / (2 * h)
+    torch.testing.assert_close(per_token[j, i : i + 1], numeric, rtol=1e-5, atol=1e-9)
+    assert per_token[j, i].abs() > 1e-4  # the example matters to that token
