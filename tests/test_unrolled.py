@@ -194,6 +194,32 @@ def test_extrapolation_reach_and_its_warning():
     assert near.reach == 1.0 and near.removals_in_reach
 
 
+def test_extrapolation_warns_when_even_small_reweightings_cross_a_kink():
+    """Adam's first step moves a weight whose batch gradient is exactly 0 by lr * sign(dg): a kink.
+    Examples 0 and 1 differ only in feature 2, which no other example has and whose weights start
+    at 0, so their gradients there cancel; re-weighting one of them moves those weights by about the
+    learning rate however small the re-weighting, which the derivative cannot predict."""
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(8, 3, generator=gen, dtype=torch.float64)
+    x[2:, 2] = 0.0
+    x[1] = x[0] * torch.tensor([1.0, 1.0, -1.0], dtype=torch.float64)
+    y = torch.randint(0, 3, (8,), generator=gen)
+    y[1] = y[0]
+    torch.manual_seed(0)
+    init = nn.Linear(3, 3).double()
+    with torch.no_grad():
+        init.weight[:, 2] = 0.0
+    task, recipe = ClassificationTask(), AdamRetrainer(epochs=3, lr=0.1, batch_size=8)
+    model = nn.Linear(3, 3).double()
+    inf = Influence(model, task, (x, y))
+    inf.fn.load_into(recipe.refit(inf, start=inf.parameters_of(init)))
+    unrolled = Unrolled(model, task, (x, y), recipe=recipe, start=init).fit()
+    test = (x[:1] * torch.tensor([1.0, 1.0, 2.0], dtype=torch.float64), y[:1])
+    with pytest.warns(RuntimeWarning, match=r"do not predict even the smallest .* warm up the learning rate"):
+        result = unrolled.extrapolation(test, fraction=0.25, strengths=(1e-4, 1e-2), subsets=3, seed=1)
+    assert not 0.5 <= result.slopes[0] <= 2.0
+
+
 def test_recipe_settings_are_validated():
     with pytest.raises(ConfigError, match="schedule must be one of"):
         SGDRetrainer(schedule="step")  # type: ignore[arg-type]

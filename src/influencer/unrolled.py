@@ -405,7 +405,20 @@ class Unrolled:
             float(fraction), eps, tuple(slopes), tuple(correlations), subsets, predicted, actual
         )
         self.extrapolation_result = result
-        if warn and eps[-1] == 1.0 and not result.removals_in_reach:
+        low_ok = REACH_BAND[0] <= slopes[0] <= REACH_BAND[1] and correlations[0] >= 0.5
+        if warn and not low_ok:
+            warnings.warn(
+                f"the unrolled scores do not predict even the smallest measured re-weighting "
+                f"(eps = {eps[0]:g} of {fraction:.0%} of the data): the actual change is "
+                f"{slopes[0]:.2f} x the predicted one (correlation {correlations[0]:.2f}). The run has "
+                "kinks in its data weights; the usual one is Adam's first steps, which move each "
+                "parameter by about the learning rate whatever the gradient's size: warm up the "
+                "learning rate (e.g. AdamRetrainer(..., warmup=<one epoch of steps>)), or measure at a "
+                "smaller eps",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+        elif warn and eps[-1] == 1.0 and not result.removals_in_reach:
             reach = f"re-weightings up to eps = {result.reach:g}" if result.reach else "no measured strength"
             warnings.warn(
                 f"the unrolled scores do not predict removing {fraction:.0%} of the training data: the "
