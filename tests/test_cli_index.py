@@ -369,6 +369,15 @@ def test_query_combines_checkpoint_stores_as_the_library_does(jobs, tmp_path):
     )
     assert said in summary["preconditioner"] and said in (out / "query.log").read_text()
 
+    # explain --store: the report of the same scores, saying how they were combined
+    run = tmp_path / "explain"
+    _ok(_invoke("explain", "--store", root, "--test-ids", "3,7", "--out", run, "--quiet"))
+    explained = json.loads((run / "summary.json").read_text())
+    dense = CheckpointStores.open(root, model, task, train).scores((test[0][[3, 7]], test[1][[3, 7]]))
+    np.testing.assert_allclose(np.load(run / "scores.npy"), dense.numpy(), rtol=1e-9)
+    assert explained["scores_from_store"]["checkpoints"] == scoring["checkpoints"]
+    assert said in (run / "report.html").read_text()
+
     # a directory that is not the complete stores of one run is refused in one line
     line = _error_line(_invoke("query", "--store", root, "--preconditioner", "fisher", "--out", out))
     assert "--preconditioner does not apply to checkpoint stores" in line

@@ -189,13 +189,13 @@ def _run(
                     eps=settings.strength,
                 )  # fmt: skip
             log.info(
-                "LDS over %d test examples: %.3f [%.3f, %.3f] (%.0f%% interval); %d subsets %s %g of "
-                "the data%s",
+                "LDS over %d test examples: %.3f [%.3f, %.3f] (%.0f%% interval); %d subsets, each %s %g%% "
+                "of the training data%s",
                 len(lds_ids), result.mean, *result.interval, 100 * settings.level, settings.subsets,
-                "removing" if settings.strength == 1 else f"re-weighting by 1 - {settings.strength:g}",
-                1 - settings.keep,
+                "leaving out" if settings.strength == 1 else f"re-weighting by 1 - {settings.strength:g}",
+                100 * (1 - settings.keep),
                 f", {settings.seeds} seed(s)" if settings.setting == "seed-averaged" else
-                f" in the one run ({settings.setting})",
+                " in the one training run (single-model)",
             )  # fmt: skip
 
         files: dict[str, Path] = {}
@@ -276,7 +276,7 @@ def _announce(
         "evaluate: about %d retrainings (%s%s; refits already cached are free), so about %s in all%s",
         total, ", ".join(parts), f"; once {once:.1f} s for what they share" if once > 1 else "",
         duration_text(seconds),
-        ", and the unrolled derivative's reverse passes (about twice one training each)" if unrolled else "",
+        ", besides the unrolled derivative's reverse pass (a batched backward per step)" if unrolled else "",
     )  # fmt: skip
 
 

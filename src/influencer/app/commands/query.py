@@ -47,6 +47,7 @@ from influencer.app.run.checkpoints import (
     is_checkpoint_directory,
     open_checkpoints,
     read_checkpoints,
+    refuse_flags,
 )
 from influencer.app.run.devices import resolve_device
 from influencer.app.run.gradient_store import (
@@ -106,7 +107,10 @@ def query_store(config: QueryConfig, job: Job | None = None, *, console: bool = 
     refuse_store_as_run(config.out)
     checkpoints = None
     if is_checkpoint_directory(root):  # stores a training run wrote, one per checkpoint
-        _refuse_with_checkpoints(config)
+        refuse_flags(
+            preconditioner=config.preconditioner, relative_damping=config.relative_damping,
+            damping=config.damping, checkpoint=config.checkpoint,
+        )  # fmt: skip
         checkpoints = read_checkpoints(root)
     else:
         check_store_task(root, config.task, job is not None)  # before anything is written
@@ -122,17 +126,6 @@ def query_store(config: QueryConfig, job: Job | None = None, *, console: bool = 
                 return _query(config, job, checkpoints, {}, run, warned)
             with open_store(root) as (store, record):
                 return _query(config, job, store, record, run, warned)
-
-
-def _refuse_with_checkpoints(config: QueryConfig) -> None:
-    given = [f for f, v in (("--preconditioner", config.preconditioner), ("--damping", config.damping),
-                            ("--relative-damping", config.relative_damping),
-                            ("--checkpoint", config.checkpoint)) if v is not None]  # fmt: skip
-    if given:
-        raise ConfigError(
-            f"{given[0]} does not apply to checkpoint stores (step-*): their scores are TracIn's, the "
-            "checkpoints' projected gradient dot products summed with their learning rates"
-        )
 
 
 def _query(

@@ -21,10 +21,11 @@ import torch
 from influencer import Identity
 from influencer.app.job.job import Job
 from influencer.app.run.gradient_store import GradientStoreError, index_path
+from influencer.errors import ConfigError
 from influencer.index import CheckpointStores, IndexStoreError
 from influencer.index.store import StoreLayout
 
-__all__ = ["Checkpoints", "is_checkpoint_directory", "open_checkpoints", "read_checkpoints"]
+__all__ = ["Checkpoints", "is_checkpoint_directory", "open_checkpoints", "read_checkpoints", "refuse_flags"]
 
 PATTERN = "step-*"
 
@@ -65,6 +66,16 @@ class Checkpoints:
 def is_checkpoint_directory(root: Path) -> bool:
     """Whether ``root`` holds ``step-*`` entries (checkpoint stores, complete or not)."""
     return root.is_dir() and any(root.glob(PATTERN))
+
+
+def refuse_flags(**given: Any) -> None:
+    """One line for a scoring flag (``preconditioner=...``, by setting name) given with checkpoint stores."""
+    named = [name for name, value in given.items() if value is not None]
+    if named:
+        raise ConfigError(
+            f"--{named[0].replace('_', '-')} does not apply to checkpoint stores (step-*): their scores are "
+            "TracIn's, the checkpoints' projected gradient dot products summed with their learning rates"
+        )
 
 
 def _same_run(header: dict[str, Any]) -> dict[str, Any]:
