@@ -170,7 +170,8 @@ def test_command_errors_are_one_line(tmp_path, task_module):
     assert result.exit_code != 0 and "--check must be one or both of loo, lds" in result.output
     assert "Traceback" not in result.output
     help_text = CliRunner().invoke(cli, ["evaluate", "--help"]).output
-    for flag in ("--subsets", "--alpha", "--seeds", "--loo-k", "--estimator", "--damping", "--task"):
+    flags = ("--subsets", "--alpha", "--seeds", "--loo-k", "--estimator", "--damping", "--task", "--method")
+    for flag in (*flags, "--check", "--setting", "--eps", "--drop"):
         assert flag in help_text
 
 

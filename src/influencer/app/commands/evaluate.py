@@ -192,10 +192,10 @@ def _run(
                 "LDS over %d test examples: %.3f [%.3f, %.3f] (%.0f%% interval); %d subsets, each %s %g%% "
                 "of the training data%s",
                 len(lds_ids), result.mean, *result.interval, 100 * settings.level, settings.subsets,
-                "leaving out" if settings.strength == 1 else f"re-weighting by 1 - {settings.strength:g}",
-                100 * (1 - settings.keep),
+                "leaving out" if settings.strength == 1 else "re-weighting", 100 * (1 - settings.keep),
                 f", {settings.seeds} seed(s)" if settings.setting == "seed-averaged" else
-                " in the one training run (single-model)",
+                (f" to weight {1 - settings.strength:g}" if settings.strength < 1 else "")
+                + " in the one training run (single-model)",
             )  # fmt: skip
 
         files: dict[str, Path] = {}
@@ -258,7 +258,7 @@ def _announce(
         if lds and single:  # the replay, every weight 1 (LDS's baseline), and one re-weighted
             init = _parameters(inf, start, retraining.seeds[0])
             ones = torch.ones(inf.n, dtype=torch.float64)
-            replay = retrainer.refit(inf, None, init, ones)
+            once, replay = _timed(retrainer.refit, inf, None, init, ones)  # pays for what refits share
             _log_replay(inf, replay)
             weights = ones.clone()
             weights[dropped] = 1.0 - settings.strength
