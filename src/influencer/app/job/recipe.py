@@ -10,18 +10,22 @@ convex objective does not depend on where it starts, so the re-weighted optimum 
 from __future__ import annotations
 
 import copy
+import logging
 from collections.abc import Callable
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
+from influencer import Influence
 from influencer.app.job.job import Job
 from influencer.app.settings.explain import ExplainConfig
 from influencer.errors import ConfigError
 from influencer.retraining import AdamRetrainer, LBFGSRetrainer, Retrainer, StepwiseRetrainer
 from influencer.uses.validation import Start
 
-__all__ = ["is_linear", "recipe", "reinitialised", "single_model"]
+__all__ = ["is_linear", "log_replay", "recipe", "reinitialised", "single_model", "start_parameters"]
+
+log = logging.getLogger("influencer.evaluate")
 
 
 def is_linear(model: nn.Module) -> bool:
@@ -101,6 +105,25 @@ def single_model(job: Job, retrainer: Retrainer, start: Start, head: str | None)
         f"the job's recipe replayed from its start (seed {seed}, the same order and batches), the "
         "left-out examples re-weighted"
     )
+
+
+def start_parameters(inf: Influence, start: Start, seed: int) -> Tensor | None:
+    """The chosen parameters ``(p,)`` a refit starts from (None: from the model)."""
+    made = start(seed) if callable(start) and not isinstance(start, nn.Module) else start
+    return inf.parameters_of(made) if isinstance(made, nn.Module) else made
+
+
+def log_replay(inf: Influence, replay: Tensor) -> None:
+    """Log how closely the single-model replay with every weight 1 reproduces the model."""
+    theta = inf.theta.to(replay)
+    gap = float((replay - theta).abs().max() / theta.abs().max().clamp_min(1.0))
+    if gap <= 1e-3:
+        log.info("single-model: the replay with every weight 1 reproduces the model (difference %.2g)", gap)
+    else:
+        log.warning(
+            "single-model: the replay with every weight 1 differs from the model by %.2g (relative to its "
+            "largest weight): the LDS measures changes of the replayed run, not of this model", gap,
+        )  # fmt: skip
 
 
 def _described(retrainer: Retrainer) -> str:
