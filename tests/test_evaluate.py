@@ -276,7 +276,7 @@ def test_meaningless_combinations_are_refused(method, kwargs, message):
         EvaluateConfig(**kwargs).checks_for(method)
 
 
-def test_single_model_needs_the_run_that_made_the_model(tmp_path):
+def test_single_model_needs_the_run_that_made_the_model(tmp_path, task_module):
     base = ["evaluate", "--out", str(tmp_path / "r"), "--quiet", "--check", "lds"]
     config = ExplainConfig(out=str(tmp_path / "run"), epochs=2, progress=False)
     settings = EvaluateConfig(setting="single-model", subsets=3)
@@ -289,3 +289,5 @@ def test_single_model_needs_the_run_that_made_the_model(tmp_path):
     result = CliRunner().invoke(cli, [*base, "--eps", "0.5"])
     assert result.exit_code != 0 and "--eps re-weights the one training run" in result.output
     assert "Traceback" not in result.output
+    result = CliRunner().invoke(cli, [*base, "--task", task_module, "--method", "unrolled"])
+    assert result.exit_code != 0 and "--method unrolled needs the job's training recipe" in result.output
