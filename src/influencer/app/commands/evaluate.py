@@ -122,12 +122,8 @@ class _Retraining:
 def _retraining(on: Job, config: ExplainConfig, settings: EvaluateConfig, head: str | None) -> _Retraining:
     retrainer, start, described = recipe(on, config)
     seeds = tuple(range(settings.seeds))
-    if settings.setting == "single-model":
-        if config.method == "unrolled":  # the run Unrolled differentiates: the same recipe and start
-            retrainer, start = recipe_and_start(on)
-            start, described = single_model(on, retrainer, start, None)
-        else:
-            start, described = single_model(on, retrainer, start, head)
+    if settings.setting == "single-model":  # with --method unrolled: the run Unrolled differentiates
+        start, described = single_model(on, retrainer, start, head)
         seeds = (int(getattr(retrainer, "seed", 0)),)
     where = cache_root(config.cache_dir) / "retrained"
     log.info("retraining: %s; refits cached in %s", described, where)
