@@ -202,7 +202,7 @@ def test_explain_index_and_evaluate_train_the_builtin_job_once(tmp_path):
     runs = {
         "explain": ["explain", *job, "--test-ids", "0,1", "--out", str(tmp_path / "e")],
         "index": ["index", *job, "--out", str(tmp_path / "i")],
-        "evaluate": ["evaluate", *job, "--method", "loo", "--loo-k", "2", "--test-ids", "0",
+        "evaluate": ["evaluate", *job, "--check", "loo", "--loo-k", "2", "--test-ids", "0",
                      "--out", str(tmp_path / "v")],
     }  # fmt: skip
     logs = {}

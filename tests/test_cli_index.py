@@ -321,3 +321,75 @@ def test_no_run_writes_into_a_gradient_store(store, tmp_path):
         line = _error_line(_invoke(*command, "--out", copy, "--quiet"))
         assert f"--out {copy} holds a gradient store" in line
     assert (copy / "index.json").read_bytes() == before
+
+
+def _checkpoint_stores(root, lrs=(0.1, 0.05), k_in=8):
+    """Checkpoint stores of a short SGD run of the store job's model (one epoch per checkpoint),
+    written by the library's TrainingStore: the directory layout a training loop leaves."""
+    from influencer.index import KroneckerProjector, TrainingStore, TrainingStoreSettings
+
+    task, model, train, _ = importlib.import_module(MODULE).build()
+    x, y = train
+    settings = TrainingStoreSettings(
+        checkpoints=(0, 3), projector=KroneckerProjector(k_in=k_in, k_out=5, basis="random"), chunk=32
+    )
+    store = TrainingStore(model, task, train, root, settings)
+    for lr in lrs:  # three batches of 30 per epoch
+        opt = torch.optim.SGD(model.parameters(), lr=lr)
+        for ids in torch.arange(90).split(30):
+            with store.step(ids, lr=lr):
+                opt.zero_grad()
+                loss = task.loss(model, (x[ids], y[ids])).mean()
+                (loss + task.regularizer(dict(model.named_parameters()))).backward()
+            opt.step()
+    return store.finish()
+
+
+def test_query_combines_checkpoint_stores_as_the_library_does(jobs, tmp_path):
+    from influencer.index import CheckpointStores
+
+    root = tmp_path / "checkpoints"
+    written = _checkpoint_stores(root)
+    assert [p.name for p in written] == ["step-00000000", "step-00000003"]
+    out = tmp_path / "query"
+    result = _invoke("query", "--store", root, "--test", "all", "--top-k", "4", "--block", "8", "--out", out)
+    _ok(result)
+    task, model, train, test = importlib.import_module(f"{MODULE}").build()
+    want = CheckpointStores.open(root, model, task, train).top_k(test, 4)
+    for name in ("helpful_ids", "harmful_ids"):
+        assert np.array_equal(np.load(out / f"{name}.npy"), getattr(want, name).numpy()), name
+    for name in ("helpful_scores", "harmful_scores"):
+        np.testing.assert_allclose(np.load(out / f"{name}.npy"), getattr(want, name).numpy(), rtol=1e-9)
+    summary = json.loads((out / "top_k.json").read_text())
+    scoring = summary["scores_from_store"]
+    assert [(c["step"], c["lr"]) for c in scoring["checkpoints"]] == [(0, 0.1), (3, 0.05)]
+    assert scoring["preconditioner"] == {"kind": "none"}
+    said = (
+        "TracIn over 2 checkpoints, summed with their learning rates as weights (step 0: 0.1, step 3: 0.05)"
+    )
+    assert said in summary["preconditioner"] and said in (out / "query.log").read_text()
+
+    # explain --store: the report of the same scores, saying how they were combined
+    run = tmp_path / "explain"
+    _ok(_invoke("explain", "--store", root, "--test-ids", "3,7", "--out", run, "--quiet"))
+    explained = json.loads((run / "summary.json").read_text())
+    dense = CheckpointStores.open(root, model, task, train).scores((test[0][[3, 7]], test[1][[3, 7]]))
+    np.testing.assert_allclose(np.load(run / "scores.npy"), dense.numpy(), rtol=1e-9)
+    assert explained["scores_from_store"]["checkpoints"] == scoring["checkpoints"]
+    assert said in (run / "report.html").read_text()
+
+    # a directory that is not the complete stores of one run is refused in one line
+    line = _error_line(_invoke("query", "--store", root, "--preconditioner", "fisher", "--out", out))
+    assert "--preconditioner does not apply to checkpoint stores" in line
+    mixed = tmp_path / "mixed"
+    shutil.copytree(root, mixed)
+    (mixed / "step-00000009").mkdir()  # a checkpoint whose window never closed
+    assert "is incomplete" in _error_line(_invoke("query", "--store", mixed, "--out", out, "--quiet"))
+    shutil.rmtree(mixed / "step-00000009")
+    other = _checkpoint_stores(tmp_path / "other", k_in=6)  # another run's checkpoint, put beside
+    shutil.copytree(other[1], mixed / "step-00000006")
+    line = _error_line(_invoke("query", "--store", mixed, "--out", out, "--quiet"))
+    assert "mixes checkpoint stores of different runs" in line and "projector" in line, line
+    shutil.rmtree(mixed / "step-00000006")
+    (mixed / "index.json").write_text("{}")
+    assert "mixes an influencer index store" in _error_line(_invoke("query", "--store", mixed, "--out", out))

@@ -8,6 +8,7 @@ import re
 import textwrap
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
@@ -91,7 +92,7 @@ def test_evaluate_command_end_to_end_on_a_linear_job(tmp_path, task_module):
     assert re.search(said, log), log
 
     # Another estimator on the same job: every refit is read back, none is computed again.
-    again = CliRunner().invoke(cli, [*args, "--estimator", "identity", "--method", "lds"])
+    again = CliRunner().invoke(cli, [*args, "--estimator", "identity", "--check", "lds"])
     assert again.exit_code == 0, again.output
     assert _refits(run) == refits
     other = json.loads((run / "evaluation.json").read_text())
@@ -110,7 +111,7 @@ def _mlp_job(**fields) -> Job:
 
 def test_a_network_is_retrained_from_scratch_with_adam(tmp_path):
     config = ExplainConfig(out=str(tmp_path / "run"), epochs=2, progress=False, curvature="gauss_newton")
-    settings = EvaluateConfig(methods=("lds",), subsets=3, seeds=2, lds_tests=5)
+    settings = EvaluateConfig(checks=("lds",), subsets=3, seeds=2, lds_tests=5)
     result = run_evaluation(config, settings, _mlp_job(), console=False)
     assert result.summary["retraining"].startswith("Adam, 2 epochs")
     assert result.lds is not None and result.lds.actual.shape == (3, 5)
@@ -151,7 +152,7 @@ def test_the_recipe_follows_the_job():
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
-        ({"methods": ("lds", "shapley")}, "methods must be one or both of loo, lds"),
+        ({"checks": ("lds", "shapley")}, "--check must be one or both of loo, lds"),
         ({"subsets": 2}, "subsets must be an integer >= 3"),
         ({"alpha": 1.0}, "alpha"),
         ({"loo_select": "best"}, "loo_select must be one of"),
@@ -165,9 +166,128 @@ def test_bad_settings_are_refused(kwargs, message):
 
 def test_command_errors_are_one_line(tmp_path, task_module):
     base = ["evaluate", "--task", task_module, "--out", str(tmp_path / "r"), "--quiet"]
-    result = CliRunner().invoke(cli, [*base, "--method", "loo,shapley"])
-    assert result.exit_code != 0 and "methods must be one or both of loo, lds" in result.output
+    result = CliRunner().invoke(cli, [*base, "--check", "loo,shapley"])
+    assert result.exit_code != 0 and "--check must be one or both of loo, lds" in result.output
     assert "Traceback" not in result.output
     help_text = CliRunner().invoke(cli, ["evaluate", "--help"]).output
-    for flag in ("--subsets", "--alpha", "--seeds", "--loo-k", "--estimator", "--damping", "--task"):
+    flags = ("--subsets", "--alpha", "--seeds", "--loo-k", "--estimator", "--damping", "--task", "--method")
+    for flag in (*flags, "--check", "--setting", "--eps", "--drop"):
         assert flag in help_text
+
+
+def test_single_model_lds_of_influence_reweights_the_optimum(tmp_path, task_module):
+    run = tmp_path / "run"
+    args = ["evaluate", "--task", task_module, "--out", str(run), "--check", "lds", "--quiet"]
+    args += [
+        "--setting",
+        "single-model",
+        "--eps",
+        "0.001",
+        "--drop",
+        "0.2",
+        "--subsets",
+        "5",
+        "--lds-tests",
+        "6",
+    ]
+    result = CliRunner().invoke(cli, args)
+    assert result.exit_code == 0, result.output
+    summary = json.loads((run / "evaluation.json").read_text())
+    lds = summary["lds"]
+    assert (lds["setting"], lds["eps"], lds["drop"], lds["alpha"]) == ("single-model", 0.001, 0.2, 0.8)
+    recorded = summary["settings"]["evaluate"]
+    assert (recorded["setting"], recorded["eps"], recorded["drop"], recorded["checks"]) == (
+        "single-model", 0.001, 0.2, ["lds"],
+    )  # fmt: skip
+    assert "re-weighted (one optimum)" in summary["retraining"]
+    # a convex model at its optimum, re-weighted by 0.001: the first-order prediction is all but exact
+    assert lds["lds"] > 0.95, lds
+    log = (run / "explain.log").read_text()
+    assert "the replay with every weight 1 reproduces the model" in log
+    assert re.search(r"evaluate: about 6 retrainings \(LDS 6 x [\d.]+ s", log), log
+
+
+def _recipe_job(n_train: int = 60) -> tuple[Job, AdamRetrainer, nn.Module]:
+    """A job trained by its own recipe from a seeded start (as `--method unrolled` needs)."""
+    import copy
+
+    from influencer import Identity, Influence
+
+    split = load_digits(dtype=torch.float64)
+    train, test = (split.x_train[:n_train], split.y_train[:n_train]), (split.x_test[:8], split.y_test[:8])
+    torch.manual_seed(1)
+    start = nn.Linear(64, 10).double()
+    task, recipe_ = ClassificationTask(weight_decay=1e-2), AdamRetrainer(epochs=2, lr=1e-2, batch_size=20)
+    model = copy.deepcopy(start)
+    inf = Influence(model, task, train, estimator=Identity())
+    inf.fn.load_into(recipe_.refit(inf, None, inf.theta))  # the training run, by the recipe
+    job = Job(task, model, train, test, name="recipe digits", retrain=recipe_, start=start)
+    return job, recipe_, start
+
+
+def test_unrolled_scores_against_the_single_model_replay(tmp_path):
+    from influencer import Unrolled
+    from influencer.validation import lds
+
+    job, recipe_, start = _recipe_job()
+    config = ExplainConfig(out=str(tmp_path / "run"), method="unrolled", progress=False)
+    settings = EvaluateConfig(setting="single-model", eps=1e-3, subsets=4, lds_tests=5)
+    result = run_evaluation(config, settings, job, console=False)
+    assert result.loo == [] and result.lds is not None  # LDS alone: no optimum to leave one out of
+    summary = result.summary
+    assert summary["method"] == "unrolled" and summary["lds"]["setting"] == "single-model"
+    assert summary["unrolled"]["replay_difference"] == 0.0
+    assert summary["unrolled"]["extrapolation"]["strengths"] == [0.001, 0.1, 1.0]
+    assert "the job's recipe replayed from its start (seed 0" in summary["retraining"]
+    # the library's own check on the same run: the same subsets, the same replays, the same LDS
+    unrolled = Unrolled(job.model, job.task, job.train, recipe=recipe_, start=start).fit()
+    test = job.test.take(torch.from_numpy(result.lds_test_ids))
+    expected = lds(
+        unrolled.influence, test, scores=unrolled.scores(test), subsets=4, alpha=0.9, retrain=recipe_,
+        start=start, setting="single-model", eps=1e-3,
+    )  # fmt: skip
+    np.testing.assert_allclose(result.lds.actual, expected.actual, rtol=1e-9, atol=1e-15)
+    np.testing.assert_allclose(result.lds.correlations, expected.correlations)
+    assert result.lds.mean > 0.9  # the exact derivative, checked on a re-weighting it is exact for
+    log = (result.run_dir / "explain.log").read_text()
+    assert re.search(r"LDS 5 x [\d.]+ s, extrapolation 3 x [\d.]+ s", log), log
+
+
+@pytest.mark.parametrize(
+    ("method", "kwargs", "message"),
+    [
+        (
+            "influence",
+            {"eps": 0.1},
+            "--eps re-weights the one training run: use it with --setting single-model",
+        ),
+        (
+            "influence",
+            {"setting": "single-model", "seeds": 2},
+            "--seeds does not apply with --setting single",
+        ),
+        ("influence", {"alpha": 0.5, "drop": 0.5}, "give --alpha .* or --drop .*, not both"),
+        ("influence", {"checks": ("loo",), "drop": 0.1}, "--drop applies to the LDS: add lds to --check"),
+        ("unrolled", {"checks": ("loo", "lds")}, "--check loo does not apply with --method unrolled"),
+    ],
+)
+def test_meaningless_combinations_are_refused(method, kwargs, message):
+    with pytest.raises(ConfigError, match=message):
+        EvaluateConfig(**kwargs).checks_for(method)
+
+
+def test_single_model_needs_the_run_that_made_the_model(tmp_path, task_module):
+    base = ["evaluate", "--out", str(tmp_path / "r"), "--quiet", "--check", "lds"]
+    config = ExplainConfig(out=str(tmp_path / "run"), epochs=2, progress=False)
+    settings = EvaluateConfig(setting="single-model", subsets=3)
+    with pytest.raises(ConfigError, match="--setting single-model replays the run that trained the model"):
+        run_evaluation(config, settings, _mlp_job(), console=False)  # retrained by a default Adam
+    job, _, _ = _recipe_job()
+    job.start = None
+    with pytest.raises(ConfigError, match="give the Job start=<the initial model>"):
+        run_evaluation(config, settings, job, console=False)
+    result = CliRunner().invoke(cli, [*base, "--eps", "0.5"])
+    assert result.exit_code != 0 and "--eps re-weights the one training run" in result.output
+    assert "Traceback" not in result.output
+    result = CliRunner().invoke(cli, [*base, "--task", task_module, "--method", "unrolled"])
+    assert result.exit_code != 0 and "--method unrolled needs the job's training recipe" in result.output

@@ -106,12 +106,13 @@ def _positive(name: str, value: float, integer: bool = False, zero: bool = False
 class LBFGSRetrainer(Retrainer):
     """To the optimum with full-batch L-BFGS, then Newton steps (see :func:`~influencer.training.fit_lbfgs`).
 
-    A warm-started refit (``ids`` given) first takes cheap chord steps with a fixed inverse Hessian
-    at ``start``: of the objective on all the training data of the first influence refitted from
-    that start (``Exact`` up to ``exact_max_params`` parameters, else ``CG``), factorised once and
-    reused for every refit from the same start, also on moved or relabelled data (it only
-    preconditions: convergence is checked on the true gradient, and exact Newton-CG steps follow
-    where the chord steps stall). A refit without ``ids`` uses Newton-CG steps only.
+    A warm-started refit (``ids`` or data ``weights`` given) first takes cheap chord steps with a
+    fixed inverse Hessian at ``start``: of the objective on all the training data of the first
+    influence refitted from that start (``Exact`` up to ``exact_max_params`` parameters, else
+    ``CG``), factorised once and reused for every refit from the same start, also on moved or
+    relabelled data (it only preconditions: convergence is checked on the true gradient, and exact
+    Newton-CG steps follow where the chord steps stall). A refit without either uses Newton-CG
+    steps only.
 
     Raises :class:`~influencer.errors.ConvergenceError` unless
     ``max |grad J| <= grad_tol * max(1, |J|)``. With ``newton_steps=0`` L-BFGS alone must
@@ -151,9 +152,9 @@ class LBFGSRetrainer(Retrainer):
     ) -> Tensor:
         theta = self._start(influence, start)
         w = _weights(influence, weights)
-        subset = ids is not None
+        warm = ids is not None or w is not None  # near the start's optimum: chord steps first
         idx = influence.train.check_indices(ids)
-        polish = self._inverse_hessian(influence, theta) if subset and self.newton_steps else None
+        polish = self._inverse_hessian(influence, theta) if warm and self.newton_steps else None
         options = {"max_iter": self.max_iter, "grad_tol": self.grad_tol, "batch_size": self.batch_size}
         try:
             return fit_lbfgs(

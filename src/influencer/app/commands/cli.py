@@ -5,7 +5,7 @@
     influencer explain --test-ids 3,17 --top-k 8        # choose what to explain
     influencer explain --task mypkg.jobs:build --estimator lissa -o depth=500 --device cuda
     influencer explain --config job.toml --damping 0.01 # a TOML file, with flags overriding it
-    influencer evaluate --method loo,lds                # influence against real retraining
+    influencer evaluate --check loo,lds                 # influence against real retraining
     influencer index --task mypkg.jobs:build --out runs/store   # a gradient store, for scale
     influencer query --store runs/store --test all --top-k 10   # top-k of every test example from it
     influencer explain --store runs/store               # the report, scored from the store
@@ -26,6 +26,7 @@ from influencer.app.commands.options import (
     STORE,
     TESTS,
     click,
+    names,
     on_path,
     options,
     quiet_progress,
@@ -114,9 +115,12 @@ def explain(config_file: str | None, estimator_option: tuple[str, ...], quiet: b
     JOB,
     click.option("--out", help="Run directory (evaluation.json, plots, log).  [default: runs/evaluate]"),
     TESTS,
+    METHOD,
     INFLUENCE,
     click.option(
-        "--method", "checks", default="loo,lds", show_default=True, help="Checks to run: loo, lds or both."
+        "--check",
+        "checks",
+        help="Checks to run: loo, lds or both.  [default: loo,lds; lds with --method unrolled]",
     ),
     click.option("--loo-k", type=int, default=20, show_default=True, help="LOO: removals per test example."),
     click.option(
@@ -130,12 +134,27 @@ def explain(config_file: str | None, estimator_option: tuple[str, ...], quiet: b
         "--subsets", type=int, default=20, show_default=True, help="LDS: random subsets to retrain on."
     ),
     click.option(
-        "--alpha",
-        type=float,
-        default=0.5,
+        "--setting",
+        type=click.Choice(["seed-averaged", "single-model"]),
+        default="seed-averaged",
         show_default=True,
-        help="LDS: fraction of the training data each subset keeps.",
+        help="LDS ground truth: retrain on each subset (averaged over --seeds), or replay the one run "
+        "that trained the model (its recipe, seed, start and order) with the left-out examples "
+        "re-weighted by 1 - eps.",
     ),
+    click.option(
+        "--eps",
+        type=float,
+        help="Single-model LDS: how far the left-out examples are down-weighted (their weight is "
+        "1 - eps; 1: removed, 0.001: the derivative itself).  [default: 1]",
+    ),
+    click.option(
+        "--drop",
+        type=float,
+        help="LDS: fraction of the training data each subset leaves out (re-weights), 1 - alpha.  "
+        "[default: 0.5; 0.1 with --setting single-model]",
+    ),
+    click.option("--alpha", type=float, help="LDS: fraction of the training data each subset keeps."),
     click.option(
         "--seeds", type=int, default=1, show_default=True, help="LDS: retraining seeds per subset, averaged."
     ),
@@ -145,21 +164,26 @@ def evaluate(
     config_file: str | None,
     estimator_option: tuple[str, ...],
     quiet: bool,
-    checks: str,
+    checks: str | None,
     loo_k: int,
     loo_select: str,
     subsets: int,
-    alpha: float,
+    setting: str,
+    eps: float | None,
+    drop: float | None,
+    alpha: float | None,
     seeds: int,
     lds_tests: int,
     **flags: Any,
 ) -> None:
-    """Check influence against real retraining: leave-one-out (predicted vs actual change of the
+    """Check the scores against real retraining: leave-one-out (predicted vs actual change of the
     test loss) and the linear datamodeling score over random subsets.
 
-    Uses the same job, parameters (head), curvature and estimator as `explain` with the same flags;
-    says how many retrainings it will do and about how long before it starts; retrains with the
-    job's recipe (L-BFGS for a linear model or head, Adam from scratch for a network) and caches
+    Uses the same job and scores as `explain` with the same flags (influence with its parameters,
+    curvature and estimator, or --method unrolled through the job's recipe); says how many
+    retrainings it will do and about how long before it starts; retrains with the job's recipe
+    (L-BFGS for a linear model or head, Adam from scratch for a network), or with --setting
+    single-model replays the run that made the model with some examples re-weighted, and caches
     every refit in the job cache. Writes evaluation.json, loo.png and lds.png.
     """
     from influencer.app.commands.evaluate import EvaluateConfig, run_evaluation
@@ -172,9 +196,8 @@ def evaluate(
         values.setdefault("out", "runs/evaluate")
         config = ExplainConfig.from_dict(values, config_file or "settings")
         settings = EvaluateConfig(
-            methods=tuple(m for m in checks.replace(",", " ").split() if m),
-            loo_k=loo_k, loo_select=loo_select, subsets=subsets, alpha=alpha, seeds=seeds,
-            lds_tests=lds_tests,
+            checks=names(checks), loo_k=loo_k, loo_select=loo_select, subsets=subsets, alpha=alpha,
+            drop=drop, seeds=seeds, lds_tests=lds_tests, setting=setting, eps=eps,
         )  # fmt: skip
         on_path(config.task)
         result = run_evaluation(config, settings, console=not quiet)

@@ -1,26 +1,32 @@
-"""``influencer evaluate``: how faithful is influence on this job? Checked against real retraining.
+"""``influencer evaluate``: how faithful are the scores on this job? Checked against real retraining.
 
 Usage::
 
     influencer evaluate                                     # the built-in digits job: LOO and LDS
-    influencer evaluate --method lds --subsets 50 --seeds 2
+    influencer evaluate --check lds --subsets 50 --seeds 2
     influencer evaluate --task mypkg.jobs:build --estimator ekfac --curvature gauss_newton
+    influencer evaluate --method unrolled --setting single-model --eps 0.001 --drop 0.1
 
-Two checks (:mod:`influencer.uses.validation`), with the job's influence settings (the same flags as
-``influencer explain``):
+The scores are those of ``influencer explain`` with the same flags: influence functions (the job's
+influence settings), or with ``--method unrolled`` the exact derivative through the job's training
+recipe (the same job, recipe and start). Two checks (:mod:`influencer.uses.validation`):
 
-* **leave-one-out** (``loo``): for each chosen test example, the ``loo_k`` training examples with
-  the largest scores are removed one at a time and the model retrained; the predicted and actual
-  changes of the test loss are compared (Pearson, Spearman);
-* **linear datamodeling score** (``lds``): ``subsets`` random subsets keeping ``alpha`` of the
-  training data, a model retrained on each (``seeds`` seeds averaged), and per test example the
-  Spearman correlation over the subsets between the actual change of the test loss and the sum of
-  the left-out examples' scores; its mean over ``lds_tests`` test examples with a bootstrap interval.
+* **leave-one-out** (``loo``, influence only): for each chosen test example, the ``loo_k`` training
+  examples with the largest scores are removed one at a time and the model retrained; the predicted
+  and actual changes of the test loss are compared (Pearson, Spearman);
+* **linear datamodeling score** (``lds``): ``subsets`` random subsets, each leaving out (or
+  re-weighting) a fraction ``drop`` of the training data, and per test example the Spearman
+  correlation over the subsets between the actual change of the test loss and the change the
+  scores predict; its mean over ``lds_tests`` test examples with a bootstrap interval. Its ground
+  truth (``setting``): ``seed-averaged`` retrains on each subset (``seeds`` seeds averaged);
+  ``single-model`` replays the one run that made the model with the left-out examples' weights
+  set to ``1 - eps`` (``eps = 1``: removed), the question the unrolled derivative answers.
 
 The retraining recipe is the job's (:attr:`Job.retrain`, from :attr:`Job.make_model` when given),
 else L-BFGS to the optimum for a linear model (warm-started, as influence assumes) and, for a
-network, Adam for ``epochs`` epochs from a fresh initialisation. Refits are cached in
-``<run>/retrained`` (keyed by everything they depend on), so a second evaluation, or one with another
+network, Adam for ``epochs`` epochs from a fresh initialisation; the single-model replay is
+:func:`influencer.app.job.recipe.single_model`'s. Refits are cached in the job cache (keyed by
+everything they depend on, data weights included), so a second evaluation, or one with another
 estimator, retrains nothing again. Writes ``evaluation.json``, ``loo.png`` and ``lds.png`` into the
 run directory.
 """
@@ -37,72 +43,33 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch import nn
 
 from influencer import Influence
+from influencer.app.commands.unrolled import extrapolate, recipe_and_start, refuse_unrolled_settings, replayed
 from influencer.app.job.cache import cache_root
 from influencer.app.job.evaluation import choose_test_ids
 from influencer.app.job.evaluation import evaluate as evaluate_model
 from influencer.app.job.job import Job
-from influencer.app.job.recipe import recipe
+from influencer.app.job.recipe import log_replay, recipe, single_model, start_parameters
 from influencer.app.run.devices import resolve_device
 from influencer.app.run.gradient_store import refuse_store_as_run
 from influencer.app.run.logs import Stopwatch, logged_stop, run_logging
 from influencer.app.run.store import RunStore, jsonable
+from influencer.app.settings.evaluate import EvaluateConfig
 from influencer.app.settings.explain import ExplainConfig
 from influencer.app.steps import Ran, build_influence, prepare
-from influencer.errors import ConfigError
 from influencer.plotting import plot_lds, plot_loo_many
 from influencer.progress import duration_text
-from influencer.retraining import Retrainer
+from influencer.retraining import Retrainer, StepwiseRetrainer
 from influencer.retraining_cache import CachedRetrainer
 from influencer.stats import pearson, spearman
 from influencer.uses.validation import LDSResult, LOOResult, Start, lds, leave_one_out
 
+__all__ = ["EvaluateConfig", "EvaluateResult", "run_evaluation"]
+
 log = logging.getLogger("influencer.evaluate")
 
-METHODS = ("loo", "lds")
-SELECTIONS = ("magnitude", "helpful", "harmful", "random")
 FILES = {"summary": "evaluation.json", "loo": "loo.png", "lds": "lds.png"}
-
-
-@dataclasses.dataclass(frozen=True, kw_only=True)
-class EvaluateConfig:
-    """What ``influencer evaluate`` checks, beside the influence settings of :class:`ExplainConfig`."""
-
-    methods: tuple[str, ...] = METHODS
-    loo_k: int = 20  # training examples removed one at a time, per chosen test example
-    loo_select: str = "magnitude"  # which: largest |score|, most helpful, most harmful, random
-    subsets: int = 20  # LDS: random subsets retrained on
-    alpha: float = 0.5  # LDS: the fraction of the training data each subset keeps
-    seeds: int = 1  # LDS: retraining seeds per subset, averaged
-    lds_tests: int = 50  # LDS: test examples (a seeded random choice; all when fewer)
-    level: float = 0.95  # LDS: confidence level of the interval of the mean
-
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "methods", tuple(self.methods))
-        bad = [m for m in self.methods if m not in METHODS]
-        if not self.methods or bad or len(set(self.methods)) != len(self.methods):
-            raise ConfigError(
-                f"methods must be one or both of {', '.join(METHODS)}, got {list(self.methods)}"
-            )
-        for name in ("loo_k", "seeds", "lds_tests"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ConfigError(f"{name} must be an integer >= 1, got {value!r}")
-        if not isinstance(self.subsets, int) or self.subsets < 3:
-            raise ConfigError(
-                f"subsets must be an integer >= 3 (a rank correlation over subsets), got {self.subsets!r}"
-            )
-        if self.loo_select not in SELECTIONS:
-            raise ConfigError(f"loo_select must be one of {', '.join(SELECTIONS)}, got {self.loo_select!r}")
-        if not (isinstance(self.alpha, (int, float)) and 0 < self.alpha < 1):
-            raise ConfigError(f"alpha (the fraction each subset keeps) must be in (0, 1), got {self.alpha!r}")
-        if not (isinstance(self.level, (int, float)) and 0 < self.level < 1):
-            raise ConfigError(f"level must be in (0, 1), got {self.level!r}")
-
-    def to_dict(self) -> dict[str, Any]:
-        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
 
 
 @dataclasses.dataclass
@@ -125,6 +92,9 @@ def run_evaluation(
     config: ExplainConfig, settings: EvaluateConfig, job: Job | None = None, *, console: bool = True
 ) -> EvaluateResult:
     """Run the checks (see the module docstring); ``job`` overrides ``config.task``."""
+    settings.checks_for(config.method)  # checks that do not apply are refused before anything runs
+    if config.method == "unrolled":
+        refuse_unrolled_settings(config)
     resolve_device(config.device)  # a device this machine lacks is refused before anything is written
     run_dir = Path(config.out)
     refuse_store_as_run(config.out)
@@ -138,54 +108,91 @@ def run_evaluation(
             return _run(config, settings, job, store, warned)
 
 
+@dataclasses.dataclass
+class _Retraining:
+    """How the checks retrain: the (cached) recipe, where it starts, in words, and the LDS's seeds."""
+
+    retrainer: Retrainer
+    start: Start
+    described: str
+    seeds: tuple[int, ...]
+    stepwise: bool  # a replay of steps (nothing shared between refits), not a refit to the optimum
+
+
+def _retraining(on: Job, config: ExplainConfig, settings: EvaluateConfig, head: str | None) -> _Retraining:
+    retrainer, start, described = recipe(on, config)
+    seeds = tuple(range(settings.seeds))
+    if settings.setting == "single-model":  # with --method unrolled: the run Unrolled differentiates
+        start, described = single_model(on, retrainer, start, head)
+        seeds = (int(getattr(retrainer, "seed", 0)),)
+    where = cache_root(config.cache_dir) / "retrained"
+    log.info("retraining: %s; refits cached in %s", described, where)
+    stepwise = isinstance(retrainer, StepwiseRetrainer)
+    return _Retraining(CachedRetrainer(retrainer, where), start, described, seeds, stepwise)
+
+
 def _run(
     config: ExplainConfig, settings: EvaluateConfig, job: Job | None, store: RunStore, warned: list[str]
 ) -> EvaluateResult:
+    checks = settings.checks_for(config.method)
     clock = Stopwatch(config.device)
+    unrolled = None
     with clock("total"):
-        # The same job, parameters (head), curvature and estimator as `influencer explain`.
+        # The same job and scores as `influencer explain`: parameters (head), curvature and
+        # estimator, or the unrolled derivative through the same recipe from the same start.
         prepared = prepare(config, clock, job)
         on = prepared.on
-        inf, ran = build_influence(config, prepared)
-        retrainer, start, described = recipe(on, config)
-        where = cache_root(config.cache_dir) / "retrained"
-        log.info("retraining: %s; refits cached in %s", described, where)
-        cached = CachedRetrainer(retrainer, where)
-        with clock("fit"):
-            inf.fit()
-        ran.applied(getattr(inf.solver, "info", {}))
+        if config.method == "unrolled":
+            recipe_and_start(on)  # a job without its recipe is refused before any work
+        retraining = _retraining(on, config, settings, prepared.head)
+        inf: Influence | None = None
+        if config.method != "unrolled":
+            inf, ran = build_influence(config, prepared)
+            with clock("fit"):
+                inf.fit()
+            ran.applied(getattr(inf.solver, "info", {}))
 
         loo_ids = np.zeros(0, dtype=np.int64)
-        if "loo" in settings.methods:
+        if "loo" in checks:
             evaluation = evaluate_model(on, prepared.device, config)
             loo_ids = choose_test_ids(config, evaluation, len(on.test))
         lds_ids = (
             _lds_test_ids(len(on.test), settings.lds_tests, config.seed)
-            if "lds" in settings.methods
+            if "lds" in checks
             else (np.zeros(0, dtype=np.int64))
         )
-        _announce(inf, cached, start, settings, len(loo_ids), clock)
+        if inf is None:
+            unrolled, ran = replayed(config, on, prepared.device, clock)
+            inf = unrolled.influence
+        _announce(inf, retraining, settings, checks, len(loo_ids), unrolled is not None, clock)
 
         loo: list[LOOResult] = []
         if len(loo_ids):
             with clock("loo"):
-                loo = _leave_one_out(inf, on, loo_ids, settings, cached)
+                loo = _leave_one_out(inf, on, loo_ids, settings, retraining.retrainer)
 
         result: LDSResult | None = None
         if len(lds_ids):
             test = on.test.take(torch.from_numpy(lds_ids))
+            with clock("scores"):
+                scores = inf.scores(test) if unrolled is None else unrolled.scores(test)
+            if unrolled is not None:
+                extrapolate(unrolled, test, scores, config.seed, clock)
             with clock("lds"):
-                scores = inf.scores(test)
                 result = lds(
-                    inf, test, scores=scores, subsets=settings.subsets, alpha=settings.alpha,
-                    retrain=cached, start=start, seeds=range(settings.seeds), seed=config.seed,
-                    level=settings.level,
+                    inf, test, scores=scores, subsets=settings.subsets, alpha=settings.keep,
+                    retrain=retraining.retrainer, start=retraining.start, seeds=retraining.seeds,
+                    seed=config.seed, level=settings.level, setting=settings.setting,  # type: ignore[arg-type]
+                    eps=settings.strength,
                 )  # fmt: skip
             log.info(
-                "LDS over %d test examples: %.3f [%.3f, %.3f] (%.0f%% interval); "
-                "%d subsets keeping %g, %d seed(s)",
+                "LDS over %d test examples: %.3f [%.3f, %.3f] (%.0f%% interval); %d subsets, each %s %g%% "
+                "of the training data%s",
                 len(lds_ids), result.mean, *result.interval, 100 * settings.level, settings.subsets,
-                settings.alpha, settings.seeds,
+                "leaving out" if settings.strength == 1 else "re-weighting", 100 * (1 - settings.keep),
+                f", {settings.seeds} seed(s)" if settings.setting == "seed-averaged" else
+                (f" to weight {1 - settings.strength:g}" if settings.strength < 1 else "")
+                + " in the one training run (single-model)",
             )  # fmt: skip
 
         files: dict[str, Path] = {}
@@ -200,8 +207,11 @@ def _run(
                 result, store.path(FILES["lds"]), test_labels=[f"#{i}" for i in lds_ids.tolist()]
             )
     summary = _summary(
-        name, inf, ran, config, settings, described, loo, loo_ids, result, lds_ids, clock.timings, warned
-    )
+        name, inf, ran, config, settings, checks, retraining.described, loo, loo_ids, result, lds_ids,
+        clock.timings, warned,
+    )  # fmt: skip
+    if unrolled is not None:
+        summary["unrolled"] = jsonable({k: v for k, v in unrolled.summary().items() if k != "method"})
     summary["files"] = {role: path.name for role, path in files.items()} | {"summary": FILES["summary"]}
     files["summary"] = store.write_json(FILES["summary"], summary)
     log.info("wrote %s", ", ".join(str(p) for p in files.values()))
@@ -210,10 +220,11 @@ def _run(
 
 def _announce(
     inf: Influence,
-    retrainer: Retrainer,
-    start: Start,
+    retraining: _Retraining,
     settings: EvaluateConfig,
+    checks: tuple[str, ...],
     loo_tests: int,
+    unrolled: bool,
     clock: Stopwatch,
 ) -> None:
     """Say how many retrainings the checks need and about how long they take, before they start.
@@ -221,32 +232,52 @@ def _announce(
     Retrainings like the ones the checks do are timed and extrapolated, each kind apart: a refit
     without one example from the full-data optimum (the first also pays once for what every refit
     from that start shares, e.g. a factorised Hessian), a refit on a random ``alpha`` of the data,
-    or LDS's refit from a fresh model. They stay in the refit cache."""
+    LDS's refit from a fresh model, or the single-model replay re-weighted. They stay in the refit
+    cache. The single-model replay with every weight 1 (the LDS's baseline) is compared with the
+    model: the log says how closely the replay reproduces it."""
+    retrainer, start = retraining.retrainer, retraining.start
     loo = loo_tests * settings.loo_k
-    lds = settings.subsets * settings.seeds if "lds" in settings.methods else 0
+    lds = settings.subsets * len(retraining.seeds) if "lds" in checks else 0
+    single = settings.setting == "single-model"
     gen = torch.Generator().manual_seed(271828)  # a subset apart from LDS's own (drawn from --seed)
+    dropped = torch.randperm(inf.n, generator=gen)[: max(1, round((1 - settings.keep) * inf.n))]
     with clock("retrain"):
         once, each = 0.0, {}
-        if loo or start is None:
+        if loo or (start is None and not single):
             full = retrainer.refit(inf)  # leave-one-out's baseline (LDS's warm start)
             once, _ = _timed(retrainer.refit, inf, torch.arange(inf.n - 1), full)
             if loo:
                 each["leave-one-out"] = _timed(retrainer.refit, inf, torch.arange(1, inf.n), full)[0]
-            if lds and start is None:
-                kept = torch.randperm(inf.n, generator=gen)[: max(1, round(settings.alpha * inf.n))]
-                each["LDS"] = _timed(retrainer.refit, inf, kept.sort().values, full)[0]
-        if lds and start is not None:  # from a fresh model per seed: its first seed's full-data refit
-            made = start(0) if callable(start) else start
-            init = inf.parameters_of(made) if isinstance(made, nn.Module) else made
+            if lds and start is None and not single:
+                kept = torch.ones(inf.n, dtype=torch.bool)
+                kept[dropped] = False
+                each["LDS"] = _timed(retrainer.refit, inf, kept.nonzero().flatten(), full)[0]
+        if lds and single:  # the replay, every weight 1 (LDS's baseline), and re-weighted ones
+            init, eps = start_parameters(inf, start, retraining.seeds[0]), settings.strength
+            ones = torch.ones(inf.n, dtype=torch.float64)
+            log_replay(inf, retrainer.refit(inf, None, init, ones))
+            # A refit to the optimum pays once for what the others share (a factorised Hessian):
+            # a second re-weighted subset is timed apart from it. A stepwise replay shares nothing.
+            subsets = [dropped] if retraining.stepwise else [dropped, torch.randperm(inf.n, generator=gen)]
+            times = [
+                _timed(retrainer.refit, inf, None, init, ones.index_fill(0, ids[: len(dropped)], 1 - eps))[0]
+                for ids in subsets
+            ]
+            once, each["LDS"] = max(times[0] - times[-1], 0.0), times[-1]
+        elif lds and start is not None:  # from a fresh model per seed: its first seed's full-data refit
+            init = start_parameters(inf, start, 0)
             each["LDS"] = _timed(retrainer.with_seed(0).refit, inf, None, init)[0]
-    counts = {"leave-one-out": loo, "LDS": lds + (settings.seeds if lds else 0)}
+    counts = {"leave-one-out": loo, "LDS": lds + (len(retraining.seeds) if lds else 0)}
+    if unrolled and "LDS" in each:  # Unrolled's extrapolation: three re-weighted replays
+        counts["extrapolation"], each["extrapolation"] = 3, each["LDS"]
     total = sum(counts.values())
     seconds = once + sum(counts[k] * t for k, t in each.items())
     parts = [f"{k} {counts[k]} x {t:.2f} s" for k, t in each.items()]
     log.info(
-        "evaluate: about %d retrainings (%s%s; refits already cached are free), so about %s in all",
+        "evaluate: about %d retrainings (%s%s; refits already cached are free), so about %s in all%s",
         total, ", ".join(parts), f"; once {once:.1f} s for what they share" if once > 1 else "",
         duration_text(seconds),
+        ", besides the unrolled derivative's reverse pass (a batched backward per step)" if unrolled else "",
     )  # fmt: skip
 
 
@@ -290,6 +321,7 @@ def _summary(
     ran: Ran,
     config: ExplainConfig,
     settings: EvaluateConfig,
+    checks: tuple[str, ...],
     described: str,
     loo: list[LOOResult],
     loo_ids: np.ndarray,
@@ -302,13 +334,15 @@ def _summary(
         "job": name,
         "n_train": inf.n,
         "num_parameters": inf.p,
-        "estimator": inf.estimator.settings(),
+        "method": config.method,
+        "estimator": {"estimator": "unrolled"} if config.method == "unrolled" else inf.estimator.settings(),
         "curvature": ran.curvature,
         "damping": ran.damping,
         "dtype": config.dtype,
         "retraining": described,
         "sign_convention": "score = predicted change of the test loss if the training example were removed; "
-        "an LDS subset's predicted change is the sum of the scores of the examples it leaves out",
+        "an LDS subset's predicted change is eps times the sum of the scores of the examples it leaves out "
+        "(eps = 1: removed)",
         "warnings": list(warned),
     }
     if loo:
@@ -333,10 +367,11 @@ def _summary(
     if result is not None:
         out["lds"] = {
             **result.summary(),
+            "drop": round(1.0 - result.alpha, 12),
             "test_ids": lds_ids.tolist(),
             "correlations": result.correlations.tolist(),
         }
     out["timings_s"] = {k: round(v, 4) for k, v in timings.items()}
-    out["settings"] = {**config.to_dict(), "evaluate": settings.to_dict()}
+    out["settings"] = {**config.to_dict(), "evaluate": settings.to_dict() | {"checks": list(checks)}}
     out["ran"] = ran.to_dict()
     return jsonable(out)

@@ -24,6 +24,13 @@ from influencer.app.job.evaluation import evaluate_and_choose
 from influencer.app.job.job import Job
 from influencer.app.report.explanation import ExplainResult, Explanation, StoreScoring, log_top
 from influencer.app.run.cached import optimality_of_norms, solver_text
+from influencer.app.run.checkpoints import (
+    Checkpoints,
+    is_checkpoint_directory,
+    open_checkpoints,
+    read_checkpoints,
+    refuse_flags,
+)
 from influencer.app.run.devices import resolve_device
 from influencer.app.run.gradient_store import (
     check_store_task,
@@ -35,12 +42,9 @@ from influencer.app.run.gradient_store import (
 from influencer.app.run.logs import Stopwatch, logged_stop, run_logging
 from influencer.app.run.outputs import finish
 from influencer.app.run.store import RunStore, jsonable
-from influencer.app.run.store_scoring import (
-    Subset,
-    describe_store,
-)
+from influencer.app.run.store_scoring import Subset, describe_store, projection_text
 from influencer.app.settings.explain import ExplainConfig
-from influencer.app.steps import prepare, store_scorer
+from influencer.app.steps import Ran, prepare, store_scorer
 from influencer.errors import ConfigError
 
 log = logging.getLogger("influencer.explain")
@@ -70,7 +74,16 @@ def explain_with_store(
             f"--out {run_dir} is the store itself: explain writes its run elsewhere (e.g. runs/explain)"
         )
     refuse_store_as_run(config.out)
-    check_store_task(root, config.task, job is not None)  # before anything is written
+    checkpoints = None
+    if is_checkpoint_directory(root):  # stores a training run wrote, one per checkpoint
+        refuse_flags(
+            preconditioner=config.preconditioner,
+            relative_damping=config.relative_damping,
+            damping=config.damping,
+        )
+        checkpoints = read_checkpoints(root)
+    else:
+        check_store_task(root, config.task, job is not None)  # before anything is written
     with RunStore(run_dir) as run, run_logging(run_dir, console) as warned:
         log.info(
             "influencer explain: run directory %s (%s); scores from the gradient store %s",
@@ -79,8 +92,44 @@ def explain_with_store(
             root,
         )
         log.debug("settings: %s", config.to_json())
-        with logged_stop(log), open_store(root) as (store, record):
-            return _run(config, job, store, record, run, warned)
+        with logged_stop(log):
+            if checkpoints is not None:
+                return _run_checkpoints(config, job, checkpoints, run, warned)
+            with open_store(root) as (store, record):
+                return _run(config, job, store, record, run, warned)
+
+
+def _run_checkpoints(
+    config: ExplainConfig, job: Job | None, found: Checkpoints, run: RunStore, warned: list[str]
+) -> ExplainResult:
+    """The explain run scored from checkpoint stores, combined as the library combines them."""
+    names = found.header["fingerprint"]["params"]
+    config = config.replace(params=tuple(names))  # the stores' parameters, on the whole model
+    log.info("checkpoint stores %s: %s", found.root, ", ".join(p.name for p in found.paths))
+    clock = Stopwatch(config.device)
+    with clock("total"):
+        prepared = prepare(config, clock, job)
+        on = prepared.on
+        evaluation, test_ids, choice = evaluate_and_choose(on, len(on.test), config, prepared.device, clock)
+        stores = open_checkpoints(found, prepared.job, prepared.device, config.batch_size)
+        log.info("scores: %s", found.text())
+        with clock("scores"):
+            scores = stores.scores(Subset(prepared.job.test, test_ids)).double().cpu().numpy()
+        inf = stores.indexes[0].influence
+        projection = projection_text({**found.header, "num_parameters": found.header["p"]})
+        scoring = StoreScoring(str(found.root), projection, f"nothing ({found.text()})", found.settings())
+        ran = Ran(
+            method=config.method, estimator={"estimator": "none"}, curvature=None, damping={"kind": "none"},
+            parameters={"count": inf.p, "names": names[:50], "head": None}, reason=found.text(),
+            dtype=config.dtype, device=str(inf.device), hessian=None, store=found.settings(),
+        )  # fmt: skip
+        top = top_k(torch.from_numpy(scores), config.top_k)
+        ex = Explanation(
+            config, prepared.job, inf, evaluation, test_ids, scores, top, {}, choice, None,
+            scoring=scoring, ran=ran,
+        )  # fmt: skip
+        log_top(ex)
+        return finish(ex, run, clock, warned)
 
 
 def _run(

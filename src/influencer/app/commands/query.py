@@ -42,6 +42,13 @@ from influencer.app.job.evaluation import (
 from influencer.app.job.job import Job
 from influencer.app.report.explanation import candidates_json, find_candidates
 from influencer.app.report.summary import SIGN_CONVENTION
+from influencer.app.run.checkpoints import (
+    Checkpoints,
+    is_checkpoint_directory,
+    open_checkpoints,
+    read_checkpoints,
+    refuse_flags,
+)
 from influencer.app.run.devices import resolve_device
 from influencer.app.run.gradient_store import (
     check_store_task,
@@ -52,12 +59,9 @@ from influencer.app.run.gradient_store import (
 )
 from influencer.app.run.logs import Stopwatch, logged_stop, run_logging
 from influencer.app.run.store import RunStore, array_bytes, jsonable
-from influencer.app.run.store_scoring import (
-    Subset,
-    describe_store,
-)
+from influencer.app.run.store_scoring import Subset, describe_store, projection_text
 from influencer.app.settings.store import QueryConfig
-from influencer.app.steps import prepare, store_scorer
+from influencer.app.steps import Prepared, prepare, store_scorer
 from influencer.errors import ConfigError
 
 log = logging.getLogger("influencer.query")
@@ -101,7 +105,15 @@ def query_store(config: QueryConfig, job: Job | None = None, *, console: bool = 
             f"--out {out} is the store itself: a query writes its results elsewhere (e.g. --out runs/query)"
         )
     refuse_store_as_run(config.out)
-    check_store_task(root, config.task, job is not None)  # before anything is written
+    checkpoints = None
+    if is_checkpoint_directory(root):  # stores a training run wrote, one per checkpoint
+        refuse_flags(
+            preconditioner=config.preconditioner, relative_damping=config.relative_damping,
+            damping=config.damping, checkpoint=config.checkpoint,
+        )  # fmt: skip
+        checkpoints = read_checkpoints(root)
+    else:
+        check_store_task(root, config.task, job is not None)  # before anything is written
     with RunStore(out) as run, run_logging(out, console, LOG_FILE) as warned:
         log.info(
             "influencer query: run directory %s (%s)",
@@ -109,23 +121,29 @@ def query_store(config: QueryConfig, job: Job | None = None, *, console: bool = 
             datetime.now(timezone.utc).isoformat(timespec="seconds"),
         )
         log.debug("settings: %s", config.to_json())
-        with logged_stop(log), open_store(root) as (store, record):
-            return _query(config, job, store, record, run, warned)
+        with logged_stop(log):
+            if checkpoints is not None:
+                return _query(config, job, checkpoints, {}, run, warned)
+            with open_store(root) as (store, record):
+                return _query(config, job, store, record, run, warned)
 
 
 def _query(
     config: QueryConfig,
     job: Job | None,
-    store: RunStore,
+    store: RunStore | Checkpoints,
     record: dict[str, Any],
     run: RunStore,
     warned: list[str],
 ) -> QueryRun:
     root = store.root
     clock = Stopwatch(config.device)
-    settings = read_job_settings(root, record, config.task, job is not None)
-    job_config = config.job_config(settings)
-    log.info("%s", describe_store(root, record))
+    if isinstance(store, Checkpoints):  # no record of the job: the user's own --task
+        job_config = config.job_config({})
+        log.info("checkpoint stores %s: %s", root, ", ".join(p.name for p in store.paths))
+    else:
+        job_config = config.job_config(read_job_settings(root, record, config.task, job is not None))
+        log.info("%s", describe_store(root, record))
     with clock("total"):
         prepared = prepare(job_config, clock, job)
         on, n_test = prepared.on, len(prepared.job.test)
@@ -141,6 +159,10 @@ def _query(
         _check_finite(evaluation.losses, test_ids)
         log.info("querying test examples: %s", choice if len(test_ids) <= 20 else choice.split(":")[0])
 
+        if isinstance(store, Checkpoints):
+            return _query_checkpoints(
+                config, prepared, store, evaluation, test_ids, choice, run, clock, warned
+            )
         scorer = store_scorer(job_config, prepared, root, record, clock)
         inf, index, pre = scorer.influence, scorer.index, scorer.preconditioner
 
@@ -177,6 +199,37 @@ def _query(
     results["timings_s"] = {k: round(v, 4) for k, v in clock.timings.items()}
     files = _write(run, test_ids, top, results)
     log.info("done in %.1f s", clock.timings["total"])
+    return QueryRun(config, run.root, test_ids, top, evaluation.accuracy, results, clock.timings, files)
+
+
+def _query_checkpoints(
+    config: QueryConfig,
+    prepared: Prepared,
+    found: Checkpoints,
+    evaluation: Evaluation,
+    test_ids: np.ndarray,
+    choice: str,
+    run: RunStore,
+    clock: Stopwatch,
+    warned: list[str],
+) -> QueryRun:
+    """The query's top-k lists from checkpoint stores, combined as the library combines them."""
+    job = prepared.job  # the whole model, at each checkpoint's state: its own inputs, not a head's features
+    stores = open_checkpoints(found, job, prepared.device, config.batch_size)
+    log.info("scores: %s", found.text())
+    test = job.test if config.all_test else Subset(job.test, test_ids)
+    with clock("top_k"):
+        top = stores.top_k(test, config.top_k, block=config.block)
+    inf = stores.indexes[0].influence
+    _log_top(evaluation, job, test_ids, top)
+    record = {"parameters": found.header["fingerprint"]["params"]}
+    results = _results(
+        config, job, inf.n, inf.p, evaluation, test_ids, top, choice, found.settings(), record, warned
+    )
+    results["projection"] = projection_text({**found.header, "num_parameters": found.header["p"]})
+    results["preconditioner"] = found.text()
+    results["timings_s"] = {k: round(v, 4) for k, v in clock.timings.items()}
+    files = _write(run, test_ids, top, results)
     return QueryRun(config, run.root, test_ids, top, evaluation.accuracy, results, clock.timings, files)
 
 

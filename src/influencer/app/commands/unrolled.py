@@ -37,7 +37,7 @@ from influencer.retraining import StepwiseRetrainer
 
 log = logging.getLogger("influencer.explain")
 
-__all__ = ["explain_unrolled"]
+__all__ = ["explain_unrolled", "extrapolate", "recipe_and_start", "refuse_unrolled_settings", "replayed"]
 
 # Re-weighting strengths of the extrapolation check: a tiny re-weighting, a tenth, full removal.
 STRENGTHS = (1e-3, 0.1, 1.0)
@@ -45,13 +45,7 @@ STRENGTHS = (1e-3, 0.1, 1.0)
 
 def explain_unrolled(config: ExplainConfig, job: Job | None = None, *, console: bool = True) -> ExplainResult:
     """Run ``influencer explain --method unrolled`` (see the module docstring)."""
-    given = [name for name in ("head", "params", "hessian_size") if getattr(config, name) is not None]
-    if given or config.estimator != "auto" or config.store is not None:
-        what = f"--{given[0].replace('_', '-')}" if given else "--store" if config.store else "--estimator"
-        raise ConfigError(
-            f"{what} does not apply with --method unrolled: it differentiates the whole training run "
-            "(every parameter the recipe trains), with no curvature or store"
-        )
+    refuse_unrolled_settings(config)
     resolve_device(config.device)  # a device this machine lacks is refused before anything is written
     run_dir = Path(config.out)
     refuse_store_as_run(config.out)
@@ -63,6 +57,17 @@ def explain_unrolled(config: ExplainConfig, job: Job | None = None, *, console: 
         )
         with logged_stop(log):
             return _run(config, job, store, warned)
+
+
+def refuse_unrolled_settings(config: ExplainConfig) -> None:
+    """One line for a setting that does not apply to the unrolled derivative."""
+    given = [name for name in ("head", "params", "hessian_size") if getattr(config, name) is not None]
+    if given or config.estimator != "auto" or config.store is not None:
+        what = f"--{given[0].replace('_', '-')}" if given else "--store" if config.store else "--estimator"
+        raise ConfigError(
+            f"{what} does not apply with --method unrolled: it differentiates the whole training run "
+            "(every parameter the recipe trains), with no curvature or store"
+        )
 
 
 def recipe_and_start(job: Job) -> tuple[StepwiseRetrainer, Any]:
@@ -85,50 +90,68 @@ def recipe_and_start(job: Job) -> tuple[StepwiseRetrainer, Any]:
     )
 
 
+def replayed(config: ExplainConfig, job: Job, device: torch.device, clock: Stopwatch) -> tuple[Unrolled, Ran]:
+    """The :class:`Unrolled` of the job's recipe and start, fitted (its replay verified), and the
+    record of what it runs. ``explain`` and ``evaluate`` with ``--method unrolled`` share it."""
+    recipe, start = recipe_and_start(job)
+    unrolled = Unrolled(
+        job.model, job.task, job.train, recipe=recipe, start=start, device=device,
+        dtype=config.torch_dtype, progress=config.progress,
+    )  # fmt: skip
+    with clock("replay"):
+        unrolled.fit()
+    log.info(
+        "replayed the recipe (%d steps): it reproduces the model (largest difference %.2g)",
+        unrolled.steps, unrolled.replay_difference,
+    )  # fmt: skip
+    inf = unrolled.influence
+    ran = Ran(
+        method="unrolled",
+        estimator={"estimator": "unrolled", **_without_method(unrolled.summary())},
+        curvature=None,
+        damping={"kind": "none"},
+        parameters={"count": inf.p, "names": inf.fn.names[:50], "head": None},
+        reason="the exact derivative of the test loss through the recipe's steps (no optimum assumed)",
+        dtype=config.dtype,
+        device=str(inf.device),
+        hessian=None,
+    )
+    return unrolled, ran
+
+
+def _without_method(summary: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in summary.items() if k != "method"}
+
+
+def extrapolate(unrolled: Unrolled, test: Any, scores: torch.Tensor, seed: int, clock: Stopwatch) -> None:
+    """Measure how far the derivative extrapolates (:data:`STRENGTHS`, one subset), and log it; the
+    result is in ``unrolled.summary()``."""
+    with clock("extrapolation"), warnings.catch_warnings():
+        warnings.simplefilter("always", RuntimeWarning)  # logged by run_logging, once each
+        reach = unrolled.extrapolation(test, scores, strengths=STRENGTHS, subsets=1, seed=seed)
+    log.info(
+        "extrapolation: re-weighting 10%% of the examples by %s, the actual change is %s x the "
+        "predicted one",
+        ", ".join(f"{e:g}" for e in reach.strengths), ", ".join(f"{s:.2f}" for s in reach.slopes),
+    )  # fmt: skip
+
+
 def _run(config: ExplainConfig, job: Job | None, store: RunStore, warned: list[str]) -> ExplainResult:
     clock = Stopwatch(config.device)
     with clock("total"):
         prepared = prepare(config, clock, job)
         job = prepared.job
-        recipe, start = recipe_and_start(job)
+        recipe_and_start(job)  # a job without its recipe is refused before the evaluation
         evaluation, test_ids, choice = evaluate_and_choose(job, len(job.test), config, prepared.device, clock)
-        unrolled = Unrolled(
-            job.model, job.task, job.train, recipe=recipe, start=start, device=prepared.device,
-            dtype=config.torch_dtype, progress=config.progress,
-        )  # fmt: skip
-        with clock("replay"):
-            unrolled.fit()
-        log.info(
-            "replayed the recipe (%d steps): it reproduces the model (largest difference %.2g)",
-            unrolled.steps, unrolled.replay_difference,
-        )  # fmt: skip
+        unrolled, ran = replayed(config, job, prepared.device, clock)
         test = job.test.take(torch.as_tensor(test_ids))
         with clock("reverse"):
             scores = unrolled.scores(test)
-        with clock("extrapolation"), warnings.catch_warnings():
-            warnings.simplefilter("always", RuntimeWarning)  # logged by run_logging, once each
-            reach = unrolled.extrapolation(test, scores, strengths=STRENGTHS, subsets=1, seed=config.seed)
-        log.info(
-            "extrapolation: re-weighting 10%% of the examples by %s, the actual change is %s x the "
-            "predicted one",
-            ", ".join(f"{e:g}" for e in reach.strengths), ", ".join(f"{s:.2f}" for s in reach.slopes),
-        )  # fmt: skip
-        scores_np = scores.double().cpu().numpy()
-        summary = unrolled.summary()
-        inf = unrolled.influence
-        ran = Ran(
-            method="unrolled",
-            estimator={"estimator": "unrolled", **{k: v for k, v in summary.items() if k != "method"}},
-            curvature=None,
-            damping={"kind": "none"},
-            parameters={"count": inf.p, "names": inf.fn.names[:50], "head": None},
-            reason="the exact derivative of the test loss through the recipe's steps (no optimum assumed)",
-            dtype=config.dtype,
-            device=str(inf.device),
-            hessian=None,
-        )
+        extrapolate(unrolled, test, scores, config.seed, clock)
+        ran.estimator = {"estimator": "unrolled", **_without_method(unrolled.summary())}
         ex = Explanation(
-            config, job, inf, evaluation, test_ids, scores_np, top_k(scores, config.top_k),
+            config, job, unrolled.influence, evaluation, test_ids, scores.double().cpu().numpy(),
+            top_k(scores, config.top_k),
             dataclasses.asdict(unrolled.reverse_stats) if unrolled.reverse_stats else {}, choice, None,
             ran=ran,
         )  # fmt: skip
