@@ -9,10 +9,17 @@ the peak resident memory of a process that trains, or trains and attributes, abo
 loads the data and the model (each measured in a fresh process), beside the same with every
 state kept (``segment=1``, no recomputation).
 
+``magic``: bergson's MAGIC (``bergson.magic.Trainer``: ``train`` with checkpoints, then one
+``backward`` per test example) against ``Unrolled`` (``fit`` + ``scores``) on the MNIST-1D MLP and
+the recipe of ``cost``, the same run in both (same start, batches, Adam and objective): agreement
+of the two metagradients (Pearson r, max relative difference) and seconds in trainings, for
+m = 1 and 10 test examples, in float64 and float32 (``BergsonMagic`` says how the two are aligned).
+
 ``lds``: the linear datamodeling score on the MNIST-1D MLP (float64, the first ``--n-test`` test
 signals) of the unrolled scores beside influence estimators (CG and EK-FAC on the Gauss-Newton
-curvature, damping 1e-3, and the gradient dot product), for two recipes, the default (Adam lr
-3e-3) and a smoother one (lr 1e-3), in two settings of the ground truth
+curvature, damping 1e-3, and the gradient dot product) and, with ``--peers``, the peers' (as
+``bench_lds.py`` races them, same damping), for three recipes, the default (Adam lr 3e-3), the
+default with a one-epoch warmup and a smoother one (lr 1e-3), in two settings of the ground truth
 (``influencer.validation.lds``): single-model (the same run re-weighted: 10% of the examples
 down-weighted by eps = 0.001 or 0.0001, and 10% and 50% removed) and seed-averaged (retrained from scratch on
 half of the data, two seeds averaged); and the extrapolation diagnostic
@@ -21,6 +28,7 @@ half of the data, two seeds averaged); and the extrapolation diagnostic
 
     PYTHONPATH=src python benchmarks/bench_unrolled.py cost --json out/unrolled_cost.json
     PYTHONPATH=src python benchmarks/bench_unrolled.py lds --json out/unrolled_lds.json --cache out/unrolled
+    PYTHONPATH=src .venv-bench/bin/python benchmarks/bench_unrolled.py magic --test-counts 1 10
 """
 
 from __future__ import annotations
@@ -82,13 +90,25 @@ def train(recipe: AdamRetrainer, init: nn.Module, data: Any) -> tuple[nn.Module,
 
 
 def measure_memory(mode: str, name: str, epochs: int) -> dict[str, Any]:
-    """Run in a fresh process: ``baseline`` (load only), ``train``, or ``unrolled-<m>[-every]``."""
+    """Run in a fresh process: ``baseline`` (load only), ``train``, or ``unrolled-<m>[-every]``;
+    ``bergson-baseline`` (load and import bergson.magic) or ``bergson-<m>`` (its traced training
+    and ``m`` backward passes)."""
     init, data, test = problem(name, torch.float32, 100)
     recipe = AdamRetrainer(epochs=epochs, lr=3e-3, batch_size=64)
     task = ClassificationTask(weight_decay=WEIGHT_DECAY)
     Influence(init, task, data).losses()  # touch the model and data as every mode does
     out: dict[str, Any] = {}
-    if mode != "baseline":
+    if mode.startswith("bergson"):
+        import bergson.magic.trainer  # its imports: transformers, datasets, torchopt
+
+        if mode != "bergson-baseline":
+            m = int(mode.split("-")[1])
+            bergson = BergsonMagic(init, data, recipe)
+            bergson.train()
+            bergson.scores((test[0][:m], test[1][:m]))
+            out["checkpoint_bytes"] = bergson.checkpoint_bytes()
+            bergson.close()
+    elif mode != "baseline":
         model, _ = train(recipe, init, data)
         if mode.startswith("unrolled"):
             m = int(mode.split("-")[1])
