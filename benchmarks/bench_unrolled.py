@@ -570,6 +570,7 @@ def lds_bench(args: argparse.Namespace) -> dict[str, Any]:
         ],
         ["recipe", "setting", "dropped", "eps", "method", "LDS", "95% interval"],
     )
+    markdown = lds_markdown(rows)
     diagnostics = {k: d for k, d in diagnostics.items() if "slopes" in d}
     diag_table = format_table(
         [
@@ -582,7 +583,37 @@ def lds_bench(args: argparse.Namespace) -> dict[str, Any]:
         ],
         ["recipe", "slope (r) eps 1e-3", "eps 0.1", "removal", "reach"],
     )
-    return {"rows": rows, "diagnostics": diagnostics, "table": table, "diagnostics_table": diag_table}
+    return {
+        "rows": rows,
+        "diagnostics": diagnostics,
+        "table": table + "\n\n" + markdown,
+        "markdown": markdown,
+        "diagnostics_table": diag_table,
+    }
+
+
+SETTING_COLUMNS = (
+    ("single-model", 0.1, 1e-4, "single-model, 10% at eps 1e-4"),
+    ("single-model", 0.1, 1e-3, "single-model, 10% at eps 1e-3"),
+    ("single-model", 0.1, 1.0, "single-model, 10% removed"),
+    ("single-model", 0.5, 1.0, "single-model, 50% removed"),
+    ("seed-averaged", 0.5, 1.0, "seed-averaged, 50% removed"),
+)
+
+
+def lds_markdown(rows: list[dict[str, Any]]) -> str:
+    """The LDS rows as the README's table: one line per recipe and method, one column per setting."""
+    cells: dict[tuple[str, str], dict[str, float]] = {}
+    for r in rows:
+        for setting, dropped, eps, column in SETTING_COLUMNS:
+            if r["setting"] == setting and abs(r["dropped"] - dropped) < 1e-9 and r["eps"] == eps:
+                cells.setdefault((r["recipe"], r["method"]), {})[column] = r["lds"]
+    columns = [c for *_, c in SETTING_COLUMNS if any(c in v for v in cells.values())]
+    lines = ["| recipe | method | " + " | ".join(columns) + " |", "|---|---|" + "---|" * len(columns)]
+    for (recipe, method), values in cells.items():
+        shown = [f"{values[c]:.3f}" if c in values else "" for c in columns]
+        lines.append(f"| {recipe} | {method} | " + " | ".join(shown) + " |")
+    return "\n".join(lines)
 
 
 def _init(seed: int) -> nn.Module:
