@@ -257,10 +257,11 @@ class _Stream:
 class BergsonMagic:
     """``bergson.magic``'s metagradients of the same run: ``Trainer.train`` with checkpoints
     (``save_mode="sqrt"``), then one ``Trainer.backward`` per test example, the query gradient as
-    its cotangent (``compute_per_query_magic_scores``' documented mode: the backward reduces the
-    queries to one gradient otherwise). Optimiser: ``torchopt.adam`` with our recipe's betas and
-    eps, ``eps_root=0`` and no decoupled decay (the L2 term is in the weighted objective, coupled,
-    as ours and ``torch.optim.Adam``'s); bergson's CLI builds ``torchopt.adamw`` instead.
+    its cotangent (``compute_per_query_magic_scores``' documented mode; a backward pass takes one
+    query gradient, and bergson's CLI otherwise averages the queries into one). Optimiser:
+    ``torchopt.adam`` with our recipe's betas and eps, ``eps_root=0`` and no decoupled decay (the
+    L2 term is in the weighted objective, coupled, as ours and ``torch.optim.Adam``'s); bergson's
+    CLI builds ``torchopt.adamw`` instead.
 
     ``default_dtype``: torch's default dtype while bergson runs. torchopt computes Adam's bias
     corrections ``1 - beta**t`` as a Python float raised to its int64 step counter, a tensor of the
@@ -451,8 +452,8 @@ RECIPES: dict[str, dict[str, Any]] = {
 
 # Peers beside ours, as bench_lds.py races them (peers.py adapters, damping 1e-3). Their exact and
 # CG methods offer the Hessian only, which is indefinite at Adam's end point (bench_lds.py: pyDVL's
-# CG and dattri's exact fall to LDS 0.0-0.3 there); one exact row shows it, the EK-FACs are each
-# library's best there.
+# CG and dattri's exact fall to LDS 0.0-0.3 there); one exact row shows it, the EK-FACs are among
+# each library's best there.
 PEER_ROWS = (
     ("kronfluence EK-FAC (damping 1e-3)", "kronfluence", "ekfac"),
     ("pyDVL EK-FAC (damping 1e-3)", "pydvl", "ekfac"),
