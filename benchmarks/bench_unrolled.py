@@ -91,7 +91,7 @@ def train(recipe: AdamRetrainer, init: nn.Module, data: Any) -> tuple[nn.Module,
 
 def measure_memory(mode: str, name: str, epochs: int) -> dict[str, Any]:
     """Run in a fresh process: ``baseline`` (load only), ``train``, or ``unrolled-<m>[-every]``;
-    ``bergson-baseline`` (load and import bergson.magic) or ``bergson-<m>`` (its traced training
+    ``bergson-baseline`` (load and import bergson.magic) or ``bergson-<m>`` (its training run
     and ``m`` backward passes)."""
     init, data, test = problem(name, torch.float32, 100)
     recipe = AdamRetrainer(epochs=epochs, lr=3e-3, batch_size=64)
