@@ -291,3 +291,15 @@ def test_single_model_needs_the_run_that_made_the_model(tmp_path, task_module):
     assert "Traceback" not in result.output
     result = CliRunner().invoke(cli, [*base, "--task", task_module, "--method", "unrolled"])
     assert result.exit_code != 0 and "--method unrolled needs the job's training recipe" in result.output
+
+
+def test_method_with_check_names_points_to_check(tmp_path):
+    """`evaluate --method loo,lds` (the checks' flag before `--check`) is refused with the fix."""
+    from click.testing import CliRunner
+
+    from influencer.app.commands.cli import cli
+
+    result = CliRunner().invoke(cli, ["evaluate", "--out", str(tmp_path / "r"), "--method", "loo,lds"])
+    assert result.exit_code == 2
+    assert "names checks, not scores: use `influencer evaluate --check loo,lds`" in result.output
+    assert "Traceback" not in result.output

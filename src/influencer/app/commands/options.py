@@ -133,9 +133,26 @@ TESTS = [
     ),
 ]
 
+
+class _MethodChoice(click.Choice):
+    """``--method``'s choices; the checks ``loo``/``lds`` (``evaluate --method``'s meaning before
+    ``--check``) get a pointer to ``--check`` instead of the bare list of choices."""
+
+    def convert(self, value: object, param: click.Parameter | None, ctx: click.Context | None) -> object:
+        text = str(value)
+        if text and set(text.replace(" ", "").split(",")) <= {"loo", "lds"}:
+            self.fail(
+                f"{text!r} names checks, not scores: use `influencer evaluate --check {text}` "
+                f"(--method chooses the scores: {', '.join(METHODS)})",
+                param,
+                ctx,
+            )
+        return super().convert(value, param, ctx)
+
+
 METHOD = _option(
     "--method",
-    type=click.Choice(METHODS),
+    type=_MethodChoice(METHODS),
     help="influence: influence functions; unrolled: the exact derivative through the job's training "
     "recipe.  [default: influence]",
 )
