@@ -45,6 +45,7 @@ from influencer._kernel.files import atomic_save_array, json_roundtrip
 from influencer._kernel.fingerprint import hash_examples, hash_json
 from influencer._kernel.progress import progress_bar
 from influencer._kernel.scores import TopK, removal_scores
+from influencer.index.linalg import gram
 from influencer.index.preconditioners import Preconditioner, ProjectedFisher
 from influencer.index.projectors import GaussianProjector, Projection, Projector
 from influencer.index.registry import projector_from_settings
@@ -294,7 +295,7 @@ class GradientIndex:
                     x = torch.from_numpy(stored if stored.flags.writeable else np.array(stored))
                     x = x.to(fn.device, accumulate)
                     for a, b in spans:
-                        total[a:b, a:b] += (x[:, a:b].T @ x[:, a:b]).double()
+                        total[a:b, a:b] += gram(x[:, a:b]).double()
         if total is not None and distributed:
             all_reduce_sum(total)
         barrier()
