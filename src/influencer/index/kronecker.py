@@ -150,13 +150,15 @@ def input_projector(layer: Layer, p_in: Tensor) -> Callable[[Tensor, int], Tenso
     if isinstance(module, nn.Conv2d):
         kernels = weight.reshape(p_in.shape[0], module.in_channels, *module.kernel_size)
         pad = module._reversed_padding_repeated_twice
-        mode = "constant" if module.padding_mode == "zeros" else module.padding_mode
+        # zero padding inside the convolution (no padded copy of the input); other modes pad first
+        zeros = module.padding_mode == "zeros"
+        padding = module.padding if zeros else 0
 
         def conv(x: Tensor, b: int) -> Tensor:
             if x.ndim != 4 or x.shape[0] != b:
                 return layer.inputs(x, b)
-            x = F.pad(x, pad, mode=mode) if any(pad) else x
-            y = F.conv2d(x, kernels, bias, module.stride, 0, module.dilation)  # (B, k_in, H', W')
+            x = x if zeros or not any(pad) else F.pad(x, pad, mode=module.padding_mode)
+            y = F.conv2d(x, kernels, bias, module.stride, padding, module.dilation)  # (B, k_in, H', W')
             return y.flatten(2).transpose(1, 2)
 
         return conv
@@ -445,4 +447,3 @@ def _gradient_rows(layers: list[Layer], cap: _ProjectingCapture) -> list[list[Te
         [cap.grads[i].get(c, a.new_zeros(*a.shape[:2], layer.d_out)) for c, a in enumerate(cap.acts[i])]
         for i, layer in enumerate(layers)
     ]
-

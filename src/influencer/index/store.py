@@ -180,17 +180,22 @@ class StoreLayout:
 
     # ---- chunks ---------------------------------------------------------------------------------
 
-    def save_chunk(self, j: int, rows: np.ndarray, first: int) -> dict[str, Any]:
-        """Write chunk ``j`` (its array, then its record); returns the record."""
+    def save_chunk(self, j: int, rows: np.ndarray, first: int, record: bool = True) -> dict[str, Any]:
+        """Write chunk ``j`` (its array, then, with ``record``, its record file); returns the record.
+
+        A writer that commits the manifest right after its last chunk (nothing to resume) can
+        skip the record files.
+        """
         sha = atomic_save_array(self.chunk_path(j), rows)
-        record = {
+        entry = {
             "file": self.chunk_path(j).relative_to(self.root).as_posix(),
             "first": first,
             "rows": int(rows.shape[0]),
             "sha256": sha,
         }
-        atomic_write_json(self.record_path(j), record)
-        return record
+        if record:
+            atomic_write_json(self.record_path(j), entry)
+        return entry
 
     def chunk_record(
         self, j: int, first: int, rows: int, k: int, dtype: str, verify: bool = True

@@ -52,7 +52,9 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -65,8 +67,9 @@ from influencer._kernel.data import as_examples
 from influencer._kernel.errors import ConfigError, NonFiniteError
 from influencer._kernel.files import atomic_save_array, json_roundtrip
 from influencer._kernel.fingerprint import hash_tensors
-from influencer.index.gradient_index import GradientIndex, fisher_setting
+from influencer.index.gradient_index import fisher_setting
 from influencer.index.kronecker import KroneckerProjection, KroneckerProjector, combine
+from influencer.index.linalg import gram
 from influencer.index.store import FORMAT, VERSION, IndexStoreError, StoreLayout, mismatch
 from influencer.influence import Influence
 
@@ -181,7 +184,10 @@ class _Window:
         self.rows = torch.empty(n, k, dtype=fn.dtype, device=fn.device)  # (n, k)
         self.seen = torch.zeros(n, dtype=torch.bool)
         self.count = 0  # ids seen
-        self._start_manifest()
+        # what the store records of theta_s, kept until the window's files are written at its end
+        self.names, state = model_state(fn.model)
+        self.state = state.numpy()
+        self.basis = self.projection.state().numpy() if self.projection.needs_fit else None
 
     def _open_layout(self, overwrite: bool) -> bool:
         """Whether a complete store from the same inputs is already there (nothing to collect)."""
@@ -200,26 +206,6 @@ class _Window:
                 "pass TrainingStoreSettings(overwrite=True) to replace it, or choose another path"
             )
         return False
-
-    def _start_manifest(self) -> None:
-        layout = self.layout
-        layout.clear()
-        layout.check_writable()
-        self.manifest: dict[str, Any] = {
-            "format": FORMAT,
-            "version": VERSION,
-            "status": "building",
-            "header": self.header,
-            "chunks": [],
-        }
-        if self.projection.needs_fit:
-            sha = atomic_save_array(layout.basis_path, self.projection.state().numpy())
-            self.manifest["basis"] = {"file": layout.basis_path.name, "sha256": sha}
-        params = self.layout.root / "parameters.npy"
-        names, state = model_state(self.influence.fn.model)
-        sha = atomic_save_array(params, state.numpy())
-        self.manifest["parameters"] = {"file": params.name, "sha256": sha, "names": names}
-        layout.write_manifest(self.manifest)
 
     def add(self, ids: Tensor, rows: Tensor) -> None:
         """Keep the rows ``(B, k)`` of ids not seen yet (an id repeated in the batch: its first row)."""
@@ -241,9 +227,13 @@ class _Window:
     def complete(self) -> bool:
         return self.count == len(self.seen)
 
-    def commit(self) -> None:
-        """Write the chunks, the Fisher (if asked for), the regulariser and the manifest."""
-        inf, layout, header = self.influence, self.layout, self.header
+    def commit(self) -> Callable[[], None]:
+        """Finish the rows (regulariser, finiteness, Fisher); returns the writing of the store's files.
+
+        Everything that computes with tensors runs here, in the training thread; the returned call
+        only writes and hashes arrays (see :func:`_write_store`), so it can run beside training.
+        """
+        inf, header = self.influence, self.header
         n, chunk, k = inf.n, header["chunk"], header["k"]
         self.rows += self.regularizer  # every row's objective carries the regulariser's gradient
         # a row's sum is not finite if an entry is not (one reduction; the entries only then)
@@ -255,20 +245,59 @@ class _Window:
                 "loss and the learning rate (training diverged?)"
             )
         dtype = header["projector"]["dtype"]
-        bounds = [(j * chunk, min(chunk, n - j * chunk)) for j in range(-(-n // chunk))]
-        fisher = header["fisher"]
-        accumulate = torch.float64 if dtype == "float64" else torch.float32
-        total = torch.zeros(k, k, dtype=torch.float64, device=self.rows.device) if fisher else None
-        spans = [(a, b) for _, a, b in self.projection.blocks] if fisher == "layers" else [(0, k)]
-        for j, (first, count) in enumerate(bounds):
-            stored = self.rows[first : first + count].to(_TORCH_DTYPES[dtype]).cpu().numpy()
-            layout.save_chunk(j, stored, first)
-            if total is not None:  # from the stored values, as GradientIndex.build accumulates it
-                x = torch.from_numpy(stored).to(self.rows.device, accumulate)
+        stored = self.rows.to(_TORCH_DTYPES[dtype]).cpu()
+        chunks = [(j * chunk, stored[j * chunk : (j + 1) * chunk].numpy()) for j in range(-(-n // chunk))]
+        fisher = None
+        if header["fisher"]:  # from the stored values, as GradientIndex.build accumulates it
+            accumulate = torch.float64 if dtype == "float64" else torch.float32
+            total = torch.zeros(k, k, dtype=torch.float64, device=self.rows.device)
+            spans = (
+                [(a, b) for _, a, b in self.projection.blocks] if header["fisher"] == "layers" else [(0, k)]
+            )
+            for _, rows in chunks:
+                x = torch.from_numpy(rows).to(self.rows.device, accumulate)
                 for a, b in spans:
-                    total[a:b, a:b] += (x[:, a:b].T @ x[:, a:b]).double()
-        GradientIndex._commit(inf, layout, self.projection, self.manifest, bounds, {}, total)
+                    total[a:b, a:b] += gram(x[:, a:b]).double()
+            fisher = (total / n).cpu().numpy()
+        manifest: dict[str, Any] = {
+            "format": FORMAT,
+            "version": VERSION,
+            "status": "complete",
+            "header": header,
+        }
+        arrays = {
+            "basis": self.basis,
+            "parameters": self.state,
+            "fisher": fisher,
+            "regularizer": self.regularizer.double().cpu().numpy(),
+        }
         del self.rows
+        return functools.partial(_write_store, self.layout, manifest, self.names, arrays, chunks)
+
+
+def _write_store(
+    layout: StoreLayout,
+    manifest: dict[str, Any],
+    names: list[str],
+    arrays: dict[str, np.ndarray | None],
+    chunks: list[tuple[int, np.ndarray]],
+) -> None:
+    """Write a window's store: its arrays and chunks, then the manifest that makes it complete.
+
+    The whole window is in hand, so there is nothing to resume: no chunk record files and no
+    ``"building"`` manifest, only the files a complete store holds.
+    """
+    layout.clear()
+    layout.check_writable()
+    files = {"basis": layout.basis_path, "fisher": layout.fisher_path, "regularizer": layout.regularizer_path}
+    files["parameters"] = layout.root / "parameters.npy"
+    entries: dict[str, Any] = {}
+    for key, array in arrays.items():
+        if array is not None:
+            entries[key] = {"file": files[key].name, "sha256": atomic_save_array(files[key], array)}
+    entries["parameters"]["names"] = names
+    records = [layout.save_chunk(j, rows, first, record=False) for j, (first, rows) in enumerate(chunks)]
+    layout.write_manifest({**manifest, **entries, "chunks": records})
 
 
 class _Hooks:
@@ -359,6 +388,8 @@ class TrainingStore:
         self.written: list[Path] = []
         self.checked = not settings.check  # the loss is checked on the first window's first batch
         self._fingerprint: dict[str, Any] | None = None
+        self._writer: ThreadPoolExecutor | None = None  # writes closed windows' files beside training
+        self._writes: list[Future[None]] = []
 
     def fingerprint(self, influence: Influence) -> dict[str, Any]:
         """``influence.settings()["gradients"]``; after the first window only the weights are hashed again.
@@ -419,9 +450,26 @@ class TrainingStore:
             self._check(window, idx, rows + window.regularizer, step)
         window.add(idx, rows.detach())
         if window.complete:
-            window.commit()
+            self._write(window.commit())
             self.written.append(window.layout.root)
             self.window = None
+
+    def _write(self, job: Callable[[], None]) -> None:
+        """Run a closed window's file writing in the background; an earlier failed one is raised."""
+        self._raise_failed(wait=False)
+        if self._writer is None:
+            self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="training-store")
+        self._writes.append(self._writer.submit(job))
+
+    def _raise_failed(self, wait: bool) -> None:
+        """Drop finished writes (all of them, waiting, with ``wait``); raise the first that failed."""
+        pending = []
+        for future in self._writes:
+            if wait or future.done():
+                future.result()
+            else:
+                pending.append(future)
+        self._writes = pending
 
     def _scale(self, ids: Tensor, given: float | Tensor | None) -> Tensor:
         """The factor turning the step's output gradients into those of the per-example losses."""
@@ -472,7 +520,14 @@ class TrainingStore:
         self.checked = True
 
     def finish(self) -> list[Path]:
-        """The stores written; raises if a window is still open (it did not see every example)."""
+        """The stores written, once their files are; raises if a window is still open (it did not
+        see every example) or a store could not be written."""
+        try:
+            self._raise_failed(wait=True)
+        finally:
+            if self._writer is not None:
+                self._writer.shutdown(wait=True)
+                self._writer = None
         if self.window is not None:
             w = self.window
             raise IndexStoreError(
