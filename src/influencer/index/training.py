@@ -158,7 +158,11 @@ class _Window:
             "curvature": self.influence.curvature_kind,
         }
         fn = self.influence.fn
-        self.projection: KroneckerProjection = settings.projector.bind(fn)
+        # one projection for every window: the same layers and, for a random basis, the same factors
+        # (a PCA basis is fitted again below)
+        if store.projection is None:
+            store.projection = settings.projector.bind(fn)
+        self.projection: KroneckerProjection = store.projection
         self.layout = StoreLayout(Path(store.path) / f"step-{step:08d}")
         self.header = json_roundtrip(
             {
@@ -173,7 +177,7 @@ class _Window:
                 "training": {"step": step, "lr": self.lr},
             }
         )
-        self.done = self._open_layout(settings.overwrite)
+        self.done = self._open_layout(settings.overwrite, check=not store.written)
         if self.done:
             return
         if self.projection.needs_fit:
@@ -182,18 +186,21 @@ class _Window:
         self.regularizer = self.projection.project(grad(fn.regularizer)(theta.detach())[None])[0]
         n, k = self.influence.n, self.projection.k
         self.rows = torch.empty(n, k, dtype=fn.dtype, device=fn.device)  # (n, k)
-        self.seen = torch.zeros(n, dtype=torch.bool)
+        self.seen = np.zeros(n, dtype=bool)  # (numpy: a step's bookkeeping costs microseconds)
         self.count = 0  # ids seen
         # what the store records of theta_s, kept until the window's files are written at its end
         self.names, state = model_state(fn.model)
         self.state = state.numpy()
         self.basis = self.projection.state().numpy() if self.projection.needs_fit else None
+        self.hooks = _Hooks(self.projection)
 
-    def _open_layout(self, overwrite: bool) -> bool:
-        """Whether a complete store from the same inputs is already there (nothing to collect)."""
+    def _open_layout(self, overwrite: bool, check: bool) -> bool:
+        """Whether a complete store from the same inputs is already there (nothing to collect);
+        with ``check``, refuse now a directory the store's files could not be written to."""
         layout = self.layout
         layout.check_empty_or_index()
-        layout.check_writable()
+        if check:
+            layout.check_writable()
         old = layout.read_manifest()
         if old is None:
             return False
@@ -209,9 +216,10 @@ class _Window:
 
     def add(self, ids: Tensor, rows: Tensor) -> None:
         """Keep the rows ``(B, k)`` of ids not seen yet (an id repeated in the batch: its first row)."""
-        fresh = ~self.seen[ids]
-        self.seen[ids] = True
-        count = int(self.seen.sum())
+        at = ids.numpy()
+        fresh = torch.from_numpy(~self.seen[at])
+        self.seen[at] = True
+        count = int(np.count_nonzero(self.seen))
         if count - self.count == len(ids):  # the usual batch: distinct ids, none seen before
             self.rows[ids.to(self.rows.device)] = rows
         else:
@@ -303,19 +311,26 @@ def _write_store(
 class _Hooks:
     """Forward hooks projecting each layer's inputs, tensor hooks projecting its output gradients."""
 
-    def __init__(self, projection: KroneckerProjection, batch: int) -> None:
-        self.projection, self.batch = projection, batch
-        layers = projection.layers
+    def __init__(self, projection: KroneckerProjection) -> None:
+        self.projection, self.batch, self.active = projection, 0, False
+        # registered once per window; between its steps (active False) they return at once
+        self.handles = [
+            layer.module.register_forward_hook(self._forward(i)) for i, layer in enumerate(projection.layers)
+        ]
+
+    def start(self, batch: int) -> None:
+        """Record the next forward and backward pass, of ``batch`` examples."""
+        layers = self.projection.layers
         self.inputs: list[list[Tensor]] = [[] for _ in layers]  # per layer and call: (B, T, k_in)
         self.grads: list[dict[int, Tensor]] = [{} for _ in layers]  # per layer, call -> (B, T, k_out)
-        self.handles = [
-            layer.module.register_forward_hook(self._forward(i)) for i, layer in enumerate(layers)
-        ]
+        self.batch, self.active = batch, True
 
     def _forward(self, i: int):
         project = self.projection.inputs[i]
 
         def hook(module: nn.Module, inputs: tuple[Any, ...], output: Tensor) -> None:
+            if not self.active:
+                return
             call = len(self.inputs[i])
             with torch.no_grad():
                 self.inputs[i].append(project(inputs[0], self.batch))
@@ -355,7 +370,8 @@ class TrainingStore:
     """Collects gradient stores at checkpoints of a training loop (see the module docstring).
 
     Args:
-        model: the model being trained (its layers are hooked only inside :meth:`step`).
+        model: the model being trained (its layers are hooked while a window is open, and record
+            only inside :meth:`step`).
         task: the :class:`~influencer.Task` whose per-example loss the stored gradients are of.
         train: the training data, indexed by the ids passed to :meth:`step`.
         path: directory holding one store per checkpoint, ``step-<s>``.
@@ -389,6 +405,7 @@ class TrainingStore:
         self.checked = not settings.check  # the loss is checked on the first window's first batch
         self._fingerprint: dict[str, Any] | None = None
         self._writer: ThreadPoolExecutor | None = None  # writes closed windows' files beside training
+        self.projection: KroneckerProjection | None = None  # bound on the first window, then reused
         self._writes: list[Future[None]] = []
 
     def fingerprint(self, influence: Influence) -> dict[str, Any]:
@@ -439,17 +456,19 @@ class TrainingStore:
             yield
             return
         idx = self.train.check_indices(ids)
-        hooks = _Hooks(window.projection, len(idx))
+        hooks = window.hooks
+        hooks.start(len(idx))
         try:
             yield
         finally:
-            hooks.remove()
+            hooks.active = False
         self.steps += 1
         rows = hooks.rows(self._scale(idx, scale).to(window.rows.device), window.rows.dtype)
         if not self.checked:
             self._check(window, idx, rows + window.regularizer, step)
         window.add(idx, rows.detach())
         if window.complete:
+            hooks.remove()
             self._write(window.commit())
             self.written.append(window.layout.root)
             self.window = None
@@ -530,6 +549,7 @@ class TrainingStore:
                 self._writer = None
         if self.window is not None:
             w = self.window
+            w.hooks.remove()
             raise IndexStoreError(
                 f"the window of checkpoint step {w.step} saw {int(w.seen.sum())} of {w.influence.n} training "
                 f"examples before training ended; its store in {w.layout.root} is unfinished. Open the "
