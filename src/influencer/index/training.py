@@ -20,7 +20,8 @@ pass, and no ``p``-dimensional per-example gradient, is ever formed::
 **Windows.** At each checkpoint step ``s`` (counted in ``step()`` calls, from 0) a window opens,
 before that step's forward pass, at the parameters ``theta_s``; it records the projected gradient
 of every example in the following steps' batches (the first time it appears) until all ``n``
-training examples were seen, i.e. one epoch, and is then written as a store in ``<path>/step-<s>``:
+training examples were seen, i.e. one epoch, and is then written as a store in ``<path>/step-<s>``
+(in a background thread while training goes on; :meth:`TrainingStore.finish` waits for it):
 the format of :meth:`~influencer.index.GradientIndex.build`, whose header (fingerprint of the model
 at ``theta_s``, projector, ``n``, ``k``, chunk) gains ``"training": {"step", "lr"}``; the
 model state at ``theta_s`` (floating parameters and buffers, ``parameters.npy``) goes with it, so
