@@ -218,7 +218,7 @@ class _Window:
     def add(self, ids: Tensor, rows: Tensor) -> None:
         """Keep the rows ``(B, k)`` of ids not seen yet (an id repeated in the batch: its first row)."""
         at = ids.numpy()
-        fresh = torch.from_numpy(~self.seen[at])
+        fresh = ~self.seen[at]
         self.seen[at] = True
         count = int(np.count_nonzero(self.seen))
         if count - self.count == len(ids):  # the usual batch: distinct ids, none seen before
@@ -228,7 +228,7 @@ class _Window:
             first = torch.full((len(unique),), len(ids)).scatter_reduce(
                 0, inverse, torch.arange(len(ids)), "amin"
             )
-            keep = first[fresh[first]]  # positions in the batch: first occurrences of unseen ids
+            keep = first[torch.from_numpy(fresh)[first]]  # first occurrences of unseen ids in the batch
             self.rows[ids[keep].to(self.rows.device)] = rows[keep.to(rows.device)]
         self.count = count
 
@@ -333,8 +333,8 @@ class _Hooks:
             if not self.active:
                 return
             call = len(self.inputs[i])
-            with torch.no_grad():
-                self.inputs[i].append(project(inputs[0], self.batch))
+            x = inputs[0]  # detached: the projection (constant factors) then builds no graph
+            self.inputs[i].append(project(x.detach() if isinstance(x, Tensor) else x, self.batch))
             if output.requires_grad:
                 # registered on the output itself, so an in-place edit of it later is still seen
                 output.register_hook(lambda g: self._backward(i, call, g))
