@@ -226,8 +226,27 @@ def test_an_unfinished_window_and_overlapping_windows_are_refused(tmp_path):
         task.loss(model, (x[ids], y[ids])).mean().backward()
     with pytest.raises(IndexStoreError, match=f"saw {BATCH} of {N}"):
         store.finish()
-    with pytest.raises(IndexStoreError, match="unfinished"):
+    # a window writes its files only when it closes: an unfinished one leaves no store
+    with pytest.raises(IndexStoreError, match="holds no gradient index"):
         GradientIndex.open(tmp_path / "b" / "step-00000000", Influence(model, task, (x, y)))
+
+
+def test_a_failed_write_of_a_closed_window_is_raised(tmp_path, monkeypatch):
+    """The files of a closed window are written beside training; an error there is raised by the
+    next window's close or by finish(), never lost."""
+    import influencer.index.training as training
+
+    def fail(layout, *args):
+        raise OSError(f"disk full writing {layout.root.name}")
+
+    monkeypatch.setattr(training, "_write_store", fail)
+    model, task, data = _problem("mlp")
+    projector = KroneckerProjector(k_in=2, k_out=2, basis="random")
+    settings = TrainingStoreSettings(checkpoints=(0,), projector=projector, loss_scale=float(N))
+    store = TrainingStore(model, task, data, tmp_path, settings)
+    _full_batch_training(model, task, data, store, lrs=(0.5,))
+    with pytest.raises(OSError, match="disk full writing step-00000000"):
+        store.finish()
 
 
 def test_settings_are_validated():

@@ -45,14 +45,24 @@ from influencer._kernel.files import atomic_save_array, json_roundtrip
 from influencer._kernel.fingerprint import hash_examples, hash_json
 from influencer._kernel.progress import progress_bar
 from influencer._kernel.scores import TopK, removal_scores
+from influencer.index.linalg import gram
 from influencer.index.preconditioners import Preconditioner, ProjectedFisher
 from influencer.index.projectors import GaussianProjector, Projection, Projector
 from influencer.index.registry import projector_from_settings
 from influencer.index.results import QueryResult
-from influencer.index.store import FORMAT, VERSION, IndexStoreError, StoreLayout, load_basis, mismatch
+from influencer.index.store import (
+    FORMAT,
+    VERSION,
+    ChunkWriter,
+    IndexStoreError,
+    StoreLayout,
+    load_basis,
+    mismatch,
+)
 from influencer.index.topk import RunningTopK, concat_rows, merge_ranked
 from influencer.influence import Influence
 
+_GROUP_BYTES = 64 << 20  # test directions and one score block of a top-k pass over the chunks
 _TORCH_DTYPES = {"float16": torch.float16, "float32": torch.float32, "float64": torch.float64}
 
 
@@ -269,24 +279,23 @@ class GradientIndex:
         # the Fisher's blocks to accumulate: the layers' diagonal blocks, or the whole matrix
         spans = [(a, b) for _, a, b in projection.blocks] if fisher == "layers" else [(0, k)]
         bar = progress_bar(mine.tolist(), "index: projecting gradients", show, total=len(mine), unit="chunk")
-        for j in bar:
-            first, rows = bounds[j]
-            record = known.get(j) or layout.chunk_record(j, first, rows, k, dtype)
-            if record is None:
-                x = cls._project_chunk(influence, projection, first, rows)
-                stored = x.to(_TORCH_DTYPES[dtype]).cpu().numpy()
-                layout.save_chunk(j, stored, first)
-                if on_chunk is not None:
-                    on_chunk(j)
-            else:
-                stored = layout.load_chunk(j)
-            if total is not None:
-                # From the stored values, so a resumed build accumulates exactly what a fresh one does
-                # (a fresh chunk's array is shared, not copied; a memory-mapped one is read-only).
-                x = torch.from_numpy(stored if stored.flags.writeable else np.array(stored))
-                x = x.to(fn.device, accumulate)
-                for a, b in spans:
-                    total[a:b, a:b] += (x[:, a:b].T @ x[:, a:b]).double()
+        with ChunkWriter(layout, on_chunk) as writer:
+            for j in bar:
+                first, rows = bounds[j]
+                record = known.get(j) or layout.chunk_record(j, first, rows, k, dtype)
+                if record is None:
+                    x = cls._project_chunk(influence, projection, first, rows)
+                    stored = x.to(_TORCH_DTYPES[dtype]).cpu().numpy()
+                    writer.submit(j, stored, first)  # written while the next chunk is computed
+                else:
+                    stored = layout.load_chunk(j)
+                if total is not None:
+                    # From the stored values, so a resumed build accumulates exactly what a fresh one
+                    # does (a fresh chunk's array is shared, not copied; a memory-mapped one is read-only).
+                    x = torch.from_numpy(stored if stored.flags.writeable else np.array(stored))
+                    x = x.to(fn.device, accumulate)
+                    for a, b in spans:
+                        total[a:b, a:b] += gram(x[:, a:b]).double()
         if total is not None and distributed:
             all_reduce_sum(total)
         barrier()
@@ -545,7 +554,9 @@ class GradientIndex:
     ) -> TopK:
         """The ``k`` most helpful and most harmful training examples per test example, streamed.
 
-        Memory stays at ``O(m k)`` plus one ``(block, chunk)`` score block, whatever ``n``.
+        Memory stays at ``O(m k)`` plus one score block, whatever ``n``: consecutive test blocks
+        are scored together in one pass over the chunks, as many as keep their directions and
+        score block within 64 MiB (each chunk is then read and verified once per pass).
 
         Args:
             test: test data shaped like the training data, ``m`` examples.
@@ -582,33 +593,52 @@ class GradientIndex:
             results = QueryResult.create_or_resume(checkpoint, settings, overwrite, write=rank == 0)
             barrier()
         todo = [b for b in range(len(blocks)) if results is None or results.load_block(b) is None]
+        groups = self._groups(todo, blocks)
         show = self.influence.progress if progress is None else progress
-        work = len(todo) * len(self._my_chunks())
+        work = len(groups) * len(self._my_chunks())
         steps = iter(progress_bar(range(work), "index: top-k", show, total=work, unit="chunk"))
-        parts: list[TopK] = []
-        for b, (start, stop) in enumerate(blocks):
+        parts: dict[int, TopK] = {}
+        for b in range(len(blocks)):
             if b not in todo:
                 assert results is not None
                 part = results.load_block(b)
                 assert part is not None
-                parts.append(part)
-                continue
-            d = pre.directions(self, _Slice(ex, start, stop))
-            running = RunningTopK(stop - start, kk, d.dtype, d.device)
+                parts[b] = part
+        for group in groups:
+            # every block of the group against each chunk as it is read: a chunk is read (and
+            # verified) once per group, not once per block
+            d = torch.cat([pre.directions(self, _Slice(ex, *blocks[b])) for b in group])
+            running = RunningTopK(d.shape[0], kk, d.dtype, d.device)
             for ids, s in self._stream(d, steps):
                 running.add(s, ids)
-            part = running.result()
+            whole = running.result()
             if distributed:
-                part = merge_ranked(self._gather(part), kk)
-            part = TopK(*(getattr(part, f).cpu() for f in TopK.__dataclass_fields__))
-            if results is not None and rank == 0:
-                results.save_block(b, part)
-            parts.append(part)
-            if on_block is not None:
-                on_block(b)
+                whole = merge_ranked(self._gather(whole), kk)
+            first = blocks[group[0]][0]
+            for b in group:
+                rows = slice(blocks[b][0] - first, blocks[b][1] - first)
+                part = TopK(*(getattr(whole, f)[rows].cpu() for f in TopK.__dataclass_fields__))
+                if results is not None and rank == 0:
+                    results.save_block(b, part)
+                parts[b] = part
+                if on_block is not None:
+                    on_block(b)
         for _ in steps:  # close the bar
             pass
-        return concat_rows(parts)
+        return concat_rows([parts[b] for b in range(len(blocks))])
+
+    def _groups(self, todo: list[int], blocks: list[tuple[int, int]]) -> list[list[int]]:
+        """Runs of consecutive test blocks scored in one pass over the chunks, each group's
+        directions ``(rows, k)`` and score block ``(rows, chunk)`` within :data:`_GROUP_BYTES`."""
+        width = 8 * max(self.k, self.chunk)  # bytes per test row (float64 at most)
+        groups: list[list[int]] = []
+        for b in todo:
+            last = groups[-1] if groups else None
+            if last and last[-1] == b - 1 and (blocks[b][1] - blocks[last[0]][0]) * width <= _GROUP_BYTES:
+                last.append(b)
+            else:
+                groups.append([b])
+        return groups
 
     @staticmethod
     def _gather(part: TopK) -> list[TopK]:

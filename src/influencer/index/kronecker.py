@@ -27,9 +27,11 @@ Two bases:
   than with a random projection of the same ``k``: on the MNIST-1D MLP of
   ``benchmarks/bench_lds.py`` the projected-Fisher LDS at ``16 x 16`` rises from 0.49 to 0.54
   and at ``24 x 24`` from 0.53 to 0.57 (exact-gradient EK-FAC: 0.61). It costs one extra
-  forward/backward pass over ``pca_examples`` examples and one ``d x d`` eigendecomposition per
-  side and layer; inner products are no longer unbiased (directions outside the kept subspace are
-  dropped, not spread). The basis is stored with the index, so opening a store never re-estimates it.
+  forward/backward pass over ``pca_examples`` examples and, per side and layer, a ``d x d``
+  covariance and its leading eigenvectors (a subspace iteration,
+  :func:`~influencer.index.linalg.top_eigenvectors`); inner products are no longer unbiased
+  (directions outside the kept subspace are dropped, not spread). The basis is stored with the
+  index, so opening a store never re-estimates it.
 """
 
 from __future__ import annotations
@@ -49,6 +51,7 @@ from influencer._kernel.distributed import all_reduce_sum, shard
 from influencer._kernel.errors import ConfigError
 from influencer._kernel.functional import ModelFunction
 from influencer._kernel.layers import Layer, LayerCapture, check_layer_model, find_layers
+from influencer.index.linalg import gram, top_eigenvectors
 from influencer.index.projectors import (
     GradientKind,
     Projection,
@@ -147,13 +150,15 @@ def input_projector(layer: Layer, p_in: Tensor) -> Callable[[Tensor, int], Tenso
     if isinstance(module, nn.Conv2d):
         kernels = weight.reshape(p_in.shape[0], module.in_channels, *module.kernel_size)
         pad = module._reversed_padding_repeated_twice
-        mode = "constant" if module.padding_mode == "zeros" else module.padding_mode
+        # zero padding inside the convolution (no padded copy of the input); other modes pad first
+        zeros = module.padding_mode == "zeros"
+        padding = module.padding if zeros else 0
 
         def conv(x: Tensor, b: int) -> Tensor:
             if x.ndim != 4 or x.shape[0] != b:
                 return layer.inputs(x, b)
-            x = F.pad(x, pad, mode=mode) if any(pad) else x
-            y = F.conv2d(x, kernels, bias, module.stride, 0, module.dilation)  # (B, k_in, H', W')
+            x = x if zeros or not any(pad) else F.pad(x, pad, mode=module.padding_mode)
+            y = F.conv2d(x, kernels, bias, module.stride, padding, module.dilation)  # (B, k_in, H', W')
             return y.flatten(2).transpose(1, 2)
 
         return conv
@@ -392,19 +397,22 @@ class KroneckerProjection(Projection):
             for i in range(len(self.layers)):
                 for a, g in zip(acts[i], rows[i], strict=True):
                     # each batch's product in the compute dtype (float32 halves the cost), summed in float64
-                    a, g = a.detach().flatten(0, 1), g.flatten(0, 1)
-                    A[i] += (a.T @ a).double()
-                    S[i] += (g.T @ g).double()
+                    A[i] += gram(a.detach().flatten(0, 1)).double()
+                    S[i] += gram(g.flatten(0, 1)).double()
         if influence.distributed:
             for m in (*A, *S):
                 all_reduce_sum(m)
-        # eigh in the compute dtype (at least float32, which eigh needs): only the leading subspace
-        # is kept, and float32 halves eigh's time
+        # in the compute dtype (at least float32): only the leading subspace is kept
         work = torch.float64 if fn.dtype == torch.float64 else torch.float32
         factors = []
-        for (p_out, p_in), a, s_ in zip(self.factors, A, S, strict=True):
-            a, s_ = a.to(work), s_.to(work)
-            factors.append((_top_eigenvectors(s_, p_out.shape[0]), _top_eigenvectors(a, p_in.shape[0])))
+        for layer, (p_out, p_in), a, s_ in zip(self.layers, self.factors, A, S, strict=True):
+            seeds = [derive_seed(self.config.seed, layer.name, side, "pca") for side in ("out", "in")]
+            factors.append(
+                (
+                    top_eigenvectors(s_.to(work), p_out.shape[0], seeds[0]),
+                    top_eigenvectors(a.to(work), p_in.shape[0], seeds[1]),
+                )
+            )
         self._set_factors(factors)
 
     def state(self) -> Tensor:
@@ -439,12 +447,3 @@ def _gradient_rows(layers: list[Layer], cap: _ProjectingCapture) -> list[list[Te
         [cap.grads[i].get(c, a.new_zeros(*a.shape[:2], layer.d_out)) for c, a in enumerate(cap.acts[i])]
         for i, layer in enumerate(layers)
     ]
-
-
-def _top_eigenvectors(m: Tensor, k: int) -> Tensor:
-    """The ``k`` leading eigenvectors of a symmetric PSD ``m`` as rows ``(k, d)``, signs fixed."""
-    _, vectors = torch.linalg.eigh(0.5 * (m + m.T))
-    top = vectors[:, -k:].flip(1).T  # descending eigenvalues
-    # the sign of an eigenvector is arbitrary: make each row's largest-magnitude entry positive
-    pivot = top.gather(1, top.abs().argmax(1, keepdim=True))
-    return top * torch.where(pivot < 0, -1.0, 1.0).to(top)

@@ -28,6 +28,8 @@ import io
 import json
 import os
 import shutil
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -178,17 +180,22 @@ class StoreLayout:
 
     # ---- chunks ---------------------------------------------------------------------------------
 
-    def save_chunk(self, j: int, rows: np.ndarray, first: int) -> dict[str, Any]:
-        """Write chunk ``j`` (its array, then its record); returns the record."""
+    def save_chunk(self, j: int, rows: np.ndarray, first: int, record: bool = True) -> dict[str, Any]:
+        """Write chunk ``j`` (its array, then, with ``record``, its record file); returns the record.
+
+        A writer that commits the manifest right after its last chunk (nothing to resume) can
+        skip the record files.
+        """
         sha = atomic_save_array(self.chunk_path(j), rows)
-        record = {
+        entry = {
             "file": self.chunk_path(j).relative_to(self.root).as_posix(),
             "first": first,
             "rows": int(rows.shape[0]),
             "sha256": sha,
         }
-        atomic_write_json(self.record_path(j), record)
-        return record
+        if record:
+            atomic_write_json(self.record_path(j), entry)
+        return entry
 
     def chunk_record(
         self, j: int, first: int, rows: int, k: int, dtype: str, verify: bool = True
@@ -297,6 +304,48 @@ class StoreLayout:
         for j in range(count):
             with contextlib.suppress(FileNotFoundError):
                 self.record_path(j).unlink()
+
+
+class ChunkWriter:
+    """Writes chunks (:meth:`StoreLayout.save_chunk`) in one background thread while the caller
+    computes the next: hashing, writing and flushing a chunk overlap the next chunk's gradients.
+
+    At most ``depth`` chunks wait to be written (their arrays are held until then), so memory stays
+    bounded. ``done(j)`` runs in the caller's thread, in submission order, once chunk ``j`` is on
+    disk; a failed write is raised there. A chunk is queued only after the ones ``depth`` before it
+    are done, so an error (or a ``done`` that raises) stops the build with nothing but finished
+    chunks after it. Leaving the ``with`` block waits for every queued write.
+    """
+
+    def __init__(
+        self, layout: StoreLayout, done: Callable[[int], None] | None = None, depth: int = 1
+    ) -> None:
+        self.layout, self.done, self.depth = layout, done, depth
+        self.pending: list[tuple[int, Future[dict[str, Any]]]] = []
+
+    def __enter__(self) -> ChunkWriter:
+        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="index-writer")
+        return self
+
+    def __exit__(self, exc_type: object, *exc: object) -> None:
+        try:
+            if exc_type is None:
+                while self.pending:
+                    self._finish_one()
+        finally:
+            self.pool.shutdown(wait=True)
+
+    def submit(self, j: int, rows: np.ndarray, first: int) -> None:
+        """Queue chunk ``j`` (``rows`` must not change until it is written)."""
+        while len(self.pending) >= self.depth:
+            self._finish_one()
+        self.pending.append((j, self.pool.submit(self.layout.save_chunk, j, rows, first)))
+
+    def _finish_one(self) -> None:
+        j, future = self.pending.pop(0)
+        future.result()
+        if self.done is not None:
+            self.done(j)
 
 
 def mismatch(old: dict[str, Any], new: dict[str, Any]) -> str:

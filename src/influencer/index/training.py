@@ -20,7 +20,8 @@ pass, and no ``p``-dimensional per-example gradient, is ever formed::
 **Windows.** At each checkpoint step ``s`` (counted in ``step()`` calls, from 0) a window opens,
 before that step's forward pass, at the parameters ``theta_s``; it records the projected gradient
 of every example in the following steps' batches (the first time it appears) until all ``n``
-training examples were seen, i.e. one epoch, and is then written as a store in ``<path>/step-<s>``:
+training examples were seen, i.e. one epoch, and is then written as a store in ``<path>/step-<s>``
+(in a background thread while training goes on; :meth:`TrainingStore.finish` waits for it):
 the format of :meth:`~influencer.index.GradientIndex.build`, whose header (fingerprint of the model
 at ``theta_s``, projector, ``n``, ``k``, chunk) gains ``"training": {"step", "lr"}``; the
 model state at ``theta_s`` (floating parameters and buffers, ``parameters.npy``) goes with it, so
@@ -52,7 +53,9 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -65,8 +68,9 @@ from influencer._kernel.data import as_examples
 from influencer._kernel.errors import ConfigError, NonFiniteError
 from influencer._kernel.files import atomic_save_array, json_roundtrip
 from influencer._kernel.fingerprint import hash_tensors
-from influencer.index.gradient_index import GradientIndex, fisher_setting
+from influencer.index.gradient_index import fisher_setting
 from influencer.index.kronecker import KroneckerProjection, KroneckerProjector, combine
+from influencer.index.linalg import gram
 from influencer.index.store import FORMAT, VERSION, IndexStoreError, StoreLayout, mismatch
 from influencer.influence import Influence
 
@@ -155,7 +159,11 @@ class _Window:
             "curvature": self.influence.curvature_kind,
         }
         fn = self.influence.fn
-        self.projection: KroneckerProjection = settings.projector.bind(fn)
+        # one projection for every window: the same layers and, for a random basis, the same factors
+        # (a PCA basis is fitted again below)
+        if store.projection is None:
+            store.projection = settings.projector.bind(fn)
+        self.projection: KroneckerProjection = store.projection
         self.layout = StoreLayout(Path(store.path) / f"step-{step:08d}")
         self.header = json_roundtrip(
             {
@@ -170,7 +178,7 @@ class _Window:
                 "training": {"step": step, "lr": self.lr},
             }
         )
-        self.done = self._open_layout(settings.overwrite)
+        self.done = self._open_layout(settings.overwrite, check=not store.written)
         if self.done:
             return
         if self.projection.needs_fit:
@@ -179,15 +187,21 @@ class _Window:
         self.regularizer = self.projection.project(grad(fn.regularizer)(theta.detach())[None])[0]
         n, k = self.influence.n, self.projection.k
         self.rows = torch.empty(n, k, dtype=fn.dtype, device=fn.device)  # (n, k)
-        self.seen = torch.zeros(n, dtype=torch.bool)
+        self.seen = np.zeros(n, dtype=bool)  # (numpy: a step's bookkeeping costs microseconds)
         self.count = 0  # ids seen
-        self._start_manifest()
+        # what the store records of theta_s, kept until the window's files are written at its end
+        self.names, state = model_state(fn.model)
+        self.state = state.numpy()
+        self.basis = self.projection.state().numpy() if self.projection.needs_fit else None
+        self.hooks = _Hooks(self.projection)
 
-    def _open_layout(self, overwrite: bool) -> bool:
-        """Whether a complete store from the same inputs is already there (nothing to collect)."""
+    def _open_layout(self, overwrite: bool, check: bool) -> bool:
+        """Whether a complete store from the same inputs is already there (nothing to collect);
+        with ``check``, refuse now a directory the store's files could not be written to."""
         layout = self.layout
         layout.check_empty_or_index()
-        layout.check_writable()
+        if check:
+            layout.check_writable()
         old = layout.read_manifest()
         if old is None:
             return False
@@ -201,31 +215,12 @@ class _Window:
             )
         return False
 
-    def _start_manifest(self) -> None:
-        layout = self.layout
-        layout.clear()
-        layout.check_writable()
-        self.manifest: dict[str, Any] = {
-            "format": FORMAT,
-            "version": VERSION,
-            "status": "building",
-            "header": self.header,
-            "chunks": [],
-        }
-        if self.projection.needs_fit:
-            sha = atomic_save_array(layout.basis_path, self.projection.state().numpy())
-            self.manifest["basis"] = {"file": layout.basis_path.name, "sha256": sha}
-        params = self.layout.root / "parameters.npy"
-        names, state = model_state(self.influence.fn.model)
-        sha = atomic_save_array(params, state.numpy())
-        self.manifest["parameters"] = {"file": params.name, "sha256": sha, "names": names}
-        layout.write_manifest(self.manifest)
-
     def add(self, ids: Tensor, rows: Tensor) -> None:
         """Keep the rows ``(B, k)`` of ids not seen yet (an id repeated in the batch: its first row)."""
-        fresh = ~self.seen[ids]
-        self.seen[ids] = True
-        count = int(self.seen.sum())
+        at = ids.numpy()
+        fresh = ~self.seen[at]
+        self.seen[at] = True
+        count = int(np.count_nonzero(self.seen))
         if count - self.count == len(ids):  # the usual batch: distinct ids, none seen before
             self.rows[ids.to(self.rows.device)] = rows
         else:
@@ -233,7 +228,7 @@ class _Window:
             first = torch.full((len(unique),), len(ids)).scatter_reduce(
                 0, inverse, torch.arange(len(ids)), "amin"
             )
-            keep = first[fresh[first]]  # positions in the batch: first occurrences of unseen ids
+            keep = first[torch.from_numpy(fresh)[first]]  # first occurrences of unseen ids in the batch
             self.rows[ids[keep].to(self.rows.device)] = rows[keep.to(rows.device)]
         self.count = count
 
@@ -241,9 +236,13 @@ class _Window:
     def complete(self) -> bool:
         return self.count == len(self.seen)
 
-    def commit(self) -> None:
-        """Write the chunks, the Fisher (if asked for), the regulariser and the manifest."""
-        inf, layout, header = self.influence, self.layout, self.header
+    def commit(self) -> Callable[[], None]:
+        """Finish the rows (regulariser, finiteness, Fisher); returns the writing of the store's files.
+
+        Everything that computes with tensors runs here, in the training thread; the returned call
+        only writes and hashes arrays (see :func:`_write_store`), so it can run beside training.
+        """
+        inf, header = self.influence, self.header
         n, chunk, k = inf.n, header["chunk"], header["k"]
         self.rows += self.regularizer  # every row's objective carries the regulariser's gradient
         # a row's sum is not finite if an entry is not (one reduction; the entries only then)
@@ -255,41 +254,87 @@ class _Window:
                 "loss and the learning rate (training diverged?)"
             )
         dtype = header["projector"]["dtype"]
-        bounds = [(j * chunk, min(chunk, n - j * chunk)) for j in range(-(-n // chunk))]
-        fisher = header["fisher"]
-        accumulate = torch.float64 if dtype == "float64" else torch.float32
-        total = torch.zeros(k, k, dtype=torch.float64, device=self.rows.device) if fisher else None
-        spans = [(a, b) for _, a, b in self.projection.blocks] if fisher == "layers" else [(0, k)]
-        for j, (first, count) in enumerate(bounds):
-            stored = self.rows[first : first + count].to(_TORCH_DTYPES[dtype]).cpu().numpy()
-            layout.save_chunk(j, stored, first)
-            if total is not None:  # from the stored values, as GradientIndex.build accumulates it
-                x = torch.from_numpy(stored).to(self.rows.device, accumulate)
+        stored = self.rows.to(_TORCH_DTYPES[dtype]).cpu()
+        chunks = [(j * chunk, stored[j * chunk : (j + 1) * chunk].numpy()) for j in range(-(-n // chunk))]
+        fisher = None
+        if header["fisher"]:  # from the stored values, as GradientIndex.build accumulates it
+            accumulate = torch.float64 if dtype == "float64" else torch.float32
+            total = torch.zeros(k, k, dtype=torch.float64, device=self.rows.device)
+            spans = (
+                [(a, b) for _, a, b in self.projection.blocks] if header["fisher"] == "layers" else [(0, k)]
+            )
+            for _, rows in chunks:
+                x = torch.from_numpy(rows).to(self.rows.device, accumulate)
                 for a, b in spans:
-                    total[a:b, a:b] += (x[:, a:b].T @ x[:, a:b]).double()
-        GradientIndex._commit(inf, layout, self.projection, self.manifest, bounds, {}, total)
+                    total[a:b, a:b] += gram(x[:, a:b]).double()
+            fisher = (total / n).cpu().numpy()
+        manifest: dict[str, Any] = {
+            "format": FORMAT,
+            "version": VERSION,
+            "status": "complete",
+            "header": header,
+        }
+        arrays = {
+            "basis": self.basis,
+            "parameters": self.state,
+            "fisher": fisher,
+            "regularizer": self.regularizer.double().cpu().numpy(),
+        }
         del self.rows
+        return functools.partial(_write_store, self.layout, manifest, self.names, arrays, chunks)
+
+
+def _write_store(
+    layout: StoreLayout,
+    manifest: dict[str, Any],
+    names: list[str],
+    arrays: dict[str, np.ndarray | None],
+    chunks: list[tuple[int, np.ndarray]],
+) -> None:
+    """Write a window's store: its arrays and chunks, then the manifest that makes it complete.
+
+    The whole window is in hand, so there is nothing to resume: no chunk record files and no
+    ``"building"`` manifest, only the files a complete store holds.
+    """
+    layout.clear()
+    layout.check_writable()
+    files = {"basis": layout.basis_path, "fisher": layout.fisher_path, "regularizer": layout.regularizer_path}
+    files["parameters"] = layout.root / "parameters.npy"
+    entries: dict[str, Any] = {}
+    for key, array in arrays.items():
+        if array is not None:
+            entries[key] = {"file": files[key].name, "sha256": atomic_save_array(files[key], array)}
+    entries["parameters"]["names"] = names
+    records = [layout.save_chunk(j, rows, first, record=False) for j, (first, rows) in enumerate(chunks)]
+    layout.write_manifest({**manifest, **entries, "chunks": records})
 
 
 class _Hooks:
     """Forward hooks projecting each layer's inputs, tensor hooks projecting its output gradients."""
 
-    def __init__(self, projection: KroneckerProjection, batch: int) -> None:
-        self.projection, self.batch = projection, batch
-        layers = projection.layers
+    def __init__(self, projection: KroneckerProjection) -> None:
+        self.projection, self.batch, self.active = projection, 0, False
+        # registered once per window; between its steps (active False) they return at once
+        self.handles = [
+            layer.module.register_forward_hook(self._forward(i)) for i, layer in enumerate(projection.layers)
+        ]
+
+    def start(self, batch: int) -> None:
+        """Record the next forward and backward pass, of ``batch`` examples."""
+        layers = self.projection.layers
         self.inputs: list[list[Tensor]] = [[] for _ in layers]  # per layer and call: (B, T, k_in)
         self.grads: list[dict[int, Tensor]] = [{} for _ in layers]  # per layer, call -> (B, T, k_out)
-        self.handles = [
-            layer.module.register_forward_hook(self._forward(i)) for i, layer in enumerate(layers)
-        ]
+        self.batch, self.active = batch, True
 
     def _forward(self, i: int):
         project = self.projection.inputs[i]
 
         def hook(module: nn.Module, inputs: tuple[Any, ...], output: Tensor) -> None:
+            if not self.active:
+                return
             call = len(self.inputs[i])
-            with torch.no_grad():
-                self.inputs[i].append(project(inputs[0], self.batch))
+            x = inputs[0]  # detached: the projection (constant factors) then builds no graph
+            self.inputs[i].append(project(x.detach() if isinstance(x, Tensor) else x, self.batch))
             if output.requires_grad:
                 # registered on the output itself, so an in-place edit of it later is still seen
                 output.register_hook(lambda g: self._backward(i, call, g))
@@ -326,7 +371,8 @@ class TrainingStore:
     """Collects gradient stores at checkpoints of a training loop (see the module docstring).
 
     Args:
-        model: the model being trained (its layers are hooked only inside :meth:`step`).
+        model: the model being trained (its layers are hooked while a window is open, and record
+            only inside :meth:`step`).
         task: the :class:`~influencer.Task` whose per-example loss the stored gradients are of.
         train: the training data, indexed by the ids passed to :meth:`step`.
         path: directory holding one store per checkpoint, ``step-<s>``.
@@ -359,6 +405,9 @@ class TrainingStore:
         self.written: list[Path] = []
         self.checked = not settings.check  # the loss is checked on the first window's first batch
         self._fingerprint: dict[str, Any] | None = None
+        self._writer: ThreadPoolExecutor | None = None  # writes closed windows' files beside training
+        self.projection: KroneckerProjection | None = None  # bound on the first window, then reused
+        self._writes: list[Future[None]] = []
 
     def fingerprint(self, influence: Influence) -> dict[str, Any]:
         """``influence.settings()["gradients"]``; after the first window only the weights are hashed again.
@@ -408,20 +457,39 @@ class TrainingStore:
             yield
             return
         idx = self.train.check_indices(ids)
-        hooks = _Hooks(window.projection, len(idx))
+        hooks = window.hooks
+        hooks.start(len(idx))
         try:
             yield
         finally:
-            hooks.remove()
+            hooks.active = False
         self.steps += 1
         rows = hooks.rows(self._scale(idx, scale).to(window.rows.device), window.rows.dtype)
         if not self.checked:
             self._check(window, idx, rows + window.regularizer, step)
         window.add(idx, rows.detach())
         if window.complete:
-            window.commit()
+            hooks.remove()
+            self._write(window.commit())
             self.written.append(window.layout.root)
             self.window = None
+
+    def _write(self, job: Callable[[], None]) -> None:
+        """Run a closed window's file writing in the background; an earlier failed one is raised."""
+        self._raise_failed(wait=False)
+        if self._writer is None:
+            self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="training-store")
+        self._writes.append(self._writer.submit(job))
+
+    def _raise_failed(self, wait: bool) -> None:
+        """Drop finished writes (all of them, waiting, with ``wait``); raise the first that failed."""
+        pending = []
+        for future in self._writes:
+            if wait or future.done():
+                future.result()
+            else:
+                pending.append(future)
+        self._writes = pending
 
     def _scale(self, ids: Tensor, given: float | Tensor | None) -> Tensor:
         """The factor turning the step's output gradients into those of the per-example losses."""
@@ -472,9 +540,17 @@ class TrainingStore:
         self.checked = True
 
     def finish(self) -> list[Path]:
-        """The stores written; raises if a window is still open (it did not see every example)."""
+        """The stores written, once their files are; raises if a window is still open (it did not
+        see every example) or a store could not be written."""
+        try:
+            self._raise_failed(wait=True)
+        finally:
+            if self._writer is not None:
+                self._writer.shutdown(wait=True)
+                self._writer = None
         if self.window is not None:
             w = self.window
+            w.hooks.remove()
             raise IndexStoreError(
                 f"the window of checkpoint step {w.step} saw {int(w.seen.sum())} of {w.influence.n} training "
                 f"examples before training ended; its store in {w.layout.root} is unfinished. Open the "
