@@ -224,8 +224,9 @@ def run_problem(
                     if lib == "influencer":
                         row["info"] = {k: v for k, v in ours.last_info.items() if k != "eigenvalues"}
                         if method == "cg":
-                            resolved.cg_iterations = ours.plain_cg_iterations(racing, resolved)
                             cg_iterations_block = int(ours.last_info["iterations"])
+                            if "dattri" in libraries:  # an untimed plain-CG solve, for dattri alone
+                                resolved.cg_iterations = ours.plain_cg_iterations(racing, resolved)
             except TooLargeError as exc:
                 rows.append({**row, "status": "n/a", "reason": str(exc)})
                 continue
@@ -266,7 +267,9 @@ def run_problem(
         "train_seconds": problem.train_seconds,
         "lissa_scale": scale,
         "cg_iterations_ours": cg_iterations_block,
-        "cg_iterations_plain": resolved.cg_iterations if cg_iterations_block is not None else None,
+        "cg_iterations_plain": resolved.cg_iterations
+        if cg_iterations_block is not None and "dattri" in libraries
+        else None,
         "hessian_eigenvalue_range": [exact_info["min_eigenvalue"], exact_info["max_eigenvalue"]],
     }
     return summary, rows
