@@ -51,7 +51,7 @@ from influencer._kernel.task import Task
 from influencer.estimators import Estimator, Solver
 from influencer.estimators.auto import Choice, choose_estimator
 from influencer.estimators.kronecker import KroneckerSolver
-from influencer.estimators.layer_scores import LayerRows, LayerScorer, layer_rows
+from influencer.estimators.layer_scores import LayerRows, LayerScorer, capture_rows
 
 _KEEP: Any = object()  # replace(): keep this setting as it is
 log = logging.getLogger(__name__)
@@ -624,7 +624,7 @@ class Influence:
             self.fn.task.check_batch(batch, ids)
             batch = self.fn.prepare(batch)
             with self.fn.failures_explained(self.theta, batch, ids):
-                rows = layer_rows(self.fn, layers, self.theta, batch, self.fn.task.measurement)
+                rows = capture_rows(self.fn, layers, self.theta, batch, self.fn.task.measurement)
             if rows is None or not rows.finite():
                 return None
             parts.append(rows)

@@ -42,7 +42,7 @@ from torch.func import functional_call
 from influencer._kernel.data import batch_size_of
 from influencer._kernel.errors import ConfigError
 from influencer._kernel.functional import ModelFunction
-from influencer._kernel.layers import Layer, LayerCapture, check_layer_model
+from influencer._kernel.layers import Layer, ProbeCapture, check_layer_model
 
 _CHUNK_ELEMENTS = 2**24  # elements of the largest intermediate held at once
 
@@ -100,30 +100,32 @@ class LayerRows:
 
 
 def capture_rows(
-    fn: ModelFunction, layers: list[Layer], theta: Tensor, batch: Any, per_example: Callable[..., Tensor]
-) -> tuple[LayerRows, Tensor]:
+    fn: ModelFunction,
+    layers: list[Layer],
+    theta: Tensor,
+    batch: Any,
+    per_example: Callable[..., Tensor],
+    verify: bool = True,
+) -> LayerRows | None:
     """The layer rows of each example's gradient of ``per_example(model, batch)`` ``(B,)`` (the
-    task's loss or measurement) from one forward and backward pass, and the gradient ``(p,)`` of
-    their sum (to verify the layer model against)."""
-    leaf = theta.detach().requires_grad_(True)
-    with LayerCapture(layers) as cap, torch.enable_grad():
-        cap.start(batch_size_of(batch))
-        cap.grads = [{} for _ in layers]
+    task's loss or measurement) from one forward and one backward pass.
+
+    With ``verify``, the backward pass also gives the parameters' gradient of the sum, and None is
+    returned unless the rows rebuild it (see the module docstring); without, autograd computes the
+    layer outputs' gradients only, never the weights'.
+    """
+    leaf = theta.detach().requires_grad_(True)  # the layers' outputs need a graph either way
+    b = batch_size_of(batch)
+    with ProbeCapture(layers) as cap, torch.enable_grad():
+        cap.start(b)
         values = functional_call(fn.bound, fn.state(leaf), (per_example, batch))
-        (total,) = torch.autograd.grad(values.sum(), leaf, materialize_grads=True)
-        return LayerRows(cap.acts, cap.gradient_rows(), batch_size_of(batch)), total
-
-
-def layer_rows(
-    fn: ModelFunction, layers: list[Layer], theta: Tensor, batch: Any, per_example: Callable[..., Tensor]
-):
-    """:func:`capture_rows`, or None when the layers do not rebuild autograd's gradient."""
-    rows, total = capture_rows(fn, layers, theta, batch, per_example)
-    try:
-        check_layer_model(layers, rows.acts, rows.grads, total)
-    except ConfigError:
-        return None
-    return rows
+        grads, total = cap.backward(values, torch.ones_like(values), leaf if verify else None, retain=False)
+    if verify:
+        try:
+            check_layer_model(layers, cap.acts, grads, torch.zeros_like(leaf) if total is None else total)
+        except ConfigError:
+            return None
+    return LayerRows(cap.acts, grads, b)
 
 
 class LayerScorer:
@@ -154,27 +156,23 @@ class LayerScorer:
         per-example sums of the layer inputs and output gradients, finite exactly when the
         example's gradient rows are (for the caller's NaN/inf check).
         """
-        rows, total = capture_rows(self.fn, self.layers, theta, batch, self.fn.task.loss)
-        acts, grads = rows.acts, rows.grads
-        if not self.verified:
-            try:
-                check_layer_model(self.layers, acts, grads, total)
-            except ConfigError:
-                return None
-            self.verified = True
-        b = batch_size_of(batch)
-        scores = total.new_zeros(self.m, b)
+        rows = capture_rows(self.fn, self.layers, theta, batch, self.fn.task.loss, verify=not self.verified)
+        if rows is None:
+            return None
+        self.verified = True
+        acts, grads, b = rows.acts, rows.grads, rows.m
+        scores = theta.new_zeros(self.m, b)
         sums = []
         for i, (layer, a_calls, g_calls) in enumerate(zip(self.layers, acts, grads, strict=True)):
             sums += [x.sum(dim=(1, 2)) for x in (*a_calls, *g_calls)]
             if self.rows is not None and _factored_cheaper(layer, a_calls, self.rows.acts[i]):
                 for ta, tg in zip(self.rows.acts[i], self.rows.grads[i], strict=True):
-                    scores += _contract_rows(a_calls, g_calls, ta, tg, b)
+                    _contract_rows(a_calls, g_calls, ta, tg, scores)
                 continue
             if self.blocks[i] is None:
-                self.blocks[i] = self.rows.block(layer, i, total)
+                self.blocks[i] = self.rows.block(layer, i, theta)
             scores += _contract(a_calls, g_calls, self.blocks[i], b)
-        return scores, torch.stack(sums, dim=1) if sums else total.new_zeros(b, 0)
+        return scores, torch.stack(sums, dim=1) if sums else theta.new_zeros(b, 0)
 
 
 def sum_of(parts: Any) -> Tensor:
@@ -197,12 +195,13 @@ def _factored_cheaper(layer: Layer, a_calls: list[Tensor], test_calls: list[Tens
     return pairs * (layer.d_out + layer.d_in) <= layer.d_out * layer.d_in
 
 
-def _contract_rows(a_calls: list[Tensor], g_calls: list[Tensor], ta: Tensor, tg: Tensor, b: int) -> Tensor:
-    """``(m, B)``: ``<sum_s g'_s a'_s^T, sum_t g_t a_t^T>`` = ``sum_{s,t} (g'_s . g_t)(a'_s . a_t)``
-    for test rows ``(m, T', .)`` of one call and training rows ``(B, T, .)`` of one layer."""
+def _contract_rows(a_calls: list[Tensor], g_calls: list[Tensor], ta: Tensor, tg: Tensor, out: Tensor) -> None:
+    """Add to ``out`` ``(m, B)`` ``<sum_s g'_s a'_s^T, sum_t g_t a_t^T>`` =
+    ``sum_{s,t} (g'_s . g_t)(a'_s . a_t)`` for test rows ``(m, T', .)`` of one call and training rows
+    ``(B, T, .)`` of one layer."""
     m, t_test = ta.shape[:2]
+    b = out.shape[1]
     x_a, x_g = ta.reshape(m * t_test, -1), tg.reshape(m * t_test, -1)  # (m T', d)
-    out = ta.new_zeros(m, b)
     for a, g in zip(a_calls, g_calls, strict=True):
         t = a.shape[1]
         step = max(1, _CHUNK_ELEMENTS // max(1, m * t_test * t))  # examples per (m T', step T) product
@@ -210,7 +209,6 @@ def _contract_rows(a_calls: list[Tensor], g_calls: list[Tensor], ta: Tensor, tg:
             ya, yg = a[s : s + step].reshape(-1, a.shape[2]), g[s : s + step].reshape(-1, g.shape[2])
             prod = (x_g @ yg.T).mul_(x_a @ ya.T)  # (m T', c T)
             out[:, s : s + step] += prod.view(m, t_test, -1, t).sum(dim=(1, 3)) if t_test * t > 1 else prod
-    return out
 
 
 def _contract(a_calls: list[Tensor], g_calls: list[Tensor], block: Tensor, b: int) -> Tensor:
