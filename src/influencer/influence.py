@@ -66,6 +66,15 @@ def default_batch_size(p: int, dtype: torch.dtype) -> int:
     return int(min(4096, max(128, GRADIENT_BLOCK_BYTES // max(p * dtype.itemsize, 1))))
 
 
+def default_solve_batch(p: int, dtype: torch.dtype) -> int:
+    """Right-hand sides per solve: a ``GRADIENT_BLOCK_BYTES`` block of ``(k, p)``, 256 to 4,096.
+
+    Block CG over more columns needs fewer passes over the data (once the columns outnumber the
+    parameters, one), so a small model's test points are solved together.
+    """
+    return int(min(4096, max(256, GRADIENT_BLOCK_BYTES // max(p * dtype.itemsize, 1))))
+
+
 class Influence:
     """Influence functions for ``model`` trained with ``task`` on ``train``.
 
@@ -92,7 +101,8 @@ class Influence:
             256 MiB block of ``(B, p)`` gradients, between 128 and 4,096: the whole training set of
             a small model in a few chunks, where per-chunk overhead would otherwise dominate).
         hessian_batch_size: examples per chunk for Hessian-vector products.
-        solve_batch: right-hand sides per inverse-HVP call (bounds memory for many test points).
+        solve_batch: right-hand sides per inverse-HVP call (bounds memory for many test points;
+            default: as many as fill a 256 MiB block of ``(k, p)``, between 256 and 4,096).
         device: where to compute (``"cpu"``, ``"cuda"``, ...); default the model's device.
         dtype: compute dtype (e.g. ``torch.float64``); default the model's.
         progress: progress bars on stderr for the long steps (gradient passes, curvature fits,
@@ -116,13 +126,14 @@ class Influence:
         hessian_indices: Sequence[int] | Tensor | None = None,
         batch_size: int | None = None,
         hessian_batch_size: int = 512,
-        solve_batch: int = 256,
+        solve_batch: int | None = None,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
         progress: bool | None = None,
         distributed: bool = False,
     ) -> None:
-        if min(128 if batch_size is None else batch_size, hessian_batch_size, solve_batch) < 1:
+        sizes = [hessian_batch_size, *(n for n in (batch_size, solve_batch) if n is not None)]
+        if min(sizes) < 1:
             raise ConfigError("batch_size, hessian_batch_size and solve_batch must be >= 1")
         if not isinstance(task, Task):
             raise ConfigError(f"task must be an influencer.Task, got {type(task).__name__}")
@@ -140,7 +151,9 @@ class Influence:
         self.choice: Choice | None = choice
         self.batch_size = default_batch_size(self.fn.p, self.fn.dtype) if batch_size is None else batch_size
         self.hessian_batch_size = hessian_batch_size
-        self.solve_batch = solve_batch
+        self.solve_batch = (
+            default_solve_batch(self.fn.p, self.fn.dtype) if solve_batch is None else solve_batch
+        )
         self.progress = progress
         self.distributed = distributed
         self.hvp = hvp
@@ -670,7 +683,9 @@ class Influence:
                 self._checked(g, ids, "training-loss")  # names the bad examples (or was an overflow)
             cols.append(block[:-1].add_(shift))
         m = directions.m if isinstance(directions, LayerRows) else directions.shape[0]
-        local = torch.cat(cols, dim=1) if cols else self.theta.new_zeros(m, 0)
+        local = (
+            (cols[0] if len(cols) == 1 else torch.cat(cols, dim=1)) if cols else self.theta.new_zeros(m, 0)
+        )
         return all_gather_blocks(local, dim=1) if self.distributed else local
 
     def influence_up_loss(self, test: Any, train_indices: Sequence[int] | Tensor | None = None) -> Tensor:

@@ -161,17 +161,22 @@ class LayerScorer:
             return None
         self.verified = True
         acts, grads, b = rows.acts, rows.grads, rows.m
-        scores = theta.new_zeros(self.m, b)
+        parts: list[Tensor | None] = []  # fresh (m, B) contributions
         sums = []
         for i, (layer, a_calls, g_calls) in enumerate(zip(self.layers, acts, grads, strict=True)):
             sums += [x.sum(dim=(1, 2)) for x in (*a_calls, *g_calls)]
             if self.rows is not None and _factored_cheaper(layer, a_calls, self.rows.acts[i]):
                 for ta, tg in zip(self.rows.acts[i], self.rows.grads[i], strict=True):
-                    _contract_rows(a_calls, g_calls, ta, tg, scores)
+                    parts.append(_contract_rows(a_calls, g_calls, ta, tg, b))
                 continue
             if self.blocks[i] is None:
                 self.blocks[i] = self.rows.block(layer, i, theta)
-            scores += _contract(a_calls, g_calls, self.blocks[i], b)
+            parts.append(_contract(a_calls, g_calls, self.blocks[i], b))
+        scores = None  # the first contribution becomes the sum: no zeroed (m, B) block to add to
+        for part in parts:
+            if part is not None:
+                scores = part if scores is None else scores.add_(part)
+        scores = theta.new_zeros(self.m, b) if scores is None else scores
         return scores, torch.stack(sums, dim=1) if sums else theta.new_zeros(b, 0)
 
 
@@ -195,20 +200,29 @@ def _factored_cheaper(layer: Layer, a_calls: list[Tensor], test_calls: list[Tens
     return pairs * (layer.d_out + layer.d_in) <= layer.d_out * layer.d_in
 
 
-def _contract_rows(a_calls: list[Tensor], g_calls: list[Tensor], ta: Tensor, tg: Tensor, out: Tensor) -> None:
-    """Add to ``out`` ``(m, B)`` ``<sum_s g'_s a'_s^T, sum_t g_t a_t^T>`` =
-    ``sum_{s,t} (g'_s . g_t)(a'_s . a_t)`` for test rows ``(m, T', .)`` of one call and training rows
-    ``(B, T, .)`` of one layer."""
+def _contract_rows(
+    a_calls: list[Tensor], g_calls: list[Tensor], ta: Tensor, tg: Tensor, b: int
+) -> Tensor | None:
+    """``(m, B)``: ``<sum_s g'_s a'_s^T, sum_t g_t a_t^T>`` = ``sum_{s,t} (g'_s . g_t)(a'_s . a_t)``
+    for test rows ``(m, T', .)`` of one call and training rows ``(B, T, .)`` of one layer (None when
+    the layer has no training calls)."""
     m, t_test = ta.shape[:2]
-    b = out.shape[1]
     x_a, x_g = ta.reshape(m * t_test, -1), tg.reshape(m * t_test, -1)  # (m T', d)
+    out = None
     for a, g in zip(a_calls, g_calls, strict=True):
         t = a.shape[1]
         step = max(1, _CHUNK_ELEMENTS // max(1, m * t_test * t))  # examples per (m T', step T) product
+        part = ta.new_empty(m, b) if step < b else None  # the whole product is the part otherwise
         for s in range(0, b, step):
             ya, yg = a[s : s + step].reshape(-1, a.shape[2]), g[s : s + step].reshape(-1, g.shape[2])
             prod = (x_g @ yg.T).mul_(x_a @ ya.T)  # (m T', c T)
-            out[:, s : s + step] += prod.view(m, t_test, -1, t).sum(dim=(1, 3)) if t_test * t > 1 else prod
+            prod = prod.view(m, t_test, -1, t).sum(dim=(1, 3)) if t_test * t > 1 else prod
+            if part is None:
+                part = prod
+            else:
+                part[:, s : s + step] = prod
+        out = part if out is None else out.add_(part)
+    return out
 
 
 def _contract(a_calls: list[Tensor], g_calls: list[Tensor], block: Tensor, b: int) -> Tensor:
