@@ -353,6 +353,13 @@ def main(argv: list[str] | None = None) -> int:
         help="test points per problem (e.g. 10, 100, 1000; default: each problem's own, 10)",
     )
     parser.add_argument("--lissa-depth", type=int, default=None)
+    parser.add_argument(
+        "--damping",
+        type=float,
+        default=None,
+        help="damping of every library (default 1e-3, 1e-2 on the large problems); a network's "
+        "Hessian away from a polished minimum may need more for CG to see positive curvature",
+    )
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     parser.add_argument("--repeats", type=int, default=3, help="time each row as the best of this many runs")
     parser.add_argument(
@@ -406,6 +413,8 @@ def main(argv: list[str] | None = None) -> int:
         if spec.name in {s.name for s in LARGE_PROBLEMS}:
             depth = args.lissa_depth or LARGE_SETTINGS.lissa_depth
             own = dataclasses.replace(LARGE_SETTINGS, lissa_depth=depth)
+        if args.damping is not None:
+            own = dataclasses.replace(own, damping=args.damping)
         summary, rows = run_problem(problem, own, methods, libraries, dtype, args.repeats, args.timeout_s)
         summary["settings"] = own
         print()
