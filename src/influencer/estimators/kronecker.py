@@ -46,6 +46,7 @@ from influencer.estimators.base import Estimator, Solver, require_positive
 
 FISHERS = ("auto", "exact", "sampled", "empirical")
 _MAX_OUTPUTS = 1024  # the generic output-Hessian factor is (B, D, D)
+_SOLVE_ELEMENTS = 2**18  # elements of the right-hand sides rotated at once (2 MiB in float64)
 
 
 def resolve_fisher(fisher: str, outputs: int, exact_max_outputs: int) -> str:
@@ -439,11 +440,19 @@ class KroneckerSolver(Solver):
     def solve(self, vectors: Tensor) -> Tensor:
         v = vectors.reshape(-1, self.p).to(self.damped[0])
         out = torch.empty_like(v)
-        k = v.shape[0]
-        for layer, (qs, qa), d in zip(self.layers, self.bases, self.damped, strict=True):
-            block = v[:, layer.index].view(k, layer.d_out, layer.d_in)
-            rotated = (qs.T @ block @ qa) / d  # (k, d_out, d_in) in the eigenbasis
-            out[:, layer.index] = (qs @ rotated @ qa.T).reshape(k, -1)
+        # Rows in chunks of about _SOLVE_ELEMENTS, so the rotated blocks stay in cache; each rotation
+        # is one matrix product over all rows of a chunk, not one small product per row.
+        step = max(1, _SOLVE_ELEMENTS // self.p)
+        for s in range(0, v.shape[0], step):
+            rows = v[s : s + step]
+            c = rows.shape[0]
+            for layer, (qs, qa), d in zip(self.layers, self.bases, self.damped, strict=True):
+                o, i = layer.d_out, layer.d_in
+                x = (rows[:, layer.index].view(c * o, i) @ qa).view(c, o, i)  # V Q_A
+                x = x.transpose(0, 1).reshape(o, c * i)  # (d_out, c d_in)
+                x = (qs.T @ x).view(o, c, i).div_(d[:, None, :])  # Q_S^T V Q_A / d: the eigenbasis
+                x = (qs @ x.view(o, c * i)).view(o, c, i).transpose(0, 1).reshape(c * o, i)
+                out[s : s + step, layer.index] = (x @ qa.T).view(c, -1)
         return out.reshape(vectors.shape).to(vectors.dtype)
 
     def dense(self) -> Tensor:
