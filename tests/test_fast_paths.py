@@ -323,9 +323,18 @@ def test_gradient_dot_products_name_bad_test_examples_and_fall_back_outside_the_
         def measurement(self, model, batch):
             return super().measurement(model, batch) + 0.1 * model[0].weight.sum() * batch[0][:, 0]
 
-    inf.fn.task = WeightInMeasurement(weight_decay=0.1)
-    explicit = inf.gradients((x[:3], y[:3])) @ torch.cat([g for _, g in inf.train_gradients()]).T / inf.n
-    torch.testing.assert_close(inf.scores((x[:3], y[:3])), explicit, rtol=1e-10, atol=1e-14)
+    class WeightInLoss(ClassificationTask):
+        def loss(self, model, batch):
+            return super().loss(model, batch) + 0.1 * model[0].weight.sum() * batch[0][:, 0]
+
+        def measurement(self, model, batch):
+            return ClassificationTask.loss(self, model, batch)
+
+    # the test rows fail the layer check, or the training rows do: per-example gradients either way
+    for task in (WeightInMeasurement(weight_decay=0.1), WeightInLoss(weight_decay=0.1)):
+        inf.fn.task = task
+        explicit = inf.gradients((x[:3], y[:3])) @ torch.cat([g for _, g in inf.train_gradients()]).T / inf.n
+        torch.testing.assert_close(inf.scores((x[:3], y[:3])), explicit, rtol=1e-10, atol=1e-14)
 
 
 def test_layer_scores_fall_back_when_the_loss_reaches_weights_outside_the_layers():
