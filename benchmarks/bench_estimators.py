@@ -26,10 +26,12 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
+import signal
 import sys
 import traceback
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 os.environ.setdefault("TQDM_DISABLE", "1")  # dattri and pyDVL draw progress bars by default
 
@@ -122,12 +124,48 @@ MIN_TOTAL_SECONDS = 1.0
 MAX_REPEATS = 30
 
 
-def best_of(repeats: int, run: Callable[[], Run]) -> Run:
+class RowTimeoutError(BaseException):
+    """A row ran past ``--timeout-s``: recorded as a lower bound on its time, not run to the end.
+
+    A ``BaseException``, so that no library's ``except Exception`` can swallow it."""
+
+
+@contextmanager
+def time_limit(seconds: float | None) -> Iterator[None]:
+    """Raise :class:`RowTimeoutError` in the block after ``seconds`` of wall time (SIGALRM; checked
+    between Python operations, so one long native call finishes first). None: no limit."""
+    if not seconds:
+        yield
+        return
+
+    def expire(signum: int, frame: object) -> None:
+        raise RowTimeoutError(f"over {seconds:g} s")
+
+    previous = signal.signal(signal.SIGALRM, expire)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+def best_of(repeats: int, run: Callable[[], Run], timeout: float | None = None) -> Run:
     """The fastest of at least ``repeats`` runs (timeit's rule: slower runs measure the machine, not
-    the code), repeated up to ``MAX_REPEATS`` times until they total ``MIN_TOTAL_SECONDS``."""
-    runs = [run() for _ in range(repeats)]
-    while len(runs) < MAX_REPEATS and sum(r.seconds for r in runs) < MIN_TOTAL_SECONDS:
-        runs.append(run())
+    the code), repeated up to ``MAX_REPEATS`` times until they total ``MIN_TOTAL_SECONDS``.
+
+    With ``timeout``, a run in flight at that many seconds is stopped: the best finished run counts,
+    or :class:`RowTimeoutError` when none finished."""
+    runs: list[Run] = []
+    try:
+        with time_limit(timeout):
+            while len(runs) < repeats or (
+                len(runs) < MAX_REPEATS and sum(r.seconds for r in runs) < MIN_TOTAL_SECONDS
+            ):
+                runs.append(run())
+    except RowTimeoutError:
+        if not runs:
+            raise
     return min(runs, key=lambda r: r.seconds)
 
 
@@ -138,11 +176,13 @@ def run_problem(
     libraries: list[str],
     dtype: torch.dtype,
     repeats: int = 1,
+    timeout: float | None = None,
 ) -> tuple[dict, list[dict]]:
     """All (method, library) rows for one problem; ours first, since peers reuse what it found.
 
     The reference (our exact scores) is always computed in float64; the rows run on the problem
-    cast to ``dtype``. Every row's time is the best of ``repeats`` runs.
+    cast to ``dtype``. Every row's time is the best of ``repeats`` runs; a row still running after
+    ``timeout`` seconds (all its repeats together) is stopped and recorded as ``timeout``.
     """
     ours = Ours()
     dense = problem.p <= DENSE_MAX_P
@@ -180,14 +220,18 @@ def run_problem(
                     row["info"] = {k: exact_info[k] for k in ("min_eigenvalue", "max_eigenvalue")}
                 else:
                     runner = ours if lib == "influencer" else LIBRARIES[lib]()
-                    result = best_of(repeats, lambda r=runner, m=method: r.run(m, racing, resolved))
+                    result = best_of(repeats, lambda r=runner, m=method: r.run(m, racing, resolved), timeout)
                     if lib == "influencer":
                         row["info"] = {k: v for k, v in ours.last_info.items() if k != "eigenvalues"}
                         if method == "cg":
-                            resolved.cg_iterations = ours.plain_cg_iterations(racing, resolved)
                             cg_iterations_block = int(ours.last_info["iterations"])
+                            if "dattri" in libraries:  # an untimed plain-CG solve, for dattri alone
+                                resolved.cg_iterations = ours.plain_cg_iterations(racing, resolved)
             except TooLargeError as exc:
                 rows.append({**row, "status": "n/a", "reason": str(exc)})
+                continue
+            except RowTimeoutError as exc:
+                rows.append({**row, "status": "timeout", "reason": str(exc), "seconds": timeout})
                 continue
             except NotAvailableError:
                 rows.append({**row, "status": "n/a"})
@@ -223,7 +267,9 @@ def run_problem(
         "train_seconds": problem.train_seconds,
         "lissa_scale": scale,
         "cg_iterations_ours": cg_iterations_block,
-        "cg_iterations_plain": resolved.cg_iterations if cg_iterations_block is not None else None,
+        "cg_iterations_plain": resolved.cg_iterations
+        if cg_iterations_block is not None and "dattri" in libraries
+        else None,
         "hessian_eigenvalue_range": [exact_info["min_eigenvalue"], exact_info["max_eigenvalue"]],
     }
     return summary, rows
@@ -266,7 +312,7 @@ def render(summary: dict, rows: list[dict], settings: Settings) -> str:
             )
         else:
             failed = "error: " + r.get("error", "")[:70]
-            note = r.get("reason", "not implemented") if r["status"] == "n/a" else failed
+            note = r.get("reason", "not implemented") if r["status"] in ("n/a", "timeout") else failed
             table.append([r["method"], r["library"], *[None] * 8, note])
     header = [
         "method",
@@ -307,8 +353,21 @@ def main(argv: list[str] | None = None) -> int:
         help="test points per problem (e.g. 10, 100, 1000; default: each problem's own, 10)",
     )
     parser.add_argument("--lissa-depth", type=int, default=None)
+    parser.add_argument(
+        "--damping",
+        type=float,
+        default=None,
+        help="damping of every library (default 1e-3, 1e-2 on the large problems); a network's "
+        "Hessian away from a polished minimum may need more for CG to see positive curvature",
+    )
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     parser.add_argument("--repeats", type=int, default=3, help="time each row as the best of this many runs")
+    parser.add_argument(
+        "--timeout-s",
+        type=float,
+        default=None,
+        help="stop a row (all its repeats) after this many seconds and record it as a timeout",
+    )
     parser.add_argument("--json", default=None, metavar="PATH", help="also write machine-readable results")
     args = parser.parse_args(argv)
 
@@ -354,7 +413,9 @@ def main(argv: list[str] | None = None) -> int:
         if spec.name in {s.name for s in LARGE_PROBLEMS}:
             depth = args.lissa_depth or LARGE_SETTINGS.lissa_depth
             own = dataclasses.replace(LARGE_SETTINGS, lissa_depth=depth)
-        summary, rows = run_problem(problem, own, methods, libraries, dtype, args.repeats)
+        if args.damping is not None:
+            own = dataclasses.replace(own, damping=args.damping)
+        summary, rows = run_problem(problem, own, methods, libraries, dtype, args.repeats, args.timeout_s)
         summary["settings"] = own
         print()
         print(render(summary, rows, own), flush=True)

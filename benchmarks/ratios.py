@@ -2,7 +2,8 @@
 
 Each row: our fit and score seconds, the fastest peer's total and name, and that peer's time divided
 by ours (above 1 = ours faster), with the peer's ``rel_ours`` (how closely it computes the same
-approximation) so the ratio is read at equal accuracy::
+approximation) so the ratio is read at equal accuracy. Where every peer ran past ``--timeout-s``, the
+row shows the limit and the ratio as a lower bound (``>= ...``)::
 
     python benchmarks/ratios.py out/small_t10.json out/small_t100.json ...   # Markdown to stdout
 """
@@ -34,14 +35,19 @@ def rows_of(payload: dict) -> list[tuple]:
     for problem in payload["problems"]:
         by_method: dict[str, list[dict]] = {}
         for row in problem["rows"]:
-            if row["status"] == "ok":
+            if row["status"] in ("ok", "timeout"):
                 by_method.setdefault(row["method"], []).append(row)
         for method, rows in by_method.items():
-            ours = next((r for r in rows if r["library"] == "influencer"), None)
-            peers = [r for r in rows if r["library"] != "influencer"]
+            ours = next((r for r in rows if r["library"] == "influencer" and r["status"] == "ok"), None)
             if ours is None:
                 continue
+            peers = [r for r in rows if r["library"] != "influencer" and r["status"] == "ok"]
+            # A peer stopped at the limit is slower than every peer that finished.
+            slow = [r for r in rows if r["library"] != "influencer" and r["status"] == "timeout"]
             best = min(peers, key=lambda r: r["seconds"]) if peers else None
+            bound = "" if best is not None or not slow else ">= "
+            over = "> " if bound else ""
+            best = best or (slow[0] if slow else None)
             size = f"{problem['spec']['name']} (n = {problem['n_train']:,}, p = {problem['num_params']:,})"
             out.append(
                 (
@@ -51,8 +57,8 @@ def rows_of(payload: dict) -> list[tuple]:
                     _seconds(ours["fit_seconds"]),
                     _seconds(ours["score_seconds"]),
                     _seconds(ours["seconds"]),
-                    f"{best['library']} {_seconds(best['seconds'])}" if best else "no peer",
-                    f"**{best['seconds'] / ours['seconds']:.2f}x**" if best else "",
+                    f"{best['library']} {over}{_seconds(best['seconds'])}" if best else "no peer",
+                    f"**{bound}{best['seconds'] / ours['seconds']:.2f}x**" if best else "",
                     f"{best['rel_ours']:.2g}" if best and best.get("rel_ours") is not None else "",
                 )
             )

@@ -13,12 +13,23 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
-from influencer import CG, EKFAC, KFAC, Arnoldi, BlockCG, ClassificationTask, Exact, Influence, LiSSA
+from influencer import (
+    CG,
+    EKFAC,
+    KFAC,
+    Arnoldi,
+    BlockCG,
+    ClassificationTask,
+    Exact,
+    Identity,
+    Influence,
+    LiSSA,
+)
 from influencer._kernel import curvature as curvature_module
 from influencer._kernel.functional import ModelFunction
 from influencer.data import as_examples
 from influencer.errors import ConfigError, ConvergenceError, IndefiniteHessianError, NonFiniteError
-from influencer.estimators import Curvature
+from influencer.estimators import Curvature, layer_scores
 from influencer.estimators.layer_scores import LayerScorer
 from influencer.models import MLP
 
@@ -256,6 +267,74 @@ def test_layer_scores_equal_per_example_gradient_scores(make, params, kind):
     torch.testing.assert_close(
         inf.scores_from_directions(directions, subset), explicit[:, subset], rtol=1e-10, atol=1e-14
     )
+
+
+class MarginMeasurement(QuarticPenalty):
+    """A measurement other than the loss (the gradient dot product's directions are its gradients)."""
+
+    def measurement(self, model, batch):
+        logits = self.outputs(model, batch)
+        return logits.gather(1, batch[1][:, None])[:, 0] - logits.logsumexp(1)
+
+
+@pytest.mark.parametrize(
+    ("make", "params"),
+    [
+        (lambda: MLP(6, (17, 2), 3), None),
+        (conv_net, None),
+        (TwiceUsed, None),
+        (TwiceUsed, ["shared", "head.bias"]),
+    ],
+    ids=["mlp", "conv", "shared", "bias-only"],
+)
+@pytest.mark.parametrize("factored", [True, False, None], ids=["rows", "blocks", "by-cost"])
+def test_gradient_dot_products_from_layer_rows_equal_per_example_gradients(
+    make, params, factored, monkeypatch
+):
+    # Identity keeps the test gradients as layer rows; each layer contracts them with the training
+    # rows directly ("ghost" dot products) or through dense blocks, whichever costs less (forced here).
+    if factored is not None:
+        monkeypatch.setattr(layer_scores, "_factored_cheaper", lambda *a: factored)
+    torch.manual_seed(0)
+    x, y = torch.randn(90, 6, dtype=torch.float64), torch.randint(0, 3, (90,))
+    inf = Influence(
+        make().double(), MarginMeasurement(), (x, y), estimator=Identity(), params=params, batch_size=32
+    )
+    inf.fit()
+    test = (x[:40], y[:40])  # more test points than the chunk and than any layer's smaller side
+    inf.batch_size = 16
+    explicit = inf.gradients(test) @ torch.cat([g for _, g in inf.train_gradients()]).T / inf.n
+    torch.testing.assert_close(inf.scores(test), explicit, rtol=1e-10, atol=1e-14)
+    subset = torch.tensor([80, 3, 3, 57])
+    torch.testing.assert_close(inf.scores(test, subset), explicit[:, subset], rtol=1e-10, atol=1e-14)
+
+
+def test_gradient_dot_products_name_bad_test_examples_and_fall_back_outside_the_layers():
+    torch.manual_seed(0)
+    x, y = torch.randn(60, 4, dtype=torch.float64), torch.randint(0, 2, (60,))
+    model = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 2)).double()
+    inf = Influence(model, ClassificationTask(weight_decay=0.1), (x, y), estimator=Identity()).fit()
+    bad = x[:3].clone()
+    bad[1, 2] = float("nan")
+    with pytest.raises(NonFiniteError, match=r"example\(s\) \[1\]"):
+        inf.scores((bad, y[:3]))
+
+    class WeightInMeasurement(ClassificationTask):
+        def measurement(self, model, batch):
+            return super().measurement(model, batch) + 0.1 * model[0].weight.sum() * batch[0][:, 0]
+
+    class WeightInLoss(ClassificationTask):
+        def loss(self, model, batch):
+            return super().loss(model, batch) + 0.1 * model[0].weight.sum() * batch[0][:, 0]
+
+        def measurement(self, model, batch):
+            return ClassificationTask.loss(self, model, batch)
+
+    # the test rows fail the layer check, or the training rows do: per-example gradients either way
+    for task in (WeightInMeasurement(weight_decay=0.1), WeightInLoss(weight_decay=0.1)):
+        inf.fn.task = task
+        explicit = inf.gradients((x[:3], y[:3])) @ torch.cat([g for _, g in inf.train_gradients()]).T / inf.n
+        torch.testing.assert_close(inf.scores((x[:3], y[:3])), explicit, rtol=1e-10, atol=1e-14)
 
 
 def test_layer_scores_fall_back_when_the_loss_reaches_weights_outside_the_layers():

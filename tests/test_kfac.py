@@ -22,6 +22,7 @@ from influencer._kernel.stats import pearson
 from influencer.data import as_examples
 from influencer.datasets import load_digits, load_tabular
 from influencer.errors import ConfigError, IndefiniteHessianError
+from influencer.estimators import kronecker
 from influencer.estimators.ekfac import EKFAC, corrected_eigenvalues
 from influencer.estimators.kfac import KFAC
 from influencer.estimators.kronecker import covariance_factors, eigenbasis, find_layers
@@ -100,7 +101,7 @@ def logistic_gauss_newton(model, x) -> torch.Tensor:
     return g.reshape(650, 650)
 
 
-def test_ekfac_corrects_kfac_eigenvalues_on_digits(logistic):
+def test_ekfac_corrects_kfac_eigenvalues_on_digits(logistic, monkeypatch):
     model, task = logistic
     d = digits()
     wd = task.weight_decay
@@ -134,6 +135,9 @@ def test_ekfac_corrects_kfac_eigenvalues_on_digits(logistic):
     solver = EKFAC(damping=1e-2).fit(kfac.curvature)
     v = torch.randn(3, 650, dtype=F64, generator=torch.Generator().manual_seed(0))
     expected = torch.linalg.solve(solver.dense() + 1e-2 * torch.eye(650, dtype=F64), v.T).T
+    assert torch.allclose(solver.solve(v), expected, rtol=1e-9, atol=1e-12)
+    # in chunks of rows (two rows per chunk here), the same answer
+    monkeypatch.setattr(kronecker, "_SOLVE_ELEMENTS", 2 * 650)
     assert torch.allclose(solver.solve(v), expected, rtol=1e-9, atol=1e-12)
 
 

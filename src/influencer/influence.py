@@ -51,7 +51,7 @@ from influencer._kernel.task import Task
 from influencer.estimators import Estimator, Solver
 from influencer.estimators.auto import Choice, choose_estimator
 from influencer.estimators.kronecker import KroneckerSolver
-from influencer.estimators.layer_scores import LayerScorer
+from influencer.estimators.layer_scores import LayerRows, LayerScorer, capture_rows
 
 _KEEP: Any = object()  # replace(): keep this setting as it is
 log = logging.getLogger(__name__)
@@ -64,6 +64,15 @@ GRADIENT_BLOCK_BYTES = 256 * 2**20
 def default_batch_size(p: int, dtype: torch.dtype) -> int:
     """Examples per gradient chunk: a ``GRADIENT_BLOCK_BYTES`` block of ``(B, p)``, 128 to 4,096."""
     return int(min(4096, max(128, GRADIENT_BLOCK_BYTES // max(p * dtype.itemsize, 1))))
+
+
+def default_solve_batch(p: int, dtype: torch.dtype) -> int:
+    """Right-hand sides per solve: a ``GRADIENT_BLOCK_BYTES`` block of ``(k, p)``, 256 to 4,096.
+
+    Block CG over more columns needs fewer passes over the data (once the columns outnumber the
+    parameters, one), so a small model's test points are solved together.
+    """
+    return int(min(4096, max(256, GRADIENT_BLOCK_BYTES // max(p * dtype.itemsize, 1))))
 
 
 class Influence:
@@ -92,7 +101,8 @@ class Influence:
             256 MiB block of ``(B, p)`` gradients, between 128 and 4,096: the whole training set of
             a small model in a few chunks, where per-chunk overhead would otherwise dominate).
         hessian_batch_size: examples per chunk for Hessian-vector products.
-        solve_batch: right-hand sides per inverse-HVP call (bounds memory for many test points).
+        solve_batch: right-hand sides per inverse-HVP call (bounds memory for many test points;
+            default: as many as fill a 256 MiB block of ``(k, p)``, between 256 and 4,096).
         device: where to compute (``"cpu"``, ``"cuda"``, ...); default the model's device.
         dtype: compute dtype (e.g. ``torch.float64``); default the model's.
         progress: progress bars on stderr for the long steps (gradient passes, curvature fits,
@@ -116,13 +126,14 @@ class Influence:
         hessian_indices: Sequence[int] | Tensor | None = None,
         batch_size: int | None = None,
         hessian_batch_size: int = 512,
-        solve_batch: int = 256,
+        solve_batch: int | None = None,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
         progress: bool | None = None,
         distributed: bool = False,
     ) -> None:
-        if min(128 if batch_size is None else batch_size, hessian_batch_size, solve_batch) < 1:
+        sizes = [hessian_batch_size, *(n for n in (batch_size, solve_batch) if n is not None)]
+        if min(sizes) < 1:
             raise ConfigError("batch_size, hessian_batch_size and solve_batch must be >= 1")
         if not isinstance(task, Task):
             raise ConfigError(f"task must be an influencer.Task, got {type(task).__name__}")
@@ -140,7 +151,9 @@ class Influence:
         self.choice: Choice | None = choice
         self.batch_size = default_batch_size(self.fn.p, self.fn.dtype) if batch_size is None else batch_size
         self.hessian_batch_size = hessian_batch_size
-        self.solve_batch = solve_batch
+        self.solve_batch = (
+            default_solve_batch(self.fn.p, self.fn.dtype) if solve_batch is None else solve_batch
+        )
         self.progress = progress
         self.distributed = distributed
         self.hvp = hvp
@@ -171,6 +184,7 @@ class Influence:
         self._solver: Solver | None = None
         self._reg_grad = grad(fn.regularizer)(self._theta)
         self._fingerprints: dict[str, Any] = {}
+        self._found_layers: tuple[list[Layer] | None] | None = None  # find_layers(fn), once
 
     def replace(
         self,
@@ -596,32 +610,58 @@ class Influence:
 
         Positive = helpful, negative = harmful (see :mod:`influencer._kernel.scores`).
         """
-        directions = self.test_directions(test)
-        return self.scores_from_directions(directions, train_indices)
+        if self.solver.identity and (rows := self._test_rows(test)) is not None:
+            return self._scores(rows, train_indices)
+        return self._scores(self.test_directions(test), train_indices)
 
     def _score_layers(self) -> list[Layer] | None:
         """The layers holding every chosen parameter (a Kronecker solver's, or found), else None."""
         if isinstance(self._solver, KroneckerSolver):
             return self._solver.layers
-        try:
-            return find_layers(self.fn)
-        except ConfigError:
+        if self._found_layers is None:
+            try:
+                self._found_layers = (find_layers(self.fn),)
+            except ConfigError:
+                self._found_layers = (None,)
+        return self._found_layers[0]
+
+    def _test_rows(self, test: Any) -> LayerRows | None:
+        """The test measurements' gradients in layer form (the gradient dot product's directions,
+        never formed as ``(m, p)``); None where the layers do not hold them or a row is not finite
+        (then the per-example path computes them, and names any bad example)."""
+        layers = self._score_layers()
+        if layers is None:
             return None
+        parts = []
+        for ids, batch in self.examples(test).chunks(self.batch_size):
+            self.fn.task.check_batch(batch, ids)
+            batch = self.fn.prepare(batch)
+            with self.fn.failures_explained(self.theta, batch, ids):
+                rows = capture_rows(self.fn, layers, self.theta, batch, self.fn.task.measurement)
+            if rows is None or not rows.finite():
+                return None
+            parts.append(rows)
+        return LayerRows.cat(parts) if parts else None
 
     def scores_from_directions(
         self, directions: Tensor, train_indices: Sequence[int] | Tensor | None = None
     ) -> Tensor:
         """Scores ``(m, c)`` from precomputed ``s_test`` directions ``(m, p)``."""
-        directions = directions.to(self.theta)
-        # s . g_i = s . grad loss_i + s . grad Omega: the regulariser enters once, as a column shift.
-        shift = removal_scores(directions, self._reg_grad[None], self.n)  # (m, 1)
+        return self._scores(directions.to(self.theta), train_indices)
+
+    def _scores(self, directions: Tensor | LayerRows, train_indices: Sequence[int] | Tensor | None) -> Tensor:
+        """Scores ``(m, c)`` from directions ``(m, p)`` or in layer form (:class:`LayerRows`)."""
         # When every chosen parameter is in a Linear/Conv layer (whatever the solver), the layers give
         # the loss-gradient dot products without (c, p) per-example gradients.
-        layers = self._score_layers() if directions.shape[0] > 0 else None
+        if isinstance(directions, LayerRows):
+            layers = self._score_layers()
+            # s . g_i = s . grad loss_i + s . grad Omega: the regulariser enters once, as a column shift.
+            shift = (directions.dot(layers, self._reg_grad) / self.n)[:, None]  # (m, 1)
+        else:
+            layers = self._score_layers() if directions.shape[0] > 0 else None
+            shift = removal_scores(directions, self._reg_grad[None], self.n)  # (m, 1)
         scorer = LayerScorer(self.fn, layers, directions) if layers is not None else None
-        # A row of ones makes the product also return each gradient's row sum, the finite check,
-        # at almost no cost: the product is bound by reading the gradients, which it does anyway.
-        probe = torch.cat([directions, directions.new_ones(1, self.p)])  # (m + 1, p)
+        probe = None
         cols = []
         for ids, batch in self._train_batches(train_indices, "training gradients"):
             got = scorer(self.theta, batch) if scorer is not None else None
@@ -631,12 +671,21 @@ class Influence:
                 cols.append(block.div_(self.n).add_(shift))
                 continue
             scorer = None  # the layers do not hold the whole loss gradient: per-example gradients
+            if probe is None:
+                if isinstance(directions, LayerRows):
+                    directions = directions.dense(layers, self.theta)
+                # A row of ones makes the product also return each gradient's row sum, the finite
+                # check, at almost no cost: the product is bound by reading the gradients anyway.
+                probe = torch.cat([directions, directions.new_ones(1, self.p)])  # (m + 1, p)
             g = self.fn.example_loss_grads(self.theta, batch)
             block = removal_scores(probe, g, self.n)  # (m + 1, c)
             if not bool(torch.isfinite(block[-1]).all()):
                 self._checked(g, ids, "training-loss")  # names the bad examples (or was an overflow)
             cols.append(block[:-1].add_(shift))
-        local = torch.cat(cols, dim=1) if cols else directions.new_zeros(directions.shape[0], 0)
+        m = directions.m if isinstance(directions, LayerRows) else directions.shape[0]
+        local = (
+            (cols[0] if len(cols) == 1 else torch.cat(cols, dim=1)) if cols else self.theta.new_zeros(m, 0)
+        )
         return all_gather_blocks(local, dim=1) if self.distributed else local
 
     def influence_up_loss(self, test: Any, train_indices: Sequence[int] | Tensor | None = None) -> Tensor:

@@ -230,6 +230,54 @@ class LayerCapture:
         return out
 
 
+class ProbeCapture(LayerCapture):
+    """:class:`LayerCapture` that adds a zero leaf (a probe) to each layer call's output.
+
+    The gradient with respect to a probe is the gradient with respect to that output, so a
+    backward pass asks autograd for the probes only and never computes the weights' gradients.
+    """
+
+    def start(self, batch: int) -> None:
+        super().start(batch)
+        self.probes: list[list[Tensor]] = [[] for _ in self.layers]
+
+    def forward_hook(self, i: int):  # type: ignore[override]
+        def hook(module: nn.Module, inputs: tuple[Any, ...], output: Tensor) -> Tensor:
+            layer = self.layers[i]
+            self.acts[i].append(layer.inputs(inputs[0], self.batch))
+            if not output.requires_grad:
+                raise ConfigError(f"layer {layer.name!r} ran without autograd (torch.no_grad in the task?)")
+            probe = torch.zeros_like(output, requires_grad=True)
+            self.probes[i].append(probe)
+            # A new tensor: the model editing it in place later (e.g. ReLU(inplace=True)) cannot
+            # change the gradient that reaches the probe.
+            return output + probe
+
+        return hook
+
+    def backward(
+        self, out: Tensor, cotangent: Tensor, theta: Tensor | None, retain: bool
+    ) -> tuple[list[list[Tensor]], Tensor | None]:
+        """Output-gradient rows per layer and call (as :meth:`gradient_rows`) for one direction,
+        and the parameters' gradient when ``theta`` is given (for :func:`check_layer_model`)."""
+        probes = [probe for calls in self.probes for probe in calls]
+        inputs = probes if theta is None else [*probes, theta]
+        grads = torch.autograd.grad(out, inputs, cotangent, retain_graph=retain, allow_unused=True)
+        rows, k = [], 0
+        for i, layer in enumerate(self.layers):
+            calls = []
+            for a in self.acts[i]:
+                g = grads[k]
+                k += 1
+                calls.append(
+                    layer.output_grads(g, self.batch)
+                    if g is not None
+                    else a.new_zeros(*a.shape[:2], layer.d_out)
+                )
+            rows.append(calls)
+        return rows, (grads[-1] if theta is not None else None)
+
+
 def check_layer_model(layers: list[Layer], acts: list[list[Tensor]], grads: list[list[Tensor]], g: Tensor):
     """Raise unless ``sum_{i,t} g a^T`` per layer equals autograd's gradient of those parameters.
 

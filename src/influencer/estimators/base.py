@@ -62,6 +62,9 @@ class Solver(ABC):
     """A fitted estimator: applies the (approximate) damped inverse Hessian."""
 
     info: dict[str, Any]
+    # ``solve`` returns its input (the gradient dot product): scoring may keep the test gradients in
+    # their factored layer form instead of forming ``(m, p)`` directions.
+    identity: bool = False
 
     @abstractmethod
     def solve(self, vectors: Tensor) -> Tensor:

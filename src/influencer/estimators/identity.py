@@ -33,6 +33,8 @@ class Identity(Estimator):
 
 
 class IdentitySolver(Solver):
+    identity = True
+
     def __init__(self) -> None:
         self.info = {}
 

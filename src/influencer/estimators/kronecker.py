@@ -36,7 +36,7 @@ from influencer._kernel.errors import ConfigError, IndefiniteHessianError
 from influencer._kernel.functional import ModelFunction
 from influencer._kernel.layers import (
     Layer,
-    LayerCapture,
+    ProbeCapture,
     check_layer_model,
     find_layers,
     supported_parameters,
@@ -46,58 +46,7 @@ from influencer.estimators.base import Estimator, Solver, require_positive
 
 FISHERS = ("auto", "exact", "sampled", "empirical")
 _MAX_OUTPUTS = 1024  # the generic output-Hessian factor is (B, D, D)
-
-
-# ---- capture for the Fisher sweeps ------------------------------------------------------------
-
-
-class ProbeCapture(LayerCapture):
-    """:class:`~influencer._kernel.layers.LayerCapture` that adds a zero leaf (a probe) to each layer
-    call's output.
-
-    The gradient with respect to a probe is the gradient with respect to that output, so a
-    backward pass asks autograd for the probes only and never computes the weights' gradients.
-    """
-
-    def start(self, batch: int) -> None:
-        super().start(batch)
-        self.probes: list[list[Tensor]] = [[] for _ in self.layers]
-
-    def forward_hook(self, i: int):  # type: ignore[override]
-        def hook(module: nn.Module, inputs: tuple[Any, ...], output: Tensor) -> Tensor:
-            layer = self.layers[i]
-            self.acts[i].append(layer.inputs(inputs[0], self.batch))
-            if not output.requires_grad:
-                raise ConfigError(f"layer {layer.name!r} ran without autograd (torch.no_grad in the task?)")
-            probe = torch.zeros_like(output, requires_grad=True)
-            self.probes[i].append(probe)
-            # A new tensor: the model editing it in place later (e.g. ReLU(inplace=True)) cannot
-            # change the gradient that reaches the probe.
-            return output + probe
-
-        return hook
-
-    def backward(
-        self, out: Tensor, cotangent: Tensor, theta: Tensor | None, retain: bool
-    ) -> tuple[list[list[Tensor]], Tensor | None]:
-        """Output-gradient rows per layer and call (as :meth:`gradient_rows`) for one direction,
-        and the parameters' gradient when ``theta`` is given (for :func:`check_layer_model`)."""
-        probes = [probe for calls in self.probes for probe in calls]
-        inputs = probes if theta is None else [*probes, theta]
-        grads = torch.autograd.grad(out, inputs, cotangent, retain_graph=retain, allow_unused=True)
-        rows, k = [], 0
-        for i, layer in enumerate(self.layers):
-            calls = []
-            for a in self.acts[i]:
-                g = grads[k]
-                k += 1
-                calls.append(
-                    layer.output_grads(g, self.batch)
-                    if g is not None
-                    else a.new_zeros(*a.shape[:2], layer.d_out)
-                )
-            rows.append(calls)
-        return rows, (grads[-1] if theta is not None else None)
+_SOLVE_ELEMENTS = 2**18  # elements of the right-hand sides rotated at once (2 MiB in float64)
 
 
 def resolve_fisher(fisher: str, outputs: int, exact_max_outputs: int) -> str:
@@ -491,11 +440,19 @@ class KroneckerSolver(Solver):
     def solve(self, vectors: Tensor) -> Tensor:
         v = vectors.reshape(-1, self.p).to(self.damped[0])
         out = torch.empty_like(v)
-        k = v.shape[0]
-        for layer, (qs, qa), d in zip(self.layers, self.bases, self.damped, strict=True):
-            block = v[:, layer.index].view(k, layer.d_out, layer.d_in)
-            rotated = (qs.T @ block @ qa) / d  # (k, d_out, d_in) in the eigenbasis
-            out[:, layer.index] = (qs @ rotated @ qa.T).reshape(k, -1)
+        # Rows in chunks of about _SOLVE_ELEMENTS, so the rotated blocks stay in cache; each rotation
+        # is one matrix product over all rows of a chunk, not one small product per row.
+        step = max(1, _SOLVE_ELEMENTS // self.p)
+        for s in range(0, v.shape[0], step):
+            rows = v[s : s + step]
+            c = rows.shape[0]
+            for layer, (qs, qa), d in zip(self.layers, self.bases, self.damped, strict=True):
+                o, i = layer.d_out, layer.d_in
+                x = (rows[:, layer.index].view(c * o, i) @ qa).view(c, o, i)  # V Q_A
+                x = x.transpose(0, 1).reshape(o, c * i)  # (d_out, c d_in)
+                x = (qs.T @ x).view(o, c, i).div_(d[:, None, :])  # Q_S^T V Q_A / d: the eigenbasis
+                x = (qs @ x.view(o, c * i)).view(o, c, i).transpose(0, 1).reshape(c * o, i)
+                out[s : s + step, layer.index] = (x @ qa.T).view(c, -1)
         return out.reshape(vectors.shape).to(vectors.dtype)
 
     def dense(self) -> Tensor:
