@@ -487,21 +487,15 @@ def ragged(n: int, seed: int) -> list[dict[str, torch.Tensor]]:
     return [{"input_ids": x, "labels": y} for x, y in zip(ids, labels, strict=True)]
 
 
-PAD_BLIND = pytest.mark.xfail(
-    strict=True,
-    reason="K-FAC's activation factor A averages over every (example, position) row, pad positions "
-    "included, so its scores depend on how far each batch is padded",
-)
-
-
 @pytest.mark.parametrize(
     "estimator, params, curvature",
     [
         (Exact(damping=0.1), ["classifier", "bert.encoder.layer.0.attention.self.value"], None),
         (CG(damping=1e-3, tol=1e-12), None, "gauss_newton"),
-        pytest.param(EKFAC(relative_damping=0.1), "supported", None, marks=PAD_BLIND),
+        (EKFAC(relative_damping=0.1), "supported", None),  # input factors over real tokens only
+        (KFAC(relative_damping=0.1), "supported", None),
     ],
-    ids=["exact", "cg", "ekfac"],
+    ids=["exact", "cg", "ekfac", "kfac"],
 )
 def test_a_dataloader_padding_each_batch_gives_the_scores_of_one_padded_tensor(estimator, params, curvature):
     train_items, test_items = ragged(16, seed=0), ragged(5, seed=1)

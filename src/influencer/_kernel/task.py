@@ -81,6 +81,15 @@ class Task:
         """
         return 0.0 if type(self).regularizer is Task.regularizer else None
 
+    def positions(self, batch: Batch) -> Tensor | None:
+        """Which positions ``(B, T)`` of a batch of padded sequences are real (True), not padding.
+
+        K-FAC's and EK-FAC's input factor averages a layer's input rows over these positions only
+        (for layers that run once per position), so a batch's scores do not depend on how far it is
+        padded. Default None: every position of every layer counts.
+        """
+        return None
+
     def fisher_directions(
         self, outputs: Tensor, batch: Batch, samples: int | None, generator: torch.Generator
     ) -> Tensor | None:

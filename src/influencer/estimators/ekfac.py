@@ -69,7 +69,7 @@ def corrected_eigenvalues(
     dtype, device = curvature.dtype, curvature.device
     lam = [torch.zeros(layer.d_out, layer.d_in, dtype=dtype, device=device) for layer in layers]
     n = 0
-    for b, acts, directions in sweep(curvature, layers, fisher, samples, seed, "EK-FAC eigenvalues"):
+    for b, acts, directions, _ in sweep(curvature, layers, fisher, samples, seed, "EK-FAC eigenvalues"):
         n += b
         rotated = [[a @ q_a for a in calls] for calls, (_, q_a) in zip(acts, bases, strict=True)]
         for grads, weight in directions:

@@ -89,15 +89,16 @@ def sweep(
     desc: str,
     exact_max_outputs: int = 0,
     record: dict[str, Any] | None = None,
-) -> Iterator[tuple[int, list[list[Tensor]], Iterator[tuple[list[list[Tensor]], float]]]]:
-    """For each chunk of the curvature's examples: ``(B, acts, directions)``.
+) -> Iterator[tuple[int, list[list[Tensor]], Iterator[tuple[list[list[Tensor]], float]], Tensor | None]]:
+    """For each chunk of the curvature's examples: ``(B, acts, directions, positions)``.
 
     ``acts[l][k]`` are the activation rows ``(B, T, d_in)`` of layer l's k-th call; iterating
     ``directions`` runs one backward pass per output direction and yields the output-gradient rows
     (same nesting, ``(B, T, d_out)``) with the direction's weight. The weighted sum over directions
     of ``g g^T`` has, per example, the expectation of the chosen Fisher. ``fisher="auto"`` is
     resolved per chunk by :func:`resolve_fisher`; ``record`` (if given) receives the Fisher used
-    and the number of outputs per example.
+    and the number of outputs per example. ``positions`` ``(B, T)`` bool or None: the task's real
+    (not padding) positions (:meth:`~influencer._kernel.task.Task.positions`).
     """
     fn = curvature.fn
     theta = curvature.theta.detach().requires_grad_(True)
@@ -138,7 +139,7 @@ def sweep(
                         checked = True
                     yield rows, weight
 
-            yield len(ids), cap.acts, run()
+            yield len(ids), cap.acts, run(), fn.task.positions(batch)
 
 
 def _directions(fn: ModelFunction, out: Tensor, batch: Any, fisher: str, samples: int, gen: torch.Generator):
@@ -178,11 +179,15 @@ def covariance_factors(
     rows = [0] * len(layers)
     n = 0
     chunks = sweep(curvature, layers, fisher, samples, seed, "K-FAC factors", exact_max_outputs, record)
-    for b, acts, directions in chunks:
+    for b, acts, directions, positions in chunks:
         n += b
         for i, calls in enumerate(acts):
             for a in calls:
-                a = a.flatten(0, 1)  # (B*T, d_in)
+                # Padding positions are left out of the average for layers that run once per
+                # position: their inputs are whatever the padding token gives, and their number
+                # depends on how far each batch was padded (their output gradients are 0).
+                real = positions is not None and a.shape[:2] == positions.shape
+                a = a[positions.to(a.device)] if real else a.flatten(0, 1)  # (rows, d_in)
                 A[i].addmm_(a.T, a)
                 rows[i] += a.shape[0]
         for grads, weight in directions:

@@ -132,6 +132,11 @@ class HuggingFaceTask(DecayedTask):
             inputs.setdefault("use_cache", False)  # no key/value cache: nothing is generated
         return inputs
 
+    def positions(self, batch: Batch) -> Tensor | None:
+        """The padding mask ``(B, T)`` (``attention_mask`` as bool), or None without one."""
+        mask = batch.get("attention_mask") if isinstance(batch, Mapping) else None
+        return mask.bool() if isinstance(mask, Tensor) and mask.ndim == 2 else None
+
     def logits(self, model: nn.Module, batch: Batch) -> Tensor:
         """``model(**inputs).logits``; a model that cannot run under ``vmap`` raises naming the fix."""
         inputs = self.model_inputs(model, batch)
