@@ -37,7 +37,6 @@ import dataclasses
 import logging
 import time
 import warnings
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -53,7 +52,7 @@ from influencer.app.job.job import Job
 from influencer.app.job.recipe import log_replay, recipe, single_model, start_parameters
 from influencer.app.run.devices import resolve_device
 from influencer.app.run.gradient_store import refuse_store_as_run
-from influencer.app.run.logs import Stopwatch, logged_stop, run_logging
+from influencer.app.run.logs import Stopwatch, opened_run
 from influencer.app.run.store import RunStore, jsonable
 from influencer.app.settings.evaluate import EvaluateConfig
 from influencer.app.settings.explain import ExplainConfig
@@ -98,14 +97,11 @@ def run_evaluation(
     resolve_device(config.device)  # a device this machine lacks is refused before anything is written
     run_dir = Path(config.out)
     refuse_store_as_run(config.out)
-    with RunStore(run_dir) as store, run_logging(run_dir, console) as warned:
-        log.info(
-            "influencer evaluate: run directory %s (%s)",
-            run_dir,
-            datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        )
-        with logged_stop(log):
-            return _run(config, settings, job, store, warned)
+    with opened_run(run_dir, console, log, f"influencer evaluate: run directory {run_dir}") as (
+        store,
+        warned,
+    ):
+        return _run(config, settings, job, store, warned)
 
 
 @dataclasses.dataclass

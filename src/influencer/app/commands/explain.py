@@ -17,7 +17,6 @@ through the run directory's cache (:mod:`~influencer.app.run.cached`), and the o
 from __future__ import annotations
 
 import logging
-from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
@@ -29,7 +28,7 @@ from influencer.app.report.explanation import ExplainResult, Explanation, log_to
 from influencer.app.run.cached import open_sections, scores_from_cache, test_directions
 from influencer.app.run.devices import resolve_device
 from influencer.app.run.gradient_store import refuse_store_as_run
-from influencer.app.run.logs import Stopwatch, logged_stop, run_logging
+from influencer.app.run.logs import Stopwatch, opened_run
 from influencer.app.run.outputs import finish
 from influencer.app.run.store import RunStore
 from influencer.app.settings.explain import ExplainConfig
@@ -58,15 +57,9 @@ def explain(config: ExplainConfig, job: Job | None = None, *, console: bool = Tr
     resolve_device(config.device)  # a device this machine lacks is refused before anything is written
     run_dir = Path(config.out)
     refuse_store_as_run(config.out)
-    with RunStore(run_dir) as store, run_logging(run_dir, console) as warned:
-        log.info(
-            "influencer explain: run directory %s (%s)",
-            run_dir,
-            datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        )
-        log.debug("settings: %s", config.to_json())
-        with logged_stop(log):
-            return _run(config, job, store, warned)
+    title = f"influencer explain: run directory {run_dir}"
+    with opened_run(run_dir, console, log, title, settings=config.to_json()) as (store, warned):
+        return _run(config, job, store, warned)
 
 
 def _run(config: ExplainConfig, job: Job | None, store: RunStore, warned: list[str]) -> ExplainResult:

@@ -12,7 +12,6 @@ name, instead of exact gradients and inverse-HVP solves; the report and ``summar
 from __future__ import annotations
 
 import logging
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -24,22 +23,15 @@ from influencer.app.job.evaluation import evaluate_and_choose
 from influencer.app.job.job import Job
 from influencer.app.report.explanation import ExplainResult, Explanation, StoreScoring, log_top
 from influencer.app.run.cached import optimality_of_norms, solver_text
-from influencer.app.run.checkpoints import (
-    Checkpoints,
-    is_checkpoint_directory,
-    open_checkpoints,
-    read_checkpoints,
-    refuse_flags,
-)
+from influencer.app.run.checkpoints import Checkpoints, checkpoints_or_store, open_checkpoints
 from influencer.app.run.devices import resolve_device
 from influencer.app.run.gradient_store import (
-    check_store_task,
     open_store,
     read_job_settings,
     refuse_store_as_run,
     same_directory,
 )
-from influencer.app.run.logs import Stopwatch, logged_stop, run_logging
+from influencer.app.run.logs import Stopwatch, opened_run
 from influencer.app.run.outputs import finish
 from influencer.app.run.store import RunStore, jsonable
 from influencer.app.run.store_scoring import Subset, describe_store, projection_text
@@ -74,29 +66,16 @@ def explain_with_store(
             f"--out {run_dir} is the store itself: explain writes its run elsewhere (e.g. runs/explain)"
         )
     refuse_store_as_run(config.out)
-    checkpoints = None
-    if is_checkpoint_directory(root):  # stores a training run wrote, one per checkpoint
-        refuse_flags(
-            preconditioner=config.preconditioner,
-            relative_damping=config.relative_damping,
-            damping=config.damping,
-        )
-        checkpoints = read_checkpoints(root)
-    else:
-        check_store_task(root, config.task, job is not None)  # before anything is written
-    with RunStore(run_dir) as run, run_logging(run_dir, console) as warned:
-        log.info(
-            "influencer explain: run directory %s (%s); scores from the gradient store %s",
-            run_dir,
-            datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            root,
-        )
-        log.debug("settings: %s", config.to_json())
-        with logged_stop(log):
-            if checkpoints is not None:
-                return _run_checkpoints(config, job, checkpoints, run, warned)
-            with open_store(root) as (store, record):
-                return _run(config, job, store, record, run, warned)
+    checkpoints = checkpoints_or_store(
+        root, config.task, job is not None, preconditioner=config.preconditioner,
+        relative_damping=config.relative_damping, damping=config.damping,
+    )  # fmt: skip
+    title, after = f"influencer explain: run directory {run_dir}", f"; scores from the gradient store {root}"
+    with opened_run(run_dir, console, log, title, settings=config.to_json(), after=after) as (run, warned):
+        if checkpoints is not None:
+            return _run_checkpoints(config, job, checkpoints, run, warned)
+        with open_store(root) as (store, record):
+            return _run(config, job, store, record, run, warned)
 
 
 def _run_checkpoints(

@@ -41,7 +41,7 @@ from influencer.app.run.gradient_store import (
     fingerprint_changes,
     index_path,
 )
-from influencer.app.run.logs import Stopwatch, logged_stop, run_logging
+from influencer.app.run.logs import Stopwatch, opened_run
 from influencer.app.run.store import RunStore, jsonable
 from influencer.app.run.store_scoring import preconditioning, projection_text
 from influencer.app.settings.store import DEFAULT_K, DEFAULT_K_IN, DEFAULT_K_OUT, JOB_FIELDS, IndexConfig
@@ -82,13 +82,9 @@ def build_index(config: IndexConfig, job: Job | None = None, *, console: bool = 
     resolve_device(config.device)  # a device this machine lacks is refused before anything is written
     root = Path(config.out)
     check_writable(root)
-    with RunStore(root) as store, run_logging(root, console, LOG_FILE) as warned:
-        log.info(
-            "influencer index: store %s (%s)", root, datetime.now(timezone.utc).isoformat(timespec="seconds")
-        )
-        log.debug("settings: %s", config.to_json())
-        with logged_stop(log):
-            return _build(config, job, store, warned)
+    title, settings = f"influencer index: store {root}", config.to_json()
+    with opened_run(root, console, log, title, file_name=LOG_FILE, settings=settings) as (store, warned):
+        return _build(config, job, store, warned)
 
 
 def _changed(root: Path, changes: list[str]) -> GradientStoreError:

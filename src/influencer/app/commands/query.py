@@ -22,7 +22,6 @@ import dataclasses
 import hashlib
 import json
 import logging
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -42,22 +41,15 @@ from influencer.app.job.evaluation import (
 from influencer.app.job.job import Job
 from influencer.app.report.explanation import candidates_json, find_candidates
 from influencer.app.report.summary import SIGN_CONVENTION
-from influencer.app.run.checkpoints import (
-    Checkpoints,
-    is_checkpoint_directory,
-    open_checkpoints,
-    read_checkpoints,
-    refuse_flags,
-)
+from influencer.app.run.checkpoints import Checkpoints, checkpoints_or_store, open_checkpoints
 from influencer.app.run.devices import resolve_device
 from influencer.app.run.gradient_store import (
-    check_store_task,
     open_store,
     read_job_settings,
     refuse_store_as_run,
     same_directory,
 )
-from influencer.app.run.logs import Stopwatch, logged_stop, run_logging
+from influencer.app.run.logs import Stopwatch, opened_run
 from influencer.app.run.store import RunStore, array_bytes, jsonable
 from influencer.app.run.store_scoring import Subset, describe_store, projection_text
 from influencer.app.settings.store import QueryConfig
@@ -105,27 +97,16 @@ def query_store(config: QueryConfig, job: Job | None = None, *, console: bool = 
             f"--out {out} is the store itself: a query writes its results elsewhere (e.g. --out runs/query)"
         )
     refuse_store_as_run(config.out)
-    checkpoints = None
-    if is_checkpoint_directory(root):  # stores a training run wrote, one per checkpoint
-        refuse_flags(
-            preconditioner=config.preconditioner, relative_damping=config.relative_damping,
-            damping=config.damping, checkpoint=config.checkpoint,
-        )  # fmt: skip
-        checkpoints = read_checkpoints(root)
-    else:
-        check_store_task(root, config.task, job is not None)  # before anything is written
-    with RunStore(out) as run, run_logging(out, console, LOG_FILE) as warned:
-        log.info(
-            "influencer query: run directory %s (%s)",
-            out,
-            datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        )
-        log.debug("settings: %s", config.to_json())
-        with logged_stop(log):
-            if checkpoints is not None:
-                return _query(config, job, checkpoints, {}, run, warned)
-            with open_store(root) as (store, record):
-                return _query(config, job, store, record, run, warned)
+    checkpoints = checkpoints_or_store(
+        root, config.task, job is not None, preconditioner=config.preconditioner,
+        relative_damping=config.relative_damping, damping=config.damping, checkpoint=config.checkpoint,
+    )  # fmt: skip
+    title, settings = f"influencer query: run directory {out}", config.to_json()
+    with opened_run(out, console, log, title, file_name=LOG_FILE, settings=settings) as (run, warned):
+        if checkpoints is not None:
+            return _query(config, job, checkpoints, {}, run, warned)
+        with open_store(root) as (store, record):
+            return _query(config, job, store, record, run, warned)
 
 
 def _query(

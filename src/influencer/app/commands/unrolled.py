@@ -15,7 +15,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import warnings
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +26,7 @@ from influencer.app.job.job import Job
 from influencer.app.report.explanation import ExplainResult, Explanation, log_top
 from influencer.app.run.devices import resolve_device
 from influencer.app.run.gradient_store import refuse_store_as_run
-from influencer.app.run.logs import Stopwatch, logged_stop, run_logging
+from influencer.app.run.logs import Stopwatch, opened_run
 from influencer.app.run.outputs import finish
 from influencer.app.run.store import RunStore
 from influencer.app.settings.explain import ExplainConfig
@@ -49,14 +48,9 @@ def explain_unrolled(config: ExplainConfig, job: Job | None = None, *, console: 
     resolve_device(config.device)  # a device this machine lacks is refused before anything is written
     run_dir = Path(config.out)
     refuse_store_as_run(config.out)
-    with RunStore(run_dir) as store, run_logging(run_dir, console) as warned:
-        log.info(
-            "influencer explain --method unrolled: run directory %s (%s)",
-            run_dir,
-            datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        )
-        with logged_stop(log):
-            return _run(config, job, store, warned)
+    title = f"influencer explain --method unrolled: run directory {run_dir}"
+    with opened_run(run_dir, console, log, title) as (store, warned):
+        return _run(config, job, store, warned)
 
 
 def refuse_unrolled_settings(config: ExplainConfig) -> None:

@@ -20,7 +20,7 @@ import torch
 
 from influencer import Identity
 from influencer.app.job.job import Job
-from influencer.app.run.gradient_store import GradientStoreError, index_path
+from influencer.app.run.gradient_store import GradientStoreError, check_store_task, index_path
 from influencer.errors import ConfigError
 from influencer.index import CheckpointStores, IndexStoreError
 from influencer.index.store import StoreLayout
@@ -76,6 +76,18 @@ def refuse_flags(**given: Any) -> None:
             f"--{named[0].replace('_', '-')} does not apply to checkpoint stores (step-*): their scores are "
             "TracIn's, the checkpoints' projected gradient dot products summed with their learning rates"
         )
+
+
+def checkpoints_or_store(root: Path, task: str | None, has_job: bool, **flags: Any) -> Checkpoints | None:
+    """What ``--store root`` names, checked before anything is written: checkpoint stores
+    (``step-*``; the scoring ``flags`` given are refused with them), or None for an
+    ``influencer index`` store, whose task is then checked against ``--task`` (see
+    :func:`~influencer.app.run.gradient_store.check_store_task`)."""
+    if is_checkpoint_directory(root):  # stores a training run wrote, one per checkpoint
+        refuse_flags(**flags)
+        return read_checkpoints(root)
+    check_store_task(root, task, has_job)
+    return None
 
 
 def _same_run(header: dict[str, Any]) -> dict[str, Any]:

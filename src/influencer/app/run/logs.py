@@ -9,11 +9,13 @@ import sys
 import time
 import warnings
 from collections.abc import Iterator
+from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
+from influencer.app.run.store import RunStore
 from influencer.errors import InfluencerError
 from influencer.files import open_no_follow
 
@@ -149,3 +151,28 @@ class Stopwatch:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         self.timings[name] = self.timings.get(name, 0.0) + time.perf_counter() - start
+
+
+@contextlib.contextmanager
+def opened_run(
+    root: Path,
+    console: bool,
+    log: logging.Logger,
+    title: str,
+    *,
+    file_name: str = LOG_FILE,
+    settings: str | None = None,
+    after: str = "",
+) -> Iterator[tuple[RunStore, list[str]]]:
+    """A command's run directory ``root``, opened: ``(store, warned)`` while inside.
+
+    Locks and opens the :class:`RunStore`, logs to ``root/file_name`` (see :func:`run_logging`),
+    opens the log with ``title``, the time and ``after`` (and ``settings`` at debug level), and records why
+    the command stopped (:func:`logged_stop`).
+    """
+    with RunStore(root) as store, run_logging(root, console, file_name) as warned:
+        log.info("%s (%s)%s", title, datetime.now(timezone.utc).isoformat(timespec="seconds"), after)
+        if settings is not None:
+            log.debug("settings: %s", settings)
+        with logged_stop(log):
+            yield store, warned
