@@ -25,6 +25,28 @@ def hinge(margin: Tensor) -> Tensor:
     return torch.clamp(1.0 - margin, min=0.0)
 
 
+def cross_entropy(logits: Tensor, targets: Tensor, ignore_index: int | None = None) -> Tensor:
+    """Per-example cross-entropy ``(B,)`` of logits ``(B, C)``: ``F.cross_entropy(...,
+    reduction="none")``, written as ``logsumexp(z) - z_y``.
+
+    ``targets``: class indices ``(B,)`` (``ignore_index`` marks examples with zero loss) or class
+    probabilities ``(B, C)``. Why not ``F.cross_entropy``: the backward of its ``log_softmax`` has
+    no vmap batching rule, so a batch of Hessian-vector products through it (``vmap`` over
+    cotangents, the inner step of CG, LiSSA, Arnoldi and the dense Hessian) runs as a Python loop
+    over the vectors; ``logsumexp``'s derivatives batch (logistic regression on digits, 1,000
+    vectors of a 32-example batch: 2x faster).
+    """
+    lse = torch.logsumexp(logits, dim=-1)
+    if targets.is_floating_point():  # class probabilities: -sum_c y_c log softmax(z)_c
+        return lse * targets.sum(-1) - (targets * logits).sum(-1)
+    if ignore_index is None:
+        return lse - logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+    keep = targets != ignore_index
+    safe = torch.where(keep, targets, torch.zeros_like(targets))
+    losses = lse - logits.gather(-1, safe.unsqueeze(-1)).squeeze(-1)
+    return torch.where(keep, losses, torch.zeros_like(losses))
+
+
 def cross_entropy_fisher(
     logits: Tensor, weight: Tensor, samples: int | None, generator: torch.Generator
 ) -> Tensor:

@@ -26,11 +26,10 @@ from collections.abc import Mapping
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from influencer._kernel.errors import DataError, TaskError
-from influencer._kernel.losses import cross_entropy_fisher, smooth_hinge
+from influencer._kernel.losses import cross_entropy, cross_entropy_fisher, smooth_hinge
 from influencer._kernel.modes import evaluating
 
 Batch = Any  # a pytree (tensor, tuple, list or dict of tensors) with a leading batch dimension
@@ -233,8 +232,7 @@ class ClassificationTask(DecayedTask):
         self.ignore_index = ignore_index
 
     def output_loss(self, outputs: Tensor, batch: Batch) -> Tensor:
-        ignore = -100 if self.ignore_index is None else self.ignore_index  # refused by check_batch
-        return F.cross_entropy(outputs, self.targets(batch), reduction="none", ignore_index=ignore)
+        return cross_entropy(outputs, self.targets(batch), self.ignore_index)
 
     def fisher_directions(
         self, outputs: Tensor, batch: Batch, samples: int | None, generator: torch.Generator

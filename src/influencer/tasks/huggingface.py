@@ -35,7 +35,7 @@ from torch import Tensor, nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from influencer._kernel.errors import TaskError
-from influencer._kernel.losses import cross_entropy_fisher
+from influencer._kernel.losses import cross_entropy, cross_entropy_fisher
 from influencer._kernel.task import Batch, DecayedTask, batch_entry
 
 IGNORE_INDEX = -100  # transformers' label for "not scored"
@@ -209,7 +209,7 @@ class SequenceClassificationTask(HuggingFaceTask):
         return self.logits(model, batch)
 
     def output_loss(self, outputs: Tensor, batch: Batch) -> Tensor:
-        return F.cross_entropy(outputs, self.targets(batch), reduction="none")
+        return cross_entropy(outputs, self.targets(batch))
 
     def fisher_directions(
         self, outputs: Tensor, batch: Batch, samples: int | None, generator: torch.Generator
@@ -263,7 +263,7 @@ class CausalLMTask(HuggingFaceTask):
         targets, scored = targets[:, 1:], scored[:, 1:] & _context(batch, scored)[:, :-1]
         logits = outputs[:, :-1]
         safe = torch.where(scored, targets, torch.zeros_like(targets))  # any valid class index
-        losses = F.cross_entropy(logits.flatten(0, 1), safe.flatten(), reduction="none")
+        losses = cross_entropy(logits.flatten(0, 1), safe.flatten())
         return torch.where(scored, losses.view(safe.shape), torch.zeros_like(logits[..., 0])), scored
 
     def output_loss(self, outputs: Tensor, batch: Batch) -> Tensor:
