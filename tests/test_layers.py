@@ -303,7 +303,7 @@ def test_public_face_is_small_and_every_subpackage_exports_what_it_lists():
 
     assert set(influencer.__all__) == {
         "Influence", "Task", "ClassificationTask", "RegressionTask", "SmoothHingeTask",
-        "CG", "BlockCG", "LiSSA", "Arnoldi", "Exact", "KFAC", "EKFAC", "Identity",
+        "CG", "BlockCG", "LiSSA", "Arnoldi", "Exact", "ExactOrCG", "KFAC", "EKFAC", "Identity",
         "top_k", "TopK", "InfluencerError", "choose_estimator", "Choice", "Unrolled",
     }  # fmt: skip
     for name in ("tasks", "data", "errors", "estimators", "samplers", "uses", "models", "testing"):

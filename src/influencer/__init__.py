@@ -38,6 +38,7 @@ _LAZY = {
     "Arnoldi": "influencer.estimators",
     "BlockCG": "influencer.estimators",
     "Exact": "influencer.estimators",
+    "ExactOrCG": "influencer.estimators",
     "Identity": "influencer.estimators",
     "LiSSA": "influencer.estimators",
     "Influence": "influencer.influence",
@@ -50,7 +51,7 @@ if TYPE_CHECKING:
     from influencer._kernel.errors import InfluencerError
     from influencer._kernel.scores import TopK, top_k
     from influencer._kernel.task import ClassificationTask, RegressionTask, SmoothHingeTask, Task
-    from influencer.estimators import CG, EKFAC, KFAC, Arnoldi, BlockCG, Exact, Identity, LiSSA
+    from influencer.estimators import CG, EKFAC, KFAC, Arnoldi, BlockCG, Exact, ExactOrCG, Identity, LiSSA
     from influencer.estimators.auto import Choice, choose_estimator
     from influencer.influence import Influence
     from influencer.unrolled import Unrolled
@@ -80,6 +81,7 @@ __all__ = [
     "Choice",
     "ClassificationTask",
     "Exact",
+    "ExactOrCG",
     "Identity",
     "Influence",
     "InfluencerError",

@@ -12,6 +12,7 @@ from influencer.estimators.base import Estimator, Solver
 from influencer.estimators.cg import CG, BlockCG
 from influencer.estimators.ekfac import EKFAC
 from influencer.estimators.exact import Exact
+from influencer.estimators.exact_or_cg import ExactOrCG
 from influencer.estimators.identity import Identity
 from influencer.estimators.kfac import KFAC
 from influencer.estimators.lissa import LiSSA
@@ -27,6 +28,7 @@ __all__ = [
     "CurvatureKind",
     "Estimator",
     "Exact",
+    "ExactOrCG",
     "Identity",
     "LiSSA",
     "Solver",

@@ -3,7 +3,11 @@
 :func:`choose_estimator` is what ``Influence(model, task, train)`` uses without ``estimator=``
 (and what the command line uses by default), so both give the same answer for the same model:
 
-* ``p <= EXACT_MAX_PARAMS``: :class:`Exact` on the requested curvature (by default the
+* ``p <= EXACT_MAX_PARAMS``, the Gauss-Newton matrix and an L2 regulariser (weight decay > 0),
+  which makes that matrix positive definite: undamped :class:`ExactOrCG`, block CG for a few test
+  points and the dense matrix for many (the same answer, whichever is cheaper: CG was 20x faster
+  than the dense build on an MLP with p = 2,410 and 10 test points, 4x slower with 1,000).
+* otherwise ``p <= EXACT_MAX_PARAMS``: :class:`Exact` on the requested curvature (by default the
   Gauss-Newton matrix where the task has one, which equals the Hessian of a linear model with a
   convex loss; else the Hessian). A positive definite matrix (a convex model with weight decay,
   a network's Gauss-Newton matrix with weight decay) stays undamped: for a convex model the
@@ -39,6 +43,7 @@ from influencer.estimators.base import Estimator, Solver, prefixed, require_posi
 from influencer.estimators.cg import CG
 from influencer.estimators.ekfac import EKFAC
 from influencer.estimators.exact import Exact
+from influencer.estimators.exact_or_cg import ExactOrCG
 from influencer.estimators.kronecker import supported_parameters
 
 EXACT_MAX_PARAMS = 3000  # dense (p, p) float64: 72 MB and p HVPs at the limit
@@ -93,6 +98,16 @@ def choose_estimator(
         # convex loss (the paper's exact influence function); the Hessian otherwise.
         kind: CurvatureKind = curvature or ("gauss_newton" if gauss_newton else "hessian")
         matrix = "Hessian" if kind == "hessian" else "Gauss-Newton matrix"
+        decay = task.regularizer_curvature()
+        if kind == "gauss_newton" and decay is not None and decay > 0:
+            return Choice(
+                ExactOrCG(),
+                kind,
+                None if explicit is None else names,
+                f"{p} parameters <= {EXACT_MAX_PARAMS}, Gauss-Newton matrix positive definite by weight "
+                f"decay {decay:g}: undamped, by block CG for few test points and the dense matrix (Exact) "
+                "for many, whichever needs fewer curvature products",
+            )
         return Choice(
             Exact(fallback_relative_damping=RELATIVE_DAMPING),
             kind,
