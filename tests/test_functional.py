@@ -165,3 +165,22 @@ def test_regulariser_curvature_shortcut_matches_autodiff():
     quartic = ModelFunction(model, CustomPenalty())
     expected = v * 12 * quartic.theta0**2  # Hessian of sum t^4 is diag(12 t^2)
     torch.testing.assert_close(quartic.regularizer_hvp(quartic.theta0, v), expected)
+
+
+def test_regulariser_gradient_shortcut_is_autodiff_bit_for_bit():
+    """The built-in L2 penalty's gradient is written out (``weight_decay * theta``): the same bits as
+    autograd's; an overridden penalty goes through autograd."""
+
+    class CustomPenalty(ClassificationTask):
+        def regularizer(self, params):
+            return sum((p**4).sum() for p in params.values())
+
+    torch.manual_seed(0)
+    model = MLP(4, (3,), 2).double()
+    for wd in (0.3, 1e-3, 7.1e-5, 0.0):
+        fn = ModelFunction(model, ClassificationTask(weight_decay=wd))
+        assert torch.equal(fn.regularizer_grad(fn.theta0), torch.func.grad(fn.regularizer)(fn.theta0))
+    head = ModelFunction(model, ClassificationTask(weight_decay=0.3), params=["2.weight", "2.bias"])
+    assert torch.equal(head.regularizer_grad(head.theta0), torch.func.grad(head.regularizer)(head.theta0))
+    quartic = ModelFunction(model, CustomPenalty())
+    torch.testing.assert_close(quartic.regularizer_grad(quartic.theta0), 4 * quartic.theta0**3)

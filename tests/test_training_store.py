@@ -330,3 +330,24 @@ def test_a_hugging_face_trainer_writes_the_post_hoc_store(tmp_path):
         assert float((ours - post).norm() / post.norm()) < 1e-5
     stores = CheckpointStores.open(tmp_path / "train", model, task, data, params=params)
     assert stores.lrs == [0.0, 0.0]
+
+
+def test_a_window_with_a_non_finite_gradient_is_refused_when_it_closes(tmp_path):
+    """Non-finite rows are found when the window closes (one check per window, not per step), and the
+    error names the examples; nothing is written for that window."""
+    from influencer.errors import NonFiniteError
+
+    model, task, (x, y) = _problem("mlp")
+    x = x.clone()
+    x[37, 2] = float("inf")  # one example's gradient is not finite; the others are
+    settings = TrainingStoreSettings(
+        checkpoints=(0,), projector=KroneckerProjector(k_in=4, k_out=3, basis="random"), check=False
+    )
+    store = TrainingStore(model, task, (x, y), tmp_path / "train", settings)
+    order = torch.arange(N)
+    with pytest.raises(NonFiniteError, match=r"example\(s\) \[37\] in the window of step 0"):
+        for ids in order.split(BATCH):
+            with store.step(ids, lr=0.1):
+                task.loss(model, (x[ids], y[ids])).mean().backward()
+            model.zero_grad()
+    assert store.written == [] and not (tmp_path / "train" / "step-00000000" / "manifest.json").exists()

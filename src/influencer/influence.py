@@ -29,7 +29,6 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch.func import grad
 
 from influencer._kernel.curvature import Curvature, CurvatureKind
 from influencer._kernel.data import Examples, as_examples
@@ -182,7 +181,7 @@ class Influence:
         self.hessian_indices = None if hessian_indices is None else train.check_indices(hessian_indices)
         self.curvature: Curvature | None = None
         self._solver: Solver | None = None
-        self._reg_grad = grad(fn.regularizer)(self._theta)
+        self._reg_grad = fn.regularizer_grad(self._theta)
         self._fingerprints: dict[str, Any] = {}
         self._found_layers: tuple[list[Layer] | None] | None = None  # find_layers(fn), once
 

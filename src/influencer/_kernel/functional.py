@@ -37,7 +37,7 @@ from torch.utils._pytree import tree_flatten, tree_map
 from influencer._kernel.data import batch_size_of, to_device
 from influencer._kernel.errors import ConfigError, InfluencerError, TaskError
 from influencer._kernel.modes import evaluating
-from influencer._kernel.task import Batch, Task
+from influencer._kernel.task import Batch, DecayedTask, Task
 
 HVPMode = Literal["reverse", "forward"]
 HVP_MODES: tuple[HVPMode, ...] = ("reverse", "forward")
@@ -389,7 +389,15 @@ class ModelFunction:
         return self._per_example(self.loss, theta, batch)
 
     def regularizer_grad(self, theta: Tensor) -> Tensor:
-        """``grad Omega(theta)``, ``(p,)``."""
+        """``grad Omega(theta)``, ``(p,)``.
+
+        The built-in L2 penalty's is ``weight_decay * theta``, written out: the same bits as its
+        autograd pass (``2 (wd / 2) theta`` scales by powers of two), without one, which a gradient
+        store collected during training pays at every checkpoint.
+        """
+        decay = getattr(self.task, "weight_decay", None)
+        if isinstance(decay, float) and _plain_l2(self.task):
+            return theta * decay
         return grad(self.regularizer)(theta)
 
     def measurement_grads(self, theta: Tensor, batch: Batch) -> Tensor:
@@ -557,6 +565,11 @@ def _pull(out: Tensor, inputs: Tensor, cotangents: Tensor) -> Tensor:
         return r
 
     return torch.func.vmap(one)(cotangents)
+
+
+def _plain_l2(task: Any) -> bool:
+    """Whether ``task``'s regulariser is the built-in L2 penalty, not overridden."""
+    return isinstance(task, DecayedTask) and type(task).regularizer is DecayedTask.regularizer
 
 
 def _storage_key(t: Tensor) -> int:

@@ -44,7 +44,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.func import functional_call, grad
+from torch.func import functional_call
 
 from influencer._kernel.data import batch_size_of
 from influencer._kernel.distributed import all_reduce_sum, shard
@@ -180,8 +180,11 @@ def combine(projected_inputs: list[Tensor], projected_grads: list[Tensor | None]
     for pa, pg in zip(projected_inputs, projected_grads, strict=True):
         if pg is None:
             pg = pa.new_zeros(*pa.shape[:2], k_out)
-        # for one position an outer product, which is cheaper than a batched matmul of 1-wide matrices
-        y = pg[:, 0, :, None] * pa[:, 0, None, :] if pg.shape[1] == 1 else pg.mT @ pa
+        # for one position an outer product, which is cheaper than a batched matmul of 1-wide matrices;
+        # else the product as (P_in a)^T (P_g g), transposed back: the BLAS picks a far faster kernel
+        # for it when the sizes are small and odd (64 positions, k_in 10, k_out 16: 30 us against
+        # 205 us for (P_g g)^T (P_in a)), and as fast a one otherwise
+        y = pg[:, 0, :, None] * pa[:, 0, None, :] if pg.shape[1] == 1 else (pa.mT @ pg).mT
         total = y if total is None else total + y
     assert total is not None
     return total
@@ -437,7 +440,7 @@ class KroneckerProjection(Projection):
     def _regularizer(self, fn: ModelFunction, theta: Tensor) -> Tensor:
         """``P grad Omega(theta)`` ``(k,)``: every example's objective term carries it."""
         if self._reg is None or self._reg[0] is not theta:
-            self._reg = (theta, self.project(grad(fn.regularizer)(theta.detach())[None])[0])
+            self._reg = (theta, self.project(fn.regularizer_grad(theta.detach())[None])[0])
         return self._reg[1]
 
 

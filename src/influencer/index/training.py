@@ -53,7 +53,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import functools
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
@@ -62,7 +61,6 @@ from typing import Any
 import numpy as np
 import torch
 from torch import Tensor, nn
-from torch.func import grad
 
 from influencer._kernel.data import as_examples
 from influencer._kernel.errors import ConfigError, NonFiniteError
@@ -184,9 +182,12 @@ class _Window:
         if self.projection.needs_fit:
             self.projection.fit(self.influence)
         theta = self.influence.theta
-        self.regularizer = self.projection.project(grad(fn.regularizer)(theta.detach())[None])[0]
-        n, k = self.influence.n, self.projection.k
-        self.rows = torch.empty(n, k, dtype=fn.dtype, device=fn.device)  # (n, k)
+        self.regularizer = self.projection.project(fn.regularizer_grad(theta)[None])[0]
+        n = self.influence.n
+        # each step's rows (B, k) and ids as they come, put in id order once, when the window closes
+        # (one scatter then, instead of one per step)
+        self.parts: list[tuple[Tensor, Tensor]] = []
+        self.total: Tensor | None = None  # the sum of every row kept: finite if every entry is
         self.seen = np.zeros(n, dtype=bool)  # (numpy: a step's bookkeeping costs microseconds)
         self.count = 0  # ids seen
         # what the store records of theta_s, kept until the window's files are written at its end
@@ -222,49 +223,71 @@ class _Window:
         self.seen[at] = True
         count = int(np.count_nonzero(self.seen))
         if count - self.count == len(ids):  # the usual batch: distinct ids, none seen before
-            self.rows[ids.to(self.rows.device)] = rows
-        else:
+            self.parts.append((ids, rows))
+            self._count_in(rows)
+        elif count > self.count:
             unique, inverse = torch.unique(ids, return_inverse=True)
             first = torch.full((len(unique),), len(ids)).scatter_reduce(
                 0, inverse, torch.arange(len(ids)), "amin"
             )
             keep = first[torch.from_numpy(fresh)[first]]  # first occurrences of unseen ids in the batch
-            self.rows[ids[keep].to(self.rows.device)] = rows[keep.to(rows.device)]
+            self.parts.append((ids[keep], rows[keep.to(rows.device)]))
+            self._count_in(self.parts[-1][1])
         self.count = count
+
+    def _count_in(self, rows: Tensor) -> None:
+        total = rows.sum()  # no host sync: checked once, when the window closes
+        self.total = total if self.total is None else self.total + total
+
+    def gathered(self) -> Tensor:
+        """Every example's row ``(n, k)``, in id order (once the window is complete)."""
+        ids = torch.cat([i for i, _ in self.parts])
+        rows = torch.cat([r for _, r in self.parts])
+        self.parts = []
+        out = torch.empty_like(rows)
+        out[ids.to(rows.device)] = rows
+        return out
 
     @property
     def complete(self) -> bool:
         return self.count == len(self.seen)
 
     def commit(self) -> Callable[[], None]:
-        """Finish the rows (regulariser, finiteness, Fisher); returns the writing of the store's files.
-
-        Everything that computes with tensors runs here, in the training thread; the returned call
-        only writes and hashes arrays (see :func:`_write_store`), so it can run beside training.
-        """
-        inf, header = self.influence, self.header
-        n, chunk, k = inf.n, header["chunk"], header["k"]
-        self.rows += self.regularizer  # every row's objective carries the regulariser's gradient
-        # a row's sum is not finite if an entry is not (one reduction; the entries only then)
-        bad = ~torch.isfinite(self.rows.sum(dim=1))
-        if bad.any() and (bad := ~torch.isfinite(self.rows).all(dim=1)).any():
+        """Check the rows' finiteness; returns the rest (rows in id order with the regulariser,
+        Fisher, the store's files), which runs beside training (see :meth:`finished`)."""
+        assert self.total is not None
+        if not bool(torch.isfinite(self.total + self.regularizer.sum())):  # one host sync per window
+            rows = self.gathered() + self.regularizer
+            bad = ~torch.isfinite(rows).all(dim=1)
             raise NonFiniteError(
                 "the training-loss gradient is NaN or infinite for example(s) "
                 f"{bad.nonzero().flatten()[:10].tolist()} in the window of step {self.step}: check the "
                 "loss and the learning rate (training diverged?)"
             )
+        return self.finished
+
+    def finished(self) -> None:
+        """Put the rows in id order, add the regulariser, accumulate the Fisher and write the store.
+
+        Runs in the store's writer thread: the window's tensors are its own (each step's rows are
+        fresh tensors), so training goes on meanwhile.
+        """
+        inf, header = self.influence, self.header
+        n, chunk, k = inf.n, header["chunk"], header["k"]
+        rows = self.gathered()
+        rows += self.regularizer  # every row's objective carries the regulariser's gradient
         dtype = header["projector"]["dtype"]
-        stored = self.rows.to(_TORCH_DTYPES[dtype]).cpu()
+        stored = rows.to(_TORCH_DTYPES[dtype]).cpu()
         chunks = [(j * chunk, stored[j * chunk : (j + 1) * chunk].numpy()) for j in range(-(-n // chunk))]
         fisher = None
         if header["fisher"]:  # from the stored values, as GradientIndex.build accumulates it
             accumulate = torch.float64 if dtype == "float64" else torch.float32
-            total = torch.zeros(k, k, dtype=torch.float64, device=self.rows.device)
+            total = torch.zeros(k, k, dtype=torch.float64, device=rows.device)
             spans = (
                 [(a, b) for _, a, b in self.projection.blocks] if header["fisher"] == "layers" else [(0, k)]
             )
-            for _, rows in chunks:
-                x = torch.from_numpy(rows).to(self.rows.device, accumulate)
+            for _, part in chunks:
+                x = torch.from_numpy(part).to(rows.device, accumulate)
                 for a, b in spans:
                     total[a:b, a:b] += gram(x[:, a:b]).double()
             fisher = (total / n).cpu().numpy()
@@ -280,8 +303,7 @@ class _Window:
             "fisher": fisher,
             "regularizer": self.regularizer.double().cpu().numpy(),
         }
-        del self.rows
-        return functools.partial(_write_store, self.layout, manifest, self.names, arrays, chunks)
+        _write_store(self.layout, manifest, self.names, arrays, chunks)
 
 
 def _write_store(
@@ -408,6 +430,7 @@ class TrainingStore:
         self._writer: ThreadPoolExecutor | None = None  # writes closed windows' files beside training
         self.projection: KroneckerProjection | None = None  # bound on the first window, then reused
         self._writes: list[Future[None]] = []
+        self._scales: dict[tuple[Any, ...], Tensor] = {}  # see _device_scale
 
     def fingerprint(self, influence: Influence) -> dict[str, Any]:
         """``influence.settings()["gradients"]``; after the first window only the weights are hashed again.
@@ -464,7 +487,8 @@ class TrainingStore:
         finally:
             hooks.active = False
         self.steps += 1
-        rows = hooks.rows(self._scale(idx, scale).to(window.rows.device), window.rows.dtype)
+        fn = window.influence.fn
+        rows = hooks.rows(self._device_scale(idx, scale, fn.device, fn.dtype), fn.dtype)
         if not self.checked:
             self._check(window, idx, rows + window.regularizer, step)
         window.add(idx, rows.detach())
@@ -490,6 +514,20 @@ class TrainingStore:
             else:
                 pending.append(future)
         self._writes = pending
+
+    def _device_scale(
+        self, ids: Tensor, given: float | Tensor | None, device: torch.device, dtype: torch.dtype
+    ) -> Tensor:
+        """:meth:`_scale` ``(B or 1, 1)`` on the rows' device and dtype; for a fixed rule ("mean",
+        "sum", a number) made once per batch size, not at every step."""
+        scale = self.settings.loss_scale if given is None else given
+        key = (scale, len(ids), device, dtype) if isinstance(scale, (str, int, float)) else None
+        if key is not None and key in self._scales:
+            return self._scales[key]
+        value = self._scale(ids, given).reshape(-1, 1).to(device, dtype)
+        if key is not None:
+            self._scales[key] = value
+        return value
 
     def _scale(self, ids: Tensor, given: float | Tensor | None) -> Tensor:
         """The factor turning the step's output gradients into those of the per-example losses."""
