@@ -133,7 +133,7 @@ def chosen(inf: Influence) -> str:
     """The default's choice in a few words (the full reason goes to the JSON)."""
     est = inf.estimator.settings()
     name = est["inner"]["estimator"] if est["estimator"] == "spectral_damping" else est["estimator"]
-    label = {"exact": "Exact", "ekfac": "EK-FAC", "cg": "CG"}.get(name, name)
+    label = {"exact": "Exact", "exact_or_cg": "ExactOrCG", "ekfac": "EK-FAC", "cg": "CG"}.get(name, name)
     damping = inf.solver.info.get("damping", est.get("damping"))
     parts = [label, "Hessian" if inf.curvature_kind == "hessian" else "Gauss-Newton"]
     if est["estimator"] == "ekfac":

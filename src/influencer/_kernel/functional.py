@@ -205,6 +205,11 @@ class ModelFunction:
         self.numels = [math.prod(s) for s in self.shapes]
         self.theta0 = torch.cat([place(named[n]).reshape(-1) for n in self.names])
         self.p = int(self.theta0.numel())
+        # A batch of curvature products through a convolution's second derivatives has no batched
+        # kernel: vmap runs them one vector at a time anyway, with its own overhead on top, so a
+        # plain loop of backward passes is faster there (SmallCNN, 256 examples, 64 vectors:
+        # 1.4-1.5 s against 1.8-2.5 s batched); elsewhere the batched pass is (tanh MLP: 1.5x).
+        self.loops_over_vectors = any(isinstance(m, nn.modules.conv._ConvNd) for m in model.modules())
 
     # ---- parameters ---------------------------------------------------------------------------
 
@@ -467,7 +472,8 @@ class ModelFunction:
         (g,) = torch.autograd.grad(weight * self.loss(leaf, batch).sum(), leaf, create_graph=True)
         if g.grad_fn is None:  # the loss is linear in theta: no curvature
             return torch.zeros_like
-        return lambda v: _pull(g, leaf, v)
+        loop = self.loops_over_vectors
+        return lambda v: _pull(g, leaf, v, loop)
 
     def _gauss_newton_map(self, leaf: Tensor, batch: Batch, weight: float) -> Callable[[Tensor], Tensor]:
         self._require_gauss_newton()
@@ -479,10 +485,11 @@ class ModelFunction:
         (go,) = torch.autograd.grad(weight * self.task.output_loss(o, batch).sum(), o, create_graph=True)
         if jt_u.grad_fn is None or go.grad_fn is None:  # outputs constant in theta, or a linear loss
             return torch.zeros_like
+        loop = self.loops_over_vectors
 
         def apply(v: Tensor) -> Tensor:
-            jv = _pull(jt_u, u, v)  # (k, *outputs.shape)
-            return _pull(out, leaf, _pull(go, o, jv))
+            jv = _pull(jt_u, u, v, loop)  # (k, *outputs.shape)
+            return _pull(out, leaf, _pull(go, o, jv, loop), loop)
 
         return apply
 
@@ -551,19 +558,23 @@ class Linearized:
         return self._apply(vectors)
 
 
-def _pull(out: Tensor, inputs: Tensor, cotangents: Tensor) -> Tensor:
-    """``vjp`` of ``out`` w.r.t. ``inputs`` for each cotangent of ``(k, *out.shape)``, keeping the graph."""
-    if cotangents.shape[0] == 1:  # one backward pass: cheaper than a batched one of size 1
-        (r,) = torch.autograd.grad(out, inputs, cotangents[0], retain_graph=True, materialize_grads=True)
-        return r[None]
+def _pull(out: Tensor, inputs: Tensor, cotangents: Tensor, loop: bool = False) -> Tensor:
+    """``vjp`` of ``out`` w.r.t. ``inputs`` for each cotangent of ``(k, *out.shape)``, keeping the graph.
 
-    # torch.func's vmap, not autograd's is_grads_batched: the latter's batching rules miss the
-    # second derivatives of tanh, GELU, softplus and log_softmax and of convolutions, and loop over
-    # the vectors there (an MLP with tanh: 1.5x slower at 256 vectors; a small CNN: 1.3x).
+    ``loop``: one backward pass per cotangent (see :attr:`ModelFunction.loops_over_vectors`).
+    """
+
     def one(v: Tensor) -> Tensor:
         (r,) = torch.autograd.grad(out, inputs, v, retain_graph=True, materialize_grads=True)
         return r
 
+    if cotangents.shape[0] == 1:  # one backward pass: cheaper than a batched one of size 1
+        return one(cotangents[0])[None]
+    if loop:
+        return torch.stack([one(v) for v in cotangents])
+    # torch.func's vmap, not autograd's is_grads_batched: the latter's batching rules miss the
+    # second derivatives of tanh, GELU, softplus and log_softmax, and loop over the vectors there
+    # (an MLP with tanh: 1.5x slower at 256 vectors)
     return torch.func.vmap(one)(cotangents)
 
 

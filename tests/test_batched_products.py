@@ -1,0 +1,55 @@
+"""Curvature products of many vectors: batched through the loss and the activations (the number of
+operators does not grow with the vectors), a loop of backward passes for convolutional models (whose
+second derivatives have no batched kernel); the same products either way."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from influencer import ClassificationTask
+from influencer._kernel.functional import ModelFunction
+from influencer.models import MLP, SmallCNN
+
+
+def _op_calls(product, v: torch.Tensor) -> int:
+    """How many aten operators one batched product of the rows of ``v`` runs."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        product(v)
+    return sum(e.count for e in prof.key_averages() if e.key.startswith("aten::"))
+
+
+@pytest.mark.parametrize("kind", ["hessian", "gauss_newton"])
+def test_batched_curvature_products_run_no_loop_over_the_vectors(digits_small, kind):
+    """``log_softmax``'s backward has no vmap batching rule: a batch of second derivatives through
+    ``F.cross_entropy`` runs as a loop over the vectors (several operators per vector). Through the
+    task's loss, the operators run once for the whole batch, however many vectors it holds."""
+    torch.manual_seed(0)
+    model, task = MLP(64, (8,), 10).double(), ClassificationTask(weight_decay=1e-3)
+    fn = ModelFunction(model, task)
+    batch = fn.prepare((digits_small.x_train[:16], digits_small.y_train[:16]))
+    lin = fn.linearize(fn.theta0, batch, 1.0, kind)
+    v = torch.randn(40, fn.p, dtype=torch.float64)
+    lin(v[:4])  # warm-up
+    assert _op_calls(lin, v[:40]) == _op_calls(lin, v[:4])
+    one_by_one = torch.cat([lin(v[i : i + 1]) for i in range(len(v))])
+    torch.testing.assert_close(lin(v), one_by_one, rtol=1e-12, atol=1e-14)
+
+
+@pytest.mark.parametrize("kind", ["hessian", "gauss_newton"])
+def test_a_convolutional_model_loops_over_the_vectors_with_the_same_products(digits, kind):
+    torch.manual_seed(0)
+    model, task = SmallCNN(10, 4).double(), ClassificationTask(weight_decay=1e-3)
+    fn = ModelFunction(model, task)
+    assert fn.loops_over_vectors and not ModelFunction(MLP(64, (8,), 10), task).loops_over_vectors
+    images = digits.x_train[:8].reshape(-1, 1, 8, 8)
+    batch = fn.prepare((images, digits.y_train[:8]))
+    lin = fn.linearize(fn.theta0, batch, 1.0, kind)
+    v = torch.randn(6, fn.p, dtype=torch.float64)
+    looped = lin(v)
+    fn.loops_over_vectors = False
+    batched = fn.linearize(fn.theta0, batch, 1.0, kind)(v)
+    torch.testing.assert_close(looped, batched, rtol=1e-10, atol=1e-12)
+    assert _op_calls(lin, v[:6]) > _op_calls(lin, v[:2])  # a loop: operators grow with the vectors
