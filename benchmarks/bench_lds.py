@@ -444,8 +444,10 @@ def index_rows(rows: list[dict], world: World, resolved: Resolved, theta: Tensor
                 choices = [
                     ("fisher", ProjectedFisher(relative_damping=0.1), index),
                     (f"fisher, damping {tuned:g} chosen", ProjectedFisher(relative_damping=tuned), index),
+                    ("fisher, bfloat16 score products", ProjectedFisher(relative_damping=0.1), index),
                 ]
             for text, pre, store in choices:
+                low = torch.bfloat16 if "bfloat16" in text else None
                 fields = {
                     "method": "index",
                     "library": "influencer",
@@ -453,9 +455,9 @@ def index_rows(rows: list[dict], world: World, resolved: Resolved, theta: Tensor
                     "note": f"{name} + {text} (k = {index.k})",
                 }
 
-                def run(store=store, pre=pre, build=build) -> tuple[Tensor, float]:
+                def run(store=store, pre=pre, build=build, low=low) -> tuple[Tensor, float]:
                     begin = time.perf_counter()
-                    scores = store.scores(test, preconditioner=pre)
+                    scores = store.scores(test, preconditioner=pre, score_dtype=low)
                     return scores, build + time.perf_counter() - begin
 
                 attempt(rows, fields, run, world)

@@ -192,12 +192,13 @@ def _lissa(cell: Cell):
     )
 
 
-def projected_store(k_in: int, k_out: int) -> Method:
+def projected_store(k_in: int, k_out: int, score_dtype: torch.dtype | None = None) -> Method:
     """The gradient index: build the projected store once (fit), then a streaming top-10 query.
 
     Kronecker (LoGra) projection ``k_in x k_out`` per layer in its default PCA basis (fitted on 4,096
     training examples, part of ``fit``), the projected Fisher (block-diagonal per layer, damped
-    relative to its scale); the store lives in a temporary directory.
+    relative to its scale); the store lives in a temporary directory. ``score_dtype``: the query's
+    score products in that dtype (``-bf16`` rows: bfloat16).
     """
 
     def run(cell: Cell, stage: Stage) -> None:
@@ -211,7 +212,12 @@ def projected_store(k_in: int, k_out: int) -> Method:
                     inf, Path(tmp) / "index", KroneckerProjector(k_in=k_in, k_out=k_out), chunk=4096
                 )
             with stage("score"):
-                index.top_k(cell.test, k=10, preconditioner=ProjectedFisher(relative_damping=0.1))
+                index.top_k(
+                    cell.test,
+                    k=10,
+                    preconditioner=ProjectedFisher(relative_damping=0.1),
+                    score_dtype=score_dtype,
+                )
         cell.info["k"] = index.k
         return None
 
@@ -227,6 +233,7 @@ METHODS: dict[str, Method] = {
     "lissa": influence_method(_lissa),
     "index-kron16": projected_store(16, 16),
     "index-kron24": projected_store(24, 24),
+    "index-kron24-bf16": projected_store(24, 24, torch.bfloat16),
     "index-kron32": projected_store(32, 32),
 }
 

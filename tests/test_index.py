@@ -373,11 +373,14 @@ def test_interrupted_query_resumes_from_its_checkpoint(problem, tmp_path, capsys
     assert "index: top-k" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("ties", [True, False])
+@pytest.mark.parametrize("ties", [True, "some rows", False])
 def test_running_top_k_breaks_ties_by_id_for_any_blocking(ties):
     gen = torch.Generator().manual_seed(0)
-    if ties:  # many exact ties, also at blocks' k-th values (all columns are merged then)
+    if ties is True:  # many exact ties, also at blocks' k-th values (every tied column is kept then)
         scores = torch.randint(-3, 4, (5, 40), generator=gen).double()
+    elif ties:  # rows with ties beside rows without: candidates packed per row, padded
+        scores = torch.randn(5, 40, generator=gen, dtype=F64)
+        scores[1::2] = torch.randint(-3, 4, (2, 40), generator=gen).double()
     else:  # each block's own top k is selected without sorting it
         scores = torch.randn(5, 40, generator=gen, dtype=F64)
     hi, hv, bi, bv = stable_top_k(scores, 9)
@@ -520,3 +523,33 @@ def test_a_damaged_query_checkpoint_block_is_recomputed(problem, tmp_path):
     again = index.top_k(test, 3, block=5, checkpoint=tmp_path / "query", on_block=redone.append)
     assert redone == [0, 1, 2, 3]  # every block's scores file was changed on disk: none is served
     torch.testing.assert_close(again.helpful_scores, whole.helpful_scores)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+def test_running_top_k_refuses_a_non_finite_score_naming_it(bad):
+    scores = torch.randn(4, 30, generator=torch.Generator().manual_seed(1), dtype=F64)
+    scores[2, 17] = bad
+    running = RunningTopK(4, 5, F64, "cpu")
+    running.add(scores[:, :10], torch.arange(10))
+    with pytest.raises(NonFiniteError, match=r"1 of 80 scores .*\(2, 17\)"):
+        running.add(scores[:, 10:], torch.arange(10, 30))
+
+
+def test_bfloat16_score_products_are_the_rounded_products_ranked_as_always(problem, exact_store):
+    """``score_dtype=torch.bfloat16``: directions and rows rounded to bfloat16 and multiplied there;
+    the lists are those of exactly these scores (ties by id), close to the full-precision ones."""
+    _, test = problem
+    pre = NoPreconditioner()
+    full = exact_store.scores(test, preconditioner=pre)
+    low = exact_store.scores(test, preconditioner=pre, score_dtype=torch.bfloat16, block=7)
+    d = exact_store.test_gradients(test)
+    rows = exact_store.gradients(torch.arange(exact_store.n))
+    expected = (d.bfloat16() @ rows.bfloat16().T).to(F64) / exact_store.n
+    assert torch.equal(low, expected) and low.dtype == F64
+    assert float((low - full).abs().max()) <= 0.02 * float(full.abs().max())
+    top = exact_store.top_k(test, 5, preconditioner=pre, score_dtype=torch.bfloat16)
+    hi, hv, bi, bv = stable_top_k(expected, 5)
+    assert torch.equal(top.helpful_ids, hi) and torch.equal(top.helpful_scores, hv)
+    assert torch.equal(top.harmful_ids, bi) and torch.equal(top.harmful_scores, bv)
+    with pytest.raises(ConfigError, match="score_dtype must be a floating torch dtype"):
+        exact_store.top_k(test, 5, score_dtype="bfloat16")

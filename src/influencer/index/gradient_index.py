@@ -511,11 +511,19 @@ class GradientIndex:
         return ex, [(s, min(s + block, m)) for s in range(0, m, block)]
 
     def _stream(
-        self, directions: Tensor, progress: Iterator[int] | None = None
+        self,
+        directions: Tensor,
+        progress: Iterator[int] | None = None,
+        score_dtype: torch.dtype | None = None,
     ) -> Iterator[tuple[Tensor, Tensor]]:
-        """``(ids, scores (m, c))`` for this rank's chunks, in id order."""
+        """``(ids, scores (m, c))`` for this rank's chunks, in id order (products in ``score_dtype``)."""
+        low = None if score_dtype is None else directions.to(score_dtype)
         for j in self._my_chunks():
-            yield self._ids(j), removal_scores(directions, self._rows(j), self.n)
+            if low is None:
+                scores = removal_scores(directions, self._rows(j), self.n)
+            else:  # scores back in the directions' dtype before the 1/n, which rounds no further
+                scores = (low @ self._rows(j).to(score_dtype).T).to(directions.dtype) / self.n
+            yield self._ids(j), scores
             if progress is not None:
                 next(progress, None)
 
@@ -525,17 +533,26 @@ class GradientIndex:
         train_indices: Sequence[int] | Tensor | None = None,
         preconditioner: Preconditioner | None = None,
         block: int = 256,
+        score_dtype: torch.dtype | None = None,
     ) -> Tensor:
-        """Scores ``(m, c)`` of training ids (default all) on each test example; positive = helpful."""
+        """Scores ``(m, c)`` of training ids (default all) on each test example; positive = helpful.
+
+        ``score_dtype``: as for :meth:`top_k`.
+        """
+        score_dtype = _check_score_dtype(score_dtype)
         pre = ProjectedFisher() if preconditioner is None else preconditioner
         ex, blocks = self._test_blocks(test, block)
         out = []
         for start, stop in blocks:
             d = pre.directions(self, _Slice(ex, start, stop))
             if train_indices is not None:
-                out.append(removal_scores(d, self.gradients(train_indices), self.n))
+                rows = self.gradients(train_indices)
+                if score_dtype is not None:
+                    out.append((d.to(score_dtype) @ rows.to(score_dtype).T).to(d.dtype) / self.n)
+                else:
+                    out.append(removal_scores(d, rows, self.n))
                 continue
-            cols = [s for _, s in self._stream(d)]
+            cols = [s for _, s in self._stream(d, score_dtype=score_dtype)]
             local = torch.cat(cols, 1) if cols else d.new_zeros(d.shape[0], 0)
             out.append(all_gather_blocks(local, dim=1) if self.influence.distributed else local)
         return torch.cat(out)
@@ -551,6 +568,7 @@ class GradientIndex:
         overwrite: bool = False,
         progress: bool | None = None,
         on_block: Callable[[int], None] | None = None,
+        score_dtype: torch.dtype | None = None,
     ) -> TopK:
         """The ``k`` most helpful and most harmful training examples per test example, streamed.
 
@@ -568,6 +586,12 @@ class GradientIndex:
             overwrite: replace another query's results in ``checkpoint`` instead of refusing.
             progress: progress bar (default: the influence's setting).
             on_block: called with each newly finished test block's index.
+            score_dtype: the dtype of the score products (default: the influence's).
+                ``torch.bfloat16`` rounds the test directions and the stored rows to bfloat16 and
+                multiplies them there: about 2.7x faster on a CPU with AVX512-BF16 (and on GPUs'
+                tensor cores), each score then carrying about 3 significant digits (relative
+                rounding up to 2^-8 of the score's largest terms), far below what the projection
+                itself changes; ties this rounding makes are ordered by training id as always.
 
         Returns:
             :class:`~influencer.TopK`, ``(m, k)`` each: helpful ids/scores (largest score first),
@@ -576,6 +600,7 @@ class GradientIndex:
         if not isinstance(k, int) or isinstance(k, bool) or k < 1:
             raise ConfigError(f"k must be a positive integer (training examples per list), got {k!r}")
         kk = min(k, self.n)
+        score_dtype = _check_score_dtype(score_dtype)
         pre = ProjectedFisher() if preconditioner is None else preconditioner
         ex, blocks = self._test_blocks(test, block)
         distributed = self.influence.distributed
@@ -590,6 +615,8 @@ class GradientIndex:
                 "k": kk,
                 "block": block,
             }
+            if score_dtype is not None:  # the settings of a default query stay as they were
+                settings["score_dtype"] = str(score_dtype).removeprefix("torch.")
             results = QueryResult.create_or_resume(checkpoint, settings, overwrite, write=rank == 0)
             barrier()
         todo = [b for b in range(len(blocks)) if results is None or results.load_block(b) is None]
@@ -609,7 +636,7 @@ class GradientIndex:
             # verified) once per group, not once per block
             d = torch.cat([pre.directions(self, _Slice(ex, *blocks[b])) for b in group])
             running = RunningTopK(d.shape[0], kk, d.dtype, d.device)
-            for ids, s in self._stream(d, steps):
+            for ids, s in self._stream(d, steps, score_dtype):
                 running.add(s, ids)
             whole = running.result()
             if distributed:
@@ -682,3 +709,12 @@ def fisher_setting(fisher: bool | str) -> str | bool:
     if fisher not in ("layers", "full"):
         raise ConfigError(f"fisher must be 'layers', 'full', True or False, got {fisher!r}")
     return fisher
+
+
+def _check_score_dtype(dtype: Any) -> torch.dtype | None:
+    """``None`` or a floating torch dtype; anything else is refused in one line."""
+    if dtype is None or (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+        return dtype
+    raise ConfigError(
+        f"score_dtype must be a floating torch dtype such as torch.bfloat16, or None; got {dtype!r}"
+    )

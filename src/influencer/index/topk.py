@@ -22,25 +22,37 @@ def merge(values: Tensor, ids: Tensor, k: int, largest: bool) -> tuple[Tensor, T
     return values.gather(1, order), ids.gather(1, order)
 
 
-def preselect(scores: Tensor, k: int, largest: bool) -> tuple[Tensor, Tensor]:
-    """Columns of ``scores`` ``(m, c)`` that can enter a top-``k`` list, in column order: ``(values, cols)``.
+def preselect(scores: Tensor, k: int, largest: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """Columns of ``scores`` ``(m, c)`` that can enter a top-``k`` list, in column order, and each
+    row's most extreme score: ``(values, cols, extreme (m,))`` (a NaN or an infinity is there).
 
-    Usually the block's own top ``k`` (an ``O(c)`` selection instead of a sort); when some row has
-    ties at its ``k``-th value, which ``topk`` would break arbitrarily, every column is kept.
+    The block's own top ``k`` (an ``O(c)`` selection instead of a sort; its ``k + 1``-th value
+    tells whether the ``k``-th is tied). Where a row has ties at its ``k``-th value, which ``topk``
+    would break arbitrarily, every column at least as good as that value is kept instead (rows
+    padded with the worst value, which never enters a list): a few more columns, not the whole
+    block (scores rounded to bfloat16 tie often).
     """
     m, c = scores.shape
-    every = torch.arange(c, device=scores.device).expand(m, -1)
     if c <= k:
-        return scores, every
-    values, cols = scores.topk(k, dim=1, largest=largest, sorted=False)
-    if largest:
-        inside = scores >= values.min(1, keepdim=True).values
-    else:
-        inside = scores <= values.max(1, keepdim=True).values
-    if not bool((inside.sum(1) == k).all()):
-        return scores, every
-    cols = cols.sort(1).values
-    return scores.gather(1, cols), cols
+        extreme = scores.max(1).values if largest else scores.min(1).values
+        return scores, torch.arange(c, device=scores.device).expand(m, -1), extreme
+    values, cols = scores.topk(k + 1, dim=1, largest=largest, sorted=True)
+    if not bool((values[:, k - 1] == values[:, k]).any()):
+        cols = cols[:, :k].sort(1).values
+        return scores.gather(1, cols), cols, values[:, 0]
+    kth = values[:, k - 1 : k]
+    inside = scores >= kth if largest else scores <= kth
+    counts = inside.sum(1)
+    # every candidate of each row, in column order, packed to the left of a (m, most) block
+    most = int(counts.max())
+    rows, where = inside.nonzero(as_tuple=True)  # row-major: each row's columns ascending
+    slot = torch.arange(len(rows), device=scores.device) - (counts.cumsum(0) - counts)[rows]
+    worst = float("-inf") if largest else float("inf")
+    packed_cols = torch.zeros(m, most, dtype=torch.int64, device=scores.device)
+    packed_values = torch.full((m, most), worst, dtype=scores.dtype, device=scores.device)
+    packed_cols[rows, slot] = where
+    packed_values[rows, slot] = scores[rows, where]
+    return packed_values, packed_cols, values[:, 0]
 
 
 class RunningTopK:
@@ -55,11 +67,14 @@ class RunningTopK:
 
     def add(self, scores: Tensor, ids: Tensor) -> None:
         """Merge a block of scores ``(m, c)`` for training ids ``(c,)`` larger than any seen before."""
-        check_finite_scores(scores, ids)
         ids = ids.to(scores.device)
-        for name, largest in (("helpful", True), ("harmful", False)):
+        picked = [preselect(scores, self.k, largest) for largest in (True, False)]
+        # NaN and +inf sort first in the helpful selection, -inf in the harmful one: checking the
+        # selections finds any non-finite score (the whole block is then searched for the error)
+        if not bool(torch.isfinite(picked[0][2]).all() & torch.isfinite(picked[1][2]).all()):
+            check_finite_scores(scores, ids)
+        for name, largest, (new, cols, _) in zip(("helpful", "harmful"), (True, False), picked, strict=True):
             v, i = getattr(self, name)
-            new, cols = preselect(scores, self.k, largest)
             setattr(self, name, merge(torch.cat([v, new], 1), torch.cat([i, ids[cols]], 1), self.k, largest))
 
     def result(self) -> TopK:
