@@ -220,3 +220,18 @@ def test_explain_index_and_evaluate_train_the_builtin_job_once(tmp_path):
     assert evaluated["ran"]["parameters"] == explained["ran"]["parameters"]  # the head's 2,570
     assert evaluated["ran"]["estimator"] == explained["ran"]["estimator"]
     assert evaluated["ran"]["curvature"] == explained["ran"]["curvature"] == "gauss_newton"
+
+
+def test_output_into_a_closed_pipe_stops_quietly_and_leaves_the_run_reusable(tmp_path):
+    """``influencer explain 2>&1 | head -2``: once the reader has gone, the command stops with
+    status 141 (as a tool killed by SIGPIPE), not an error about the pipe; the next run works."""
+    out = tmp_path / "run"
+    command = [*_command(), "explain", "--out", str(out), *TINY_DIGITS]
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, cwd=tmp_path)
+    assert proc.stdout is not None
+    first = proc.stdout.readline()
+    proc.stdout.close()  # the reader goes away after one line
+    assert proc.wait(timeout=300) == 141, first
+    again = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
+    assert again.returncode == 0, again.stderr[-2000:]

@@ -10,6 +10,7 @@ Python: :func:`run_command` turns the library's ``curvature='gauss_newton'`` int
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import sys
@@ -284,16 +285,33 @@ def on_path(task: str | None) -> None:
 
 
 def run_command(work: Callable[[], str], out: str | None) -> None:
-    """Run a command, turning library errors and unwritable directories into one line naming flags."""
+    """Run a command, turning library errors and unwritable directories into one line naming flags.
+
+    When the reader of the command's output goes away (``influencer explain 2>&1 | head``), the
+    command stops quietly with status 141, as a Unix tool killed by SIGPIPE does, instead of an
+    error about the pipe.
+    """
     try:
         message = work()
+        click.echo(message)
+    except BrokenPipeError:
+        _stop_quietly()
     except InfluencerError as exc:
         raise click.ClickException(as_flags(str(exc))) from exc
     except OSError as exc:  # the directory cannot be written: read-only, full disk, long name, ...
         from influencer.app.run.store import describe_os_error
 
         raise click.ClickException(describe_os_error(exc, out)) from exc
-    click.echo(message)
+
+
+def _stop_quietly() -> None:
+    """Exit with 128 + SIGPIPE, the standard streams sent to the null device first (Python flushes
+    them on exit, which would fail on the closed pipe again)."""
+    null = os.open(os.devnull, os.O_WRONLY)
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(OSError, ValueError):
+            os.dup2(null, stream.fileno())
+    raise SystemExit(141)
 
 
 def quiet_progress(quiet: bool, flags: dict[str, Any]) -> None:
