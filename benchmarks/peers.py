@@ -611,6 +611,7 @@ def _kronfluence_task():
 
 
 KRONFLUENCE_MAX_BATCH = 2048
+KRONFLUENCE_GRADIENT_BYTES = 2**31  # its per-sample gradients of one batch: (batch, p) floats
 
 
 class Kronfluence:
@@ -671,8 +672,10 @@ class Kronfluence:
         )
         train, test = TensorDataset(*problem.train), TensorDataset(*problem.test)
         # One batch for the small problems; at most 2,048 examples for the large ones, where one
-        # batch of n holds (n, d_out, d_in) per-sample gradients per layer (gigabytes at p ~ 1e5).
-        batch = min(problem.n, KRONFLUENCE_MAX_BATCH)
+        # batch of n holds (n, d_out, d_in) per-sample gradients per layer (gigabytes at p ~ 1e5),
+        # and at most 2 GiB of them (256 examples in float64 at p = 1e6, where 2,048 need 16 GB)
+        per_example = sum(q.numel() for q in problem.model.parameters()) * torch.finfo(dtype).bits // 8
+        batch = min(problem.n, KRONFLUENCE_MAX_BATCH, max(1, KRONFLUENCE_GRADIENT_BYTES // per_example))
         torch.manual_seed(s.seed)  # its sampled labels
         with tempfile.TemporaryDirectory() as out:
             analyzer = Analyzer(
