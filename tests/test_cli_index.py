@@ -114,6 +114,16 @@ def test_query_top_k_equals_the_librarys_on_the_same_store(store, tmp_path):
         top1, index.scores(two, preconditioner=NoPreconditioner()).max(1).values, rtol=1e-6
     )
     assert not np.allclose(top1, index.scores(two, preconditioner=pre).max(1).values, rtol=1e-3)
+    # --score-dtype bfloat16: the library's bfloat16 lists, recorded in the settings
+    low = tmp_path / "bf16"
+    _ok(_invoke("query", "--store", store, "--test", "all", "--top-k", "5", "--score-dtype", "bfloat16",
+                "--out", low, "--quiet"))  # fmt: skip
+    want_low = index.top_k(test, 5, preconditioner=pre, progress=False, score_dtype=torch.bfloat16)
+    for name in ("helpful_ids", "harmful_ids"):
+        assert np.array_equal(np.load(low / f"{name}.npy"), getattr(want_low, name).numpy()), name
+    assert json.loads((low / "top_k.json").read_text())["settings"]["score_dtype"] == "bfloat16"
+    refused = _invoke("query", "--store", store, "--score-dtype", "float8", "--out", tmp_path / "no")
+    assert refused.exit_code != 0 and "float8" in refused.output
 
 
 def test_explain_with_a_store_writes_the_report_and_summary_from_it(store, tmp_path):
@@ -360,6 +370,9 @@ def test_query_combines_checkpoint_stores_as_the_library_does(jobs, tmp_path):
         assert np.array_equal(np.load(out / f"{name}.npy"), getattr(want, name).numpy()), name
     for name in ("helpful_scores", "harmful_scores"):
         np.testing.assert_allclose(np.load(out / f"{name}.npy"), getattr(want, name).numpy(), rtol=1e-9)
+    # products in bfloat16: the same extremes to bfloat16's precision
+    low = CheckpointStores.open(root, model, task, train).top_k(test, 4, score_dtype=torch.bfloat16)
+    torch.testing.assert_close(low.helpful_scores[:, 0], want.helpful_scores[:, 0], rtol=2e-2, atol=0)
     summary = json.loads((out / "top_k.json").read_text())
     scoring = summary["scores_from_store"]
     assert [(c["step"], c["lr"]) for c in scoring["checkpoints"]] == [(0, 0.1), (3, 0.05)]

@@ -28,8 +28,8 @@ import torch
 from torch import Tensor, nn
 
 from influencer._kernel.errors import ConfigError
-from influencer._kernel.scores import TopK, removal_scores
-from influencer.index.gradient_index import GradientIndex
+from influencer._kernel.scores import TopK
+from influencer.index.gradient_index import GradientIndex, check_score_dtype, low_precision_scores
 from influencer.index.preconditioners import NoPreconditioner, Preconditioner
 from influencer.index.store import IndexStoreError, StoreLayout
 from influencer.index.topk import RunningTopK, concat_rows
@@ -100,9 +100,19 @@ class CheckpointStores:
         return total
 
     def top_k(
-        self, test: Any, k: int = 10, *, block: int = 256, preconditioner: Preconditioner | None = None
+        self,
+        test: Any,
+        k: int = 10,
+        *,
+        block: int = 256,
+        preconditioner: Preconditioner | None = None,
+        score_dtype: torch.dtype | None = None,
     ) -> TopK:
-        """The ``k`` most helpful and harmful training examples of the summed scores, streamed by chunk."""
+        """The ``k`` most helpful and harmful training examples of the summed scores, streamed by chunk.
+
+        ``score_dtype``: the dtype of the score products (see :meth:`GradientIndex.top_k`).
+        """
+        score_dtype = check_score_dtype(score_dtype)
         if not isinstance(k, int) or isinstance(k, bool) or k < 1:
             raise ConfigError(f"k must be a positive integer (training examples per list), got {k!r}")
         if not isinstance(block, int) or isinstance(block, bool) or block < 1:
@@ -121,7 +131,7 @@ class CheckpointStores:
             for first in range(0, n, chunk):
                 ids = torch.arange(first, min(first + chunk, n))
                 s = sum(
-                    removal_scores(d, index.gradients(ids), n)
+                    low_precision_scores(d, index.gradients(ids), n, score_dtype)
                     for d, index in zip(directions, self.indexes, strict=True)
                 )
                 running.add(s, ids)

@@ -517,13 +517,8 @@ class GradientIndex:
         score_dtype: torch.dtype | None = None,
     ) -> Iterator[tuple[Tensor, Tensor]]:
         """``(ids, scores (m, c))`` for this rank's chunks, in id order (products in ``score_dtype``)."""
-        low = None if score_dtype is None else directions.to(score_dtype)
         for j in self._my_chunks():
-            if low is None:
-                scores = removal_scores(directions, self._rows(j), self.n)
-            else:  # scores back in the directions' dtype before the 1/n, which rounds no further
-                scores = (low @ self._rows(j).to(score_dtype).T).to(directions.dtype) / self.n
-            yield self._ids(j), scores
+            yield self._ids(j), low_precision_scores(directions, self._rows(j), self.n, score_dtype)
             if progress is not None:
                 next(progress, None)
 
@@ -539,18 +534,14 @@ class GradientIndex:
 
         ``score_dtype``: as for :meth:`top_k`.
         """
-        score_dtype = _check_score_dtype(score_dtype)
+        score_dtype = check_score_dtype(score_dtype)
         pre = ProjectedFisher() if preconditioner is None else preconditioner
         ex, blocks = self._test_blocks(test, block)
         out = []
         for start, stop in blocks:
             d = pre.directions(self, _Slice(ex, start, stop))
             if train_indices is not None:
-                rows = self.gradients(train_indices)
-                if score_dtype is not None:
-                    out.append((d.to(score_dtype) @ rows.to(score_dtype).T).to(d.dtype) / self.n)
-                else:
-                    out.append(removal_scores(d, rows, self.n))
+                out.append(low_precision_scores(d, self.gradients(train_indices), self.n, score_dtype))
                 continue
             cols = [s for _, s in self._stream(d, score_dtype=score_dtype)]
             local = torch.cat(cols, 1) if cols else d.new_zeros(d.shape[0], 0)
@@ -600,7 +591,7 @@ class GradientIndex:
         if not isinstance(k, int) or isinstance(k, bool) or k < 1:
             raise ConfigError(f"k must be a positive integer (training examples per list), got {k!r}")
         kk = min(k, self.n)
-        score_dtype = _check_score_dtype(score_dtype)
+        score_dtype = check_score_dtype(score_dtype)
         pre = ProjectedFisher() if preconditioner is None else preconditioner
         ex, blocks = self._test_blocks(test, block)
         distributed = self.influence.distributed
@@ -711,7 +702,16 @@ def fisher_setting(fisher: bool | str) -> str | bool:
     return fisher
 
 
-def _check_score_dtype(dtype: Any) -> torch.dtype | None:
+def low_precision_scores(directions: Tensor, rows: Tensor, n: int, score_dtype: torch.dtype | None) -> Tensor:
+    """:func:`removal_scores` ``(m, c)`` with the products in ``score_dtype`` (None: as given), in the
+    directions' dtype."""
+    if score_dtype is None:
+        return removal_scores(directions, rows, n)
+    # back in the directions' dtype before the 1/n, which then rounds no further
+    return (directions.to(score_dtype) @ rows.to(score_dtype).T).to(directions.dtype) / n
+
+
+def check_score_dtype(dtype: Any) -> torch.dtype | None:
     """``None`` or a floating torch dtype; anything else is refused in one line."""
     if dtype is None or (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
         return dtype

@@ -27,7 +27,7 @@ from influencer.app.commands.options import (
     run_command,
     settings_values,
 )
-from influencer.app.settings.values import DTYPES, PRECONDITIONERS
+from influencer.app.settings.values import DTYPES, PRECONDITIONERS, SCORE_DTYPES
 
 __all__ = ["add_commands"]
 
@@ -118,6 +118,12 @@ def index(config_file: str | None, quiet: bool, **flags: Any) -> None:
         help="Projected Fisher, EK-FAC (before projection) or none.  [default: the store's]",
     ),
     DAMPING,
+    click.option(
+        "--score-dtype",
+        type=click.Choice(SCORE_DTYPES),
+        help="The score products' dtype: bfloat16 is about 2.7x faster on CPUs with AVX512-BF16 and on "
+        "GPUs, scores to about 3 digits.  [default: the job's]",
+    ),
     click.option("--device", help="cpu, cuda or cuda:N.  [default: cpu]"),
     click.option("--batch-size", type=int, help="Examples per gradient batch.  [default: 256]"),
     click.option(

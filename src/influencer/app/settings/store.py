@@ -24,6 +24,7 @@ from influencer.app.settings.values import (
     DEFAULT_RELATIVE_DAMPING,
     PRECONDITIONERS,
     PROJECTORS,
+    SCORE_DTYPES,
     check_choice,
     check_damping,
     check_positive,
@@ -212,6 +213,9 @@ class QueryConfig:
     preconditioner: str | None = None  # fisher, ekfac, none; None: the store's
     relative_damping: float | None = None  # x the mean eigenvalue; None: the store's
     damping: float | None = None  # absolute; None: the store's
+    # the score products' dtype: "bfloat16" (faster, scores to about 3 digits), "float32",
+    # "float64"; None: the job's
+    score_dtype: str | None = None
     cache_dir: str | None = None  # the job cache (see ExplainConfig.cache_dir)
     device: str = "cpu"
     batch_size: int = 256
@@ -220,6 +224,11 @@ class QueryConfig:
     def __post_init__(self) -> None:
         if self.test_ids is not None:
             object.__setattr__(self, "test_ids", tuple(self.test_ids))
+        if self.score_dtype is not None and self.score_dtype not in SCORE_DTYPES:
+            raise ConfigError(
+                f"score_dtype must be one of {', '.join(SCORE_DTYPES)} (or unset for the job's dtype), "
+                f"got {self.score_dtype!r}"
+            )
         check_types(self)
         for name in ("store", "out"):
             if not getattr(self, name).strip():
