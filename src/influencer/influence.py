@@ -62,7 +62,7 @@ GRADIENT_BLOCK_BYTES = 256 * 2**20
 
 def default_batch_size(p: int, dtype: torch.dtype) -> int:
     """Examples per gradient chunk: a ``GRADIENT_BLOCK_BYTES`` block of ``(B, p)``, 128 to 4,096."""
-    return int(min(4096, max(128, GRADIENT_BLOCK_BYTES // max(p * dtype.itemsize, 1))))
+    return _rows_in_block(p, dtype, 128)
 
 
 def default_solve_batch(p: int, dtype: torch.dtype) -> int:
@@ -71,7 +71,12 @@ def default_solve_batch(p: int, dtype: torch.dtype) -> int:
     Block CG over more columns needs fewer passes over the data (once the columns outnumber the
     parameters, one), so a small model's test points are solved together.
     """
-    return int(min(4096, max(256, GRADIENT_BLOCK_BYTES // max(p * dtype.itemsize, 1))))
+    return _rows_in_block(p, dtype, 256)
+
+
+def _rows_in_block(p: int, dtype: torch.dtype, least: int) -> int:
+    """Rows of ``p`` values that fill ``GRADIENT_BLOCK_BYTES``, between ``least`` and 4,096."""
+    return int(min(4096, max(least, GRADIENT_BLOCK_BYTES // max(p * dtype.itemsize, 1))))
 
 
 class Influence:

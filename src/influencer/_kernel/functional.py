@@ -400,9 +400,8 @@ class ModelFunction:
         autograd pass (``2 (wd / 2) theta`` scales by powers of two), without one, which a gradient
         store collected during training pays at every checkpoint.
         """
-        decay = getattr(self.task, "weight_decay", None)
-        if isinstance(decay, float) and _plain_l2(self.task):
-            return theta * decay
+        if _plain_l2(self.task):
+            return theta * self.task.weight_decay
         return grad(self.regularizer)(theta)
 
     def measurement_grads(self, theta: Tensor, batch: Batch) -> Tensor:

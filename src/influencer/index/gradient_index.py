@@ -36,7 +36,6 @@ from typing import Any
 import numpy as np
 import torch
 from torch import Tensor
-from torch.func import grad
 
 from influencer._kernel.data import Examples
 from influencer._kernel.distributed import all_gather_blocks, all_reduce_sum, barrier, rank_and_size, shard
@@ -349,7 +348,7 @@ class GradientIndex:
             fisher = (total / influence.n).cpu().numpy()
             sha = atomic_save_array(layout.fisher_path, fisher)
             files["fisher"] = {"file": layout.fisher_path.name, "sha256": sha}
-        reg_grad = grad(influence.fn.regularizer)(influence.theta)
+        reg_grad = influence.fn.regularizer_grad(influence.theta)
         reg = projection.project(reg_grad[None])[0].double().cpu().numpy()
         files["regularizer"] = {
             "file": layout.regularizer_path.name,

@@ -330,7 +330,7 @@ class KroneckerProjection(Projection):
                     cap.projected[i], pg, p_out.shape[0]
                 ).flatten(1)
         if kind == "loss":
-            out += self._regularizer(fn, theta)
+            out += self.regularizer_row(fn, theta)
         return out
 
     def _check_called(self, calls: list[list[Tensor]]) -> None:
@@ -437,7 +437,7 @@ class KroneckerProjection(Projection):
         self._reg = None  # projected with the old basis
         self._fitted = True
 
-    def _regularizer(self, fn: ModelFunction, theta: Tensor) -> Tensor:
+    def regularizer_row(self, fn: ModelFunction, theta: Tensor) -> Tensor:
         """``P grad Omega(theta)`` ``(k,)``: every example's objective term carries it."""
         if self._reg is None or self._reg[0] is not theta:
             self._reg = (theta, self.project(fn.regularizer_grad(theta.detach())[None])[0])

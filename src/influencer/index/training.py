@@ -181,8 +181,7 @@ class _Window:
             return
         if self.projection.needs_fit:
             self.projection.fit(self.influence)
-        theta = self.influence.theta
-        self.regularizer = self.projection.project(fn.regularizer_grad(theta)[None])[0]
+        self.regularizer = self.projection.regularizer_row(fn, self.influence.theta)
         n = self.influence.n
         # each step's rows (B, k) and ids as they come, put in id order once, when the window closes
         # (one scatter then, instead of one per step)
@@ -222,22 +221,19 @@ class _Window:
         fresh = ~self.seen[at]
         self.seen[at] = True
         count = int(np.count_nonzero(self.seen))
-        if count - self.count == len(ids):  # the usual batch: distinct ids, none seen before
-            self.parts.append((ids, rows))
-            self._count_in(rows)
-        elif count > self.count:
+        if count == self.count:  # every id seen before
+            return
+        if count - self.count < len(ids):  # repeated or seen ids: keep first occurrences of unseen ones
             unique, inverse = torch.unique(ids, return_inverse=True)
             first = torch.full((len(unique),), len(ids)).scatter_reduce(
                 0, inverse, torch.arange(len(ids)), "amin"
             )
-            keep = first[torch.from_numpy(fresh)[first]]  # first occurrences of unseen ids in the batch
-            self.parts.append((ids[keep], rows[keep.to(rows.device)]))
-            self._count_in(self.parts[-1][1])
-        self.count = count
-
-    def _count_in(self, rows: Tensor) -> None:
+            keep = first[torch.from_numpy(fresh)[first]]
+            ids, rows = ids[keep], rows[keep.to(rows.device)]
+        self.parts.append((ids, rows))
         total = rows.sum()  # no host sync: checked once, when the window closes
         self.total = total if self.total is None else self.total + total
+        self.count = count
 
     def gathered(self) -> Tensor:
         """Every example's row ``(n, k)``, in id order (once the window is complete)."""

@@ -224,12 +224,8 @@ class QueryConfig:
     def __post_init__(self) -> None:
         if self.test_ids is not None:
             object.__setattr__(self, "test_ids", tuple(self.test_ids))
-        if self.score_dtype is not None and self.score_dtype not in SCORE_DTYPES:
-            raise ConfigError(
-                f"score_dtype must be one of {', '.join(SCORE_DTYPES)} (or unset for the job's dtype), "
-                f"got {self.score_dtype!r}"
-            )
         check_types(self)
+        check_choice("score_dtype", self.score_dtype, SCORE_DTYPES)
         for name in ("store", "out"):
             if not getattr(self, name).strip():
                 raise ConfigError(f"{name} (a directory) must not be empty")
