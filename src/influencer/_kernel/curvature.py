@@ -30,6 +30,12 @@ from influencer._kernel.progress import progress_bar
 
 CurvatureKind = Literal["hessian", "gauss_newton"]
 _CACHE_BYTES = 256 * 2**20  # keep Hessian batches (and, apart, their graphs) when they take less
+# Working set of one batched backward pass: a graph's saved tensors and a parameter row per
+# vector. Wider passes run out of cache (an MLP on 512 examples: 1.2 s for 1,000 vectors 64 at a
+# time, 2.2 s at 256); narrower ones pay per-pass overhead (on a LiSSA minibatch of 32, a tenth of
+# the bytes per vector, 16 at a time is 1.5x slower than 64-1,000).
+_VECTOR_BYTES = 32 * 2**20
+_FORWARD_VECTOR_BATCH = 64  # vectors per forward-over-reverse product (no graph to measure)
 
 
 class Curvature:
@@ -43,7 +49,7 @@ class Curvature:
         indices: Tensor | Sequence[int] | None = None,
         kind: CurvatureKind = "hessian",
         batch_size: int = 256,
-        vector_batch: int = 64,
+        vector_batch: int | None = None,
         progress: bool | None = False,
         distributed: bool = False,
         hvp: HVPMode = "reverse",
@@ -51,7 +57,7 @@ class Curvature:
         check_hvp_mode(hvp)
         if kind not in ("hessian", "gauss_newton"):
             raise ConfigError(f"curvature must be 'hessian' or 'gauss_newton', got {kind!r}")
-        if batch_size < 1 or vector_batch < 1:
+        if batch_size < 1 or (vector_batch is not None and vector_batch < 1):
             raise ConfigError("batch_size and vector_batch must be >= 1")
         self.fn = fn
         self.theta = theta.detach()
@@ -94,7 +100,7 @@ class Curvature:
         """The same operator computed in ``dtype`` (float64 for exact references)."""
         return self._copy(self.fn.cast(dtype), self.theta.to(dtype), self.vector_batch)
 
-    def _copy(self, fn: ModelFunction, theta: Tensor, vector_batch: int) -> Curvature:
+    def _copy(self, fn: ModelFunction, theta: Tensor, vector_batch: int | None) -> Curvature:
         return Curvature(
             fn,
             theta,
@@ -124,19 +130,30 @@ class Curvature:
     def _apply_unchecked(self, batch, vectors: Tensor, weight: float) -> Tensor:
         if self.hvp == "reverse":
             # One graph for the batch, reused by every block of vectors.
-            return self._chunked(self.fn.linearize(self.theta, batch, weight, self.kind), vectors)
+            graph = self.fn.linearize(self.theta, batch, weight, self.kind, measure=True)
+            return self._chunked(graph, vectors)
+        width = self.vector_batch or _FORWARD_VECTOR_BATCH
         outs = [
-            self._product(self.theta, batch, vectors[i : i + self.vector_batch], weight, mode=self.hvp)
-            for i in range(0, vectors.shape[0], self.vector_batch)
+            self._product(self.theta, batch, vectors[i : i + width], weight, mode=self.hvp)
+            for i in range(0, vectors.shape[0], width)
         ]
         return torch.cat(outs)
 
+    def _width(self, product: Callable[[Tensor], Tensor]) -> int:
+        """Vectors per batched pass through ``product``: ``vector_batch``, or as many as keep the
+        pass's working set (its graph and a parameter row per vector) within :data:`_VECTOR_BYTES`."""
+        if self.vector_batch is not None:
+            return self.vector_batch
+        if not isinstance(product, Linearized):
+            return _FORWARD_VECTOR_BATCH
+        per_vector = product.nbytes + self.p * self.theta.element_size()
+        return max(1, _VECTOR_BYTES // per_vector)
+
     def _chunked(self, product: Callable[[Tensor], Tensor], vectors: Tensor) -> Tensor:
-        if vectors.shape[0] <= self.vector_batch:
+        width = self._width(product)
+        if vectors.shape[0] <= width:
             return product(vectors)
-        return torch.cat(
-            [product(vectors[i : i + self.vector_batch]) for i in range(0, len(vectors), self.vector_batch)]
-        )
+        return torch.cat([product(vectors[i : i + width]) for i in range(0, len(vectors), width)])
 
     def _products(self) -> Iterator[Callable[[Tensor], Tensor]]:
         """One linear map ``(k, p) -> (k, p)`` per batch of the local examples (weight ``1/n``)."""
@@ -163,12 +180,15 @@ class Curvature:
         self._linearized = kept
         self._keep_linearized = kept is not None
 
-    def _regularizer(self, v: Tensor) -> Tensor:
-        parts = [
-            self.fn.regularizer_hvp(self.theta, v[i : i + self.vector_batch])
-            for i in range(0, v.shape[0], self.vector_batch)
-        ]
-        return torch.cat(parts)
+    def _add_regularizer(self, out: Tensor, v: Tensor) -> Tensor:
+        """``out += Hess(Omega) @ v`` in place, ``(k, p)``: for L2 one fused pass with no temporary."""
+        constant = self.fn.task.regularizer_curvature()
+        if constant is not None:
+            return out.add_(v, alpha=constant) if constant else out
+        width = self.vector_batch or _FORWARD_VECTOR_BATCH
+        for i in range(0, v.shape[0], width):
+            out[i : i + width] += self.fn.regularizer_hvp(self.theta, v[i : i + width])
+        return out
 
     def matvec(self, vectors: Tensor) -> Tensor:
         """``H @ v`` for each row of ``vectors`` ``(k, p)`` (or a single ``(p,)``), same shape."""
@@ -180,7 +200,7 @@ class Curvature:
                 out += self._chunked(product, v)
         if self.distributed:
             all_reduce_sum(out)
-        out += self._regularizer(v)
+        self._add_regularizer(out, v)
         if not torch.isfinite(out).all():
             raise NonFiniteError(
                 "a Hessian-vector product is not finite: the loss or its second derivatives overflow "
@@ -203,7 +223,7 @@ class Curvature:
             if len(mine):
                 out += self._apply(self.fn.prepare(self.data.take(self.indices[mine])), v, weight)
             all_reduce_sum(out)
-        return out + self._regularizer(v)
+        return self._add_regularizer(out, v)
 
     @contextlib.contextmanager
     def _failures_explained(self) -> Iterator[None]:
@@ -239,13 +259,13 @@ class Curvature:
         """The full symmetric ``(p, p)`` matrix, built from ``p`` products (small models only)."""
         same = dtype is None or dtype == self.dtype
         if self.hvp == "reverse":
-            # Backward passes batched over ``vector_batch`` columns at a time: wider ones run out
-            # of cache (measured ~1.5x slower at 256 than at 32-64 on a small MLP).
+            # Backward passes as wide as their working set allows (see _width).
             op = self if same else self._copy(self.fn.cast(dtype), self.theta.to(dtype), self.vector_batch)
         else:
             # forward mode: one vmapped product per block of columns, few wide products are fastest
             fn = self.fn if same else self.fn.cast(dtype)
-            op = self._copy(fn, self.theta.to(fn.dtype), max(self.vector_batch, block))
+            width = max(self.vector_batch or _FORWARD_VECTOR_BATCH, block)
+            op = self._copy(fn, self.theta.to(fn.dtype), width)
         eye = torch.eye(self.p, dtype=op.dtype, device=op.device)
         cols = [
             op.matvec(eye[i : i + block])
