@@ -15,6 +15,13 @@ steps' times) of each copy and:
 * ``schedule``: the overhead of ``--checkpoints`` stores over ``--epochs`` epochs of training,
   ``1 + C (collect - plain) / (E plain)``, the usual use (a few checkpoints of a longer run).
 
+Steps of two models in turn evict each other's data from the caches, which a training run of one
+model does not: for small models the collecting copy, with more data per step, loses more to that.
+So ``--epoch-repeats`` more epochs follow, whole epochs of each copy in turn (plain, collecting,
+...), each collecting epoch waiting at its end for its store's files (written beside training);
+``whole epochs`` is the ``schedule`` from their median wall times, ``(CPU time)`` from their CPU
+time of the process, every thread included.
+
 The projection is Kronecker ``--k x --k`` per layer, random basis (a PCA basis adds its fit, a
 forward and backward pass over ``pca_examples`` examples, per checkpoint), float32 storage, no
 Fisher (TracIn-style queries need none)::
@@ -127,7 +134,8 @@ def step(problem: dict[str, Any], ids: torch.Tensor, store: Any) -> float:
 
 def run(name: str, args: argparse.Namespace) -> dict[str, Any]:
     """Two identical copies of the problem, one trained plainly and one collecting, step by step in
-    turn, so that both see the same machine load; per epoch the sum of each copy's step times."""
+    turn, so that both see the same machine load; per epoch the sum of each copy's step times.
+    Then ``--epoch-repeats`` whole epochs of each copy in turn (see the module docstring)."""
     from influencer.index import KroneckerProjector, TrainingStore, TrainingStoreSettings
 
     plain_problem, problem = PROBLEMS[name](), PROBLEMS[name]()
@@ -135,17 +143,19 @@ def run(name: str, args: argparse.Namespace) -> dict[str, Any]:
         p["model"].train()
     projector = KroneckerProjector(k_in=args.k, k_out=args.k, basis=args.basis)
     steps = -(-problem["n"] // problem["batch"])  # per epoch
-    checkpoints = tuple(range(0, (args.repeats + 1) * steps, steps))  # every epoch but the warm-up
+    epochs = 1 + args.repeats + args.epoch_repeats
+    checkpoints = tuple(range(0, epochs * steps, steps))  # every epoch but the warm-up
     settings = TrainingStoreSettings(
         checkpoints=checkpoints[1:], projector=projector, loss_scale=problem["scale"]
     )
     gen = torch.Generator().manual_seed(0)
     plain, collect = [], []
+    whole: dict[str, list[float]] = {"plain": [], "collect": [], "plain_cpu": [], "collect_cpu": []}
     with tempfile.TemporaryDirectory() as tmp:
         store = TrainingStore(
             problem["model"], problem["task"], problem["data"], Path(tmp), settings, params=problem["params"]
         )
-        for r in range(args.repeats + 1):  # the first epoch warms up (allocator, first calls)
+        for r in range(1 + args.repeats):  # the first epoch warms up (allocator, first calls)
             order = torch.randperm(problem["n"], generator=gen)
             times = [0.0, 0.0]
             for ids in order.split(problem["batch"]):
@@ -154,21 +164,40 @@ def run(name: str, args: argparse.Namespace) -> dict[str, Any]:
             if r:
                 plain.append(times[0])
                 collect.append(times[1])
-        assert len(store.finish()) == args.repeats
+        for _ in range(args.epoch_repeats):
+            order = torch.randperm(problem["n"], generator=gen)
+            store.flush()
+            for kind, copy in (("plain", plain_problem), ("collect", problem)):
+                wall, cpu = time.perf_counter(), time.process_time()
+                for ids in order.split(problem["batch"]):
+                    step(copy, ids, store if kind == "collect" else None)
+                if kind == "collect":
+                    store.flush()  # its store's files, written beside training, counted here
+                whole[kind].append(time.perf_counter() - wall)
+                whole[kind + "_cpu"].append(time.process_time() - cpu)
+        assert len(store.finish()) == args.repeats + args.epoch_repeats
+
+    def overhead(plain_s: float, collect_s: float) -> dict[str, float]:
+        c, e = args.checkpoints, args.epochs
+        return {"per_epoch": collect_s / plain_s, "schedule": 1 + c * (collect_s - plain_s) / (e * plain_s)}
+
     p, c = statistics.median(plain), statistics.median(collect)
-    sched = 1 + args.checkpoints * (c - p) / (args.epochs * p)
-    return {
+    out: dict[str, Any] = {
         "problem": name,
         "n": problem["n"],
         "batch": problem["batch"],
         "k_per_layer": args.k,
         "plain_s": p,
         "collect_s": c,
-        "per_epoch": c / p,
-        "schedule": sched,
+        **overhead(p, c),
         "plain_all": plain,
         "collect_all": collect,
     }
+    if args.epoch_repeats:
+        m = {k: statistics.median(v) for k, v in whole.items()}
+        wall, cpu = overhead(m["plain"], m["collect"]), overhead(m["plain_cpu"], m["collect_cpu"])
+        out["whole_epochs"] = {**{k + "_s": v for k, v in m.items()}, "wall": wall, "cpu": cpu, "all": whole}
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -177,6 +206,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--k", type=int, default=16, help="Kronecker k_in = k_out per layer")
     parser.add_argument("--basis", default="random", choices=("random", "pca"))
     parser.add_argument("--repeats", type=int, default=5, help="epochs of each kind (medians reported)")
+    parser.add_argument(
+        "--epoch-repeats", type=int, default=5, help="whole epochs of each kind in turn (medians)"
+    )
     parser.add_argument("--epochs", type=int, default=20, help="training epochs of the schedule column")
     parser.add_argument("--checkpoints", type=int, default=4, help="stores collected in the schedule column")
     parser.add_argument("--threads", type=int, default=None)
@@ -190,20 +222,16 @@ def main(argv: list[str] | None = None) -> int:
     }
     print("machine: " + ", ".join(f"{k}={v}" for k, v in env["machine"].items()), flush=True)
     rows = [run(name, args) for name in args.problems.split(",") if name]
+    whole = args.epoch_repeats > 0
     table = [
         [r["problem"], r["n"], r["batch"], r["plain_s"], r["collect_s"], r["per_epoch"], r["schedule"]]
+        + ([r["whole_epochs"]["wall"]["schedule"], r["whole_epochs"]["cpu"]["schedule"]] if whole else [])
         for r in rows
     ]
-    header = [
-        "problem",
-        "n",
-        "batch",
-        "plain_s",
-        "collect_s",
-        "per_epoch",
-        f"schedule {args.checkpoints}/{args.epochs}",
-    ]
-    print(format_table(table, header, align="lrrrrrr"))
+    sched = f"{args.checkpoints}/{args.epochs}"
+    header = ["problem", "n", "batch", "plain_s", "collect_s", "per_epoch", f"schedule {sched}"]
+    header += [f"whole epochs: schedule {sched}", f"(CPU time) {sched}"] if whole else []
+    print(format_table(table, header, align="l" + "r" * (len(header) - 1)))
     if args.json:
         write_json(args.json, {**env, "args": vars(args), "rows": rows})
     return 0

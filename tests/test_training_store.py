@@ -232,8 +232,8 @@ def test_an_unfinished_window_and_overlapping_windows_are_refused(tmp_path):
 
 
 def test_a_failed_write_of_a_closed_window_is_raised(tmp_path, monkeypatch):
-    """The files of a closed window are written beside training; an error there is raised by the
-    next window's close or by finish(), never lost."""
+    """The files of a closed window are written beside training; an error there is raised by
+    flush(), the next window's close or finish(), never lost."""
     import influencer.index.training as training
 
     def fail(layout, *args):
@@ -242,10 +242,14 @@ def test_a_failed_write_of_a_closed_window_is_raised(tmp_path, monkeypatch):
     monkeypatch.setattr(training, "_write_store", fail)
     model, task, data = _problem("mlp")
     projector = KroneckerProjector(k_in=2, k_out=2, basis="random")
-    settings = TrainingStoreSettings(checkpoints=(0,), projector=projector, loss_scale=float(N))
+    settings = TrainingStoreSettings(checkpoints=(0, 4), projector=projector, loss_scale=float(N))
     store = TrainingStore(model, task, data, tmp_path, settings)
-    _full_batch_training(model, task, data, store, lrs=(0.5,))
+    _full_batch_training(model, task, data, store, lrs=(0.5,))  # steps 0-3: one window
     with pytest.raises(OSError, match="disk full writing step-00000000"):
+        store.flush()  # the closed window's write, waited for
+    store.flush()  # raised once
+    _full_batch_training(model, task, data, store, lrs=(0.5,))  # steps 4-7: the next window
+    with pytest.raises(OSError, match="disk full writing step-00000004"):
         store.finish()
 
 

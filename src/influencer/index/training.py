@@ -502,14 +502,18 @@ class TrainingStore:
         self._writes.append(self._writer.submit(job))
 
     def _raise_failed(self, wait: bool) -> None:
-        """Drop finished writes (all of them, waiting, with ``wait``); raise the first that failed."""
-        pending = []
-        for future in self._writes:
-            if wait or future.done():
-                future.result()
-            else:
-                pending.append(future)
-        self._writes = pending
+        """Drop finished writes (all of them, waiting, with ``wait``); raise the first that failed,
+        once (it is dropped too)."""
+        pending: list[Future[None]] = []
+        try:
+            while self._writes:
+                future = self._writes.pop(0)
+                if wait or future.done():
+                    future.result()
+                else:
+                    pending.append(future)
+        finally:
+            self._writes = pending + self._writes
 
     def _device_scale(
         self, ids: Tensor, given: float | Tensor | None, device: torch.device, dtype: torch.dtype
@@ -572,6 +576,11 @@ class TrainingStore:
                 "normalisation); fix the loss_scale, or pass check=False to keep the training-mode gradients"
             )
         self.checked = True
+
+    def flush(self) -> None:
+        """Wait until the stores of closed windows are written (their files are written in a thread
+        beside training); raise the first that could not be."""
+        self._raise_failed(wait=True)
 
     def finish(self) -> list[Path]:
         """The stores written, once their files are; raises if a window is still open (it did not
