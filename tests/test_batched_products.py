@@ -95,3 +95,8 @@ def test_products_do_not_depend_on_how_many_vectors_a_pass_takes(digits_small, r
     large = fn.linearize(theta, fn.prepare(data.take(torch.arange(60))), 1.0, measure=True)
     assert curv._width(small) > curv._width(large) >= 1
     assert curv._width(large) * (large.nbytes + fn.p * 8) <= curvature_module._VECTOR_BYTES
+    # On a GPU, wide passes (64, as many as memory allows below that) whatever the cache.
+    width, cpu, gpu = curvature_module.pass_width, torch.device("cpu"), torch.device("cuda")
+    assert width(10_000, cpu) > 64 and width(10_000, gpu) == 64
+    assert width(2**20, cpu) == 32 and width(2**20, gpu) == 64
+    assert width(2**28, gpu) == 4 and width(2**31, gpu) == width(2**31, cpu) == 1

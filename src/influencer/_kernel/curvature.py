@@ -35,7 +35,17 @@ _CACHE_BYTES = 256 * 2**20  # keep Hessian batches (and, apart, their graphs) wh
 # time, 2.2 s at 256); narrower ones pay per-pass overhead (on a LiSSA minibatch of 32, a tenth of
 # the bytes per vector, 16 at a time is 1.5x slower than 64-1,000).
 _VECTOR_BYTES = 32 * 2**20
+# A GPU has no such cache to stay in, and wide passes keep it busy: there the budget only bounds
+# memory (at most 64 vectors per pass, as before, unless their working set passes 1 GiB).
+_VECTOR_BYTES_CUDA = 2**30
 _FORWARD_VECTOR_BATCH = 64  # vectors per forward-over-reverse product (no graph to measure)
+
+
+def pass_width(per_vector: int, device: torch.device) -> int:
+    """Vectors per batched backward pass whose working set is ``per_vector`` bytes per vector."""
+    if device.type == "cuda":
+        return max(1, min(_FORWARD_VECTOR_BATCH, _VECTOR_BYTES_CUDA // per_vector))
+    return max(1, _VECTOR_BYTES // per_vector)
 
 
 class Curvature:
@@ -141,13 +151,13 @@ class Curvature:
 
     def _width(self, product: Callable[[Tensor], Tensor]) -> int:
         """Vectors per batched pass through ``product``: ``vector_batch``, or as many as keep the
-        pass's working set (its graph and a parameter row per vector) within :data:`_VECTOR_BYTES`."""
+        pass's working set (its graph and a parameter row per vector) within :data:`_VECTOR_BYTES`
+        (on a GPU: 64, fewer where that passes :data:`_VECTOR_BYTES_CUDA`)."""
         if self.vector_batch is not None:
             return self.vector_batch
         if not isinstance(product, Linearized):
             return _FORWARD_VECTOR_BATCH
-        per_vector = product.nbytes + self.p * self.theta.element_size()
-        return max(1, _VECTOR_BYTES // per_vector)
+        return pass_width(product.nbytes + self.p * self.theta.element_size(), self.theta.device)
 
     def _chunked(self, product: Callable[[Tensor], Tensor], vectors: Tensor) -> Tensor:
         width = self._width(product)
