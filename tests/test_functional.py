@@ -64,6 +64,9 @@ def test_hvp_matches_dense_double_backward_hessian(digits_small):
     product = fn.hvp(fn.theta0, (x, y), v, 1.0 / 40) + fn.regularizer_hvp(fn.theta0, v)
     torch.testing.assert_close(product, v @ h, rtol=1e-9, atol=1e-11)
     torch.testing.assert_close(fn.regularizer_hvp(fn.theta0, v), 0.1 * v)
+    out = torch.ones_like(v)
+    assert fn.regularizer_hvp(fn.theta0, v, out=out) is out  # added in place
+    torch.testing.assert_close(out, 1 + 0.1 * v, rtol=1e-15, atol=1e-15)
 
 
 def test_gauss_newton_product_matches_explicit_jacobians(digits_small):

@@ -191,13 +191,12 @@ class Curvature:
         self._keep_linearized = kept is not None
 
     def _add_regularizer(self, out: Tensor, v: Tensor) -> Tensor:
-        """``out += Hess(Omega) @ v`` in place, ``(k, p)``: for L2 one fused pass with no temporary."""
-        constant = self.fn.task.regularizer_curvature()
-        if constant is not None:
-            return out.add_(v, alpha=constant) if constant else out
-        width = self.vector_batch or _FORWARD_VECTOR_BATCH
+        """``out += Hess(Omega) @ v`` in place, ``(k, p)``: for L2 in one pass, else in blocks of
+        vectors (each a vmapped forward-over-reverse product)."""
+        fused = self.fn.task.regularizer_curvature() is not None
+        width = max(1, len(v)) if fused else self.vector_batch or _FORWARD_VECTOR_BATCH
         for i in range(0, v.shape[0], width):
-            out[i : i + width] += self.fn.regularizer_hvp(self.theta, v[i : i + width])
+            self.fn.regularizer_hvp(self.theta, v[i : i + width], out=out[i : i + width])
         return out
 
     def matvec(self, vectors: Tensor) -> Tensor:

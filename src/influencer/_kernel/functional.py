@@ -492,17 +492,21 @@ class ModelFunction:
 
         return apply
 
-    def regularizer_hvp(self, theta: Tensor, vectors: Tensor) -> Tensor:
-        """``Hessian of Omega @ v`` for each row of ``(k, p)`` (``weight_decay * v`` for L2)."""
+    def regularizer_hvp(self, theta: Tensor, vectors: Tensor, out: Tensor | None = None) -> Tensor:
+        """``Hessian of Omega @ v`` for each row of ``(k, p)`` (``weight_decay * v`` for L2); with
+        ``out`` ``(k, p)``, added to it in place and returned (for L2: one pass, no temporary)."""
         constant = self.task.regularizer_curvature()
         if constant is not None:
-            return constant * vectors
+            if out is None:
+                return constant * vectors
+            return out.add_(vectors, alpha=constant) if constant else out
         g = grad(self.regularizer)
 
         def one(v: Tensor) -> Tensor:
             return jvp(g, (theta,), (v,))[1]
 
-        return vmap(one)(vectors)
+        product = vmap(one)(vectors)
+        return product if out is None else out.add_(product)
 
     def ggn_vp(
         self, theta: Tensor, batch: Batch, vectors: Tensor, weight: float, mode: HVPMode = "reverse"
