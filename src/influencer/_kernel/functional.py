@@ -37,7 +37,7 @@ from torch.utils._pytree import tree_flatten, tree_map
 from influencer._kernel.data import batch_size_of, to_device
 from influencer._kernel.errors import ConfigError, InfluencerError, TaskError
 from influencer._kernel.modes import evaluating
-from influencer._kernel.task import Batch, DecayedTask, Task
+from influencer._kernel.task import Batch, Task
 
 HVPMode = Literal["reverse", "forward"]
 HVP_MODES: tuple[HVPMode, ...] = ("reverse", "forward")
@@ -396,12 +396,14 @@ class ModelFunction:
     def regularizer_grad(self, theta: Tensor) -> Tensor:
         """``grad Omega(theta)``, ``(p,)``.
 
-        The built-in L2 penalty's is ``weight_decay * theta``, written out: the same bits as its
-        autograd pass (``2 (wd / 2) theta`` scales by powers of two), without one, which a gradient
-        store collected during training pays at every checkpoint.
+        An L2 penalty ``c/2 ||theta||^2`` (the task's :meth:`~influencer.Task.regularizer_curvature`
+        is ``c``) has ``c * theta``, written out: for the built-in one the same bits as its autograd
+        pass (``2 (wd / 2) theta`` scales by powers of two), without one, which a gradient store
+        collected during training pays at every checkpoint.
         """
-        if _plain_l2(self.task):
-            return theta * self.task.weight_decay
+        constant = self.task.regularizer_curvature()
+        if constant is not None:
+            return theta * constant
         return grad(self.regularizer)(theta)
 
     def measurement_grads(self, theta: Tensor, batch: Batch) -> Tensor:
@@ -579,11 +581,6 @@ def _pull(out: Tensor, inputs: Tensor, cotangents: Tensor, loop: bool = False) -
     # second derivatives of tanh, GELU, softplus and log_softmax, and loop over the vectors there
     # (an MLP with tanh: 1.5x slower at 256 vectors)
     return torch.func.vmap(one)(cotangents)
-
-
-def _plain_l2(task: Any) -> bool:
-    """Whether ``task``'s regulariser is the built-in L2 penalty, not overridden."""
-    return isinstance(task, DecayedTask) and type(task).regularizer is DecayedTask.regularizer
 
 
 def _storage_key(t: Tensor) -> int:
