@@ -275,8 +275,7 @@ class GradientIndex:
         show = influence.progress if progress is None else progress
         accumulate = torch.float64 if dtype == "float64" else torch.float32
         total = torch.zeros(k, k, dtype=torch.float64, device=fn.device) if fisher else None
-        # the Fisher's blocks to accumulate: the layers' diagonal blocks, or the whole matrix
-        spans = [(a, b) for _, a, b in projection.blocks] if fisher == "layers" else [(0, k)]
+        spans = fisher_spans(projection, fisher)
         bar = progress_bar(mine.tolist(), "index: projecting gradients", show, total=len(mine), unit="chunk")
         with ChunkWriter(layout, on_chunk) as writer:
             for j in bar:
@@ -292,9 +291,7 @@ class GradientIndex:
                     # From the stored values, so a resumed build accumulates exactly what a fresh one
                     # does (a fresh chunk's array is shared, not copied; a memory-mapped one is read-only).
                     x = torch.from_numpy(stored if stored.flags.writeable else np.array(stored))
-                    x = x.to(fn.device, accumulate)
-                    for a, b in spans:
-                        total[a:b, a:b] += gram(x[:, a:b]).double()
+                    add_fisher(total, x.to(fn.device, accumulate), spans)
         if total is not None and distributed:
             all_reduce_sum(total)
         barrier()
@@ -706,8 +703,9 @@ def low_precision_scores(directions: Tensor, rows: Tensor, n: int, score_dtype: 
     directions' dtype."""
     if score_dtype is None:
         return removal_scores(directions, rows, n)
-    # back in the directions' dtype before the 1/n, which then rounds no further
-    return (directions.to(score_dtype) @ rows.to(score_dtype).T).to(directions.dtype) / n
+    # the product alone in score_dtype; back in the directions' dtype before the 1/n, which then
+    # rounds no further
+    return removal_scores(directions.to(score_dtype), rows.to(score_dtype), 1).to(directions.dtype) / n
 
 
 def check_score_dtype(dtype: Any) -> torch.dtype | None:
@@ -717,3 +715,15 @@ def check_score_dtype(dtype: Any) -> torch.dtype | None:
     raise ConfigError(
         f"score_dtype must be a floating torch dtype such as torch.bfloat16, or None; got {dtype!r}"
     )
+
+
+def fisher_spans(projection: Projection, fisher: str | bool) -> list[tuple[int, int]]:
+    """The projected Fisher's blocks a store accumulates: the layers' diagonal blocks
+    (``"layers"``), or the whole ``(k, k)`` matrix."""
+    return [(a, b) for _, a, b in projection.blocks] if fisher == "layers" else [(0, projection.k)]
+
+
+def add_fisher(total: Tensor, rows: Tensor, spans: list[tuple[int, int]]) -> None:
+    """``total[a:b, a:b] += rows[:, a:b]^T rows[:, a:b]`` (float64) for each span; ``rows`` ``(c, k)``."""
+    for a, b in spans:
+        total[a:b, a:b] += gram(rows[:, a:b]).double()

@@ -66,9 +66,8 @@ from influencer._kernel.data import as_examples
 from influencer._kernel.errors import ConfigError, NonFiniteError
 from influencer._kernel.files import atomic_save_array, json_roundtrip
 from influencer._kernel.fingerprint import hash_tensors
-from influencer.index.gradient_index import fisher_setting
+from influencer.index.gradient_index import add_fisher, fisher_setting, fisher_spans
 from influencer.index.kronecker import KroneckerProjection, KroneckerProjector, combine
-from influencer.index.linalg import gram
 from influencer.index.store import FORMAT, VERSION, IndexStoreError, StoreLayout, mismatch
 from influencer.influence import Influence
 
@@ -279,13 +278,9 @@ class _Window:
         if header["fisher"]:  # from the stored values, as GradientIndex.build accumulates it
             accumulate = torch.float64 if dtype == "float64" else torch.float32
             total = torch.zeros(k, k, dtype=torch.float64, device=rows.device)
-            spans = (
-                [(a, b) for _, a, b in self.projection.blocks] if header["fisher"] == "layers" else [(0, k)]
-            )
+            spans = fisher_spans(self.projection, header["fisher"])
             for _, part in chunks:
-                x = torch.from_numpy(part).to(rows.device, accumulate)
-                for a, b in spans:
-                    total[a:b, a:b] += gram(x[:, a:b]).double()
+                add_fisher(total, torch.from_numpy(part).to(rows.device, accumulate), spans)
             fisher = (total / n).cpu().numpy()
         manifest: dict[str, Any] = {
             "format": FORMAT,
