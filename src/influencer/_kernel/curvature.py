@@ -142,17 +142,18 @@ class Curvature:
             # One graph for the batch, reused by every block of vectors.
             graph = self.fn.linearize(self.theta, batch, weight, self.kind, measure=True)
             return self._chunked(graph, vectors)
-        width = self.vector_batch or _FORWARD_VECTOR_BATCH
+        width = self._width(self._product)
         outs = [
             self._product(self.theta, batch, vectors[i : i + width], weight, mode=self.hvp)
             for i in range(0, vectors.shape[0], width)
         ]
         return torch.cat(outs)
 
-    def _width(self, product: Callable[[Tensor], Tensor]) -> int:
+    def _width(self, product: Callable[..., Tensor]) -> int:
         """Vectors per batched pass through ``product``: ``vector_batch``, or as many as keep the
         pass's working set (its graph and a parameter row per vector) within :data:`_VECTOR_BYTES`
-        (on a GPU: 64, fewer where that passes :data:`_VECTOR_BYTES_CUDA`)."""
+        (on a GPU: 64, fewer where that passes :data:`_VECTOR_BYTES_CUDA`); 64 for a product with
+        no measured graph (forward mode, the regulariser)."""
         if self.vector_batch is not None:
             return self.vector_batch
         if not isinstance(product, Linearized):
@@ -194,7 +195,7 @@ class Curvature:
         """``out += Hess(Omega) @ v`` in place, ``(k, p)``: for L2 in one pass, else in blocks of
         vectors (each a vmapped forward-over-reverse product)."""
         fused = self.fn.task.regularizer_curvature() is not None
-        width = max(1, len(v)) if fused else self.vector_batch or _FORWARD_VECTOR_BATCH
+        width = max(1, len(v)) if fused else self._width(self.fn.regularizer_hvp)
         for i in range(0, v.shape[0], width):
             self.fn.regularizer_hvp(self.theta, v[i : i + width], out=out[i : i + width])
         return out
@@ -273,7 +274,7 @@ class Curvature:
         else:
             # forward mode: one vmapped product per block of columns, few wide products are fastest
             fn = self.fn if same else self.fn.cast(dtype)
-            width = max(self.vector_batch or _FORWARD_VECTOR_BATCH, block)
+            width = max(self._width(self._product), block)
             op = self._copy(fn, self.theta.to(fn.dtype), width)
         eye = torch.eye(self.p, dtype=op.dtype, device=op.device)
         cols = [
