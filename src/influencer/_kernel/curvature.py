@@ -31,9 +31,9 @@ from influencer._kernel.progress import progress_bar
 CurvatureKind = Literal["hessian", "gauss_newton"]
 _CACHE_BYTES = 256 * 2**20  # keep Hessian batches (and, apart, their graphs) when they take less
 # Working set of one batched backward pass: a graph's saved tensors and a parameter row per
-# vector. Wider passes run out of cache (an MLP on 512 examples: 1.2 s for 1,000 vectors 64 at a
-# time, 2.2 s at 256); narrower ones pay per-pass overhead (on a LiSSA minibatch of 32, a tenth of
-# the bytes per vector, 16 at a time is 1.5x slower than 64-1,000).
+# vector. Wider passes run out of cache (benchmarks/bench_products.py, the digits MLP: 1,000
+# vectors over every example take 1.3 s 64 at a time, 2.2 s 256 at a time); narrower ones pay
+# per-pass overhead (on a LiSSA minibatch of 32 examples, 16 at a time is 1.7-2.9x slower).
 _VECTOR_BYTES = 32 * 2**20
 # A GPU has no such cache to stay in, and wide passes keep it busy: there the budget only bounds
 # memory (at most 64 vectors per pass, as before, unless their working set passes 1 GiB).
