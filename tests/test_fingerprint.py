@@ -130,3 +130,67 @@ def test_library_models_fingerprint_as_before():
     model = torch.nn.Sequential(torch.nn.Linear(3, 2), torch.nn.Tanh())
     classes = model_fingerprint(model, dict(model.state_dict()))["classes"]
     assert classes == {}  # torch's own classes are not the user's code
+
+
+CLASSES = """
+import functools
+
+
+class Plain:
+    x = 1
+
+
+@functools.total_ordering
+class Decorated:
+    def __lt__(self, other):
+        return False
+
+    class Inner:
+        pass
+
+
+def factory():
+    class Local:
+        pass
+
+    return Local
+
+
+try:
+    class Guarded:
+        a = 1
+except ImportError:
+    class Guarded:
+        a = 2
+
+
+Dynamic = type("Dynamic", (), {})
+"""
+
+
+def test_class_source_is_what_inspect_finds_and_follows_edits(tmp_path, monkeypatch):
+    """One parse per file gives each class's source as ``inspect.getsource`` does (decorated, nested,
+    local to a function, defined twice: the first), None where it finds none (a class made by
+    ``type``), and the new text once the file changes."""
+    import inspect
+
+    from influencer._kernel.fingerprint import _class_source
+
+    name = f"classes_{uuid.uuid4().hex[:8]}"
+    (tmp_path / f"{name}.py").write_text(CLASSES)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    try:
+        module = importlib.import_module(name)
+        classes = [module.Plain, module.Decorated, module.Decorated.Inner, module.factory(), module.Guarded]
+        for cls in classes:
+            assert _class_source(cls) == inspect.getsource(cls)
+        assert "a = 1" in _class_source(module.Guarded)
+        assert _class_source(module.Dynamic) is None
+        with pytest.raises(OSError):
+            inspect.getsource(module.Dynamic)
+        assert _class_source(int) is None  # built in: no source
+
+        (tmp_path / f"{name}.py").write_text(CLASSES.replace("x = 1", "x = 22"))  # another size
+        assert "x = 22" in _class_source(module.Plain)
+    finally:
+        sys.modules.pop(name, None)

@@ -11,6 +11,7 @@ import functools
 import hashlib
 import inspect
 import json
+import linecache
 import os
 import sys
 import types
@@ -128,6 +129,65 @@ def loaded_code_digest(obj: Any) -> str:
     return h.hexdigest()
 
 
+# source file -> ((mtime_ns, size), its lines, {class qualname: (first line, end line)}): finding a
+# class with ``inspect.getsource`` parses its whole module, once per class (a Hugging Face model's
+# twenty classes re-parsed the same few long files for most of a second)
+_CLASS_SPANS: dict[str, tuple[tuple[int, int], list[str], dict[str, tuple[int, int]]]] = {}
+
+
+def _class_spans(tree: ast.Module) -> dict[str, tuple[int, int]]:
+    """Qualified name -> (index of its first line, decorators included; its last line number) of
+    every class a module defines, the first definition of a name as ``inspect`` finds it (depth
+    first, a function's classes under ``<locals>``)."""
+    spans: dict[str, tuple[int, int]] = {}
+    # a class statement can only be inside statements (and handlers, match cases), never inside an
+    # expression: only those lists are walked, in the order of the nodes' fields
+    nested = (ast.stmt, ast.excepthandler, ast.match_case)
+
+    def visit(nodes: list[Any], stack: tuple[str, ...]) -> None:
+        for node in nodes:
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                visit(node.body, (*stack, node.name, "<locals>"))
+            elif isinstance(node, ast.ClassDef):
+                first = node.decorator_list[0].lineno if node.decorator_list else node.lineno
+                spans.setdefault(".".join((*stack, node.name)), (first - 1, node.end_lineno or first))
+                visit(node.body, (*stack, node.name))
+            else:
+                for field in node._fields:
+                    value = getattr(node, field, None)
+                    if isinstance(value, list) and value and isinstance(value[0], nested):
+                        visit(value, stack)
+
+    visit(tree.body, ())
+    return spans
+
+
+def _class_source(cls: type) -> str | None:
+    """The source text of ``cls`` (its definition in its module's file, as ``inspect.getsource``
+    finds it), or None where Python cannot show it. Each file is parsed once while it keeps its
+    modification time and size (when ``linecache``, which ``inspect`` reads, would reread it too)."""
+    module = sys.modules.get(cls.__module__)
+    try:
+        file = inspect.getsourcefile(cls)
+        info = os.stat(file) if file else None
+    except (OSError, TypeError):
+        return None
+    if module is None or file is None or info is None:
+        return None
+    key = (info.st_mtime_ns, info.st_size)
+    cached = _CLASS_SPANS.get(file)
+    if cached is None or cached[0] != key:
+        linecache.checkcache(file)
+        lines = linecache.getlines(file, module.__dict__)
+        try:
+            spans = _class_spans(ast.parse("".join(lines))) if lines else {}
+        except (SyntaxError, ValueError):  # the file on disk no longer parses
+            return None
+        cached = _CLASS_SPANS[file] = (key, lines, spans)
+    span = cached[2].get(cls.__qualname__)
+    return "".join(cached[1][span[0] : span[1]]) if span is not None else None
+
+
 def source_digest(cls: type) -> str | None:
     """sha256 of a class's source code, of its module's whole source file (both as on disk and as
     loaded) and of every module of the user's own code that module reaches (:func:`user_code_digest`),
@@ -138,9 +198,8 @@ def source_digest(cls: type) -> str | None:
     constants: an edit anywhere in that file may change what the class computes; the modules it
     imports (a ``helpers.act()`` the forward calls, a ``helpers.SCALE`` it reads) likewise.
     """
-    try:
-        own = inspect.getsource(cls)
-    except (OSError, TypeError):
+    own = _class_source(cls)
+    if own is None:
         return None
     source = _module_source(cls.__module__)
     if source is None:
