@@ -441,10 +441,19 @@ def index_rows(rows: list[dict], world: World, resolved: Resolved, theta: Tensor
                         ).mean
                     ),
                 )
+                # the same store with its Fisher's products in bfloat16 (fisher_dtype)
+                low_index = GradientIndex.build(
+                    plain, Path(folder) / "index-bf16", projector, fisher_dtype=torch.bfloat16
+                )
                 choices = [
                     ("fisher", ProjectedFisher(relative_damping=0.1), index),
                     (f"fisher, damping {tuned:g} chosen", ProjectedFisher(relative_damping=tuned), index),
                     ("fisher, bfloat16 score products", ProjectedFisher(relative_damping=0.1), index),
+                    (
+                        "fisher, bfloat16 Fisher and score products",
+                        ProjectedFisher(relative_damping=0.1),
+                        low_index,
+                    ),
                 ]
             for text, pre, store in choices:
                 low = torch.bfloat16 if "bfloat16" in text else None

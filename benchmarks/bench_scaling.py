@@ -192,13 +192,14 @@ def _lissa(cell: Cell):
     )
 
 
-def projected_store(k_in: int, k_out: int, score_dtype: torch.dtype | None = None) -> Method:
+def projected_store(k_in: int, k_out: int, low: torch.dtype | None = None) -> Method:
     """The gradient index: build the projected store once (fit), then a streaming top-10 query.
 
     Kronecker (LoGra) projection ``k_in x k_out`` per layer in its default PCA basis (fitted on 4,096
     training examples, part of ``fit``), the projected Fisher (block-diagonal per layer, damped
-    relative to its scale); the store lives in a temporary directory. ``score_dtype``: the query's
-    score products in that dtype (``-bf16`` rows: bfloat16).
+    relative to its scale); the store lives in a temporary directory. ``low``: the products of the
+    build's Fisher and of the query's scores in that dtype (``-bf16`` rows: bfloat16;
+    ``fisher_dtype`` and ``score_dtype``).
     """
 
     def run(cell: Cell, stage: Stage) -> None:
@@ -208,15 +209,14 @@ def projected_store(k_in: int, k_out: int, score_dtype: torch.dtype | None = Non
         with tempfile.TemporaryDirectory() as tmp:
             with stage("fit"):
                 inf = Influence(cell.model, cell.task, cell.train, batch_size=512)
-                index = GradientIndex.build(
-                    inf, Path(tmp) / "index", KroneckerProjector(k_in=k_in, k_out=k_out), chunk=4096
-                )
+                projector = KroneckerProjector(k_in=k_in, k_out=k_out)
+                index = GradientIndex.build(inf, Path(tmp) / "index", projector, chunk=4096, fisher_dtype=low)
             with stage("score"):
                 index.top_k(
                     cell.test,
                     k=10,
                     preconditioner=ProjectedFisher(relative_damping=0.1),
-                    score_dtype=score_dtype,
+                    score_dtype=low,
                 )
         cell.info["k"] = index.k
         return None

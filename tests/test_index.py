@@ -553,3 +553,30 @@ def test_bfloat16_score_products_are_the_rounded_products_ranked_as_always(probl
     assert torch.equal(top.harmful_ids, bi) and torch.equal(top.harmful_scores, bv)
     with pytest.raises(ConfigError, match="score_dtype must be a floating torch dtype"):
         exact_store.top_k(test, 5, score_dtype="bfloat16")
+
+
+def test_bfloat16_fisher_products_are_the_rounded_blocks_summed_in_float64(problem, tmp_path):
+    """``fisher_dtype=torch.bfloat16``: each chunk's rows rounded to bfloat16, their layer-block
+    products summed in float64, close to the full-precision Fisher; recorded in the header, so a
+    store built otherwise is not taken for it."""
+    inf, _ = problem
+    projector = KroneckerProjector(k_in=8, k_out=6, basis="random", dtype="float64")
+    full = GradientIndex.build(inf, tmp_path / "full", projector, chunk=70)
+    low = GradientIndex.build(inf, tmp_path / "low", projector, chunk=70, fisher_dtype=torch.bfloat16)
+    assert low.header["fisher_dtype"] == "bfloat16" and "fisher_dtype" not in full.header
+    rows = low.gradients(torch.arange(low.n))
+    assert torch.equal(rows, full.gradients(torch.arange(full.n)))  # the gradients are not rounded
+    expected = torch.zeros(low.k, low.k, dtype=F64)
+    for _, a, b in low.projection.blocks:
+        for start in range(0, low.n, 70):
+            part = rows[start : start + 70, a:b].bfloat16()
+            expected[a:b, a:b] += (part.T @ part).double()
+    assert torch.allclose(low.fisher(), expected / low.n, rtol=0, atol=1e-12 * float(expected.abs().max()))
+    gap = float((low.fisher() - full.fisher()).norm() / full.fisher().norm())
+    assert 0 < gap < 1e-2
+    with pytest.raises(IndexStoreError, match="fisher_dtype"):
+        GradientIndex.build(inf, tmp_path / "full", projector, chunk=70, fisher_dtype=torch.bfloat16)
+    with pytest.raises(ConfigError, match="fisher_dtype must be a floating torch dtype"):
+        GradientIndex.build(inf, tmp_path / "bad", projector, fisher_dtype="bfloat16")
+    with pytest.raises(ConfigError, match="needs fisher="):
+        GradientIndex.build(inf, tmp_path / "bad", projector, fisher=False, fisher_dtype=torch.bfloat16)

@@ -37,21 +37,30 @@ def preselect(scores: Tensor, k: int, largest: bool) -> tuple[Tensor, Tensor, Te
         extreme = scores.max(1).values if largest else scores.min(1).values
         return scores, torch.arange(c, device=scores.device).expand(m, -1), extreme
     values, cols = scores.topk(k + 1, dim=1, largest=largest, sorted=True)
-    if not bool((values[:, k - 1] == values[:, k]).any()):
-        cols = cols[:, :k].sort(1).values
-        return scores.gather(1, cols), cols, values[:, 0]
-    kth = values[:, k - 1 : k]
-    inside = scores >= kth if largest else scores <= kth
+    tied = values[:, k - 1] == values[:, k]
+    cols = cols[:, :k].sort(1).values
+    picked = scores.gather(1, cols)
+    if not bool(tied.any()):
+        return picked, cols, values[:, 0]
+    # only the tied rows are searched again (a fraction of the block even in bfloat16)
+    at = tied.nonzero().flatten()
+    sub = scores[at]
+    kth = values[at, k - 1 : k]
+    inside = sub >= kth if largest else sub <= kth
     counts = inside.sum(1)
-    # every candidate of each row, in column order, packed to the left of a (m, most) block
+    # every candidate of each tied row, in column order, packed to the left of a (m, most) block
     most = int(counts.max())
     rows, where = inside.nonzero(as_tuple=True)  # row-major: each row's columns ascending
     slot = torch.arange(len(rows), device=scores.device) - (counts.cumsum(0) - counts)[rows]
     worst = float("-inf") if largest else float("inf")
     packed_cols = torch.zeros(m, most, dtype=torch.int64, device=scores.device)
     packed_values = torch.full((m, most), worst, dtype=scores.dtype, device=scores.device)
-    packed_cols[rows, slot] = where
-    packed_values[rows, slot] = scores[rows, where]
+    packed_cols[:, :k] = cols
+    packed_values[:, :k] = picked
+    packed_cols[at] = 0
+    packed_values[at] = worst
+    packed_cols[at[rows], slot] = where
+    packed_values[at[rows], slot] = sub[rows, where]
     return packed_values, packed_cols, values[:, 0]
 
 
