@@ -265,6 +265,7 @@ def test_a_store_of_another_model_or_settings_is_refused_in_one_line(store, tmp_
         (["index", "--projector", "pca"], "'pca' is not one of"),
         (["index", "--projector", "gaussian", "--basis", "random"], "is random and takes no --basis"),
         (["index", "--basis", "svd"], "'svd' is not one of"),
+        (["index", "--fisher-dtype", "int8"], "'int8' is not one of"),
         (["query"], "--store DIR is required"),
         (["query", "--store", "{tmp}/nothing"], "does not exist: build it with influencer index"),
         (["query", "--store", "{store}", "--test", "1,x"], "expected 'all' or comma-separated test ids"),
@@ -290,6 +291,22 @@ def test_bad_flags_are_one_line_errors(store, tmp_path, args, message):
         args += ["--out", str(tmp_path / "run")]
     line = _error_line(_invoke(*args, "--quiet"))
     assert message in line, line
+
+
+def test_index_fisher_dtype_is_the_librarys_and_a_change_of_it_is_named(store, tmp_path):
+    """``--fisher-dtype bfloat16``: the store the library builds with ``fisher_dtype``; building
+    into it again with the default dtype is refused, naming the change."""
+    out = tmp_path / "low"
+    flags = ["--task", f"{MODULE}:build", "--out", out, *BUILD, "--quiet"]
+    _ok(_invoke("index", *flags, "--fisher-dtype", "bfloat16"))
+    index, _ = _library_index(out)
+    assert index.header["fisher_dtype"] == "bfloat16"
+    full, _ = _library_index(store)
+    assert torch.equal(index.gradients(), full.gradients())  # only the Fisher's products differ
+    gap = float((index.fisher() - full.fisher()).norm() / full.fisher().norm())
+    assert 0 < gap < 1e-2
+    line = _error_line(_invoke("index", *flags))
+    assert "the Fisher's product dtype changed (bfloat16 -> the store's)" in line
 
 
 def test_index_records_the_kronecker_basis(jobs, tmp_path):

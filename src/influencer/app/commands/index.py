@@ -113,6 +113,7 @@ def _build(config: IndexConfig, job: Job | None, store: RunStore, warned: list[s
                 projector,
                 chunk=config.chunk,
                 fisher="layers",  # what every query's projected Fisher uses
+                fisher_dtype=None if config.fisher_dtype is None else getattr(torch, config.fisher_dtype),
                 overwrite=config.overwrite,
                 progress=config.progress,
             )
@@ -178,6 +179,9 @@ def _prepare(
         changes.append(f"the projector changed ({describe_changes(old, new) or 'kind'})")
     if header.get("chunk") != config.chunk:
         changes.append(f"the chunk size changed ({header.get('chunk')} -> {config.chunk})")
+    if header.get("fisher_dtype") != config.fisher_dtype:
+        was, now = header.get("fisher_dtype") or "the store's", config.fisher_dtype or "the store's"
+        changes.append(f"the Fisher's product dtype changed ({was} -> {now})")
     if changes:
         if not config.overwrite:
             raise _changed(store.root, changes)

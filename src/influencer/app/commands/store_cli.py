@@ -56,6 +56,12 @@ def _ids(text: str) -> tuple[int, ...]:
     DAMPING,
     PARAMETERS,
     click.option("--dtype", type=click.Choice(DTYPES), help="Compute and storage dtype.  [default: float32]"),
+    click.option(
+        "--fisher-dtype",
+        type=click.Choice(SCORE_DTYPES),
+        help="The projected Fisher's products: bfloat16 is about 1.6x faster on CPUs with AVX512-BF16 "
+        "and on GPUs, the Fisher to about 0.2%.  [default: --dtype]",
+    ),
     click.option("--batch-size", type=int, help="Examples per gradient batch.  [default: 256]"),
     click.option(
         "--chunk", type=int, help="Training examples per stored file (the unit of resuming).  [default: 4096]"

@@ -17,7 +17,7 @@ DTYPES = ("float32", "float64")
 # How a gradient store's scores are preconditioned (influencer.index.preconditioners): the projected
 # Fisher (after projection), EK-FAC (before projection), or none (projected gradient dot products).
 PRECONDITIONERS = ("fisher", "ekfac", "none")
-SCORE_DTYPES = ("bfloat16", "float32", "float64")  # a store query's score products
+SCORE_DTYPES = ("bfloat16", "float32", "float64")  # a store's products: query scores, the Fisher
 PROJECTORS = ("kronecker", "gaussian", "rademacher", "identity")
 BASES = ("pca", "random")  # of a Kronecker projection
 # The samplers of influencer.samplers (checked against it when a sampler is made).
