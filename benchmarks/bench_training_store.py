@@ -22,6 +22,15 @@ So ``--epoch-repeats`` more epochs follow, whole epochs of each copy in turn (pl
 ``whole epochs`` is the ``schedule`` from their median wall times, ``(CPU time)`` from their CPU
 time of the process, every thread included.
 
+Both estimate a training run from epochs. ``--runs`` measures the thing itself: whole training
+runs of ``--epochs`` epochs, each copy in turn (which goes first alternates), the collecting one
+with a new store of ``--checkpoints`` evenly spaced windows, timed until ``finish()`` returns with
+every file on disk. Everything a user's run pays is in it: the first window's check and
+fingerprint (the model classes' source read as in a fresh process), each window's set-up, steps
+and files, and what the file writing beside training takes from the steps after it. ``training
+runs`` is the median over the runs of collecting run / its neighbouring plain run, in wall time and
+in CPU time of the process.
+
 The projection is Kronecker ``--k x --k`` per layer, random basis (a PCA basis adds its fit, a
 forward and backward pass over ``pca_examples`` examples, per checkpoint), float32 storage, no
 Fisher (TracIn-style queries need none)::
@@ -33,6 +42,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import linecache
 import statistics
 import sys
 import tempfile
@@ -132,6 +142,52 @@ def step(problem: dict[str, Any], ids: torch.Tensor, store: Any) -> float:
     return time.perf_counter() - start
 
 
+def training_runs(
+    args: argparse.Namespace,
+    plain_problem: dict[str, Any],
+    problem: dict[str, Any],
+    projector: Any,
+    steps: int,
+    gen: torch.Generator,
+    tmp: Path,
+) -> dict[str, list[float]]:
+    """``--runs`` whole training runs of each copy in turn: ``--epochs`` epochs, the collecting
+    copy with a new :class:`TrainingStore` of ``--checkpoints`` evenly spaced windows (the first at
+    step 0), timed until ``finish()`` returns (every store on disk): wall and process CPU time."""
+    from influencer._kernel import fingerprint
+    from influencer.index import TrainingStore, TrainingStoreSettings
+
+    c, e = args.checkpoints, args.epochs
+    checkpoints = tuple(sorted({(i * e // c) * steps for i in range(c)}))
+    out: dict[str, list[float]] = {"plain": [], "collect": [], "plain_cpu": [], "collect_cpu": []}
+    kinds = (("plain", plain_problem), ("collect", problem))
+    for r in range(args.runs):
+        orders = [torch.randperm(problem["n"], generator=gen) for _ in range(e)]
+        # ABBA: the machine's speed drifts over seconds, so which copy goes first alternates
+        for kind, copy in kinds if r % 2 == 0 else kinds[::-1]:
+            wall, cpu = time.perf_counter(), time.process_time()
+            store = None
+            if kind == "collect":
+                # each run pays what a fresh process pays: the model classes' files are read again
+                fingerprint._CLASS_SPANS.clear()
+                linecache.clearcache()
+                settings = TrainingStoreSettings(
+                    checkpoints=checkpoints, projector=projector, loss_scale=problem["scale"]
+                )
+                data, params = copy["data"], copy["params"]
+                store = TrainingStore(
+                    copy["model"], copy["task"], data, tmp / f"run-{r}", settings, params=params
+                )
+            for order in orders:
+                for ids in order.split(problem["batch"]):
+                    step(copy, ids, store)
+            if store is not None:
+                assert len(store.finish()) == len(checkpoints)
+            out[kind].append(time.perf_counter() - wall)
+            out[kind + "_cpu"].append(time.process_time() - cpu)
+    return out
+
+
 def run(name: str, args: argparse.Namespace) -> dict[str, Any]:
     """Two identical copies of the problem, one trained plainly and one collecting, step by step in
     turn, so that both see the same machine load; per epoch the sum of each copy's step times.
@@ -176,6 +232,7 @@ def run(name: str, args: argparse.Namespace) -> dict[str, Any]:
                 whole[kind].append(time.perf_counter() - wall)
                 whole[kind + "_cpu"].append(time.process_time() - cpu)
         assert len(store.finish()) == args.repeats + args.epoch_repeats
+        runs = training_runs(args, plain_problem, problem, projector, steps, gen, Path(tmp))
 
     def overhead(plain_s: float, collect_s: float) -> dict[str, float]:
         c, e = args.checkpoints, args.epochs
@@ -193,6 +250,20 @@ def run(name: str, args: argparse.Namespace) -> dict[str, Any]:
         "plain_all": plain,
         "collect_all": collect,
     }
+    if args.runs:
+        m = {k: statistics.median(v) for k, v in runs.items()}
+        # each run's ratio to its neighbour of the other kind, then the median over the runs
+        ratios = {
+            clock: [c / p for p, c in zip(runs["plain" + clock], runs["collect" + clock], strict=True)]
+            for clock in ("", "_cpu")
+        }
+        out["training_runs"] = {
+            **{k + "_s": v for k, v in m.items()},
+            "wall": statistics.median(ratios[""]),
+            "cpu": statistics.median(ratios["_cpu"]),
+            "ratios": ratios,
+            "all": runs,
+        }
     if args.epoch_repeats:
         m = {k: statistics.median(v) for k, v in whole.items()}
         wall, cpu = overhead(m["plain"], m["collect"]), overhead(m["plain_cpu"], m["collect_cpu"])
@@ -208,6 +279,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=5, help="epochs of each kind (medians reported)")
     parser.add_argument(
         "--epoch-repeats", type=int, default=5, help="whole epochs of each kind in turn (medians)"
+    )
+    parser.add_argument(
+        "--runs",
+        type=int,
+        default=0,
+        help="whole training runs (--epochs, --checkpoints) of each kind, in turn",
     )
     parser.add_argument("--epochs", type=int, default=20, help="training epochs of the schedule column")
     parser.add_argument("--checkpoints", type=int, default=4, help="stores collected in the schedule column")
@@ -231,6 +308,10 @@ def main(argv: list[str] | None = None) -> int:
     sched = f"{args.checkpoints}/{args.epochs}"
     header = ["problem", "n", "batch", "plain_s", "collect_s", "per_epoch", f"schedule {sched}"]
     header += [f"whole epochs: schedule {sched}", f"(CPU time) {sched}"] if whole else []
+    if args.runs:
+        for r, t in zip(rows, table, strict=True):
+            t += [r["training_runs"]["wall"], r["training_runs"]["cpu"]]
+        header += [f"training runs {sched}: wall", "(CPU time)"]
     print(format_table(table, header, align="l" + "r" * (len(header) - 1)))
     if args.json:
         write_json(args.json, {**env, "args": vars(args), "rows": rows})
