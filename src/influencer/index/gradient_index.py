@@ -178,10 +178,10 @@ class GradientIndex:
                 ``True``) the whole ``(k, k)`` matrix, ``False`` none.
             fisher_dtype: the dtype of the Fisher's products (default: the store's accumulation
                 dtype, float32 or float64). ``torch.bfloat16`` rounds each chunk's rows and its
-                block products to bfloat16 before they are summed in float64: the build's Fisher
-                part about 1.6x faster on CPUs with AVX512-BF16 (and on GPUs), the Fisher to about
-                0.2% (relative, Frobenius), which a damped preconditioner does not notice (see
-                ``benchmarks/README.md``). Recorded in the store's header when given.
+                block products to bfloat16 before they are summed in float64: faster on CPUs with
+                AVX512-BF16 (and on GPUs), the Fisher to about three digits, which a damped
+                preconditioner does not notice (the LDS in ``benchmarks/README.md``). Recorded in
+                the store's header when given.
             overwrite: rebuild a store that was built from other inputs instead of refusing.
             progress: progress bar (default: the influence's setting).
             on_chunk: called with each newly written chunk's index.

@@ -59,8 +59,8 @@ def _ids(text: str) -> tuple[int, ...]:
     click.option(
         "--fisher-dtype",
         type=click.Choice(SCORE_DTYPES),
-        help="The projected Fisher's products: bfloat16 is about 1.6x faster on CPUs with AVX512-BF16 "
-        "and on GPUs, the Fisher to about 0.2%.  [default: --dtype]",
+        help="The projected Fisher's products: bfloat16 is faster on CPUs with AVX512-BF16 and on GPUs, "
+        "the Fisher to about 3 digits.  [default: --dtype]",
     ),
     click.option("--batch-size", type=int, help="Examples per gradient batch.  [default: 256]"),
     click.option(

@@ -104,7 +104,7 @@ class IndexConfig:
     basis: str | None = None  # Kronecker: "pca" (default; fitted to the training data) or "random"
     seed: int = 0  # of the random projection (PCA basis: of the examples it is estimated on)
     chunk: int = 4096  # training examples per stored file (the unit of resumption)
-    # the projected Fisher's products: "bfloat16" (faster, the Fisher to about 0.2%), "float32",
+    # the projected Fisher's products: "bfloat16" (faster, the Fisher to about 3 digits), "float32",
     # "float64"; None: the store's dtype
     fisher_dtype: str | None = None
     # How queries precondition by default (recorded in the store; a query may choose another):
