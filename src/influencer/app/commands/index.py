@@ -113,7 +113,7 @@ def _build(config: IndexConfig, job: Job | None, store: RunStore, warned: list[s
                 projector,
                 chunk=config.chunk,
                 fisher="layers",  # what every query's projected Fisher uses
-                fisher_dtype=None if config.fisher_dtype is None else getattr(torch, config.fisher_dtype),
+                fisher_dtype=config.fisher_torch_dtype,
                 overwrite=config.overwrite,
                 progress=config.progress,
             )

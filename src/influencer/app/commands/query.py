@@ -162,7 +162,7 @@ def _query(
                 overwrite=config.overwrite or config.checkpoint is None,
                 progress=config.progress,
                 on_block=computed.append,
-                score_dtype=_score_dtype(config),
+                score_dtype=config.score_torch_dtype,
             )
         if len(computed) < blocks:
             log.info(
@@ -201,7 +201,7 @@ def _query_checkpoints(
     log.info("scores: %s", found.text())
     test = job.test if config.all_test else Subset(job.test, test_ids)
     with clock("top_k"):
-        top = stores.top_k(test, config.top_k, block=config.block, score_dtype=_score_dtype(config))
+        top = stores.top_k(test, config.top_k, block=config.block, score_dtype=config.score_torch_dtype)
     inf = stores.indexes[0].influence
     _log_top(evaluation, job, test_ids, top)
     record = {"parameters": found.header["fingerprint"]["params"]}
@@ -247,10 +247,6 @@ def _log_top(evaluation: Evaluation, job: Job, test_ids: np.ndarray, top: TopK) 
 
 def _fmt(values: torch.Tensor) -> str:
     return "[" + ", ".join(f"{float(v):+.3e}" for v in values) + "]"
-
-
-def _score_dtype(config: QueryConfig) -> torch.dtype | None:
-    return None if config.score_dtype is None else getattr(torch, config.score_dtype)
 
 
 def _results(

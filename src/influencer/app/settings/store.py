@@ -75,6 +75,13 @@ def check_preconditioner(kind: str | None, relative: float | None, damping: floa
         )
 
 
+def products_dtype(name: str | None) -> Any:
+    """A store's product dtype by name (one of SCORE_DTYPES) as a torch dtype; None stays None."""
+    import torch
+
+    return None if name is None else getattr(torch, name)
+
+
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class IndexConfig:
     """Everything ``influencer index`` does: which job, which projection, where.
@@ -180,6 +187,11 @@ class IndexConfig:
             **changes,
         )
 
+    @property
+    def fisher_torch_dtype(self) -> Any:
+        """``fisher_dtype`` as a torch dtype (None: the store's)."""
+        return products_dtype(self.fisher_dtype)
+
     def to_dict(self) -> dict[str, Any]:
         return to_dict(self)
 
@@ -275,6 +287,11 @@ class QueryConfig:
             cache_dir=self.cache_dir,
             **changes,
         )
+
+    @property
+    def score_torch_dtype(self) -> Any:
+        """``score_dtype`` as a torch dtype (None: the job's)."""
+        return products_dtype(self.score_dtype)
 
     def to_dict(self) -> dict[str, Any]:
         return to_dict(self)
