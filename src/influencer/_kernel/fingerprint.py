@@ -131,7 +131,7 @@ def loaded_code_digest(obj: Any) -> str:
 
 # source file -> ((mtime_ns, size), its lines, {class qualname: (first line, end line)}): finding a
 # class with ``inspect.getsource`` parses its whole module, once per class (a Hugging Face model's
-# twenty classes re-parsed the same few long files for most of a second)
+# twenty classes re-parsed the same few long files)
 _CLASS_SPANS: dict[str, tuple[tuple[int, int], list[str], dict[str, tuple[int, int]]]] = {}
 
 
@@ -169,11 +169,18 @@ def _class_source(cls: type) -> str | None:
     module = sys.modules.get(cls.__module__)
     try:
         file = inspect.getsourcefile(cls)
-        info = os.stat(file) if file else None
-    except (OSError, TypeError):
+    except TypeError:  # built in
         return None
-    if module is None or file is None or info is None:
-        return None
+    try:
+        info = os.stat(file) if file and module is not None else None
+    except OSError:
+        info = None
+    if info is None:  # no file to watch (a zip import, say): inspect's own search, not remembered
+        try:
+            return inspect.getsource(cls)
+        except (OSError, TypeError):
+            return None
+    assert file is not None and module is not None
     key = (info.st_mtime_ns, info.st_size)
     cached = _CLASS_SPANS.get(file)
     if cached is None or cached[0] != key:
