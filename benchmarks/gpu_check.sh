@@ -4,7 +4,8 @@
 #   2. every test that needs CUDA (they skip without it): `pytest -k cuda` over the test files that
 #      have them -> pytest.txt, pytest.xml
 #   3. one row of the scaling grid on the GPU: the Kronecker 24 x 24 store at p = 992,266,
-#      n = 50,000, top-10 for 1,000 test examples, in epochs of training -> scaling.json, scaling.txt
+#      n = 50,000, top-10 for 1,000 test examples, in epochs of training, with full-precision and
+#      with bfloat16 Fisher and score products -> scaling.json, scaling.txt
 # Results go to $OUT when it is set (the device runner brings that folder back), else out/gpu_check.
 # Without CUDA it is a dry run: the CUDA tests report as skipped and the scaling row runs a small
 # CPU cell (n = 1,000, p = 1,098), so the script itself is checked anywhere.
@@ -57,10 +58,10 @@ echo "== pytest -k cuda: $files"
 
 # 2. One scaling row (fresh processes; bench_scaling prints its table and writes JSON).
 if [[ "$cuda" == "1" ]]; then
-    row=(--device cuda --n 50000 --p 1000000 --methods index-kron24 --test 1000 --budget-s 600)
+    row=(--device cuda --n 50000 --p 1000000 --methods index-kron24,index-kron24-bf16 --test 1000 --budget-s 600)
 else
     echo "== no CUDA device: dry run of the scaling row on the CPU at n = 1,000, p = 1,098"
-    row=(--device cpu --threads 1 --n 1000 --p 1000 --methods index-kron24 --test 20 --quick)
+    row=(--device cpu --threads 1 --n 1000 --p 1000 --methods index-kron24,index-kron24-bf16 --test 20 --quick)
 fi
 echo "== bench_scaling.py ${row[*]}"
 timeout "${SCALING_TIMEOUT:-300}" "$python" benchmarks/bench_scaling.py "${row[@]}" --json "$out/scaling.json" \
