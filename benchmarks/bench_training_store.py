@@ -47,6 +47,7 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -142,6 +143,16 @@ def step(problem: dict[str, Any], ids: torch.Tensor, store: Any) -> float:
     return time.perf_counter() - start
 
 
+@contextlib.contextmanager
+def clocked(record: dict[str, list[float]], kind: str) -> Iterator[None]:
+    """Append the block's wall seconds to ``record[kind]`` and its process CPU seconds (every
+    thread) to ``record[kind + "_cpu"]``."""
+    wall, cpu = time.perf_counter(), time.process_time()
+    yield
+    record[kind].append(time.perf_counter() - wall)
+    record[kind + "_cpu"].append(time.process_time() - cpu)
+
+
 def training_runs(
     args: argparse.Namespace,
     plain_problem: dict[str, Any],
@@ -165,26 +176,24 @@ def training_runs(
         orders = [torch.randperm(problem["n"], generator=gen) for _ in range(e)]
         # ABBA: the machine's speed drifts over seconds, so which copy goes first alternates
         for kind, copy in kinds if r % 2 == 0 else kinds[::-1]:
-            wall, cpu = time.perf_counter(), time.process_time()
-            store = None
-            if kind == "collect":
-                # each run pays what a fresh process pays: the model classes' files are read again
-                fingerprint._CLASS_SPANS.clear()
-                linecache.clearcache()
-                settings = TrainingStoreSettings(
-                    checkpoints=checkpoints, projector=projector, loss_scale=problem["scale"]
-                )
-                data, params = copy["data"], copy["params"]
-                store = TrainingStore(
-                    copy["model"], copy["task"], data, tmp / f"run-{r}", settings, params=params
-                )
-            for order in orders:
-                for ids in order.split(problem["batch"]):
-                    step(copy, ids, store)
-            if store is not None:
-                assert len(store.finish()) == len(checkpoints)
-            out[kind].append(time.perf_counter() - wall)
-            out[kind + "_cpu"].append(time.process_time() - cpu)
+            with clocked(out, kind):
+                store = None
+                if kind == "collect":
+                    # each run pays what a fresh process pays: the model classes' files are read again
+                    fingerprint._CLASS_SPANS.clear()
+                    linecache.clearcache()
+                    settings = TrainingStoreSettings(
+                        checkpoints=checkpoints, projector=projector, loss_scale=problem["scale"]
+                    )
+                    data, params = copy["data"], copy["params"]
+                    store = TrainingStore(
+                        copy["model"], copy["task"], data, tmp / f"run-{r}", settings, params=params
+                    )
+                for order in orders:
+                    for ids in order.split(problem["batch"]):
+                        step(copy, ids, store)
+                if store is not None:
+                    assert len(store.finish()) == len(checkpoints)
     return out
 
 
@@ -224,13 +233,11 @@ def run(name: str, args: argparse.Namespace) -> dict[str, Any]:
             order = torch.randperm(problem["n"], generator=gen)
             store.flush()
             for kind, copy in (("plain", plain_problem), ("collect", problem)):
-                wall, cpu = time.perf_counter(), time.process_time()
-                for ids in order.split(problem["batch"]):
-                    step(copy, ids, store if kind == "collect" else None)
-                if kind == "collect":
-                    store.flush()  # its store's files, written beside training, counted here
-                whole[kind].append(time.perf_counter() - wall)
-                whole[kind + "_cpu"].append(time.process_time() - cpu)
+                with clocked(whole, kind):
+                    for ids in order.split(problem["batch"]):
+                        step(copy, ids, store if kind == "collect" else None)
+                    if kind == "collect":
+                        store.flush()  # its store's files, written beside training, counted here
         assert len(store.finish()) == args.repeats + args.epoch_repeats
         runs = training_runs(args, plain_problem, problem, projector, steps, gen, Path(tmp))
 
