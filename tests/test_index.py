@@ -25,7 +25,7 @@ from influencer.index import (
     Projector,
     QueryResult,
 )
-from influencer.index.topk import RunningTopK, merge_ranked
+from influencer.index.topk import RunningTopK, merge_ranked, prune
 
 F64 = torch.float64
 DAMPING = 1e-3
@@ -399,6 +399,42 @@ def test_running_top_k_breaks_ties_by_id_for_any_blocking(ties):
             parts.append(part.result())
         merged = merge_ranked(parts, 9)
         assert torch.equal(merged.helpful_ids, hi) and torch.equal(merged.harmful_ids, bi)
+
+
+@pytest.mark.parametrize("ties", [True, False])
+def test_running_top_k_over_pruned_blocks_equals_a_stable_sort(ties):
+    """Once a list is full, a block's runs of columns that cannot beat its k-th value are skipped;
+    the lists stay those of a stable sort of the whole row, ties included."""
+    gen = torch.Generator().manual_seed(3)
+    if ties:  # each value about 50 times a row: the lists are the first ids of the extreme values
+        scores = torch.randint(-40, 41, (6, 4000), generator=gen).double()
+    else:
+        scores = torch.randn(6, 4000, generator=gen, dtype=F64)
+    hi, hv, bi, bv = stable_top_k(scores, 7)
+    running = RunningTopK(6, 7, F64, "cpu", group=8)
+    pruned = 0
+    for start in range(0, 4000, 800):
+        block = scores[:, start : start + 800]
+        for largest, (values, _) in ((True, running.helpful), (False, running.harmful)):
+            if values.shape[1] == 7:
+                pruned += prune(block, values[:, -1], largest, 8) is not None
+        running.add(block, torch.arange(start, start + 800))
+    assert pruned == 8  # every block after the first, both lists
+    got = running.result()
+    assert torch.equal(got.helpful_ids, hi) and torch.equal(got.helpful_scores, hv)
+    assert torch.equal(got.harmful_ids, bi) and torch.equal(got.harmful_scores, bv)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+def test_a_pruned_block_with_a_non_finite_score_is_refused(bad):
+    scores = torch.randn(4, 2000, generator=torch.Generator().manual_seed(1), dtype=F64)
+    scores[2, 1717] = bad
+    running = RunningTopK(4, 5, F64, "cpu", group=10)
+    running.add(scores[:, :1000], torch.arange(1000))
+    for largest, (values, _) in ((True, running.helpful), (False, running.harmful)):
+        assert prune(scores[:, 1000:], values[:, -1], largest, 10) is not None
+    with pytest.raises(NonFiniteError, match=r"1 of 4000 scores .*\(2, 1717\)"):
+        running.add(scores[:, 1000:], torch.arange(1000, 2000))
 
 
 def test_half_precision_storage(problem, tmp_path):

@@ -58,6 +58,9 @@ CASES = {
     "mlp": (lambda: MLP(8, (7,), 4), (8,), None),
     "mlp-weight-only-first-layer": (lambda: MLP(8, (7,), 4), (8,), ["0.weight", "2"]),
     "cnn": (lambda: SmallCNN(num_classes=4, channels=3), (1, 8, 8), None),
+    # 20 channels: the second convolution (16 positions) projects its output gradients before the
+    # sum over positions, the first (64 positions) after it
+    "cnn-wide": (lambda: SmallCNN(num_classes=4, channels=20), (1, 8, 8), None),
     "in-place-and-shared": (InPlace, (6,), None),
 }
 

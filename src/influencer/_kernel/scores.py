@@ -34,7 +34,8 @@ from influencer._kernel.errors import NonFiniteError
 
 def removal_scores(test_directions: Tensor, train_grads: Tensor, n: int) -> Tensor:
     """Scores ``(m, c)`` from ``H^-1 grad f(test)`` ``(m, p)`` and training gradients ``(c, p)``."""
-    return test_directions @ train_grads.T / n
+    products = test_directions @ train_grads.T
+    return products if n == 1 else products / n  # (n = 1: the scale is applied later, elsewhere)
 
 
 def up_loss_from_scores(scores: Tensor, n: int) -> Tensor:

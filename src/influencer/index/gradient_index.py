@@ -735,8 +735,8 @@ def low_precision_scores(directions: Tensor, rows: Tensor, n: int, score_dtype: 
     if score_dtype is None:
         return removal_scores(directions, rows, n)
     # the product alone in score_dtype; back in the directions' dtype before the 1/n, which then
-    # rounds no further
-    return removal_scores(directions.to(score_dtype), rows.to(score_dtype), 1).to(directions.dtype) / n
+    # rounds no further (divided in place: the block is fresh)
+    return removal_scores(directions.to(score_dtype), rows.to(score_dtype), 1).to(directions.dtype).div_(n)
 
 
 def check_product_dtype(name: str, dtype: Any) -> torch.dtype | None:

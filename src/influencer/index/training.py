@@ -34,7 +34,7 @@ is the step of the window that saw example ``i``: the loss gradient training com
 per-step gradient), the task's regulariser at the checkpoint. When the parameters do not move
 during the window (gradient accumulation over the epoch, i.e. full-batch steps) it is exactly the
 row :meth:`GradientIndex.build` computes at ``theta_s``: the same operations
-(:func:`~influencer.index.kronecker.input_projector`, :func:`~influencer.index.kronecker.combine`),
+(:func:`~influencer.index.kronecker.input_projector`, :func:`~influencer.index.kronecker.call_product`),
 so bit for bit when ``loss_scale`` is a power of two (the rescaling is then exact) and the batches
 are the same, up to float rounding otherwise. The gradients
 are those of the module's mode during training: dropout or batch statistics make them differ from
@@ -67,7 +67,7 @@ from influencer._kernel.errors import ConfigError, NonFiniteError
 from influencer._kernel.files import atomic_save_array, json_roundtrip
 from influencer._kernel.fingerprint import hash_tensors
 from influencer.index.gradient_index import add_fisher, fisher_setting, fisher_spans
-from influencer.index.kronecker import KroneckerProjection, KroneckerProjector, combine
+from influencer.index.kronecker import KroneckerProjection, KroneckerProjector, call_product, write_layer
 from influencer.index.store import FORMAT, VERSION, IndexStoreError, StoreLayout, mismatch
 from influencer.influence import Influence
 
@@ -323,7 +323,8 @@ def _write_store(
 
 
 class _Hooks:
-    """Forward hooks projecting each layer's inputs, tensor hooks projecting its output gradients."""
+    """Forward hooks projecting each layer's inputs; tensor hooks on its outputs forming, as each
+    output gradient arrives, the call's product (:func:`~influencer.index.kronecker.call_product`)."""
 
     def __init__(self, projection: KroneckerProjection) -> None:
         self.projection, self.batch, self.active = projection, 0, False
@@ -335,8 +336,9 @@ class _Hooks:
     def start(self, batch: int) -> None:
         """Record the next forward and backward pass, of ``batch`` examples."""
         layers = self.projection.layers
-        self.inputs: list[list[Tensor]] = [[] for _ in layers]  # per layer and call: (B, T, k_in)
-        self.grads: list[dict[int, Tensor]] = [{} for _ in layers]  # per layer, call -> (B, T, k_out)
+        # per layer and call: P_in a (B, T, k_in), dropped once the call's product is formed
+        self.inputs: list[list[Tensor | None]] = [[] for _ in layers]
+        self.products: list[dict[int, Tensor | None]] = [{} for _ in layers]  # call -> (B, k_out, k_in)
         self.batch, self.active = batch, True
 
     def _forward(self, i: int):
@@ -355,8 +357,11 @@ class _Hooks:
         return hook
 
     def _backward(self, i: int, call: int, g: Tensor) -> None:
-        p_out = self.projection.factors[i][0]
-        self.grads[i][call] = self.projection.layers[i].output_grads(g, self.batch) @ p_out.T
+        # formed now, the product holds (B, k_out, k_in) values instead of the call's rows until the
+        # step ends
+        rows = self.projection.layers[i].output_grads(g, self.batch)
+        pa, self.inputs[i][call] = self.inputs[i][call], None
+        self.products[i][call] = call_product(pa, rows, self.projection.factors[i][0])
 
     def remove(self) -> None:
         for h in self.handles:
@@ -372,10 +377,8 @@ class _Hooks:
                     f"layer {layer.name!r} was not called in the training step's forward pass; leave it "
                     "out of the store (Influence params) or run the forward inside store.step()"
                 )
-            k_out = proj.factors[i][0].shape[0]
-            pg = [self.grads[i].get(call) for call in range(len(self.inputs[i]))]
-            total = combine(self.inputs[i], pg, k_out)  # (B, k_out, k_in)
-            out[:, proj.offsets[i] : proj.offsets[i + 1]] = total.flatten(1)
+            products = [self.products[i].get(call) for call in range(len(self.inputs[i]))]
+            write_layer(out[:, proj.offsets[i] : proj.offsets[i + 1]], products)
         # one product for all layers (bilinear in the output gradients; exact for a power of two)
         return out.mul_(scale.reshape(-1, 1).to(dtype))
 
