@@ -153,11 +153,11 @@ def test_an_interrupted_build_resumes_and_a_finished_one_is_left_alone(jobs, tmp
     original = GradientIndex._project_chunk
     computed: list[int] = []
 
-    def project(influence, projection, first, rows, stop_at=None):
+    def project(influence, projection, first, rows, buffer=None, stop_at=None):
         if stop_at is not None and len(computed) == stop_at:
             raise KeyboardInterrupt  # Ctrl-C during the second chunk
         computed.append(first)
-        return original(influence, projection, first, rows)
+        return original(influence, projection, first, rows, buffer)
 
     build = ["index", "--task", f"{MODULE}:build", "--out", root, *BUILD, "--quiet"]
     monkeypatch.setattr(GradientIndex, "_project_chunk", staticmethod(lambda *a: project(*a, stop_at=1)))

@@ -293,11 +293,16 @@ class GradientIndex:
         spans = fisher_spans(projection, fisher)
         bar = progress_bar(mine.tolist(), "index: projecting gradients", show, total=len(mine), unit="chunk")
         with ChunkWriter(layout, on_chunk) as writer:
-            for j in bar:
+            # the chunks' rows computed in turn into depth + 1 buffers: one is being written while
+            # the next is filled, and memory written for the first time costs a page fault per page
+            buffers: list[Tensor | None] = [None] * (writer.depth + 1)
+            for i, j in enumerate(bar):
                 first, rows = bounds[j]
                 record = known.get(j) or layout.chunk_record(j, first, rows, k, dtype)
                 if record is None:
-                    x = cls._project_chunk(influence, projection, first, rows)
+                    slot = i % len(buffers)
+                    x = cls._project_chunk(influence, projection, first, rows, buffers[slot])
+                    buffers[slot] = x if rows == chunk else None
                     stored = x.to(_TORCH_DTYPES[dtype]).cpu().numpy()
                     writer.submit(j, stored, first)  # written while the next chunk is computed
                 else:
@@ -319,17 +324,23 @@ class GradientIndex:
         return cls(influence, layout, manifest, projection)
 
     @staticmethod
-    def _project_chunk(influence: Influence, projection: Projection, first: int, rows: int) -> Tensor:
-        """Projected objective gradients ``(rows, k)`` of training ids ``first .. first + rows``."""
+    def _project_chunk(
+        influence: Influence, projection: Projection, first: int, rows: int, buffer: Tensor | None = None
+    ) -> Tensor:
+        """Projected objective gradients ``(rows, k)`` of training ids ``first .. first + rows``, in
+        ``buffer`` (an earlier chunk's rows, no longer needed) when it has their shape."""
         fn = influence.fn
         ids = torch.arange(first, first + rows)
-        out = None
+        out = buffer if buffer is not None and buffer.shape[0] == rows else None
         for idx, batch in influence.train.chunks(influence.batch_size, ids):
-            x = projection.gradients(fn, influence.theta, fn.prepare(batch), "loss")
+            # the chunk's rows in place (after its first batch, which sets their dtype), instead of
+            # concatenating its batches or copying each: fresh memory is slow to write once more
+            part = None if out is None else out[idx[0] - first : idx[-1] + 1 - first]
+            x = projection.gradients(fn, influence.theta, fn.prepare(batch), "loss", out=part)
             _check_finite(x, idx, "training-loss")
-            if out is None:  # the chunk's rows in place, instead of concatenating its batches
+            if out is None:
                 out = x.new_empty(rows, x.shape[1])
-            out[idx[0] - first : idx[-1] + 1 - first] = x
+                out[: len(idx)] = x
         assert out is not None
         return out
 

@@ -316,7 +316,9 @@ class KroneckerProjection(Projection):
             out[:, self.offsets[i] : self.offsets[i + 1]] = (p_out @ block @ p_in.T).flatten(1)
         return out
 
-    def gradients(self, fn: ModelFunction, theta: Tensor, batch: Any, kind: GradientKind) -> Tensor:
+    def gradients(
+        self, fn: ModelFunction, theta: Tensor, batch: Any, kind: GradientKind, out: Tensor | None = None
+    ) -> Tensor:
         self._check_fitted()
         b = batch_size_of(batch)
         method = fn.task.loss if kind == "loss" else fn.task.measurement
@@ -344,7 +346,8 @@ class KroneckerProjection(Projection):
                     if g is not None:
                         cap.grads[i][call] = self.layers[i].output_grads(g, b)
         with torch.no_grad():
-            out = torch.empty(b, self.k, dtype=values.dtype, device=self.factors[0][0].device)
+            if out is None:
+                out = torch.empty(b, self.k, dtype=values.dtype, device=self.factors[0][0].device)
             for i, (p_out, _) in enumerate(self.factors):
                 project_layer(
                     out[:, self.offsets[i] : self.offsets[i + 1]], cap.projected[i], cap.grads[i], p_out

@@ -97,10 +97,14 @@ class Projection(ABC):
         projection is layer-wise (default: one block, the whole space)."""
         return [("all", 0, self.k)]
 
-    def gradients(self, fn: ModelFunction, theta: Tensor, batch: Any, kind: GradientKind) -> Tensor:
-        """Projected per-example gradients ``(B, k)`` of a prepared batch (see the module docstring)."""
+    def gradients(
+        self, fn: ModelFunction, theta: Tensor, batch: Any, kind: GradientKind, out: Tensor | None = None
+    ) -> Tensor:
+        """Projected per-example gradients ``(B, k)`` of a prepared batch (see the module docstring);
+        with ``out`` (``(B, k)``, in their dtype) written there and returned."""
         g = fn.loss_grads(theta, batch) if kind == "loss" else fn.measurement_grads(theta, batch)
-        return self.project(g)
+        rows = self.project(g)
+        return rows if out is None else out.copy_(rows)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
