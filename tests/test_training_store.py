@@ -91,6 +91,27 @@ def test_store_of_a_full_batch_window_equals_the_post_hoc_store_bit_for_bit(tmp_
         assert ours.gradients().abs().max() > 0.1  # not a store of zeros
 
 
+def test_a_step_backpropagated_in_two_passes_stores_their_summed_gradients(tmp_path):
+    """``backward(retain_graph=True)`` twice in one step: the rows add up, as ``.grad`` does (halves
+    of the loss, so the sum is exactly the post-hoc row)."""
+    model, task, data = _problem("mlp")
+    x, y = data
+    projector = KroneckerProjector(k_in=4, k_out=3, basis="random")
+    settings = TrainingStoreSettings(checkpoints=(0,), projector=projector, loss_scale=float(N))
+    store = TrainingStore(model, task, data, tmp_path / "train", settings, batch_size=BATCH)
+    state = _state(model)
+    for ids in torch.arange(N).split(BATCH):
+        with store.step(ids, lr=0.1):
+            loss = task.loss(model, (x[ids], y[ids])).sum() / N
+            half = (loss + task.regularizer(dict(model.named_parameters())) * len(ids) / N) / 2
+            half.backward(retain_graph=True)
+            half.backward()
+    inf = Influence(model, task, data, batch_size=BATCH)
+    assert all(torch.equal(a, b) for a, b in zip(_state(model), state, strict=True))  # no step taken
+    post = GradientIndex.build(inf, tmp_path / "post", projector)
+    assert torch.equal(GradientIndex.open(store.finish()[0], inf).gradients(), post.gradients())
+
+
 def test_other_batches_agree_with_the_post_hoc_store_to_float32_rounding(tmp_path):
     model, task, data = _problem("cnn")  # convolutions (padding, stride 2) and a linear head
     projector = KroneckerProjector(k_in=5, k_out=3, basis="random")

@@ -336,8 +336,7 @@ class _Hooks:
     def start(self, batch: int) -> None:
         """Record the next forward and backward pass, of ``batch`` examples."""
         layers = self.projection.layers
-        # per layer and call: P_in a (B, T, k_in), dropped once the call's product is formed
-        self.inputs: list[list[Tensor | None]] = [[] for _ in layers]
+        self.inputs: list[list[Tensor]] = [[] for _ in layers]  # per layer and call: (B, T, k_in)
         self.products: list[dict[int, Tensor | None]] = [{} for _ in layers]  # call -> (B, k_out, k_in)
         self.batch, self.active = batch, True
 
@@ -358,10 +357,11 @@ class _Hooks:
 
     def _backward(self, i: int, call: int, g: Tensor) -> None:
         # formed now, the product holds (B, k_out, k_in) values instead of the call's rows until the
-        # step ends
+        # step ends; a second backward pass in the step (retain_graph) adds, as parameters' .grad do
         rows = self.projection.layers[i].output_grads(g, self.batch)
-        pa, self.inputs[i][call] = self.inputs[i][call], None
-        self.products[i][call] = call_product(pa, rows, self.projection.factors[i][0])
+        product = call_product(self.inputs[i][call], rows, self.projection.factors[i][0])
+        earlier = self.products[i].get(call)
+        self.products[i][call] = product if earlier is None else earlier + product
 
     def remove(self) -> None:
         for h in self.handles:
