@@ -8,7 +8,9 @@ training examples on ``--test`` (default 100) test examples. Reported per (cell,
 
 * ``fit_s``, ``score_s``: wall time of ``Influence(...).fit()`` and of ``.scores(test)``;
 * ``x_epoch``: ``(fit_s + score_s)`` divided by ONE training epoch of the same model on the same
-  data and device (SGD, batch 128, mean cross-entropy + L2), timed in the same process;
+  data and device (SGD, batch 128, mean cross-entropy + L2), timed in the same process: the last
+  training epoch, or with ``--epoch-repeats R`` the median of it and ``R - 1`` more epochs timed
+  on a copy of the model (one epoch's time varies by 10-15% on a shared machine);
 * ``rss_mib``: growth of the peak resident memory (``ru_maxrss``) over the method, measured in a
   fresh process per (cell, method) after the model, data and epoch are in place; on CUDA also
   ``cuda_mib``, ``torch.cuda.max_memory_allocated`` over the method.
@@ -33,11 +35,13 @@ Run inside the benchmark environment::
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
 import itertools
 import json
 import os
 import resource
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -80,6 +84,7 @@ class Settings:
     arnoldi_rank: int = 50
     arnoldi_iterations: int = 100
     epochs: int = 2  # training epochs before influence (the last one is the timed unit)
+    epoch_repeats: int = 1  # timed epochs whose median is the unit (the last training epoch first)
     batch_size: int = 128
     lr: float = 0.05
     seed: int = 0
@@ -256,9 +261,27 @@ def build_cell(n: int, p: int, m: int, settings: Settings, device: torch.device)
     epoch = 0.0
     for _ in range(settings.epochs):
         epoch = train_epoch(model, task, train, settings)
+    if settings.epoch_repeats > 1:
+        epoch = median_epoch(model, task, train, settings, epoch)
     model.eval()
     cell = Cell(n, sum(q.numel() for q in model.parameters()), model, task, train, test, device, settings)
     return cell, epoch
+
+
+def median_epoch(
+    model: nn.Module, task: Any, train: tuple[Tensor, Tensor], settings: Settings, last: float
+) -> float:
+    """The median of ``last`` and ``settings.epoch_repeats - 1`` more epochs, timed on a copy of the
+    model: the methods still see the model trained for ``settings.epochs``, and the random state
+    (each epoch draws its order) is restored."""
+    state = torch.random.get_rng_state()
+    cuda_state = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
+    spare = copy.deepcopy(model)
+    times = [last] + [train_epoch(spare, task, train, settings) for _ in range(settings.epoch_repeats - 1)]
+    torch.random.set_rng_state(state)
+    if cuda_state is not None:
+        torch.cuda.set_rng_state_all(cuda_state)
+    return statistics.median(times)
 
 
 def train_epoch(model: nn.Module, task: Any, train: tuple[Tensor, Tensor], settings: Settings) -> float:
@@ -334,6 +357,8 @@ def run_in_subprocess(args: argparse.Namespace, n: int, p: int, method: str, tim
             cmd.append("--quick")
         if args.threads:
             cmd.append(f"--threads={args.threads}")
+        if args.epoch_repeats != 1:
+            cmd.append(f"--epoch-repeats={args.epoch_repeats}")
         try:
             proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
         except subprocess.TimeoutExpired:
@@ -403,6 +428,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     parser.add_argument("--budget-s", type=float, default=3600.0, help="skip cells predicted to take longer")
+    parser.add_argument(
+        "--epoch-repeats",
+        type=int,
+        default=1,
+        help="timed epochs whose median is the unit: the last training epoch and R - 1 more on a copy",
+    )
     parser.add_argument("--json", default=None, metavar="PATH")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -412,7 +443,11 @@ def main(argv: list[str] | None = None) -> int:
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda given but CUDA is not available")
-    settings = QUICK_SETTINGS if args.quick else Settings()
+    if args.epoch_repeats < 1:
+        parser.error("--epoch-repeats must be at least 1")
+    settings = dataclasses.replace(
+        QUICK_SETTINGS if args.quick else Settings(), epoch_repeats=args.epoch_repeats
+    )
     methods = [m for m in args.methods.split(",") if m]
     if unknown := set(methods) - set(METHODS):
         parser.error(f"unknown methods {sorted(unknown)}")
