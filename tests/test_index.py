@@ -425,6 +425,24 @@ def test_running_top_k_over_pruned_blocks_equals_a_stable_sort(ties):
     assert torch.equal(got.harmful_ids, bi) and torch.equal(got.harmful_scores, bv)
 
 
+def test_pruning_rows_with_fewer_runs_than_others_adds_no_column_twice():
+    """Row 0 beats its bound in four runs of the block, row 1 in its first run only: row 1's three
+    padding slots must not bring that run's columns again."""
+    first = torch.zeros(2, 8, dtype=F64)
+    first[:, :2] = 1.0  # the helpful lists' 2nd value, the bound: 1.0
+    block = torch.full((2, 64), 0.5, dtype=F64)
+    block[0, [0, 4, 8, 12]] = torch.tensor([2.0, 3.0, 4.0, 5.0], dtype=F64)  # runs 0-3 of 4 columns
+    block[1, 1] = 2.0  # run 0
+    running = RunningTopK(2, 2, F64, "cpu", group=4)
+    running.add(first, torch.arange(8))
+    assert prune(block, running.helpful[0][:, -1], True, 4) is not None
+    running.add(block, torch.arange(8, 72))
+    hi, hv, _, _ = stable_top_k(torch.cat([first, block], 1), 2)
+    got = running.result()
+    assert got.helpful_ids.tolist() == hi.tolist() == [[20, 16], [9, 0]]
+    assert torch.equal(got.helpful_scores, hv)
+
+
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
 def test_a_pruned_block_with_a_non_finite_score_is_refused(bad):
     scores = torch.randn(4, 2000, generator=torch.Generator().manual_seed(1), dtype=F64)

@@ -35,7 +35,7 @@ from influencer._kernel.errors import NonFiniteError
 def removal_scores(test_directions: Tensor, train_grads: Tensor, n: int) -> Tensor:
     """Scores ``(m, c)`` from ``H^-1 grad f(test)`` ``(m, p)`` and training gradients ``(c, p)``."""
     products = test_directions @ train_grads.T
-    return products if n == 1 else products / n  # (n = 1: the scale is applied later, elsewhere)
+    return products if n == 1 else products / n  # (dividing by 1 would be a pass that changes nothing)
 
 
 def up_loss_from_scores(scores: Tensor, n: int) -> Tensor:

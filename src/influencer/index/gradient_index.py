@@ -302,7 +302,7 @@ class GradientIndex:
                 if record is None:
                     slot = i % len(buffers)
                     x = cls._project_chunk(influence, projection, first, rows, buffers[slot])
-                    buffers[slot] = x if rows == chunk else None
+                    buffers[slot] = x  # (a shorter last chunk's is not reused: _project_chunk checks)
                     stored = x.to(_TORCH_DTYPES[dtype]).cpu().numpy()
                     writer.submit(j, stored, first)  # written while the next chunk is computed
                 else:

@@ -95,23 +95,22 @@ def prune(scores: Tensor, bound: Tensor, largest: bool, group: int) -> tuple[Ten
     runs = scores.reshape(m, c // group, group)
     best = runs.amax(2) if largest else runs.amin(2)  # (m, runs); a NaN propagates
     extreme = best.amax(1) if largest else best.amin(1)
-    hit = best > bound[:, None] if largest else best < bound[:, None]
-    counts = hit.sum(1)
-    most = int(counts.max()) if m else 0
-    if 4 * most * group > c:  # nearly as many columns as the whole block
+    # each row's runs that beat the bound, in order, packed left; padding holds the worst value
+    every = torch.arange(c // group, device=scores.device).expand(m, -1)
+    best_hit, run = _pack(best, every, _beats(best, bound, largest), largest)
+    if 4 * run.shape[1] * group > c:  # nearly as many columns as the whole block
         return None
-    # each row's hit runs in order, packed left; padding slots repeat run 0 and are masked out
-    rows, which = hit.nonzero(as_tuple=True)
-    slot = torch.arange(len(rows), device=scores.device) - (counts.cumsum(0) - counts)[rows]
-    run = torch.zeros(m, most, dtype=torch.int64, device=scores.device)
-    valid = torch.zeros(m, most, dtype=torch.bool, device=scores.device)
-    run[rows, slot] = which
-    valid[rows, slot] = True
     cand = runs[torch.arange(m, device=scores.device)[:, None], run].flatten(1)  # (m, most * group)
     cols = (run[:, :, None] * group + torch.arange(group, device=scores.device)).flatten(1)
-    better = cand > bound[:, None] if largest else cand < bound[:, None]
-    values, cols = _pack(cand, cols, better & valid.repeat_interleave(group, 1), largest)
+    # a padding slot repeats run 0: masked out by its (worst) value
+    inside = _beats(cand, bound, largest) & _beats(best_hit, bound, largest).repeat_interleave(group, 1)
+    values, cols = _pack(cand, cols, inside, largest)
     return values, cols, extreme
+
+
+def _beats(values: Tensor, bound: Tensor, largest: bool) -> Tensor:
+    """Where ``values`` ``(m, w)`` are strictly better than their row's ``bound`` ``(m,)``."""
+    return values > bound[:, None] if largest else values < bound[:, None]
 
 
 class RunningTopK:
