@@ -4,6 +4,7 @@ a crash-safe, resumable, fingerprinted store, and checkpointed queries."""
 from __future__ import annotations
 
 import dataclasses
+import json
 from pathlib import Path
 
 import numpy as np
@@ -278,6 +279,19 @@ def test_changed_inputs_are_refused_with_what_changed(problem, tmp_path):
         GradientIndex.open(tmp_path, inf, projector=GaussianProjector(k=16, seed=1))
     rebuilt = GradientIndex.build(moved, tmp_path, projector, chunk=100, overwrite=True)
     assert GradientIndex.open(tmp_path, moved).fingerprint == rebuilt.fingerprint
+
+
+def test_a_kronecker_store_whose_whole_sides_were_random_factors_is_refused(problem, tmp_path):
+    """A store from settings without ``whole_sides`` projected its square sides by random factors:
+    opened with the identity ones it would be misread, so it is refused, naming the setting."""
+    inf, _ = problem
+    GradientIndex.build(inf, tmp_path, KroneckerProjector(k_in=4, k_out=64, basis="random"), chunk=100)
+    path = tmp_path / "manifest.json"
+    manifest = json.loads(path.read_text())
+    del manifest["header"]["projector"]["whole_sides"]
+    path.write_text(json.dumps(manifest))
+    with pytest.raises(IndexStoreError, match=r"another projector \(whole_sides .*identity"):
+        GradientIndex.open(tmp_path, inf)
 
 
 def test_store_directory_errors(problem, tmp_path):

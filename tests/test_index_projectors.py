@@ -91,6 +91,65 @@ def test_kronecker_projection_equals_dense_kron_of_explicit_gradients(case):
     assert projection.k == sum(d["k_out"] * d["k_in"] for d in projection.info["layers"])
 
 
+@pytest.mark.parametrize("basis", ["random", "pca"])
+def test_a_side_whose_k_reaches_its_dimension_is_kept_whole(basis):
+    """k >= d on a side: its factor is the identity, so a layer with both sides whole stores its
+    exact per-example gradient (the digits CNN's first convolution: 9 weights and a bias per
+    channel), and the rows still equal (P_out ⊗ P_in) of the explicit gradients."""
+    torch.manual_seed(0)
+    model = SmallCNN(num_classes=4, channels=3).double()  # conv d_in 10, 28; head d_in 49; d_out 3, 3, 4
+    x, y = torch.randn(30, 1, 8, 8, dtype=F64), torch.randint(0, 4, (30,))
+    inf = Influence(model, ClassificationTask(weight_decay=1e-2), (x, y), batch_size=8)
+    projection = KroneckerProjector(k_in=10, k_out=3, basis=basis, dtype="float64").bind(inf.fn)
+    assert projection.whole == [(True, True), (True, False), (False, False)]
+    projection.fit(inf)
+    for (p_out, p_in), (whole_out, whole_in) in zip(projection.factors, projection.whole, strict=True):
+        for factor, whole in ((p_out, whole_out), (p_in, whole_in)):
+            if whole:
+                assert torch.equal(factor, torch.eye(factor.shape[1], dtype=F64))
+            else:
+                assert factor.shape[0] < factor.shape[1]
+    batch = inf.fn.prepare((x[:7], y[:7]))
+    explicit = inf.fn.loss_grads(inf.theta, batch)  # (7, p)
+    for _ in range(2):  # the first call checks the layer model; later ones differentiate outputs only
+        got = projection.gradients(inf.fn, inf.theta, batch, "loss")
+        torch.testing.assert_close(got, explicit @ kron_matrix(projection).T, rtol=1e-10, atol=1e-12)
+    first = projection.layers[0]
+    torch.testing.assert_close(
+        got[:, : projection.offsets[1]], explicit[:, first.index], rtol=1e-10, atol=1e-12
+    )
+    # every side whole: nothing to fit, even for a PCA basis
+    assert not KroneckerProjector(k_in=64, k_out=64, basis="pca").bind(inf.fn).needs_fit
+
+
+@pytest.mark.parametrize(
+    "conv",
+    [
+        lambda: nn.Conv2d(2, 3, 3, padding=1),
+        lambda: nn.Conv2d(2, 3, 3, padding=1, stride=2, bias=False),
+        lambda: nn.Conv2d(2, 3, (3, 2), padding=(2, 1), dilation=(2, 1)),
+        lambda: nn.Conv2d(2, 3, 3, padding="same", padding_mode="reflect"),
+        lambda: nn.Conv2d(2, 3, 2, padding=1, padding_mode="circular", stride=(1, 2)),
+        lambda: nn.Conv2d(2, 3, 4),
+    ],
+)
+def test_patch_rows_are_the_layer_models_activation_rows(conv):
+    """The identity input side's patches, copied out of windows of the padded input, are bit for
+    bit the rows ``Layer.inputs`` unfolds (padding modes, stride, dilation, no bias)."""
+    from influencer._kernel.layers import find_layers
+    from influencer.index.kronecker import patch_rows
+
+    torch.manual_seed(0)
+    model = nn.Sequential(conv(), nn.Flatten(), nn.LazyLinear(2))
+    x = torch.randn(5, 2, 9, 7)
+    model(x)  # materialise the lazy head
+    inf = Influence(model, ClassificationTask(), (x, torch.zeros(5, dtype=torch.long)))
+    layer = find_layers(inf.fn)[0]
+    rows = patch_rows(layer, x, 5)
+    expected = layer.inputs(x, 5)
+    assert rows.shape == expected.shape and torch.equal(rows, expected)
+
+
 def inner_products(project, x: torch.Tensor, y: torch.Tensor, seeds: range) -> torch.Tensor:
     out = []
     for s in seeds:

@@ -25,13 +25,18 @@ Two bases:
   examples drawn with ``seed``. ``P_out ⊗ P_in`` then keeps the directions that carry most of the
   layer's gradient energy (and of its K-FAC curvature), so a preconditioned score loses far less
   than with a random projection of the same ``k``: on the MNIST-1D MLP of
-  ``benchmarks/bench_lds.py`` the projected-Fisher LDS at ``16 x 16`` rises from 0.49 to 0.54
-  and at ``24 x 24`` from 0.53 to 0.57 (exact-gradient EK-FAC: 0.61). It costs one extra
+  ``benchmarks/bench_lds.py`` the projected-Fisher LDS at ``16 x 16`` rises from 0.50 to 0.54
+  and at ``24 x 24`` from 0.54 to 0.57 (exact-gradient EK-FAC: 0.61). It costs one extra
   forward/backward pass over ``pca_examples`` examples and, per side and layer, a ``d x d``
   covariance and its leading eigenvectors (a subspace iteration,
   :func:`~influencer.index.linalg.top_eigenvectors`); inner products are no longer unbiased
   (directions outside the kept subspace are dropped, not spread). The basis is stored with the
   index, so opening a store never re-estimates it.
+
+A side whose ``k`` reaches its dimension (``k_out >= d_out`` or ``k_in >= d_in``: a small layer, or
+a convolution over few input channels) is not projected: its factor is the identity, so that side
+is exact (a square random factor would only distort it) and costs no product. For a convolution's
+inputs that means the patches themselves, copied out of the padded input without ``F.unfold``.
 """
 
 from __future__ import annotations
@@ -67,9 +72,10 @@ class KroneckerProjector(Projector):
     """``P_out ⊗ P_in`` per ``nn.Linear``/``nn.Conv2d`` layer (see the module docstring).
 
     Args:
-        k_in: projected input dimension per layer (capped at the layer's ``d_in``, which counts the
-            bias column; a convolution's ``d_in`` is ``channels x kernel area``).
-        k_out: projected output dimension per layer (capped at ``d_out``).
+        k_in: projected input dimension per layer; a layer whose ``d_in`` (which counts the bias
+            column; a convolution's is ``channels x kernel area``) is no larger keeps its inputs
+            whole (identity factor).
+        k_out: projected output dimension per layer (likewise: ``d_out <= k_out`` is kept whole).
         seed: seed of the random factors (``basis="pca"``: of the examples the basis is estimated on).
         distribution: ``"gaussian"`` or ``"rademacher"`` entries (``basis="random"``).
         basis: ``"pca"`` (top eigenvectors of each layer's K-FAC factors, estimated once from the
@@ -105,6 +111,11 @@ class KroneckerProjector(Projector):
             raise ConfigError(f"KroneckerProjector.basis must be 'random' or 'pca', got {self.basis!r}")
         check_k("KroneckerProjector.pca_examples", self.pca_examples)
 
+    def settings(self) -> dict[str, Any]:
+        # a side with k >= d is the identity: recorded, so a store whose square sides were random
+        # factors is refused on opening instead of being read with the wrong ones
+        return {**super().settings(), "whole_sides": "identity"}
+
     def bind(self, fn: ModelFunction) -> KroneckerProjection:
         try:
             layers = find_layers(fn)
@@ -133,16 +144,21 @@ class _OutputCapture(LayerCapture):
         return record
 
 
-def input_projector(layer: Layer, p_in: Tensor) -> Callable[[Tensor, int], Tensor]:
+def input_projector(layer: Layer, p_in: Tensor | None) -> Callable[[Tensor, int], Tensor]:
     """``(layer input, B) -> P_in a_t``, rows ``(B, T, k_in)``, in one fused operation.
 
     ``F.linear`` with ``P_in``'s weight and bias columns, or for a convolution a convolution whose
     ``k_in`` kernels are ``P_in``'s rows: the same rows as ``layer.inputs(x, B) @ P_in^T`` up to
     rounding, without forming the activation rows (for a convolution, the unfolded patches) or
-    copying them to append the bias column. An input the layer model cannot represent goes to
-    ``layer.inputs``, which raises its error.
+    copying them to append the bias column. ``P_in`` None (the identity): the rows themselves, as
+    :meth:`Layer.inputs` gives them (see :func:`patch_rows`). An input the layer model cannot
+    represent goes to ``layer.inputs``, which raises its error.
     """
     module = layer.module
+    if p_in is None:
+        if isinstance(module, nn.Conv2d) and layer.weight:
+            return lambda x, b: patch_rows(layer, x, b)
+        return layer.inputs
     if not layer.weight:
         return lambda x, b: layer.inputs(x, b) @ p_in.T
     d = layer.d_in - int(layer.bias)
@@ -171,11 +187,37 @@ def input_projector(layer: Layer, p_in: Tensor) -> Callable[[Tensor, int], Tenso
     return dense
 
 
-def call_product(pa: Tensor, g: Tensor | None, p_out: Tensor, out: Tensor | None = None) -> Tensor | None:
+def patch_rows(layer: Layer, x: Tensor, batch: int) -> Tensor:
+    """A convolution's activation rows ``(B, T, d_in)``, equal to ``layer.inputs(x, B)``, as a
+    transposed view of a contiguous ``(B, d_in, T)`` tensor (the layout :func:`call_product`
+    multiplies by): the patches are one copy out of windows of the padded input (``F.unfold``
+    takes several times as long on small images), the bias row is filled with ones.
+    """
+    m = layer.module
+    if x.ndim != 4 or x.shape[0] != batch:
+        return layer.inputs(x, batch)
+    pad = m._reversed_padding_repeated_twice
+    if any(pad):
+        x = F.pad(x, pad, mode="constant" if m.padding_mode == "zeros" else m.padding_mode)
+    (kh, kw), (sh, sw), (dh, dw) = m.kernel_size, m.stride, m.dilation
+    # (B, C, H', W', span_h, span_w), then every dilation-th element of each span: (B, C, H', W', kh, kw)
+    windows = x.detach().unfold(2, dh * (kh - 1) + 1, sh).unfold(3, dw * (kw - 1) + 1, sw)[..., ::dh, ::dw]
+    b, c, h, w = windows.shape[:4]
+    rows = x.new_empty(b, layer.d_in, h * w)
+    rows[:, : c * kh * kw].view(b, c, kh, kw, h, w).copy_(windows.permute(0, 1, 4, 5, 2, 3))
+    if layer.bias:
+        rows[:, -1] = 1
+    return rows.mT
+
+
+def call_product(
+    pa: Tensor, g: Tensor | None, p_out: Tensor | None, out: Tensor | None = None
+) -> Tensor | None:
     """One layer call's ``sum_t (P_out g_t)(P_in a_t)^T``, ``(B, k_out, k_in)`` (None: no gradient).
 
     ``pa``: projected inputs ``P_in a`` ``(B, T, k_in)``; ``g``: output-gradient rows ``(B, T,
-    d_out)`` (:meth:`Layer.output_grads`, a view for a convolution). With ``out`` (a ``(B, k_out,
+    d_out)`` (:meth:`Layer.output_grads`, a view for a convolution); ``p_out`` None: the identity
+    (``k_out = d_out``, no output projection). With ``out`` (a ``(B, k_out,
     k_in)`` view of the rows) a single position's outer product is written there, with no copy.
     Over several positions the batched product is formed as ``(k_in, k_out)`` and returned
     transposed: the BLAS picks a far faster kernel for it when the sizes are small and odd (64
@@ -184,7 +226,10 @@ def call_product(pa: Tensor, g: Tensor | None, p_out: Tensor, out: Tensor | None
     if g is None:
         return None
     if g.shape[1] == 1:  # one position: an outer product, cheaper than a batched matmul of 1-wide ones
-        return torch.mul((g[:, 0] @ p_out.T)[:, :, None], pa[:, 0, None, :], out=out)
+        pg = g[:, 0] if p_out is None else g[:, 0] @ p_out.T
+        return torch.mul(pg[:, :, None], pa[:, 0, None, :], out=out)
+    if p_out is None:
+        return (pa.mT @ g).mT
     if g.shape[2] <= g.shape[1]:
         # no more output channels than positions (an early convolution): sum over the positions
         # before projecting, B k_in d_out (T + k_out) flops instead of B T k_out (d_out + k_in)
@@ -205,11 +250,12 @@ def write_layer(out: Tensor, products: list[Tensor | None]) -> None:
         out.view(total.shape).copy_(total)
 
 
-def project_layer(out: Tensor, pas: list[Tensor], grads: dict[int, Tensor], p_out: Tensor) -> None:
+def project_layer(out: Tensor, pas: list[Tensor], grads: dict[int, Tensor], p_out: Tensor | None) -> None:
     """:func:`write_layer` of the products of a layer's calls (``pas[c]``, ``grads.get(c)``); a single
     call at a single position is written in place."""
     if len(pas) == 1 and 0 in grads and grads[0].shape[1] == 1:
-        call_product(pas[0], grads[0], p_out, out=out.view(out.shape[0], p_out.shape[0], -1))
+        k_out = grads[0].shape[2] if p_out is None else p_out.shape[0]
+        call_product(pas[0], grads[0], p_out, out=out.view(out.shape[0], k_out, -1))
     else:
         write_layer(out, [call_product(pa, grads.get(c), p_out) for c, pa in enumerate(pas)])
 
@@ -267,33 +313,52 @@ class KroneckerProjection(Projection):
         self.layers = layers
         self.p = fn.p
         self.config = config
-        self.needs_fit = config.basis == "pca"
+        # per layer, whether each side (out, in) is kept whole: its factor is then the identity
+        self.whole = [(config.k_out >= layer.d_out, config.k_in >= layer.d_in) for layer in layers]
+        self.needs_fit = config.basis == "pca" and not all(all(w) for w in self.whole)
         self._fitted = not self.needs_fit
         self.factors: list[tuple[Tensor, Tensor]] = []
         dims = []
-        for layer in layers:
-            k_out, k_in = min(config.k_out, layer.d_out), min(config.k_in, layer.d_in)
-            seeds = [derive_seed(config.seed, layer.name, side) for side in ("out", "in")]
-            p_out = random_matrix(k_out, layer.d_out, seeds[0], config.distribution)
-            p_in = random_matrix(k_in, layer.d_in, seeds[1], config.distribution)
-            self.factors.append(
-                (
-                    (p_out / math.sqrt(k_out)).to(fn.device, fn.dtype),
-                    (p_in / math.sqrt(k_in)).to(fn.device, fn.dtype),
-                )
-            )
+        for layer, whole in zip(layers, self.whole, strict=True):
+            pair = []
+            for side, k, d, keep in (
+                ("out", config.k_out, layer.d_out, whole[0]),
+                ("in", config.k_in, layer.d_in, whole[1]),
+            ):
+                if keep:
+                    factor = torch.eye(d, dtype=torch.float64)
+                else:
+                    seed = derive_seed(config.seed, layer.name, side)
+                    factor = random_matrix(k, d, seed, config.distribution) / math.sqrt(k)
+                pair.append(factor.to(fn.device, fn.dtype))
+            self.factors.append((pair[0], pair[1]))
             dims.append(
-                {"layer": layer.name, "d_out": layer.d_out, "d_in": layer.d_in, "k_out": k_out, "k_in": k_in}
+                {
+                    "layer": layer.name,
+                    "d_out": layer.d_out,
+                    "d_in": layer.d_in,
+                    "k_out": pair[0].shape[0],
+                    "k_in": pair[1].shape[0],
+                }
             )
         sizes = [d["k_out"] * d["k_in"] for d in dims]
         self.offsets = [sum(sizes[:i]) for i in range(len(sizes) + 1)]
         self.k = self.offsets[-1]
         self.info = {"k": self.k, "layers": dims}
-        self.inputs = [
-            input_projector(layer, p_in) for layer, (_, p_in) in zip(layers, self.factors, strict=True)
-        ]
+        self._bind_inputs()
         self._verified = False  # the layer model is checked against autograd on the first batch
         self._reg: tuple[Tensor, Tensor] | None = None  # (theta, projected grad Omega)
+
+    def _bind_inputs(self) -> None:
+        """Each layer's input projector (:func:`input_projector`) for the current factors."""
+        self.inputs = [
+            input_projector(layer, None if whole[1] else p_in)
+            for layer, whole, (_, p_in) in zip(self.layers, self.whole, self.factors, strict=True)
+        ]
+
+    def output_factor(self, i: int) -> Tensor | None:
+        """Layer ``i``'s ``P_out``, or None where its outputs are kept whole (the identity)."""
+        return None if self.whole[i][0] else self.factors[i][0]
 
     @property
     def blocks(self) -> list[tuple[str, int, int]]:
@@ -348,9 +413,12 @@ class KroneckerProjection(Projection):
         with torch.no_grad():
             if out is None:
                 out = torch.empty(b, self.k, dtype=values.dtype, device=self.factors[0][0].device)
-            for i, (p_out, _) in enumerate(self.factors):
+            for i in range(len(self.layers)):
                 project_layer(
-                    out[:, self.offsets[i] : self.offsets[i + 1]], cap.projected[i], cap.grads[i], p_out
+                    out[:, self.offsets[i] : self.offsets[i + 1]],
+                    cap.projected[i],
+                    cap.grads[i],
+                    self.output_factor(i),
                 )
         if kind == "loss":
             out += self.regularizer_row(fn, theta)
@@ -416,18 +484,28 @@ class KroneckerProjection(Projection):
         if influence.distributed:
             ids = shard(ids)
         f64 = dict(dtype=torch.float64, device=fn.device)
-        A = [torch.zeros(layer.d_in, layer.d_in, **f64) for layer in self.layers]
-        S = [torch.zeros(layer.d_out, layer.d_out, **f64) for layer in self.layers]
+        # sides kept whole need no covariance (their factor stays the identity)
+        A = [
+            None if w[1] else torch.zeros(layer.d_in, layer.d_in, **f64)
+            for layer, w in zip(self.layers, self.whole, strict=True)
+        ]
+        S = [
+            None if w[0] else torch.zeros(layer.d_out, layer.d_out, **f64)
+            for layer, w in zip(self.layers, self.whole, strict=True)
+        ]
         for _, raw in influence.train.chunks(influence.batch_size, ids):
             acts, rows, _ = self._layer_rows(fn, influence.theta, fn.prepare(raw), "loss")
             for i in range(len(self.layers)):
                 for a, g in zip(acts[i], rows[i], strict=True):
                     # each batch's product in the compute dtype (float32 halves the cost), summed in float64
-                    A[i] += gram(a.detach().flatten(0, 1)).double()
-                    S[i] += gram(g.flatten(0, 1)).double()
+                    if A[i] is not None:
+                        A[i] += gram(a.detach().flatten(0, 1)).double()
+                    if S[i] is not None:
+                        S[i] += gram(g.flatten(0, 1)).double()
         if influence.distributed:
             for m in (*A, *S):
-                all_reduce_sum(m)
+                if m is not None:
+                    all_reduce_sum(m)
         # in the compute dtype (at least float32): only the leading subspace is kept
         work = torch.float64 if fn.dtype == torch.float64 else torch.float32
         factors = []
@@ -435,8 +513,8 @@ class KroneckerProjection(Projection):
             seeds = [derive_seed(self.config.seed, layer.name, side, "pca") for side in ("out", "in")]
             factors.append(
                 (
-                    top_eigenvectors(s_.to(work), p_out.shape[0], seeds[0]),
-                    top_eigenvectors(a.to(work), p_in.shape[0], seeds[1]),
+                    p_out if s_ is None else top_eigenvectors(s_.to(work), p_out.shape[0], seeds[0]),
+                    p_in if a is None else top_eigenvectors(a.to(work), p_in.shape[0], seeds[1]),
                 )
             )
         self._set_factors(factors)
@@ -454,9 +532,7 @@ class KroneckerProjection(Projection):
     def _set_factors(self, factors: list[tuple[Tensor, Tensor]]) -> None:
         dtype, device = self.factors[0][0].dtype, self.factors[0][0].device
         self.factors = [(o.to(device, dtype), i.to(device, dtype)) for o, i in factors]
-        self.inputs = [
-            input_projector(layer, p_in) for layer, (_, p_in) in zip(self.layers, self.factors, strict=True)
-        ]
+        self._bind_inputs()
         self._reg = None  # projected with the old basis
         self._fitted = True
 

@@ -359,7 +359,7 @@ class _Hooks:
         # formed now, the product holds (B, k_out, k_in) values instead of the call's rows until the
         # step ends; a second backward pass in the step (retain_graph) adds, as parameters' .grad do
         rows = self.projection.layers[i].output_grads(g, self.batch)
-        product = call_product(self.inputs[i][call], rows, self.projection.factors[i][0])
+        product = call_product(self.inputs[i][call], rows, self.projection.output_factor(i))
         earlier = self.products[i].get(call)
         self.products[i][call] = product if earlier is None else earlier + product
 
