@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import logging
 import shutil
 import sys
 
@@ -309,7 +310,7 @@ def test_index_fisher_dtype_is_the_librarys_and_a_change_of_it_is_named(store, t
     assert "the Fisher's product dtype changed (bfloat16 -> the store's)" in line
 
 
-def test_index_records_the_kronecker_basis(jobs, tmp_path):
+def test_index_records_the_kronecker_basis(jobs, tmp_path, caplog):
     """The Kronecker store is PCA-based unless --basis random; the manifest says which."""
     for basis in ("pca", "random"):
         flags = [] if basis == "pca" else ["--basis", "random"]
@@ -318,6 +319,11 @@ def test_index_records_the_kronecker_basis(jobs, tmp_path):
         manifest = json.loads((out / "index" / "manifest.json").read_text())
         assert manifest["header"]["projector"]["basis"] == basis
         assert (out / "index" / "basis.npy").exists() == (basis == "pca")
+    # 10 classes and --k-out 16: the output side is kept whole, and the log says so
+    flags = [f if f != "8" else "16" for f in BUILD]
+    with caplog.at_level(logging.INFO, logger="influencer"):
+        _ok(_invoke("index", "--task", f"{MODULE}:build", "--out", tmp_path / "whole", *flags, "--quiet"))
+    assert "kept whole (exact) for 1 (10x16: it has 10 outputs, 65 inputs)" in caplog.text
 
 
 @pytest.mark.parametrize("damage", ["flip", "truncate", "nan"])

@@ -243,15 +243,16 @@ def choose_projector(config: IndexConfig, inf: Influence) -> tuple[Projector, st
             k_in=k_in, k_out=k_out, seed=config.seed, basis=basis, dtype=dtype
         )
         bound = projector.bind(inf.fn)
-        capped = [
+        whole = [
             f"{d['layer']} ({d['k_out']}x{d['k_in']}: it has {d['d_out']} outputs, {d['d_in']} inputs)"
             for d in bound.info.get("layers", [])
-            if d["k_out"] < k_out or d["k_in"] < k_in
+            if d["k_out"] == d["d_out"] or d["k_in"] == d["d_in"]
         ]
-        if capped:
+        if whole:
             reason += (
-                f"; --k-out {k_out} --k-in {k_in} capped at each layer's own size for {', '.join(capped[:4])}"
-                + (f" and {len(capped) - 4} more" if len(capped) > 4 else "")
+                f"; a side with no more outputs than --k-out {k_out} or inputs than --k-in {k_in} is kept "
+                f"whole (exact) for {', '.join(whole[:4])}"
+                + (f" and {len(whole) - 4} more" if len(whole) > 4 else "")
             )
         return (
             projector,
