@@ -616,6 +616,9 @@ class Influence:
         """
         if self.solver.identity and (rows := self._test_rows(test)) is not None:
             return self._scores(rows, train_indices)
+        if isinstance(self.solver, KroneckerSolver) and (rows := self._test_rows(test)) is not None:
+            # solved in layer form: K-FAC's directions as a few rank-one terms per layer
+            return self._scores(self.solver.solve_rows(rows), train_indices)
         return self._scores(self.test_directions(test), train_indices)
 
     def _score_layers(self) -> list[Layer] | None:

@@ -24,8 +24,11 @@ class KFAC(KroneckerEstimator):
     ``(d_out, d_out)`` per layer (``d_in`` = fan-in + 1 with a bias); fitting then costs one
     eigendecomposition of each and every solve two small matrix products per layer. Exact when a
     layer's curvature truly factorises, e.g. a linear model with squared error. Memory:
-    ``d_in^2 + d_out^2`` per layer. See :class:`KroneckerEstimator` for ``fisher``, the
-    regulariser and the damping options.
+    ``d_in^2 + d_out^2`` per layer. Scores of ``m`` test examples never form their ``(m, p)``
+    directions: each is solved in layer form as a few dozen rank-one terms per wide layer
+    (:meth:`KroneckerSolver.solve_rows`), and costs ``T R (d_out + d_in)`` per training example
+    instead of ``d_out d_in``. See :class:`KroneckerEstimator` for ``fisher``, the regulariser and
+    the damping options.
     """
 
     name = "kfac"

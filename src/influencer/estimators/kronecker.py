@@ -43,10 +43,12 @@ from influencer._kernel.layers import (
 )
 from influencer._kernel.progress import progress_bar
 from influencer.estimators.base import Estimator, Solver, require_positive
+from influencer.estimators.layer_scores import LayerRows
 
 FISHERS = ("auto", "exact", "sampled", "empirical")
 _MAX_OUTPUTS = 1024  # the generic output-Hessian factor is (B, D, D)
 _SOLVE_ELEMENTS = 2**18  # elements of the right-hand sides rotated at once (2 MiB in float64)
+_SVD_WORK = 2**34  # d_out d_in min(d_out, d_in) of the largest inverse-eigenvalue matrix factored
 
 
 def resolve_fisher(fisher: str, outputs: int, exact_max_outputs: int) -> str:
@@ -460,6 +462,58 @@ class KroneckerSolver(Solver):
                 out[s : s + step, layer.index] = (x @ qa.T).view(c, -1)
         return out.reshape(vectors.shape).to(vectors.dtype)
 
+    def solve_rows(self, rows: LayerRows) -> LayerRows:
+        """:meth:`solve` of gradients given in layer form (the test gradients' rows), in layer form.
+
+        In the eigenbasis the solve divides ``Q_S^T G Q_A`` entry by entry by the damped
+        eigenvalues. Where their inverse ``K`` ``(d_out, d_in)`` has a low numerical rank ``R``
+        (K-FAC's ``1 / (s_j a_k + damping)``: about 20 at float64 precision, whatever the layer's
+        size), ``K = sum_r u_r w_r^T`` up to rounding, and a block ``G = sum_t g_t a_t^T`` solves to
+
+            sum_{t, r} [Q_S (u_r * Q_S^T g_t)] [Q_A (w_r * Q_A^T a_t)]^T,
+
+        ``T R`` rank-one terms: scored against a training example's rows at ``T T' R (d_out +
+        d_in)`` multiplications instead of ``d_out d_in`` (:class:`LayerScorer`). A layer where that
+        is not cheaper (many positions, a narrow layer, or EK-FAC's fitted eigenvalues, whose inverse
+        has no low rank) gets its dense solved block in ``blocks``. ``K``'s singular values below
+        the dtype's epsilon times the largest are dropped: below the rounding of the products.
+        """
+        acts: list[list[Tensor]] = []
+        grads: list[list[Tensor]] = []
+        blocks: list[Tensor | None] = []
+        for i, (layer, (qs, qa), d) in enumerate(zip(self.layers, self.bases, self.damped, strict=True)):
+            factors = self._inverse_factors(i, sum(a.shape[1] for a in rows.acts[i]))
+            if factors is None:
+                g = rows.block(layer, i, d)  # (m, d_out, d_in)
+                blocks.append(qs @ ((qs.T @ g @ qa) / d) @ qa.T)
+                acts.append([])
+                grads.append([])
+                continue
+            u, w = factors
+            blocks.append(None)
+            acts.append([_spread(a, qa, w) for a in rows.acts[i]])
+            grads.append([_spread(g, qs, u) for g in rows.grads[i]])
+        return LayerRows(acts, grads, rows.m, blocks if any(b is not None for b in blocks) else None)
+
+    def _inverse_factors(self, i: int, positions: int) -> tuple[Tensor, Tensor] | None:
+        """``(U (d_out, R), W (d_in, R))`` with ``U W^T = 1 / damped[i]`` to the dtype's precision,
+        if the factored rows of a block of ``positions`` rows score cheaper than its dense block
+        (against training rows of as many positions); else None."""
+        layer = self.layers[i]
+        o, n = layer.d_out, layer.d_in
+
+        def pays(rank: int) -> bool:
+            # at most half the dense block's multiplications: the factored products are thinner
+            # and add an elementwise pass, so a closer call is not faster (measured)
+            return 2 * positions * positions * rank * (o + n) <= o * n
+
+        cache: dict[int, tuple[Tensor, Tensor] | None] = self.__dict__.setdefault("_inverse_rank", {})
+        if i not in cache:
+            # not even rank 1 would pay, or the factorisation would take longer than it saves
+            cache[i] = _low_rank(1 / self.damped[i]) if pays(1) and o * n * min(o, n) <= _SVD_WORK else None
+        factors = cache[i]
+        return factors if factors is not None and pays(factors[0].shape[1]) else None
+
     def dense(self) -> Tensor:
         """The approximated curvature (without damping) as a ``(p, p)`` matrix (small models only)."""
         if self.p > 20_000:
@@ -470,3 +524,19 @@ class KroneckerSolver(Solver):
             q = torch.kron(qs, qa)  # eigenvectors of S ⊗ A in row-major [W | b] layout
             m[layer.index[:, None], layer.index[None, :]] = (q * v.reshape(-1)) @ q.T
         return m
+
+
+def _low_rank(k: Tensor) -> tuple[Tensor, Tensor]:
+    """``(U, W)`` with ``U W^T = k`` ``(d_out, d_in)`` up to singular values below the dtype's
+    epsilon times the largest (an SVD in float64)."""
+    u, s, vh = torch.linalg.svd(k.double(), full_matrices=False)
+    rank = max(1, int((s > s[0] * torch.finfo(k.dtype).eps).sum()))
+    return (u[:, :rank] * s[:rank]).to(k.dtype), vh[:rank].T.to(k.dtype)
+
+
+def _spread(x: Tensor, q: Tensor, f: Tensor) -> Tensor:
+    """Rows ``(m, T, d)`` -> ``(m, T R, d)``: ``Q (f_r * Q^T x_t)`` for each position ``t`` and term
+    ``r`` (position-major, the same order on both sides of a layer)."""
+    m, t, d = x.shape
+    rotated = (x @ q)[:, :, None, :]  # (m, T, 1, d): Q^T x_t as rows
+    return ((rotated * f.T) @ q.T).reshape(m, t * f.shape[1], d)

@@ -24,6 +24,13 @@ two products of ``m T' x B T`` inner products of length ``d_out`` and ``d_in`` i
 ``m B d_out d_in`` (the "ghost" dot product). A layer where that is not cheaper gets its dense
 blocks instead.
 
+K-FAC's directions take the same form: a test block ``G`` solved in the layer's eigenbasis is
+``Q_S [(Q_S^T G Q_A) / (s a^T + damping)] Q_A^T``, and the inverse eigenvalues have a low numerical
+rank, so each test row becomes a few dozen rank-one rows
+(:meth:`~influencer.estimators.kronecker.KroneckerSolver.solve_rows`); the ``m`` directions are
+never formed as ``(m, p)``. Layers where that does not pay are held as dense blocks
+(``LayerRows.blocks``).
+
 The layer model is verified on the first chunk (the layer gradients summed over the chunk must
 equal autograd's gradient of the summed loss); if the loss reaches the parameters some other way,
 :meth:`LayerScorer.__call__` returns None and callers fall back to per-example gradients.
@@ -36,6 +43,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 from torch.func import functional_call
 
@@ -49,15 +57,25 @@ _CHUNK_ELEMENTS = 2**24  # elements of the largest intermediate held at once
 
 @dataclass
 class LayerRows:
-    """``m`` examples' gradients in layer form: per layer and call, input rows ``(m, T, d_in)`` and
-    output-gradient rows ``(m, T, d_out)``; example ``j``'s block of a layer is ``sum g_jt a_jt^T``."""
+    """``m`` examples' gradients (or directions) in layer form: per layer and call, input rows
+    ``(m, T, d_in)`` and output-gradient rows ``(m, T, d_out)``; example ``j``'s block of a layer is
+    ``sum g_jt a_jt^T``. ``blocks[i]``, where given, is layer ``i``'s dense ``(m, d_out, d_in)``
+    block instead (its rows are then empty): a preconditioned direction that has no short
+    factored form in that layer (see :meth:`KroneckerSolver.solve_rows`)."""
 
     acts: list[list[Tensor]]
     grads: list[list[Tensor]]
     m: int
+    blocks: list[Tensor | None] | None = None
+
+    def dense_block(self, i: int) -> Tensor | None:
+        """Layer ``i``'s dense block if it is held as one, else None."""
+        return None if self.blocks is None else self.blocks[i]
 
     def block(self, layer: Layer, i: int, like: Tensor) -> Tensor:
         """Layer ``i``'s blocks ``(m, d_out, d_in)`` (zero if the layer was never called)."""
+        if (held := self.dense_block(i)) is not None:
+            return held
         out = like.new_zeros(self.m, layer.d_out, layer.d_in)
         for g, a in zip(self.grads[i], self.acts[i], strict=True):
             out += torch.einsum("mto,mti->moi", g, a)
@@ -66,8 +84,10 @@ class LayerRows:
     def dot(self, layers: list[Layer], v: Tensor) -> Tensor:
         """``(m,)``: each example's gradient dotted with the flat vector ``v`` ``(p,)``."""
         out = v.new_zeros(self.m)
-        for layer, a_calls, g_calls in zip(layers, self.acts, self.grads, strict=True):
+        for i, (layer, a_calls, g_calls) in enumerate(zip(layers, self.acts, self.grads, strict=True)):
             w = v[layer.index].view(layer.d_out, layer.d_in)
+            if (held := self.dense_block(i)) is not None:
+                out += held.reshape(self.m, -1) @ w.reshape(-1)
             for a, g in zip(a_calls, g_calls, strict=True):
                 out += ((g @ w) * a).sum(dim=(1, 2))
         return out
@@ -82,19 +102,27 @@ class LayerRows:
 
     def finite(self) -> bool:
         """Whether every row is finite (a NaN or infinity makes a row's sum non-finite)."""
-        return all(bool(torch.isfinite(x.sum()).all()) for calls in (*self.acts, *self.grads) for x in calls)
+        held = [b for b in self.blocks or [] if b is not None]
+        parts = [x for calls in (*self.acts, *self.grads) for x in calls] + held
+        return all(bool(torch.isfinite(x.sum()).all()) for x in parts)
 
     @staticmethod
     def cat(parts: list[LayerRows]) -> LayerRows | None:
         """The rows of several chunks of examples, in order; None if a layer's number of calls differs
-        between chunks."""
+        between chunks. Chunks with fewer positions (sequences padded to each batch's length) get
+        zero rows, which add nothing to any block."""
         first = parts[0]
         calls = [len(c) for c in first.acts]
-        if any([len(c) for c in p.acts] != calls for p in parts):
+        if any([len(c) for c in p.acts] != calls or p.blocks is not None for p in parts):
             return None
+
+        def joined(rows: list[Tensor]) -> Tensor:
+            t = max(x.shape[1] for x in rows)
+            return torch.cat([F.pad(x, (0, 0, 0, t - x.shape[1])) if x.shape[1] < t else x for x in rows])
+
         return LayerRows(
-            [[torch.cat([p.acts[i][k] for p in parts]) for k in range(n)] for i, n in enumerate(calls)],
-            [[torch.cat([p.grads[i][k] for p in parts]) for k in range(n)] for i, n in enumerate(calls)],
+            [[joined([p.acts[i][k] for p in parts]) for k in range(n)] for i, n in enumerate(calls)],
+            [[joined([p.grads[i][k] for p in parts]) for k in range(n)] for i, n in enumerate(calls)],
             sum(p.m for p in parts),
         )
 
@@ -165,7 +193,12 @@ class LayerScorer:
         sums = []
         for i, (layer, a_calls, g_calls) in enumerate(zip(self.layers, acts, grads, strict=True)):
             sums += [x.sum(dim=(1, 2)) for x in (*a_calls, *g_calls)]
-            if self.rows is not None and _factored_cheaper(layer, a_calls, self.rows.acts[i]):
+            held = self.rows.dense_block(i) if self.rows is not None else None
+            if (
+                self.rows is not None
+                and held is None
+                and _factored_cheaper(layer, a_calls, self.rows.acts[i])
+            ):
                 for ta, tg in zip(self.rows.acts[i], self.rows.grads[i], strict=True):
                     parts.append(_contract_rows(a_calls, g_calls, ta, tg, b))
                 continue
