@@ -482,10 +482,15 @@ class KroneckerSolver(Solver):
         grads: list[list[Tensor]] = []
         blocks: list[Tensor | None] = []
         for i, (layer, (qs, qa), d) in enumerate(zip(self.layers, self.bases, self.damped, strict=True)):
-            factors = self._inverse_factors(i, sum(a.shape[1] for a in rows.acts[i]))
+            held = rows.dense_block(i) is not None
+            factors = None if held else self._inverse_factors(i, sum(a.shape[1] for a in rows.acts[i]))
             if factors is None:
                 g = rows.block(layer, i, d)  # (m, d_out, d_in)
-                blocks.append(qs @ ((qs.T @ g @ qa) / d) @ qa.T)
+                solved = torch.empty_like(g)
+                step = max(1, _SOLVE_ELEMENTS // d.numel())  # blocks rotated at once
+                for s in range(0, rows.m, step):
+                    solved[s : s + step] = qs @ ((qs.T @ g[s : s + step] @ qa) / d) @ qa.T
+                blocks.append(solved)
                 acts.append([])
                 grads.append([])
                 continue
