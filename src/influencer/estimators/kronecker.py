@@ -34,6 +34,7 @@ from torch.func import functional_call, grad, jvp, vmap
 from influencer._kernel.curvature import Curvature
 from influencer._kernel.errors import ConfigError, IndefiniteHessianError
 from influencer._kernel.functional import ModelFunction
+from influencer._kernel.gram import add_upper_gram, mirror_upper
 from influencer._kernel.layers import (
     Layer,
     ProbeCapture,
@@ -190,14 +191,13 @@ def covariance_factors(
                 # depends on how far each batch was padded (their output gradients are 0).
                 real = positions is not None and a.shape[:2] == positions.shape
                 a = a[positions.to(a.device)] if real else a.flatten(0, 1)  # (rows, d_in)
-                A[i].addmm_(a.T, a)
+                add_upper_gram(A[i], a)  # the blocks below the diagonal are mirrored once, at the end
                 rows[i] += a.shape[0]
         for grads, weight in directions:
             for i, calls in enumerate(grads):
                 for g in calls:
-                    g = g.flatten(0, 1)  # (B*T, d_out)
-                    S[i].addmm_(g.T, g, alpha=weight)
-    return [(a / r, s / n) for a, s, r in zip(A, S, rows, strict=True)]
+                    add_upper_gram(S[i], g.flatten(0, 1), alpha=weight)  # rows (B*T, d_out)
+    return [(mirror_upper(a) / r, mirror_upper(s) / n) for a, s, r in zip(A, S, rows, strict=True)]
 
 
 def eigenbasis(m: Tensor) -> tuple[Tensor, Tensor]:

@@ -5,21 +5,21 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-_PIECE = 160  # columns per piece of a Gram matrix: large enough for an efficient matrix product
+from influencer._kernel.gram import pieces
 
 
 def gram(x: Tensor) -> Tensor:
     """``x^T x`` ``(d, d)`` of rows ``x`` ``(r, d)``, computing only the blocks on and above the diagonal.
 
-    The columns are cut into ``q`` pieces and each product ``x_i^T x_j`` with ``i <= j`` is formed
-    once and mirrored, so it costs ``(q + 1) / (2 q)`` of a full product (a symmetric rank-k update
-    that torch does not offer).
+    The columns are cut into ``q`` pieces (:func:`~influencer._kernel.gram.pieces`) and each product
+    ``x_i^T x_j`` with ``i <= j`` is formed once and mirrored, so it costs ``(q + 1) / (2 q)`` of a
+    full product (a symmetric rank-k update that torch does not offer).
     """
     d = x.shape[1]
-    q = max(1, round(d / _PIECE))
+    edges = pieces(d)
+    q = len(edges) - 1
     if q == 1:
         return x.T @ x
-    edges = [d * i // q for i in range(q + 1)]
     out = x.new_empty(d, d)
     for i in range(q):
         a, b = edges[i], edges[i + 1]
