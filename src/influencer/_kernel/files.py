@@ -156,7 +156,20 @@ def atomic_save_array(path: Path, array: np.ndarray) -> str:
             digest.update(data)
             return self.f.write(data)
 
-    _atomic(Path(path), lambda f: np.save(_Hashing(f), array, allow_pickle=False))  # type: ignore[arg-type]
+    def save(f: IO[bytes]) -> None:
+        out = _Hashing(f)
+        try:
+            # np.save's own bytes (its version 1.0 header, then the values in C order), but the
+            # values hashed and written from the array's memory: np.save copies them through
+            # tobytes() into a file object that is not a real file
+            np.lib.format.write_array_header_1_0(out, np.lib.format.header_data_from_array_1_0(array))
+        except ValueError:  # a header too long for version 1.0
+            np.save(out, array, allow_pickle=False)  # type: ignore[arg-type]
+            return
+        if array.size:
+            out.write(memoryview(array.reshape(-1)).cast("B"))
+
+    _atomic(Path(path), save)
     return digest.hexdigest()
 
 
