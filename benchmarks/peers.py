@@ -640,6 +640,44 @@ class Kronfluence:
     }
 
     def run(self, method: str, problem: Problem, r: Resolved) -> Run:
+        st = Stages(problem.device)
+        test = TensorDataset(*problem.test)
+        with self._fitted(method, problem, r, st) as (analyzer, train, batch, score_args), st("score"):
+            scores = analyzer.compute_pairwise_scores(
+                "scores",
+                "factors",
+                test,
+                train,
+                per_device_query_batch_size=len(test),
+                per_device_train_batch_size=batch,
+                score_args=score_args,
+            )
+            if scores is None:  # some versions only write them to the store
+                scores = analyzer.load_pairwise_scores("scores")
+        theirs = scores["all_modules"].to(problem.device, _dtype(problem))
+        return st.result(_center(theirs) / problem.n)
+
+    def self_scores(self, method: str, problem: Problem, r: Resolved, examples: int) -> Run:
+        """``compute_self_scores`` of the first ``examples`` training examples (``scores`` ``(1, c)``:
+        ``grad CE_i^T (F + damping_factor I)^-1 grad CE_i``, unscaled, no L2 term)."""
+        st = Stages(problem.device)
+        with self._fitted(method, problem, r, st) as (analyzer, train, batch, score_args), st("score"):
+            scores = analyzer.compute_self_scores(
+                "self",
+                "factors",
+                train,
+                per_device_train_batch_size=batch,
+                train_indices=list(range(examples)),
+                score_args=score_args,
+            )
+            if scores is None:
+                scores = analyzer.load_self_scores("self")
+        return st.result(scores["all_modules"].to(problem.device, _dtype(problem))[None])
+
+    @contextmanager
+    def _fitted(self, method: str, problem: Problem, r: Resolved, st: Stages) -> Iterator[tuple[Any, ...]]:
+        """An ``Analyzer`` with its factors fitted (timed as ``fit``) in a temporary store:
+        ``(analyzer, train dataset, batch size, score arguments)``."""
         from kronfluence.analyzer import Analyzer, prepare_model
         from kronfluence.arguments import FactorArguments, ScoreArguments
 
@@ -650,7 +688,6 @@ class Kronfluence:
         else:
             raise NotAvailableError(method)
         s = r.settings
-        st = Stages(problem.device)
         dtype = _dtype(problem)
         task = _kronfluence_task()
         model = prepare_model(plain_modules(problem.model), task)
@@ -670,7 +707,7 @@ class Kronfluence:
             precondition_dtype=dtype,
             score_dtype=dtype,
         )
-        train, test = TensorDataset(*problem.train), TensorDataset(*problem.test)
+        train = TensorDataset(*problem.train)
         # One batch for the small problems; at most 2,048 examples for the large ones, where one
         # batch of n holds (n, d_out, d_in) per-sample gradients per layer (gigabytes at p ~ 1e5),
         # and at most 2 GiB of them (256 examples in float64 at p = 1e6, where 2,048 need 16 GB)
@@ -691,20 +728,7 @@ class Kronfluence:
                 analyzer.fit_all_factors(
                     "factors", train, per_device_batch_size=batch, factor_args=factor_args
                 )
-            with st("score"):
-                scores = analyzer.compute_pairwise_scores(
-                    "scores",
-                    "factors",
-                    test,
-                    train,
-                    per_device_query_batch_size=len(test),
-                    per_device_train_batch_size=batch,
-                    score_args=score_args,
-                )
-                if scores is None:  # some versions only write them to the store
-                    scores = analyzer.load_pairwise_scores("scores")
-        theirs = scores["all_modules"].to(problem.device, dtype)
-        return st.result(_center(theirs) / problem.n)
+            yield analyzer, train, batch, score_args
 
 
 # ---- bergson ------------------------------------------------------------------------------------

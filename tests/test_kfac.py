@@ -21,7 +21,7 @@ from influencer._kernel.functional import ModelFunction
 from influencer._kernel.stats import pearson
 from influencer.data import as_examples
 from influencer.datasets import load_digits, load_tabular
-from influencer.errors import ConfigError, IndefiniteHessianError
+from influencer.errors import ConfigError, IndefiniteHessianError, NonFiniteError
 from influencer.estimators import kronecker
 from influencer.estimators.ekfac import EKFAC, corrected_eigenvalues
 from influencer.estimators.kfac import KFAC
@@ -355,6 +355,34 @@ def test_scores_solved_in_layer_form_equal_the_dense_solve(estimator, dtype):
     tol = 1e-12 if dtype == F64 else 2e-5
     assert float((got - want).abs().max()) <= tol * float(want.abs().max())
     assert float(want.abs().max()) > 0
+
+
+@pytest.mark.parametrize("estimator", ["kfac", "ekfac"])
+@pytest.mark.parametrize("model", ["mlp", "cnn"])
+def test_self_influence_in_layer_form_equals_the_solve_of_each_gradient(estimator, model):
+    """Kronecker self-influence from layer rows (a quadratic form in the eigenbasis, plus the
+    regulariser's term through one solve) equals solving every per-example gradient; a
+    non-finite example is still named."""
+    d = digits(images=model == "cnn")
+    x, y = d.x_train[:200], d.y_train[:200]
+    torch.manual_seed(0)
+    net = (
+        nn.Sequential(nn.Linear(64, 48), nn.Tanh(), nn.Linear(48, 10))
+        if model == "mlp"
+        else nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.Tanh(), nn.Flatten(), nn.Linear(256, 10))
+    ).double()
+    est = KFAC(damping=1e-3) if estimator == "kfac" else EKFAC(damping=1e-3)
+    inf = Influence(net, ClassificationTask(weight_decay=1e-2), (x, y), estimator=est, batch_size=64).fit()
+    got = inf.self_influence([3, 150, 7, 199])
+    want = inf._self_influence_from_gradients([3, 150, 7, 199])
+    torch.testing.assert_close(got, want, rtol=1e-11, atol=0)
+    assert bool((want > 0).all())
+    bad = x.clone()
+    bad[150, 0] = float("nan")
+    broken = Influence(net, ClassificationTask(weight_decay=1e-2), (bad, y), estimator=est, batch_size=64)
+    broken = broken.replace(estimator=est, hessian_indices=list(range(100))).fit()
+    with pytest.raises(NonFiniteError, match=r"example\(s\) \[150\]"):
+        broken.self_influence([3, 150])
 
 
 # ---- (5) what K-FAC cannot model: clear errors --------------------------------------------------

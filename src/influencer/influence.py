@@ -711,6 +711,37 @@ class Influence:
 
     def self_influence(self, indices: Sequence[int] | Tensor | None = None) -> Tensor:
         """Self-influence ``(c,)``: ``(1/n) grad loss(z_i)^T H^-1 g_i``, the score of z_i on itself."""
+        if (
+            isinstance(self.solver, KroneckerSolver)
+            and (local := self._layer_self_influence(indices)) is not None
+        ):
+            return all_gather_blocks(local, dim=0) if self.distributed else local
+        return self._self_influence_from_gradients(indices)
+
+    def _layer_self_influence(self, indices: Sequence[int] | Tensor | None) -> Tensor | None:
+        """Self-influence from the training examples' layer rows and a Kronecker solver: ``g_i =
+        grad loss_i + grad Omega``, so ``grad loss_i^T H^-1 g_i`` is the quadratic form
+        (:meth:`KroneckerSolver.quadratic_rows`) plus ``grad loss_i . H^-1 grad Omega`` (one solve for
+        all). None where the layers do not hold the loss gradients or a row is not finite (the
+        per-example path then computes them and names any bad example)."""
+        solver = self.solver
+        assert isinstance(solver, KroneckerSolver)
+        u = self.inverse_hvp(self._reg_grad[None])[0]  # H^-1 grad Omega (p,)
+        out = []
+        verified = False
+        for ids, batch in self._train_batches(indices, "self-influence"):
+            with self.fn.failures_explained(self.theta, batch, ids):
+                rows = capture_rows(
+                    self.fn, solver.layers, self.theta, batch, self.fn.task.loss, verify=not verified
+                )
+            if rows is None or not rows.finite():
+                return None
+            verified = True
+            out.append((solver.quadratic_rows(rows) + rows.dot(solver.layers, u)) / self.n)
+        return torch.cat(out) if out else self.theta.new_zeros(0)
+
+    def _self_influence_from_gradients(self, indices: Sequence[int] | Tensor | None) -> Tensor:
+        """:meth:`self_influence` from per-example gradients ``(c, p)`` and a solve of each."""
         out = []
         for _, loss_grad in self._loss_gradients(indices, "self-influence"):
             g = loss_grad + self._reg_grad  # g_i includes grad Omega; the loss itself does not

@@ -500,6 +500,37 @@ class KroneckerSolver(Solver):
             grads.append([_spread(g, qs, u) for g in rows.grads[i]])
         return LayerRows(acts, grads, rows.m, blocks if any(b is not None for b in blocks) else None)
 
+    def quadratic_rows(self, rows: LayerRows) -> Tensor:
+        """``g_j^T (H + damping I)^-1 g_j`` ``(m,)`` for gradients given in layer form (no ``p``-dim
+        vector is formed).
+
+        Per layer the solve is diagonal in the eigenbasis, so the form is ``sum(G~^2 / damped)``
+        with ``G~ = Q_S^T G Q_A``. With one position ``G~ = (Q_S^T g)(Q_A^T a)^T`` and the sum is
+        ``(Q_S^T g)^2 . (1 / damped) (Q_A^T a)^2``: one product, ``d_out d_in`` multiplications per
+        example against a solve's ``d_out d_in (d_out + d_in)``; with several positions ``G~`` is
+        formed per example (``T d_out d_in``), in bounded chunks.
+        """
+        out = None
+        for i, ((qs, qa), d) in enumerate(zip(self.bases, self.damped, strict=True)):
+            calls = list(zip(rows.grads[i], rows.acts[i], strict=True))
+            if not calls:
+                continue
+            inverse = 1 / d
+            if len(calls) == 1 and calls[0][0].shape[1] == 1:
+                g, a = calls[0][0][:, 0] @ qs, calls[0][1][:, 0] @ qa  # (m, d_out), (m, d_in)
+                part = ((g * g) @ inverse).mul_(a * a).sum(dim=1)
+            else:
+                part = d.new_empty(rows.m)
+                step = max(1, _SOLVE_ELEMENTS // d.numel())  # examples' blocks formed at once
+                for s in range(0, rows.m, step):
+                    block = sum(
+                        torch.einsum("bto,bti->boi", g[s : s + step] @ qs, a[s : s + step] @ qa)
+                        for g, a in calls
+                    )
+                    part[s : s + step] = (block * block * inverse).sum(dim=(1, 2))
+            out = part if out is None else out + part
+        return out if out is not None else self.damped[0].new_zeros(rows.m)
+
     def _inverse_factors(self, i: int, positions: int) -> tuple[Tensor, Tensor] | None:
         """``(U (d_out, R), W (d_in, R))`` with ``U W^T = 1 / damped[i]`` to the dtype's precision,
         if the factored rows of a block of ``positions`` rows score cheaper than its dense block
