@@ -51,10 +51,9 @@ class Layer:
         if isinstance(m, nn.Conv2d):
             if x.ndim != 4:
                 raise ConfigError(f"conv layer {self.name!r} needs (B, C, H, W) inputs, got {tuple(x.shape)}")
-            pad = m._reversed_padding_repeated_twice  # covers 'same' (possibly asymmetric) and ints
-            if any(pad):
-                x = F.pad(x, pad, mode="constant" if m.padding_mode == "zeros" else m.padding_mode)
-            rows = F.unfold(x, m.kernel_size, dilation=m.dilation, stride=m.stride).transpose(1, 2)
+            rows = F.unfold(self.padded(x), m.kernel_size, dilation=m.dilation, stride=m.stride).transpose(
+                1, 2
+            )
         else:
             rows = x.reshape(batch, -1, x.shape[-1])
         rows = rows.detach()
@@ -64,6 +63,14 @@ class Layer:
             return torch.cat([rows, rows.new_ones(*rows.shape[:-1], 1)], dim=-1)
         # A copy, so that the model editing its input in place later cannot change what was seen.
         return rows if isinstance(m, nn.Conv2d) else rows.clone()
+
+    def padded(self, x: Tensor) -> Tensor:
+        """A convolution's input ``(B, C, H, W)`` with the layer's padding applied, in its mode."""
+        m = self.module
+        pad = m._reversed_padding_repeated_twice  # covers 'same' (possibly asymmetric) and ints
+        if not any(pad):
+            return x
+        return F.pad(x, pad, mode="constant" if m.padding_mode == "zeros" else m.padding_mode)
 
     def output_grads(self, g: Tensor, batch: int) -> Tensor:
         """Gradient w.r.t. the layer output -> rows ``(B, T, d_out)`` matching :meth:`inputs`."""

@@ -196,12 +196,10 @@ def patch_rows(layer: Layer, x: Tensor, batch: int) -> Tensor:
     m = layer.module
     if x.ndim != 4 or x.shape[0] != batch:
         return layer.inputs(x, batch)
-    pad = m._reversed_padding_repeated_twice
-    if any(pad):
-        x = F.pad(x, pad, mode="constant" if m.padding_mode == "zeros" else m.padding_mode)
+    x = layer.padded(x.detach())
     (kh, kw), (sh, sw), (dh, dw) = m.kernel_size, m.stride, m.dilation
     # (B, C, H', W', span_h, span_w), then every dilation-th element of each span: (B, C, H', W', kh, kw)
-    windows = x.detach().unfold(2, dh * (kh - 1) + 1, sh).unfold(3, dw * (kw - 1) + 1, sw)[..., ::dh, ::dw]
+    windows = x.unfold(2, dh * (kh - 1) + 1, sh).unfold(3, dw * (kw - 1) + 1, sw)[..., ::dh, ::dw]
     b, c, h, w = windows.shape[:4]
     rows = x.new_empty(b, layer.d_in, h * w)
     rows[:, : c * kh * kw].view(b, c, kh, kw, h, w).copy_(windows.permute(0, 1, 4, 5, 2, 3))
