@@ -454,12 +454,8 @@ class KroneckerSolver(Solver):
             rows = v[s : s + step]
             c = rows.shape[0]
             for layer, (qs, qa), d in zip(self.layers, self.bases, self.damped, strict=True):
-                o, i = layer.d_out, layer.d_in
-                x = (rows[:, layer.index].view(c * o, i) @ qa).view(c, o, i)  # V Q_A
-                x = x.transpose(0, 1).reshape(o, c * i)  # (d_out, c d_in)
-                x = (qs.T @ x).view(o, c, i).div_(d[:, None, :])  # Q_S^T V Q_A / d: the eigenbasis
-                x = (qs @ x.view(o, c * i)).view(o, c, i).transpose(0, 1).reshape(c * o, i)
-                out[s : s + step, layer.index] = (x @ qa.T).view(c, -1)
+                block = rows[:, layer.index].view(c, layer.d_out, layer.d_in)
+                out[s : s + step, layer.index] = _solve_blocks(block, qs, qa, d).view(c, -1)
         return out.reshape(vectors.shape).to(vectors.dtype)
 
     def solve_rows(self, rows: LayerRows) -> LayerRows:
@@ -489,7 +485,7 @@ class KroneckerSolver(Solver):
                 solved = torch.empty_like(g)
                 step = max(1, _SOLVE_ELEMENTS // d.numel())  # blocks rotated at once
                 for s in range(0, rows.m, step):
-                    solved[s : s + step] = qs @ ((qs.T @ g[s : s + step] @ qa) / d) @ qa.T
+                    solved[s : s + step] = _solve_blocks(g[s : s + step], qs, qa, d)
                 blocks.append(solved)
                 acts.append([])
                 grads.append([])
@@ -560,6 +556,17 @@ class KroneckerSolver(Solver):
             q = torch.kron(qs, qa)  # eigenvectors of S ⊗ A in row-major [W | b] layout
             m[layer.index[:, None], layer.index[None, :]] = (q * v.reshape(-1)) @ q.T
         return m
+
+
+def _solve_blocks(x: Tensor, qs: Tensor, qa: Tensor, d: Tensor) -> Tensor:
+    """``Q_S [(Q_S^T X Q_A) / d] Q_A^T`` for blocks ``x`` ``(c, d_out, d_in)``: each rotation is one
+    matrix product over all ``c`` blocks, not ``c`` small products."""
+    c, o, i = x.shape
+    x = (x.reshape(c * o, i) @ qa).view(c, o, i)  # X Q_A
+    x = x.transpose(0, 1).reshape(o, c * i)  # (d_out, c d_in)
+    x = (qs.T @ x).view(o, c, i).div_(d[:, None, :])  # Q_S^T X Q_A / d: the eigenbasis
+    x = (qs @ x.view(o, c * i)).view(o, c, i).transpose(0, 1).reshape(c * o, i)
+    return (x @ qa.T).view(c, o, i)
 
 
 def _low_rank(k: Tensor) -> tuple[Tensor, Tensor]:
