@@ -7,8 +7,7 @@ import itertools
 import pytest
 import torch
 
-from influencer._kernel.gram import ALIGN, add_upper_gram, mirror_upper, pieces
-from influencer.index.linalg import gram
+from influencer._kernel.gram import ALIGN, add_upper_gram, gram, mirror_upper, pieces
 
 
 @pytest.mark.parametrize("d", [1, 10, 160, 289, 513, 769, 1500])

@@ -3,7 +3,8 @@
 import pytest
 import torch
 
-from influencer.index.linalg import gram, top_eigenvectors
+from influencer._kernel.gram import gram
+from influencer.index.linalg import top_eigenvectors
 
 F64 = torch.float64
 

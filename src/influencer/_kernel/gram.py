@@ -20,15 +20,25 @@ def pieces(d: int) -> list[int]:
     return [0, *sorted(e for e in inner if 0 < e < d), d]
 
 
-def add_upper_gram(out: Tensor, x: Tensor, alpha: float = 1.0) -> None:
-    """``out += alpha x^T x`` on the blocks on and above the diagonal of ``out`` ``(d, d)`` (rows
-    ``x`` ``(r, d)``); the blocks below are left as they are (see :func:`mirror_upper`)."""
+def gram(x: Tensor) -> Tensor:
+    """``x^T x`` ``(d, d)`` of rows ``x`` ``(r, d)``: the blocks on and above the diagonal, mirrored."""
+    d = x.shape[1]
+    if len(pieces(d)) == 2:  # one piece: nothing to save
+        return x.T @ x
+    out = x.new_empty(d, d)
+    add_upper_gram(out, x, beta=0.0)  # beta 0: the empty tensor's values are ignored
+    return mirror_upper(out)
+
+
+def add_upper_gram(out: Tensor, x: Tensor, alpha: float = 1.0, beta: float = 1.0) -> None:
+    """``out = beta out + alpha x^T x`` on the blocks on and above the diagonal of ``out`` ``(d, d)``
+    (rows ``x`` ``(r, d)``); the blocks below are left as they are (see :func:`mirror_upper`)."""
     edges = pieces(x.shape[1])
     for i in range(len(edges) - 1):
         a, b = edges[i], edges[i + 1]
         for j in range(i, len(edges) - 1):
             c, e = edges[j], edges[j + 1]
-            out[a:b, c:e].addmm_(x[:, a:b].T, x[:, c:e], alpha=alpha)
+            out[a:b, c:e].addmm_(x[:, a:b].T, x[:, c:e], alpha=alpha, beta=beta)
 
 
 def mirror_upper(out: Tensor) -> Tensor:

@@ -43,9 +43,9 @@ from influencer._kernel.distributed import all_gather_blocks, all_reduce_sum, ba
 from influencer._kernel.errors import ConfigError, NonFiniteError
 from influencer._kernel.files import atomic_save_array, json_roundtrip
 from influencer._kernel.fingerprint import hash_examples, hash_json
+from influencer._kernel.gram import gram
 from influencer._kernel.progress import progress_bar
 from influencer._kernel.scores import TopK, removal_scores
-from influencer.index.linalg import gram
 from influencer.index.preconditioners import Preconditioner, ProjectedFisher
 from influencer.index.projectors import GaussianProjector, Projection, Projector
 from influencer.index.registry import projector_from_settings

@@ -55,8 +55,9 @@ from influencer._kernel.data import batch_size_of
 from influencer._kernel.distributed import all_reduce_sum, shard
 from influencer._kernel.errors import ConfigError
 from influencer._kernel.functional import ModelFunction
+from influencer._kernel.gram import gram
 from influencer._kernel.layers import Layer, LayerCapture, check_layer_model, find_layers
-from influencer.index.linalg import gram, top_eigenvectors
+from influencer.index.linalg import top_eigenvectors
 from influencer.index.projectors import (
     GradientKind,
     Projection,

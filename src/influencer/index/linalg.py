@@ -1,35 +1,10 @@
-"""Two dense kernels of a store build: Gram matrices and the leading eigenvectors of a covariance."""
+"""The leading eigenvectors of a covariance, for a store's PCA basis (its Gram matrices:
+:func:`influencer._kernel.gram.gram`)."""
 
 from __future__ import annotations
 
 import torch
 from torch import Tensor
-
-from influencer._kernel.gram import pieces
-
-
-def gram(x: Tensor) -> Tensor:
-    """``x^T x`` ``(d, d)`` of rows ``x`` ``(r, d)``, computing only the blocks on and above the diagonal.
-
-    The columns are cut into ``q`` pieces (:func:`~influencer._kernel.gram.pieces`) and each product
-    ``x_i^T x_j`` with ``i <= j`` is formed once and mirrored, so it costs ``(q + 1) / (2 q)`` of a
-    full product (a symmetric rank-k update that torch does not offer).
-    """
-    d = x.shape[1]
-    edges = pieces(d)
-    q = len(edges) - 1
-    if q == 1:
-        return x.T @ x
-    out = x.new_empty(d, d)
-    for i in range(q):
-        a, b = edges[i], edges[i + 1]
-        for j in range(i, q):
-            c, e = edges[j], edges[j + 1]
-            block = x[:, a:b].T @ x[:, c:e]
-            out[a:b, c:e] = block
-            if j > i:
-                out[c:e, a:b] = block.T
-    return out
 
 
 def top_eigenvectors(m: Tensor, k: int, seed: int = 0, iterations: int = 16) -> Tensor:
