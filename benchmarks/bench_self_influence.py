@@ -25,13 +25,12 @@ correlation with ours::
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import sys
 import warnings
 from typing import Any
 
 import torch
-from bench_estimators import FULL_PROBLEMS, LARGE_PROBLEMS, LARGE_SETTINGS
+from bench_estimators import FULL_PROBLEMS, FULL_SETTINGS, LARGE_PROBLEMS, LARGE_SETTINGS
 from common import format_table, machine, make_problem, stopwatch, versions, write_json
 from peers import Kronfluence, NotAvailableError, Ours, Resolved
 
@@ -82,9 +81,7 @@ def main(argv: list[str] | None = None) -> int:
     for name in args.problems.split(","):
         spec = known[name]
         problem = make_problem(spec)
-        settings = (
-            LARGE_SETTINGS if spec in LARGE_PROBLEMS else dataclasses.replace(LARGE_SETTINGS, damping=1e-3)
-        )
+        settings = LARGE_SETTINGS if spec in LARGE_PROBLEMS else FULL_SETTINGS  # as bench_estimators.py
         r = Resolved(settings, float("nan"), 0)
         c = min(args.examples, problem.n)
         for method in args.methods.split(","):
