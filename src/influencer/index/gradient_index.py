@@ -30,7 +30,6 @@ so every rank returns the single-process result.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -46,6 +45,7 @@ from influencer._kernel.fingerprint import hash_examples, hash_json
 from influencer._kernel.gram import gram
 from influencer._kernel.progress import progress_bar
 from influencer._kernel.scores import TopK, removal_scores
+from influencer._kernel.threads import background_pool
 from influencer.index.preconditioners import Preconditioner, ProjectedFisher
 from influencer.index.projectors import GaussianProjector, Projection, Projector
 from influencer.index.registry import projector_from_settings
@@ -550,7 +550,7 @@ class GradientIndex:
             rows = self._rows(j)
             return rows if score_dtype is None else rows.to(score_dtype)
 
-        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="index-read") as reader:
+        with background_pool("index-read") as reader:
             ahead = reader.submit(read, chunks[0]) if chunks else None
             for i, j in enumerate(chunks):
                 assert ahead is not None

@@ -66,6 +66,7 @@ from influencer._kernel.data import as_examples
 from influencer._kernel.errors import ConfigError, NonFiniteError
 from influencer._kernel.files import atomic_save_array, json_roundtrip
 from influencer._kernel.fingerprint import hash_tensors
+from influencer._kernel.threads import background_pool
 from influencer.index.gradient_index import add_fisher, fisher_setting, fisher_spans
 from influencer.index.kronecker import KroneckerProjection, KroneckerProjector, call_product, write_layer
 from influencer.index.store import FORMAT, VERSION, IndexStoreError, StoreLayout, mismatch
@@ -496,7 +497,7 @@ class TrainingStore:
         """Run a closed window's file writing in the background; an earlier failed one is raised."""
         self._raise_failed(wait=False)
         if self._writer is None:
-            self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="training-store")
+            self._writer = background_pool("training-store")
         self._writes.append(self._writer.submit(job))
 
     def _raise_failed(self, wait: bool) -> None:
