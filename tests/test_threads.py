@@ -6,7 +6,17 @@ import threading
 
 import torch
 
+from influencer import ClassificationTask, Influence
 from influencer._kernel.threads import background_pool
+from influencer.estimators import Identity
+from influencer.index import (
+    GradientIndex,
+    IdentityProjector,
+    KroneckerProjector,
+    TrainingStore,
+    TrainingStoreSettings,
+)
+from influencer.models import MLP
 
 
 def _fresh_thread_threads() -> int:
@@ -35,13 +45,6 @@ def test_background_pool_runs_one_thread_and_restores_the_caller() -> None:
 def test_the_training_store_writer_and_the_index_reader_run_one_thread(tmp_path, monkeypatch) -> None:
     """The library's two helper threads that run torch operations: the training store's file
     writer and the query's chunk reader (the caller at 2 threads, so 1 is not the default)."""
-    from influencer import ClassificationTask, Influence
-    from influencer.estimators import Identity
-    from influencer.index import GradientIndex, IdentityProjector, KroneckerProjector
-    from influencer.index import TrainingStore, TrainingStoreSettings
-    from influencer.index.gradient_index import GradientIndex as _Index
-    from influencer.models import MLP
-
     before = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
@@ -61,13 +64,13 @@ def test_the_training_store_writer_and_the_index_reader_run_one_thread(tmp_path,
         store.finish()
 
         seen: list[tuple[str, int]] = []
-        read = _Index._rows
+        read = GradientIndex._rows
 
         def rows(self, j):
             seen.append((threading.current_thread().name, torch.get_num_threads()))
             return read(self, j)
 
-        monkeypatch.setattr(_Index, "_rows", rows)
+        monkeypatch.setattr(GradientIndex, "_rows", rows)
         inf = Influence(model, task, data, estimator=Identity())
         index = GradientIndex.build(inf, tmp_path / "post", IdentityProjector(), chunk=16)
         index.top_k((data[0][:3], data[1][:3]), k=2)

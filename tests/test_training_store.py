@@ -6,6 +6,7 @@ import copy
 
 import pytest
 import torch
+from torch import nn
 from torch.func import grad
 
 from influencer import ClassificationTask, Influence
@@ -30,11 +31,29 @@ def _threads(one_thread):
     yield
 
 
+class _Shared(nn.Module):
+    """A layer called three times (its calls' products summed in call order) after an output
+    edited in place."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.act = nn.Linear(10, 6), nn.ReLU(inplace=True)
+        self.b, self.head = nn.Linear(6, 6), nn.Linear(6, 3)
+
+    def forward(self, x):
+        h = self.act(self.a(x))
+        for _ in range(3):
+            h = torch.tanh(self.b(h))
+        return self.head(h)
+
+
 def _problem(kind: str):
     gen = torch.Generator().manual_seed(0)
     torch.manual_seed(0)
     if kind == "mlp":
         x, model = torch.randn(N, 10, generator=gen), MLP(10, (16,), 3)
+    elif kind == "shared":
+        x, model = torch.randn(N, 10, generator=gen), _Shared()
     else:
         x, model = torch.randn(N, 1, 8, 8, generator=gen), SmallCNN(3, 4)
     y = torch.randint(0, 3, (N,), generator=gen)
@@ -67,7 +86,7 @@ def _full_batch_training(model, task, data, store, lrs):
     return states
 
 
-@pytest.mark.parametrize("kind", ["mlp", "cnn"])
+@pytest.mark.parametrize("kind", ["mlp", "cnn", "shared"])
 @pytest.mark.parametrize("basis", ["random", "pca"])
 def test_store_of_a_full_batch_window_equals_the_post_hoc_store_bit_for_bit(tmp_path, kind, basis):
     model, task, data = _problem(kind)
@@ -144,9 +163,28 @@ def test_cuda_training_store_equals_the_post_hoc_store(tmp_path):
     assert stores.scores((data[0][:3], data[1][:3])).is_cuda
 
 
-def test_rows_of_an_sgd_window_are_each_steps_gradients(tmp_path):
-    """Parameters move every step: row i is the loss gradient at the step that saw i, plus the
-    regulariser's gradient at the checkpoint."""
+def _batches(sampling: str, gen: torch.Generator):
+    """Two epochs of shuffled batches of 32, or batches of 32 drawn with replacement (ids repeat
+    within a batch and across batches) until every id was drawn after step 2."""
+    if sampling == "shuffled":
+        yield from (ids for _ in range(2) for ids in torch.randperm(N, generator=gen).split(32))
+        return
+    drawn = torch.zeros(N, dtype=torch.bool)
+    step = 0
+    while not drawn.all():
+        ids = torch.randint(0, N, (32,), generator=gen)
+        ids[5] = ids[3]  # at least one id twice in every batch
+        if step >= 2:
+            drawn[ids] = True
+        step += 1
+        yield ids
+
+
+@pytest.mark.parametrize("sampling", ["shuffled", "with replacement"])
+def test_rows_of_an_sgd_window_are_each_steps_gradients(tmp_path, sampling):
+    """Parameters move every step: row i is the loss gradient at the step that first saw i in the
+    window (an id repeated in a batch: its first position), plus the regulariser's gradient at the
+    checkpoint."""
     model, task, (x, y) = _problem("mlp")
     projector = KroneckerProjector(k_in=4, k_out=3, basis="random")
     settings = TrainingStoreSettings(checkpoints=(2,), projector=projector)
@@ -154,14 +192,13 @@ def test_rows_of_an_sgd_window_are_each_steps_gradients(tmp_path):
     opt = torch.optim.SGD(model.parameters(), lr=0.3)
     gen = torch.Generator().manual_seed(1)
     seen = []  # (ids, parameters before the step)
-    for _ in range(2):
-        for ids in torch.randperm(N, generator=gen).split(32):
-            seen.append((ids, _state(model)))
-            with store.step(ids, lr=0.3):
-                loss = task.loss(model, (x[ids], y[ids])).mean()
-                opt.zero_grad()
-                (loss + task.regularizer(dict(model.named_parameters()))).backward()
-            opt.step()
+    for ids in _batches(sampling, gen):
+        seen.append((ids, _state(model)))
+        with store.step(ids, lr=0.3):
+            loss = task.loss(model, (x[ids], y[ids])).mean()
+            opt.zero_grad()
+            (loss + task.regularizer(dict(model.named_parameters()))).backward()
+        opt.step()
     (path,) = store.finish()
     window = seen[2:]  # from checkpoint step 2 until every example was seen (in the next epoch)
     _load(model, window[0][1])
@@ -180,9 +217,9 @@ def test_rows_of_an_sgd_window_are_each_steps_gradients(tmp_path):
     for ids, state in window:
         theta = flat(state)
         rows = proj.gradients(fn, theta, (x[ids], y[ids]), "loss") - reg(theta) + reg(inf.theta)
-        new = ~filled[ids]  # an example's first visit in the window
-        expected[ids[new]] = rows[new]
-        filled[ids] = True
+        for position, i in enumerate(ids.tolist()):  # an example's first visit in the window
+            if not filled[i]:
+                expected[i], filled[i] = rows[position], True
     assert filled.all()
     got = index.gradients()
     assert torch.allclose(got, expected, rtol=1e-5, atol=1e-6 * float(expected.abs().max()))

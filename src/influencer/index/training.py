@@ -219,8 +219,11 @@ class _Window:
         """Keep the rows ``(B, k)`` of ids not seen yet (an id repeated in the batch: its first row)."""
         at = ids.numpy()
         fresh = ~self.seen[at]
+        new = int(np.count_nonzero(fresh))
+        if new > 1:  # an id repeated in the batch counts once (a count over the batch, not over n)
+            new = len(np.unique(at[fresh]))
         self.seen[at] = True
-        count = int(np.count_nonzero(self.seen))
+        count = self.count + new
         if count == self.count:  # every id seen before
             return
         if count - self.count < len(ids):  # repeated or seen ids: keep first occurrences of unseen ones
