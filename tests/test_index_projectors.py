@@ -318,3 +318,32 @@ def test_pca_basis_is_the_top_eigenvectors_of_the_kfac_factors():
     twice.fit(inf)
     assert torch.equal(subset.state(), twice.state())
     assert not torch.allclose(subset.state(), projection.state())
+
+
+@pytest.mark.parametrize("path", ["gradients", "pca fit"])
+def test_a_batch_s_autograd_graph_is_freed_once_its_rows_are_formed(path):
+    """The captures hold each layer's output for the backward pass, and each output's tensor hook
+    holds the capture: a cycle through autograd's C++ graph, which Python's collector cannot see.
+    Left in place, every batch's graph (its saved activations, the parameters' copy) stayed alive."""
+    import gc
+    import weakref
+
+    torch.manual_seed(0)
+    model = MLP(8, (7,), 4).double()
+    x, y = torch.randn(40, 8, dtype=F64), torch.randint(0, 4, (40,))
+    inf = Influence(model, ClassificationTask(), (x, y), batch_size=20)
+    basis = "random" if path == "gradients" else "pca"
+    projector = KroneckerProjector(k_in=3, k_out=2, basis=basis, pca_examples=20, dtype="float64")
+    projection = projector.bind(inf.fn)
+    outputs: list[weakref.ref] = []
+    handle = model[0].register_forward_hook(lambda m, i, out: outputs.append(weakref.ref(out)))
+    try:
+        for _ in range(2):  # the first batch also checks the layer model (another branch)
+            if path == "gradients":
+                projection.gradients(inf.fn, inf.theta, (x[:20], y[:20]), "loss")
+            else:
+                projection.fit(inf)
+    finally:
+        handle.remove()
+    gc.collect()
+    assert outputs and all(ref() is None for ref in outputs)
