@@ -2,11 +2,11 @@
 
 PyTorch's CPU operations run on an OpenMP team of ``torch.get_num_threads()`` threads, one team
 per calling thread. A second thread that runs a parallel operation gets a team of its own, and
-from then on the process has more OpenMP threads than cores: GNU OpenMP then stops spinning
-between parallel regions and puts its threads to sleep after each one, so every small operation of
-the caller's training loop pays a wake-up. On a 2-core machine a small CNN's epoch went from 35 ms
-to 65 ms, for the rest of the process, after one tensor sum in a helper thread
-(``benchmarks/bench_training_store.py --threads 2``).
+from then on, while that thread lives, the process has more OpenMP threads than cores: GNU OpenMP
+then spins only briefly before a waiting thread sleeps, so every small operation of the caller's
+training loop pays a wake-up. On a 2-core machine a small CNN's epoch went from 35 ms to 65 ms
+after one tensor sum in a helper thread (timed by hand), and a training run collecting a store
+took 2.1 times a plain one (``benchmarks/bench_training_store.py --threads 2``).
 
 So the library's helper threads (file writers, chunk readers) run their torch operations on one
 thread: they copy, convert and hash, which a second core does at memory speed anyway.
