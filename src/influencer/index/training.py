@@ -218,25 +218,19 @@ class _Window:
     def add(self, ids: Tensor, rows: Tensor) -> None:
         """Keep the rows ``(B, k)`` of ids not seen yet (an id repeated in the batch: its first row)."""
         at = ids.numpy()
-        fresh = ~self.seen[at]
-        new = int(np.count_nonzero(fresh))
-        if new > 1:  # an id repeated in the batch counts once (a count over the batch, not over n)
-            new = len(np.unique(at[fresh]))
+        # each id's first position in the batch, kept for the ids this window has not seen yet
+        unique, first = np.unique(at, return_index=True)
+        keep = first[~self.seen[unique]]
         self.seen[at] = True
-        count = self.count + new
-        if count == self.count:  # every id seen before
+        if not len(keep):  # every id seen before
             return
-        if count - self.count < len(ids):  # repeated or seen ids: keep first occurrences of unseen ones
-            unique, inverse = torch.unique(ids, return_inverse=True)
-            first = torch.full((len(unique),), len(ids)).scatter_reduce(
-                0, inverse, torch.arange(len(ids)), "amin"
-            )
-            keep = first[torch.from_numpy(fresh)[first]]
-            ids, rows = ids[keep], rows[keep.to(rows.device)]
+        if len(keep) < len(ids):  # repeated or seen ids: their first occurrences of unseen ones
+            index = torch.from_numpy(keep)
+            ids, rows = ids[index], rows[index.to(rows.device)]
         self.parts.append((ids, rows))
         total = rows.sum()  # no host sync: checked once, when the window closes
         self.total = total if self.total is None else self.total + total
-        self.count = count
+        self.count += len(keep)
 
     def gathered(self) -> Tensor:
         """Every example's row ``(n, k)``, in id order (once the window is complete)."""
