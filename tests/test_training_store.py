@@ -226,6 +226,32 @@ def test_rows_of_an_sgd_window_are_each_steps_gradients(tmp_path, sampling):
     assert not torch.allclose(got, expected + 1e-3)
 
 
+def test_ids_as_lists_or_numpy_arrays_give_the_same_store_and_out_of_range_ids_are_refused(tmp_path):
+    import numpy as np
+
+    from influencer.errors import DataError
+
+    model, task, (x, y) = _problem("mlp")
+    projector = KroneckerProjector(k_in=4, k_out=3, basis="random")
+    settings = TrainingStoreSettings(checkpoints=(0,), projector=projector)
+    order = torch.randperm(N, generator=torch.Generator().manual_seed(3))
+    stores = []
+    for form in (lambda t: t, lambda t: t.tolist(), lambda t: t.numpy().astype(np.int32)):
+        store = TrainingStore(model, task, (x, y), tmp_path / f"s{len(stores)}", settings)
+        for ids in order.split(BATCH):  # the model does not move: the rows depend on the ids only
+            with store.step(form(ids), lr=0.1):
+                task.loss(model, (x[ids], y[ids])).mean().backward()
+            model.zero_grad()
+        (path,) = store.finish()
+        stores.append(GradientIndex.open(path, Influence(model, task, (x, y))).gradients())
+    assert torch.equal(stores[0], stores[1]) and torch.equal(stores[0], stores[2])
+    store = TrainingStore(model, task, (x, y), tmp_path / "bad", settings)
+    for bad in (torch.tensor([0, N]), [-1, 2]):
+        with pytest.raises(DataError, match=rf"must lie in \[0, {N}\)"), store.step(bad, lr=0.1):
+            pass
+    assert store.steps == 0
+
+
 def test_checkpoint_stores_sum_the_post_hoc_scores_with_the_learning_rates(tmp_path):
     model, task, data = _problem("mlp")
     projector = KroneckerProjector(k_in=4, k_out=3, basis="random")
@@ -395,21 +421,36 @@ def test_a_hugging_face_trainer_writes_the_post_hoc_store(tmp_path):
 
 
 def test_a_window_with_a_non_finite_gradient_is_refused_when_it_closes(tmp_path):
-    """Non-finite rows are found when the window closes (one check per window, not per step), and the
-    error names the examples; nothing is written for that window."""
+    """Non-finite rows are found when the window closes (one check per window, in the writer thread,
+    not per step), and raised by the next step, flush() or finish(), naming the examples; nothing is
+    written for that window, and it is not listed as written."""
     from influencer.errors import NonFiniteError
 
     model, task, (x, y) = _problem("mlp")
     x = x.clone()
     x[37, 2] = float("inf")  # one example's gradient is not finite; the others are
     settings = TrainingStoreSettings(
-        checkpoints=(0,), projector=KroneckerProjector(k_in=4, k_out=3, basis="random"), check=False
+        checkpoints=(0, 2 * N // BATCH),
+        projector=KroneckerProjector(k_in=4, k_out=3, basis="random"),
+        check=False,
     )
     store = TrainingStore(model, task, (x, y), tmp_path / "train", settings)
     order = torch.arange(N)
-    with pytest.raises(NonFiniteError, match=r"example\(s\) \[37\] in the window of step 0"):
+
+    def epoch() -> None:
         for ids in order.split(BATCH):
             with store.step(ids, lr=0.1):
                 task.loss(model, (x[ids], y[ids])).mean().backward()
             model.zero_grad()
+
+    epoch()  # the window of step 0 closes at the epoch's last step
+    with pytest.raises(NonFiniteError, match=r"example\(s\) \[37\] in the window of step 0"):
+        store.flush()
     assert store.written == [] and not (tmp_path / "train" / "step-00000000" / "manifest.json").exists()
+    epoch()  # steps 4-7, no window: the error was raised once
+    epoch()  # the window of step 8
+    store._writer.submit(lambda: None).result()  # (one writer thread: its check is done)
+    with pytest.raises(NonFiniteError, match=r"example\(s\) \[37\] in the window of step 8"):
+        epoch()  # raised by the first step after the check
+    assert store.steps == 12 and store.written == []
+    store.finish()

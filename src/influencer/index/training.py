@@ -63,7 +63,7 @@ import torch
 from torch import Tensor, nn
 
 from influencer._kernel.data import as_examples
-from influencer._kernel.errors import ConfigError, NonFiniteError
+from influencer._kernel.errors import ConfigError, DataError, NonFiniteError
 from influencer._kernel.files import atomic_save_array, json_roundtrip
 from influencer._kernel.fingerprint import hash_tensors
 from influencer._kernel.threads import background_pool
@@ -183,11 +183,13 @@ class _Window:
             self.projection.fit(self.influence)
         self.regularizer = self.projection.regularizer_row(fn, self.influence.theta)
         n = self.influence.n
-        # each step's rows (B, k) and ids as they come, put in id order once, when the window closes
-        # (one scatter then, instead of one per step)
-        self.parts: list[tuple[Tensor, Tensor]] = []
-        self.total: Tensor | None = None  # the sum of every row kept: finite if every entry is
-        self.seen = np.zeros(n, dtype=bool)  # (numpy: a step's bookkeeping costs microseconds)
+        # each step's ids, layer products and scale as they come: made into rows, put in id order and
+        # checked when the window closes, in the writer thread (a step only keeps them)
+        self.parts: list[_Part] = []
+        # which ids the window has seen; a bytearray, read in a Python loop over the batch's ids:
+        # between a step's kernels each numpy call costs tens of microseconds (cold caches), 64 ids
+        # in Python a few
+        self.seen = bytearray(n)
         self.count = 0  # ids seen
         # what the store records of theta_s, kept until the window's files are written at its end
         self.names, state = model_state(fn.model)
@@ -215,60 +217,76 @@ class _Window:
             )
         return False
 
-    def add(self, ids: Tensor, rows: Tensor) -> None:
-        """Keep the rows ``(B, k)`` of ids not seen yet (an id repeated in the batch: its first row)."""
-        at = ids.numpy()
-        # each id's first position in the batch, kept for the ids this window has not seen yet
-        unique, first = np.unique(at, return_index=True)
-        keep = first[~self.seen[unique]]
-        self.seen[at] = True
-        if not len(keep):  # every id seen before
-            return
-        if len(keep) < len(ids):  # repeated or seen ids: their first occurrences of unseen ones
-            index = torch.from_numpy(keep)
-            ids, rows = ids[index], rows[index.to(rows.device)]
-        self.parts.append((ids, rows))
-        total = rows.sum()  # no host sync: checked once, when the window closes
-        self.total = total if self.total is None else self.total + total
+    def add(self, ids: Tensor, at: list[int], products: list[Tensor | None], scale: Tensor) -> None:
+        """Keep a step's products (:meth:`_Hooks.take`) for the ids ``(B,)`` not seen yet (an id
+        repeated in the batch: its first occurrence); ``at``: the ids as a list (in ``[0, n)``),
+        ``scale`` ``(B or 1, 1)``."""
+        seen, keep = self.seen, []
+        for j, i in enumerate(at):
+            if not seen[i]:
+                seen[i] = 1
+                keep.append(j)
         self.count += len(keep)
+        if len(keep) == len(at):  # the usual step: every id new, once
+            self.parts.append(_Part(ids, products, scale))
+            return
+        if not keep:  # every id seen before
+            return
+        index = torch.tensor(keep)
+        on = index.to(scale.device)
+        kept = [None if y is None else y[on] for y in products]
+        self.parts.append(_Part(ids[index], kept, scale[on] if len(scale) > 1 else scale))
 
     def gathered(self) -> Tensor:
-        """Every example's row ``(n, k)``, in id order (once the window is complete)."""
-        ids = torch.cat([i for i, _ in self.parts])
-        rows = torch.cat([r for _, r in self.parts])
+        """Every example's row ``(n, k)`` with the regulariser's, in id order (once the window is
+        complete), checked finite."""
+        fn, proj, parts = self.influence.fn, self.projection, self.parts
         self.parts = []
-        out = torch.empty_like(rows)
-        out[ids.to(rows.device)] = rows
+        out = torch.empty(self.influence.n, proj.k, dtype=fn.dtype, device=fn.device)
+        # per layer, every step's products at once: a few operations, not a few per step (this
+        # thread shares the interpreter with training, which waits for it between its kernels)
+        ids = torch.cat([part.ids for part in parts]).to(fn.device)
+        scale = torch.cat([part.scale.to(fn.dtype).expand(len(part.ids), 1) for part in parts])
+        for i in range(len(proj.layers)):
+            columns = slice(proj.offsets[i], proj.offsets[i + 1])
+            shape = next((part.products[i].shape[1:] for part in parts if part.products[i] is not None), None)
+            if shape is None:  # no step had a gradient for this layer
+                out[ids, columns] = 0.0
+                continue
+            block = torch.cat(
+                [
+                    part.products[i]
+                    if part.products[i] is not None
+                    else torch.zeros(len(part.ids), *shape, dtype=fn.dtype, device=fn.device)
+                    for part in parts
+                ]
+            )
+            # the output gradients times the scale (bilinear; exact for a power of two)
+            out[ids, columns] = block.reshape(len(ids), -1).to(fn.dtype).mul_(scale)
+        out += self.regularizer  # every row's objective carries the regulariser's gradient
+        bad = ~torch.isfinite(out).all(dim=1)
+        if bool(bad.any()):
+            raise NonFiniteError(
+                "the training-loss gradient is NaN or infinite for example(s) "
+                f"{bad.nonzero().flatten()[:10].tolist()} in the window of step {self.step}: check the "
+                "loss and the learning rate (training diverged?); no store was written for it"
+            )
         return out
 
     @property
     def complete(self) -> bool:
         return self.count == len(self.seen)
 
-    def commit(self) -> Callable[[], None]:
-        """Check the rows' finiteness; returns the rest (rows in id order with the regulariser,
-        Fisher, the store's files), which runs beside training (see :meth:`finished`)."""
-        assert self.total is not None
-        if not bool(torch.isfinite(self.total + self.regularizer.sum())):  # one host sync per window
-            rows = self.gathered() + self.regularizer
-            bad = ~torch.isfinite(rows).all(dim=1)
-            raise NonFiniteError(
-                "the training-loss gradient is NaN or infinite for example(s) "
-                f"{bad.nonzero().flatten()[:10].tolist()} in the window of step {self.step}: check the "
-                "loss and the learning rate (training diverged?)"
-            )
-        return self.finished
-
     def finished(self) -> None:
-        """Put the rows in id order, add the regulariser, accumulate the Fisher and write the store.
+        """Form the rows, put them in id order, add the regulariser, check them, accumulate the
+        Fisher and write the store.
 
-        Runs in the store's writer thread: the window's tensors are its own (each step's rows are
-        fresh tensors), so training goes on meanwhile.
+        Runs in the store's writer thread: the window's tensors are its own (each step's products
+        are fresh tensors), so training goes on meanwhile.
         """
         inf, header = self.influence, self.header
         n, chunk, k = inf.n, header["chunk"], header["k"]
         rows = self.gathered()
-        rows += self.regularizer  # every row's objective carries the regulariser's gradient
         dtype = header["projector"]["dtype"]
         stored = rows.to(_TORCH_DTYPES[dtype]).cpu()
         chunks = [(j * chunk, stored[j * chunk : (j + 1) * chunk].numpy()) for j in range(-(-n // chunk))]
@@ -365,20 +383,44 @@ class _Hooks:
         for h in self.handles:
             h.remove()
 
-    def rows(self, scale: Tensor, dtype: torch.dtype) -> Tensor:
-        """Projected per-example loss gradients ``(B, k)``, output gradients multiplied by ``scale``."""
-        proj = self.projection
-        out = torch.empty(self.batch, proj.k, dtype=dtype, device=proj.factors[0][0].device)
-        for i, layer in enumerate(proj.layers):
+    def take(self) -> list[Tensor | None]:
+        """Per layer, the sum of its calls' products in call order ``(B, k_out, k_in)`` (None: no
+        call had a gradient)."""
+        out = []
+        for i, layer in enumerate(self.projection.layers):
             if not self.inputs[i]:
                 raise ConfigError(
                     f"layer {layer.name!r} was not called in the training step's forward pass; leave it "
                     "out of the store (Influence params) or run the forward inside store.step()"
                 )
-            products = [self.products[i].get(call) for call in range(len(self.inputs[i]))]
-            write_layer(out[:, proj.offsets[i] : proj.offsets[i + 1]], products)
-        # one product for all layers (bilinear in the output gradients; exact for a power of two)
-        return out.mul_(scale.reshape(-1, 1).to(dtype))
+            total = None
+            for call in range(len(self.inputs[i])):
+                y = self.products[i].get(call)
+                if y is not None:
+                    total = y if total is None else total + y
+            out.append(total)
+        return out
+
+
+@dataclasses.dataclass(frozen=True)
+class _Part:
+    """A step's contribution to a window: ids ``(B,)``, per layer its product (:meth:`_Hooks.take`),
+    the scale ``(B or 1, 1)``."""
+
+    ids: Tensor
+    products: list[Tensor | None]
+    scale: Tensor
+
+
+def assemble(projection: KroneckerProjection, part: _Part, dtype: torch.dtype) -> Tensor:
+    """Projected per-example loss gradients ``(B, k)`` from a step's products, output gradients
+    multiplied by the step's scale."""
+    batch, products, scale = len(part.ids), part.products, part.scale
+    out = torch.empty(batch, projection.k, dtype=dtype, device=projection.factors[0][0].device)
+    for i, y in enumerate(products):
+        write_layer(out[:, projection.offsets[i] : projection.offsets[i + 1]], [y])
+    # one product for all layers (bilinear in the output gradients; exact for a power of two)
+    return out.mul_(scale.reshape(-1, 1).to(dtype))
 
 
 class TrainingStore:
@@ -421,7 +463,7 @@ class TrainingStore:
         self._fingerprint: dict[str, Any] | None = None
         self._writer: ThreadPoolExecutor | None = None  # writes closed windows' files beside training
         self.projection: KroneckerProjection | None = None  # bound on the first window, then reused
-        self._writes: list[Future[None]] = []
+        self._writes: list[tuple[Future[None], Path]] = []  # closed windows being finished
         self._scales: dict[tuple[Any, ...], Tensor] = {}  # see _device_scale
 
     def fingerprint(self, influence: Influence) -> dict[str, Any]:
@@ -453,12 +495,20 @@ class TrainingStore:
         :class:`~influencer.index.checkpoints.CheckpointStores`); ``scale``: this step's
         ``loss_scale`` (a number or one per example), instead of the settings' rule.
         """
+        if self._writes:  # a closed window's rows not finite or its files not written: raised now
+            self._raise_failed(wait=False)
         step = self.steps
-        if step in self.settings.checkpoints:
+        opens = step in self.settings.checkpoints
+        if self.window is None and not opens:
+            self.steps += 1
+            yield
+            return
+        idx, at = self._batch_ids(ids, len(self.train))  # before a window opens: a bad step is no step
+        if opens:
             if self.window is not None:
                 raise IndexStoreError(
                     f"checkpoint step {step} opens a window while the one of step {self.window.step} has "
-                    f"seen {int(self.window.seen.sum())} of {self.window.influence.n} examples; space the "
+                    f"seen {self.window.count} of {self.window.influence.n} examples; space the "
                     "checkpoints at least one epoch apart"
                 )
             window = _Window(self, step, lr)
@@ -471,7 +521,6 @@ class TrainingStore:
             self.steps += 1
             yield
             return
-        idx = self.train.check_indices(ids)
         hooks = window.hooks
         hooks.start(len(idx))
         try:
@@ -480,34 +529,48 @@ class TrainingStore:
             hooks.active = False
         self.steps += 1
         fn = window.influence.fn
-        rows = hooks.rows(self._device_scale(idx, scale, fn.device, fn.dtype), fn.dtype)
+        products = hooks.take()
+        factor = self._device_scale(idx, scale, fn.device, fn.dtype)
         if not self.checked:
+            rows = assemble(window.projection, _Part(idx, products, factor), fn.dtype)
             self._check(window, idx, rows + window.regularizer, step)
-        window.add(idx, rows.detach())
+        window.add(idx, at, products, factor)
         if window.complete:
             hooks.remove()
-            self._write(window.commit())
-            self.written.append(window.layout.root)
+            self._write(window.finished, window.layout.root)
             self.window = None
 
-    def _write(self, job: Callable[[], None]) -> None:
-        """Run a closed window's file writing in the background; an earlier failed one is raised."""
+    def _batch_ids(self, ids: Sequence[int] | Tensor, n: int) -> tuple[Tensor, list[int]]:
+        """A step's ids as a 1-D int64 tensor and as a list, checked to lie in ``[0, n)``."""
+        if not (isinstance(ids, Tensor) and ids.dtype == torch.int64 and ids.ndim == 1 and not ids.is_cuda):
+            ids = self.train.check_indices(ids)
+        at = ids.tolist()  # (the checks in Python: a torch or numpy call costs more between kernels)
+        if at and (min(at) < 0 or max(at) >= n):
+            raise DataError(f"ids must lie in [0, {n}); got range [{min(at)}, {max(at)}]")
+        return ids, at
+
+    def _write(self, job: Callable[[], None], root: Path) -> None:
+        """Finish a closed window (its rows, their check, its files) in the background, listed in
+        :attr:`written` unless it fails; an earlier failed one is raised."""
         self._raise_failed(wait=False)
         if self._writer is None:
             self._writer = background_pool("training-store")
-        self._writes.append(self._writer.submit(job))
+        self._writes.append((self._writer.submit(job), root))
+        self.written.append(root)
 
     def _raise_failed(self, wait: bool) -> None:
         """Drop finished writes (all of them, waiting, with ``wait``); raise the first that failed,
-        once (it is dropped too)."""
-        pending: list[Future[None]] = []
+        once (it is dropped too, and its store taken off :attr:`written`)."""
+        pending: list[tuple[Future[None], Path]] = []
         try:
             while self._writes:
-                future = self._writes.pop(0)
+                future, root = self._writes.pop(0)
                 if wait or future.done():
+                    if future.exception() is not None:
+                        self.written.remove(root)
                     future.result()
                 else:
-                    pending.append(future)
+                    pending.append((future, root))
         finally:
             self._writes = pending + self._writes
 
@@ -591,7 +654,7 @@ class TrainingStore:
             w = self.window
             w.hooks.remove()
             raise IndexStoreError(
-                f"the window of checkpoint step {w.step} saw {int(w.seen.sum())} of {w.influence.n} training "
+                f"the window of checkpoint step {w.step} saw {w.count} of {w.influence.n} training "
                 f"examples before training ended; its store in {w.layout.root} is unfinished. Open the "
                 "checkpoint at least one epoch before the end, or feed every example in the epoch"
             )
