@@ -339,8 +339,14 @@ def _write_store(
 
 
 class _Hooks:
-    """Forward hooks projecting each layer's inputs; tensor hooks on its outputs forming, as each
-    output gradient arrives, the call's product (:func:`~influencer.index.kronecker.call_product`)."""
+    """Forward hooks keeping each layer call's input; tensor hooks on its outputs forming, as each
+    output gradient arrives, the call's projected input and product
+    (:func:`~influencer.index.kronecker.call_product`).
+
+    The inputs are projected in the backward pass, not the forward: autograd keeps a layer's input
+    until then anyway (for its weight's gradient), so the step holds no projected copy between the
+    passes, and each projection is used while it is still in the cache.
+    """
 
     def __init__(self, projection: KroneckerProjection) -> None:
         self.projection, self.batch, self.active = projection, 0, False
@@ -352,19 +358,20 @@ class _Hooks:
     def start(self, batch: int) -> None:
         """Record the next forward and backward pass, of ``batch`` examples."""
         layers = self.projection.layers
-        self.inputs: list[list[Tensor]] = [[] for _ in layers]  # per layer and call: (B, T, k_in)
+        self.inputs: list[list[Any]] = [[] for _ in layers]  # per layer and call: (input, its version)
         self.products: list[dict[int, Tensor | None]] = [{} for _ in layers]  # call -> (B, k_out, k_in)
         self.batch, self.active = batch, True
 
     def _forward(self, i: int):
-        project = self.projection.inputs[i]
-
         def hook(module: nn.Module, inputs: tuple[Any, ...], output: Tensor) -> None:
             if not self.active:
                 return
             call = len(self.inputs[i])
             x = inputs[0]  # detached: the projection (constant factors) then builds no graph
-            self.inputs[i].append(project(x.detach() if isinstance(x, Tensor) else x, self.batch))
+            if isinstance(x, Tensor):
+                self.inputs[i].append((x.detach(), x._version))
+            else:
+                self.inputs[i].append((x, None))
             if output.requires_grad:
                 # registered on the output itself, so an in-place edit of it later is still seen
                 output.register_hook(lambda g: self._backward(i, call, g))
@@ -374,8 +381,16 @@ class _Hooks:
     def _backward(self, i: int, call: int, g: Tensor) -> None:
         # formed now, the product holds (B, k_out, k_in) values instead of the call's rows until the
         # step ends; a second backward pass in the step (retain_graph) adds, as parameters' .grad do
-        rows = self.projection.layers[i].output_grads(g, self.batch)
-        product = call_product(self.inputs[i][call], rows, self.projection.output_factor(i))
+        x, version = self.inputs[i][call]
+        if version is not None and x._version != version:
+            raise ConfigError(
+                f"the input of layer {self.projection.layers[i].name!r} was modified in place after the "
+                "layer ran, before the backward pass: the store projects it then. Modify a copy (e.g. "
+                "x = x + ..., not x += ...)"
+            )
+        layer = self.projection.layers[i]
+        pa = self.projection.inputs[i](x, self.batch)
+        product = call_product(pa, layer.output_grads(g, self.batch), self.projection.output_factor(i))
         earlier = self.products[i].get(call)
         self.products[i][call] = product if earlier is None else earlier + product
 
