@@ -252,6 +252,38 @@ def test_ids_as_lists_or_numpy_arrays_give_the_same_store_and_out_of_range_ids_a
     assert store.steps == 0
 
 
+class _EditsInput(nn.Module):
+    """A layer whose input is edited in place after the layer ran (and before the backward pass)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Linear(10, 6), nn.Linear(6, 3)
+
+    def forward(self, x):
+        h = torch.tanh(self.a(x)) + 0.0  # (a copy: tanh's own output stays as autograd saved it)
+        out = self.b(h)
+        h.mul_(2.0)
+        return out
+
+
+def test_an_input_edited_in_place_after_its_layer_ran_is_refused(tmp_path):
+    """The inputs are projected in the backward pass: an input changed in between would give wrong
+    rows, so it is refused, naming the layer."""
+    _, task, (x, y) = _problem("mlp")
+    torch.manual_seed(0)
+    model = _EditsInput()
+    settings = TrainingStoreSettings(
+        checkpoints=(0,), projector=KroneckerProjector(k_in=4, k_out=3, basis="random")
+    )
+    store = TrainingStore(model, task, (x, y), tmp_path, settings)
+    ids = torch.arange(BATCH)
+    with (
+        pytest.raises(ConfigError, match="input of layer 'b' was modified in place"),
+        store.step(ids, lr=0.1),
+    ):
+        task.loss(model, (x[ids], y[ids])).mean().backward()
+
+
 def test_checkpoint_stores_sum_the_post_hoc_scores_with_the_learning_rates(tmp_path):
     model, task, data = _problem("mlp")
     projector = KroneckerProjector(k_in=4, k_out=3, basis="random")

@@ -21,7 +21,9 @@ pass, and no ``p``-dimensional per-example gradient, is ever formed::
 before that step's forward pass, at the parameters ``theta_s``; it records the projected gradient
 of every example in the following steps' batches (the first time it appears) until all ``n``
 training examples were seen, i.e. one epoch, and is then written as a store in ``<path>/step-<s>``
-(in a background thread while training goes on; :meth:`TrainingStore.finish` waits for it):
+(in a background thread while training goes on, which also forms the rows and checks that they are
+finite; an error there is raised by the next :meth:`~TrainingStore.step`,
+:meth:`~TrainingStore.flush` or :meth:`~TrainingStore.finish`, which waits for every store):
 the format of :meth:`~influencer.index.GradientIndex.build`, whose header (fingerprint of the model
 at ``theta_s``, projector, ``n``, ``k``, chunk) gains ``"training": {"step", "lr"}``; the
 model state at ``theta_s`` (floating parameters and buffers, ``parameters.npy``) goes with it, so
@@ -42,11 +44,12 @@ the evaluation-mode gradients of a post-hoc store. The first window's first step
 against a post-hoc projection of its batch (``check=True``), which catches a training loss that
 is not the one ``loss_scale`` describes.
 
-Cost per collected step: per layer two thin products (``B T d k`` for each side) and one
-``(k_out, k_in)`` product per example, then the rows of the window are held in memory until it
-closes (``n k`` values) and written in chunks; a PCA basis costs its fit (a forward and backward
-pass over ``pca_examples`` training examples) when the window opens; ``fisher`` costs ``n sum_l
-k_l^2`` when it closes. ``benchmarks/bench_training_store.py`` measures the overhead.
+Cost per collected step: per layer two thin products (``B T d k`` for each side; the inputs are
+projected in the backward pass, when the output gradient arrives) and one ``(k_out, k_in)`` product
+per example, copied into the window's rows (``n k`` values, in id order), which are scaled, checked
+and written in chunks when it closes; a PCA basis costs its fit (a forward and backward pass over
+``pca_examples`` training examples) when the window opens; ``fisher`` costs ``n sum_l k_l^2`` when
+it closes. ``benchmarks/bench_training_store.py`` measures the overhead.
 """
 
 from __future__ import annotations
@@ -183,9 +186,17 @@ class _Window:
             self.projection.fit(self.influence)
         self.regularizer = self.projection.regularizer_row(fn, self.influence.theta)
         n = self.influence.n
-        # each step's ids, layer products and scale as they come: made into rows, put in id order and
-        # checked when the window closes, in the writer thread (a step only keeps them)
-        self.parts: list[_Part] = []
+        # the window's rows in id order, written as each step's products come (one indexed copy per
+        # layer), and each row's loss scale; multiplied and checked when the window closes, in the
+        # writer thread
+        self.rows = torch.empty(n, self.projection.k, dtype=fn.dtype, device=fn.device)
+        self.scales = torch.empty(n, 1, dtype=fn.dtype, device=fn.device)
+        self.blocks = [  # per layer, its columns of the rows as (n, k_out, k_in)
+            self.rows[:, self.projection.offsets[i] : self.projection.offsets[i + 1]].view(
+                n, layer["k_out"], layer["k_in"]
+            )
+            for i, layer in enumerate(self.projection.info["layers"])
+        ]
         # which ids the window has seen; a bytearray, read in a Python loop over the batch's ids:
         # between a step's kernels each numpy call costs tens of microseconds (cold caches), 64 ids
         # in Python a few
@@ -218,51 +229,33 @@ class _Window:
         return False
 
     def add(self, ids: Tensor, at: list[int], products: list[Tensor | None], scale: Tensor) -> None:
-        """Keep a step's products (:meth:`_Hooks.take`) for the ids ``(B,)`` not seen yet (an id
-        repeated in the batch: its first occurrence); ``at``: the ids as a list (in ``[0, n)``),
-        ``scale`` ``(B or 1, 1)``."""
+        """Write a step's products (:meth:`_Hooks.take`) into the rows of the ids ``(B,)`` not seen
+        yet (an id repeated in the batch: its first occurrence); ``at``: the ids as a list (in
+        ``[0, n)``), ``scale`` ``(B or 1, 1)``."""
         seen, keep = self.seen, []
         for j, i in enumerate(at):
             if not seen[i]:
                 seen[i] = 1
                 keep.append(j)
         self.count += len(keep)
-        if len(keep) == len(at):  # the usual step: every id new, once
-            self.parts.append(_Part(ids, products, scale))
-            return
         if not keep:  # every id seen before
             return
-        index = torch.tensor(keep)
-        on = index.to(scale.device)
-        kept = [None if y is None else y[on] for y in products]
-        self.parts.append(_Part(ids[index], kept, scale[on] if len(scale) > 1 else scale))
+        if len(keep) < len(at):  # repeated or seen ids: the first occurrences of unseen ones
+            index = torch.tensor(keep)
+            on = index.to(scale.device)
+            ids, products = ids[index], [None if y is None else y[on] for y in products]
+            scale = scale[on] if len(scale) > 1 else scale
+        ids = ids.to(self.rows.device)
+        for block, y in zip(self.blocks, products, strict=True):
+            block[ids] = 0.0 if y is None else y  # (a layer no output gradient reached: zero)
+        self.scales[ids] = scale
 
     def gathered(self) -> Tensor:
         """Every example's row ``(n, k)`` with the regulariser's, in id order (once the window is
         complete), checked finite."""
-        fn, proj, parts = self.influence.fn, self.projection, self.parts
-        self.parts = []
-        out = torch.empty(self.influence.n, proj.k, dtype=fn.dtype, device=fn.device)
-        # per layer, every step's products at once: a few operations, not a few per step (this
-        # thread shares the interpreter with training, which waits for it between its kernels)
-        ids = torch.cat([part.ids for part in parts]).to(fn.device)
-        scale = torch.cat([part.scale.to(fn.dtype).expand(len(part.ids), 1) for part in parts])
-        for i in range(len(proj.layers)):
-            columns = slice(proj.offsets[i], proj.offsets[i + 1])
-            shape = next((part.products[i].shape[1:] for part in parts if part.products[i] is not None), None)
-            if shape is None:  # no step had a gradient for this layer
-                out[ids, columns] = 0.0
-                continue
-            block = torch.cat(
-                [
-                    part.products[i]
-                    if part.products[i] is not None
-                    else torch.zeros(len(part.ids), *shape, dtype=fn.dtype, device=fn.device)
-                    for part in parts
-                ]
-            )
-            # the output gradients times the scale (bilinear; exact for a power of two)
-            out[ids, columns] = block.reshape(len(ids), -1).to(fn.dtype).mul_(scale)
+        out, self.rows, self.blocks = self.rows, None, []
+        # the output gradients times the loss's scale (bilinear; exact for a power of two)
+        out.mul_(self.scales)
         out += self.regularizer  # every row's objective carries the regulariser's gradient
         bad = ~torch.isfinite(out).all(dim=1)
         if bool(bad.any()):
@@ -417,20 +410,15 @@ class _Hooks:
         return out
 
 
-@dataclasses.dataclass(frozen=True)
-class _Part:
-    """A step's contribution to a window: ids ``(B,)``, per layer its product (:meth:`_Hooks.take`),
-    the scale ``(B or 1, 1)``."""
-
-    ids: Tensor
-    products: list[Tensor | None]
-    scale: Tensor
-
-
-def assemble(projection: KroneckerProjection, part: _Part, dtype: torch.dtype) -> Tensor:
-    """Projected per-example loss gradients ``(B, k)`` from a step's products, output gradients
-    multiplied by the step's scale."""
-    batch, products, scale = len(part.ids), part.products, part.scale
+def assemble(
+    projection: KroneckerProjection,
+    products: list[Tensor | None],
+    scale: Tensor,
+    batch: int,
+    dtype: torch.dtype,
+) -> Tensor:
+    """Projected per-example loss gradients ``(B, k)`` from a step's products (:meth:`_Hooks.take`),
+    output gradients multiplied by ``scale`` ``(B or 1, 1)``: the rows a window keeps."""
     out = torch.empty(batch, projection.k, dtype=dtype, device=projection.factors[0][0].device)
     for i, y in enumerate(products):
         write_layer(out[:, projection.offsets[i] : projection.offsets[i + 1]], [y])
@@ -547,7 +535,7 @@ class TrainingStore:
         products = hooks.take()
         factor = self._device_scale(idx, scale, fn.device, fn.dtype)
         if not self.checked:
-            rows = assemble(window.projection, _Part(idx, products, factor), fn.dtype)
+            rows = assemble(window.projection, products, factor, len(idx), fn.dtype)
             self._check(window, idx, rows + window.regularizer, step)
         window.add(idx, at, products, factor)
         if window.complete:
