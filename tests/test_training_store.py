@@ -252,6 +252,21 @@ def test_ids_as_lists_or_numpy_arrays_give_the_same_store_and_out_of_range_ids_a
     assert store.steps == 0
 
 
+def test_the_finiteness_check_looks_at_every_entry_when_the_sum_overflows():
+    """The window's rows are checked by their sum first; a sum that overflows while every entry is
+    finite is no error, and a non-finite entry is named by its example."""
+    from influencer.errors import NonFiniteError
+    from influencer.index.training import check_finite_rows
+
+    rows = torch.full((5, 3), 3e38)  # finite, float32's largest range
+    assert not torch.isfinite(rows.sum())
+    check_finite_rows(rows, step=0)
+    rows[3, 1] = float("nan")
+    with pytest.raises(NonFiniteError, match=r"example\(s\) \[3\] in the window of step 7"):
+        check_finite_rows(rows, step=7)
+    check_finite_rows(torch.zeros(5, 3), step=0)
+
+
 class _EditsInput(nn.Module):
     """A layer whose input is edited in place after the layer ran (and before the backward pass)."""
 
