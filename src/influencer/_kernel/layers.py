@@ -74,9 +74,10 @@ class Layer:
 
     def output_grads(self, g: Tensor, batch: int) -> Tensor:
         """Gradient w.r.t. the layer output -> rows ``(B, T, d_out)`` matching :meth:`inputs`."""
+        g = g.detach() if g.requires_grad else g  # (a gradient of a create_graph backward pass)
         if isinstance(self.module, nn.Conv2d):
-            return g.detach().flatten(2).transpose(1, 2)
-        return g.detach().reshape(batch, -1, g.shape[-1])
+            return g.flatten(2).transpose(1, 2)
+        return g.reshape(batch, -1, g.shape[-1])
 
 
 def is_conv1d(module: nn.Module) -> bool:

@@ -187,6 +187,8 @@ def input_projector(layer: Layer, p_in: Tensor | None) -> Callable[[Tensor, int]
     def dense(x: Tensor, b: int) -> Tensor:
         if x.ndim < 2 or x.shape[0] != b:
             return layer.inputs(x, b)
+        if x.ndim == 2:  # one position: the 2-D product (one fused operation), then its axis
+            return F.linear(x, weight, bias)[:, None]
         return F.linear(x.reshape(b, -1, x.shape[-1]), weight, bias)
 
     return dense
@@ -201,7 +203,7 @@ def patch_rows(layer: Layer, x: Tensor, batch: int) -> Tensor:
     m = layer.module
     if x.ndim != 4 or x.shape[0] != batch:
         return layer.inputs(x, batch)
-    x = layer.padded(x.detach())
+    x = layer.padded(x.detach() if x.requires_grad else x)
     (kh, kw), (sh, sw), (dh, dw) = m.kernel_size, m.stride, m.dilation
     # (B, C, H', W', span_h, span_w), then every dilation-th element of each span: (B, C, H', W', kh, kw)
     windows = x.unfold(2, dh * (kh - 1) + 1, sh).unfold(3, dw * (kw - 1) + 1, sw)[..., ::dh, ::dw]
@@ -229,15 +231,17 @@ def call_product(
     if g is None:
         return None
     if g.shape[1] == 1:  # one position: an outer product, cheaper than a batched matmul of 1-wide ones
-        pg = g[:, 0] if p_out is None else g[:, 0] @ p_out.T
-        return torch.mul(pg[:, :, None], pa[:, 0, None, :], out=out)
+        pg = g if p_out is None else g @ p_out.T  # (B, 1, k_out)
+        return torch.mul(pg.mT, pa, out=out)
+    # torch.bmm, which is what @ runs for these 3-D operands, without @'s views around it (between
+    # a training step's kernels each operation costs more than such small products)
     if p_out is None:
-        return (pa.mT @ g).mT
+        return torch.bmm(pa.mT, g).mT
     if g.shape[2] <= g.shape[1]:
         # no more output channels than positions (an early convolution): sum over the positions
         # before projecting, B k_in d_out (T + k_out) flops instead of B T k_out (d_out + k_in)
-        return ((pa.mT @ g) @ p_out.T).mT
-    return (pa.mT @ (g @ p_out.T)).mT
+        return (torch.bmm(pa.mT, g) @ p_out.T).mT
+    return torch.bmm(pa.mT, g @ p_out.T).mT
 
 
 def write_layer(out: Tensor, products: list[Tensor | None]) -> None:

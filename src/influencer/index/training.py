@@ -357,11 +357,8 @@ class _Hooks:
             if not self.active:
                 return
             call = len(self.inputs[i])
-            x = inputs[0]  # detached: the projection (constant factors) then builds no graph
-            if isinstance(x, Tensor):
-                self.inputs[i].append((x.detach(), x._version))
-            else:
-                self.inputs[i].append((x, None))
+            x = inputs[0]  # kept as it is: autograd keeps it until the backward pass anyway
+            self.inputs[i].append((x, x._version if isinstance(x, Tensor) else None))
             if output.requires_grad:
                 # registered on the output itself, so an in-place edit of it later is still seen
                 output.register_hook(lambda g: self._backward(i, call, g))
@@ -379,8 +376,9 @@ class _Hooks:
                 "x = x + ..., not x += ...)"
             )
         layer = self.projection.layers[i]
-        pa = self.projection.inputs[i](x, self.batch)
-        product = call_product(pa, layer.output_grads(g, self.batch), self.projection.output_factor(i))
+        with torch.no_grad():  # (a create_graph backward pass would otherwise record the projection)
+            pa = self.projection.inputs[i](x, self.batch)
+            product = call_product(pa, layer.output_grads(g, self.batch), self.projection.output_factor(i))
         earlier = self.products[i].get(call)
         self.products[i][call] = product if earlier is None else earlier + product
 
