@@ -21,8 +21,8 @@ pass, and no ``p``-dimensional per-example gradient, is ever formed::
 before that step's forward pass, at the parameters ``theta_s``; it records the projected gradient
 of every example in the following steps' batches (the first time it appears) until all ``n``
 training examples were seen, i.e. one epoch, and is then written as a store in ``<path>/step-<s>``
-(in a background thread while training goes on, which also forms the rows and checks that they are
-finite; an error there is raised by the next :meth:`~TrainingStore.step`,
+(in a background thread while training goes on, which also scales the rows and checks that they
+are finite; an error there is raised by the next :meth:`~TrainingStore.step`,
 :meth:`~TrainingStore.flush` or :meth:`~TrainingStore.finish`, which waits for every store):
 the format of :meth:`~influencer.index.GradientIndex.build`, whose header (fingerprint of the model
 at ``theta_s``, projector, ``n``, ``k``, chunk) gains ``"training": {"step", "lr"}``; the
@@ -250,7 +250,7 @@ class _Window:
             if y is None:  # no output gradient reached the layer
                 block[ids] = 0.0
             else:
-                block.index_copy_(0, ids, y)  # (the ids are distinct now)
+                block.index_copy_(0, ids, y if y.dtype == block.dtype else y.to(block.dtype))  # ids distinct
         self.scales[ids] = scale
 
     def gathered(self) -> Tensor:
@@ -268,11 +268,11 @@ class _Window:
         return self.count == len(self.seen)
 
     def finished(self) -> None:
-        """Form the rows, put them in id order, add the regulariser, check them, accumulate the
+        """Scale the rows (in id order already), add the regulariser, check them, accumulate the
         Fisher and write the store.
 
-        Runs in the store's writer thread: the window's tensors are its own (each step's products
-        are fresh tensors), so training goes on meanwhile.
+        Runs in the store's writer thread: the window's tensors are its own (the next window
+        allocates its rows anew), so training goes on meanwhile.
         """
         inf, header = self.influence, self.header
         n, chunk, k = inf.n, header["chunk"], header["k"]
