@@ -299,6 +299,30 @@ def test_an_input_edited_in_place_after_its_layer_ran_is_refused(tmp_path):
         task.loss(model, (x[ids], y[ids])).mean().backward()
 
 
+@pytest.mark.parametrize("kind", ["mlp", "cnn"])
+def test_a_store_collected_under_autocast_is_the_post_hoc_store_to_half_precision(tmp_path, kind):
+    """Mixed precision: activations and output gradients in bfloat16 are projected in the factors'
+    float32 (in the backward pass, outside autocast); the rows match the float32 post-hoc store to
+    bfloat16 rounding."""
+    model, task, (x, y) = _problem(kind)
+    projector = KroneckerProjector(k_in=4, k_out=3, basis="random")
+    settings = TrainingStoreSettings(checkpoints=(0,), projector=projector, check=False)
+    store = TrainingStore(model, task, (x, y), tmp_path, settings)
+    for ids in torch.arange(N).split(BATCH):  # the model does not move: every row at theta_0
+        with store.step(ids, lr=0.1):
+            with torch.autocast("cpu", dtype=torch.bfloat16):  # the forward pass only, as AMP does
+                loss = task.loss(model, (x[ids], y[ids])).mean()
+            loss.backward()
+        model.zero_grad()
+    (path,) = store.finish()
+    inf = Influence(model, task, (x, y))
+    ours = GradientIndex.open(path, inf).gradients()
+    post = GradientIndex.build(inf, tmp_path / "post", projector).gradients()
+    assert ours.dtype == post.dtype == torch.float32
+    err = float((ours - post).norm() / post.norm())
+    assert 1e-6 < err < 5e-2  # bfloat16's rounding, not float32's, and no more
+
+
 def test_checkpoint_stores_sum_the_post_hoc_scores_with_the_learning_rates(tmp_path):
     model, task, data = _problem("mlp")
     projector = KroneckerProjector(k_in=4, k_out=3, basis="random")

@@ -376,6 +376,12 @@ class _Hooks:
                 "x = x + ..., not x += ...)"
             )
         layer = self.projection.layers[i]
+        # under autocast the activations and gradients may be half precision: projected in the
+        # factors' dtype (the post-hoc store's), outside autocast (the backward pass)
+        dtype = self.projection.factors[i][1].dtype
+        if isinstance(x, Tensor) and x.is_floating_point() and x.dtype != dtype:
+            x = x.to(dtype)
+        g = g if g.dtype == dtype else g.to(dtype)
         with torch.no_grad():  # (a create_graph backward pass would otherwise record the projection)
             pa = self.projection.inputs[i](x, self.batch)
             product = call_product(pa, layer.output_grads(g, self.batch), self.projection.output_factor(i))
