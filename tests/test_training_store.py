@@ -306,7 +306,7 @@ def test_a_store_collected_under_autocast_is_the_post_hoc_store_to_half_precisio
     bfloat16 rounding."""
     model, task, (x, y) = _problem(kind)
     projector = KroneckerProjector(k_in=4, k_out=3, basis="random")
-    settings = TrainingStoreSettings(checkpoints=(0,), projector=projector, check=False)
+    settings = TrainingStoreSettings(checkpoints=(0,), projector=projector)  # checked to bfloat16's rounding
     store = TrainingStore(model, task, (x, y), tmp_path, settings)
     for ids in torch.arange(N).split(BATCH):  # the model does not move: every row at theta_0
         with store.step(ids, lr=0.1):
@@ -321,6 +321,14 @@ def test_a_store_collected_under_autocast_is_the_post_hoc_store_to_half_precisio
     assert ours.dtype == post.dtype == torch.float32
     err = float((ours - post).norm() / post.norm())
     assert 1e-6 < err < 5e-2  # bfloat16's rounding, not float32's, and no more
+    # the first batch's check still catches a loss that is not the declared one
+    settings = TrainingStoreSettings(checkpoints=(0,), projector=projector, loss_scale="sum")
+    store = TrainingStore(model, task, (x, y), tmp_path / "sum", settings)
+    ids = torch.arange(BATCH)
+    with pytest.raises(ConfigError, match=r"up to torch.bfloat16 rounding"), store.step(ids, lr=0.1):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = task.loss(model, (x[ids], y[ids])).mean()
+        loss.backward()
 
 
 def test_checkpoint_stores_sum_the_post_hoc_scores_with_the_learning_rates(tmp_path):

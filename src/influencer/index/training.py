@@ -38,11 +38,12 @@ during the window (gradient accumulation over the epoch, i.e. full-batch steps) 
 row :meth:`GradientIndex.build` computes at ``theta_s``: the same operations
 (:func:`~influencer.index.kronecker.input_projector`, :func:`~influencer.index.kronecker.call_product`),
 so bit for bit when ``loss_scale`` is a power of two (the rescaling is then exact) and the batches
-are the same, up to float rounding otherwise. The gradients
-are those of the module's mode during training: dropout or batch statistics make them differ from
-the evaluation-mode gradients of a post-hoc store. The first window's first step is checked
-against a post-hoc projection of its batch (``check=True``), which catches a training loss that
-is not the one ``loss_scale`` describes.
+are the same, up to float rounding otherwise. The gradients are those of the module's mode during
+training: dropout or batch statistics make them differ from the evaluation-mode gradients of a
+post-hoc store; under mixed precision (autocast) they come from the half-precision activations and
+output gradients training computes, projected in the factors' dtype. The first window's first step
+is checked against a post-hoc projection of its batch (``check=True``, to that precision's
+rounding), which catches a training loss that is not the one ``loss_scale`` describes.
 
 Cost per collected step: per layer two thin products (``B T d k`` for each side; the inputs are
 projected in the backward pass, when the output gradient arrives) and one ``(k_out, k_in)`` product
@@ -351,6 +352,7 @@ class _Hooks:
         self.inputs: list[list[Any]] = [[] for _ in layers]  # per layer and call: (input, its version)
         self.products: list[dict[int, Tensor | None]] = [{} for _ in layers]  # call -> (B, k_out, k_in)
         self.batch, self.active = batch, True
+        self.reduced: torch.dtype | None = None  # a lower precision met in the step (autocast)
 
     def _forward(self, i: int):
         def hook(module: nn.Module, inputs: tuple[Any, ...], output: Tensor) -> None:
@@ -380,8 +382,11 @@ class _Hooks:
         # factors' dtype (the post-hoc store's), outside autocast (the backward pass)
         dtype = self.projection.factors[i][1].dtype
         if isinstance(x, Tensor) and x.is_floating_point() and x.dtype != dtype:
+            self.reduced = _lower(self.reduced, x.dtype, dtype)
             x = x.to(dtype)
-        g = g if g.dtype == dtype else g.to(dtype)
+        if g.dtype != dtype:
+            self.reduced = _lower(self.reduced, g.dtype, dtype)
+            g = g.to(dtype)
         with torch.no_grad():  # (a create_graph backward pass would otherwise record the projection)
             pa = self.projection.inputs[i](x, self.batch)
             product = call_product(pa, layer.output_grads(g, self.batch), self.projection.output_factor(i))
@@ -409,6 +414,16 @@ class _Hooks:
                     total = y if total is None else total + y
             out.append(total)
         return out
+
+
+_HALF_TOLERANCE = {torch.bfloat16: 5e-2, torch.float16: 1e-2}  # relative, of a batch's rows
+
+
+def _lower(seen: torch.dtype | None, dtype: torch.dtype, target: torch.dtype) -> torch.dtype | None:
+    """The lowest precision among ``seen`` and ``dtype`` where ``dtype`` is coarser than ``target``."""
+    if torch.finfo(dtype).eps <= torch.finfo(target).eps:
+        return seen
+    return dtype if seen is None or torch.finfo(dtype).eps > torch.finfo(seen).eps else seen
 
 
 def check_finite_rows(rows: Tensor, step: int) -> None:
@@ -552,7 +567,7 @@ class TrainingStore:
         factor = self._device_scale(idx, scale, fn.device, fn.dtype)
         if not self.checked:
             rows = assemble(window.projection, products, factor, len(idx), fn.dtype)
-            self._check(window, idx, rows + window.regularizer, step)
+            self._check(window, idx, rows + window.regularizer, step, hooks.reduced)
         window.add(idx, at, products, factor)
         if window.complete:
             hooks.remove()
@@ -630,8 +645,11 @@ class TrainingStore:
             )
         return value.reshape(-1, 1, 1)
 
-    def _check(self, window: _Window, ids: Tensor, rows: Tensor, step: int) -> None:
-        """The window's first batch against a post-hoc projection at the same parameters."""
+    def _check(
+        self, window: _Window, ids: Tensor, rows: Tensor, step: int, reduced: torch.dtype | None = None
+    ) -> None:
+        """The window's first batch against a post-hoc projection at the same parameters (to the
+        rounding of ``reduced``, a lower precision the step computed in)."""
         inf = window.influence
         fn = inf.fn
         theta = torch.cat([p.detach().reshape(-1) for p in _chosen(self.model, fn.names)]).to(fn.dtype)
@@ -645,13 +663,17 @@ class TrainingStore:
         )
         err = float((rows - reference).norm() / (reference.norm() + 1e-30))
         tol = 1e-4 if fn.dtype in (torch.float32, torch.float16, torch.bfloat16) else 1e-9
+        # a step in half precision (autocast): its rounding, carried through a few layers
+        tol = max(tol, _HALF_TOLERANCE.get(reduced, 0.0))
         if err > tol:
+            rounding = "" if reduced is None else f", up to {reduced} rounding"
             raise ConfigError(
                 f"the gradients collected at step {step} differ from the task's per-example loss gradients "
                 f"(relative error {err:.2g}): the loss training backpropagates must be the task's loss "
                 "reduced as TrainingStoreSettings.loss_scale says (default 'mean' over the batch), and the "
                 "model must compute the same in training mode as in evaluation mode (dropout, batch "
-                "normalisation); fix the loss_scale, or pass check=False to keep the training-mode gradients"
+                f"normalisation){rounding}; fix the loss_scale, or pass check=False to keep the "
+                "training-mode gradients"
             )
         self.checked = True
 
