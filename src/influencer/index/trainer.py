@@ -22,12 +22,15 @@ number of predicted tokens, ``labels[:, 1:] != -100``), which the callback multi
 (divided by each sequence's count for ``CausalLMTask(reduction="mean")``); any other model's loss
 is taken to be the batch mean.
 Gradient accumulation is not supported (each micro-batch would be scaled by the whole step's
-token count): use ``gradient_accumulation_steps=1``.
+token count): use ``gradient_accumulation_steps=1``. Mixed precision (``bf16=True``, ``fp16=True``)
+is: the store projects the half-precision activations and gradients in its own dtype, and its own
+passes (the first batch's check, a PCA basis) run the model's forward without accelerate's autocast.
 """
 
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -72,6 +75,22 @@ def token_scale(task: Any, labels: Tensor, num_items: Any = None) -> Tensor:
     return total.expand(len(counts))
 
 
+@contextlib.contextmanager
+def _plain_forward(model: Any, skip: bool) -> Iterator[None]:
+    """The model's own ``forward`` for the block, where accelerate's mixed precision wrapped it in
+    autocast (keeping the original as ``_original_forward``): the store's own passes (the first
+    batch's check, a PCA basis) run the model at the store's precision, as a post-hoc store does."""
+    wrapped, original = model.__dict__.get("forward"), model.__dict__.get("_original_forward")
+    if skip or wrapped is None or original is None:
+        yield
+        return
+    model.forward = original
+    try:
+        yield
+    finally:
+        model.forward = wrapped
+
+
 def store_callback(store: TrainingStore) -> Any:
     """A ``transformers.TrainerCallback`` feeding ``store`` from the Trainer's steps (see the module)."""
     from transformers import TrainerCallback
@@ -113,7 +132,9 @@ def store_callback(store: TrainingStore) -> Any:
             scale = None
             if labels is not None and labels.ndim == 2 and hasattr(store.task, "token_losses"):
                 scale = token_scale(store.task, labels, kwargs.get("num_items_in_batch"))
-            self.open.enter_context(store.step(ids.cpu(), lr=self.lr, scale=scale))
+            # a window opening fits its basis (PCA) with the model's forward: at the store's precision
+            with _plain_forward(module, store.steps not in store.settings.checkpoints):
+                self.open.enter_context(store.step(ids.cpu(), lr=self.lr, scale=scale))
             return args, kwargs
 
         def on_step_begin(self, args: Any, state: Any, control: Any, optimizer: Any = None, **kwargs: Any):
@@ -121,7 +142,10 @@ def store_callback(store: TrainingStore) -> Any:
                 self.lr = float(optimizer.param_groups[0]["lr"])
 
         def on_pre_optimizer_step(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-            self.open.close()  # the step's backward is done: its rows are computed and kept
+            # the step's backward is done: its rows are kept (the first is checked against the model's
+            # forward, at the store's precision)
+            with _plain_forward(store.model, store.checked):
+                self.open.close()
 
         def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
             self.open.close()
