@@ -24,8 +24,8 @@ is taken to be the batch mean.
 Gradient accumulation is not supported (each micro-batch would be scaled by the whole step's
 token count): use ``gradient_accumulation_steps=1``. Mixed precision with ``bf16=True`` is: the
 store projects the bfloat16 activations and gradients in its own dtype, and its own passes (the
-first batch's check, a PCA basis) run the model's forward without accelerate's autocast. With
-``fp16=True`` the gradients carry the loss scaler's factor, which the first batch's check refuses.
+first batch's check, a PCA basis) run the model's forward without accelerate's autocast.
+``fp16=True`` is not supported: its gradients carry the loss scaler's factor.
 """
 
 from __future__ import annotations
