@@ -72,7 +72,7 @@ from influencer._kernel.files import atomic_save_array, json_roundtrip
 from influencer._kernel.fingerprint import hash_tensors
 from influencer._kernel.threads import background_pool
 from influencer.index.gradient_index import add_fisher, fisher_setting, fisher_spans
-from influencer.index.kronecker import KroneckerProjection, KroneckerProjector, call_product, write_layer
+from influencer.index.kronecker import KroneckerProjection, KroneckerProjector, call_product
 from influencer.index.store import FORMAT, VERSION, IndexStoreError, StoreLayout, mismatch
 from influencer.influence import Influence
 
@@ -441,22 +441,6 @@ def check_finite_rows(rows: Tensor, step: int) -> None:
         )
 
 
-def assemble(
-    projection: KroneckerProjection,
-    products: list[Tensor | None],
-    scale: Tensor,
-    batch: int,
-    dtype: torch.dtype,
-) -> Tensor:
-    """Projected per-example loss gradients ``(B, k)`` from a step's products (:meth:`_Hooks.take`),
-    output gradients multiplied by ``scale`` ``(B or 1, 1)``: the rows a window keeps."""
-    out = torch.empty(batch, projection.k, dtype=dtype, device=projection.factors[0][0].device)
-    for i, y in enumerate(products):
-        write_layer(out[:, projection.offsets[i] : projection.offsets[i + 1]], [y])
-    # one product for all layers (bilinear in the output gradients; exact for a power of two)
-    return out.mul_(scale.reshape(-1, 1).to(dtype))
-
-
 class TrainingStore:
     """Collects gradient stores at checkpoints of a training loop (see the module docstring).
 
@@ -565,10 +549,11 @@ class TrainingStore:
         fn = window.influence.fn
         products = hooks.take()
         factor = self._device_scale(idx, scale, fn.device, fn.dtype)
-        if not self.checked:
-            rows = assemble(window.projection, products, factor, len(idx), fn.dtype)
-            self._check(window, idx, rows + window.regularizer, step, hooks.reduced)
         window.add(idx, at, products, factor)
+        if not self.checked:  # the batch's rows as the window keeps them, scaled as it will
+            on = idx.to(fn.device)
+            rows = window.rows[on] * window.scales[on] + window.regularizer
+            self._check(window, idx, rows, step, hooks.reduced)
         if window.complete:
             hooks.remove()
             self._write(window.finished, window.layout.root)
