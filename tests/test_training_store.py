@@ -416,6 +416,27 @@ def test_a_failed_write_of_a_closed_window_is_raised(tmp_path, monkeypatch):
         store.finish()
 
 
+def test_the_store_covers_the_parameters_of_the_default_influence(tmp_path):
+    """Past the exact estimator's size the default covers the Linear/Conv layers only (here not the
+    LayerNorm); the store chooses them without the default's look at the data, the same ones."""
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Linear(20, 128), nn.LayerNorm(128), nn.Tanh(), nn.Linear(128, 64), nn.Linear(64, 3)
+    )
+    x, y = torch.randn(N, 20), torch.randint(0, 3, (N,))
+    task = ClassificationTask()
+    projector = KroneckerProjector(k_in=4, k_out=4, basis="random")
+    store = TrainingStore(
+        model, task, (x, y), tmp_path, TrainingStoreSettings(checkpoints=(0,), projector=projector)
+    )
+    for ids in torch.arange(N).split(BATCH):
+        with store.step(ids, lr=0.1):
+            task.loss(model, (x[ids], y[ids])).mean().backward()
+    inf = Influence(model, task, (x, y))
+    assert "1.weight" not in inf.fn.names
+    assert GradientIndex.open(store.finish()[0], inf).header["fingerprint"]["params"] == list(inf.fn.names)
+
+
 def test_settings_are_validated():
     k = KroneckerProjector(k_in=2, k_out=2)
     for bad in [(), (3, 1), (-1,), (1, 1), (1.5,)]:
