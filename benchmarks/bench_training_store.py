@@ -29,7 +29,9 @@ every file on disk. Everything a user's run pays is in it: the first window's ch
 fingerprint (the model classes' source read as in a fresh process), each window's set-up, steps
 and files, and what the file writing beside training takes from the steps after it. ``training
 runs`` is the median over the runs of collecting run / its neighbouring plain run, in wall time and
-in CPU time of the process.
+in CPU time of the process. Each step is timed too: ``breakdown_ms`` sums, over the steps of each
+kind (a window's first step, its other steps, the 3 after it closes, the rest), the median over the
+runs of the collecting copy's step time minus the plain copy's, and adds ``finish()``.
 
 The projection is Kronecker ``--k x --k`` per layer, random basis (a PCA basis adds its fit, a
 forward and backward pass over ``pca_examples`` examples, per checkpoint), float32 storage, no
@@ -170,7 +172,8 @@ def training_runs(
 
     c, e = args.checkpoints, args.epochs
     checkpoints = tuple(sorted({(i * e // c) * steps for i in range(c)}))
-    out: dict[str, list[float]] = {"plain": [], "collect": [], "plain_cpu": [], "collect_cpu": []}
+    out: dict[str, Any] = {"plain": [], "collect": [], "plain_cpu": [], "collect_cpu": []}
+    out |= {"steps_plain": [], "steps_collect": [], "finish_collect": [], "checkpoints": list(checkpoints)}
     kinds = (("plain", plain_problem), ("collect", problem))
     for r in range(args.runs):
         orders = [torch.randperm(problem["n"], generator=gen) for _ in range(e)]
@@ -189,11 +192,38 @@ def training_runs(
                     store = TrainingStore(
                         copy["model"], copy["task"], data, tmp / f"run-{r}", settings, params=params
                     )
-                for order in orders:
-                    for ids in order.split(problem["batch"]):
-                        step(copy, ids, store)
+                times = [step(copy, ids, store) for order in orders for ids in order.split(problem["batch"])]
+                out["steps_" + kind].append(times)
                 if store is not None:
+                    start = time.perf_counter()
                     assert len(store.finish()) == len(checkpoints)
+                    out["finish_collect"].append(time.perf_counter() - start)
+    return out
+
+
+def breakdown(runs: dict[str, Any], steps: int) -> dict[str, float]:
+    """Where a collecting run's extra time goes: per step, the median over the runs of each copy's
+    time, summed over the steps of each kind, collecting minus plain, in ms. The kinds: a window's
+    first step (its set-up; the first window's also hashes the model's classes and checks the
+    batch), the window's other steps (hooks, projections, products), the 3 steps after each window
+    closes (its store is scaled, checked and written beside them), every other step; and
+    ``finish()`` (waiting for the last store's files)."""
+    plain = [statistics.median(s) for s in zip(*runs["steps_plain"], strict=True)]
+    collect = [statistics.median(s) for s in zip(*runs["steps_collect"], strict=True)]
+    kinds = ["window first steps", "window other steps", "3 steps after each window", "other steps"]
+    kind = [3] * len(plain)
+    for c in runs["checkpoints"]:
+        kind[c] = 0
+        for j in range(c + 1, min(c + steps, len(kind))):
+            kind[j] = 1
+        for j in range(c + steps, min(c + steps + 3, len(kind))):
+            kind[j] = 2
+    out = {name: 0.0 for name in kinds}
+    for k, p, c in zip(kind, plain, collect, strict=True):
+        out[kinds[k]] += 1000 * (c - p)
+    out["finish"] = 1000 * statistics.median(runs["finish_collect"])
+    out["total"] = sum(out.values())
+    out["plain run"] = 1000 * sum(plain)
     return out
 
 
@@ -258,7 +288,7 @@ def run(name: str, args: argparse.Namespace) -> dict[str, Any]:
         "collect_all": collect,
     }
     if args.runs:
-        m = {k: statistics.median(v) for k, v in runs.items()}
+        m = {k: statistics.median(runs[k]) for k in ("plain", "collect", "plain_cpu", "collect_cpu")}
         # each run's ratio to its neighbour of the other kind, then the median over the runs
         ratios = {
             clock: [c / p for p, c in zip(runs["plain" + clock], runs["collect" + clock], strict=True)]
@@ -269,6 +299,7 @@ def run(name: str, args: argparse.Namespace) -> dict[str, Any]:
             "wall": statistics.median(ratios[""]),
             "cpu": statistics.median(ratios["_cpu"]),
             "ratios": ratios,
+            "breakdown_ms": breakdown(runs, steps),
             "all": runs,
         }
     if args.epoch_repeats:
@@ -320,6 +351,9 @@ def main(argv: list[str] | None = None) -> int:
             t += [r["training_runs"]["wall"], r["training_runs"]["cpu"]]
         header += [f"training runs {sched}: wall", "(CPU time)"]
     print(format_table(table, header, align="l" + "r" * (len(header) - 1)))
+    for r in rows if args.runs else []:
+        parts = ", ".join(f"{k} {v:.1f}" for k, v in r["training_runs"]["breakdown_ms"].items())
+        print(f"{r['problem']}: a collecting run's extra ms, from per-step medians: {parts}")
     if args.json:
         write_json(args.json, {**env, "args": vars(args), "rows": rows})
     return 0
