@@ -3,6 +3,7 @@ another module, or to a constant there, changes it; code that cannot be read mak
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import sys
 import textwrap
@@ -194,3 +195,40 @@ def test_class_source_is_what_inspect_finds_and_follows_edits(tmp_path, monkeypa
         assert "x = 22" in _class_source(module.Plain)
     finally:
         sys.modules.pop(name, None)
+
+
+def test_class_spans_from_compiled_code_are_those_of_a_parse():
+    """The spans read from a module's compiled code equal those of a parse of its source, class by
+    class, over this library's modules, some of the standard library's and transformers' GPT-2
+    (decorated, nested, local classes; classes whose last statement is a method, a docstring)."""
+    import argparse
+    import ast
+    import concurrent.futures.thread
+    import dataclasses
+    import json.decoder
+    import linecache
+    import logging
+
+    from influencer._kernel.fingerprint import _class_spans, _compiled_class_spans
+
+    if not hasattr(types.CodeType, "co_qualname"):
+        pytest.skip("Python before 3.11: the parse is used")
+    modules = [argparse, concurrent.futures.thread, dataclasses, json.decoder, logging]
+    modules += [
+        m for name, m in sorted(sys.modules.items()) if name.startswith("influencer") and m is not None
+    ]
+    with contextlib.suppress(ImportError):
+        import transformers.models.gpt2.modeling_gpt2 as gpt2
+
+        modules.append(gpt2)
+    compared = 0
+    for module in modules:
+        file = getattr(module, "__file__", None)
+        if not file or not file.endswith(".py"):
+            continue
+        parsed = _class_spans(ast.parse("".join(linecache.getlines(file))))
+        compiled = _compiled_class_spans(module)
+        assert compiled is not None, module.__name__
+        assert {name: compiled.get(name) for name in parsed} == parsed, module.__name__
+        compared += len(parsed)
+    assert compared > 100

@@ -162,10 +162,44 @@ def _class_spans(tree: ast.Module) -> dict[str, tuple[int, int]]:
     return spans
 
 
+def _compiled_class_spans(module: types.ModuleType) -> dict[str, tuple[int, int]] | None:
+    """:func:`_class_spans` from the module's compiled code instead of a parse of its source: a
+    class body's code object holds the class's qualified name, its first line (decorators
+    included) and, in its instructions' positions, the end of its last statement. The loader reads
+    the file's cached bytecode (compiling the source only when that is stale), several times
+    faster than parsing the source into an AST (a large module of transformers: 39 ms against 6).
+    None where the loader cannot give the code (Python before 3.11 has no ``co_qualname``)."""
+    get_code = getattr(getattr(module, "__loader__", None), "get_code", None)
+    if get_code is None or not hasattr(types.CodeType, "co_qualname"):
+        return None
+    try:
+        code = get_code(module.__name__)
+    except (ImportError, OSError, SyntaxError, ValueError):
+        return None
+    if not isinstance(code, types.CodeType):
+        return None
+    spans: dict[str, tuple[int, int]] = {}
+    # a function's, lambda's or comprehension's code is optimised and has its own locals; a class
+    # body's has neither
+    function = inspect.CO_OPTIMIZED | inspect.CO_NEWLOCALS
+
+    def visit(outer: types.CodeType) -> None:
+        for inner in outer.co_consts:
+            if isinstance(inner, types.CodeType):
+                if not inner.co_flags & function:
+                    ends = [end for _, end, _, _ in inner.co_positions() if end is not None]
+                    spans.setdefault(inner.co_qualname, (inner.co_firstlineno - 1, max(ends, default=0)))
+                visit(inner)
+
+    visit(code)
+    return spans
+
+
 def _class_source(cls: type) -> str | None:
     """The source text of ``cls`` (its definition in its module's file, as ``inspect.getsource``
-    finds it), or None where Python cannot show it. Each file is parsed once while it keeps its
-    modification time and size (when ``linecache``, which ``inspect`` reads, would reread it too)."""
+    finds it), or None where Python cannot show it. Each file's classes are located once (from its
+    compiled code, :func:`_compiled_class_spans`, else by a parse) while it keeps its modification
+    time and size (when ``linecache``, which ``inspect`` reads, would reread it too)."""
     module = sys.modules.get(cls.__module__)
     try:
         file = inspect.getsourcefile(cls)
@@ -186,8 +220,9 @@ def _class_source(cls: type) -> str | None:
     if cached is None or cached[0] != key:
         linecache.checkcache(file)
         lines = linecache.getlines(file, module.__dict__)
+        found = _compiled_class_spans(module) if lines else None
         try:
-            spans = _class_spans(ast.parse("".join(lines))) if lines else {}
+            spans = found if found is not None else _class_spans(ast.parse("".join(lines))) if lines else {}
         except (SyntaxError, ValueError):  # the file on disk no longer parses
             return None
         cached = _CLASS_SPANS[file] = (key, lines, spans)
