@@ -220,9 +220,10 @@ def _class_source(cls: type) -> str | None:
     if cached is None or cached[0] != key:
         linecache.checkcache(file)
         lines = linecache.getlines(file, module.__dict__)
-        found = _compiled_class_spans(module) if lines else None
+        spans = _compiled_class_spans(module) if lines else {}
         try:
-            spans = found if found is not None else _class_spans(ast.parse("".join(lines))) if lines else {}
+            if spans is None:
+                spans = _class_spans(ast.parse("".join(lines)))
         except (SyntaxError, ValueError):  # the file on disk no longer parses
             return None
         cached = _CLASS_SPANS[file] = (key, lines, spans)

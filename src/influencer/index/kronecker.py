@@ -43,7 +43,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
@@ -244,13 +244,20 @@ def call_product(
     return torch.bmm(pa.mT, g @ p_out.T).mT
 
 
-def write_layer(out: Tensor, products: list[Tensor | None]) -> None:
-    """Write one layer's block ``out`` ``(B, k_out * k_in)`` (a column slice of the rows): the sum of
-    its calls' :func:`call_product` in call order (zero if none had a gradient), in one copy."""
+def sum_calls(products: Iterable[Tensor | None]) -> Tensor | None:
+    """The sum of a layer's calls' :func:`call_product` in call order, ``(B, k_out, k_in)`` (None: no
+    call had a gradient); the post-hoc and the training-time stores add them in this one order."""
     total = None
     for y in products:
         if y is not None:
             total = y if total is None else total + y
+    return total
+
+
+def write_layer(out: Tensor, products: list[Tensor | None]) -> None:
+    """Write one layer's block ``out`` ``(B, k_out * k_in)`` (a column slice of the rows): the sum of
+    its calls' :func:`call_product` in call order (zero if none had a gradient), in one copy."""
+    total = sum_calls(products)
     if total is None:
         out.zero_()
     else:

@@ -73,7 +73,7 @@ from influencer._kernel.fingerprint import hash_tensors
 from influencer._kernel.threads import background_pool
 from influencer.estimators.auto import choose_estimator
 from influencer.index.gradient_index import add_fisher, fisher_setting, fisher_spans
-from influencer.index.kronecker import KroneckerProjection, KroneckerProjector, call_product
+from influencer.index.kronecker import KroneckerProjection, KroneckerProjector, call_product, sum_calls
 from influencer.index.store import FORMAT, VERSION, IndexStoreError, StoreLayout, mismatch
 from influencer.influence import Influence
 
@@ -414,12 +414,7 @@ class _Hooks:
                     f"layer {layer.name!r} was not called in the training step's forward pass; leave it "
                     "out of the store (Influence params) or run the forward inside store.step()"
                 )
-            total = None
-            for call in range(len(self.inputs[i])):
-                y = self.products[i].get(call)
-                if y is not None:
-                    total = y if total is None else total + y
-            out.append(total)
+            out.append(sum_calls(self.products[i].get(call) for call in range(len(self.inputs[i]))))
         return out
 
 
@@ -573,7 +568,8 @@ class TrainingStore:
     def _batch_ids(self, ids: Sequence[int] | Tensor, n: int) -> tuple[Tensor, list[int]]:
         """A step's ids as a 1-D int64 tensor and as a list, checked to lie in ``[0, n)``."""
         if not (isinstance(ids, Tensor) and ids.dtype == torch.int64 and ids.ndim == 1 and not ids.is_cuda):
-            ids = self.train.check_indices(ids)
+            ids = self.train.check_indices(ids)  # converted and checked
+            return ids, ids.tolist()
         at = ids.tolist()  # (the checks in Python: a torch or numpy call costs more between kernels)
         if at and (min(at) < 0 or max(at) >= n):
             raise DataError(f"ids must lie in [0, {n}); got range [{min(at)}, {max(at)}]")
