@@ -186,7 +186,10 @@ def training_runs(
                     fingerprint._CLASS_SPANS.clear()
                     linecache.clearcache()
                     settings = TrainingStoreSettings(
-                        checkpoints=checkpoints, projector=projector, loss_scale=problem["scale"]
+                        checkpoints=checkpoints,
+                        projector=projector,
+                        loss_scale=problem["scale"],
+                        hold_mb=args.hold_mb,
                     )
                     data, params = copy["data"], copy["params"]
                     store = TrainingStore(
@@ -241,7 +244,7 @@ def run(name: str, args: argparse.Namespace) -> dict[str, Any]:
     epochs = 1 + args.repeats + args.epoch_repeats
     checkpoints = tuple(range(0, epochs * steps, steps))  # every epoch but the warm-up
     settings = TrainingStoreSettings(
-        checkpoints=checkpoints[1:], projector=projector, loss_scale=problem["scale"]
+        checkpoints=checkpoints[1:], projector=projector, loss_scale=problem["scale"], hold_mb=args.hold_mb
     )
     gen = torch.Generator().manual_seed(0)
     plain, collect = [], []
@@ -281,6 +284,7 @@ def run(name: str, args: argparse.Namespace) -> dict[str, Any]:
         "n": problem["n"],
         "batch": problem["batch"],
         "k_per_layer": args.k,
+        "hold_mb": args.hold_mb,
         "plain_s": p,
         "collect_s": c,
         **overhead(p, c),
@@ -310,10 +314,18 @@ def run(name: str, args: argparse.Namespace) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from influencer.index import TrainingStoreSettings
+
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--problems", default=",".join(PROBLEMS))
     parser.add_argument("--k", type=int, default=16, help="Kronecker k_in = k_out per layer")
     parser.add_argument("--basis", default="random", choices=("random", "pca"))
+    parser.add_argument(
+        "--hold-mb",
+        type=float,
+        default=TrainingStoreSettings.hold_mb,
+        help="TrainingStoreSettings.hold_mb (0: every step projected in its backward pass)",
+    )
     parser.add_argument("--repeats", type=int, default=5, help="epochs of each kind (medians reported)")
     parser.add_argument(
         "--epoch-repeats", type=int, default=5, help="whole epochs of each kind in turn (medians)"

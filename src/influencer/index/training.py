@@ -57,6 +57,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
@@ -99,6 +100,9 @@ class TrainingStoreSettings:
         check: compare the first window's first batch (its first 8 examples) with a post-hoc
             projection at the same parameters (one extra forward and backward pass of those).
         overwrite: replace a store built from other inputs in a checkpoint's directory.
+        hold_mb: MiB of the layers' inputs and output gradients a window may hold to project
+            several steps together, in fewer and larger operations (the rows are the same); a step
+            larger than half of it is projected in its backward pass, as with ``0``.
     """
 
     checkpoints: tuple[int, ...]
@@ -108,6 +112,7 @@ class TrainingStoreSettings:
     fisher: bool | str = False
     check: bool = True
     overwrite: bool = False
+    hold_mb: float = 32.0
 
     def __post_init__(self) -> None:
         steps = tuple(self.checkpoints) if isinstance(self.checkpoints, (list, tuple, range)) else None
@@ -143,6 +148,11 @@ class TrainingStoreSettings:
         if not isinstance(self.chunk, int) or isinstance(self.chunk, bool) or self.chunk < 1:
             raise ConfigError(f"TrainingStoreSettings.chunk must be a positive integer, got {self.chunk!r}")
         fisher_setting(self.fisher)
+        hold = self.hold_mb
+        if isinstance(hold, bool) or not isinstance(hold, (int, float)) or not 0 <= hold < float("inf"):
+            raise ConfigError(
+                f"TrainingStoreSettings.hold_mb must be a number of MiB >= 0 (0: no step held), got {hold!r}"
+            )
 
 
 class _Window:
@@ -215,6 +225,11 @@ class _Window:
         self.state = state.numpy()
         self.basis = self.projection.state().numpy() if self.projection.needs_fit else None
         self.hooks = _Hooks(self.projection)
+        # steps held for projection together: (ids, kept positions or None, inputs and output
+        # gradients, scale), and the bytes they hold
+        self.held: list[tuple[Tensor, list[int] | None, _Held, Tensor]] = []
+        self.held_bytes = 0
+        self.failed = False  # a projection of held steps failed (in the writer thread)
 
     def _open_layout(self, overwrite: bool, check: bool) -> bool:
         """Whether a complete store from the same inputs is already there (nothing to collect);
@@ -236,10 +251,11 @@ class _Window:
             )
         return False
 
-    def add(self, ids: Tensor, at: list[int], products: list[Tensor | None], scale: Tensor) -> None:
-        """Write a step's products (:meth:`_Hooks.take`) into the rows of the ids ``(B,)`` not seen
-        yet (an id repeated in the batch: its first occurrence); ``at``: the ids as a list (in
-        ``[0, n)``), ``scale`` ``(B or 1, 1)``."""
+    def add(self, ids: Tensor, at: list[int], taken: list[Tensor | None] | _Held, scale: Tensor) -> None:
+        """Take a step's rows for the ids ``(B,)`` not seen yet (an id repeated in the batch: its
+        first occurrence): its products (:meth:`_Hooks.take`), written now, or its held inputs and
+        output gradients, projected later (:meth:`project`); ``at``: the ids as a list (in ``[0,
+        n)``), ``scale`` ``(B or 1, 1)``."""
         seen, keep = self.seen, []
         for j, i in enumerate(at):
             if not seen[i]:
@@ -248,7 +264,64 @@ class _Window:
         self.count += len(keep)
         if not keep:  # every id seen before
             return
-        if len(keep) < len(at):  # repeated or seen ids: the first occurrences of unseen ones
+        # None: every id; else repeated or seen ids, and the first occurrences of unseen ones kept
+        kept = None if len(keep) == len(at) else keep
+        if isinstance(taken, _Held):
+            self.held.append((ids, kept, taken, scale))
+            self.held_bytes += taken.bytes
+        else:
+            self._write(ids, kept, taken, scale)
+
+    def take_held(self) -> list[tuple[Tensor, list[int] | None, _Held, Tensor]]:
+        """The steps held so far (for :meth:`project`), no longer held."""
+        held, self.held, self.held_bytes = self.held, [], 0
+        return held
+
+    def project(self, held: list[tuple[Tensor, list[int] | None, _Held, Tensor]]) -> None:
+        """Project held steps and write their rows: consecutive steps whose inputs and output
+        gradients have the same shapes as one batch, the others one by one.
+
+        Runs in the store's writer thread, beside training: its operations are few and large, and
+        release the interpreter while they run. A failure marks the window, which is then not written.
+        """
+        try:
+            self._project(held)
+        except BaseException:
+            self.failed = True
+            raise
+
+    def _project(self, held: list[tuple[Tensor, list[int] | None, _Held, Tensor]]) -> None:
+        start = 0
+        while start < len(held):
+            end, shapes = start + 1, held[start][2].shapes
+            while shapes is not None and end < len(held) and held[end][2].shapes == shapes:
+                end += 1
+            group = held[start:end]
+            start = end
+            products = self.hooks.project([step for _, _, step, _ in group])
+            if len(group) == 1:
+                ids, kept, _, scale = group[0]
+                self._write(ids, kept, products, scale)
+                continue
+            # the group's ids and kept positions in the concatenated batch, and its scales
+            keep, offset = [], 0
+            for ids, kept, _, _ in group:
+                keep.extend(range(offset, offset + len(ids)) if kept is None else (offset + j for j in kept))
+                offset += len(ids)
+            first = group[0][3]
+            if all(scale is first and len(scale) == 1 for *_, scale in group):  # one rule for every step
+                scale = first
+            else:
+                scale = torch.cat([scale.expand(len(ids), 1) for ids, *_, scale in group])
+            ids = torch.cat([ids for ids, *_ in group])
+            self._write(ids, None if offset == len(keep) else keep, products, scale)
+
+    def _write(
+        self, ids: Tensor, keep: list[int] | None, products: list[Tensor | None], scale: Tensor
+    ) -> None:
+        """Write products ``(B, k_out, k_in)`` per layer and scales ``(B or 1, 1)`` into the rows of
+        ``ids`` ``(B,)`` (those at positions ``keep``, or all)."""
+        if keep is not None:
             index = torch.tensor(keep)
             on = index.to(scale.device)
             ids, products = ids[index], [None if y is None else y[on] for y in products]
@@ -282,6 +355,11 @@ class _Window:
         Runs in the store's writer thread: the window's tensors are its own (the next window
         allocates its rows anew), so training goes on meanwhile.
         """
+        if self.failed:
+            raise IndexStoreError(
+                f"the store of step {self.step} was not written: projecting some of its steps failed "
+                "(raised before)"
+            )
         inf, header = self.influence, self.header
         n, chunk, k = inf.n, header["chunk"], header["k"]
         rows = self.gathered()
@@ -336,29 +414,48 @@ def _write_store(
     layout.write_manifest({**manifest, **entries, "chunks": records})
 
 
+@dataclasses.dataclass
+class _Held:
+    """A step's layer calls kept for projection later: per layer and call ``(input, its version,
+    output gradient or None, its version)``, the batch size, the bytes held, and the shapes that
+    decide which steps can be projected as one batch (None: none, an input or gradient whose first
+    axis is not the batch)."""
+
+    calls: list[list[tuple[Any, int | None, Tensor | None, int]]]
+    batch: int
+    bytes: int
+    shapes: tuple[Any, ...] | None
+
+
 class _Hooks:
     """Forward hooks keeping each layer call's input; tensor hooks on its outputs forming, as each
     output gradient arrives, the call's projected input and product
-    (:func:`~influencer.index.kronecker.call_product`).
+    (:func:`~influencer.index.kronecker.call_product`), or, in a held step, keeping the gradient.
 
     The inputs are projected in the backward pass, not the forward: autograd keeps a layer's input
     until then anyway (for its weight's gradient), so the step holds no projected copy between the
-    passes, and each projection is used while it is still in the cache.
+    passes, and each projection is used while it is still in the cache. A held step keeps its inputs
+    and output gradients instead, to be projected with other steps' (:meth:`project`): between a
+    training step's kernels each operation costs tens of microseconds however small it is, so a few
+    large ones cost far less than many small ones.
     """
 
     def __init__(self, projection: KroneckerProjection) -> None:
-        self.projection, self.batch, self.active = projection, 0, False
+        self.projection, self.batch, self.active, self.hold = projection, 0, False, False
         # registered once per window; between its steps (active False) they return at once
         self.handles = [
             layer.module.register_forward_hook(self._forward(i)) for i, layer in enumerate(projection.layers)
         ]
 
-    def start(self, batch: int) -> None:
-        """Record the next forward and backward pass, of ``batch`` examples."""
+    def start(self, batch: int, hold: bool) -> None:
+        """Record the next forward and backward pass, of ``batch`` examples (their inputs and output
+        gradients kept, with ``hold``)."""
         layers = self.projection.layers
         self.inputs: list[list[Any]] = [[] for _ in layers]  # per layer and call: (input, its version)
-        self.products: list[dict[int, Tensor | None]] = [{} for _ in layers]  # call -> (B, k_out, k_in)
-        self.batch, self.active = batch, True
+        # per layer, call -> (B, k_out, k_in) product, or (held) -> output gradient
+        self.products: list[dict[int, Tensor | None]] = [{} for _ in layers]
+        self.batch, self.active, self.hold = batch, True, hold
+        self.bytes = 0  # of the inputs and output gradients met
         self.reduced: torch.dtype | None = None  # a lower precision met in the step (autocast)
 
     def _forward(self, i: int):
@@ -367,7 +464,11 @@ class _Hooks:
                 return
             call = len(self.inputs[i])
             x = inputs[0]  # kept as it is: autograd keeps it until the backward pass anyway
-            self.inputs[i].append((x, x._version if isinstance(x, Tensor) else None))
+            if isinstance(x, Tensor):
+                self.inputs[i].append((x, x._version))
+                self.bytes += x.nbytes
+            else:
+                self.inputs[i].append((x, None))
             if output.requires_grad:
                 # registered on the output itself, so an in-place edit of it later is still seen
                 output.register_hook(lambda g: self._backward(i, call, g))
@@ -379,43 +480,111 @@ class _Hooks:
         # step ends; a second backward pass in the step (retain_graph) adds, as parameters' .grad do
         x, version = self.inputs[i][call]
         if version is not None and x._version != version:
-            raise ConfigError(
-                f"the input of layer {self.projection.layers[i].name!r} was modified in place after the "
-                "layer ran, before the backward pass: the store projects it then. Modify a copy (e.g. "
-                "x = x + ..., not x += ...)"
-            )
+            raise self._edited(i, "after the layer ran, before the backward pass")
+        self.bytes += g.nbytes
+        # under autocast the activations and gradients may be half precision (projected in the
+        # factors' dtype, the post-hoc store's): the lowest met, the first batch's check's tolerance
+        dtype = self.projection.factors[i][1].dtype
+        for t in (x, g):
+            if isinstance(t, Tensor) and t.is_floating_point() and t.dtype != dtype:
+                self.reduced = _lower(self.reduced, t.dtype, dtype)
+        # a held step keeps the gradient (of a create_graph backward pass: without its graph)
+        y = (g.detach() if g.requires_grad else g) if self.hold else self._product(i, x, g, self.batch)
+        earlier = self.products[i].get(call)
+        self.products[i][call] = y if earlier is None else earlier + y
+
+    def _edited(self, i: int, when: str) -> ConfigError:
+        return ConfigError(
+            f"the input of layer {self.projection.layers[i].name!r} was modified in place {when}: the "
+            "store projects it then. Modify a copy (e.g. x = x + ..., not x += ...), or pass "
+            "TrainingStoreSettings(hold_mb=0) to project every step in its own backward pass"
+        )
+
+    def _product(self, i: int, x: Any, g: Tensor, batch: int) -> Tensor:
+        """One call's :func:`~influencer.index.kronecker.call_product` of ``batch`` examples."""
         layer = self.projection.layers[i]
-        # under autocast the activations and gradients may be half precision: projected in the
-        # factors' dtype (the post-hoc store's), outside autocast (the backward pass)
+        # in the factors' dtype (autocast: from half precision), outside autocast (the backward pass)
         dtype = self.projection.factors[i][1].dtype
         if isinstance(x, Tensor) and x.is_floating_point() and x.dtype != dtype:
-            self.reduced = _lower(self.reduced, x.dtype, dtype)
             x = x.to(dtype)
         if g.dtype != dtype:
-            self.reduced = _lower(self.reduced, g.dtype, dtype)
             g = g.to(dtype)
         with torch.no_grad():  # (a create_graph backward pass would otherwise record the projection)
-            pa = self.projection.inputs[i](x, self.batch)
-            product = call_product(pa, layer.output_grads(g, self.batch), self.projection.output_factor(i))
-        earlier = self.products[i].get(call)
-        self.products[i][call] = product if earlier is None else earlier + product
+            pa = self.projection.inputs[i](x, batch)
+            return call_product(pa, layer.output_grads(g, batch), self.projection.output_factor(i))
 
     def remove(self) -> None:
         for h in self.handles:
             h.remove()
 
-    def take(self) -> list[Tensor | None]:
+    def take(self) -> list[Tensor | None] | _Held:
         """Per layer, the sum of its calls' products in call order ``(B, k_out, k_in)`` (None: no
-        call had a gradient)."""
-        out = []
+        call had a gradient); of a held step, its calls (:class:`_Held`)."""
         for i, layer in enumerate(self.projection.layers):
             if not self.inputs[i]:
                 raise ConfigError(
                     f"layer {layer.name!r} was not called in the training step's forward pass; leave it "
                     "out of the store (Influence params) or run the forward inside store.step()"
                 )
-            out.append(sum_calls(self.products[i].get(call) for call in range(len(self.inputs[i]))))
+        pairs = zip(self.inputs, self.products, strict=True)
+        if not self.hold:
+            return [sum_calls(p.get(call) for call in range(len(calls))) for calls, p in pairs]
+        held = []
+        for i, (calls, grads) in enumerate(pairs):
+            layer = []
+            for call, (x, version) in enumerate(calls):
+                if version is not None and x.grad_fn is None:
+                    # not made by the model's autograd graph (the batch itself, say): training code
+                    # may refill it for the next step, so the step keeps a copy
+                    if x._version != version:
+                        raise self._edited(i, "after the layer ran, before the step ended")
+                    x = x.detach().clone()
+                    version = x._version
+                g = grads.get(call)
+                layer.append((x, version, g, 0 if g is None else g._version))
+            held.append(layer)
+        return _Held(held, self.batch, self.bytes, _shapes(held, self.batch))
+
+    def project(self, steps: list[_Held]) -> list[Tensor | None]:
+        """Per layer, the sum of its calls' products of held steps as one batch ``(sum B, k_out,
+        k_in)``: steps of the same :attr:`_Held.shapes` (or a single step)."""
+        batch = sum(step.batch for step in steps)
+        out = []
+        for i in range(len(self.projection.layers)):
+            products = []
+            for call in range(len(steps[0].calls[i])):
+                parts = [step.calls[i][call] for step in steps]
+                for x, version, g, g_version in parts:
+                    if (version is not None and x._version != version) or (
+                        g is not None and g._version != g_version
+                    ):
+                        raise self._edited(
+                            i,
+                            "(or its output gradient) after the step, before the window "
+                            "projected the steps it held",
+                        )
+                if parts[0][2] is None:
+                    products.append(None)
+                    continue
+                if len(parts) == 1:
+                    x, g = parts[0][0], parts[0][2]
+                else:
+                    x, g = torch.cat([part[0] for part in parts]), torch.cat([part[2] for part in parts])
+                products.append(self._product(i, x, g, batch))
+            out.append(sum_calls(products))
         return out
+
+
+def _shapes(
+    calls: list[list[tuple[Any, int | None, Tensor | None, int]]], batch: int
+) -> tuple[Any, ...] | None:
+    """:attr:`_Held.shapes` of a held step's calls."""
+    shapes: list[Any] = [len(layer) for layer in calls]
+    for x, _, g, _ in (call for layer in calls for call in layer):
+        if not isinstance(x, Tensor) or x.shape[0] != batch or (g is not None and g.shape[0] != batch):
+            return None
+        shapes.append((x.shape[1:], x.dtype, None if g is None else (g.shape[1:], g.dtype)))
+    return tuple(shapes)
 
 
 _CHECKED = 8  # examples of the first batch compared with a post-hoc projection
@@ -486,6 +655,7 @@ class TrainingStore:
         self.projection: KroneckerProjection | None = None  # bound on the first window, then reused
         self._writes: list[tuple[Future[None], Path]] = []  # closed windows being finished
         self._scales: dict[tuple[Any, ...], Tensor] = {}  # see _device_scale
+        self._step_bytes = 0  # inputs and output gradients of the last collecting step (0: none yet)
 
     def fingerprint(self, influence: Influence) -> dict[str, Any]:
         """``influence.settings()["gradients"]``; after the first window only the weights are hashed again.
@@ -543,16 +713,20 @@ class TrainingStore:
             yield
             return
         hooks = window.hooks
-        hooks.start(len(idx))
+        # held (projected later with other steps) when the last step was small enough; never the
+        # first window's first step, which is checked now
+        budget = self.settings.hold_mb * 2**20
+        hooks.start(len(idx), hold=self.checked and 0 < 2 * self._step_bytes <= budget)
         try:
             yield
         finally:
             hooks.active = False
         self.steps += 1
         fn = window.influence.fn
-        products = hooks.take()
+        taken = hooks.take()
+        self._step_bytes = hooks.bytes
         factor = self._device_scale(idx, scale, fn.device, fn.dtype)
-        window.add(idx, at, products, factor)
+        window.add(idx, at, taken, factor)
         if not self.checked:  # the rows as the window keeps them, scaled as it will
             # of the batch's first examples: a wrong loss scale or a training-mode difference shows
             # in every row, and a post-hoc pass over a few costs a fraction of one over the batch
@@ -560,9 +734,12 @@ class TrainingStore:
             on = few.to(fn.device)
             rows = window.rows[on] * window.scales[on] + window.regularizer
             self._check(window, few, rows, step, hooks.reduced)
+        if window.held and (window.complete or window.held_bytes + self._step_bytes > budget):
+            self._submit(functools.partial(window.project, window.take_held()), window.layout.root)
         if window.complete:
             hooks.remove()
-            self._write(window.finished, window.layout.root)
+            self._submit(window.finished, window.layout.root)
+            self.written.append(window.layout.root)
             self.window = None
 
     def _batch_ids(self, ids: Sequence[int] | Tensor, n: int) -> tuple[Tensor, list[int]]:
@@ -575,14 +752,13 @@ class TrainingStore:
             raise DataError(f"ids must lie in [0, {n}); got range [{min(at)}, {max(at)}]")
         return ids, at
 
-    def _write(self, job: Callable[[], None], root: Path) -> None:
-        """Finish a closed window (its rows, their check, its files) in the background, listed in
-        :attr:`written` unless it fails; an earlier failed one is raised."""
+    def _submit(self, job: Callable[[], None], root: Path) -> None:
+        """Run a window's job (projecting held steps; finishing it: its rows, their check, its
+        files) in the writer thread, in order; an earlier failed one is raised."""
         self._raise_failed(wait=False)
         if self._writer is None:
             self._writer = background_pool("training-store")
         self._writes.append((self._writer.submit(job), root))
-        self.written.append(root)
 
     def _raise_failed(self, wait: bool) -> None:
         """Drop finished writes (all of them, waiting, with ``wait``); raise the first that failed,
@@ -592,7 +768,7 @@ class TrainingStore:
             while self._writes:
                 future, root = self._writes.pop(0)
                 if wait or future.done():
-                    if future.exception() is not None:
+                    if future.exception() is not None and root in self.written:
                         self.written.remove(root)
                     future.result()
                 else:
