@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import itertools
 
 import pytest
 import torch
@@ -21,6 +22,7 @@ from influencer.index import (
     TrainingStore,
     TrainingStoreSettings,
 )
+from influencer.index.training import load_model_state
 from influencer.models import MLP, SmallCNN
 
 N, BATCH = 256, 64  # powers of two: rescaling the batch-mean loss's gradients is exact
@@ -89,10 +91,13 @@ def _full_batch_training(model, task, data, store, lrs):
 @pytest.mark.parametrize("kind", ["mlp", "cnn", "shared"])
 @pytest.mark.parametrize("basis", ["random", "pca"])
 def test_store_of_a_full_batch_window_equals_the_post_hoc_store_bit_for_bit(tmp_path, kind, basis):
+    """Every step projected in its backward pass (``hold_mb=0``), in the post-hoc store's batches:
+    the same operations on the same values. (Held steps are projected in larger batches, which a
+    BLAS may round differently: see the test of held steps below.)"""
     model, task, data = _problem(kind)
     projector = KroneckerProjector(k_in=4, k_out=3, basis=basis, pca_examples=100)
     settings = TrainingStoreSettings(
-        checkpoints=(0, 4), projector=projector, loss_scale=float(N), fisher="layers"
+        checkpoints=(0, 4), projector=projector, loss_scale=float(N), fisher="layers", hold_mb=0
     )
     store = TrainingStore(model, task, data, tmp_path / "train", settings, batch_size=BATCH)
     states = _full_batch_training(model, task, data, store, lrs=(0.5, 0.25))
@@ -224,6 +229,107 @@ def test_rows_of_an_sgd_window_are_each_steps_gradients(tmp_path, sampling):
     got = index.gradients()
     assert torch.allclose(got, expected, rtol=1e-5, atol=1e-6 * float(expected.abs().max()))
     assert not torch.allclose(got, expected + 1e-3)
+
+
+def _uneven_batches(sampling: str, gen: torch.Generator):
+    """Batches of 32, 17 and 15 in turn (three shapes): two shuffled epochs, or drawn with
+    replacement (an id twice in every batch) until every id was drawn after step 1."""
+    sizes = itertools.cycle((32, 17, 15))
+    if sampling == "shuffled":
+        for _ in range(2):
+            order = torch.randperm(N, generator=gen)
+            yield from order.split([next(sizes) for _ in range(N // 64 * 3)])
+        return
+    drawn = torch.zeros(N, dtype=torch.bool)
+    step = 0
+    while not drawn.all():
+        ids = torch.randint(0, N, (next(sizes),), generator=gen)
+        ids[5] = ids[3]
+        if step >= 1:
+            drawn[ids] = True
+        step += 1
+        yield ids
+
+
+def _sgd_store(path, kind, hold_mb, sampling, refill=False):
+    """A store of one window of SGD steps on batches of three sizes (:func:`_uneven_batches`), the
+    loss scale a callable with one factor per example; with ``refill``, each batch is copied into
+    one input tensor the training loop reuses."""
+    model, task, (x, y) = _problem(kind)
+    projector = KroneckerProjector(k_in=4, k_out=3, basis="random")
+
+    def per_example(ids):  # the loss below weighs each example's loss by 1 / this
+        return 1.0 + (torch.as_tensor(ids) % 3).double()
+
+    settings = TrainingStoreSettings(
+        checkpoints=(1,), projector=projector, loss_scale=per_example, hold_mb=hold_mb
+    )
+    store = TrainingStore(model, task, (x, y), path, settings)
+    opt = torch.optim.SGD(model.parameters(), lr=0.3)
+    buffer = torch.empty(32, *x.shape[1:])
+    for ids in _uneven_batches(sampling, torch.Generator().manual_seed(1)):
+        inputs = buffer[: len(ids)].copy_(x[ids]) if refill else x[ids]
+        with store.step(ids, lr=0.3):
+            weights = (1.0 / per_example(ids)).float()
+            loss = (task.loss(model, (inputs, y[ids])) * weights).sum()
+            opt.zero_grad()
+            loss.backward()
+        opt.step()
+    (written,) = store.finish()
+    load_model_state(model, written)  # the model at the checkpoint, which the store is of
+    return GradientIndex.open(written, Influence(model, task, (x, y))).gradients()
+
+
+@pytest.mark.parametrize("sampling", ["shuffled", "with replacement"])
+@pytest.mark.parametrize("kind", ["cnn", "shared"])
+def test_held_steps_give_the_rows_of_steps_projected_in_their_backward_pass(tmp_path, sampling, kind):
+    """Steps held and projected together in the writer thread (the whole window, or groups of a
+    few steps submitted while it is open) against every step projected in its own backward pass:
+    batches of two shapes, ids repeated and seen before, a loss scale per example, a layer called
+    three times, an input batch the training loop refills in place after every step."""
+    alone = _sgd_store(tmp_path / "alone", kind, 0.0, sampling)
+    top = float(alone.abs().max())
+    assert top > 0.1
+    for hold_mb in (32.0, 0.02):  # everything held; a group every few steps
+        for refill in (False, True):
+            held = _sgd_store(tmp_path / f"held-{hold_mb}-{refill}", kind, hold_mb, sampling, refill)
+            # a product over more rows may round differently (the BLAS picks its kernel by size)
+            torch.testing.assert_close(held, alone, rtol=0, atol=1e-6 * top, msg=str((hold_mb, refill)))
+
+
+class _KeepsInput(nn.Module):
+    """Keeps its head's input (an activation of its graph) where the training loop can reach it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Linear(10, 6), nn.Linear(6, 3)
+
+    def forward(self, x):
+        self.kept = torch.tanh(self.a(x)) + 0.0
+        return self.b(self.kept)
+
+
+def test_a_held_input_edited_after_its_step_is_refused_and_its_store_not_written(tmp_path):
+    """A held step's activation edited in place once the step ended (before the writer thread
+    projected it) would give wrong rows: the projection refuses it, naming the layer, the error is
+    raised by finish(), and the window's store is not written."""
+    _, task, (x, y) = _problem("mlp")
+    torch.manual_seed(0)
+    model = _KeepsInput()
+    settings = TrainingStoreSettings(
+        checkpoints=(0,), projector=KroneckerProjector(k_in=4, k_out=3, basis="random")
+    )
+    store = TrainingStore(model, task, (x, y), tmp_path, settings)
+    for step, ids in enumerate(torch.arange(N).split(BATCH)):
+        with store.step(ids, lr=0.1):
+            task.loss(model, (x[ids], y[ids])).mean().backward()
+        if step == 2:  # a held step (the first is projected at once, for the first batch's check)
+            with torch.no_grad():
+                model.kept.mul_(2.0)
+    with pytest.raises(ConfigError, match="input of layer 'b' was modified in place"):
+        store.finish()
+    assert store.written == []
+    assert not (tmp_path / "step-00000000" / "manifest.json").exists()
 
 
 def test_ids_as_lists_or_numpy_arrays_give_the_same_store_and_out_of_range_ids_are_refused(tmp_path):
@@ -449,6 +555,9 @@ def test_settings_are_validated():
             TrainingStoreSettings(checkpoints=(0,), projector=k, loss_scale=bad)
     with pytest.raises(ConfigError, match="fisher"):
         TrainingStoreSettings(checkpoints=(0,), projector=k, fisher="diag")
+    for bad in [-1.0, float("inf"), float("nan"), True, "32"]:
+        with pytest.raises(ConfigError, match="hold_mb"):
+            TrainingStoreSettings(checkpoints=(0,), projector=k, hold_mb=bad)
     assert TrainingStoreSettings(checkpoints=[0, 5], projector=k).checkpoints == (0, 5)
 
 

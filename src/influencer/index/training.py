@@ -277,15 +277,17 @@ class _Window:
         held, self.held, self.held_bytes = self.held, [], 0
         return held
 
-    def project(self, held: list[tuple[Tensor, list[int] | None, _Held, Tensor]]) -> None:
+    def project(self, held: list[tuple[Tensor, list[int] | None, _Held, Tensor]], stream: Any = None) -> None:
         """Project held steps and write their rows: consecutive steps whose inputs and output
         gradients have the same shapes as one batch, the others one by one.
 
         Runs in the store's writer thread, beside training: its operations are few and large, and
-        release the interpreter while they run. A failure marks the window, which is then not written.
+        release the interpreter while they run; on a GPU in training's CUDA ``stream``, after the
+        kernels that made the steps' tensors. A failure marks the window, which is then not written.
         """
         try:
-            self._project(held)
+            with contextlib.nullcontext() if stream is None else torch.cuda.stream(stream):
+                self._project(held)
         except BaseException:
             self.failed = True
             raise
@@ -735,7 +737,8 @@ class TrainingStore:
             rows = window.rows[on] * window.scales[on] + window.regularizer
             self._check(window, few, rows, step, hooks.reduced)
         if window.held and (window.complete or window.held_bytes + self._step_bytes > budget):
-            self._submit(functools.partial(window.project, window.take_held()), window.layout.root)
+            stream = torch.cuda.current_stream(fn.device) if fn.device.type == "cuda" else None
+            self._submit(functools.partial(window.project, window.take_held(), stream), window.layout.root)
         if window.complete:
             hooks.remove()
             self._submit(window.finished, window.layout.root)
