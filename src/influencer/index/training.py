@@ -117,8 +117,9 @@ class TrainingStoreSettings:
             projection at the same parameters (one extra forward and backward pass of those).
         overwrite: replace a store built from other inputs in a checkpoint's directory.
         hold_mb: MiB of the layers' inputs and output gradients a window may hold to project
-            several steps together, in fewer and larger operations (the rows are the same); a step
-            larger than half of it is projected in its backward pass, as with ``0``.
+            several steps together, in fewer and larger operations (the same rows, up to the rounding
+            of products over more rows); a step larger than half of it is projected in its backward
+            pass, as every step is with ``0``.
     """
 
     checkpoints: tuple[int, ...]
@@ -558,6 +559,8 @@ class _Hooks:
                         raise self._edited(i, "after the layer ran, before the step ended")
                     x = x.detach().clone()
                     version = x._version
+                elif version is not None:  # without its graph (the same values and version counter)
+                    x = x.detach()
                 g = grads.get(call)
                 layer.append((x, version, g, 0 if g is None else g._version))
             held.append(layer)
@@ -578,7 +581,7 @@ class _Hooks:
                     ):
                         raise self._edited(
                             i,
-                            "(or its output gradient) after the step, before the window "
+                            "after its step ended (or its output gradient was), before the store "
                             "projected the steps it held",
                         )
                 if parts[0][2] is None:
