@@ -297,6 +297,18 @@ def test_held_steps_give_the_rows_of_steps_projected_in_their_backward_pass(tmp_
             torch.testing.assert_close(held, alone, rtol=0, atol=1e-6 * top, msg=str((hold_mb, refill)))
 
 
+def _one_window_store(model_class, path):
+    """The MLP problem's task and data with a ``model_class()`` model, and a store of one window
+    opening at step 0."""
+    _, task, data = _problem("mlp")
+    torch.manual_seed(0)
+    model = model_class()
+    settings = TrainingStoreSettings(
+        checkpoints=(0,), projector=KroneckerProjector(k_in=4, k_out=3, basis="random")
+    )
+    return model, task, data, TrainingStore(model, task, data, path, settings)
+
+
 class _KeepsInput(nn.Module):
     """Keeps its head's input (an activation of its graph) where the training loop can reach it."""
 
@@ -313,13 +325,7 @@ def test_a_held_input_edited_after_its_step_is_refused_and_its_store_not_written
     """A held step's activation edited in place once the step ended (before the writer thread
     projected it) would give wrong rows: the projection refuses it, naming the layer, the error is
     raised by finish(), and the window's store is not written."""
-    _, task, (x, y) = _problem("mlp")
-    torch.manual_seed(0)
-    model = _KeepsInput()
-    settings = TrainingStoreSettings(
-        checkpoints=(0,), projector=KroneckerProjector(k_in=4, k_out=3, basis="random")
-    )
-    store = TrainingStore(model, task, (x, y), tmp_path, settings)
+    model, task, (x, y), store = _one_window_store(_KeepsInput, tmp_path)
     for step, ids in enumerate(torch.arange(N).split(BATCH)):
         with store.step(ids, lr=0.1):
             task.loss(model, (x[ids], y[ids])).mean().backward()
@@ -390,13 +396,7 @@ class _EditsInput(nn.Module):
 def test_an_input_edited_in_place_after_its_layer_ran_is_refused(tmp_path):
     """The inputs are projected in the backward pass: an input changed in between would give wrong
     rows, so it is refused, naming the layer."""
-    _, task, (x, y) = _problem("mlp")
-    torch.manual_seed(0)
-    model = _EditsInput()
-    settings = TrainingStoreSettings(
-        checkpoints=(0,), projector=KroneckerProjector(k_in=4, k_out=3, basis="random")
-    )
-    store = TrainingStore(model, task, (x, y), tmp_path, settings)
+    model, task, (x, y), store = _one_window_store(_EditsInput, tmp_path)
     ids = torch.arange(BATCH)
     with (
         pytest.raises(ConfigError, match="input of layer 'b' was modified in place"),
