@@ -77,7 +77,7 @@ import functools
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -242,9 +242,8 @@ class _Window:
         self.state = state.numpy()
         self.basis = self.projection.state().numpy() if self.projection.needs_fit else None
         self.hooks = _Hooks(self.projection)
-        # steps held for projection together: (ids, kept positions or None, inputs and output
-        # gradients, scale), and the bytes they hold
-        self.held: list[tuple[Tensor, list[int] | None, _Held, Tensor]] = []
+        # steps held for projection together, and the bytes they hold
+        self.held: list[_Pending] = []
         self.held_bytes = 0
         self.failed = False  # a projection of held steps failed (in the writer thread)
 
@@ -284,17 +283,17 @@ class _Window:
         # None: every id; else repeated or seen ids, and the first occurrences of unseen ones kept
         kept = None if len(keep) == len(at) else keep
         if isinstance(taken, _Held):
-            self.held.append((ids, kept, taken, scale))
+            self.held.append(_Pending(ids, kept, taken, scale))
             self.held_bytes += taken.bytes
         else:
             self._write(ids, kept, taken, scale)
 
-    def take_held(self) -> list[tuple[Tensor, list[int] | None, _Held, Tensor]]:
+    def take_held(self) -> list[_Pending]:
         """The steps held so far (for :meth:`project`), no longer held."""
         held, self.held, self.held_bytes = self.held, [], 0
         return held
 
-    def project(self, held: list[tuple[Tensor, list[int] | None, _Held, Tensor]], stream: Any = None) -> None:
+    def project(self, held: list[_Pending], stream: Any = None) -> None:
         """Project held steps and write their rows: consecutive steps whose inputs and output
         gradients have the same shapes as one batch, the others one by one.
 
@@ -309,30 +308,29 @@ class _Window:
             self.failed = True
             raise
 
-    def _project(self, held: list[tuple[Tensor, list[int] | None, _Held, Tensor]]) -> None:
+    def _project(self, held: list[_Pending]) -> None:
         start = 0
         while start < len(held):
-            end, shapes = start + 1, held[start][2].shapes
-            while shapes is not None and end < len(held) and held[end][2].shapes == shapes:
+            end, shapes = start + 1, held[start].step.shapes
+            while shapes is not None and end < len(held) and held[end].step.shapes == shapes:
                 end += 1
             group = held[start:end]
             start = end
-            products = self.hooks.project([step for _, _, step, _ in group])
-            if len(group) == 1:
-                ids, kept, _, scale = group[0]
-                self._write(ids, kept, products, scale)
-                continue
+            products = self.hooks.project([pending.step for pending in group])
             # the group's ids and kept positions in the concatenated batch, and its scales
             keep, offset = [], 0
-            for ids, kept, _, _ in group:
-                keep.extend(range(offset, offset + len(ids)) if kept is None else (offset + j for j in kept))
-                offset += len(ids)
-            first = group[0][3]
-            if all(scale is first and len(scale) == 1 for *_, scale in group):  # one rule for every step
+            for pending in group:
+                n = len(pending.ids)
+                keep.extend(
+                    range(offset, offset + n) if pending.kept is None else (offset + j for j in pending.kept)
+                )
+                offset += n
+            first = group[0].scale
+            if all(p.scale is first and len(first) == 1 for p in group):  # one rule for every step
                 scale = first
             else:
-                scale = torch.cat([scale.expand(len(ids), 1) for ids, *_, scale in group])
-            ids = torch.cat([ids for ids, *_ in group])
+                scale = torch.cat([p.scale.expand(len(p.ids), 1) for p in group])
+            ids = torch.cat([p.ids for p in group])
             self._write(ids, None if offset == len(keep) else keep, products, scale)
 
     def _write(
@@ -444,6 +442,16 @@ class _Held:
     batch: int
     bytes: int
     shapes: tuple[Any, ...] | None
+
+
+class _Pending(NamedTuple):
+    """A held step in a window: its ids ``(B,)``, the positions kept (None: all; else its first
+    occurrences of ids not seen before), its calls and its scale ``(B or 1, 1)``."""
+
+    ids: Tensor
+    kept: list[int] | None
+    step: _Held
+    scale: Tensor
 
 
 class _Hooks:
