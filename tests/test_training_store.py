@@ -168,18 +168,23 @@ def test_cuda_training_store_equals_the_post_hoc_store(tmp_path):
     assert stores.scores((data[0][:3], data[1][:3])).is_cuda
 
 
-def _batches(sampling: str, gen: torch.Generator):
-    """Two epochs of shuffled batches of 32, or batches of 32 drawn with replacement (ids repeat
-    within a batch and across batches) until every id was drawn after step 2."""
+def _batches(sampling: str, gen: torch.Generator, sizes=(32,), opens: int = 2):
+    """Batches of ``sizes`` in turn: two shuffled epochs, or drawn with replacement (ids repeat
+    within a batch and across batches) until every id was drawn from step ``opens`` on."""
+    size = itertools.cycle(sizes)
     if sampling == "shuffled":
-        yield from (ids for _ in range(2) for ids in torch.randperm(N, generator=gen).split(32))
+        for _ in range(2):
+            lengths = []
+            while sum(lengths) < N:
+                lengths.append(min(next(size), N - sum(lengths)))
+            yield from torch.randperm(N, generator=gen).split(lengths)
         return
     drawn = torch.zeros(N, dtype=torch.bool)
     step = 0
     while not drawn.all():
-        ids = torch.randint(0, N, (32,), generator=gen)
+        ids = torch.randint(0, N, (next(size),), generator=gen)
         ids[5] = ids[3]  # at least one id twice in every batch
-        if step >= 2:
+        if step >= opens:
             drawn[ids] = True
         step += 1
         yield ids
@@ -231,28 +236,8 @@ def test_rows_of_an_sgd_window_are_each_steps_gradients(tmp_path, sampling):
     assert not torch.allclose(got, expected + 1e-3)
 
 
-def _uneven_batches(sampling: str, gen: torch.Generator):
-    """Batches of 32, 17 and 15 in turn (three shapes): two shuffled epochs, or drawn with
-    replacement (an id twice in every batch) until every id was drawn after step 1."""
-    sizes = itertools.cycle((32, 17, 15))
-    if sampling == "shuffled":
-        for _ in range(2):
-            order = torch.randperm(N, generator=gen)
-            yield from order.split([next(sizes) for _ in range(N // 64 * 3)])
-        return
-    drawn = torch.zeros(N, dtype=torch.bool)
-    step = 0
-    while not drawn.all():
-        ids = torch.randint(0, N, (next(sizes),), generator=gen)
-        ids[5] = ids[3]
-        if step >= 1:
-            drawn[ids] = True
-        step += 1
-        yield ids
-
-
 def _sgd_store(path, kind, hold_mb, sampling, refill=False):
-    """A store of one window of SGD steps on batches of three sizes (:func:`_uneven_batches`), the
+    """A store of one window of SGD steps on batches of 32, 17 and 15 in turn (three shapes), the
     loss scale a callable with one factor per example; with ``refill``, each batch is copied into
     one input tensor the training loop reuses."""
     model, task, (x, y) = _problem(kind)
@@ -267,7 +252,7 @@ def _sgd_store(path, kind, hold_mb, sampling, refill=False):
     store = TrainingStore(model, task, (x, y), path, settings)
     opt = torch.optim.SGD(model.parameters(), lr=0.3)
     buffer = torch.empty(32, *x.shape[1:])
-    for ids in _uneven_batches(sampling, torch.Generator().manual_seed(1)):
+    for ids in _batches(sampling, torch.Generator().manual_seed(1), sizes=(32, 17, 15), opens=1):
         inputs = buffer[: len(ids)].copy_(x[ids]) if refill else x[ids]
         with store.step(ids, lr=0.3):
             weights = (1.0 / per_example(ids)).float()
