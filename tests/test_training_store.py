@@ -150,6 +150,34 @@ def test_other_batches_agree_with_the_post_hoc_store_to_float32_rounding(tmp_pat
     assert float(err.max()) < 1e-5 and float(post.norm(dim=1).min()) > 1e-3
 
 
+def test_a_window_still_projecting_keeps_its_pca_basis_when_the_next_one_fits_its_own(tmp_path, monkeypatch):
+    """Back-to-back windows with a PCA basis: the next window fits its basis at its first step,
+    while the writer thread may still be projecting the closed window's held steps (made slow
+    here), which must use the closed window's basis."""
+    import time
+
+    import influencer.index.training as training
+
+    project = training._Window.project
+
+    def slow(self, *args):
+        time.sleep(0.3)
+        project(self, *args)
+
+    monkeypatch.setattr(training._Window, "project", slow)
+    model, task, data = _problem("mlp")
+    projector = KroneckerProjector(k_in=4, k_out=3, basis="pca", pca_examples=100)
+    settings = TrainingStoreSettings(checkpoints=(0, 4), projector=projector, loss_scale=float(N))
+    store = TrainingStore(model, task, data, tmp_path / "train", settings, batch_size=BATCH)
+    states = _full_batch_training(model, task, data, store, lrs=(0.5, 0.25))
+    for state, path in zip(states, store.finish(), strict=True):
+        _load(model, state)
+        inf = Influence(model, task, data, batch_size=BATCH)
+        post = GradientIndex.build(inf, tmp_path / f"post-{path.name}", projector).gradients()
+        ours = GradientIndex.open(path, inf).gradients()
+        torch.testing.assert_close(ours, post, rtol=0, atol=1e-6 * float(post.abs().max()))
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device on this machine")
 def test_cuda_training_store_equals_the_post_hoc_store(tmp_path):
     model, task, (x, y) = _problem("cnn")

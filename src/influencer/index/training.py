@@ -72,6 +72,7 @@ window opens; ``fisher`` costs ``n sum_l k_l^2`` when it closes.
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import functools
 from collections.abc import Callable, Iterator, Sequence
@@ -196,7 +197,7 @@ class _Window:
         }
         fn = self.influence.fn
         # one projection for every window: the same layers and, for a random basis, the same factors
-        # (a PCA basis is fitted again below)
+        # (a PCA basis is fitted again below, in a copy)
         if store.projection is None:
             store.projection = settings.projector.bind(fn)
         self.projection: KroneckerProjection = store.projection
@@ -218,6 +219,9 @@ class _Window:
         if self.done:
             return
         if self.projection.needs_fit:
+            # a basis of its own (fitting rebinds the factors): a closed window may still be
+            # projecting its held steps with its basis in the writer thread
+            self.projection = copy.copy(self.projection)
             self.projection.fit(self.influence)
         self.regularizer = self.projection.regularizer_row(fn, self.influence.theta)
         n = self.influence.n
