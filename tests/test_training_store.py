@@ -150,6 +150,22 @@ def test_other_batches_agree_with_the_post_hoc_store_to_float32_rounding(tmp_pat
     assert float(err.max()) < 1e-5 and float(post.norm(dim=1).min()) > 1e-3
 
 
+def _pca_windows_and_post_hoc(model, task, data, path):
+    """Per window of a store with a PCA basis at steps 0 and 4 of full-batch training (learning rates
+    0.5, 0.25): its rows and the post-hoc store's at the same parameters."""
+    projector = KroneckerProjector(k_in=4, k_out=3, basis="pca", pca_examples=100)
+    settings = TrainingStoreSettings(checkpoints=(0, 4), projector=projector, loss_scale=float(N))
+    store = TrainingStore(model, task, data, path / "train", settings, batch_size=BATCH)
+    states = _full_batch_training(model, task, data, store, lrs=(0.5, 0.25))
+    pairs = []
+    for state, written in zip(states, store.finish(), strict=True):
+        _load(model, state)
+        inf = Influence(model, task, data, batch_size=BATCH)
+        post = GradientIndex.build(inf, path / f"post-{written.name}", projector).gradients()
+        pairs.append((GradientIndex.open(written, inf).gradients(), post))
+    return pairs
+
+
 def test_a_window_still_projecting_keeps_its_pca_basis_when_the_next_one_fits_its_own(tmp_path, monkeypatch):
     """Back-to-back windows with a PCA basis: the next window fits its basis at its first step,
     while the writer thread may still be projecting the closed window's held steps (made slow
@@ -166,15 +182,7 @@ def test_a_window_still_projecting_keeps_its_pca_basis_when_the_next_one_fits_it
 
     monkeypatch.setattr(training._Window, "project", slow)
     model, task, data = _problem("mlp")
-    projector = KroneckerProjector(k_in=4, k_out=3, basis="pca", pca_examples=100)
-    settings = TrainingStoreSettings(checkpoints=(0, 4), projector=projector, loss_scale=float(N))
-    store = TrainingStore(model, task, data, tmp_path / "train", settings, batch_size=BATCH)
-    states = _full_batch_training(model, task, data, store, lrs=(0.5, 0.25))
-    for state, path in zip(states, store.finish(), strict=True):
-        _load(model, state)
-        inf = Influence(model, task, data, batch_size=BATCH)
-        post = GradientIndex.build(inf, tmp_path / f"post-{path.name}", projector).gradients()
-        ours = GradientIndex.open(path, inf).gradients()
+    for ours, post in _pca_windows_and_post_hoc(model, task, data, tmp_path):
         torch.testing.assert_close(ours, post, rtol=0, atol=1e-6 * float(post.abs().max()))
 
 
@@ -182,15 +190,7 @@ def test_a_window_still_projecting_keeps_its_pca_basis_when_the_next_one_fits_it
 def test_cuda_training_store_equals_the_post_hoc_store(tmp_path):
     model, task, (x, y) = _problem("cnn")
     model, data = model.cuda(), (x.cuda(), y.cuda())
-    projector = KroneckerProjector(k_in=4, k_out=3, basis="pca", pca_examples=100)
-    settings = TrainingStoreSettings(checkpoints=(0, 4), projector=projector, loss_scale=float(N))
-    store = TrainingStore(model, task, data, tmp_path / "train", settings, batch_size=BATCH)
-    states = _full_batch_training(model, task, data, store, lrs=(0.5, 0.25))
-    for state, path in zip(states, store.finish(), strict=True):
-        _load(model, state)
-        inf = Influence(model, task, data, batch_size=BATCH)
-        post = GradientIndex.build(inf, tmp_path / f"post-{path.name}", projector).gradients()
-        ours = GradientIndex.open(path, inf).gradients()
+    for ours, post in _pca_windows_and_post_hoc(model, task, data, tmp_path):
         assert ours.is_cuda and float((ours - post).norm() / post.norm()) < 1e-5
     stores = CheckpointStores.open(tmp_path / "train", model, task, data)
     assert stores.scores((data[0][:3], data[1][:3])).is_cuda
