@@ -298,7 +298,7 @@ def _sgd_store(path, kind, hold_mb, sampling, refill=False):
 def test_held_steps_give_the_rows_of_steps_projected_in_their_backward_pass(tmp_path, sampling, kind):
     """Steps held and projected together in the writer thread (the whole window, or groups of a
     few steps submitted while it is open) against every step projected in its own backward pass:
-    batches of two shapes, ids repeated and seen before, a loss scale per example, a layer called
+    batches of three sizes, ids repeated and seen before, a loss scale per example, a layer called
     three times, an input batch the training loop refills in place after every step."""
     alone = _sgd_store(tmp_path / "alone", kind, 0.0, sampling)
     top = float(alone.abs().max())
@@ -308,6 +308,39 @@ def test_held_steps_give_the_rows_of_steps_projected_in_their_backward_pass(tmp_
             held = _sgd_store(tmp_path / f"held-{hold_mb}-{refill}", kind, hold_mb, sampling, refill)
             # a product over more rows may round differently (the BLAS picks its kernel by size)
             torch.testing.assert_close(held, alone, rtol=0, atol=1e-6 * top, msg=str((hold_mb, refill)))
+
+
+def test_a_later_window_copies_its_steps_into_the_buffers_of_an_earlier_ones(tmp_path):
+    """The buffers a window's held steps are copied into go back once projected and hold the next
+    window's steps; both windows' rows are those of steps projected in their backward passes."""
+    model0, task, (x, y) = _problem("cnn")
+    projector = KroneckerProjector(k_in=4, k_out=3, basis="random")
+    rows, pointers = {}, []
+    for hold_mb in (32.0, 0.0):
+        model = copy.deepcopy(model0)
+        settings = TrainingStoreSettings(checkpoints=(0, 8), projector=projector, hold_mb=hold_mb)
+        store = TrainingStore(model, task, (x, y), tmp_path / f"hold-{hold_mb}", settings)
+        opt = torch.optim.SGD(model.parameters(), lr=0.3)
+        for step, ids in enumerate(
+            torch.randperm(N, generator=torch.Generator().manual_seed(2)).repeat(3).split(32)
+        ):
+            with store.step(ids, lr=0.3):
+                opt.zero_grad()
+                task.loss(model, (x[ids], y[ids])).mean().backward()
+            opt.step()
+            if hold_mb and step in (7, 15):  # each window's last step: its group is projected
+                store.flush()
+                ((_, tensors),) = store.buffers._idle
+                pointers.append(
+                    [t.data_ptr() for layer in tensors for call in layer for t in call if t is not None]
+                )
+        rows[hold_mb] = []
+        for path in store.finish():
+            load_model_state(model, path)
+            rows[hold_mb].append(GradientIndex.open(path, Influence(model, task, (x, y))).gradients())
+    assert pointers[0] == pointers[1]
+    for held, alone in zip(rows[32.0], rows[0.0], strict=True):
+        torch.testing.assert_close(held, alone, rtol=0, atol=1e-6 * float(alone.abs().max()))
 
 
 def _one_window_store(model_class, path):
@@ -334,21 +367,60 @@ class _KeepsInput(nn.Module):
         return self.b(self.kept)
 
 
-def test_a_held_input_edited_after_its_step_is_refused_and_its_store_not_written(tmp_path):
-    """A held step's activation edited in place once the step ended (before the writer thread
-    projected it) would give wrong rows: the projection refuses it, naming the layer, the error is
-    raised by finish(), and the window's store is not written."""
-    model, task, (x, y), store = _one_window_store(_KeepsInput, tmp_path)
+def _edited_after_steps(path, edit):
+    """A one-window store of the MLP problem's data with :class:`_KeepsInput`, whose head input is
+    doubled in place after a held step (with ``edit``)."""
+    model, task, (x, y), store = _one_window_store(_KeepsInput, path)
     for step, ids in enumerate(torch.arange(N).split(BATCH)):
         with store.step(ids, lr=0.1):
             task.loss(model, (x[ids], y[ids])).mean().backward()
-        if step == 2:  # a held step (the first is projected at once, for the first batch's check)
+        if step == 2 and edit:  # a held step (the first is projected at once, for the first batch's check)
             with torch.no_grad():
                 model.kept.mul_(2.0)
-    with pytest.raises(ConfigError, match="input of layer 'b' was modified in place"):
-        store.finish()
-    assert store.written == []
-    assert not (tmp_path / "step-00000000" / "manifest.json").exists()
+    return model, task, (x, y), store
+
+
+def test_a_held_step_is_copied_so_an_activation_edited_after_it_changes_nothing(tmp_path):
+    """A held step's inputs and output gradients are copied at its end: an activation training
+    edits in place afterwards leaves the store as it is without the edit, bit for bit."""
+    stores = []
+    for edit in (False, True):
+        model, task, data, store = _edited_after_steps(tmp_path / f"edit-{edit}", edit)
+        (path,) = store.finish()
+        stores.append(GradientIndex.open(path, Influence(model, task, data)).gradients())
+    assert torch.equal(stores[0], stores[1])
+    assert float(stores[0].abs().max()) > 0.01
+
+
+class _SqueezesSingles(nn.Module):
+    """Runs its head on an unbatched input when the batch holds one example."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Linear(10, 6), nn.Linear(6, 3)
+
+    def forward(self, x):
+        h = torch.tanh(self.a(x))
+        return self.b(h[0])[None] if len(x) == 1 else self.b(h)
+
+
+@pytest.mark.parametrize("hold_mb", [32.0, 0.0])
+def test_a_layer_input_not_batch_first_is_refused_in_a_held_step_as_in_one_projected_alone(tmp_path, hold_mb):
+    """A held step whose layer input is not batch-first cannot be copied into a group: it is
+    projected at the step's end, and the layer's error names it, as in a step projected in its
+    backward pass."""
+    _, task, (x, y) = _problem("mlp")
+    model = _SqueezesSingles()
+    settings = TrainingStoreSettings(
+        checkpoints=(0,), projector=KroneckerProjector(k_in=2, k_out=2, basis="random"), hold_mb=hold_mb
+    )
+    store = TrainingStore(model, task, (x, y), tmp_path, settings)
+    for ids in (torch.arange(0, 64), torch.arange(64, 128)):  # the first projected alone, for the check
+        with store.step(ids, lr=0.1):
+            task.loss(model, (x[ids], y[ids])).mean().backward()
+    ids = torch.tensor([128])
+    with pytest.raises(ConfigError, match=r"layer 'b' got an input of shape \(6,\)"), store.step(ids, lr=0.1):
+        task.loss(model, (x[ids], y[ids])).mean().backward()
 
 
 def test_ids_as_lists_or_numpy_arrays_give_the_same_store_and_out_of_range_ids_are_refused(tmp_path):

@@ -49,21 +49,24 @@ rounding), which catches a training loss that is not the one ``loss_scale`` desc
 **Held steps.** A small model's step is made of small operations, and between a training step's
 kernels each operation costs tens of microseconds however small it is: projecting each step's 64
 examples in its own backward pass added 0.9-1.1 ms to a digits CNN's 2.1 ms step.
-So a window holds the layers' inputs and output gradients of small steps (up to ``hold_mb``, a
-step larger than half of it being projected in its backward pass) and projects them together, one
-batch per run of steps of the same shapes, in the writer thread, beside training: when the window
-closes, or as soon as what it holds would pass ``hold_mb``. A held step costs its hooks and
-bookkeeping; the projection's large operations release the interpreter while they run, so on a
-machine with a core to spare training hardly waits for them. Inputs that the model's graph did not
-make (the batch itself, which a training loop may refill) are copied at the step's end; an
-activation modified in place before it is projected is refused (raised by the next :meth:`step`,
-:meth:`flush` or :meth:`finish`; the window is then not written). The rows are those of steps
-projected alone, up to the rounding of products over more rows.
+So a window holds small steps (a step larger than half of ``hold_mb`` is projected in its backward
+pass) and projects them together, in the writer thread, beside training. At each step's end the
+layers' inputs and output gradients are copied into a group's buffers, after the steps before it
+of the same shapes; a group holds the window's examples, or as many as half of ``hold_mb`` holds,
+and is projected as one batch once the window closes or the group is full (or the next step's
+shapes differ). Its buffers then hold a later group's steps, in this window or the next: memory
+training's own steps do not fault in again. The copies free the step's tensors at once (held,
+they would make the next step take new memory, cold in the caches), leave nothing to concatenate,
+and make the rows immune to what training does to its tensors after the step; an activation
+modified in place between its layer and the step's end is refused. The projection's large
+operations release the interpreter while they run, so on a machine with a core to spare training
+hardly waits for them. The rows are those of steps projected alone, up to the rounding of products
+over more rows.
 
 Cost per collected step: per layer two thin products (``B T d k`` for each side; the inputs are
 projected when the output gradient is there) and one ``(k_out, k_in)`` product per example, copied
 into the window's rows (``n k`` values, in id order), which are scaled, checked and written in
-chunks when it closes; a held step's inputs and output gradients until they are projected; a PCA
+chunks when it closes; a held step, the copy of its inputs and output gradients; a PCA
 basis costs its fit (a forward and backward pass over ``pca_examples`` training examples) when the
 window opens; ``fisher`` costs ``n sum_l k_l^2`` when it closes.
 ``benchmarks/bench_training_store.py`` measures the overhead.
@@ -75,6 +78,7 @@ import contextlib
 import copy
 import dataclasses
 import functools
+import threading
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
@@ -117,10 +121,11 @@ class TrainingStoreSettings:
         check: compare the first window's first batch (its first 8 examples) with a post-hoc
             projection at the same parameters (one extra forward and backward pass of those).
         overwrite: replace a store built from other inputs in a checkpoint's directory.
-        hold_mb: MiB of the layers' inputs and output gradients a window may hold to project
+        hold_mb: MiB of the layers' inputs and output gradients the store may hold to project
             several steps together, in fewer and larger operations (the same rows, up to the rounding
-            of products over more rows); a step larger than half of it is projected in its backward
-            pass, as every step is with ``0``.
+            of products over more rows): two groups' buffers of half of it each (one filling, one
+            projected; kept from window to window until :meth:`TrainingStore.finish`); a step larger
+            than half of it is projected in its backward pass, as every step is with ``0``.
     """
 
     checkpoints: tuple[int, ...]
@@ -246,9 +251,9 @@ class _Window:
         self.state = state.numpy()
         self.basis = self.projection.state().numpy() if self.projection.needs_fit else None
         self.hooks = _Hooks(self.projection)
-        # steps held for projection together, and the bytes they hold
-        self.held: list[_Pending] = []
-        self.held_bytes = 0
+        self.buffers = store.buffers
+        self.held: list[_Group] = []  # closed groups of held steps, to be projected
+        self.group: _Group | None = None  # the group the next held steps are copied into
         self.failed = False  # a projection of held steps failed (in the writer thread)
 
     def _open_layout(self, overwrite: bool, check: bool) -> bool:
@@ -286,20 +291,31 @@ class _Window:
             return
         # None: every id; else repeated or seen ids, and the first occurrences of unseen ones kept
         kept = None if len(keep) == len(at) else keep
-        if isinstance(taken, _Held):
-            self.held.append(_Pending(ids, kept, taken, scale))
-            self.held_bytes += taken.bytes
-        else:
+        if not isinstance(taken, _Held):
             self._write(ids, kept, taken, scale)
+            return
+        group = self.group
+        if group is not None and not group.fits(taken):
+            self.close_group()
+            group = None
+        if group is None:
+            group = self.group = _Group(self.buffers, taken, len(self.seen))
+        group.put(self.hooks, taken, _Pending(ids, kept, scale))
 
-    def take_held(self) -> list[_Pending]:
-        """The steps held so far (for :meth:`project`), no longer held."""
-        held, self.held, self.held_bytes = self.held, [], 0
+    def close_group(self) -> None:
+        """Make the open group ready for projection (:attr:`held`)."""
+        if self.group is not None:
+            self.held.append(self.group)
+            self.group = None
+
+    def take_held(self) -> list[_Group]:
+        """The closed groups (for :meth:`project`), no longer held."""
+        held, self.held = self.held, []
         return held
 
-    def project(self, held: list[_Pending], stream: Any = None) -> None:
-        """Project held steps and write their rows: consecutive steps whose inputs and output
-        gradients have the same shapes as one batch, the others one by one.
+    def project(self, held: list[_Group], stream: Any = None) -> None:
+        """Project closed groups and write their rows: each group as one batch (its buffers then
+        free for another group).
 
         Runs in the store's writer thread, beside training: its operations are few and large, and
         release the interpreter while they run; on a GPU in training's CUDA ``stream``, after the
@@ -307,35 +323,32 @@ class _Window:
         """
         try:
             with contextlib.nullcontext() if stream is None else torch.cuda.stream(stream):
-                self._project(held)
+                for group in held:
+                    self._project(group.calls(), group.filled, group.steps)
+                    group.release()
         except BaseException:
             self.failed = True
             raise
 
-    def _project(self, held: list[_Pending]) -> None:
-        start = 0
-        while start < len(held):
-            end, shapes = start + 1, held[start].step.shapes
-            while shapes is not None and end < len(held) and held[end].step.shapes == shapes:
-                end += 1
-            group = held[start:end]
-            start = end
-            products = self.hooks.project([pending.step for pending in group])
-            # the group's ids and kept positions in the concatenated batch, and its scales
-            keep, offset = [], 0
-            for pending in group:
-                n = len(pending.ids)
-                keep.extend(
-                    range(offset, offset + n) if pending.kept is None else (offset + j for j in pending.kept)
-                )
-                offset += n
-            first = group[0].scale
-            if all(p.scale is first and len(first) == 1 for p in group):  # one rule for every step
-                scale = first
-            else:
-                scale = torch.cat([p.scale.expand(len(p.ids), 1) for p in group])
-            ids = torch.cat([p.ids for p in group])
-            self._write(ids, None if offset == len(keep) else keep, products, scale)
+    def _project(self, calls: list[list[_Call]], batch: int, steps: list[_Pending]) -> None:
+        """Write the rows of ``steps``, whose inputs and output gradients ``calls`` hold
+        (``batch`` rows, the steps' in turn)."""
+        products = self.hooks.project(calls, batch)
+        # the steps' kept positions in the batch, and their scales
+        keep, offset = [], 0
+        for pending in steps:
+            n = len(pending.ids)
+            keep.extend(
+                range(offset, offset + n) if pending.kept is None else (offset + j for j in pending.kept)
+            )
+            offset += n
+        first = steps[0].scale
+        if all(p.scale is first and len(first) == 1 for p in steps):  # one rule for every step
+            scale = first
+        else:
+            scale = torch.cat([p.scale.expand(len(p.ids), 1) for p in steps])
+        ids = steps[0].ids if len(steps) == 1 else torch.cat([p.ids for p in steps])
+        self._write(ids, None if offset == len(keep) else keep, products, scale)
 
     def _write(
         self, ids: Tensor, keep: list[int] | None, products: list[Tensor | None], scale: Tensor
@@ -435,27 +448,126 @@ def _write_store(
     layout.write_manifest({**manifest, **entries, "chunks": records})
 
 
+_Call = tuple[Any, "int | None", "Tensor | None", "int | None"]
+"""A held layer call: its input, the input's version, its output gradient (None: none reached the
+layer) and the gradient's version; a version None is not checked (a copy the store made)."""
+
+
 @dataclasses.dataclass
 class _Held:
-    """A step's layer calls kept for projection later: per layer and call ``(input, its version,
-    output gradient or None, its version)``, the batch size, the bytes held, and the shapes that
-    decide which steps can be projected as one batch (None: none, an input or gradient whose first
-    axis is not the batch)."""
+    """A held step's layer calls (per layer and call, a :data:`_Call`), until the window copies them
+    into a group: the batch size, the bytes they hold, and their shapes (per example: the steps of a
+    group have the same)."""
 
-    calls: list[list[tuple[Any, int | None, Tensor | None, int]]]
+    calls: list[list[_Call]]
     batch: int
     bytes: int
-    shapes: tuple[Any, ...] | None
+    shapes: tuple[Any, ...]
 
 
 class _Pending(NamedTuple):
-    """A held step in a window: its ids ``(B,)``, the positions kept (None: all; else its first
-    occurrences of ids not seen before), its calls and its scale ``(B or 1, 1)``."""
+    """A held step in a window's group: its ids ``(B,)``, the positions kept (None: all; else its
+    first occurrences of ids not seen before) and its scale ``(B or 1, 1)``."""
 
     ids: Tensor
     kept: list[int] | None
-    step: _Held
     scale: Tensor
+
+
+class _Buffers:
+    """The buffers of projected groups, kept for later groups of the same shapes (two sets at
+    most): a window's groups are copied into memory that training's own steps do not fault in
+    again, and the writer thread projects them without concatenating steps."""
+
+    def __init__(self, budget: float) -> None:
+        self.budget = budget  # bytes a group may hold: half of hold_mb (one filling, one projected)
+        self._idle: list[tuple[Any, list[list[tuple[Tensor, Tensor | None]]]]] = []
+        self._lock = threading.Lock()  # given back by the writer thread, taken by training's
+
+    def take(self, key: Any) -> list[list[tuple[Tensor, Tensor | None]]] | None:
+        with self._lock:
+            for j, (k, tensors) in enumerate(self._idle):
+                if k == key:
+                    del self._idle[j]
+                    return tensors
+        return None
+
+    def give(self, key: Any, tensors: list[list[tuple[Tensor, Tensor | None]]]) -> None:
+        with self._lock:
+            self._idle.append((key, tensors))
+            del self._idle[:-2]
+
+    def clear(self) -> None:
+        with self._lock:
+            self._idle.clear()
+
+
+class _Group:
+    """Held steps of the same shapes, their layers' inputs and output gradients copied at each
+    step's end into buffers of ``capacity`` examples, projected as one batch.
+
+    The copy replaces holding the step's tensors: those go back to training's allocator at once (a
+    held tensor makes the next step's take new memory, faulted in, cold in the caches), nothing
+    is concatenated later, and an activation training edits in place after its step cannot change
+    the rows.
+    """
+
+    def __init__(self, buffers: _Buffers, first: _Held, n: int) -> None:
+        self.shapes = first.shapes
+        per_example = max(1, first.bytes // max(1, first.batch))
+        # the window's n examples where they fit (one group per window: the buffers are reused by
+        # the next window's), else as many as half of hold_mb holds
+        self.capacity = max(first.batch, min(n, int(buffers.budget // per_example)))
+        self.key = (self.shapes, self.capacity)
+        self.pool = buffers
+        tensors = buffers.take(self.key)
+        if tensors is None:
+            size = self.capacity
+            tensors = [
+                [
+                    (
+                        x.new_empty((size, *x.shape[1:])),
+                        None if g is None else g.new_empty((size, *g.shape[1:])),
+                    )
+                    for x, _, g, _ in layer
+                ]
+                for layer in first.calls
+            ]
+        self.tensors: list[list[tuple[Tensor, Tensor | None]]] | None = tensors
+        self.filled = 0
+        self.steps: list[_Pending] = []
+
+    def fits(self, held: _Held) -> bool:
+        return held.shapes == self.shapes and self.filled + held.batch <= self.capacity
+
+    def put(self, hooks: _Hooks, held: _Held, pending: _Pending) -> None:
+        """Copy the step's inputs and output gradients in, after the rows already there."""
+        assert self.tensors is not None
+        start, end = self.filled, self.filled + held.batch
+        for i, (calls, tensors) in enumerate(zip(held.calls, self.tensors, strict=True)):
+            for (x, version, g, g_version), (xb, gb) in zip(calls, tensors, strict=True):
+                if x._version != version or (g is not None and g._version != g_version):
+                    raise hooks._edited(i, "after the layer ran, before the step ended")
+                xb[start:end].copy_(x)
+                if gb is not None:
+                    gb[start:end].copy_(g)
+        self.filled = end
+        self.steps.append(pending)
+
+    def calls(self) -> list[list[_Call]]:
+        """The group's layer calls over its ``filled`` rows (copies: no version to check)."""
+        assert self.tensors is not None
+        f = self.filled
+        return [
+            [(xb[:f], None, None if gb is None else gb[:f], None) for xb, gb in layer]
+            for layer in self.tensors
+        ]
+
+    def release(self) -> None:
+        """Give the buffers back for a later group (once projected)."""
+        if self.tensors is not None:
+            self.pool.give(self.key, self.tensors)
+            self.tensors = None
 
 
 class _Hooks:
@@ -560,63 +672,51 @@ class _Hooks:
         pairs = zip(self.inputs, self.products, strict=True)
         if not self.hold:
             return [sum_calls(p.get(call) for call in range(len(calls))) for calls, p in pairs]
-        held = []
+        held: list[list[_Call]] = []
         for i, (calls, grads) in enumerate(pairs):
-            layer = []
+            layer: list[_Call] = []
             for call, (x, version) in enumerate(calls):
-                if version is not None and x.grad_fn is None:
-                    # not made by the model's autograd graph (the batch itself, say): training code
-                    # may refill it for the next step, so the step keeps a copy
+                if version is not None:
                     if x._version != version:
                         raise self._edited(i, "after the layer ran, before the step ended")
-                    x = x.detach().clone()
-                    version = x._version
-                elif version is not None:  # without its graph (the same values and version counter)
-                    x = x.detach()
+                    x = x.detach()  # without its graph (the same values and version counter)
                 g = grads.get(call)
-                layer.append((x, version, g, 0 if g is None else g._version))
+                layer.append((x, version, g, None if g is None else g._version))
             held.append(layer)
-        return _Held(held, self.batch, self.bytes, _shapes(held, self.batch))
+        shapes = _shapes(held, self.batch)
+        if shapes is None:  # not batch-first: projected now, which names the layer
+            return self.project(held, self.batch)
+        return _Held(held, self.batch, self.bytes, shapes)
 
-    def project(self, steps: list[_Held]) -> list[Tensor | None]:
-        """Per layer, the sum of its calls' products of held steps as one batch ``(sum B, k_out,
-        k_in)``: steps of the same :attr:`_Held.shapes` (or a single step)."""
-        batch = sum(step.batch for step in steps)
+    def project(self, calls: list[list[_Call]], batch: int) -> list[Tensor | None]:
+        """Per layer, the sum of its calls' products ``(batch, k_out, k_in)`` of held inputs and
+        output gradients ``calls``."""
         out = []
-        for i in range(len(self.projection.layers)):
+        for i, layer in enumerate(calls):
             products = []
-            for call in range(len(steps[0].calls[i])):
-                parts = [step.calls[i][call] for step in steps]
-                for x, version, g, g_version in parts:
-                    if (version is not None and x._version != version) or (
-                        g is not None and g._version != g_version
-                    ):
-                        raise self._edited(
-                            i,
-                            "after its step ended (or its output gradient was), before the store "
-                            "projected the steps it held",
-                        )
-                if parts[0][2] is None:
-                    products.append(None)
-                    continue
-                if len(parts) == 1:
-                    x, g = parts[0][0], parts[0][2]
-                else:
-                    x, g = torch.cat([part[0] for part in parts]), torch.cat([part[2] for part in parts])
-                products.append(self._product(i, x, g, batch))
+            for x, version, g, g_version in layer:
+                if (version is not None and x._version != version) or (
+                    g is not None and g_version is not None and g._version != g_version
+                ):
+                    raise self._edited(
+                        i,
+                        "after its step ended (or its output gradient was), before the store "
+                        "projected the steps it held",
+                    )
+                products.append(None if g is None else self._product(i, x, g, batch))
             out.append(sum_calls(products))
         return out
 
 
-def _shapes(
-    calls: list[list[tuple[Any, int | None, Tensor | None, int]]], batch: int
-) -> tuple[Any, ...] | None:
-    """:attr:`_Held.shapes` of a held step's calls."""
+def _shapes(calls: list[list[_Call]], batch: int) -> tuple[Any, ...] | None:
+    """:attr:`_Held.shapes` of a held step's calls (None: an input or gradient is not batch-first)."""
     shapes: list[Any] = [len(layer) for layer in calls]
     for x, _, g, _ in (call for layer in calls for call in layer):
         if not isinstance(x, Tensor) or x.shape[0] != batch or (g is not None and g.shape[0] != batch):
             return None
-        shapes.append((x.shape[1:], x.dtype, None if g is None else (g.shape[1:], g.dtype)))
+        shapes.append(
+            (x.shape[1:], x.dtype, x.device, None if g is None else (g.shape[1:], g.dtype, g.device))
+        )
     return tuple(shapes)
 
 
@@ -689,6 +789,7 @@ class TrainingStore:
         self._writes: list[tuple[Future[None], Path]] = []  # closed windows being finished
         self._scales: dict[tuple[Any, ...], Tensor] = {}  # see _device_scale
         self._step_bytes = 0  # inputs and output gradients of the last collecting step (0: none yet)
+        self.buffers = _Buffers(settings.hold_mb * 2**20 / 2)  # of held steps' groups
 
     def fingerprint(self, influence: Influence) -> dict[str, Any]:
         """``influence.settings()["gradients"]``; after the first window only the weights are hashed again.
@@ -767,7 +868,9 @@ class TrainingStore:
             on = few.to(fn.device)
             rows = window.rows[on] * window.scales[on] + window.regularizer
             self._check(window, few, rows, step, hooks.reduced)
-        if window.held and (window.complete or window.held_bytes + self._step_bytes > budget):
+        if window.complete:
+            window.close_group()
+        if window.held:  # closed groups: the window's last, or one full
             stream = torch.cuda.current_stream(fn.device) if fn.device.type == "cuda" else None
             self._submit(functools.partial(window.project, window.take_held(), stream), window.layout.root)
         if window.complete:
@@ -893,6 +996,7 @@ class TrainingStore:
             if self._writer is not None:
                 self._writer.shutdown(wait=True)
                 self._writer = None
+            self.buffers.clear()
         if self.window is not None:
             w = self.window
             w.hooks.remove()
