@@ -392,6 +392,38 @@ def test_a_held_step_is_copied_so_an_activation_edited_after_it_changes_nothing(
     assert float(stores[0].abs().max()) > 0.01
 
 
+class _DoublesGradient(nn.Module):
+    """Doubles its head's output gradient in place, in a hook of its own (after the store's)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Linear(10, 6), nn.Linear(6, 3)
+
+    def forward(self, x):
+        out = self.b(torch.tanh(self.a(x)))
+        if out.requires_grad:
+            out.register_hook(lambda g: g.mul_(2.0))
+        return out
+
+
+def test_an_output_gradient_edited_in_place_before_its_step_ended_is_refused_in_a_held_step(tmp_path):
+    """A held step copies its output gradients at its end: one edited in place after the store's
+    hook saw it (here by a later hook of the model's) is refused, naming the layer."""
+    _, task, (x, y) = _problem("mlp")
+    model = _DoublesGradient()
+    projector = KroneckerProjector(k_in=2, k_out=2, basis="random")
+    settings = TrainingStoreSettings(checkpoints=(0,), projector=projector, check=False)
+    store = TrainingStore(model, task, (x, y), tmp_path, settings)
+    ids = torch.arange(BATCH)
+    with store.step(ids, lr=0.1):  # the window's first step: projected in its backward pass
+        task.loss(model, (x[ids], y[ids])).mean().backward()
+    with (
+        pytest.raises(ConfigError, match="output gradient of layer 'b' was modified in place"),
+        store.step(ids + BATCH, lr=0.1),
+    ):
+        task.loss(model, (x[ids + BATCH], y[ids + BATCH])).mean().backward()
+
+
 class _SqueezesSingles(nn.Module):
     """Runs its head on an unbatched input when the batch holds one example."""
 

@@ -58,7 +58,8 @@ shapes differ). Its buffers then hold a later group's steps, in this window or t
 training's own steps do not fault in again. The copies free the step's tensors at once (held,
 they would make the next step take new memory, cold in the caches), leave nothing to concatenate,
 and make the rows immune to what training does to its tensors after the step; an activation
-modified in place between its layer and the step's end is refused. The projection's large
+modified in place between its layer and the step's end, or an output gradient after the store's
+hook saw it, is refused. The projection's large
 operations release the interpreter while they run, so on a machine with a core to spare training
 hardly waits for them. The rows are those of steps projected alone, up to the rounding of products
 over more rows.
@@ -300,7 +301,7 @@ class _Window:
             group = None
         if group is None:
             group = self.group = _Group(self.buffers, taken, len(self.seen))
-        group.put(self.hooks, taken, _Pending(ids, kept, scale))
+        group.put(taken, _Pending(ids, kept, scale))
 
     def close_group(self) -> None:
         """Make the open group ready for projection (:attr:`held`)."""
@@ -448,9 +449,8 @@ def _write_store(
     layout.write_manifest({**manifest, **entries, "chunks": records})
 
 
-_Call = tuple[Any, "int | None", "Tensor | None", "int | None"]
-"""A held layer call: its input, the input's version, its output gradient (None: none reached the
-layer) and the gradient's version; a version None is not checked (a copy the store made)."""
+_Call = tuple[Any, "Tensor | None"]
+"""A held layer call: its input and its output gradient (None: none reached the layer)."""
 
 
 @dataclasses.dataclass
@@ -529,7 +529,7 @@ class _Group:
                         x.new_empty((size, *x.shape[1:])),
                         None if g is None else g.new_empty((size, *g.shape[1:])),
                     )
-                    for x, _, g, _ in layer
+                    for x, g in layer
                 ]
                 for layer in first.calls
             ]
@@ -540,14 +540,12 @@ class _Group:
     def fits(self, held: _Held) -> bool:
         return held.shapes == self.shapes and self.filled + held.batch <= self.capacity
 
-    def put(self, hooks: _Hooks, held: _Held, pending: _Pending) -> None:
+    def put(self, held: _Held, pending: _Pending) -> None:
         """Copy the step's inputs and output gradients in, after the rows already there."""
         assert self.tensors is not None
         start, end = self.filled, self.filled + held.batch
-        for i, (calls, tensors) in enumerate(zip(held.calls, self.tensors, strict=True)):
-            for (x, version, g, g_version), (xb, gb) in zip(calls, tensors, strict=True):
-                if x._version != version or (g is not None and g._version != g_version):
-                    raise hooks._edited(i, "after the layer ran, before the step ended")
+        for calls, tensors in zip(held.calls, self.tensors, strict=True):
+            for (x, g), (xb, gb) in zip(calls, tensors, strict=True):
                 xb[start:end].copy_(x)
                 if gb is not None:
                     gb[start:end].copy_(g)
@@ -555,13 +553,10 @@ class _Group:
         self.steps.append(pending)
 
     def calls(self) -> list[list[_Call]]:
-        """The group's layer calls over its ``filled`` rows (copies: no version to check)."""
+        """The group's layer calls over its ``filled`` rows."""
         assert self.tensors is not None
         f = self.filled
-        return [
-            [(xb[:f], None, None if gb is None else gb[:f], None) for xb, gb in layer]
-            for layer in self.tensors
-        ]
+        return [[(xb[:f], None if gb is None else gb[:f]) for xb, gb in layer] for layer in self.tensors]
 
     def release(self) -> None:
         """Give the buffers back for a later group (once projected)."""
@@ -595,8 +590,9 @@ class _Hooks:
         gradients kept, with ``hold``)."""
         layers = self.projection.layers
         self.inputs: list[list[Any]] = [[] for _ in layers]  # per layer and call: (input, its version)
-        # per layer, call -> (B, k_out, k_in) product, or (held) -> output gradient
+        # per layer, call -> (B, k_out, k_in) product, or (held) -> output gradient and its version
         self.products: list[dict[int, Tensor | None]] = [{} for _ in layers]
+        self.versions: list[dict[int, int]] = [{} for _ in layers]
         self.batch, self.active, self.hold = batch, True, hold
         self.bytes = 0  # of the inputs and output gradients met
         self.reduced: torch.dtype | None = None  # a lower precision met in the step (autocast)
@@ -634,11 +630,13 @@ class _Hooks:
         # a held step keeps the gradient (of a create_graph backward pass: without its graph)
         y = (g.detach() if g.requires_grad else g) if self.hold else self._product(i, x, g, self.batch)
         earlier = self.products[i].get(call)
-        self.products[i][call] = y if earlier is None else earlier + y
+        y = y if earlier is None else earlier + y
+        self.products[i][call] = y
+        self.versions[i][call] = y._version
 
-    def _edited(self, i: int, when: str) -> ConfigError:
+    def _edited(self, i: int, when: str, what: str = "input") -> ConfigError:
         return ConfigError(
-            f"the input of layer {self.projection.layers[i].name!r} was modified in place {when}: the "
+            f"the {what} of layer {self.projection.layers[i].name!r} was modified in place {when}: the "
             "store projects it then. Modify a copy (e.g. x = x + ..., not x += ...), or pass "
             "TrainingStoreSettings(hold_mb=0) to project every step in its own backward pass"
         )
@@ -681,7 +679,13 @@ class _Hooks:
                         raise self._edited(i, "after the layer ran, before the step ended")
                     x = x.detach()  # without its graph (the same values and version counter)
                 g = grads.get(call)
-                layer.append((x, version, g, None if g is None else g._version))
+                if g is not None and g._version != self.versions[i][call]:
+                    raise self._edited(
+                        i,
+                        "after the backward pass reached the layer, before the step ended",
+                        "output gradient",
+                    )
+                layer.append((x, g))
             held.append(layer)
         shapes = _shapes(held, self.batch)
         if shapes is None:  # not batch-first: projected now, which names the layer
@@ -691,27 +695,16 @@ class _Hooks:
     def project(self, calls: list[list[_Call]], batch: int) -> list[Tensor | None]:
         """Per layer, the sum of its calls' products ``(batch, k_out, k_in)`` of held inputs and
         output gradients ``calls``."""
-        out = []
-        for i, layer in enumerate(calls):
-            products = []
-            for x, version, g, g_version in layer:
-                if (version is not None and x._version != version) or (
-                    g is not None and g_version is not None and g._version != g_version
-                ):
-                    raise self._edited(
-                        i,
-                        "after its step ended (or its output gradient was), before the store "
-                        "projected the steps it held",
-                    )
-                products.append(None if g is None else self._product(i, x, g, batch))
-            out.append(sum_calls(products))
-        return out
+        return [
+            sum_calls(None if g is None else self._product(i, x, g, batch) for x, g in layer)
+            for i, layer in enumerate(calls)
+        ]
 
 
 def _shapes(calls: list[list[_Call]], batch: int) -> tuple[Any, ...] | None:
     """:attr:`_Held.shapes` of a held step's calls (None: an input or gradient is not batch-first)."""
     shapes: list[Any] = [len(layer) for layer in calls]
-    for x, _, g, _ in (call for layer in calls for call in layer):
+    for x, g in (call for layer in calls for call in layer):
         if not isinstance(x, Tensor) or x.shape[0] != batch or (g is not None and g.shape[0] != batch):
             return None
         shapes.append(
