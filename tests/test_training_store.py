@@ -355,12 +355,17 @@ def _one_window_store(model_class, path):
     return model, task, data, TrainingStore(model, task, data, path, settings)
 
 
-class _KeepsInput(nn.Module):
-    """Keeps its head's input (an activation of its graph) where the training loop can reach it."""
+class _TwoLayers(nn.Module):
+    """Two linear layers, ``a`` (10 -> 6) and ``b`` (6 -> 3), for models whose forward pass does
+    something the store must notice."""
 
     def __init__(self) -> None:
         super().__init__()
         self.a, self.b = nn.Linear(10, 6), nn.Linear(6, 3)
+
+
+class _KeepsInput(_TwoLayers):
+    """Keeps its head's input (an activation of its graph) where the training loop can reach it."""
 
     def forward(self, x):
         self.kept = torch.tanh(self.a(x)) + 0.0
@@ -392,12 +397,8 @@ def test_a_held_step_is_copied_so_an_activation_edited_after_it_changes_nothing(
     assert float(stores[0].abs().max()) > 0.01
 
 
-class _DoublesGradient(nn.Module):
+class _DoublesGradient(_TwoLayers):
     """Doubles its head's output gradient in place, in a hook of its own (after the store's)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.a, self.b = nn.Linear(10, 6), nn.Linear(6, 3)
 
     def forward(self, x):
         out = self.b(torch.tanh(self.a(x)))
@@ -424,12 +425,8 @@ def test_an_output_gradient_edited_in_place_before_its_step_ended_is_refused_in_
         task.loss(model, (x[ids + BATCH], y[ids + BATCH])).mean().backward()
 
 
-class _SqueezesSingles(nn.Module):
+class _SqueezesSingles(_TwoLayers):
     """Runs its head on an unbatched input when the batch holds one example."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.a, self.b = nn.Linear(10, 6), nn.Linear(6, 3)
 
     def forward(self, x):
         h = torch.tanh(self.a(x))
@@ -496,12 +493,8 @@ def test_the_finiteness_check_looks_at_every_entry_when_the_sum_overflows():
     check_finite_rows(torch.zeros(5, 3), step=0)
 
 
-class _EditsInput(nn.Module):
+class _EditsInput(_TwoLayers):
     """A layer whose input is edited in place after the layer ran (and before the backward pass)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.a, self.b = nn.Linear(10, 6), nn.Linear(6, 3)
 
     def forward(self, x):
         h = torch.tanh(self.a(x)) + 0.0  # (a copy: tanh's own output stays as autograd saved it)

@@ -280,8 +280,8 @@ class _Window:
     def add(self, ids: Tensor, at: list[int], taken: list[Tensor | None] | _Held, scale: Tensor) -> None:
         """Take a step's rows for the ids ``(B,)`` not seen yet (an id repeated in the batch: its
         first occurrence): its products (:meth:`_Hooks.take`), written now, or its held inputs and
-        output gradients, projected later (:meth:`project`); ``at``: the ids as a list (in ``[0,
-        n)``), ``scale`` ``(B or 1, 1)``."""
+        output gradients, copied into the open group and projected with it later (:meth:`project`);
+        ``at``: the ids as a list (in ``[0, n)``), ``scale`` ``(B or 1, 1)``."""
         seen, keep = self.seen, []
         for j, i in enumerate(at):
             if not seen[i]:
@@ -573,9 +573,9 @@ class _Hooks:
     The inputs are projected in the backward pass, not the forward: autograd keeps a layer's input
     until then anyway (for its weight's gradient), so the step holds no projected copy between the
     passes, and each projection is used while it is still in the cache. A held step keeps its inputs
-    and output gradients instead, to be projected with other steps' (:meth:`project`): between a
-    training step's kernels each operation costs tens of microseconds however small it is, so a few
-    large ones cost far less than many small ones.
+    and output gradients instead until its end, when the window copies them into a group projected
+    with other steps' (:meth:`project`): between a training step's kernels each operation costs tens
+    of microseconds however small it is, so a few large ones cost far less than many small ones.
     """
 
     def __init__(self, projection: KroneckerProjection) -> None:
@@ -590,7 +590,8 @@ class _Hooks:
         gradients kept, with ``hold``)."""
         layers = self.projection.layers
         self.inputs: list[list[Any]] = [[] for _ in layers]  # per layer and call: (input, its version)
-        # per layer, call -> (B, k_out, k_in) product, or (held) -> output gradient and its version
+        # per layer, call -> (B, k_out, k_in) product, or (held) -> output gradient, and its version
+        # when the store's hook saw it (checked at the step's end)
         self.products: list[dict[int, Tensor | None]] = [{} for _ in layers]
         self.versions: list[dict[int, int]] = [{} for _ in layers]
         self.batch, self.active, self.hold = batch, True, hold
@@ -632,7 +633,8 @@ class _Hooks:
         earlier = self.products[i].get(call)
         y = y if earlier is None else earlier + y
         self.products[i][call] = y
-        self.versions[i][call] = y._version
+        if self.hold:
+            self.versions[i][call] = y._version
 
     def _edited(self, i: int, when: str, what: str = "input") -> ConfigError:
         return ConfigError(
