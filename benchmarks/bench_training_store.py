@@ -190,6 +190,7 @@ def training_runs(
                         projector=projector,
                         loss_scale=problem["scale"],
                         hold_mb=args.hold_mb,
+                        spare_core=not args.no_spare_core,
                     )
                     data, params = copy["data"], copy["params"]
                     store = TrainingStore(
@@ -244,7 +245,11 @@ def run(name: str, args: argparse.Namespace) -> dict[str, Any]:
     epochs = 1 + args.repeats + args.epoch_repeats
     checkpoints = tuple(range(0, epochs * steps, steps))  # every epoch but the warm-up
     settings = TrainingStoreSettings(
-        checkpoints=checkpoints[1:], projector=projector, loss_scale=problem["scale"], hold_mb=args.hold_mb
+        checkpoints=checkpoints[1:],
+        projector=projector,
+        loss_scale=problem["scale"],
+        hold_mb=args.hold_mb,
+        spare_core=not args.no_spare_core,
     )
     gen = torch.Generator().manual_seed(0)
     plain, collect = [], []
@@ -285,6 +290,7 @@ def run(name: str, args: argparse.Namespace) -> dict[str, Any]:
         "batch": problem["batch"],
         "k_per_layer": args.k,
         "hold_mb": args.hold_mb,
+        "spare_core": not args.no_spare_core,
         "plain_s": p,
         "collect_s": c,
         **overhead(p, c),
@@ -339,6 +345,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--epochs", type=int, default=20, help="training epochs of the schedule column")
     parser.add_argument("--checkpoints", type=int, default=4, help="stores collected in the schedule column")
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument(
+        "--no-spare-core",
+        action="store_true",
+        help="TrainingStoreSettings(spare_core=False): training keeps its threads while the writer works",
+    )
     parser.add_argument("--json", default=None, metavar="PATH")
     args = parser.parse_args(argv)
     if args.threads:

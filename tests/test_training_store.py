@@ -632,6 +632,101 @@ def test_a_failed_write_of_a_closed_window_is_raised(tmp_path, monkeypatch):
         store.finish()
 
 
+def _blocked_writer_store(tmp_path, monkeypatch, cores, **settings):
+    """A store whose first window (steps 0-3) closed and whose writer is stuck writing its files
+    until the returned event is set; ``usable_cores()`` says ``cores``."""
+    import threading
+
+    import influencer._kernel.threads as threads
+    import influencer.index.training as training
+
+    release = threading.Event()
+    write = training._write_store
+
+    def blocked(*args):
+        release.wait(30)
+        write(*args)
+
+    monkeypatch.setattr(training, "_write_store", blocked)
+    monkeypatch.setattr(threads, "usable_cores", lambda: cores)
+    model, task, data = _problem("mlp")
+    projector = KroneckerProjector(k_in=2, k_out=2, basis="random")
+    store = TrainingStore(
+        model,
+        task,
+        data,
+        tmp_path,
+        TrainingStoreSettings(checkpoints=(0,), projector=projector, loss_scale=float(N), **settings),
+    )
+    _full_batch_training(model, task, data, store, lrs=(0.5,))
+    x, y = data
+
+    def step() -> int:
+        """One more training step; torch's threads inside it."""
+        with store.step(torch.arange(BATCH), lr=0.5):
+            task.loss(model, (x[:BATCH], y[:BATCH])).mean().backward()
+            return torch.get_num_threads()
+
+    return store, release, step
+
+
+def test_training_runs_on_one_thread_fewer_while_the_writer_works_when_its_threads_fill_the_cores(
+    tmp_path, monkeypatch
+):
+    """While the writer writes the closed window's files, the steps of a training loop whose
+    threads fill the cores run on one fewer; the first step after it is done (or flush()) puts the
+    number back, and a number the training loop set meanwhile is kept."""
+    torch.set_num_threads(2)  # (the one_thread fixture restores the session's)
+    store, release, step = _blocked_writer_store(tmp_path, monkeypatch, cores=2)
+    assert step() == 1 and step() == 1  # the writer busy
+    release.set()
+    store.flush()
+    assert torch.get_num_threads() == 2
+    assert step() == 2
+    assert store.finish() and torch.get_num_threads() == 2
+
+    store, release, step = _blocked_writer_store(tmp_path / "b", monkeypatch, cores=2)
+    assert step() == 1
+    torch.set_num_threads(3)  # the training loop's own choice, between steps
+    release.set()
+    store.finish()
+    assert torch.get_num_threads() == 3
+
+    torch.set_num_threads(2)
+    store, release, step = _blocked_writer_store(tmp_path / "c", monkeypatch, cores=2)
+    assert step() == 1
+    release.set()
+    for future, _ in store._writes:  # done (flush() would put the number back itself)
+        future.exception(timeout=30)
+    assert step() == 2  # back at the first step that finds the writer done
+    store.finish()
+
+
+def test_a_core_is_spared_only_when_training_fills_them_and_never_when_told_not_to(tmp_path, monkeypatch):
+    torch.set_num_threads(2)
+    for cores, settings, inside in [(4, {}, 2), (2, {"spare_core": False}, 2)]:
+        store, release, step = _blocked_writer_store(tmp_path / f"{cores}", monkeypatch, cores, **settings)
+        assert step() == inside
+        release.set()
+        store.finish()
+    torch.set_num_threads(1)  # one thread: nothing to spare
+    store, release, step = _blocked_writer_store(tmp_path / "one", monkeypatch, cores=1)
+    assert step() == 1
+    release.set()
+    store.finish()
+
+
+def test_a_step_that_raises_while_a_core_is_spared_puts_the_threads_back(tmp_path, monkeypatch):
+    torch.set_num_threads(2)
+    store, release, _ = _blocked_writer_store(tmp_path, monkeypatch, cores=2)
+    with pytest.raises(RuntimeError, match="diverged"), store.step(torch.arange(BATCH), lr=0.5):
+        assert torch.get_num_threads() == 1
+        raise RuntimeError("diverged")
+    assert torch.get_num_threads() == 2
+    release.set()
+    store.finish()
+
+
 def test_the_store_covers_the_parameters_of_the_default_influence(tmp_path):
     """Past the exact estimator's size the default covers the Linear/Conv layers only (here not the
     LayerNorm); the store chooses them without the default's look at the data, the same ones."""
@@ -668,6 +763,9 @@ def test_settings_are_validated():
     for bad in [-1.0, float("inf"), float("nan"), True, "32"]:
         with pytest.raises(ConfigError, match="hold_mb"):
             TrainingStoreSettings(checkpoints=(0,), projector=k, hold_mb=bad)
+    for bad in [1, "yes", None]:
+        with pytest.raises(ConfigError, match="spare_core"):
+            TrainingStoreSettings(checkpoints=(0,), projector=k, spare_core=bad)
     assert TrainingStoreSettings(checkpoints=[0, 5], projector=k).checkpoints == (0, 5)
 
 

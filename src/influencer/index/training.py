@@ -64,6 +64,14 @@ operations release the interpreter while they run, so on a machine with a core t
 hardly waits for them. The rows are those of steps projected alone, up to the rounding of products
 over more rows.
 
+**The writer's core.** The writer's work takes a core (for a digits CNN's window, its projection and
+files, about 16 ms of CPU). Where training's torch threads fill every usable core, that is a core
+of theirs, and each of training's parallel operations then waits for the thread the writer
+displaced: training loses about the writer's CPU time, and more. So by default (``spare_core``)
+the steps that find the writer busy run on one torch thread fewer, and the first step that finds it
+done puts the number back (so do :meth:`~TrainingStore.flush`, :meth:`~TrainingStore.finish` and a
+step that raises); a number the training loop sets meanwhile is its own and is kept.
+
 Cost per collected step: per layer two thin products (``B T d k`` for each side; the inputs are
 projected when the output gradient is there) and one ``(k_out, k_in)`` product per example, copied
 into the window's rows (``n k`` values, in id order), which are scaled, checked and written in
@@ -93,7 +101,7 @@ from influencer._kernel.data import as_examples
 from influencer._kernel.errors import ConfigError, DataError, NonFiniteError
 from influencer._kernel.files import atomic_save_array, json_roundtrip
 from influencer._kernel.fingerprint import hash_tensors
-from influencer._kernel.threads import background_pool
+from influencer._kernel.threads import SpareCore, background_pool
 from influencer.estimators.auto import choose_estimator
 from influencer.index.gradient_index import add_fisher, fisher_setting, fisher_spans
 from influencer.index.kronecker import KroneckerProjection, KroneckerProjector, call_product, sum_calls
@@ -127,6 +135,11 @@ class TrainingStoreSettings:
             of products over more rows): two groups' buffers of half of it each (one filling, one
             projected; kept from window to window until :meth:`TrainingStore.finish`); a step larger
             than half of it is projected in its backward pass, as every step is with ``0``.
+        spare_core: while the writer thread works (projecting held steps, finishing a closed
+            window) and training's torch threads fill every usable core, run training on one thread
+            fewer (``torch.set_num_threads``), from the step that finds the writer busy to the first
+            that finds it done, or :meth:`TrainingStore.flush` / :meth:`~TrainingStore.finish`
+            (a number set meanwhile by the training loop is kept); ``False``: never change it.
     """
 
     checkpoints: tuple[int, ...]
@@ -137,6 +150,7 @@ class TrainingStoreSettings:
     check: bool = True
     overwrite: bool = False
     hold_mb: float = 32.0
+    spare_core: bool = True
 
     def __post_init__(self) -> None:
         steps = tuple(self.checkpoints) if isinstance(self.checkpoints, (list, tuple, range)) else None
@@ -176,6 +190,10 @@ class TrainingStoreSettings:
         if isinstance(hold, bool) or not isinstance(hold, (int, float)) or not 0 <= hold < float("inf"):
             raise ConfigError(
                 f"TrainingStoreSettings.hold_mb must be a number of MiB >= 0 (0: no step held), got {hold!r}"
+            )
+        if not isinstance(self.spare_core, bool):
+            raise ConfigError(
+                f"TrainingStoreSettings.spare_core must be True or False, got {self.spare_core!r}"
             )
 
 
@@ -785,6 +803,7 @@ class TrainingStore:
         self._scales: dict[tuple[Any, ...], Tensor] = {}  # see _device_scale
         self._step_bytes = 0  # inputs and output gradients of the last collecting step (0: none yet)
         self.buffers = _Buffers(settings.hold_mb * 2**20 / 2)  # of held steps' groups
+        self._spare = SpareCore(settings.spare_core)  # training's threads while the writer works
 
     def fingerprint(self, influence: Influence) -> dict[str, Any]:
         """``influence.settings()["gradients"]``; after the first window only the weights are hashed again.
@@ -815,6 +834,16 @@ class TrainingStore:
         :class:`~influencer.index.checkpoints.CheckpointStores`); ``scale``: this step's
         ``loss_scale`` (a number or one per example), instead of the settings' rule.
         """
+        # training on one thread fewer while the writer works (TrainingStoreSettings.spare_core)
+        self._spare.update(any(not future.done() for future, _ in self._writes))
+        try:
+            yield from self._step(ids, lr, scale)
+        except BaseException:
+            self._spare.restore()  # a failed step: the training loop may not call the store again
+            raise
+
+    def _step(self, ids: Sequence[int] | Tensor, lr: float, scale: float | Tensor | None) -> Iterator[None]:
+        """:meth:`step`'s body (a generator, delegated to)."""
         if self._writes:  # a closed window's rows not finite or its files not written: raised now
             self._raise_failed(wait=False)
         step = self.steps
@@ -980,7 +1009,10 @@ class TrainingStore:
     def flush(self) -> None:
         """Wait until the stores of closed windows are written (their files are written in a thread
         beside training); raise the first that could not be."""
-        self._raise_failed(wait=True)
+        try:
+            self._raise_failed(wait=True)
+        finally:
+            self._spare.restore()
 
     def finish(self) -> list[Path]:
         """The stores written, once their files are; raises if a window is still open (it did not
@@ -992,6 +1024,7 @@ class TrainingStore:
                 self._writer.shutdown(wait=True)
                 self._writer = None
             self.buffers.clear()
+            self._spare.restore()
         if self.window is not None:
             w = self.window
             w.hooks.remove()
