@@ -716,6 +716,28 @@ def test_a_core_is_spared_only_when_training_fills_them_and_never_when_told_not_
     store.finish()
 
 
+def test_a_step_the_store_skips_spares_the_core_as_a_wrapped_one(tmp_path, monkeypatch):
+    """The Trainer callback counts the steps outside windows with skip_step(), which lowers and puts
+    back the threads as step() does; inside a window it is refused."""
+    torch.set_num_threads(2)
+    store, release, _ = _blocked_writer_store(tmp_path, monkeypatch, cores=2)
+    store.skip_step()
+    assert torch.get_num_threads() == 1
+    release.set()
+    for future, _ in store._writes:
+        future.exception(timeout=30)
+    store.skip_step()
+    assert torch.get_num_threads() == 2 and store.steps == 6
+    store.finish()
+    model, task, data = _problem("mlp")
+    projector = KroneckerProjector(k_in=2, k_out=2, basis="random")
+    opening = TrainingStore(
+        model, task, data, tmp_path / "b", TrainingStoreSettings(checkpoints=(0,), projector=projector)
+    )
+    with pytest.raises(IndexStoreError, match=r"store\.step\(\)"):
+        opening.skip_step()
+
+
 def test_a_step_that_raises_while_a_core_is_spared_puts_the_threads_back(tmp_path, monkeypatch):
     torch.set_num_threads(2)
     store, release, _ = _blocked_writer_store(tmp_path, monkeypatch, cores=2)

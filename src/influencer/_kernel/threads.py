@@ -72,10 +72,6 @@ class SpareCore:
         self.enabled = enabled
         self._set: tuple[int, int] | None = None  # (the caller's number, the one set)
 
-    @property
-    def sparing(self) -> bool:
-        return self._set is not None
-
     def update(self, busy: bool) -> None:
         if not busy:
             self.restore()

@@ -127,7 +127,7 @@ def store_callback(store: TrainingStore) -> Any:
             if ids is None or not module.training:
                 return args, kwargs
             if not store.collecting:
-                store.steps += 1  # nothing recorded in this step
+                store.skip_step()  # nothing recorded in this step
                 return args, kwargs
             labels = kwargs.get("labels")
             scale = None

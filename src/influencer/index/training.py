@@ -842,6 +842,21 @@ class TrainingStore:
             self._spare.restore()  # a failed step: the training loop may not call the store again
             raise
 
+    def skip_step(self) -> None:
+        """Count a training step outside every window (:attr:`collecting` False) without wrapping
+        its passes in :meth:`step`, and do what :meth:`step` does for it: raise a closed window's
+        failed write, spare a core while the writer works (a training loop that calls neither
+        would keep one thread fewer until :meth:`flush` or :meth:`finish`)."""
+        if self.collecting:
+            raise IndexStoreError(
+                f"step {self.steps} is in the window of a checkpoint: wrap its forward and backward "
+                "pass in store.step()"
+            )
+        self._spare.update(any(not future.done() for future, _ in self._writes))
+        if self._writes:
+            self._raise_failed(wait=False)
+        self.steps += 1
+
     def _step(self, ids: Sequence[int] | Tensor, lr: float, scale: float | Tensor | None) -> Iterator[None]:
         """:meth:`step`'s body (a generator, delegated to)."""
         if self._writes:  # a closed window's rows not finite or its files not written: raised now
