@@ -22,16 +22,18 @@ So ``--epoch-repeats`` more epochs follow, whole epochs of each copy in turn (pl
 ``whole epochs`` is the ``schedule`` from their median wall times, ``(CPU time)`` from their CPU
 time of the process, every thread included.
 
-Both estimate a training run from epochs. ``--runs`` measures the thing itself: whole training
-runs of ``--epochs`` epochs, each copy in turn (which goes first alternates), the collecting one
-with a new store of ``--checkpoints`` evenly spaced windows, timed until ``finish()`` returns with
-every file on disk. Everything a user's run pays is in it: the first window's check and
-fingerprint (the model classes' source read as in a fresh process), each window's set-up, steps
-and files, and what the file writing beside training takes from the steps after it. ``training
-runs`` is the median over the runs of collecting run / its neighbouring plain run, in wall time and
-in CPU time of the process. Each step is timed too: ``breakdown_ms`` sums, over the steps of each
-kind (a window's first step, its other steps, the 3 after it closes, the rest), the median over the
-runs of the collecting copy's step time minus the plain copy's, and adds ``finish()``.
+Both estimate a training run from epochs. ``--runs`` measures the thing itself: whole training runs
+of ``--epochs`` epochs, each copy in turn (which goes first alternates, and the copies take turns
+at collecting, every other pair of runs: two identical copies differ in speed by a few percent),
+the collecting one with a new store of ``--checkpoints`` evenly spaced windows, timed until
+``finish()`` returns with every file on disk. Everything a user's run pays is in it: the first
+window's check and fingerprint (the model classes' source read as in a fresh process), each
+window's set-up, steps and files, and what the file writing beside training takes from the steps
+after it. ``training runs`` is the median over the runs of collecting run / its neighbouring plain
+run, in wall time and in CPU time of the process. Each step is timed too: ``breakdown_ms`` sums,
+over the steps of each kind (a window's first step, its other steps, the 3 after it closes, the
+rest), the median over the runs of the collecting run's step time minus the plain run's, and adds
+``finish()``.
 
 The projection is Kronecker ``--k x --k`` per layer, random basis (a PCA basis adds its fit, a
 forward and backward pass over ``pca_examples`` examples, per checkpoint), float32 storage, no
@@ -164,9 +166,10 @@ def training_runs(
     gen: torch.Generator,
     tmp: Path,
 ) -> dict[str, list[float]]:
-    """``--runs`` whole training runs of each copy in turn: ``--epochs`` epochs, the collecting
-    copy with a new :class:`TrainingStore` of ``--checkpoints`` evenly spaced windows (the first at
-    step 0), timed until ``finish()`` returns (every store on disk): wall and process CPU time."""
+    """``--runs`` whole training runs of each copy in turn (taking turns at collecting): ``--epochs``
+    epochs, the collecting copy with a new :class:`TrainingStore` of ``--checkpoints`` evenly spaced
+    windows (the first at step 0), timed until ``finish()`` returns (every store on disk): wall and
+    process CPU time."""
     from influencer._kernel import fingerprint
     from influencer.index import TrainingStore, TrainingStoreSettings
 
@@ -174,10 +177,13 @@ def training_runs(
     checkpoints = tuple(sorted({(i * e // c) * steps for i in range(c)}))
     out: dict[str, Any] = {"plain": [], "collect": [], "plain_cpu": [], "collect_cpu": []}
     out |= {"steps_plain": [], "steps_collect": [], "finish_collect": [], "checkpoints": list(checkpoints)}
-    kinds = (("plain", plain_problem), ("collect", problem))
     for r in range(args.runs):
         orders = [torch.randperm(problem["n"], generator=gen) for _ in range(e)]
-        # ABBA: the machine's speed drifts over seconds, so which copy goes first alternates
+        # the two copies of the model differ in speed by a few percent (where their memory lies; the
+        # same loop on both, no store: 0.95-0.99), so they take turns at collecting, every other pair
+        # of runs; and ABBA: the machine's speed drifts over seconds, so which kind goes first alternates
+        first, second = (plain_problem, problem) if r % 4 < 2 else (problem, plain_problem)
+        kinds = (("plain", first), ("collect", second))
         for kind, copy in kinds if r % 2 == 0 else kinds[::-1]:
             with clocked(out, kind):
                 store = None
