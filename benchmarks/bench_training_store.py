@@ -157,6 +157,21 @@ def clocked(record: dict[str, list[float]], kind: str) -> Iterator[None]:
     record[kind + "_cpu"].append(time.process_time() - cpu)
 
 
+def store_settings(
+    args: argparse.Namespace, problem: dict[str, Any], projector: Any, checkpoints: tuple[int, ...]
+) -> Any:
+    """The collecting copy's :class:`TrainingStoreSettings` (``--hold-mb``, ``--no-spare-core``)."""
+    from influencer.index import TrainingStoreSettings
+
+    return TrainingStoreSettings(
+        checkpoints=checkpoints,
+        projector=projector,
+        loss_scale=problem["scale"],
+        hold_mb=args.hold_mb,
+        spare_core=not args.no_spare_core,
+    )
+
+
 def training_runs(
     args: argparse.Namespace,
     plain_problem: dict[str, Any],
@@ -171,7 +186,7 @@ def training_runs(
     windows (the first at step 0), timed until ``finish()`` returns (every store on disk): wall and
     process CPU time."""
     from influencer._kernel import fingerprint
-    from influencer.index import TrainingStore, TrainingStoreSettings
+    from influencer.index import TrainingStore
 
     c, e = args.checkpoints, args.epochs
     checkpoints = tuple(sorted({(i * e // c) * steps for i in range(c)}))
@@ -191,13 +206,7 @@ def training_runs(
                     # each run pays what a fresh process pays: the model classes' files are read again
                     fingerprint._CLASS_SPANS.clear()
                     linecache.clearcache()
-                    settings = TrainingStoreSettings(
-                        checkpoints=checkpoints,
-                        projector=projector,
-                        loss_scale=problem["scale"],
-                        hold_mb=args.hold_mb,
-                        spare_core=not args.no_spare_core,
-                    )
+                    settings = store_settings(args, problem, projector, checkpoints)
                     data, params = copy["data"], copy["params"]
                     store = TrainingStore(
                         copy["model"], copy["task"], data, tmp / f"run-{r}", settings, params=params
@@ -241,7 +250,7 @@ def run(name: str, args: argparse.Namespace) -> dict[str, Any]:
     """Two identical copies of the problem, one trained plainly and one collecting, step by step in
     turn, so that both see the same machine load; per epoch the sum of each copy's step times.
     Then ``--epoch-repeats`` whole epochs of each copy in turn (see the module docstring)."""
-    from influencer.index import KroneckerProjector, TrainingStore, TrainingStoreSettings
+    from influencer.index import KroneckerProjector, TrainingStore
 
     plain_problem, problem = PROBLEMS[name](), PROBLEMS[name]()
     for p in (plain_problem, problem):
@@ -250,13 +259,7 @@ def run(name: str, args: argparse.Namespace) -> dict[str, Any]:
     steps = -(-problem["n"] // problem["batch"])  # per epoch
     epochs = 1 + args.repeats + args.epoch_repeats
     checkpoints = tuple(range(0, epochs * steps, steps))  # every epoch but the warm-up
-    settings = TrainingStoreSettings(
-        checkpoints=checkpoints[1:],
-        projector=projector,
-        loss_scale=problem["scale"],
-        hold_mb=args.hold_mb,
-        spare_core=not args.no_spare_core,
-    )
+    settings = store_settings(args, problem, projector, checkpoints[1:])
     gen = torch.Generator().manual_seed(0)
     plain, collect = [], []
     whole: dict[str, list[float]] = {"plain": [], "collect": [], "plain_cpu": [], "collect_cpu": []}

@@ -834,9 +834,8 @@ class TrainingStore:
         :class:`~influencer.index.checkpoints.CheckpointStores`); ``scale``: this step's
         ``loss_scale`` (a number or one per example), instead of the settings' rule.
         """
-        # training on one thread fewer while the writer works (TrainingStoreSettings.spare_core)
-        self._spare.update(any(not future.done() for future, _ in self._writes))
         try:
+            self._begin_step()
             yield from self._step(ids, lr, scale)
         except BaseException:
             self._spare.restore()  # a failed step: the training loop may not call the store again
@@ -852,15 +851,18 @@ class TrainingStore:
                 f"step {self.steps} is in the window of a checkpoint: wrap its forward and backward "
                 "pass in store.step()"
             )
+        self._begin_step()
+        self.steps += 1
+
+    def _begin_step(self) -> None:
+        """What every step starts with: training on one thread fewer while the writer works
+        (``spare_core``), and a closed window's failure (rows not finite, files not written) raised."""
         self._spare.update(any(not future.done() for future, _ in self._writes))
         if self._writes:
             self._raise_failed(wait=False)
-        self.steps += 1
 
     def _step(self, ids: Sequence[int] | Tensor, lr: float, scale: float | Tensor | None) -> Iterator[None]:
-        """:meth:`step`'s body (a generator, delegated to)."""
-        if self._writes:  # a closed window's rows not finite or its files not written: raised now
-            self._raise_failed(wait=False)
+        """:meth:`step`'s body after :meth:`_begin_step` (a generator, delegated to)."""
         step = self.steps
         opens = step in self.settings.checkpoints
         if self.window is None and not opens:
@@ -886,10 +888,9 @@ class TrainingStore:
             yield
             return
         hooks = window.hooks
-        # held (projected later with other steps) when the last step was small enough; never the
-        # first window's first step, which is checked now
-        budget = self.settings.hold_mb * 2**20
-        hooks.start(len(idx), hold=self.checked and 0 < 2 * self._step_bytes <= budget)
+        # held (projected later with other steps) when the last step fits a group's buffers (half
+        # of hold_mb); never the first window's first step, which is checked now
+        hooks.start(len(idx), hold=self.checked and 0 < self._step_bytes <= self.buffers.budget)
         try:
             yield
         finally:
