@@ -7,7 +7,8 @@ model's own token-mean loss). Two identical copies of each are trained side by s
 in turn on the same batches, so that both see the same machine load: one plainly, one collecting a
 store in every epoch (a window opened at the epoch's first step, so each epoch writes one complete
 store: the window's set-up, the hooks of every step, the chunks and manifest; the first window also
-checks its first batch and hashes the model's classes and the data, later ones the weights only).
+checks its first batch; the writer thread hashes the model's classes and the data with the first
+store's weights, the weights only in later ones).
 After a warm-up epoch, ``--repeats`` epochs; the table reports the median epoch (the sum of its
 steps' times) of each copy and:
 
@@ -27,7 +28,8 @@ of ``--epochs`` epochs, each copy in turn (which goes first alternates, and the 
 at collecting, every other pair of runs: two identical copies differ in speed by a few percent),
 the collecting one with a new store of ``--checkpoints`` evenly spaced windows, timed until
 ``finish()`` returns with every file on disk. Everything a user's run pays is in it: the first
-window's check and fingerprint (the model classes' source read as in a fresh process), each
+window's check and fingerprint (the model classes' source read as in a fresh process, in the
+writer thread), each
 window's set-up, steps and files, and what the file writing beside training takes from the steps
 after it. ``training runs`` is the median over the runs of collecting run / its neighbouring plain
 run, in wall time and in CPU time of the process. Each step is timed too: ``breakdown_ms`` sums,

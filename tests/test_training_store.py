@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import itertools
 
 import pytest
@@ -608,6 +609,90 @@ def test_an_unfinished_window_and_overlapping_windows_are_refused(tmp_path):
     # a window writes its files only when it closes: an unfinished one leaves no store
     with pytest.raises(IndexStoreError, match="holds no gradient index"):
         GradientIndex.open(tmp_path / "b" / "step-00000000", Influence(model, task, (x, y)))
+
+
+class _Counting(nn.Module):
+    """An MLP with a buffer that training changes in place at every forward pass (as batch
+    normalisation's running statistics), which its outputs do not read."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = MLP(10, (16,), 3)
+        self.register_buffer("calls", torch.zeros(()))
+
+    def forward(self, x):
+        if self.training:
+            self.calls += 1
+        return self.net(x)
+
+
+def _one_epoch(model, task, data, store, lr=0.1):
+    x, y = data
+    opt = torch.optim.SGD(model.parameters(), lr=lr)
+    for ids in torch.randperm(N, generator=torch.Generator().manual_seed(1)).split(BATCH):
+        with store.step(ids, lr=lr):
+            opt.zero_grad()
+            task.loss(model, (x[ids], y[ids])).mean().backward()
+        opt.step()
+
+
+def test_the_fingerprint_is_the_model_at_the_checkpoint_though_training_changes_its_buffers(tmp_path):
+    """The header is hashed when the window is written, after steps that changed the weights and
+    the buffer in place: it is still the model at theta_s, which opens the store (the model after
+    training does not)."""
+    torch.manual_seed(0)
+    model, (task, data) = _Counting(), _problem("mlp")[1:]
+    model.train()
+    projector = KroneckerProjector(k_in=4, k_out=3, basis="random")
+    store = TrainingStore(
+        model, task, data, tmp_path / "train", TrainingStoreSettings(checkpoints=(0,), projector=projector)
+    )
+    at_checkpoint = copy.deepcopy(model)
+    _one_epoch(model, task, data, store)
+    (path,) = store.finish()
+    assert model.calls == N // BATCH
+    GradientIndex.open(path, Influence(at_checkpoint, task, data))  # the model at theta_s: opens
+    with pytest.raises(IndexStoreError, match=r"another model.*\(model\.state\)"):
+        GradientIndex.open(path, Influence(model, task, data))
+    with torch.no_grad():  # the weights at theta_s, the buffer after training: refused too
+        for p, q in zip(model.parameters(), at_checkpoint.parameters(), strict=True):
+            p.copy_(q)
+    with pytest.raises(IndexStoreError, match=r"another model.*\(model\.state\)"):
+        GradientIndex.open(path, Influence(model, task, data))
+
+
+def test_a_checkpoint_whose_store_is_there_is_skipped_and_one_from_other_inputs_refused(tmp_path):
+    """Training again into the same directory: a complete store of the same inputs (the same model
+    at the checkpoint) is kept, not collected again; another model's is refused, or replaced with
+    ``overwrite``."""
+    model, task, data = _problem("mlp")
+    projector = KroneckerProjector(k_in=4, k_out=3, basis="random")
+    settings = TrainingStoreSettings(checkpoints=(0,), projector=projector)
+    initial = copy.deepcopy(model)
+    first = TrainingStore(model, task, data, tmp_path, settings)
+    _one_epoch(model, task, data, first)
+    (path,) = first.finish()
+    rows = GradientIndex.open(path, Influence(initial, task, data)).gradients()
+
+    again = copy.deepcopy(initial)
+    store = TrainingStore(again, task, data, tmp_path, settings)
+    _one_epoch(again, task, data, store)
+    assert store._writer is None  # nothing collected, nothing written
+    assert store.finish() == [path]
+    assert torch.equal(GradientIndex.open(path, Influence(initial, task, data)).gradients(), rows)
+
+    other = copy.deepcopy(initial)
+    with torch.no_grad():
+        next(other.parameters()).add_(0.1)
+    store = TrainingStore(other, task, data, tmp_path, settings)
+    with pytest.raises(IndexStoreError, match="other inputs"):
+        _one_epoch(other, task, data, store)
+    at_checkpoint = copy.deepcopy(other)
+    store = TrainingStore(other, task, data, tmp_path, dataclasses.replace(settings, overwrite=True))
+    _one_epoch(other, task, data, store)
+    assert store.finish() == [path]
+    replaced = GradientIndex.open(path, Influence(at_checkpoint, task, data)).gradients()
+    assert not torch.allclose(replaced, rows)
 
 
 def test_a_failed_write_of_a_closed_window_is_raised(tmp_path, monkeypatch):

@@ -233,6 +233,11 @@ class ModelFunction:
             for n, t in self.unflatten(theta).items():
                 named[n].copy_(t.to(named[n].device, named[n].dtype))
 
+    def freeze(self) -> None:
+        """Read the buffers and unchosen parameters from copies of their values now, no longer from
+        the module's own tensors (which a training loop goes on changing in place)."""
+        self.fixed = {k: v.clone() for k, v in self.fixed.items()}
+
     def cast(self, dtype: torch.dtype) -> ModelFunction:
         """A copy that computes in ``dtype`` (e.g. float64 for exact references)."""
         other = object.__new__(ModelFunction)

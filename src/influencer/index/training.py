@@ -21,11 +21,15 @@ pass, and no ``p``-dimensional per-example gradient, is ever formed::
 before that step's forward pass, at the parameters ``theta_s``; it records the projected gradient
 of every example in the following steps' batches (the first time it appears) until all ``n``
 training examples were seen, i.e. one epoch, and is then written as a store in ``<path>/step-<s>``
-(in a background thread while training goes on, which also scales the rows and checks that they
-are finite; an error there is raised by the next :meth:`~TrainingStore.step`,
+(in a background thread while training goes on, which also scales the rows, checks that they
+are finite and hashes the fingerprint; an error there is raised by the next :meth:`~TrainingStore.step`,
 :meth:`~TrainingStore.flush` or :meth:`~TrainingStore.finish`, which waits for every store):
 the format of :meth:`~influencer.index.GradientIndex.build`, whose header (fingerprint of the model
-at ``theta_s``, projector, ``n``, ``k``, chunk) gains ``"training": {"step", "lr"}``; the
+at ``theta_s``, projector, ``n``, ``k``, chunk) gains ``"training": {"step", "lr"}``. The window
+keeps ``theta_s`` (the chosen parameters, and copies of the buffers and other parameters training
+changes in place) for the fingerprint: the model's classes, its task and the data (all of it) are
+hashed in the first window, only the weights in later ones, and none of it on training's thread
+unless the checkpoint's directory already holds a store to compare with. The
 model state at ``theta_s`` (floating parameters and buffers, ``parameters.npy``) goes with it, so
 :class:`~influencer.index.checkpoints.CheckpointStores` can rebuild the
 model at every checkpoint. :meth:`GradientIndex.open <influencer.index.GradientIndex.open>` opens
@@ -220,15 +224,19 @@ class _Window:
             "curvature": self.influence.curvature_kind,
         }
         fn = self.influence.fn
+        # the model at theta_s, not the module's tensors that training goes on changing: its
+        # buffers and unchosen parameters copied (theta is a copy already), for what reads them
+        # later (the fingerprint, hashed in the writer thread)
+        fn.freeze()
         # one projection for every window: the same layers and, for a random basis, the same factors
         # (a PCA basis is fitted again below, in a copy)
         if store.projection is None:
             store.projection = settings.projector.bind(fn)
         self.projection: KroneckerProjection = store.projection
         self.layout = StoreLayout(Path(store.path) / f"step-{step:08d}")
-        self.header = json_roundtrip(
+        # the header but its fingerprint, made where first needed (see header())
+        self.info = json_roundtrip(
             {
-                "fingerprint": store.fingerprint(self.influence),
                 "projector": settings.projector.settings(),
                 "projection": self.projection.info,
                 "n": self.influence.n,
@@ -239,6 +247,8 @@ class _Window:
                 "training": {"step": step, "lr": self.lr},
             }
         )
+        self._fingerprint = functools.partial(store.fingerprint, self.influence)
+        self._header: dict[str, Any] | None = None
         self.done = self._open_layout(settings.overwrite, check=not store.written)
         if self.done:
             return
@@ -285,15 +295,25 @@ class _Window:
         old = layout.read_manifest()
         if old is None:
             return False
-        if old["header"] == self.header:
+        header = self.header()
+        if old["header"] == header:
             return old["status"] == "complete"
         if not overwrite:
             raise IndexStoreError(
                 f"{layout.root} holds an index built from other inputs "
-                f"({mismatch(old['header'], self.header)}); "
+                f"({mismatch(old['header'], header)}); "
                 "pass TrainingStoreSettings(overwrite=True) to replace it, or choose another path"
             )
         return False
+
+    def header(self) -> dict[str, Any]:
+        """The store's header: its fingerprint (the weights at theta_s hashed; in the first window
+        also the model's classes, its task and the training data) and :attr:`info`. Made once, where
+        first needed: when the window opens only if its directory holds a store to compare with,
+        else in the writer thread when the window is written, beside training."""
+        if self._header is None:
+            self._header = json_roundtrip({"fingerprint": self._fingerprint(), **self.info})
+        return self._header
 
     def add(self, ids: Tensor, at: list[int], taken: list[Tensor | None] | _Held, scale: Tensor) -> None:
         """Take a step's rows for the ids ``(B,)`` not seen yet (an id repeated in the batch: its
@@ -413,7 +433,7 @@ class _Window:
                 f"the store of step {self.step} was not written: projecting some of its steps failed "
                 "(raised before)"
             )
-        inf, header = self.influence, self.header
+        inf, header = self.influence, self.header()
         n, chunk, k = inf.n, header["chunk"], header["k"]
         rows = self.gathered()
         dtype = header["projector"]["dtype"]
@@ -797,6 +817,7 @@ class TrainingStore:
         self.written: list[Path] = []
         self.checked = not settings.check  # the loss is checked on the first window's first batch
         self._fingerprint: dict[str, Any] | None = None
+        self._fingerprint_lock = threading.Lock()
         self._writer: ThreadPoolExecutor | None = None  # writes closed windows' files beside training
         self.projection: KroneckerProjection | None = None  # bound on the first window, then reused
         self._writes: list[tuple[Future[None], Path]] = []  # closed windows being finished
@@ -812,11 +833,13 @@ class TrainingStore:
         during training, and hashing them (the data: all of it) at every checkpoint would cost more
         than collecting.
         """
-        if self._fingerprint is None:
-            self._fingerprint = json_roundtrip(influence.settings()["gradients"])
-            return self._fingerprint
+        with self._fingerprint_lock:  # (windows' headers are made in the writer thread, or at opening)
+            if self._fingerprint is None:
+                self._fingerprint = json_roundtrip(influence.settings()["gradients"])
+                return self._fingerprint
+            first = self._fingerprint
         state = hash_tensors(influence.fn.state(influence.theta))
-        return {**self._fingerprint, "model": {**self._fingerprint["model"], "state": state}}
+        return {**first, "model": {**first["model"], "state": state}}
 
     @property
     def collecting(self) -> bool:
